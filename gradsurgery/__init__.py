@@ -1,0 +1,14 @@
+"""gradsurgery: let multi-task training balance its tasks by itself.
+
+    opt = GradSurgery(torch.optim.Adam(model.parameters(), lr=1e-3), method="mgda")
+    opt.zero_grad(); info = opt.backward([loss_a, loss_b]); opt.step()
+"""
+
+from .errors import SolverError
+from .info import StepInfo
+from .methods import METHODS, Method, make_method, register
+from .optimizer import GradSurgery, gram_matrix
+
+__version__ = "0.1.0"
+
+__all__ = ["METHODS", "GradSurgery", "Method", "SolverError", "StepInfo", "gram_matrix", "make_method", "register"]

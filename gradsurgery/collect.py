@@ -1,0 +1,146 @@
+"""Per-task gradients: the T×d Jacobian over the shared parameters, and each task's other gradients.
+
+A parameter reached by two or more tasks is *shared* and gets the fused gradient; a parameter reached by a
+single task is *task-specific* and gets that task's own gradient. The layout (which parameters are shared,
+where each one sits in a row of the Jacobian) is remembered between steps, so each task's gradients go
+straight into a reused T×d buffer; it is rebuilt only when the set of shared parameters changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Layout:
+    """Where each shared parameter sits in a row of the Jacobian."""
+
+    params: list[torch.Tensor]
+    shared: list[int]  # indices into ``params`` of the shared parameters, in row order
+    offsets: list[int]
+    dim: int
+    dtype: torch.dtype
+    device: torch.device
+    slot: dict[int, int] = field(default_factory=dict)  # param index -> position in ``shared``
+
+    @classmethod
+    def build(cls, params: list[torch.Tensor], shared: list[int]) -> Layout:
+        offsets, total = [], 0
+        for k in shared:
+            offsets.append(total)
+            total += params[k].numel()
+        members = [params[k] for k in shared] or params
+        devices = {p.device for p in members}
+        if len(devices) > 1:
+            raise ValueError(f"shared parameters must live on one device, found {sorted(map(str, devices))}")
+        dtype = members[0].dtype
+        for p in members[1:]:
+            dtype = torch.promote_types(dtype, p.dtype)
+        slot = {k: s for s, k in enumerate(shared)}
+        return cls(params, shared, offsets, total, dtype, devices.pop(), slot)
+
+    def matches(self, params: list[torch.Tensor], shared: list[int]) -> bool:
+        return (
+            len(params) == len(self.params)
+            and all(a is b for a, b in zip(params, self.params, strict=True))
+            and shared == self.shared
+        )
+
+    def segment(self, row: torch.Tensor, slot: int) -> torch.Tensor:
+        k = self.shared[slot]
+        start = self.offsets[slot]
+        return row[start : start + self.params[k].numel()]
+
+
+@dataclass
+class TaskGradients:
+    """What one ``backward`` collected."""
+
+    layout: Layout
+    jacobian: torch.Tensor  # (T, d) over the shared parameters; rows may be reused next step
+    other: list[list[tuple[int, torch.Tensor]]]  # per parameter index: (task, gradient) of non-shared params
+    reached: list[int]  # per task: how many parameters it reaches
+
+
+class GradientCollector:
+    """Collects per-task gradients with one ``autograd.grad`` per task into a reused buffer."""
+
+    def __init__(self, shared_params: Sequence[torch.Tensor] | None = None) -> None:
+        self.shared_override = None if shared_params is None else {id(p) for p in shared_params}
+        self.layout: Layout | None = None
+        self._buffer: torch.Tensor | None = None
+
+    def _shared_indices(self, params: list[torch.Tensor], counts: list[int]) -> list[int]:
+        if self.shared_override is not None:
+            return [k for k, p in enumerate(params) if id(p) in self.shared_override]
+        return [k for k, c in enumerate(counts) if c >= 2]
+
+    def _jacobian_buffer(self, layout: Layout, num_tasks: int) -> torch.Tensor:
+        buf = self._buffer
+        if buf is None or buf.shape != (num_tasks, layout.dim) or buf.dtype != layout.dtype or buf.device != layout.device:
+            buf = torch.empty(num_tasks, layout.dim, dtype=layout.dtype, device=layout.device)
+            self._buffer = buf
+        return buf
+
+    def collect(
+        self, losses: Sequence[torch.Tensor], params: list[torch.Tensor], retain_graph: bool = False
+    ) -> TaskGradients:
+        num_tasks = len(losses)
+        layout = self.layout if self.layout is not None and self.layout.matches(params, self.layout.shared) else None
+        jac = self._jacobian_buffer(layout, num_tasks) if layout is not None else None
+        touched: list[set[int]] = [set() for _ in params]  # per parameter: the tasks that reach it
+        reached = [0] * num_tasks
+        kept: list[dict[int, torch.Tensor]] = [{} for _ in range(num_tasks)]
+        for i, loss in enumerate(losses):
+            grads = torch.autograd.grad(
+                loss, params, retain_graph=retain_graph or i < num_tasks - 1, allow_unused=True
+            )
+            for k, g in enumerate(grads):
+                if g is not None:
+                    touched[k].add(i)
+                    reached[i] += 1
+                    if layout is None or k not in layout.slot:
+                        kept[i][k] = g
+            if layout is not None:
+                pieces = [
+                    grads[k].reshape(-1) if grads[k] is not None else params[k].new_zeros(params[k].numel())
+                    for k in layout.shared
+                ]
+                if pieces:
+                    torch.cat([p.to(layout.dtype) for p in pieces], out=jac[i])
+            del grads
+        shared = self._shared_indices(params, [len(t) for t in touched])
+        if layout is None or shared != layout.shared:
+            layout, jac = self._relayout(params, shared, layout, jac, kept, touched)
+        other: list[list[tuple[int, torch.Tensor]]] = [[] for _ in params]
+        for i in range(num_tasks):
+            for k, g in kept[i].items():
+                if k not in layout.slot:
+                    other[k].append((i, g))
+        return TaskGradients(layout, jac, other, reached)
+
+    def _relayout(self, params, shared, old_layout, old_jac, kept, touched):
+        """The shared set changed (or this is the first step): lay the Jacobian out anew."""
+        layout = Layout.build(params, shared)
+        num_tasks = len(kept)
+        new_jac = torch.empty(num_tasks, layout.dim, dtype=layout.dtype, device=layout.device)
+        for i in range(num_tasks):
+            for slot, k in enumerate(layout.shared):
+                dest = layout.segment(new_jac[i], slot)
+                if k in kept[i]:
+                    dest.copy_(kept[i][k].reshape(-1))
+                elif old_layout is not None and k in old_layout.slot:
+                    dest.copy_(old_layout.segment(old_jac[i], old_layout.slot[k]))
+                else:
+                    dest.zero_()
+            if old_layout is not None:
+                # Parameters that stopped being shared keep their gradient as a task-specific one.
+                for k, slot in old_layout.slot.items():
+                    if k not in layout.slot and i in touched[k]:
+                        kept[i][k] = old_layout.segment(old_jac[i], slot).clone().view_as(params[k])
+        self.layout = layout
+        self._buffer = new_jac
+        return layout, new_jac

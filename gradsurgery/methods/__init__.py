@@ -1,0 +1,62 @@
+"""The registry of combination methods: ``make_method("mgda", solver="cvxpy")``."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from .base import Method
+from .gradvac import GradVac
+from .main_aux import MainAux
+from .mgda import MGDA
+from .mixed import Mixed
+from .pareto import Pareto
+from .pcgrad import PCGrad
+from .sum import Sum
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Make a method available by its ``name`` (usable as a class decorator by extensions)."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    METHODS[cls.name] = cls
+    return cls
+
+
+for _cls in (Sum, MGDA, Pareto, PCGrad, GradVac, MainAux, Mixed):
+    register(_cls)
+
+
+def option_names(cls: type[Method]) -> list[str]:
+    return [p.name for p in inspect.signature(cls.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY]
+
+
+def make_method(method: str | Method, **options: Any) -> Method:
+    """A configured method from its name and options; a ``Method`` instance is used as it is."""
+    if isinstance(method, Method):
+        if options:
+            raise TypeError(f"options {sorted(options)} given together with a Method instance {method!r}")
+        return method
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a name or a Method instance, got {method!r}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; available: {sorted(METHODS)}")
+    cls = METHODS[method]
+    allowed = option_names(cls)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"method {method!r} got unknown option(s) {unknown}; its options are {allowed}")
+    signature = inspect.signature(cls.__init__)
+    missing = [
+        p.name
+        for p in signature.parameters.values()
+        if p.kind is p.KEYWORD_ONLY and p.default is p.empty and p.name not in options
+    ]
+    if missing:
+        raise TypeError(f"method {method!r} needs option(s) {missing}")
+    return cls(**options)
+
+
+__all__ = ["METHODS", "Method", "make_method", "option_names", "register"]

@@ -1,0 +1,52 @@
+"""One main task, the others auxiliaries that may not get worse (Su 2022, see DESIGN.md).
+
+    max_u ⟨u, g_main⟩ − ½‖u‖²  s.t.  ⟨u, g_j⟩ ≥ 0 for every auxiliary j.
+
+Dual: λ* = argmin_{λ ≥ 0} ‖g_main + Σ_j λ_j g_j‖², u = g_main + Σ_j λ*_j g_j. The main loss descends as fast
+as it can while no auxiliary loss rises to first order. With one auxiliary the closed form is
+λ = relu(−⟨g_main, g_aux⟩)/‖g_aux‖². Uses: a clean validation set as the auxiliary of a noisy training set;
+a regularizer as the auxiliary of the data loss.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..solvers import MainAuxQP, main_aux_min_norm, main_aux_one_weights
+from .base import Method, check_index, check_solver, gram_to_numpy
+
+
+class MainAux(Method):
+    name = "main_aux"
+
+    def __init__(self, *, main: int = 0, solver: str = "auto") -> None:
+        check_solver(solver, ("auto", "closed_form", "frank_wolfe", "cvxpy"), self.name)
+        if isinstance(main, bool) or not isinstance(main, int):
+            raise TypeError(f"main must be an int task index, got {main!r}")
+        super().__init__(main=main, solver=solver)
+        self.main = main
+        self.solver = solver
+        self._qp: MainAuxQP | None = None
+
+    def _check_num_tasks(self, num_tasks: int) -> None:
+        if num_tasks < 2:
+            raise ValueError(f"main_aux needs a main loss and at least one auxiliary loss, got {num_tasks} loss")
+        check_index(self.main, num_tasks, "main")
+        if self.solver == "closed_form" and num_tasks != 2:
+            raise ValueError(f"main_aux solver='closed_form' needs exactly 1 auxiliary, got {num_tasks - 1}")
+
+    def _init_state(self, num_tasks: int) -> None:
+        if self.solver == "auto":
+            self.solver = "closed_form" if num_tasks == 2 else "frank_wolfe"
+        if self.solver == "cvxpy":
+            self._qp = MainAuxQP(num_tasks, self.main)
+
+    def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+        g = gram_to_numpy(gram)
+        if self.solver == "closed_form":
+            w = main_aux_one_weights(g, self.main)
+        elif self.solver == "cvxpy":
+            w = self._qp.solve(g)
+        else:
+            w = main_aux_min_norm(g, self.main)
+        return torch.from_numpy(w)

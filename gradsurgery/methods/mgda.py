@@ -1,0 +1,67 @@
+"""MGDA: the minimum-norm point in the convex hull of the task gradients (Sener & Koltun 2018).
+
+    α* = argmin_{α ∈ Δ} ‖Σ_i α_i g_i‖²,   u = Σ_i α*_i g_i.
+
+Stepping along −u decreases every loss to first order unless the point is Pareto-stationary (u = 0):
+⟨u, g_i⟩ ≥ ‖u‖² for every i. Solved on the Gram matrix: closed form for T = 2, Frank-Wolfe, or a cvxpy QP.
+
+``normalization`` rescales the gradients before the solve as in the paper's appendix: ``"l2"`` uses
+g_i/‖g_i‖, ``"loss"`` g_i/L_i, ``"loss+"`` g_i/(L_i‖g_i‖); the weights returned are those on the raw g_i.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..solvers import SimplexQP, min_norm_two_weights, simplex_min_norm
+from .base import Method, check_solver, gram_to_numpy
+
+_NORMALIZATIONS = ("none", "l2", "loss", "loss+")
+
+
+def normalization_scales(gram: np.ndarray, losses: np.ndarray, normalization: str) -> np.ndarray:
+    """Per-task divisors n_i (1 for a task whose divisor is zero, so a zero gradient stays zero)."""
+    if normalization == "none":
+        return np.ones(gram.shape[0])
+    norms = np.sqrt(np.clip(np.diag(gram), 0.0, None))
+    if normalization == "l2":
+        scales = norms
+    elif normalization == "loss":
+        scales = np.abs(losses)
+    else:
+        scales = np.abs(losses) * norms
+    return np.where(scales > 0, scales, 1.0)
+
+
+class MGDA(Method):
+    name = "mgda"
+
+    def __init__(self, *, solver: str = "frank_wolfe", normalization: str = "none") -> None:
+        check_solver(solver, ("frank_wolfe", "cvxpy", "closed_form"), self.name)
+        if normalization not in _NORMALIZATIONS:
+            raise ValueError(f"unknown normalization {normalization!r}; choose one of {_NORMALIZATIONS}")
+        super().__init__(solver=solver, normalization=normalization)
+        self.solver = solver
+        self.normalization = normalization
+        self._qp: SimplexQP | None = None
+
+    def _check_num_tasks(self, num_tasks: int) -> None:
+        if self.solver == "closed_form" and num_tasks != 2:
+            raise ValueError(f"mgda solver='closed_form' needs exactly 2 tasks, got {num_tasks}")
+
+    def _init_state(self, num_tasks: int) -> None:
+        if self.solver == "cvxpy":
+            self._qp = SimplexQP(num_tasks)
+
+    def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+        g = gram_to_numpy(gram)
+        scales = normalization_scales(g, losses.detach().cpu().double().numpy(), self.normalization)
+        g = g / np.outer(scales, scales)
+        if self.solver == "closed_form":
+            alpha = min_norm_two_weights(g)
+        elif self.solver == "cvxpy":
+            alpha = self._qp.solve(g)
+        else:
+            alpha = simplex_min_norm(g)
+        return torch.from_numpy(alpha / scales)

@@ -1,0 +1,47 @@
+"""Several main tasks and several auxiliaries (see DESIGN.md).
+
+    min_{α ∈ Δ^n, λ ≥ 0} ‖Σ_{i ∈ main} α_i g_i + Σ_{j ∈ aux} λ_j g_j‖²,   u the minimiser.
+
+The main tasks share progress as in MGDA (⟨u, g_i⟩ ≥ ‖u‖² for each main i) and no auxiliary rises to first
+order (⟨u, g_j⟩ ≥ 0). One main task gives ``main_aux``; no auxiliary gives ``mgda``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..solvers import MixedQP, mixed_min_norm
+from .base import Method, check_index, check_solver, gram_to_numpy
+
+
+class Mixed(Method):
+    name = "mixed"
+
+    def __init__(self, *, main: Sequence[int], solver: str = "cvxpy") -> None:
+        check_solver(solver, ("cvxpy", "frank_wolfe"), self.name)
+        if isinstance(main, int) or not isinstance(main, Sequence | torch.Tensor):
+            raise TypeError(f"main must be a sequence of task indices, got {main!r}")
+        main = [int(i) if isinstance(i, torch.Tensor) else i for i in main]
+        if not main:
+            raise ValueError("mixed needs at least one main task, got main=[]")
+        if len(set(main)) != len(main):
+            raise ValueError(f"main has duplicate task indices: {main}")
+        super().__init__(main=list(main), solver=solver)
+        self.main = list(main)
+        self.solver = solver
+        self._qp: MixedQP | None = None
+
+    def _check_num_tasks(self, num_tasks: int) -> None:
+        for i in self.main:
+            check_index(i, num_tasks, "main")
+
+    def _init_state(self, num_tasks: int) -> None:
+        if self.solver == "cvxpy":
+            self._qp = MixedQP(num_tasks, self.main)
+
+    def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+        g = gram_to_numpy(gram)
+        w = self._qp.solve(g) if self.solver == "cvxpy" else mixed_min_norm(g, self.main)
+        return torch.from_numpy(w)

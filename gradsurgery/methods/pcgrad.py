@@ -1,0 +1,40 @@
+"""PCGrad: project each task gradient off the gradients it conflicts with (Yu et al. 2020).
+
+For each task i, starting from g'_i = g_i and visiting the other tasks j in a fresh random order:
+if ⟨g'_i, g_j⟩ < 0 then g'_i ← g'_i − ⟨g'_i, g_j⟩/‖g_j‖² · g_j (g_j the original gradient).
+The fused gradient is the sum u = Σ_i g'_i. Carried out on the Gram matrix (see ``_projection``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ._projection import draw_orders
+from .base import Method, gram_to_numpy, new_generator
+
+
+class PCGrad(Method):
+    name = "pcgrad"
+
+    def __init__(self, *, seed: int | None = None) -> None:
+        super().__init__(seed=seed)
+        self.generator = new_generator(seed)
+
+    def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+        g = gram_to_numpy(gram)
+        num_tasks = g.shape[0]
+        orders = draw_orders(num_tasks, self.generator)
+        coef = np.eye(num_tasks)
+        for i, order in enumerate(orders):
+            for j in order:
+                dot = coef[i] @ g[:, j]
+                if dot < 0 and g[j, j] > 0:
+                    coef[i, j] -= dot / g[j, j]
+        return torch.from_numpy(coef.sum(axis=0))
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
