@@ -1,7 +1,8 @@
-"""Tests of the benchmark data generators in ``benchmarks.problems`` (small sizes; the whole file runs in seconds)."""
+"""Tests of the benchmark data generators in ``benchmarks.problems`` (small sizes; runs in seconds)."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import numpy as np
@@ -13,7 +14,7 @@ from benchmarks.problems import metrics, recsys, synthetic, toy
 
 # problems needing scikit-learn's shipped digits get skipped where scikit-learn is not installed
 needs_sklearn = pytest.mark.skipif(
-    __import__("importlib").util.find_spec("sklearn") is None, reason="scikit-learn (bench extra) not installed"
+    importlib.util.find_spec("sklearn") is None, reason="scikit-learn (bench extra) not installed"
 )
 
 SMALL = {
@@ -63,7 +64,9 @@ def _first_batch(p, seed=0, batch_size=32):
 
 
 def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return len(a) == len(b) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
+    if len(a) != len(b):
+        return False
+    return all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -109,7 +112,7 @@ def test_shapes_losses_evaluate_and_one_adam_step(name):
     outputs = model(x)
     assert isinstance(outputs, tuple) and len(outputs) == p.num_tasks
     if name != "toy":
-        for o, t in zip(outputs, targets):
+        for o, t in zip(outputs, targets, strict=True):
             assert o.shape[0] == t.shape[0] == 16
     losses = p.losses(outputs, targets)
     assert len(losses) == p.num_tasks
@@ -120,7 +123,7 @@ def test_shapes_losses_evaluate_and_one_adam_step(name):
     opt.zero_grad()
     sum(losses).backward()
     opt.step()
-    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     model.train()
     metrics_ = p.evaluate(model)
     assert model.training  # restored
@@ -226,7 +229,8 @@ def test_toy_pareto_distance_off_the_set():
     P = toy.pareto_set()
     mid = P[len(P) // 2]
     # the set is nearly horizontal: one unit straight up is about one unit away
-    assert toy.pareto_distance(mid + torch.tensor([0.0, 1.0], dtype=torch.float64)) == pytest.approx(1.0, abs=0.02)
+    up = mid + torch.tensor([0.0, 1.0], dtype=torch.float64)
+    assert toy.pareto_distance(up) == pytest.approx(1.0, abs=0.02)
     assert toy.pareto_distance(torch.tensor([0.0, 5.0])) > 13
 
 
@@ -289,7 +293,9 @@ def test_synthetic_weight_correlation(rho):
 
 
 def test_synthetic_label_correlation_grows_with_rho():
-    corr = [synthetic.make(2, rho=r, n_train=4000, n_test=16, dim=20).label_correlation() for r in (0.0, 0.5, 0.9)]
+    corr = [
+        synthetic.make(2, rho=r, n_train=4000, n_test=16, dim=20).label_correlation() for r in (0.0, 0.5, 0.9)
+    ]
     assert abs(corr[0]) < 0.1 and corr[0] < corr[1] < corr[2]
 
 
@@ -332,10 +338,11 @@ def test_multidigit_images_and_pools():
     x, yl, yr = multidigit.overlay(rng, imgs, np.array([3, 4]), 50, canvas=12, max_shift=1)
     value = {3: 1.0, 4: 0.5}  # the two single-pixel images cannot land on the same pixel
     assert x.shape == (50, 12, 12)
-    np.testing.assert_allclose(x.sum(axis=(1, 2)), [value[a] + value[b] for a, b in zip(yl, yr)])
+    np.testing.assert_allclose(x.sum(axis=(1, 2)), [value[a] + value[b] for a, b in zip(yl, yr, strict=True)])
     assert np.all(x[yl == 3][:, :2, :2].sum(axis=(1, 2)) == 1.0)  # left image's pixel in the top-left 2x2
     mt = p.higher_is_better
-    assert multidigit.delta_m({"left_acc": 0.9, "right_acc": 0.9}, {"left_acc": 0.9, "right_acc": 1.0}, mt) == pytest.approx(5.0)
+    dm = multidigit.delta_m({"left_acc": 0.9, "right_acc": 0.9}, {"left_acc": 0.9, "right_acc": 1.0}, mt)
+    assert dm == pytest.approx(5.0)
     for trunk in ("conv", "mlp"):
         m = multidigit.make(0, n_train=8, n_test=8, trunk=trunk).build_model()
         out = m(p.x_train[:4])

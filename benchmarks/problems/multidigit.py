@@ -56,7 +56,7 @@ def overlay(
     canvas: int = 14,
     max_shift: int = 2,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``n`` composites ``(x (n, canvas, canvas), left_label (n,), right_label (n,))`` from a pool of images."""
+    """``n`` composites ``(x (n, canvas, canvas), left_label (n,), right_label (n,))`` from an image pool."""
     lo_right = canvas - 8 - max_shift
     if max_shift < 0 or lo_right < 0:
         raise ValueError(f"canvas={canvas} too small for 8x8 digits with max_shift={max_shift}")
@@ -113,7 +113,9 @@ class MultiDigitProblem(Problem):
                 nn.Flatten(), nn.Linear(2 * w * side * side, 64), nn.ReLU(),
             )
         else:
-            trunk = nn.Sequential(nn.Flatten(), nn.Linear(c * c, 8 * w), nn.ReLU(), nn.Linear(8 * w, 64), nn.ReLU())
+            trunk = nn.Sequential(
+                nn.Flatten(), nn.Linear(c * c, 8 * w), nn.ReLU(), nn.Linear(8 * w, 64), nn.ReLU(),
+            )
         return MultiHeadModel(trunk, [nn.Linear(64, 10), nn.Linear(64, 10)])
 
     def train_batches(self, batch_size: int = 128, generator=None, num_steps: int | None = None):
@@ -126,7 +128,10 @@ class MultiDigitProblem(Problem):
 
     def _evaluate(self, model: nn.Module) -> dict[str, float]:
         left, right = model(self.x_test)
-        return {"left_acc": accuracy(left, self.y_test[:, 0]), "right_acc": accuracy(right, self.y_test[:, 1])}
+        return {
+            "left_acc": accuracy(left, self.y_test[:, 0]),
+            "right_acc": accuracy(right, self.y_test[:, 1]),
+        }
 
 
 def make(seed: int = 0, n_train: int = 4096, n_test: int = 1024, canvas: int = 14, max_shift: int = 2,

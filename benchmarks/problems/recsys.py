@@ -10,7 +10,7 @@ the three tasks share structure without being identical:
   category, device) and ``num_dense`` Gaussian dense features;
 * hidden state: h = Σ_f E_f[cat_f] + P·dense (E_f random per-value latent vectors), z = tanh(A·h);
   below, std(·) standardises a score over the generated impressions;
-* click:      P(click) = σ(1.2·std(a_cᵀz) + 0.8·std(⟨E_user, E_item⟩) + b_c), b_c calibrated to the click rate;
+* click:      P(click) = σ(1.2·std(a_cᵀz) + 0.8·std(⟨E_user, E_item⟩) + b_c), b_c set by the click rate;
 * conversion: P(conv | click) = σ(1.5·std(a_vᵀz) + b_v), a_v = 0.6·a_c + 0.8·r, b_v calibrated so that
   P(conv) = conversion rate; conv = click · Bernoulli(P(conv | click));
 * watch time: s · exp(0.5·std(a_wᵀz) + 0.3·ε) + 40·click seconds, a_w = 0.5·a_c + 0.87·r', with s set so
@@ -142,7 +142,7 @@ class RecsysProblem(Problem):
         return MultiHeadModel(trunk, heads)
 
     def train_batches(self, batch_size: int = 256, generator=None, num_steps: int | None = None):
-        """``x = (cat (B, F) int64, dense (B, D) float32)``, targets ``(click, conversion, watch)``, each (B,)."""
+        """``x = (cat (B, F) int64, dense (B, D) float32)``, targets ``(click, conversion, watch)``."""
         y = self.y_train
         return iterate_minibatches(self.x_train, (y[:, 0], y[:, 1], y[:, 2]), len(y), batch_size, generator,
                                    num_steps)

@@ -8,9 +8,9 @@ Mixture-of-Experts"), re-implemented from the paper's description:
 3. inputs x ~ N(0, I_d);
 4. y_i = w_iᵀx + Σ_{k=1..m} sin(α_k·w_iᵀx + β_k) + ε_i,  ε_i ~ N(0, noise_std²).
 
-The paper uses d = 100, c = 1, m = 10 and calls α_k, β_k "given parameters"; here they are drawn once per seed,
-α_k, β_k ~ N(0, 1) (the sines are shared by both tasks, as in the paper, so ρ alone sets how related the two
-tasks are).  ``noise_std = 0.1`` is the paper's N(0, 0.01).
+The paper uses d = 100, c = 1, m = 10 and calls α_k, β_k "given parameters"; here they are drawn once per
+seed, α_k, β_k ~ N(0, 1) (the sines are shared by both tasks, as in the paper, so ρ alone sets how related
+the two tasks are).  ``noise_std = 0.1`` is the paper's N(0, 0.01).
 
 What it measures: how the benefit of sharing (per-task test MSE, ``task1_mse`` / ``task2_mse``, lower is
 better) depends on task relatedness; ρ ∈ {0, 0.5, 0.9} are the paper's settings (option ``rho``).  The model
@@ -85,8 +85,9 @@ class SyntheticProblem(Problem):
         self.y_test = torch.from_numpy(yt).float()
 
     def _build_model(self) -> nn.Module:
-        trunk = nn.Sequential(nn.Linear(self.dim, self.hidden), nn.ReLU(), nn.Linear(self.hidden, self.hidden),
-                              nn.ReLU())
+        trunk = nn.Sequential(
+            nn.Linear(self.dim, self.hidden), nn.ReLU(), nn.Linear(self.hidden, self.hidden), nn.ReLU(),
+        )
         heads = [nn.Sequential(nn.Linear(self.hidden, self.tower), nn.ReLU(), nn.Linear(self.tower, 1))
                  for _ in range(2)]
         return MultiHeadModel(trunk, heads)
@@ -110,6 +111,6 @@ class SyntheticProblem(Problem):
 
 def make(seed: int = 0, rho: float = 0.5, n_train: int = 2048, n_test: int = 2048, dim: int = 100,
          num_sines: int = 10, noise_std: float = 0.1, hidden: int = 64, tower: int = 16) -> SyntheticProblem:
-    """MMoE synthetic regression pair with weight-vector cosine ``rho``; metrics ``task1_mse``, ``task2_mse``."""
+    """MMoE synthetic regression pair, weight-vector cosine ``rho``; metrics ``task1_mse``, ``task2_mse``."""
     return SyntheticProblem(seed, rho=rho, n_train=n_train, n_test=n_test, dim=dim, num_sines=num_sines,
                             noise_std=noise_std, hidden=hidden, tower=tower)

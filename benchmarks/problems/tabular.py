@@ -136,7 +136,8 @@ class TabularProblem(Problem):
     metric_names = ("test_acc", "test_loss")
     higher_is_better = {"test_acc": True, "test_loss": False}
 
-    def __init__(self, seed, n_train=300, n_test=597, noise_rate=0.0, clean_fraction=0.0, hidden=256, depth=2):
+    def __init__(self, seed, n_train=300, n_test=597, noise_rate=0.0, clean_fraction=0.0, hidden=256,
+                 depth=2):
         super().__init__(seed)
         x, y = load_dataset()
         if n_test < 1 or n_train < 1 or n_train + n_test > len(y):
@@ -185,7 +186,10 @@ class TabularProblem(Problem):
 
     def _evaluate(self, model: nn.Module) -> dict[str, float]:
         (logits,) = model(self.x_test)
-        return {"test_acc": accuracy(logits, self.y_test), "test_loss": float(F.cross_entropy(logits, self.y_test))}
+        return {
+            "test_acc": accuracy(logits, self.y_test),
+            "test_loss": float(F.cross_entropy(logits, self.y_test)),
+        }
 
 
 def make(seed: int = 0, n_train: int = 300, n_test: int = 597, noise_rate: float = 0.0,

@@ -1,4 +1,4 @@
-"""The 2-D, two-objective toy problem of CAGrad (Liu et al., NeurIPS 2021) and Nash-MTL (Navon et al., ICML 2022).
+"""The 2-D two-objective toy problem of CAGrad (Liu et al., NeurIPS 2021) and Nash-MTL (Navon et al., 2022).
 
 The "model" is a single parameter x = (x1, x2) ∈ R² shared by both tasks, so every step is pure gradient
 surgery: no heads, no data.  The two objectives blend two regimes with tanh gates,
@@ -222,7 +222,9 @@ def pareto_distance(x, grid: int = 401, newton_steps: int = 10) -> float:
     The set is treated as the polyline through its ordered points, except across gaps larger than 0.25
     (where the set could be disconnected) where only the points count.
     """
-    p = np.asarray(x.detach().double().cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float64).reshape(2)
+    if isinstance(x, torch.Tensor):
+        x = x.detach().double().cpu()
+    p = np.asarray(x, dtype=np.float64).reshape(2)
     pts = _pareto_set_cached(int(grid), int(newton_steps))[0]
     d = np.linalg.norm(pts - p, axis=1).min()
     if len(pts) > 1:
