@@ -11,8 +11,8 @@ Every problem module (``toy``, ``synthetic``, ``recsys``, ``multidigit``, ``tabu
     given) and does not touch the global torch RNG.
 ``train_batches(batch_size, generator, num_steps=None) -> iterator of (x, targets)``
     minibatches of the training set, shuffled by ``generator`` (a ``torch.Generator`` or an int seed).
-    ``targets`` is a tuple with one entry per task.  ``num_steps=None`` yields one epoch (the last batch may be
-    smaller); an int yields exactly that many batches, reshuffling at every epoch boundary.
+    ``targets`` is a tuple with one entry per task.  ``num_steps=None`` yields one epoch (the last batch
+    may be smaller); an int yields exactly that many batches, reshuffling at every epoch boundary.
 ``losses(outputs, targets) -> list[Tensor]``
     the ``num_tasks`` scalar training losses.
 ``evaluate(model) -> dict[str, float]``
@@ -156,7 +156,7 @@ class Problem:
 
     # -- shared ------------------------------------------------------------------------------------------
     def build_model(self, seed: int | None = None) -> nn.Module:
-        """A freshly initialised model; the initialisation depends only on ``seed`` (default: the problem's)."""
+        """A freshly initialised model, depending only on ``seed`` (default: the problem's seed)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed if seed is None else int(seed))
             return self._build_model()

@@ -71,9 +71,9 @@ def delta_m(
     single_task_metrics: Mapping[str, float],
     higher_is_better: Mapping[str, bool],
 ) -> float:
-    """Δm% of Maninis et al. (CVPR 2019, "Attentive single-tasking of multiple tasks"), as used by CAGrad, Nash-MTL.
+    """Δm% of Maninis et al. (CVPR 2019, "Attentive single-tasking of multiple tasks"), as in CAGrad etc.
 
-    Δm = (1/T) Σ_i (−1)^{l_i} (M_m,i − M_b,i) / M_b,i × 100,   l_i = 1 if higher is better for metric i, else 0,
+    Δm = (1/T) Σ_i (−1)^{l_i} (M_m,i − M_b,i) / M_b,i × 100, l_i = 1 if higher is better for metric i, else 0,
 
     where M_m are the multi-task model's metrics and M_b the single-task baselines'.  It is the average
     relative *drop* in performance: **negative Δm = better than the single-task baselines**, positive = worse.

@@ -1,4 +1,4 @@
-"""The 2-D, two-objective toy problem of CAGrad (Liu et al., NeurIPS 2021) and Nash-MTL (Navon et al., ICML 2022).
+"""The 2-D two-objective toy problem of CAGrad (Liu et al., NeurIPS 2021) and Nash-MTL (Navon et al., 2022).
 
 The "model" is a single parameter x = (x1, x2) ∈ R² shared by both tasks, so every step is pure gradient
 surgery: no heads, no data.  The two objectives blend two regimes with tanh gates,
@@ -121,8 +121,18 @@ def _grads(x: torch.Tensor):
 
 
 @functools.lru_cache(maxsize=4)
-@torch.enable_grad()
 def _pareto_set_cached(grid: int, newton_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    # tiny tensors: one thread is the fastest, and it avoids thread-pool contention on busy machines
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.enable_grad():
+            return _compute_pareto_set(grid, newton_steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compute_pareto_set(grid: int, newton_steps: int) -> tuple[np.ndarray, np.ndarray]:
     # 1. non-dominated points of a dense grid over a box that contains the Pareto set with a margin
     lo, hi = -12.0, 12.0
     g = torch.linspace(lo, hi, grid, dtype=torch.float64)
@@ -181,20 +191,21 @@ def _pareto_set_cached(grid: int, newton_steps: int) -> tuple[np.ndarray, np.nda
     return xs[sel], torch.stack([f1x, f2x], dim=1).numpy()[sel]
 
 
-def pareto_set(grid: int = 801, newton_steps: int = 10) -> torch.Tensor:
+def pareto_set(grid: int = 401, newton_steps: int = 10) -> torch.Tensor:
     """Points (N, 2) of the Pareto set, ordered by increasing f1, in float64.
 
     Computed numerically: the non-dominated points of a ``grid``×``grid`` sweep of [−12, 12]² are refined by
     Newton's method to Pareto-stationary points (∇f1 and ∇f2 anti-parallel, cosine = −1 to 1e-9) on the same
     f2 level; the minimisers of f1 and of f2 (found by Newton from the grid's best points) are added as the
     two end points (there one gradient is zero, so only the interior points ``[1:-1]`` are anti-parallel);
-    then everything is filtered again for non-domination.  Cached; the default takes ~0.2 s once.
+    then everything is filtered again for non-domination.  Cached; the default takes ~0.5 s once and gives
+    ~950 points, at most 0.06 apart (a finer ``grid`` changes distances by < 1e-7).
     The scales of the losses do not change the Pareto set.
     """
     return torch.from_numpy(_pareto_set_cached(int(grid), int(newton_steps))[0].copy())
 
 
-def pareto_front(grid: int = 801, newton_steps: int = 10) -> torch.Tensor:
+def pareto_front(grid: int = 401, newton_steps: int = 10) -> torch.Tensor:
     """Unscaled objective values (N, 2) = (f1, f2) at :func:`pareto_set`'s points."""
     return torch.from_numpy(_pareto_set_cached(int(grid), int(newton_steps))[1].copy())
 
@@ -205,13 +216,15 @@ def _segment_distance(p: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray
     return np.linalg.norm(p - (a + t[:, None] * ab), axis=-1)
 
 
-def pareto_distance(x, grid: int = 801, newton_steps: int = 10) -> float:
+def pareto_distance(x, grid: int = 401, newton_steps: int = 10) -> float:
     """Euclidean distance in parameter space from ``x`` (2,) to the Pareto set of :func:`pareto_set`.
 
     The set is treated as the polyline through its ordered points, except across gaps larger than 0.25
     (where the set could be disconnected) where only the points count.
     """
-    p = np.asarray(x.detach().double().cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float64).reshape(2)
+    if isinstance(x, torch.Tensor):
+        x = x.detach().double().cpu()
+    p = np.asarray(x, dtype=np.float64).reshape(2)
     pts = _pareto_set_cached(int(grid), int(newton_steps))[0]
     d = np.linalg.norm(pts - p, axis=1).min()
     if len(pts) > 1:
