@@ -19,6 +19,7 @@ import torch
 from .collect import GradientCollector, TaskGradients
 from .info import StepInfo
 from .methods import Method, make_method
+from .representation import representation_backward
 
 STATE_KEY = "gradsurgery"
 STATE_VERSION = 1
@@ -88,11 +89,15 @@ class GradSurgery(torch.optim.Optimizer):
 
     # -- the torch.optim.Optimizer surface ---------------------------------------------------------------
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """The wrapped optimizer's step on the gradients ``backward`` wrote."""
-        return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        """The wrapped optimizer's step on the gradients ``backward`` wrote, then the method's own update
+        (learnable task weights), which therefore happens only when the model really steps."""
+        out = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        self.method.after_step()
+        return out
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
+        self.method.zero_grad()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # Called by the base initialiser before ``self.optimizer`` exists: the groups are the inner's already.
@@ -145,15 +150,27 @@ class GradSurgery(torch.optim.Optimizer):
         return f"GradSurgery(method={self.method!r}, optimizer={self.optimizer!r})"
 
     # -- the multi-task backward -------------------------------------------------------------------------
-    def backward(self, losses: Sequence[torch.Tensor] | torch.Tensor, *, retain_graph: bool = False) -> StepInfo:
+    def backward(
+        self,
+        losses: Sequence[torch.Tensor] | torch.Tensor,
+        *,
+        retain_graph: bool = False,
+        features: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    ) -> StepInfo:
         """Fill ``.grad`` with the fused gradient of ``losses`` (T scalars) and return the step's ``StepInfo``.
 
         Shared parameters receive Σ_i w_i g_i with the method's weights w; a parameter reached by one task
         only receives that task's gradient. Gradients already in ``.grad`` are added to, as
         ``loss.backward()`` does. Raises ``ValueError`` (leaving everything untouched) on non-finite losses
         or gradients.
+
+        ``features``: the shared representation z (a tensor or a sequence of tensors) that the task heads
+        read. The weights then come from the task gradients with respect to z, and one backward pass fills
+        every ``.grad`` (MGDA-UB, an approximation; see ``gradsurgery.representation``).
         """
         losses = self._check_losses(losses)
+        if features is not None:
+            return representation_backward(self, losses, features, retain_graph=retain_graph)
         grads = self._collect(losses, retain_graph)
         gram = gram_matrix(grads.jacobian, self.gram_dtype)
         loss_values = torch.stack([loss.detach().reshape(()) for loss in losses]).to(self.gram_dtype)
