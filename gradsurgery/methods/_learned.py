@@ -30,7 +30,7 @@ def check_lr(lr: Any) -> float:
 
 def check_optimizer(name: Any, method: str) -> str:
     if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r} for method {method!r}; choose one of {OPTIMIZERS}")
+        raise ValueError(f"unknown weight_optimizer {name!r} for method {method!r}; choose one of {OPTIMIZERS}")
     return name
 
 
@@ -105,7 +105,7 @@ class LearnedVector:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("optimizer_kind") != self.kind:
             raise ValueError(
-                f"state was saved with optimizer={state.get('optimizer_kind')!r}, this method uses {self.kind!r}"
+                f"state was saved with weight_optimizer={state.get('optimizer_kind')!r}, this method uses {self.kind!r}"
             )
         value = state["value"].detach().to("cpu", torch.float64)
         if value.shape != self.param.shape:

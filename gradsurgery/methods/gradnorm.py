@@ -13,7 +13,7 @@ The norms come from the Gram diagonal, ‖g_i‖ = sqrt(G_ii), so GradNorm costs
 paper restricts G_i to the last shared layer to save that pass; here they are over all shared parameters,
 or over the features in representation mode). The gradient of L_grad with respect to w is taken in closed
 form, ∂L_grad/∂w_i = sign(G_i − Ḡ r_i^α) · ‖g_i‖, and w is then stepped by an optimizer of the method's own
-(``optimizer="adam"`` by default, learning rate ``lr`` = 0.025 as in the paper), after the model's step
+(``weight_optimizer="adam"`` by default, learning rate ``lr`` = 0.025 as in the paper), after the model's step
 (``GradSurgery.step``; see ``_learned`` for why and for the life cycle of the pending gradient). After each
 update w is floored at ``min_weight`` (it must stay positive) and renormalised to Σ_i w_i = T.
 
@@ -43,7 +43,7 @@ class GradNorm(Method):
         alpha: float = 1.5,
         lr: float = 0.025,
         initial_steps: int = 1,
-        optimizer: str = "adam",
+        weight_optimizer: str = "adam",
         min_weight: float = 1e-3,
     ) -> None:
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
@@ -51,11 +51,11 @@ class GradNorm(Method):
         lr = check_lr(lr)
         if isinstance(initial_steps, bool) or not isinstance(initial_steps, int) or initial_steps < 1:
             raise ValueError(f"initial_steps must be a positive int, got {initial_steps!r}")
-        optimizer = check_optimizer(optimizer, self.name)
+        optimizer = check_optimizer(weight_optimizer, self.name)
         if isinstance(min_weight, bool) or not isinstance(min_weight, (int, float)) or not 0 < min_weight < 1:
             raise ValueError(f"min_weight must lie in (0, 1) (the weights average 1), got {min_weight!r}")
         super().__init__(
-            alpha=float(alpha), lr=lr, initial_steps=initial_steps, optimizer=optimizer, min_weight=float(min_weight)
+            alpha=float(alpha), lr=lr, initial_steps=initial_steps, weight_optimizer=optimizer, min_weight=float(min_weight)
         )
         self.alpha = float(alpha)
         self.initial_steps = initial_steps
@@ -65,7 +65,7 @@ class GradNorm(Method):
         self.initial_count = 0
 
     def _init_state(self, num_tasks: int) -> None:
-        self.learned = LearnedVector(torch.ones(num_tasks, dtype=torch.float64), self.options["optimizer"], self.options["lr"])
+        self.learned = LearnedVector(torch.ones(num_tasks, dtype=torch.float64), self.options["weight_optimizer"], self.options["lr"])
         self.initial_sum = torch.zeros(num_tasks, dtype=torch.float64)
         self.initial_count = 0
 

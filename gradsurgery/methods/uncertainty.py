@@ -12,7 +12,7 @@ which vanishes at s_i = log L_i: a task with a large loss is weighted down. The 
 this closed form from the detached loss values (no extra backward), so the method never touches d-sized
 data; it does not use the Gram matrix.
 
-How s is stepped: by a small optimizer of the method's own (option ``optimizer``, ``"adam"`` by default,
+How s is stepped: by a small optimizer of the method's own (option ``weight_optimizer``, ``"adam"`` by default,
 with learning rate ``lr``), on a float64 CPU vector, not by the wrapped optimizer. This keeps the wrapped
 optimizer's parameter groups, checkpoints, schedulers and weight decay (which would pull s toward 0, i.e.
 σ toward 1) exactly as the user set them up, and makes the s update independent of the model's optimizer.
@@ -24,10 +24,12 @@ and does not move when a step fails or is skipped. s, its pending gradient and i
 Options:
     init_log_var: initial s_i (one float for all tasks, or one per task); 0 means σ² = 1, weight 1.
     lr: learning rate of the s optimizer.
-    optimizer: ``"adam"`` (β = (0.9, 0.999), ε = 1e-8) or ``"sgd"`` (s ← s − lr (1 − exp(−s) L)).
+    weight_optimizer: ``"adam"`` (β = (0.9, 0.999), ε = 1e-8) or ``"sgd"`` (s ← s − lr (1 − exp(−s) L)).
 
-The losses are read as given: pass them unscaled (loss-scaling for mixed precision would shift s by
-log(scale)), and use losses bounded below by 0, as the paper's likelihoods are, or s diverges to −∞.
+The losses are read as given: pass them unscaled (loss scaling for mixed precision would shift s by
+log(scale)). Use losses ≥ 0 (MSE, cross-entropy, as in the paper): for L_i ≤ 0, exp(−s_i) L_i + s_i has no
+minimum in s_i and s_i drifts to −∞. The name ``weight_optimizer`` (not ``optimizer``) keeps the option
+apart from ``GradSurgery``'s own first argument.
 """
 
 from __future__ import annotations
@@ -44,11 +46,11 @@ class Uncertainty(Method):
     name = "uncertainty"
     scales_task_specific = True
 
-    def __init__(self, *, init_log_var: float | list[float] = 0.0, lr: float = 0.01, optimizer: str = "adam") -> None:
+    def __init__(self, *, init_log_var: float | list[float] = 0.0, lr: float = 0.01, weight_optimizer: str = "adam") -> None:
         init_log_var = check_vector_option(init_log_var, "init_log_var")
         lr = check_lr(lr)
-        optimizer = check_optimizer(optimizer, self.name)
-        super().__init__(init_log_var=init_log_var, lr=lr, optimizer=optimizer)
+        optimizer = check_optimizer(weight_optimizer, self.name)
+        super().__init__(init_log_var=init_log_var, lr=lr, weight_optimizer=optimizer)
         self.learned: LearnedVector | None = None
 
     def _check_num_tasks(self, num_tasks: int) -> None:
@@ -56,7 +58,7 @@ class Uncertainty(Method):
 
     def _init_state(self, num_tasks: int) -> None:
         init = expand(self.options["init_log_var"], num_tasks, "init_log_var")
-        self.learned = LearnedVector(init, self.options["optimizer"], self.options["lr"])
+        self.learned = LearnedVector(init, self.options["weight_optimizer"], self.options["lr"])
 
     @property
     def log_vars(self) -> torch.Tensor:
