@@ -167,7 +167,9 @@ class TensorBoardLogger:
         if writer is None:
             writer = _tensorboard_writer_class()(log_dir=None if log_dir is None else os.fspath(log_dir))
         elif not callable(getattr(writer, "add_scalar", None)):
-            raise TypeError(f"writer must have an add_scalar(tag, value, step) method, got {type(writer).__name__}")
+            raise TypeError(
+                f"writer must have an add_scalar(tag, value, step) method, got {type(writer).__name__}"
+            )
         self.writer = writer
         self.rows = 0
 
@@ -195,16 +197,22 @@ class TensorBoardLogger:
 
 
 def history_columns(
-    history: str | os.PathLike | Mapping[str, Sequence[float]] | Sequence[StepInfo] | Sequence[Mapping[str, float]],
+    history: str
+    | os.PathLike
+    | Mapping[str, Sequence[float]]
+    | Sequence[StepInfo]
+    | Sequence[Mapping[str, float]],
     task_names: Sequence[str] | None = None,
 ) -> dict[str, list[float]]:
-    """Columns (name → values over steps) from a ``CSVLogger`` file, a column mapping, ``StepInfo``s or rows."""
+    """Columns (name → values over steps) from a ``CSVLogger`` file, a column mapping, StepInfos or rows."""
     if isinstance(history, (str, os.PathLike)):
         return read_csv(history)
     if isinstance(history, Mapping):
         return {k: list(v) for k, v in history.items()}
     if not isinstance(history, Sequence):
-        raise TypeError(f"history must be a CSV path, a column mapping or a sequence, got {type(history).__name__}")
+        raise TypeError(
+            f"history must be a CSV path, a column mapping or a sequence, got {type(history).__name__}"
+        )
     rows = []
     for k, item in enumerate(history):
         if isinstance(item, StepInfo):
@@ -224,7 +232,11 @@ def history_columns(
 
 
 def plot_history(
-    history: str | os.PathLike | Mapping[str, Sequence[float]] | Sequence[StepInfo] | Sequence[Mapping[str, float]],
+    history: str
+    | os.PathLike
+    | Mapping[str, Sequence[float]]
+    | Sequence[StepInfo]
+    | Sequence[Mapping[str, float]],
     task_names: Sequence[str] | None = None,
     *,
     path: str | os.PathLike | None = None,
@@ -238,7 +250,9 @@ def plot_history(
     try:
         from matplotlib.figure import Figure
     except ImportError as err:
-        raise ImportError("plot_history needs matplotlib: pip install matplotlib (or gradsurgery[plot])") from err
+        raise ImportError(
+            "plot_history needs matplotlib: pip install matplotlib (or gradsurgery[plot])"
+        ) from err
     columns = history_columns(history, task_names)
     weight_keys = [k for k in columns if k.startswith("weight/")]
     cos_keys = [k for k in columns if k.startswith("cos/")]

@@ -116,7 +116,9 @@ def _check_finite(loss_values: torch.Tensor, gram: torch.Tensor) -> None:
         raise ValueError(f"non-finite loss value(s) for task(s) {bad}: {values}")
     diag = gram.diagonal().tolist()
     bad = [i for i, v in enumerate(diag) if v != v or abs(v) == float("inf")]
-    raise ValueError(f"non-finite (NaN/inf) gradient with respect to the features for task(s) {bad}; nothing was written")
+    raise ValueError(
+        f"non-finite (NaN/inf) gradient with respect to the features for task(s) {bad}; nothing was written"
+    )
 
 
 def representation_backward(
@@ -138,7 +140,9 @@ def representation_backward(
     weights = method(gram, loss_values.to(gram.device))
 
     fused = weights.to(device=jac.device, dtype=jac.dtype) @ jac
-    targets = [fused[start:end].view_as(z).to(z.dtype) for z, (start, end) in zip(features, spans, strict=True)]
+    targets = [
+        fused[start:end].view_as(z).to(z.dtype) for z, (start, end) in zip(features, spans, strict=True)
+    ]
     if method.scales_task_specific:
         seeds = [weights[i].to(device=loss.device, dtype=loss.dtype) for i, loss in enumerate(losses)]
     else:
@@ -146,7 +150,10 @@ def representation_backward(
     params = opt._trainable_params()
     # The hook replaces the gradient reaching z (Σ_i s_i ∇_z L_i) by Σ_i w_i ∇_z L_i, so the trunk gets the
     # fused gradient while the heads keep their full-mode gradient; all within one pass.
-    handles = [z.register_hook(lambda _grad, target=target: target) for z, target in zip(features, targets, strict=True)]
+    handles = [
+        z.register_hook(lambda _grad, target=target: target)
+        for z, target in zip(features, targets, strict=True)
+    ]
     try:
         if params:
             torch.autograd.backward(losses, grad_tensors=seeds, retain_graph=retain_graph, inputs=params)

@@ -31,7 +31,9 @@ def expected_weights(sequence, period, temperature):
     means = []  # complete period means, oldest first
     out = []
     for n in range(len(sequence)):
-        out.append(formula(means[-1], means[-2], temperature) if len(means) >= 2 else [1.0] * len(sequence[0]))
+        out.append(
+            formula(means[-1], means[-2], temperature) if len(means) >= 2 else [1.0] * len(sequence[0])
+        )
         if (n + 1) % period == 0:
             block = sequence[n + 1 - period : n + 1]
             means.append([sum(col) / period for col in zip(*block, strict=True)])
@@ -45,7 +47,9 @@ def test_weights_follow_the_formula_on_a_scripted_loss_sequence(period, temperat
     expected = expected_weights(SEQUENCE, period, temperature)
     for n, losses in enumerate(SEQUENCE):
         got = method(GRAM, torch.tensor(losses, dtype=torch.float64))
-        torch.testing.assert_close(got, torch.tensor(expected[n], dtype=torch.float64), rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(
+            got, torch.tensor(expected[n], dtype=torch.float64), rtol=1e-13, atol=1e-13
+        )
         if n < 2 * period:
             assert torch.equal(got, torch.ones(3, dtype=torch.float64)), n
     assert any(abs(w - 1.0) > 1e-3 for w in expected[-1])
@@ -59,7 +63,9 @@ def test_period_one_by_hand():
     got = method(GRAM[:2, :2], torch.tensor([7.0, 7.0], dtype=torch.float64))
     # w = (1/2, 4/4): the task whose loss did not fall gets the larger weight.
     e0, e1 = math.exp(0.25), math.exp(0.5)
-    torch.testing.assert_close(got, torch.tensor([2 * e0 / (e0 + e1), 2 * e1 / (e0 + e1)], dtype=torch.float64))
+    torch.testing.assert_close(
+        got, torch.tensor([2 * e0 / (e0 + e1), 2 * e1 / (e0 + e1)], dtype=torch.float64)
+    )
     assert got[1] > got[0]
 
 
@@ -113,7 +119,9 @@ def test_zero_mean_two_periods_ago_counts_as_rate_one():
         method(GRAM[:2, :2], torch.tensor(losses, dtype=torch.float64))
     got = method(GRAM[:2, :2], torch.tensor([1.0, 1.0], dtype=torch.float64))
     e1, e2 = math.exp(1.0), math.exp(2.0)
-    torch.testing.assert_close(got, torch.tensor([2 * e1 / (e1 + e2), 2 * e2 / (e1 + e2)], dtype=torch.float64))
+    torch.testing.assert_close(
+        got, torch.tensor([2 * e1 / (e1 + e2), 2 * e2 / (e1 + e2)], dtype=torch.float64)
+    )
 
 
 def test_negative_loss_is_rejected_and_not_recorded():

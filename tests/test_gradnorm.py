@@ -59,7 +59,9 @@ ORTHOGONAL = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
 @pytest.mark.parametrize("weight_optimizer", ["sgd", "adam"])
 def test_slow_task_weight_goes_up_fast_task_down(weight_optimizer):
     model = Quadratic(ORTHOGONAL)  # every ‖g_i‖ = 2 at m = 1: step 1 is balanced already
-    opt, applied = run(model, [[1.0, 1.0, 1.0], [0.5, 1.0, 1.0]], alpha=1.5, lr=0.1, weight_optimizer=weight_optimizer)
+    opt, applied = run(
+        model, [[1.0, 1.0, 1.0], [0.5, 1.0, 1.0]], alpha=1.5, lr=0.1, weight_optimizer=weight_optimizer
+    )
     assert torch.equal(applied[1], torch.ones(3, dtype=torch.float64))  # equal norms, equal rates: no move
     w = opt.method.weights
     # Task 0's loss halved (fast, r_0 = 0.6 < 1); tasks 1, 2 kept theirs (slow, r = 1.2 > 1).
@@ -79,9 +81,16 @@ def test_trajectory_matches_the_paper_formula_with_autograd(weight_optimizer, in
     directions = [[1.0, 0.2, 0.0], [0.6, 0.8, 0.3], [-0.5, 0.1, 1.5]]
     schedule = [[1.0, 1.0, 1.0], [0.9, 0.7, 1.1], [0.6, 0.7, 0.9], [0.5, 0.4, 0.9]]
     opt, applied = run(
-        Quadratic(directions), schedule, alpha=1.2, lr=0.05, weight_optimizer=weight_optimizer, initial_steps=initial_steps
+        Quadratic(directions),
+        schedule,
+        alpha=1.2,
+        lr=0.05,
+        weight_optimizer=weight_optimizer,
+        initial_steps=initial_steps,
     )
-    ref_applied, ref_final = paper_reference(Quadratic(directions), schedule, 1.2, 0.05, weight_optimizer == "adam", initial_steps)
+    ref_applied, ref_final = paper_reference(
+        Quadratic(directions), schedule, 1.2, 0.05, weight_optimizer == "adam", initial_steps
+    )
     for got, want in zip(applied, ref_applied, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(opt.method.weights, ref_final, rtol=1e-10, atol=1e-12)

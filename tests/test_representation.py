@@ -14,7 +14,9 @@ class IdentityTrunk(torch.nn.Module):
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
         self.W = torch.nn.Parameter(torch.randn(d_in, k, generator=gen))
-        self.heads = torch.nn.ParameterList(torch.nn.Parameter(torch.randn(k, generator=gen)) for _ in range(num_tasks))
+        self.heads = torch.nn.ParameterList(
+            torch.nn.Parameter(torch.randn(k, generator=gen)) for _ in range(num_tasks)
+        )
 
     def losses(self, x, ys, z):
         hidden = torch.tanh(x @ z)
@@ -92,7 +94,10 @@ def reference(model, x, ys, weights_of):
     w = weights_of([g.reshape(-1).double() for g in gz], [loss.item() for loss in losses])
     u = sum(float(w[i]) * gz[i] for i in range(len(gz)))
     trunk = torch.autograd.grad(z, list(model.trunk.parameters()), grad_outputs=u, retain_graph=True)
-    heads = [torch.autograd.grad(loss, list(model.heads[i].parameters()), retain_graph=True) for i, loss in enumerate(losses)]
+    heads = [
+        torch.autograd.grad(loss, list(model.heads[i].parameters()), retain_graph=True)
+        for i, loss in enumerate(losses)
+    ]
     return w, trunk, heads
 
 
@@ -125,7 +130,9 @@ def test_real_trunk_loss_weighting_scales_the_heads():
 
     w = [math.exp(-0.3), math.exp(0.4)]
     _, trunk, heads = reference(model, xs[0], ys[0], lambda gs, losses: w)
-    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method="uncertainty", init_log_var=[0.3, -0.4])
+    opt = GradSurgery(
+        torch.optim.SGD(model.parameters(), lr=0.1), method="uncertainty", init_log_var=[0.3, -0.4]
+    )
     z = model.features(xs[0])
     opt.backward(model.losses(xs[0], ys[0], z), features=z)
     for p, g in zip(model.trunk.parameters(), trunk, strict=True):

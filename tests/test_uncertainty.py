@@ -21,16 +21,22 @@ def test_log_var_gradient_is_closed_form_and_matches_autograd():
     losses = torch.tensor(LOSSES, dtype=torch.float64)
     (torch.exp(-s) * losses + s).sum().backward()
 
-    torch.testing.assert_close(method.pending_grad, torch.tensor(closed, dtype=torch.float64), rtol=0, atol=1e-15)
+    torch.testing.assert_close(
+        method.pending_grad, torch.tensor(closed, dtype=torch.float64), rtol=0, atol=1e-15
+    )
     torch.testing.assert_close(method.pending_grad, s.grad, rtol=0, atol=1e-15)
-    torch.testing.assert_close(weights, torch.tensor([math.exp(-v) for v in S0], dtype=torch.float64), rtol=0, atol=1e-15)
+    torch.testing.assert_close(
+        weights, torch.tensor([math.exp(-v) for v in S0], dtype=torch.float64), rtol=0, atol=1e-15
+    )
 
 
 def test_wrapper_applies_exp_minus_s_to_shared_and_task_specific_params():
     torch.manual_seed(0)
     model = TwoHeads(2)
     xs, ys = make_data(2, 1)
-    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method="uncertainty", init_log_var=[0.4, -0.2])
+    opt = GradSurgery(
+        torch.optim.SGD(model.parameters(), lr=0.1), method="uncertainty", init_log_var=[0.4, -0.2]
+    )
     info = opt.backward(model.losses(xs[0], ys[0]))
 
     w64 = torch.tensor([math.exp(-0.4), math.exp(0.2)], dtype=torch.float64)
@@ -55,13 +61,19 @@ def test_sgd_step_on_log_vars_is_closed_form():
     model = TwoHeads(2)
     xs, ys = make_data(2, 1)
     opt = GradSurgery(
-        torch.optim.SGD(model.parameters(), lr=0.0), method="uncertainty", init_log_var=[0.1, 0.5], weight_optimizer="sgd", lr=0.3
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        method="uncertainty",
+        init_log_var=[0.1, 0.5],
+        weight_optimizer="sgd",
+        lr=0.3,
     )
     info = opt.backward(model.losses(xs[0], ys[0]))
     opt.step()
     L = info.losses.tolist()
-    expected = [s - 0.3 * (1 - math.exp(-s) * l) for s, l in zip([0.1, 0.5], L, strict=True)]
-    torch.testing.assert_close(opt.method.log_vars, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-15)
+    expected = [s - 0.3 * (1 - math.exp(-s) * loss) for s, loss in zip([0.1, 0.5], L, strict=True)]
+    torch.testing.assert_close(
+        opt.method.log_vars, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-15
+    )
     assert opt.method.pending_grad is None
 
 
@@ -86,7 +98,9 @@ def test_adam_trajectory_matches_torch_adam_on_the_paper_objective():
 def test_pending_gradient_accumulates_like_grad_and_zero_grad_drops_it():
     model = TwoHeads(2)
     xs, ys = make_data(2, 3)
-    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.0), method="uncertainty", weight_optimizer="sgd", lr=0.5)
+    opt = GradSurgery(
+        torch.optim.SGD(model.parameters(), lr=0.0), method="uncertainty", weight_optimizer="sgd", lr=0.5
+    )
     a = opt.backward(model.losses(xs[0], ys[0]))
     b = opt.backward(model.losses(xs[1], ys[1]))
     opt.step()

@@ -30,7 +30,9 @@ def check_lr(lr: Any) -> float:
 
 def check_optimizer(name: Any, method: str) -> str:
     if name not in OPTIMIZERS:
-        raise ValueError(f"unknown weight_optimizer {name!r} for method {method!r}; choose one of {OPTIMIZERS}")
+        raise ValueError(
+            f"unknown weight_optimizer {name!r} for method {method!r}; choose one of {OPTIMIZERS}"
+        )
     return name
 
 
@@ -105,14 +107,20 @@ class LearnedVector:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("optimizer_kind") != self.kind:
             raise ValueError(
-                f"state was saved with weight_optimizer={state.get('optimizer_kind')!r}, this method uses {self.kind!r}"
+                f"state was saved with weight_optimizer={state.get('optimizer_kind')!r}, "
+                f"this method uses {self.kind!r}"
             )
         value = state["value"].detach().to("cpu", torch.float64)
         if value.shape != self.param.shape:
-            raise ValueError(f"state has a vector of shape {tuple(value.shape)}, expected {tuple(self.param.shape)}")
+            raise ValueError(
+                f"state has a vector of shape {tuple(value.shape)}, expected {tuple(self.param.shape)}"
+            )
         pending = state.get("pending")
         if pending is not None and pending.shape != self.param.shape:
-            raise ValueError(f"state has a pending gradient of shape {tuple(pending.shape)}, expected {tuple(self.param.shape)}")
+            raise ValueError(
+                f"state has a pending gradient of shape {tuple(pending.shape)}, "
+                f"expected {tuple(self.param.shape)}"
+            )
         self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         with torch.no_grad():
             self.param.copy_(value)

@@ -61,7 +61,9 @@ class DWA(Method):
         values = losses.detach().to("cpu", torch.float64)
         negative = [i for i, v in enumerate(values.tolist()) if v < 0]
         if negative:
-            raise ValueError(f"dwa needs losses >= 0 (it compares loss ratios); task(s) {negative} have {values.tolist()}")
+            raise ValueError(
+                f"dwa needs losses >= 0 (it compares loss ratios); task(s) {negative} have {values.tolist()}"
+            )
         weights = self.current_weights()
         block_sum, calls = self.block_sum + values, self.calls + 1
         # Committed only now: a failed call does not enter the history.
@@ -93,7 +95,10 @@ class DWA(Method):
             if value is not None:
                 value = value.detach().to("cpu", torch.float64).clone()
                 if value.shape != self.block_sum.shape:
-                    raise ValueError(f"state has {key} of shape {tuple(value.shape)}, expected {tuple(self.block_sum.shape)}")
+                    raise ValueError(
+                        f"state has {key} of shape {tuple(value.shape)}, "
+                        f"expected {tuple(self.block_sum.shape)}"
+                    )
             tensors[key] = value
         self.calls = calls
         self.block_sum = tensors["block_sum"]

@@ -46,7 +46,12 @@ class GradNorm(Method):
         weight_optimizer: str = "adam",
         min_weight: float = 1e-3,
     ) -> None:
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
+        if (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, (int, float))
+            or not math.isfinite(alpha)
+            or alpha < 0
+        ):
             raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
         lr = check_lr(lr)
         if isinstance(initial_steps, bool) or not isinstance(initial_steps, int) or initial_steps < 1:
@@ -55,7 +60,11 @@ class GradNorm(Method):
         if isinstance(min_weight, bool) or not isinstance(min_weight, (int, float)) or not 0 < min_weight < 1:
             raise ValueError(f"min_weight must lie in (0, 1) (the weights average 1), got {min_weight!r}")
         super().__init__(
-            alpha=float(alpha), lr=lr, initial_steps=initial_steps, weight_optimizer=optimizer, min_weight=float(min_weight)
+            alpha=float(alpha),
+            lr=lr,
+            initial_steps=initial_steps,
+            weight_optimizer=optimizer,
+            min_weight=float(min_weight),
         )
         self.alpha = float(alpha)
         self.initial_steps = initial_steps
@@ -65,7 +74,9 @@ class GradNorm(Method):
         self.initial_count = 0
 
     def _init_state(self, num_tasks: int) -> None:
-        self.learned = LearnedVector(torch.ones(num_tasks, dtype=torch.float64), self.options["weight_optimizer"], self.options["lr"])
+        self.learned = LearnedVector(
+            torch.ones(num_tasks, dtype=torch.float64), self.options["weight_optimizer"], self.options["lr"]
+        )
         self.initial_sum = torch.zeros(num_tasks, dtype=torch.float64)
         self.initial_count = 0
 
@@ -89,14 +100,20 @@ class GradNorm(Method):
         values = losses.detach().to("cpu", torch.float64)
         negative = [i for i, v in enumerate(values.tolist()) if v < 0]
         if negative:
-            raise ValueError(f"gradnorm needs losses >= 0 (it compares L_i(t)/L_i(0)); task(s) {negative} have {values.tolist()}")
+            raise ValueError(
+                f"gradnorm needs losses >= 0 (it compares L_i(t)/L_i(0)); "
+                f"task(s) {negative} have {values.tolist()}"
+            )
         initial_sum, initial_count = self.initial_sum, self.initial_count
         if initial_count < self.initial_steps:
             initial_sum, initial_count = initial_sum + values, initial_count + 1
         initial = initial_sum / initial_count
         zero = [i for i, v in enumerate(initial.tolist()) if v <= 0]
         if zero:
-            raise ValueError(f"gradnorm needs L_i(0) > 0 to form loss ratios; task(s) {zero} have L(0) = {initial.tolist()}")
+            raise ValueError(
+                f"gradnorm needs L_i(0) > 0 to form loss ratios; "
+                f"task(s) {zero} have L(0) = {initial.tolist()}"
+            )
 
         ratio = values / initial
         mean_ratio = ratio.mean()
@@ -139,7 +156,10 @@ class GradNorm(Method):
             return
         initial_sum = state["initial_sum"].detach().to("cpu", torch.float64).clone()
         if initial_sum.shape != self.initial_sum.shape:
-            raise ValueError(f"state has initial losses of shape {tuple(initial_sum.shape)}, expected {tuple(self.initial_sum.shape)}")
+            raise ValueError(
+                f"state has initial losses of shape {tuple(initial_sum.shape)}, "
+                f"expected {tuple(self.initial_sum.shape)}"
+            )
         count = state["initial_count"]
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise ValueError(f"state has an invalid initial_count {count!r}")

@@ -12,14 +12,14 @@ which vanishes at s_i = log L_i: a task with a large loss is weighted down. The 
 this closed form from the detached loss values (no extra backward), so the method never touches d-sized
 data; it does not use the Gram matrix.
 
-How s is stepped: by a small optimizer of the method's own (option ``weight_optimizer``, ``"adam"`` by default,
-with learning rate ``lr``), on a float64 CPU vector, not by the wrapped optimizer. This keeps the wrapped
-optimizer's parameter groups, checkpoints, schedulers and weight decay (which would pull s toward 0, i.e.
-σ toward 1) exactly as the user set them up, and makes the s update independent of the model's optimizer.
-The update prepared by ``backward`` is applied by ``GradSurgery.step`` after the model's step (it adds up
-over several ``backward`` calls like ``.grad``, and ``zero_grad`` drops it), so s is trained with the model
-and does not move when a step fails or is skipped. s, its pending gradient and its optimizer state are in
-``state_dict``.
+How s is stepped: by a small optimizer of the method's own (option ``weight_optimizer``, ``"adam"`` by
+default, with learning rate ``lr``), on a float64 CPU vector, not by the wrapped optimizer. This keeps the
+wrapped optimizer's parameter groups, checkpoints, schedulers and weight decay (which would pull s toward
+0, i.e. σ toward 1) exactly as the user set them up, and makes the s update independent of the model's
+optimizer. The update prepared by ``backward`` is applied by ``GradSurgery.step`` after the model's step
+(it adds up over several ``backward`` calls like ``.grad``, and ``zero_grad`` drops it), so s is trained
+with the model and does not move when a step fails or is skipped. s, its pending gradient and its
+optimizer state are in ``state_dict``.
 
 Options:
     init_log_var: initial s_i (one float for all tasks, or one per task); 0 means σ² = 1, weight 1.
@@ -46,7 +46,9 @@ class Uncertainty(Method):
     name = "uncertainty"
     scales_task_specific = True
 
-    def __init__(self, *, init_log_var: float | list[float] = 0.0, lr: float = 0.01, weight_optimizer: str = "adam") -> None:
+    def __init__(
+        self, *, init_log_var: float | list[float] = 0.0, lr: float = 0.01, weight_optimizer: str = "adam"
+    ) -> None:
         init_log_var = check_vector_option(init_log_var, "init_log_var")
         lr = check_lr(lr)
         optimizer = check_optimizer(weight_optimizer, self.name)
