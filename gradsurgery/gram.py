@@ -3,8 +3,10 @@
 Converting the whole T×d Jacobian to float64 costs more than the backward passes (measured: 32 ms against a
 58 ms gradient loop, T = 8, d = 0.66M, one thread). Instead the columns are taken in chunks: each chunk's
 product runs in the Jacobian's precision (float32 at least) and the chunk results are summed in float64, so
-rounding error grows only within a chunk. Measured on d = 5M, nearly orthogonal gradients: error
-4.7e-7·‖g_i‖‖g_j‖ for 64K-column chunks against 2.6e-4 for one float32 product, at the float32 speed.
+rounding error grows only within a chunk. Measured (4 float32 gradients sharing a small common component,
+so ‖g‖² and ⟨g_i, g_j⟩ are long same-sign sums; max error over G relative to ‖g_i‖‖g_j‖, 3 seeds):
+d = 0.66M: one float32 product 3.5e-5 to 4.0e-5, chunked 1.9e-7 to 2.4e-7; d = 5M: 7.4e-4 against
+1.4e-7 to 1.7e-7; the chunked product runs at float32 speed (8.6 ms against 147 ms for float64, T = 3, d = 5M).
 """
 
 from __future__ import annotations
