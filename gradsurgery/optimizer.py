@@ -17,18 +17,13 @@ from typing import Any
 import torch
 
 from .collect import GradientCollector, TaskGradients
+from .gram import gram_matrix
 from .info import StepInfo
 from .methods import Method, make_method
 from .representation import representation_backward
 
 STATE_KEY = "gradsurgery"
 STATE_VERSION = 1
-
-
-def gram_matrix(jacobian: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """G = J Jᵀ accumulated in ``dtype`` (float64 by default: small inner products survive large d)."""
-    j = jacobian.to(dtype)
-    return j @ j.T
 
 
 class GradSurgery(torch.optim.Optimizer):

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .gram import gram_matrix
 from .info import StepInfo
 
 if TYPE_CHECKING:
@@ -129,8 +130,6 @@ def representation_backward(
     retain_graph: bool = False,
 ) -> StepInfo:
     """Representation mode of ``GradSurgery.backward`` (``losses`` already checked); see the module doc."""
-    from .optimizer import gram_matrix  # the optimizer module imports this one
-
     features = check_features(features)
     jac, spans = feature_jacobian(losses, features)
     gram = gram_matrix(jac, opt.gram_dtype)

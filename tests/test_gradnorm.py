@@ -91,9 +91,10 @@ def test_trajectory_matches_the_paper_formula_with_autograd(weight_optimizer, in
     ref_applied, ref_final = paper_reference(
         Quadratic(directions), schedule, 1.2, 0.05, weight_optimizer == "adam", initial_steps
     )
+    # The Gram matrix is accumulated from float32 products (gradsurgery.gram): ‖g_i‖ agree to ~1e-7.
     for got, want in zip(applied, ref_applied, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(opt.method.weights, ref_final, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(opt.method.weights, ref_final, rtol=1e-6, atol=1e-9)
     assert not torch.allclose(ref_final, torch.ones(3, dtype=torch.float64))
 
 

@@ -115,7 +115,7 @@ def test_real_trunk_mgda_matches_the_written_out_algorithm():
     opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method="mgda")
     z = model.features(xs[0])
     info = opt.backward(model.losses(xs[0], ys[0], z), features=z)
-    torch.testing.assert_close(info.weights, torch.tensor(w, dtype=torch.float64), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(info.weights, torch.tensor(w, dtype=torch.float64), rtol=1e-6, atol=1e-9)
     for p, g in zip(model.trunk.parameters(), trunk, strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
     for head, hg in zip(model.heads, heads, strict=True):  # heads keep their own, unweighted gradient
@@ -152,7 +152,7 @@ def test_features_split_in_pieces_equal_the_whole():
     z = b.features(xs[0])
     z1, z2 = z[:, :2], z[:, 2:]
     info_b = opt_b.backward(b.losses(xs[0], ys[0], torch.cat([z1, z2], dim=1)), features=[z1, z2])
-    torch.testing.assert_close(info_b.gram, info_a.gram, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(info_b.gram, info_a.gram, rtol=1e-6, atol=1e-9)
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-6, atol=1e-8)
 
