@@ -5,14 +5,21 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from .aligned_mtl import AlignedMTL
 from .base import Method
+from .cagrad import CAGrad
+from .famo import FAMO
 from .gradvac import GradVac
+from .imtl import IMTL
 from .main_aux import MainAux
 from .mgda import MGDA
 from .mixed import Mixed
+from .nash_mtl import NashMTL
 from .pareto import Pareto
 from .pcgrad import PCGrad
+from .rlw import RLW
 from .sum import Sum
+from .upgrad import UPGrad
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -25,7 +32,8 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
-for _cls in (Sum, MGDA, Pareto, PCGrad, GradVac, MainAux, Mixed):
+for _cls in (Sum, MGDA, Pareto, PCGrad, GradVac, MainAux, Mixed,
+             CAGrad, NashMTL, IMTL, UPGrad, AlignedMTL, RLW, FAMO):
     register(_cls)
 
 
