@@ -23,7 +23,7 @@ used, no longer ships with cvxpy). It is solved on Ĝ = G/‖G‖_F for conditio
 the original equation. The authors' code feeds α̂ itself to the losses (a step √‖G‖_F times larger, then
 clips the gradient norm); this implementation returns the paper's α.
 
-Start point: the previous step's α̂, else all ones, else the MGDA min-norm weights, the first one with
+Start point (the warm start): the previous step's α̂, else all ones, else the MGDA min-norm weights, the first one with
 Ĝα > 0 (the linearisation needs log (Gα)). If even the min-norm point gives no positive improvement, some
 gradient is zero or zero lies in the convex hull of the gradients (a Pareto-stationary point): then no
 direction improves every task and the bargaining problem has no solution.
@@ -122,9 +122,11 @@ class NashMTL(Method):
         """One convex-concave iteration from α_τ = ``alpha`` (the Gram parameter is already set)."""
         g = self._gram.value
         self._linear.value = g.sum(axis=0) + 1.0 / alpha + g.T @ (1.0 / (g @ alpha))
-        self._variable.value = alpha
         try:
-            self._problem.solve(solver=cp.CLARABEL, warm_start=True)
+            # No solver-level warm start: cvxpy would hand Clarabel the previous solution, making the result
+            # depend on the solve history and breaking bit-identical resumption. The sequence itself is warm
+            # started (from the previous step's α̂), which is where the saving is.
+            self._problem.solve(solver=cp.CLARABEL, warm_start=False)
         except cp.error.SolverError as err:
             raise _NoSolution(f"Clarabel raised: {err}") from err
         value = self._variable.value
