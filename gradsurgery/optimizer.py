@@ -166,7 +166,11 @@ class GradSurgery(torch.optim.Optimizer):
         for p, g in self._fused_gradients(grads, weights):
             _accumulate(p, g)
         return StepInfo(
-            weights=weights, losses=loss_values, gram=gram, method=self.method.name, extras=self.method.info_extras()
+            weights=weights,
+            losses=loss_values,
+            gram=gram,
+            method=self.method.name,
+            extras=self.method.info_extras(),
         )
 
     def _backward_weighted(self, losses: list[torch.Tensor], retain_graph: bool) -> StepInfo:
@@ -200,7 +204,11 @@ class GradSurgery(torch.optim.Optimizer):
         for p, g in reached:
             _accumulate(p, g)
         return StepInfo(
-            weights=weights, losses=loss_values, gram=None, method=self.method.name, extras=self.method.info_extras()
+            weights=weights,
+            losses=loss_values,
+            gram=None,
+            method=self.method.name,
+            extras=self.method.info_extras(),
         )
 
     def _collect(self, losses: list[torch.Tensor], retain_graph: bool) -> TaskGradients:

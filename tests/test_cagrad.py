@@ -1,4 +1,5 @@
-"""CAGrad against a brute-force grid of its dual (T = 2, 3) and an independent SOCP of its primal in d-space."""
+"""CAGrad against a brute-force grid of its dual (T = 2, 3) and an independent SOCP of its primal in
+d-space."""
 
 from __future__ import annotations
 
@@ -81,12 +82,13 @@ def test_update_matches_primal_socp_in_d_space(seed, t, c):
     assert (jac @ got).min() >= (jac @ expected).min() - 1e-10 * scale
     # ... and the same point: the objective is flat at the optimum, so the SOCP's d is only good to ~1e-6.
     np.testing.assert_allclose(got, expected, atol=1e-5 * np.linalg.norm(expected))
-    np.testing.assert_allclose(fused(jac, c, rescale=True), got / (1 + c * c), rtol=0, atol=1e-14 * np.linalg.norm(got))
+    rescaled = fused(jac, c, rescale=True)
+    np.testing.assert_allclose(rescaled, got / (1 + c * c), rtol=0, atol=1e-14 * np.linalg.norm(got))
 
 
 @pytest.mark.parametrize("seed", range(10))
 def test_worst_task_improves_at_least_as_much_as_with_the_mean(seed):
-    """The paper's guarantee: d maximises min_i ⟨g_i, d⟩ over a ball that contains g_0, and lies on its rim."""
+    """The paper's guarantee: d maximises min_i ⟨g_i, d⟩ over a ball that contains g_0; it lies on the rim."""
     c = 0.5
     jac = random_jacobian(200 + seed, 4, 7)
     g0 = jac.mean(axis=0)

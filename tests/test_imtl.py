@@ -1,4 +1,4 @@
-"""IMTL-G against the paper's closed form evaluated on explicit gradient vectors, and its defining property."""
+"""IMTL-G against the paper's closed form on explicit gradient vectors, and its defining property."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ ONES = torch.ones(1, dtype=torch.float64)
 
 
 def bargaining_direction(jac: np.ndarray) -> np.ndarray:
-    """argmax_u Σ_i log⟨u, g_i⟩ s.t. ‖u‖ ≤ √T on the explicit vectors (the paper's problem, not its equation)."""
+    """argmax_u Σ_i log⟨u, g_i⟩ s.t. ‖u‖ ≤ √T on the explicit vectors (the problem, not its equation)."""
     t = jac.shape[0]
     u = cp.Variable(jac.shape[1])
     problem = cp.Problem(cp.Maximize(cp.sum(cp.log(jac @ u))), [cp.norm(u) <= np.sqrt(t)])

@@ -1,9 +1,9 @@
 """Aligned-MTL: independent component alignment (Senushkin, Patakin, Kuznetsov & Konushin, CVPR 2023).
 
 The task gradients are replaced by the closest set of orthogonal vectors of equal norm, which makes the
-condition number of the gradient system 1 (no task dominates, none is drowned). With J = U Σ Wᵀ the thin SVD of
-the T×d gradient matrix (U, Σ from the eigen-decomposition G = J Jᵀ = U Σ² Uᵀ), the aligned gradients are the
-rows of
+condition number of the gradient system 1 (no task dominates, none is drowned). With J = U Σ Wᵀ the thin
+SVD of the T×d gradient matrix (U, Σ from the eigen-decomposition G = J Jᵀ = U Σ² Uᵀ), the aligned
+gradients are the rows of
 
     Ĵ = σ_min U Wᵀ = Bᵀ J,     B = σ_min U Σ⁻¹ Uᵀ,
 

@@ -24,16 +24,18 @@ class Method:
     #: Loss-weighting methods scale task-specific gradients by w_i too (the weight is a loss weight);
     #: gradient-surgery methods leave a task's own parameters with that task's plain gradient.
     scales_task_specific: ClassVar[bool] = False
-    #: False for loss weightings whose weights depend on the loss values only (FAMO, RLW): ``GradSurgery`` then
-    #: skips the per-task gradients and the Gram matrix (``compute_weights`` gets ``gram=None``) and takes a
-    #: single backward pass of Σ_i w_i L_i. Only valid together with ``scales_task_specific = True``.
+    #: False for loss weightings whose weights depend on the loss values only (FAMO, RLW): ``GradSurgery``
+    #: then skips the per-task gradients and the Gram matrix (``compute_weights`` gets ``gram=None``) and
+    #: takes a single backward pass of Σ_i w_i L_i. Only valid together with ``scales_task_specific = True``.
     needs_gram: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if not cls.needs_gram and not cls.scales_task_specific:
-            raise TypeError(f"{cls.__name__}: needs_gram = False needs scales_task_specific = True (one backward of "
-                            "Σ w_i L_i scales the task-specific gradients too)")
+            raise TypeError(
+                f"{cls.__name__}: needs_gram = False needs scales_task_specific = True "
+                "(one backward of Σ w_i L_i scales the task-specific gradients too)"
+            )
 
     def __init__(self, **options: Any) -> None:
         self.options: dict[str, Any] = dict(options)
@@ -70,7 +72,8 @@ class Method:
         raise NotImplementedError
 
     def info_extras(self) -> dict[str, Any]:
-        """Method-specific diagnostics of the last call, copied into ``StepInfo.extras`` (e.g. solver failures)."""
+        """Method-specific diagnostics of the last call, copied into ``StepInfo.extras`` (e.g. solver
+        failures)."""
         return {}
 
     # -- checkpoints -------------------------------------------------------------------------------------

@@ -78,7 +78,8 @@ class FAMO(Method):
                 f"famo needs non-negative losses (it takes their logarithm); task(s) {negative} have "
                 f"{[losses[i].item() for i in negative]} (subtract a lower bound of the loss first)"
             )
-        logits, exp_avg, exp_avg_sq, steps = self.logits.clone(), self.exp_avg.clone(), self.exp_avg_sq.clone(), self.adam_steps
+        logits, exp_avg, exp_avg_sq = self.logits.clone(), self.exp_avg.clone(), self.exp_avg_sq.clone()
+        steps = self.adam_steps
         if self.prev_losses is not None:
             delta = torch.log(self.prev_losses + _LOSS_EPS) - torch.log(losses + _LOSS_EPS)
             z = torch.softmax(logits, dim=0)
@@ -109,7 +110,9 @@ class FAMO(Method):
         for key in ("logits", "exp_avg", "exp_avg_sq"):
             value = state[key].detach().to("cpu", torch.float64).clone()
             if value.shape != (self.num_tasks,):
-                raise ValueError(f"famo state {key!r} has shape {tuple(value.shape)}, expected ({self.num_tasks},)")
+                raise ValueError(
+                    f"famo state {key!r} has shape {tuple(value.shape)}, expected ({self.num_tasks},)"
+                )
             setattr(self, key, value)
         self.adam_steps = int(state["adam_steps"])
         prev = state["prev_losses"]

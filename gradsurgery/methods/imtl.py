@@ -1,4 +1,5 @@
-"""IMTL-G: impartial multi-task learning, gradient part (Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang, ICLR 2021).
+"""IMTL-G: impartial multi-task learning, gradient part (Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang,
+ICLR 2021).
 
 The fused gradient u = Σ_i α_i g_i with Σ_i α_i = 1 is chosen so that its projections on every unit task
 gradient u_i = g_i/‖g_i‖ are equal: ⟨u, u_1⟩ = ⟨u, u_i⟩ for all i. With the row stacks

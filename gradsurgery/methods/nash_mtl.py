@@ -23,10 +23,12 @@ used, no longer ships with cvxpy). It is solved on Ĝ = G/‖G‖_F for conditio
 the original equation. The authors' code feeds α̂ itself to the losses (a step √‖G‖_F times larger, then
 clips the gradient norm); this implementation returns the paper's α.
 
-Start point (the warm start): the previous step's α̂, else all ones, else the MGDA min-norm weights, the first one with
-Ĝα > 0 (the linearisation needs log (Gα)). If even the min-norm point gives no positive improvement, some
-gradient is zero or zero lies in the convex hull of the gradients (a Pareto-stationary point): then no
-direction improves every task and the bargaining problem has no solution.
+Start point (the warm start): the previous step's α̂, else all ones, else the MGDA min-norm weights
+(mixed with a little of the uniform ones so that every α_i > 0), the first one with Ĝα > 0 (the
+linearisation needs log (Gα)). If even the min-norm point gives no positive improvement, some gradient is
+zero or zero lies in the convex hull of the gradients (a Pareto-stationary point): then no direction
+improves every task and the bargaining problem has no solution. Clarabel's own warm start is not used: it
+makes the answer depend on the solve history, and a resumed run would not be bit-identical.
 
 ``update_every`` = k solves on every k-th step only and reuses the last weights in between.
 
@@ -164,7 +166,7 @@ class NashMTL(Method):
         t = g.shape[0]
         scale = float(np.linalg.norm(g))
         if not scale > 0.0:
-            # Every gradient is zero (or no parameter is shared): any weights give u = 0, nothing to bargain over.
+            # Every gradient is zero (or no parameter is shared): any weights give u = 0, nothing to bargain.
             weights = self.weights.copy() if self.weights is not None else np.ones(t)
             self.weights, self.last_iterations = weights, 0
             self.steps += 1
@@ -177,7 +179,8 @@ class NashMTL(Method):
             failures += 1
             partial = getattr(err, "iterate", None)
             if partial is not None:
-                alpha, weights, fallback = partial, partial / math.sqrt(scale), "this step's last completed iterate"
+                alpha, weights = partial, partial / math.sqrt(scale)
+                fallback = "this step's last completed iterate"
             elif self.weights is not None:
                 weights, fallback = self.weights.copy(), "the previous step's weights"
             else:
