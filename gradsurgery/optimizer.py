@@ -11,23 +11,21 @@ their gradients and the method state as they were.
 
 from __future__ import annotations
 
+import copy
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from .collect import GradientCollector, TaskGradients
+from .gram import gram_matrix
 from .info import StepInfo
 from .methods import Method, make_method
+from .representation import representation_backward
 
 STATE_KEY = "gradsurgery"
 STATE_VERSION = 1
-
-
-def gram_matrix(jacobian: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """G = J Jᵀ accumulated in ``dtype`` (float64 by default: small inner products survive large d)."""
-    j = jacobian.to(dtype)
-    return j @ j.T
 
 
 class GradSurgery(torch.optim.Optimizer):
@@ -88,11 +86,15 @@ class GradSurgery(torch.optim.Optimizer):
 
     # -- the torch.optim.Optimizer surface ---------------------------------------------------------------
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """The wrapped optimizer's step on the gradients ``backward`` wrote."""
-        return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        """The wrapped optimizer's step on the gradients ``backward`` wrote, then the method's own update
+        (learnable task weights), which therefore happens only when the model really steps."""
+        out = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        self.method.after_step()
+        return out
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
+        self.method.zero_grad()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # Called by the base initialiser before ``self.optimizer`` exists: the groups are the inner's already.
@@ -145,15 +147,29 @@ class GradSurgery(torch.optim.Optimizer):
         return f"GradSurgery(method={self.method!r}, optimizer={self.optimizer!r})"
 
     # -- the multi-task backward -------------------------------------------------------------------------
-    def backward(self, losses: Sequence[torch.Tensor] | torch.Tensor, *, retain_graph: bool = False) -> StepInfo:
+    def backward(
+        self,
+        losses: Sequence[torch.Tensor] | torch.Tensor,
+        *,
+        retain_graph: bool = False,
+        features: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    ) -> StepInfo:
         """Fill ``.grad`` with the fused gradient of ``losses`` (T scalars) and return the step's ``StepInfo``.
 
         Shared parameters receive Σ_i w_i g_i with the method's weights w; a parameter reached by one task
         only receives that task's gradient. Gradients already in ``.grad`` are added to, as
         ``loss.backward()`` does. Raises ``ValueError`` (leaving everything untouched) on non-finite losses
         or gradients.
+
+        ``features``: the shared representation z (a tensor or a sequence of tensors) that the task heads
+        read. The weights then come from the task gradients with respect to z, and one backward pass fills
+        every ``.grad`` (MGDA-UB, an approximation; see ``gradsurgery.representation``).
         """
         losses = self._check_losses(losses)
+        if features is not None:
+            return representation_backward(self, losses, features, retain_graph=retain_graph)
+        if not self.method.needs_gram:
+            return self._backward_weighted(losses, retain_graph)
         grads = self._collect(losses, retain_graph)
         gram = gram_matrix(grads.jacobian, self.gram_dtype)
         loss_values = torch.stack([loss.detach().reshape(()) for loss in losses]).to(self.gram_dtype)
@@ -161,7 +177,51 @@ class GradSurgery(torch.optim.Optimizer):
         weights = self.method(gram, loss_values.to(gram.device))
         for p, g in self._fused_gradients(grads, weights):
             _accumulate(p, g)
-        return StepInfo(weights=weights, losses=loss_values, gram=gram, method=self.method.name)
+        return StepInfo(
+            weights=weights,
+            losses=loss_values,
+            gram=gram,
+            method=self.method.name,
+            extras=self.method.info_extras(),
+        )
+
+    def _backward_weighted(self, losses: list[torch.Tensor], retain_graph: bool) -> StepInfo:
+        """Loss weightings that need no per-task gradient (``Method.needs_gram = False``, e.g. FAMO, RLW).
+
+        The weights come from the loss values alone, so one backward pass of Σ_i w_i L_i gives every parameter
+        Σ_i w_i g_i, exactly what the per-task path gives a loss weighting, for one backward instead of T and
+        no T×d Jacobian. No Gram matrix is formed (``StepInfo.gram`` is None), and a loss that reaches no
+        parameter is noticed only when none of them does. The method's state is restored when the gradients
+        turn out non-finite, so a refused call changes nothing.
+        """
+        loss_values = torch.stack([loss.detach().reshape(()) for loss in losses]).to(self.gram_dtype)
+        values = loss_values.tolist()
+        bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"non-finite loss value(s) for task(s) {bad}: {values}")
+        params = self._trainable_params()
+        saved = copy.deepcopy(self.method.state_dict())
+        weights = self.method(None, loss_values)
+        try:
+            total = sum(w.to(loss.dtype) * loss for w, loss in zip(weights.unbind(), losses, strict=True))
+            grads = torch.autograd.grad(total, params, retain_graph=retain_graph, allow_unused=True)
+            reached = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
+            if not reached:
+                raise ValueError("the losses reach none of the optimizer's parameters")
+            if not bool(torch.stack([torch.isfinite(g).all() for _, g in reached]).all()):
+                raise ValueError("non-finite (NaN/inf) gradient of the weighted loss; nothing was written")
+        except BaseException:
+            self.method.load_state_dict(saved)
+            raise
+        for p, g in reached:
+            _accumulate(p, g)
+        return StepInfo(
+            weights=weights,
+            losses=loss_values,
+            gram=None,
+            method=self.method.name,
+            extras=self.method.info_extras(),
+        )
 
     def _collect(self, losses: list[torch.Tensor], retain_graph: bool) -> TaskGradients:
         """Per-task gradients: the Jacobian over the shared parameters and the others' own gradients."""
