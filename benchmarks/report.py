@@ -98,6 +98,21 @@ class MethodSummary:
     weights: list[float] = field(default_factory=list)
     note: str = ""
     messages: list[str] = field(default_factory=list)
+    warnings: str = ""
+
+
+def warning_note(runs: Sequence[RunResult]) -> str:
+    """``"warnings: 13 SolverFallbackWarning (2/3 runs)"`` from the counts the runner recorded."""
+    totals: dict[str, int] = {}
+    with_warnings = 0
+    for r in runs:
+        counts = r.extra.get("warnings") or {}
+        with_warnings += bool(counts)
+        for k, v in counts.items():
+            totals[k] = totals.get(k, 0) + v
+    if not totals:
+        return ""
+    return "warnings: " + ", ".join(f"{v} {k}" for k, v in totals.items()) + f" ({with_warnings}/{len(runs)} runs)"
 
 
 @dataclass
@@ -151,6 +166,7 @@ def summarize(results: Sequence[RunResult], baseline: str = BASELINE) -> list[Pr
             ok = [r for r in group if r.status == "ok"]
             s = MethodSummary(name, len(group), len(ok), note=group[0].note)
             s.messages = sorted({r.message for r in group if r.status != "ok"})
+            s.warnings = warning_note(group)
             for m in metric_names:
                 s.metrics[m] = mean_std([r.metrics[m] for r in ok if m in r.metrics])
             if not name.startswith("single:"):
@@ -195,6 +211,7 @@ class ToySummary:
     per_start: dict[str, float]
     ends: dict[str, tuple[float, float]]
     messages: list[str]
+    warnings: str = ""
 
 
 def summarize_toy(results: Sequence[RunResult]) -> list[ToySummary]:
@@ -221,6 +238,7 @@ def summarize_toy(results: Sequence[RunResult]) -> list[ToySummary]:
                 per_start={k: statistics.fmean(v) for k, v in per_start.items()},
                 ends={k: (statistics.fmean(a for a, _ in v), statistics.fmean(b for _, b in v)) for k, v in ends.items()},
                 messages=sorted({r.message for r in group if r.status != "ok"}),
+                warnings=warning_note(group),
             )
         )
     return out
@@ -259,11 +277,10 @@ def problem_table(summary: ProblemSummary) -> str:
                 text = f"**{text}**"
             text += {1: BETTER, -1: WORSE}.get(s.versus_baseline.get(m, 0), "")
             cells.append(text)
-        cells += [fmt_mean_std(*s.delta_single), fmt_mean_std(*s.delta_equal), fmt_value(s.ms_per_step, 3),
+        equal = "(baseline)" if s.method == BASELINE else fmt_mean_std(*s.delta_equal)
+        cells += [fmt_mean_std(*s.delta_single), equal, fmt_value(s.ms_per_step, 3),
                   ", ".join(f"{w:.3g}" for w in s.weights) or "—"]
-        note = s.note
-        if s.messages:
-            note = (note + "; " if note else "") + "; ".join(_short(msg) for msg in s.messages)
+        note = "; ".join(part for part in [s.note, *(_short(msg) for msg in s.messages), s.warnings] if part)
         cells.append(note)
         rows.append(cells)
     for s in summary.singles:
@@ -279,7 +296,8 @@ def toy_tables(summaries: Sequence[ToySummary]) -> str:
     header = ["method", f"reached (distance ≤ {TOY_TOLERANCE})", "final distance", "worst", "median steps to reach",
               "note"]
     rows = [[s.method, f"{s.reached}/{s.runs}", fmt_mean_std(*s.distance), fmt_value(s.worst, 3),
-             fmt_value(s.steps_to_pareto, 4), "; ".join(_short(m) for m in s.messages)] for s in summaries]
+             fmt_value(s.steps_to_pareto, 4), "; ".join([*(_short(m) for m in s.messages), *([s.warnings] if s.warnings else [])])]
+            for s in summaries]
     starts = sorted({k for s in summaries for k in s.per_start}, key=int)
     header2 = ["method", *[f"start {k}: distance (f1, f2)" for k in starts]]
     rows2 = []
@@ -374,7 +392,7 @@ def summary_payload(summaries: Sequence[ProblemSummary], toy: Sequence[ToySummar
                      "delta_m_vs_single_task": {"mean": m.delta_single[0], "std": m.delta_single[1]},
                      "delta_m_vs_equal_weights": {"mean": m.delta_equal[0], "std": m.delta_equal[1]},
                      "ms_per_step": m.ms_per_step, "mean_weights": m.weights, "note": m.note,
-                     "errors": m.messages}
+                     "errors": m.messages, "warnings": m.warnings}
                     for m in [*s.methods, *s.singles]
                 ],
             }

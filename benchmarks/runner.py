@@ -12,9 +12,11 @@ Fairness between methods: for a given seed every method starts from the same ini
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -182,7 +184,7 @@ def _finite(values: Sequence[float]) -> bool:
 StepHook = Callable[[int, torch.nn.Module, Any], None]
 
 
-def train(
+def _train(
     problem: Any,
     method: str,
     seed: int,
@@ -257,7 +259,7 @@ def train(
     return result
 
 
-def train_single_task(
+def _train_single_task(
     problem: Any, task: int, seed: int, *, steps: int, batch_size: int, lr: float, raise_errors: bool = False
 ) -> RunResult:
     """The single-task baseline of Δm: the same model, initial weights, batches and Adam, trained on
@@ -288,3 +290,28 @@ def train_single_task(
     if result.status == "ok":
         result.metrics = evaluate(problem, model)
     return result
+
+
+def _recording_warnings(fn: Callable[..., RunResult]) -> Callable[..., RunResult]:
+    """Warnings of a run (solver fallbacks, ...) are counted into ``extra["warnings"]`` instead of printed:
+    a suite of hundreds of runs would otherwise bury its tables."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> RunResult:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = fn(*args, **kwargs)
+        if caught:
+            counts: dict[str, int] = {}
+            for w in caught:
+                counts[w.category.__name__] = counts.get(w.category.__name__, 0) + 1
+            result.extra["warnings"] = counts
+            result.extra["first_warning"] = str(caught[0].message)[:300]
+        return result
+
+    wrapper.__name__ = wrapper.__qualname__ = fn.__name__.lstrip("_")
+    return wrapper
+
+
+train = _recording_warnings(_train)
+train_single_task = _recording_warnings(_train_single_task)

@@ -337,13 +337,16 @@ def step_benchmark(
 # -- the solver benchmark -----------------------------------------------------------------------------------
 def random_grams(num_tasks: int, count: int, seed: int = 0, dim: int = 512) -> list[np.ndarray]:
     """Gram matrices of task gradients g_i = s_i (c_i u + v_i): a shared direction u, task-specific v_i,
-    signed mixing c_i (so that some pairs conflict), scales s_i over two orders of magnitude."""
+    signed mixing c_i (c_0 = 1 and c_1 ≤ −0.2, so tasks 0 and 1 always conflict, others at random), and
+    scales s_i over two orders of magnitude."""
     rng = np.random.default_rng([seed, num_tasks])
     grams = []
     for _ in range(count):
         u = rng.standard_normal(dim)
         v = rng.standard_normal((num_tasks, dim))
-        c = rng.uniform(-0.5, 1.5, num_tasks)
+        c = rng.uniform(-1.0, 1.0, num_tasks)
+        c[0] = 1.0
+        c[1] = -0.2 - abs(c[1])
         s = 10 ** rng.uniform(-1, 1, num_tasks)
         j = s[:, None] * (c[:, None] * u + v)
         grams.append(j @ j.T)

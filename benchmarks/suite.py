@@ -169,18 +169,20 @@ def run_quality(args: argparse.Namespace, out: Path, meta: dict[str, Any]) -> li
         head = (f"### {cfg.title}\n\nproblem `{key}`, {cfg.steps} steps, batch {cfg.batch_size}, Adam lr {cfg.lr:g}, "
                 f"size options {cfg.size or 'default'}, seeds {sorted({r.seed for r in results})}\n")
         if key == "toy":
-            return head + "\n" + report.toy_tables(report.summarize_toy(results)) + "\n"
+            note = ("One run per starting point (and seed); the training losses are 0.1·f1 + 20·0.1 and f2 + 20 (the "
+                    "constant makes them positive for dwa, gradnorm and famo and changes no gradient).\n")
+            return head + "\n" + note + "\n" + report.toy_tables(report.summarize_toy(results)) + "\n"
         parts = [head]
         for s in report.summarize(results):
             parts.append(f"#### {s.label}\n\n{report.problem_table(s)}\n")
         return "\n".join(parts)
 
-    def on_result(job: Any, result: Any) -> None:
+    def on_result(index: int, job: Any, result: Any) -> None:
         key = job.config.key
-        finished[key].append(result)
+        finished[key].append((index, result))
         remaining[key] -= 1
-        if remaining[key] == 0:
-            sections[key] = section(key, finished[key])
+        if remaining[key] == 0:  # all runs of this problem are in: its tables, in plan order
+            sections[key] = section(key, [r for _, r in sorted(finished[key], key=lambda pair: pair[0])])
             say("\n" + sections[key])
 
     bar = progress_bar(len(jobs), f"quality ({args.suite}{', tiny' if args.tiny else ''})", not args.no_progress)
