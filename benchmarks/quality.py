@@ -47,7 +47,7 @@ class ProblemConfig:
     variants: tuple[tuple[str, dict[str, Any]], ...] = (("", {}),)
     size: dict[str, Any] = field(default_factory=dict)
     single_task: bool = True
-    #: the toy runs its deterministic problem once per starting point with the first seed only in ``quick``
+    #: the toy is deterministic except for randomised methods: it runs with the first seeds only
     seeds_limit: int | None = None
 
     def label(self, suffix: str) -> str:
@@ -87,10 +87,10 @@ def suite_configs(suite: str) -> dict[str, ProblemConfig]:
         }
     if suite == "full":
         return {
-            "toy": _toy(steps=1000, seeds_limit=None),
+            "toy": _toy(steps=1000, seeds_limit=3),
             "synthetic": ProblemConfig(
                 "synthetic", "benchmarks.problems.synthetic", "MMoE synthetic tasks, shared-bottom model",
-                steps=1500, batch_size=128, lr=3e-3, variants=_RHOS, size={"n_train": 8192, "n_test": 4096},
+                steps=1000, batch_size=128, lr=3e-3, variants=_RHOS, size={"n_train": 8192, "n_test": 4096},
             ),
             "recsys": ProblemConfig(
                 "recsys", "benchmarks.problems.recsys", "Recommendation: click, conversion, watch time",
@@ -98,7 +98,7 @@ def suite_configs(suite: str) -> dict[str, ProblemConfig]:
             ),
             "multidigit": ProblemConfig(
                 "multidigit", "benchmarks.problems.multidigit", "Two overlaid digits, convolutional trunk",
-                steps=1500, batch_size=128, lr=3e-3, size={"trunk": "conv", "n_train": 8192},
+                steps=1000, batch_size=128, lr=3e-3, size={"trunk": "conv", "n_train": 8192},
             ),
         }
     if suite == "tiny":

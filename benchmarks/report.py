@@ -130,6 +130,11 @@ class ProblemSummary:
         """(method, metric) pairs where a method beats equal weights by more than the seed spread."""
         return [(m.method, k) for m in self.methods for k, v in m.versus_baseline.items() if v > 0]
 
+    def overall_wins(self) -> list[tuple[str, tuple[float, float]]]:
+        """Methods whose Δm% against equal weights (paired by seed) is below 0 by more than its spread."""
+        return [(m.method, m.delta_equal) for m in self.methods
+                if math.isfinite(m.delta_equal[0]) and m.delta_equal[0] + m.delta_equal[1] < 0]
+
 
 def _group(results: Sequence[RunResult]) -> dict[str, list[RunResult]]:
     groups: dict[str, list[RunResult]] = {}
@@ -296,7 +301,7 @@ def toy_tables(summaries: Sequence[ToySummary]) -> str:
     header = ["method", f"reached (distance ≤ {TOY_TOLERANCE})", "final distance", "worst", "median steps to reach",
               "note"]
     rows = [[s.method, f"{s.reached}/{s.runs}", fmt_mean_std(*s.distance), fmt_value(s.worst, 3),
-             fmt_value(s.steps_to_pareto, 4), "; ".join([*(_short(m) for m in s.messages), *([s.warnings] if s.warnings else [])])]
+             f"{s.steps_to_pareto:.0f}" if math.isfinite(s.steps_to_pareto) else "—", "; ".join([*(_short(m) for m in s.messages), *([s.warnings] if s.warnings else [])])]
             for s in summaries]
     starts = sorted({k for s in summaries for k in s.per_start}, key=int)
     header2 = ["method", *[f"start {k}: distance (f1, f2)" for k in starts]]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "always runs in one process")
     p.add_argument("--threads", type=_positive_int, default=1,
                    help="torch threads per process (default: 1)")
+    p.add_argument("--device", default="cpu",
+                   help="speed suite: where the step-time models run, cpu (default) or cuda[:N]")
     p.add_argument("--tiny", action="store_true",
                    help="a few steps of everything, on tiny data: a smoke test of the whole pipeline")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -112,6 +114,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.problems = list(ALL_PROBLEMS)
     if args.suite == "speed" and args.mode != "full":
         parser.error("argument --mode: the speed suite always measures both modes; --mode is for quick/full")
+    if args.device != "cpu":
+        if args.suite != "speed":
+            parser.error("argument --device: only the speed suite runs on another device; quality suites use the CPU")
+        import torch
+
+        if not re.fullmatch(r"cuda(:\d+)?", args.device):
+            parser.error(f"argument --device: expected cpu or cuda[:N], got {args.device!r}")
+        if not torch.cuda.is_available():
+            parser.error(f"argument --device: {args.device} requested but torch.cuda.is_available() is False")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"argument --out: {args.out} exists and is not a folder")
     return args
@@ -205,9 +216,22 @@ def run_quality(args: argparse.Namespace, out: Path, meta: dict[str, Any]) -> li
     wins = [(s.label, m, k) for s in summaries for m, k in s.wins()]
     lines = ["## Quality", "", report.legend(), ""]
     lines += [sections[cfg.key] for cfg in configs if cfg.key in sections]
-    lines += ["### Beats equal weights by more than the seed spread", ""]
+    lines += ["### Beats equal weights by more than the seed spread", "",
+              "Per metric (mean ± std intervals of the method and of `sum` do not overlap):", ""]
     if wins:
-        lines += [f"- {label}: `{m}` on {k}" for label, m, k in wins]
+        by_problem: dict[str, list[str]] = {}
+        for label, m, k in wins:
+            by_problem.setdefault(label, []).append(f"`{m}` ({k})")
+        lines += [f"- {label}: " + ", ".join(items) for label, items in by_problem.items()]
+    else:
+        lines.append("- none in this run")
+    overall = [(s.label, m, d) for s in summaries for m, d in s.overall_wins()]
+    lines += ["", "Over all metrics at once (Δm% vs equal weights, paired by seed, mean + std < 0):", ""]
+    if overall:
+        by_problem = {}
+        for label, m, d in overall:
+            by_problem.setdefault(label, []).append(f"`{m}` ({report.fmt_mean_std(*d)})")
+        lines += [f"- {label}: " + ", ".join(items) for label, items in by_problem.items()]
     else:
         lines.append("- none in this run")
     lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in plots) if plots else "Plots: none (matplotlib missing)", ""]

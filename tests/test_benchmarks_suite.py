@@ -327,6 +327,8 @@ def test_mode_benchmarks_are_called_by_module_path(tmp_path, monkeypatch):
         (["--suite", "huge"], "invalid choice: 'huge'"),
         (["--jobs", "0"], "expected a positive integer"),
         (["--suite", "speed", "--mode", "both"], "the speed suite always measures both modes"),
+        (["--suite", "quick", "--device", "cuda"], "only the speed suite runs on another device"),
+        (["--suite", "speed", "--device", "gpu"], "expected cpu or cuda[:N], got 'gpu'"),
     ],
 )
 def test_bad_arguments_fail_clearly(argv, fragment, capsys):
