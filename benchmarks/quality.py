@@ -57,10 +57,20 @@ class ProblemConfig:
 def _toy(steps: int, seeds_limit: int | None) -> ProblemConfig:
     from .problems import toy
 
-    starts = tuple((f"start {i}: ({float(p[0]):g}, {float(p[1]):g})", {"start": i}) for i, p in enumerate(toy.START_POINTS))
+    starts = tuple(
+        (f"start {i}: ({float(p[0]):g}, {float(p[1]):g})", {"start": i})
+        for i, p in enumerate(toy.START_POINTS)
+    )
     return ProblemConfig(
-        "toy", "benchmarks.problems.toy", "Toy two-objective problem (CAGrad / Nash-MTL), loss 1 scaled by 0.1",
-        steps=steps, batch_size=1, lr=0.2, variants=starts, single_task=False, seeds_limit=seeds_limit,
+        "toy",
+        "benchmarks.problems.toy",
+        "Toy two-objective problem (CAGrad / Nash-MTL), loss 1 scaled by 0.1",
+        steps=steps,
+        batch_size=1,
+        lr=0.2,
+        variants=starts,
+        single_task=False,
+        seeds_limit=seeds_limit,
     )
 
 
@@ -73,49 +83,94 @@ def suite_configs(suite: str) -> dict[str, ProblemConfig]:
         return {
             "toy": _toy(steps=200, seeds_limit=1),
             "synthetic": ProblemConfig(
-                "synthetic", "benchmarks.problems.synthetic", "MMoE synthetic tasks, shared-bottom model",
-                steps=100, batch_size=128, lr=1e-2, variants=_RHOS,
+                "synthetic",
+                "benchmarks.problems.synthetic",
+                "MMoE synthetic tasks, shared-bottom model",
+                steps=100,
+                batch_size=128,
+                lr=1e-2,
+                variants=_RHOS,
             ),
             "recsys": ProblemConfig(
-                "recsys", "benchmarks.problems.recsys", "Recommendation: click, conversion, watch time",
-                steps=150, batch_size=256, lr=3e-3,
+                "recsys",
+                "benchmarks.problems.recsys",
+                "Recommendation: click, conversion, watch time",
+                steps=150,
+                batch_size=256,
+                lr=3e-3,
             ),
             "multidigit": ProblemConfig(
-                "multidigit", "benchmarks.problems.multidigit", "Two overlaid digits, MLP trunk",
-                steps=150, batch_size=128, lr=1e-2, size={"trunk": "mlp"},
+                "multidigit",
+                "benchmarks.problems.multidigit",
+                "Two overlaid digits, MLP trunk",
+                steps=150,
+                batch_size=128,
+                lr=1e-2,
+                size={"trunk": "mlp"},
             ),
         }
     if suite == "full":
         return {
             "toy": _toy(steps=1000, seeds_limit=3),
             "synthetic": ProblemConfig(
-                "synthetic", "benchmarks.problems.synthetic", "MMoE synthetic tasks, shared-bottom model",
-                steps=1000, batch_size=128, lr=3e-3, variants=_RHOS, size={"n_train": 8192, "n_test": 4096},
+                "synthetic",
+                "benchmarks.problems.synthetic",
+                "MMoE synthetic tasks, shared-bottom model",
+                steps=1000,
+                batch_size=128,
+                lr=3e-3,
+                variants=_RHOS,
+                size={"n_train": 8192, "n_test": 4096},
             ),
             "recsys": ProblemConfig(
-                "recsys", "benchmarks.problems.recsys", "Recommendation: click, conversion, watch time",
-                steps=1500, batch_size=256, lr=3e-3, size={"n_train": 32768, "n_test": 16384},
+                "recsys",
+                "benchmarks.problems.recsys",
+                "Recommendation: click, conversion, watch time",
+                steps=1500,
+                batch_size=256,
+                lr=3e-3,
+                size={"n_train": 32768, "n_test": 16384},
             ),
             "multidigit": ProblemConfig(
-                "multidigit", "benchmarks.problems.multidigit", "Two overlaid digits, convolutional trunk",
-                steps=1000, batch_size=128, lr=3e-3, size={"trunk": "conv", "n_train": 8192},
+                "multidigit",
+                "benchmarks.problems.multidigit",
+                "Two overlaid digits, convolutional trunk",
+                steps=1000,
+                batch_size=128,
+                lr=3e-3,
+                size={"trunk": "conv", "n_train": 8192},
             ),
         }
     if suite == "tiny":
         return {
             "toy": _toy(steps=5, seeds_limit=1),
             "synthetic": ProblemConfig(
-                "synthetic", "benchmarks.problems.synthetic", "MMoE synthetic tasks (tiny)",
-                steps=3, batch_size=32, lr=1e-2, variants=_RHOS[:1],
+                "synthetic",
+                "benchmarks.problems.synthetic",
+                "MMoE synthetic tasks (tiny)",
+                steps=3,
+                batch_size=32,
+                lr=1e-2,
+                variants=_RHOS[:1],
                 size={"n_train": 64, "n_test": 64, "dim": 8, "hidden": 8, "tower": 4},
             ),
             "recsys": ProblemConfig(
-                "recsys", "benchmarks.problems.recsys", "Recommendation (tiny)", steps=3, batch_size=64, lr=3e-3,
+                "recsys",
+                "benchmarks.problems.recsys",
+                "Recommendation (tiny)",
+                steps=3,
+                batch_size=64,
+                lr=3e-3,
                 size={"n_train": 512, "n_test": 512, "hidden": (8,)},
             ),
             "multidigit": ProblemConfig(
-                "multidigit", "benchmarks.problems.multidigit", "Two overlaid digits (tiny)", steps=3,
-                batch_size=32, lr=1e-2, size={"trunk": "mlp", "n_train": 64, "n_test": 64, "width": 2},
+                "multidigit",
+                "benchmarks.problems.multidigit",
+                "Two overlaid digits (tiny)",
+                steps=3,
+                batch_size=32,
+                lr=1e-2,
+                size={"trunk": "mlp", "n_train": 64, "n_test": 64, "width": 2},
             ),
         }
     raise ValueError(f"unknown quality suite {suite!r}; choose 'quick', 'full' or 'tiny'")
@@ -141,7 +196,9 @@ class Job:
         return json.loads(self.kwargs_json)
 
 
-def plan(configs: Iterable[ProblemConfig], methods: list[str], seeds: list[int], modes: list[str]) -> list[Job]:
+def plan(
+    configs: Iterable[ProblemConfig], methods: list[str], seeds: list[int], modes: list[str]
+) -> list[Job]:
     """Every run of the suite, problem by problem (tables are printed as problems complete)."""
     jobs = []
     for cfg in configs:
@@ -189,7 +246,10 @@ class ShiftedToy:
         return getattr(self._problem, name)
 
     def losses(self, outputs: Any, targets: Any) -> list[torch.Tensor]:
-        return [loss + shift for loss, shift in zip(self._problem.losses(outputs, targets), self.shifts)]
+        return [
+            loss + shift
+            for loss, shift in zip(self._problem.losses(outputs, targets), self.shifts, strict=True)
+        ]
 
 
 def _toy_tracker(problem: Any, every: int) -> tuple[Callable, dict[str, Any]]:
@@ -225,9 +285,17 @@ def run_job(job: Job, raise_errors: bool = False) -> RunResult:
     else:
         result = train(problem, job.method, job.seed, mode=job.mode, **common)
     result.problem = job.label
-    result.extra.update({"problem_key": cfg.key, "variant": job.make_kwargs, "steps_planned": cfg.steps,
-                         "lr": cfg.lr, "batch_size": cfg.batch_size, "task_names": list(problem.task_names),
-                         "higher_is_better": dict(problem.higher_is_better)})
+    result.extra.update(
+        {
+            "problem_key": cfg.key,
+            "variant": job.make_kwargs,
+            "steps_planned": cfg.steps,
+            "lr": cfg.lr,
+            "batch_size": cfg.batch_size,
+            "task_names": list(problem.task_names),
+            "higher_is_better": dict(problem.higher_is_better),
+        }
+    )
     if job.mode == "representation":
         result.method = f"{job.method} [repr]"
     return result
@@ -263,7 +331,9 @@ def execute(
         import multiprocessing
 
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(jobs_count, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as pool:
+        with ProcessPoolExecutor(
+            jobs_count, mp_context=ctx, initializer=_worker_init, initargs=(threads,)
+        ) as pool:
             futures = {pool.submit(run_job, job): i for i, job in enumerate(jobs)}
             for fut in as_completed(futures):
                 done(futures[fut], fut.result())
@@ -275,5 +345,14 @@ def default_jobs() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
-__all__ = ["Job", "ProblemConfig", "ShiftedToy", "TOY_TOLERANCE", "default_jobs", "execute", "plan", "run_job",
-           "suite_configs"]
+__all__ = [
+    "Job",
+    "ProblemConfig",
+    "ShiftedToy",
+    "TOY_TOLERANCE",
+    "default_jobs",
+    "execute",
+    "plan",
+    "run_job",
+    "suite_configs",
+]

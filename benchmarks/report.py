@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .problems.metrics import delta_m
+from .quality import TOY_TOLERANCE
 from .runner import BASELINE, RunResult
 
 BETTER, WORSE = "⁺", "⁻"
@@ -60,7 +61,8 @@ def fmt_mean_std(mean: float, std: float) -> str:
 
 
 def compare(mean: float, std: float, base_mean: float, base_std: float, higher_is_better: bool) -> int:
-    """+1 / −1 when ``mean ± std`` lies entirely above / below the baseline's interval in the good direction."""
+    """+1 / −1 when ``mean ± std`` lies entirely above / below the baseline's interval, in the good
+    direction."""
     if not all(math.isfinite(v) for v in (mean, std, base_mean, base_std)):
         return 0
     gain = (mean - base_mean) if higher_is_better else (base_mean - mean)
@@ -112,7 +114,11 @@ def warning_note(runs: Sequence[RunResult]) -> str:
             totals[k] = totals.get(k, 0) + v
     if not totals:
         return ""
-    return "warnings: " + ", ".join(f"{v} {k}" for k, v in totals.items()) + f" ({with_warnings}/{len(runs)} runs)"
+    return (
+        "warnings: "
+        + ", ".join(f"{v} {k}" for k, v in totals.items())
+        + f" ({with_warnings}/{len(runs)} runs)"
+    )
 
 
 @dataclass
@@ -132,8 +138,11 @@ class ProblemSummary:
 
     def overall_wins(self) -> list[tuple[str, tuple[float, float]]]:
         """Methods whose Δm% against equal weights (paired by seed) is below 0 by more than its spread."""
-        return [(m.method, m.delta_equal) for m in self.methods
-                if math.isfinite(m.delta_equal[0]) and m.delta_equal[0] + m.delta_equal[1] < 0]
+        return [
+            (m.method, m.delta_equal)
+            for m in self.methods
+            if math.isfinite(m.delta_equal[0]) and m.delta_equal[0] + m.delta_equal[1] < 0
+        ]
 
 
 def _group(results: Sequence[RunResult]) -> dict[str, list[RunResult]]:
@@ -184,7 +193,7 @@ def summarize(results: Sequence[RunResult], baseline: str = BASELINE) -> list[Pr
             s.ms_per_step = mean_std([r.ms_per_step for r in ok])[0]
             weights = [r.mean_weights for r in ok if r.mean_weights]
             if weights:
-                s.weights = [statistics.fmean(col) for col in zip(*weights)]
+                s.weights = [statistics.fmean(col) for col in zip(*weights, strict=True)]
             summaries[name] = s
         base = summaries.get(baseline)
         for s in summaries.values():
@@ -196,10 +205,14 @@ def summarize(results: Sequence[RunResult], baseline: str = BASELINE) -> list[Pr
         info["seeds"] = sorted({r.seed for r in runs})
         out.append(
             ProblemSummary(
-                label=label, key=first.extra.get("problem_key", label), metric_names=metric_names,
-                higher_is_better=hib, task_names=task_names,
+                label=label,
+                key=first.extra.get("problem_key", label),
+                metric_names=metric_names,
+                higher_is_better=hib,
+                task_names=task_names,
                 methods=[s for s in summaries.values() if not s.method.startswith("single:")],
-                singles=[s for s in summaries.values() if s.method.startswith("single:")], info=info,
+                singles=[s for s in summaries.values() if s.method.startswith("single:")],
+                info=info,
             )
         )
     return out
@@ -225,8 +238,6 @@ def summarize_toy(results: Sequence[RunResult]) -> list[ToySummary]:
     for name in dict.fromkeys(r.method for r in runs):
         group = [r for r in runs if r.method == name]
         ok = [r for r in group if r.status == "ok"]
-        from .quality import TOY_TOLERANCE
-
         dists = [r.metrics["pareto_distance"] for r in ok]
         hits = [r.extra.get("steps_to_pareto") for r in ok if r.extra.get("steps_to_pareto") is not None]
         per_start: dict[str, list[float]] = {}
@@ -237,11 +248,17 @@ def summarize_toy(results: Sequence[RunResult]) -> list[ToySummary]:
             ends.setdefault(start, []).append((r.metrics["f1"], r.metrics["f2"]))
         out.append(
             ToySummary(
-                method=name, runs=len(group), reached=sum(d <= TOY_TOLERANCE for d in dists),
-                distance=mean_std(dists), worst=max(dists) if dists else float("nan"),
+                method=name,
+                runs=len(group),
+                reached=sum(d <= TOY_TOLERANCE for d in dists),
+                distance=mean_std(dists),
+                worst=max(dists) if dists else float("nan"),
                 steps_to_pareto=statistics.median(hits) if hits else float("nan"),
                 per_start={k: statistics.fmean(v) for k, v in per_start.items()},
-                ends={k: (statistics.fmean(a for a, _ in v), statistics.fmean(b for _, b in v)) for k, v in ends.items()},
+                ends={
+                    k: (statistics.fmean(a for a, _ in v), statistics.fmean(b for _, b in v))
+                    for k, v in ends.items()
+                },
                 messages=sorted({r.message for r in group if r.status != "ok"}),
                 warnings=warning_note(group),
             )
@@ -266,8 +283,15 @@ def _short(message: str, limit: int = 90) -> str:
 def problem_table(summary: ProblemSummary) -> str:
     """The Markdown table of one problem variant: one row per method, then the single-task references."""
     arrows = {m: "↑" if summary.higher_is_better[m] else "↓" for m in summary.metric_names}
-    header = ["method", *[f"{m} {arrows[m]}" for m in summary.metric_names], "Δm% vs single-task ↓",
-              "Δm% vs equal weights ↓", "ms/step", "mean weights (last 20%)", "note"]
+    header = [
+        "method",
+        *[f"{m} {arrows[m]}" for m in summary.metric_names],
+        "Δm% vs single-task ↓",
+        "Δm% vs equal weights ↓",
+        "ms/step",
+        "mean weights (last 20%)",
+        "note",
+    ]
     best: dict[str, float] = {}
     for m in summary.metric_names:
         means = [s.metrics[m][0] for s in summary.methods if math.isfinite(s.metrics[m][0])]
@@ -283,26 +307,48 @@ def problem_table(summary: ProblemSummary) -> str:
             text += {1: BETTER, -1: WORSE}.get(s.versus_baseline.get(m, 0), "")
             cells.append(text)
         equal = "(baseline)" if s.method == BASELINE else fmt_mean_std(*s.delta_equal)
-        cells += [fmt_mean_std(*s.delta_single), equal, fmt_value(s.ms_per_step, 3),
-                  ", ".join(f"{w:.3g}" for w in s.weights) or "—"]
+        cells += [
+            fmt_mean_std(*s.delta_single),
+            equal,
+            fmt_value(s.ms_per_step, 3),
+            ", ".join(f"{w:.3g}" for w in s.weights) or "—",
+        ]
         note = "; ".join(part for part in [s.note, *(_short(msg) for msg in s.messages), s.warnings] if part)
         cells.append(note)
         rows.append(cells)
     for s in summary.singles:
         cells = [f"*{s.method}*"] + [fmt_mean_std(*s.metrics[m]) for m in summary.metric_names]
-        cells += ["(reference)", "", fmt_value(s.ms_per_step, 3), "", s.note + ("; " + "; ".join(s.messages) if s.messages else "")]
+        cells += [
+            "(reference)",
+            "",
+            fmt_value(s.ms_per_step, 3),
+            "",
+            s.note + ("; " + "; ".join(s.messages) if s.messages else ""),
+        ]
         rows.append(cells)
     return md_table(header, rows)
 
 
 def toy_tables(summaries: Sequence[ToySummary]) -> str:
-    from .quality import TOY_TOLERANCE
-
-    header = ["method", f"reached (distance ≤ {TOY_TOLERANCE})", "final distance", "worst", "median steps to reach",
-              "note"]
-    rows = [[s.method, f"{s.reached}/{s.runs}", fmt_mean_std(*s.distance), fmt_value(s.worst, 3),
-             f"{s.steps_to_pareto:.0f}" if math.isfinite(s.steps_to_pareto) else "—", "; ".join([*(_short(m) for m in s.messages), *([s.warnings] if s.warnings else [])])]
-            for s in summaries]
+    header = [
+        "method",
+        f"reached (distance ≤ {TOY_TOLERANCE})",
+        "final distance",
+        "worst",
+        "median steps to reach",
+        "note",
+    ]
+    rows = [
+        [
+            s.method,
+            f"{s.reached}/{s.runs}",
+            fmt_mean_std(*s.distance),
+            fmt_value(s.worst, 3),
+            f"{s.steps_to_pareto:.0f}" if math.isfinite(s.steps_to_pareto) else "—",
+            "; ".join([*(_short(m) for m in s.messages), *([s.warnings] if s.warnings else [])]),
+        ]
+        for s in summaries
+    ]
     starts = sorted({k for s in summaries for k in s.per_start}, key=int)
     header2 = ["method", *[f"start {k}: distance (f1, f2)" for k in starts]]
     rows2 = []
@@ -315,15 +361,20 @@ def toy_tables(summaries: Sequence[ToySummary]) -> str:
             else:
                 cells.append("—")
         rows2.append(cells)
-    return md_table(header, rows) + "\n\nEnd points per start (distance to the Pareto set; unscaled objectives):\n\n" + md_table(header2, rows2)
+    return (
+        md_table(header, rows)
+        + "\n\nEnd points per start (distance to the Pareto set; unscaled objectives):\n\n"
+        + md_table(header2, rows2)
+    )
 
 
 def legend() -> str:
     return (
-        "mean ± std over seeds. **bold**: best mean. ⁺/⁻: better/worse than equal weights (`sum`) by more than "
-        "the seed spread (mean ± std intervals do not overlap). Δm% (Maninis et al. 2019): mean relative loss "
-        "of performance against the reference, negative = better. ms/step: wall time of a training step "
-        "(busy machines and parallel workers inflate it; see the speed suite for controlled timings)."
+        "mean ± std over seeds. **bold**: best mean. ⁺/⁻: better/worse than equal weights (`sum`) by "
+        "more than the seed spread (mean ± std intervals do not overlap). Δm% (Maninis et al. 2019): mean "
+        "relative loss of performance against the reference, negative = better. ms/step: wall time of a "
+        "training step (busy machines and parallel workers inflate it; see the speed suite for controlled "
+        "timings)."
     )
 
 
@@ -364,21 +415,49 @@ def write_runs(out: Path, results: Sequence[RunResult], meta: dict[str, Any], st
     """``runs.json`` (everything, trajectories included) and ``runs.csv`` (one flat row per run)."""
     write_json(out / f"{stem}.json", {"meta": meta, "runs": [r.as_dict() for r in results]})
     metric_keys = sorted({k for r in results for k in r.metrics})
-    fields = ["problem", "problem_key", "method", "mode", "seed", "status", "message", "steps", "seconds",
-              "ms_per_step", "lr", "batch_size", "variant", "options", "note", "mean_weights", "final_losses",
-              "steps_to_pareto", *[f"metric.{k}" for k in metric_keys]]
+    fields = [
+        "problem",
+        "problem_key",
+        "method",
+        "mode",
+        "seed",
+        "status",
+        "message",
+        "steps",
+        "seconds",
+        "ms_per_step",
+        "lr",
+        "batch_size",
+        "variant",
+        "options",
+        "note",
+        "mean_weights",
+        "final_losses",
+        "steps_to_pareto",
+        *[f"metric.{k}" for k in metric_keys],
+    ]
     with open(out / f"{stem}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for r in results:
             row = {
-                "problem": r.problem, "problem_key": r.extra.get("problem_key", ""), "method": r.method,
-                "mode": r.extra.get("mode", "full"), "seed": r.seed, "status": r.status, "message": r.message,
-                "steps": r.steps, "seconds": f"{r.seconds:.6g}", "ms_per_step": f"{r.ms_per_step:.6g}",
-                "lr": r.extra.get("lr", ""), "batch_size": r.extra.get("batch_size", ""),
+                "problem": r.problem,
+                "problem_key": r.extra.get("problem_key", ""),
+                "method": r.method,
+                "mode": r.extra.get("mode", "full"),
+                "seed": r.seed,
+                "status": r.status,
+                "message": r.message,
+                "steps": r.steps,
+                "seconds": f"{r.seconds:.6g}",
+                "ms_per_step": f"{r.ms_per_step:.6g}",
+                "lr": r.extra.get("lr", ""),
+                "batch_size": r.extra.get("batch_size", ""),
                 "variant": json.dumps(r.extra.get("variant", {}), sort_keys=True),
-                "options": json.dumps(_jsonable(r.options), sort_keys=True), "note": r.note,
-                "mean_weights": json.dumps(r.mean_weights), "final_losses": json.dumps(_jsonable(r.final_losses)),
+                "options": json.dumps(_jsonable(r.options), sort_keys=True),
+                "note": r.note,
+                "mean_weights": json.dumps(r.mean_weights),
+                "final_losses": json.dumps(_jsonable(r.final_losses)),
                 "steps_to_pareto": r.extra.get("steps_to_pareto") or "",
             }
             row.update({f"metric.{k}": repr(float(v)) for k, v in r.metrics.items()})
@@ -389,25 +468,41 @@ def summary_payload(summaries: Sequence[ProblemSummary], toy: Sequence[ToySummar
     return {
         "problems": [
             {
-                "problem": s.label, "key": s.key, "info": s.info, "higher_is_better": s.higher_is_better,
+                "problem": s.label,
+                "key": s.key,
+                "info": s.info,
+                "higher_is_better": s.higher_is_better,
                 "methods": [
-                    {"method": m.method, "runs": m.runs, "ok": m.ok,
-                     "metrics": {k: {"mean": v[0], "std": v[1]} for k, v in m.metrics.items()},
-                     "versus_equal_weights": m.versus_baseline,
-                     "delta_m_vs_single_task": {"mean": m.delta_single[0], "std": m.delta_single[1]},
-                     "delta_m_vs_equal_weights": {"mean": m.delta_equal[0], "std": m.delta_equal[1]},
-                     "ms_per_step": m.ms_per_step, "mean_weights": m.weights, "note": m.note,
-                     "errors": m.messages, "warnings": m.warnings}
+                    {
+                        "method": m.method,
+                        "runs": m.runs,
+                        "ok": m.ok,
+                        "metrics": {k: {"mean": v[0], "std": v[1]} for k, v in m.metrics.items()},
+                        "versus_equal_weights": m.versus_baseline,
+                        "delta_m_vs_single_task": {"mean": m.delta_single[0], "std": m.delta_single[1]},
+                        "delta_m_vs_equal_weights": {"mean": m.delta_equal[0], "std": m.delta_equal[1]},
+                        "ms_per_step": m.ms_per_step,
+                        "mean_weights": m.weights,
+                        "note": m.note,
+                        "errors": m.messages,
+                        "warnings": m.warnings,
+                    }
                     for m in [*s.methods, *s.singles]
                 ],
             }
             for s in summaries
         ],
         "toy": [
-            {"method": t.method, "runs": t.runs, "reached": t.reached,
-             "distance": {"mean": t.distance[0], "std": t.distance[1]}, "worst": t.worst,
-             "median_steps_to_pareto": t.steps_to_pareto, "per_start_distance": t.per_start,
-             "errors": t.messages}
+            {
+                "method": t.method,
+                "runs": t.runs,
+                "reached": t.reached,
+                "distance": {"mean": t.distance[0], "std": t.distance[1]},
+                "worst": t.worst,
+                "median_steps_to_pareto": t.steps_to_pareto,
+                "per_start_distance": t.per_start,
+                "errors": t.messages,
+            }
             for t in toy
         ],
     }
@@ -444,7 +539,7 @@ def plot_toy(path: Path, results: Sequence[RunResult]) -> bool:
     rows = math.ceil(len(methods) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 3.2 * rows), squeeze=False)
     colors = plt.cm.tab10(np.linspace(0, 1, 10))
-    for ax, name in zip(axes.flat, methods):
+    for ax, name in zip(axes.flat, methods, strict=False):  # spare panels stay empty
         ax.contour(x1, x2, total, levels=25, linewidths=0.5, cmap="Greys")
         ax.plot(pareto[:, 0], pareto[:, 1], color="black", linewidth=2.5, alpha=0.6)
         for r in runs:
@@ -454,14 +549,18 @@ def plot_toy(path: Path, results: Sequence[RunResult]) -> bool:
             c = colors[int(r.extra["variant"].get("start", 0)) % 10]
             ax.plot(traj[:, 0], traj[:, 1], color=c, linewidth=1.2)
             ax.plot(traj[0, 0], traj[0, 1], "o", color=c, markersize=4)
-            ax.plot(traj[-1, 0], traj[-1, 1], "*", color=c, markersize=8, markeredgecolor="k", markeredgewidth=0.4)
+            ax.plot(
+                traj[-1, 0], traj[-1, 1], "*", color=c, markersize=8, markeredgecolor="k", markeredgewidth=0.4
+            )
         ax.set_title(name, fontsize=9)
         ax.set_xlim(-10, 10)
         ax.set_ylim(-10, 10)
         ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(methods):]:
+    for ax in list(axes.flat)[len(methods) :]:
         ax.axis("off")
-    fig.suptitle("Toy problem: trajectories (o start, * end) on contours of 0.1·f1 + f2; black: Pareto set", fontsize=9)
+    fig.suptitle(
+        "Toy problem: trajectories (o start, * end) on contours of 0.1·f1 + f2; black: Pareto set", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -477,7 +576,7 @@ def plot_problem(path: Path, summaries: Sequence[ProblemSummary]) -> bool:
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.2 * rows), squeeze=False)
-    for ax, (s, metric) in zip(axes.flat, panels):
+    for ax, (s, metric) in zip(axes.flat, panels, strict=False):
         names = [m.method for m in s.methods]
         means = [m.metrics[metric][0] for m in s.methods]
         stds = [m.metrics[metric][1] for m in s.methods]
@@ -493,7 +592,7 @@ def plot_problem(path: Path, summaries: Sequence[ProblemSummary]) -> bool:
         arrow = "↑" if s.higher_is_better[metric] else "↓"
         ax.set_title(f"{s.label}: {metric} {arrow}", fontsize=9)
         ax.tick_params(axis="y", labelsize=7)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -1,4 +1,4 @@
-"""One benchmark run: a method of ``gradsurgery.METHODS`` trains a problem's model, then the model is evaluated.
+"""One benchmark run: a method of ``gradsurgery.METHODS`` trains a problem's model, which is then evaluated.
 
 The method list is read from the registry at run time, so methods added by extensions (or by later versions
 of the package) are benchmarked without touching this file. Methods whose options have no usable default
@@ -99,15 +99,6 @@ def supports_features(optimizer: GradSurgery) -> bool:
     return "features" in inspect.signature(optimizer.backward).parameters
 
 
-def make_optimizer(
-    params: Sequence[torch.Tensor] | Any, method: str, num_tasks: int, seed: int, lr: float, **overrides: Any
-) -> GradSurgery:
-    """Adam around the parameters, wrapped in ``GradSurgery`` with the benchmark's options for ``method``."""
-    options = method_options(method, num_tasks, seed)
-    options.update(overrides)
-    return GradSurgery(torch.optim.Adam(list(params), lr=lr), method, num_tasks=num_tasks, **options)
-
-
 @dataclass
 class RunResult:
     """One (problem, method, seed) run. ``status`` is ``"ok"``, ``"diverged"`` (a non-finite loss or
@@ -138,7 +129,7 @@ class RunResult:
 
 
 def batches(problem: Any, batch_size: int, generator: torch.Generator, steps: int) -> Iterator[Any]:
-    """Exactly ``steps`` training batches (``train_batches(..., num_steps=steps)`` reshuffles at each epoch)."""
+    """Exactly ``steps`` training batches (``train_batches(..., num_steps=steps)`` reshuffles each epoch)."""
     produced = 0
     for batch in problem.train_batches(batch_size, generator, num_steps=steps):
         produced += 1
@@ -154,13 +145,17 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
     raise TypeError(f"a training batch must be a pair (inputs, targets), got {type(batch).__name__}")
 
 
-def forward_with_features(model: torch.nn.Module, inputs: Any) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+def forward_with_features(
+    model: torch.nn.Module, inputs: Any
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """``(z, outputs)`` of a trunk-and-heads model (``model.trunk``, ``model.heads``): z is the shared
     representation every head reads, which representation mode needs. Outputs are shaped as ``model(x)``
     shapes them (single-unit heads squeezed to (B,) when the model squeezes)."""
     trunk, heads = getattr(model, "trunk", None), getattr(model, "heads", None)
     if trunk is None or heads is None:
-        raise TypeError(f"representation mode needs a model with .trunk and .heads, got {type(model).__name__}")
+        raise TypeError(
+            f"representation mode needs a model with .trunk and .heads, got {type(model).__name__}"
+        )
     z = trunk(inputs)
     squeeze = getattr(model, "squeeze", False)
     outputs = []
@@ -211,7 +206,11 @@ def _train(
     opts = method_options(method, num_tasks, seed)
     opts.update(options or {})
     result = RunResult(
-        problem=problem.name, method=method, seed=seed, options=opts, note=method_note(method, problem.task_names)
+        problem=problem.name,
+        method=method,
+        seed=seed,
+        options=opts,
+        note=method_note(method, problem.task_names),
     )
     result.extra["mode"] = mode
     model = problem.build_model(seed=seed)
@@ -223,7 +222,9 @@ def _train(
         opt = GradSurgery(torch.optim.Adam(model.parameters(), lr=lr), method, num_tasks=num_tasks, **opts)
         if mode == "representation" and not supports_features(opt):
             raise NotImplementedError("representation mode is not available in this gradsurgery version")
-        for step, batch in enumerate(batches(problem, batch_size, torch.Generator().manual_seed(seed), steps)):
+        for step, batch in enumerate(
+            batches(problem, batch_size, torch.Generator().manual_seed(seed), steps)
+        ):
             inputs, targets = split_batch(batch)
             if mode == "full":
                 losses = problem.losses(model(inputs), targets)
@@ -265,12 +266,16 @@ def _train_single_task(
     """The single-task baseline of Δm: the same model, initial weights, batches and Adam, trained on
     ``losses[task]`` alone (plain ``backward``, no gradsurgery); the other heads never receive a gradient."""
     name = problem.task_names[task]
-    result = RunResult(problem=problem.name, method=f"single:{name}", seed=seed, note=f"trained on {name} only")
+    result = RunResult(
+        problem=problem.name, method=f"single:{name}", seed=seed, note=f"trained on {name} only"
+    )
     model = problem.build_model(seed=seed)
     start = time.perf_counter()
     try:
         opt = torch.optim.Adam(model.parameters(), lr=lr)
-        for step, batch in enumerate(batches(problem, batch_size, torch.Generator().manual_seed(seed), steps)):
+        for step, batch in enumerate(
+            batches(problem, batch_size, torch.Generator().manual_seed(seed), steps)
+        ):
             inputs, targets = split_batch(batch)
             losses = problem.losses(model(inputs), targets)
             loss = losses[task]

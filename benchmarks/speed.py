@@ -72,7 +72,12 @@ class SpeedModel(nn.Module):
     def __init__(self, d_in: int, hidden: int, d_z: int, num_tasks: int) -> None:
         super().__init__()
         self.trunk = nn.Sequential(
-            nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, d_z), nn.ReLU()
+            nn.Linear(d_in, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, d_z),
+            nn.ReLU(),
         )
         self.heads = nn.ModuleList(nn.Linear(d_z, 1) for _ in range(num_tasks))
 
@@ -100,7 +105,9 @@ class Case:
         return z, [nn.functional.mse_loss(o, self.y[:, i]) for i, o in enumerate(outs)]
 
 
-def make_case(size: str, dims: tuple[int, int, int], num_tasks: int, device: torch.device, batch: int) -> Case:
+def make_case(
+    size: str, dims: tuple[int, int, int], num_tasks: int, device: torch.device, batch: int
+) -> Case:
     gen = torch.Generator().manual_seed(1000 * num_tasks + dims[1])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(num_tasks)
@@ -124,7 +131,9 @@ def plain_step(case: Case) -> Callable[[], None]:
 
 def method_step(case: Case, method: str, mode: str) -> Callable[[], None]:
     # Every configuration wraps the case's one Adam, so all of them update the same optimizer state.
-    opt = GradSurgery(case.inner, method, num_tasks=case.num_tasks, **method_options(method, case.num_tasks, 0))
+    opt = GradSurgery(
+        case.inner, method, num_tasks=case.num_tasks, **method_options(method, case.num_tasks, 0)
+    )
     if mode == "representation" and not supports_features(opt):
         raise NotImplementedError("representation mode is not available in this gradsurgery version")
 
@@ -151,7 +160,9 @@ def torchjd_step(case: Case, method: str) -> Callable[[], None]:
 
     aggregator = TORCHJD[method](A, case.num_tasks)
     shared = list(case.model.trunk.parameters())
-    new_api = hasattr(autojac, "jac_to_grad")  # torchjd ≥ 0.9: mtl_backward fills .jac, jac_to_grad aggregates
+    new_api = hasattr(
+        autojac, "jac_to_grad"
+    )  # torchjd ≥ 0.9: mtl_backward fills .jac, jac_to_grad aggregates
     mtl_backward = autojac.mtl_backward if hasattr(autojac, "mtl_backward") else torchjd.mtl_backward
 
     def step() -> None:
@@ -276,8 +287,14 @@ def peak_memory_mb(case: Case, factory: Callable[[], Callable[[], None]], libc: 
 
 # -- the step-time benchmark --------------------------------------------------------------------------------
 def step_benchmark(
-    methods: list[str], sizes: dict[str, tuple[int, int, int]], task_counts: tuple[int, ...], reps: dict[str, int],
-    batch: int, device: torch.device, progress: Any, memory: bool = True,
+    methods: list[str],
+    sizes: dict[str, tuple[int, int, int]],
+    task_counts: tuple[int, ...],
+    reps: dict[str, int],
+    batch: int,
+    device: torch.device,
+    progress: Any,
+    memory: bool = True,
 ) -> list[StepRow]:
     rows: list[StepRow] = []
     rng = random.Random(0)
@@ -307,20 +324,43 @@ def step_benchmark(
                 times = time_group(case, members, reps[size], warmup=2, rng=rng)
                 plain = times["plain"]
                 for variant, ts in times.items():
-                    ratios = [a / b for a, b in zip(ts, plain)]
-                    row = StepRow(size, case.shared_params, t, "plain" if variant == "plain" else method, variant,
-                                  ms=1e3 * statistics.median(ts), ratio=statistics.median(ratios),
-                                  ratio_p25=quantile(ratios, 0.25), ratio_p75=quantile(ratios, 0.75), times=ts)
+                    ratios = [a / b for a, b in zip(ts, plain, strict=True)]
+                    row = StepRow(
+                        size,
+                        case.shared_params,
+                        t,
+                        "plain" if variant == "plain" else method,
+                        variant,
+                        ms=1e3 * statistics.median(ts),
+                        ratio=statistics.median(ratios),
+                        ratio_p25=quantile(ratios, 0.25),
+                        ratio_p75=quantile(ratios, 0.75),
+                        times=ts,
+                    )
                     if variant == "torchjd" and "full" in times:
-                        vs = [a / b for a, b in zip(ts, times["full"])]
+                        vs = [a / b for a, b in zip(ts, times["full"], strict=True)]
                         row.vs_full, row.vs_full_p25, row.vs_full_p75 = (
-                            statistics.median(vs), quantile(vs, 0.25), quantile(vs, 0.75))
+                            statistics.median(vs),
+                            quantile(vs, 0.25),
+                            quantile(vs, 0.75),
+                        )
                     rows.append(row)
                 for variant, message in failed.items():
                     # not offered by this version (representation mode) or an optional dependency missing
-                    unavailable = message.startswith(("NotImplementedError", "ModuleNotFoundError", "ImportError"))
-                    rows.append(StepRow(size, case.shared_params, t, method, variant,
-                                        status="n/a" if unavailable else "error", message=message))
+                    unavailable = message.startswith(
+                        ("NotImplementedError", "ModuleNotFoundError", "ImportError")
+                    )
+                    rows.append(
+                        StepRow(
+                            size,
+                            case.shared_params,
+                            t,
+                            method,
+                            variant,
+                            status="n/a" if unavailable else "error",
+                            message=message,
+                        )
+                    )
                 del members
                 gc.collect()
                 progress.update(1)
@@ -329,16 +369,18 @@ def step_benchmark(
         if libc is not None:
             libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: large blocks are mmap-ed and returned on free
         for case in cases:
-            measured: dict[tuple[str, str], float] = {("plain", "plain"): peak_memory_mb(case, lambda: plain_step(case), libc)}
+            measured: dict[tuple[str, str], float] = {
+                ("plain", "plain"): peak_memory_mb(case, lambda c=case: plain_step(c), libc)
+            }
             for row in rows:
                 if row.size != case.size or row.num_tasks != case.num_tasks or row.status != "ok":
                     continue
                 key = (row.method, row.variant)
                 if key not in measured:
                     if row.variant in ("full", "representation"):
-                        factory = lambda m=row.method, v=row.variant: method_step(case, m, v)  # noqa: E731
+                        factory = lambda c=case, m=row.method, v=row.variant: method_step(c, m, v)  # noqa: E731
                     else:
-                        factory = lambda m=row.method: torchjd_step(case, m)  # noqa: E731
+                        factory = lambda c=case, m=row.method: torchjd_step(c, m)  # noqa: E731
                     measured[key] = peak_memory_mb(case, factory, libc)
                 row.peak_mb = measured[key]
     return rows
@@ -384,7 +426,9 @@ def _time_calls(fn: Callable[[np.ndarray], Any], grams: list[np.ndarray], calls:
     return 1e6 * statistics.median(samples), 1e6 * quantile(samples, 0.9)
 
 
-def solver_benchmark(methods: list[str], task_counts: tuple[int, ...], calls: int, progress: Any) -> list[SolverRow]:
+def solver_benchmark(
+    methods: list[str], task_counts: tuple[int, ...], calls: int, progress: Any
+) -> list[SolverRow]:
     """Per-call time of the Gram-based solvers and of each method's ``compute_weights``."""
     from gradsurgery import make_method, solvers
 
@@ -460,18 +504,21 @@ def step_tables(rows: list[StepRow]) -> str:
                     match = [r for r in sub if r.method == method and r.variant == v and r.num_tasks == t]
                     cells.append(_ratio_cell(match[0]) if match else "—")
             table_rows.append(cells)
-        parts.append(f"#### Step time relative to a plain summed-loss step: {size} model ({params:,} shared "
-                     f"parameters)\n\nplain step (median): {plain_ms}. Cells: median ratio to the plain step "
-                     f"(25th–75th percentile); torchjd cells add its time over gradsurgery's full-mode step of the "
-                     f"same method (× ours).\n\n"
-                     + md_table(header, table_rows))
+        parts.append(
+            f"#### Step time relative to a plain summed-loss step: {size} model ({params:,} shared "
+            f"parameters)\n\nplain step (median): {plain_ms}. Cells: median ratio to the plain step "
+            f"(25th–75th percentile); torchjd cells add its time over gradsurgery's full-mode step of the "
+            f"same method (× ours).\n\n" + md_table(header, table_rows)
+        )
         mem_header = ["method", *[f"{v} T={t}" for v in ["plain", *variants] for t in task_counts]]
         mem_rows = []
         if any(math.isfinite(r.peak_mb) for r in sub):
             plain_cells = ["plain"]
             for v in ["plain", *variants]:
                 for t in task_counts:
-                    match = [r for r in sub if r.variant == "plain" and r.num_tasks == t] if v == "plain" else []
+                    match = (
+                        [r for r in sub if r.variant == "plain" and r.num_tasks == t] if v == "plain" else []
+                    )
                     plain_cells.append(fmt_value(match[0].peak_mb, 3) if match else "")
             mem_rows.append(plain_cells)
             for method in dict.fromkeys(r.method for r in sub if r.variant != "plain"):
@@ -479,10 +526,14 @@ def step_tables(rows: list[StepRow]) -> str:
                 for v in ["plain", *variants]:
                     for t in task_counts:
                         match = [r for r in sub if r.method == method and r.variant == v and r.num_tasks == t]
-                        cells.append(fmt_value(match[0].peak_mb, 3) if match and match[0].status == "ok" else "")
+                        cells.append(
+                            fmt_value(match[0].peak_mb, 3) if match and match[0].status == "ok" else ""
+                        )
                 mem_rows.append(cells)
-            parts.append(f"#### Peak memory of a step above the model and Adam state (MiB): {size} model\n\n"
-                         + md_table(mem_header, mem_rows))
+            parts.append(
+                f"#### Peak memory of a step above the model and Adam state (MiB): {size} model\n\n"
+                + md_table(mem_header, mem_rows)
+            )
     return "\n\n".join(parts)
 
 
@@ -502,7 +553,9 @@ def solver_table(rows: list[SolverRow]) -> str:
                 continue
             r = match[0]
             last = r
-            cells.append(f"{fmt_value(r.us, 3)} µs (p90 {fmt_value(r.us_p90, 3)})" if r.status == "ok" else "error")
+            cells.append(
+                f"{fmt_value(r.us, 3)} µs (p90 {fmt_value(r.us_p90, 3)})" if r.status == "ok" else "error"
+            )
         cells.append(f"{fmt_value(last.first_ms, 3)} ms" if last and last.status == "ok" else "—")
         out.append(cells)
     errors = [f"- {r.solver} T={r.num_tasks}: {r.message}" for r in rows if r.status != "ok"]
@@ -517,41 +570,84 @@ def targets(step_rows: list[StepRow], solver_rows: list[SolverRow]) -> str:
     if rep:
         miss = [r for r in rep if r.ratio > 1.2]
         worst = max(rep, key=lambda r: r.ratio)
-        lines.append(f"- representation mode ≤ 1.2× plain: {len(rep) - len(miss)}/{len(rep)} configurations meet it "
-                     f"(worst {worst.ratio:.2f}×: {worst.method}, {worst.size}, T={worst.num_tasks})")
+        lines.append(
+            f"- representation mode ≤ 1.2× plain: {len(rep) - len(miss)}/{len(rep)} configurations meet it "
+            f"(worst {worst.ratio:.2f}×: {worst.method}, {worst.size}, T={worst.num_tasks})"
+        )
         if miss:
-            lines.append("  - missed (method size T: ratio): " + ", ".join(
-                f"{r.method} {r.size} T={r.num_tasks}: {r.ratio:.2f}×" for r in sorted(miss, key=lambda r: -r.ratio)))
+            lines.append(
+                "  - missed (method size T: ratio): "
+                + ", ".join(
+                    f"{r.method} {r.size} T={r.num_tasks}: {r.ratio:.2f}×"
+                    for r in sorted(miss, key=lambda r: -r.ratio)
+                )
+            )
     else:
         lines.append("- representation mode: n/a (not available in this gradsurgery version)")
     if full:
         miss = [r for r in full if r.ratio > r.num_tasks + 1]
-        lines.append(f"- full mode ≤ (T + 1)× plain: {len(full) - len(miss)}/{len(full)} configurations meet it")
+        lines.append(
+            f"- full mode ≤ (T + 1)× plain: {len(full) - len(miss)}/{len(full)} configurations meet it"
+        )
         if miss:
-            lines.append("  - missed (method size T: ratio): " + ", ".join(
-                f"{r.method} {r.size} T={r.num_tasks}: {r.ratio:.2f}×" for r in sorted(miss, key=lambda r: -r.ratio)))
-    for prefix, limit_us, label in (("Frank-Wolfe (simplex", 200, "Gram-based solver (Frank-Wolfe) ≤ 0.2 ms for T ≤ 10"),
-                                    ("closed form", 200, "closed form ≤ 0.2 ms"),
-                                    ("cvxpy", 3000, "cvxpy path ≤ 3 ms per step for T ≤ 10")):
-        sel = [r for r in solver_rows if r.solver.startswith(prefix) and r.num_tasks <= 10 and r.status == "ok"]
+            lines.append(
+                "  - missed (method size T: ratio): "
+                + ", ".join(
+                    f"{r.method} {r.size} T={r.num_tasks}: {r.ratio:.2f}×"
+                    for r in sorted(miss, key=lambda r: -r.ratio)
+                )
+            )
+    for prefix, limit_us, label in (
+        ("Frank-Wolfe (simplex", 200, "Gram-based solver (Frank-Wolfe) ≤ 0.2 ms for T ≤ 10"),
+        ("closed form", 200, "closed form ≤ 0.2 ms"),
+        ("cvxpy", 3000, "cvxpy path ≤ 3 ms per step for T ≤ 10"),
+    ):
+        sel = [
+            r for r in solver_rows if r.solver.startswith(prefix) and r.num_tasks <= 10 and r.status == "ok"
+        ]
         if sel:
             worst = max(sel, key=lambda r: r.us)
             ok = worst.us <= limit_us
-            lines.append(f"- {label}: {'met' if ok else 'MISSED'} (slowest median {worst.us:.0f} µs at T={worst.num_tasks})")
+            lines.append(
+                f"- {label}: {'met' if ok else 'MISSED'} "
+                f"(slowest median {worst.us:.0f} µs at T={worst.num_tasks})"
+            )
     return "\n".join(lines)
 
 
-def write_outputs(out: Path, step_rows: list[StepRow], solver_rows: list[SolverRow], meta: dict[str, Any]) -> None:
+def write_outputs(
+    out: Path, step_rows: list[StepRow], solver_rows: list[SolverRow], meta: dict[str, Any]
+) -> None:
     import csv
 
     from .report import write_json
 
-    write_json(out / "speed.json", {"meta": meta, "steps": [vars(r) for r in step_rows],
-                                    "solvers": [vars(r) for r in solver_rows]})
+    write_json(
+        out / "speed.json",
+        {"meta": meta, "steps": [vars(r) for r in step_rows], "solvers": [vars(r) for r in solver_rows]},
+    )
     with open(out / "speed.csv", "w", newline="") as f:
-        fields = ["kind", "size", "shared_params", "num_tasks", "method", "variant", "status", "message", "ms",
-                  "ratio", "ratio_p25", "ratio_p75", "vs_full", "vs_full_p25", "vs_full_p75", "peak_mb", "us",
-                  "us_p90", "first_ms"]
+        fields = [
+            "kind",
+            "size",
+            "shared_params",
+            "num_tasks",
+            "method",
+            "variant",
+            "status",
+            "message",
+            "ms",
+            "ratio",
+            "ratio_p25",
+            "ratio_p75",
+            "vs_full",
+            "vs_full_p25",
+            "vs_full_p75",
+            "peak_mb",
+            "us",
+            "us_p90",
+            "first_ms",
+        ]
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for r in step_rows:
@@ -568,20 +664,37 @@ def plot(out: Path, step_rows: list[StepRow], solver_rows: list[SolverRow]) -> l
         return []
     files = []
     sizes = list(dict.fromkeys(r.size for r in step_rows))
-    variants = [v for v in ("full", "representation", "torchjd") if any(r.variant == v and r.status == "ok" for r in step_rows)]
+    variants = [
+        v
+        for v in ("full", "representation", "torchjd")
+        if any(r.variant == v and r.status == "ok" for r in step_rows)
+    ]
     if sizes and variants:
-        fig, axes = plt.subplots(len(sizes), len(variants), figsize=(4.8 * len(variants), 3.6 * len(sizes)), squeeze=False)
+        fig, axes = plt.subplots(
+            len(sizes), len(variants), figsize=(4.8 * len(variants), 3.6 * len(sizes)), squeeze=False
+        )
         for i, size in enumerate(sizes):
             for j, v in enumerate(variants):
                 ax = axes[i][j]
                 ax.set_prop_cycle(color=plt.cm.tab20(np.linspace(0, 1, 20)))
                 for method in dict.fromkeys(r.method for r in step_rows if r.variant == v):
-                    pts = sorted((r.num_tasks, r.ratio, r.ratio_p25, r.ratio_p75) for r in step_rows
-                                 if r.size == size and r.variant == v and r.method == method and r.status == "ok")
+                    pts = sorted(
+                        (r.num_tasks, r.ratio, r.ratio_p25, r.ratio_p75)
+                        for r in step_rows
+                        if r.size == size and r.variant == v and r.method == method and r.status == "ok"
+                    )
                     if pts:
-                        t, m, lo, hi = zip(*pts)
-                        ax.errorbar(t, m, yerr=[np.subtract(m, lo), np.subtract(hi, m)], marker="o", ms=3,
-                                    capsize=2, label=method, linewidth=1)
+                        t, m, lo, hi = zip(*pts, strict=True)
+                        ax.errorbar(
+                            t,
+                            m,
+                            yerr=[np.subtract(m, lo), np.subtract(hi, m)],
+                            marker="o",
+                            ms=3,
+                            capsize=2,
+                            label=method,
+                            linewidth=1,
+                        )
                 ts = sorted({r.num_tasks for r in step_rows})
                 if v == "full":
                     ax.plot(ts, [t + 1 for t in ts], "k--", linewidth=0.8, label="target T+1")
@@ -601,7 +714,7 @@ def plot(out: Path, step_rows: list[StepRow], solver_rows: list[SolverRow]) -> l
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
         for name in dict.fromkeys(r.solver for r in ok):
             pts = sorted((r.num_tasks, r.us) for r in ok if r.solver == name)
-            ax.plot(*zip(*pts), marker="o", label=name)
+            ax.plot(*zip(*pts, strict=True), marker="o", label=name)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.axhline(200, color="k", linestyle=":", linewidth=0.8)
@@ -627,9 +740,18 @@ def run(args: argparse.Namespace, out: Path, meta: dict[str, Any]) -> list[str]:
         sizes, task_counts, solver_counts, calls, batch = SIZES, TASK_COUNTS, SOLVER_TASK_COUNTS, 200, BATCH
         reps = {"0.5M": 15, "5M": 7}
     methods = args.methods
-    meta.update({"speed_sizes": sizes, "speed_task_counts": task_counts, "speed_batch": batch, "speed_reps": reps,
-                 "torchjd": _torchjd_version()})
-    bar = progress_bar(len(sizes) * len(task_counts) * len(methods) + len(solver_counts), "speed", not args.no_progress)
+    meta.update(
+        {
+            "speed_sizes": sizes,
+            "speed_task_counts": task_counts,
+            "speed_batch": batch,
+            "speed_reps": reps,
+            "torchjd": _torchjd_version(),
+        }
+    )
+    bar = progress_bar(
+        len(sizes) * len(task_counts) * len(methods) + len(solver_counts), "speed", not args.no_progress
+    )
     start = time.perf_counter()
     try:
         solver_rows = solver_benchmark(methods, solver_counts, calls, bar)
@@ -641,13 +763,25 @@ def run(args: argparse.Namespace, out: Path, meta: dict[str, Any]) -> list[str]:
     plots = plot(out, step_rows, solver_rows)
     jd = meta["torchjd"]
     lines = [
-        "## Speed and memory", "",
-        f"{device}, {torch.get_num_threads()} thread(s), batch {batch}, Adam; torchjd: {jd or 'not installed'}.", "",
-        "### Step time and peak memory", "", step_tables(step_rows), "",
-        "### Solver time per call (after the first call; µs, median and 90th percentile)", "",
-        solver_table(solver_rows), "",
-        "### Targets", "", targets(step_rows, solver_rows), "",
-        "Plots: " + (", ".join(f"`{p}`" for p in plots) or "none (matplotlib missing)"), "",
+        "## Speed and memory",
+        "",
+        f"{device}, {torch.get_num_threads()} thread(s), batch {batch}, Adam; "
+        f"torchjd: {jd or 'not installed'}.",
+        "",
+        "### Step time and peak memory",
+        "",
+        step_tables(step_rows),
+        "",
+        "### Solver time per call (after the first call; µs, median and 90th percentile)",
+        "",
+        solver_table(solver_rows),
+        "",
+        "### Targets",
+        "",
+        targets(step_rows, solver_rows),
+        "",
+        "Plots: " + (", ".join(f"`{p}`" for p in plots) or "none (matplotlib missing)"),
+        "",
     ]
     say("\n".join(lines))
     return lines

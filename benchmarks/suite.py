@@ -40,7 +40,8 @@ def _seeds(text: str) -> list[int]:
         seeds = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected a number of seeds (e.g. 3) or a comma-separated list of seeds (e.g. 0,1,2), got {text!r}"
+            f"expected a number of seeds (e.g. 3) or a comma-separated list of seeds (e.g. 0,1,2), "
+            f"got {text!r}"
         ) from None
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise argparse.ArgumentTypeError(f"seeds must be distinct non-negative integers, got {text!r}")
@@ -61,7 +62,9 @@ def _problems(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in ALL_PROBLEMS]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown problem(s) {unknown or text!r}; choose from {list(ALL_PROBLEMS)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown problem(s) {unknown or text!r}; choose from {list(ALL_PROBLEMS)}"
+        )
     return list(dict.fromkeys(names))
 
 
@@ -72,29 +75,57 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m benchmarks",
         description="Quality and speed of every gradsurgery method, side by side (offline, seeded).",
     )
-    p.add_argument("--suite", choices=("quick", "full", "speed"), default="quick",
-                   help="quick: all quality problems in < 5 min on 2 cores; full: bigger, about an hour; "
-                        "speed: step time, memory and solver time (default: quick)")
-    p.add_argument("--methods", default="all",
-                   help="comma-separated method names, or 'all' (default): every method registered in "
-                        "gradsurgery.METHODS; 'sum' (equal weights) is always added as the baseline")
-    p.add_argument("--seeds", type=_seeds, default=None,
-                   help="number of seeds (3 → 0,1,2) or a comma-separated list (default: 3 quick, 5 full)")
+    p.add_argument(
+        "--suite",
+        choices=("quick", "full", "speed"),
+        default="quick",
+        help="quick: all quality problems in < 5 min on 2 cores; full: bigger, about an hour; "
+        "speed: step time, memory and solver time (default: quick)",
+    )
+    p.add_argument(
+        "--methods",
+        default="all",
+        help="comma-separated method names, or 'all' (default): every method registered in "
+        "gradsurgery.METHODS; 'sum' (equal weights) is always added as the baseline",
+    )
+    p.add_argument(
+        "--seeds",
+        type=_seeds,
+        default=None,
+        help="number of seeds (3 → 0,1,2) or a comma-separated list (default: 3 quick, 5 full)",
+    )
     p.add_argument("--out", type=Path, default=Path("results"), help="output folder (default: results)")
-    p.add_argument("--problems", type=_problems, default=None,
-                   help=f"comma-separated subset of {','.join(ALL_PROBLEMS)} (default: all)")
-    p.add_argument("--mode", choices=("full", "representation", "both"), default="full",
-                   help="quality suites: gradients over the shared parameters (full), over the shared "
-                        "representation (representation, one backward), or both (default: full)")
-    p.add_argument("--jobs", type=_positive_int, default=default_jobs(),
-                   help="worker processes for the quality runs (default: min(2, CPU count)); the speed suite "
-                        "always runs in one process")
-    p.add_argument("--threads", type=_positive_int, default=1,
-                   help="torch threads per process (default: 1)")
-    p.add_argument("--device", default="cpu",
-                   help="speed suite: where the step-time models run, cpu (default) or cuda[:N]")
-    p.add_argument("--tiny", action="store_true",
-                   help="a few steps of everything, on tiny data: a smoke test of the whole pipeline")
+    p.add_argument(
+        "--problems",
+        type=_problems,
+        default=None,
+        help=f"comma-separated subset of {','.join(ALL_PROBLEMS)} (default: all)",
+    )
+    p.add_argument(
+        "--mode",
+        choices=("full", "representation", "both"),
+        default="full",
+        help="quality suites: gradients over the shared parameters (full), over the shared "
+        "representation (representation, one backward), or both (default: full)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=default_jobs(),
+        help="worker processes for the quality runs (default: min(2, CPU count)); the speed suite "
+        "always runs in one process",
+    )
+    p.add_argument("--threads", type=_positive_int, default=1, help="torch threads per process (default: 1)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="speed suite: where the step-time models run, cpu (default) or cuda[:N]",
+    )
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="a few steps of everything, on tiny data: a smoke test of the whole pipeline",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -116,7 +147,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("argument --mode: the speed suite always measures both modes; --mode is for quick/full")
     if args.device != "cpu":
         if args.suite != "speed":
-            parser.error("argument --device: only the speed suite runs on another device; quality suites use the CPU")
+            parser.error(
+                "argument --device: only the speed suite runs on another device; quality suites use the CPU"
+            )
         import torch
 
         if not re.fullmatch(r"cuda(:\d+)?", args.device):
@@ -169,7 +202,9 @@ def run_quality(args: argparse.Namespace, out: Path, meta: dict[str, Any]) -> li
         return []
     configs = quality.suite_configs("tiny" if args.tiny else args.suite)
     configs = [configs[p] for p in problems]
-    modes = {"full": ["full"], "representation": ["representation"], "both": ["full", "representation"]}[args.mode]
+    modes = {"full": ["full"], "representation": ["representation"], "both": ["full", "representation"]}[
+        args.mode
+    ]
     jobs = quality.plan(configs, args.methods, args.seeds, modes)
     remaining = {cfg.key: sum(j.config.key == cfg.key for j in jobs) for cfg in configs}
     finished: dict[str, list] = {cfg.key: [] for cfg in configs}
@@ -177,11 +212,17 @@ def run_quality(args: argparse.Namespace, out: Path, meta: dict[str, Any]) -> li
 
     def section(key: str, results: list) -> str:
         cfg = next(c for c in configs if c.key == key)
-        head = (f"### {cfg.title}\n\nproblem `{key}`, {cfg.steps} steps, batch {cfg.batch_size}, Adam lr {cfg.lr:g}, "
-                f"size options {cfg.size or 'default'}, seeds {sorted({r.seed for r in results})}\n")
+        head = (
+            f"### {cfg.title}\n\nproblem `{key}`, {cfg.steps} steps, batch {cfg.batch_size}, "
+            f"Adam lr {cfg.lr:g}, "
+            f"size options {cfg.size or 'default'}, seeds {sorted({r.seed for r in results})}\n"
+        )
         if key == "toy":
-            note = ("One run per starting point (and seed); the training losses are 0.1·f1 + 20·0.1 and f2 + 20 (the "
-                    "constant makes them positive for dwa, gradnorm and famo and changes no gradient).\n")
+            note = (
+                "One run per starting point (and seed); the training losses are 0.1·f1 + 20·0.1 and f2 + 20 "
+                "(the "
+                "constant makes them positive for dwa, gradnorm and famo and changes no gradient).\n"
+            )
             return head + "\n" + note + "\n" + report.toy_tables(report.summarize_toy(results)) + "\n"
         parts = [head]
         for s in report.summarize(results):
@@ -196,7 +237,9 @@ def run_quality(args: argparse.Namespace, out: Path, meta: dict[str, Any]) -> li
             sections[key] = section(key, [r for _, r in sorted(finished[key], key=lambda pair: pair[0])])
             say("\n" + sections[key])
 
-    bar = progress_bar(len(jobs), f"quality ({args.suite}{', tiny' if args.tiny else ''})", not args.no_progress)
+    bar = progress_bar(
+        len(jobs), f"quality ({args.suite}{', tiny' if args.tiny else ''})", not args.no_progress
+    )
     start = time.perf_counter()
     try:
         results = quality.execute(jobs, args.jobs, args.threads, bar, on_result)
@@ -211,13 +254,19 @@ def run_quality(args: argparse.Namespace, out: Path, meta: dict[str, Any]) -> li
     if report.plot_toy(out / "toy_trajectories.png", results):
         plots.append("toy_trajectories.png")
     for cfg in configs:
-        if cfg.key != "toy" and report.plot_problem(out / f"{cfg.key}.png", [s for s in summaries if s.key == cfg.key]):
+        if cfg.key != "toy" and report.plot_problem(
+            out / f"{cfg.key}.png", [s for s in summaries if s.key == cfg.key]
+        ):
             plots.append(f"{cfg.key}.png")
     wins = [(s.label, m, k) for s in summaries for m, k in s.wins()]
     lines = ["## Quality", "", report.legend(), ""]
     lines += [sections[cfg.key] for cfg in configs if cfg.key in sections]
-    lines += ["### Beats equal weights by more than the seed spread", "",
-              "Per metric (mean ± std intervals of the method and of `sum` do not overlap):", ""]
+    lines += [
+        "### Beats equal weights by more than the seed spread",
+        "",
+        "Per metric (mean ± std intervals of the method and of `sum` do not overlap):",
+        "",
+    ]
     if wins:
         by_problem: dict[str, list[str]] = {}
         for label, m, k in wins:
@@ -234,9 +283,15 @@ def run_quality(args: argparse.Namespace, out: Path, meta: dict[str, Any]) -> li
         lines += [f"- {label}: " + ", ".join(items) for label, items in by_problem.items()]
     else:
         lines.append("- none in this run")
-    lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in plots) if plots else "Plots: none (matplotlib missing)", ""]
-    say(f"quality: {len(results)} runs in {meta['quality_seconds']:.0f} s; "
-        f"{sum(r.status != 'ok' for r in results)} not ok")
+    lines += [
+        "",
+        "Plots: " + ", ".join(f"`{p}`" for p in plots) if plots else "Plots: none (matplotlib missing)",
+        "",
+    ]
+    say(
+        f"quality: {len(results)} runs in {meta['quality_seconds']:.0f} s; "
+        f"{sum(r.status != 'ok' for r in results)} not ok"
+    )
     return lines
 
 
@@ -286,11 +341,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     meta = report.environment(argv if argv is not None else sys.argv[1:])
-    meta.update({"suite": args.suite, "tiny": args.tiny, "seeds": args.seeds, "methods": args.methods,
-                 "jobs": args.jobs, "mode": args.mode})
+    meta.update(
+        {
+            "suite": args.suite,
+            "tiny": args.tiny,
+            "seeds": args.seeds,
+            "methods": args.methods,
+            "jobs": args.jobs,
+            "mode": args.mode,
+        }
+    )
     start = time.perf_counter()
-    say(f"gradsurgery benchmarks: suite={args.suite}{' (tiny)' if args.tiny else ''}, methods={args.methods}, "
-        f"seeds={args.seeds}, out={out}")
+    say(
+        f"gradsurgery benchmarks: suite={args.suite}{' (tiny)' if args.tiny else ''}, "
+        f"methods={args.methods}, "
+        f"seeds={args.seeds}, out={out}"
+    )
     if args.suite == "speed":
         from . import speed
 
@@ -299,12 +365,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         lines = run_quality(args, out, meta)
         lines += run_modes(args, out)
     meta["total_seconds"] = time.perf_counter() - start
-    header = [f"# gradsurgery benchmarks: `{meta['command']}`", "",
-              f"torch {meta['torch']}, {meta['torch_threads']} thread(s), {meta['cpu_count']} CPU(s), "
-              f"{meta['platform']}; {meta['total_seconds']:.0f} s in total", ""]
+    header = [
+        f"# gradsurgery benchmarks: `{meta['command']}`",
+        "",
+        f"torch {meta['torch']}, {meta['torch_threads']} thread(s), {meta['cpu_count']} CPU(s), "
+        f"{meta['platform']}; {meta['total_seconds']:.0f} s in total",
+        "",
+    ]
     (out / "report.md").write_text("\n".join(header + lines) + "\n")
     report.write_json(out / "meta.json", meta)
-    say(f"done in {meta['total_seconds']:.0f} s; results in {out}/ (report.md and the CSV/JSON/PNG files it names)")
+    say(
+        f"done in {meta['total_seconds']:.0f} s; results in {out}/ "
+        "(report.md and the CSV/JSON/PNG files it names)"
+    )
     return 0
 
 

@@ -66,7 +66,7 @@ def test_every_registered_method_constructs_with_the_benchmark_options(num_tasks
         method.bind(num_tasks)
 
 
-# -- the runner -----------------------------------------------------------------------------------------------
+# -- the runner ---------------------------------------------------------------------------------------------
 def test_run_is_reproducible_and_independent_of_what_ran_before():
     problem = synthetic.make(0, n_train=64, n_test=32, dim=6, hidden=8, tower=4)
     kwargs = {"steps": 4, "batch_size": 16, "lr": 1e-2, "raise_errors": True}
@@ -91,7 +91,7 @@ def test_single_task_run_trains_only_its_own_head():
     result = runner.train_single_task(problem, 1, 1, steps=3, batch_size=16, lr=1e-2, raise_errors=True)
     assert result.status == "ok" and result.method == "single:task2"
     trained = seen["model"]
-    for p0, p1 in zip(initial.heads[0].parameters(), trained.heads[0].parameters()):
+    for p0, p1 in zip(initial.heads[0].parameters(), trained.heads[0].parameters(), strict=True):
         assert torch.equal(p0, p1)  # task 1's head never received a gradient
     assert not torch.equal(initial.heads[1][0].weight, trained.heads[1][0].weight)
     assert not torch.equal(initial.trunk[0].weight, trained.trunk[0].weight)
@@ -102,8 +102,16 @@ def test_failures_are_recorded_not_raised():
     result = runner.train(problem, "mgda", 0, steps=2, batch_size=16, lr=1e-2, options={"solver": "bogus"})
     assert result.status == "error" and "bogus" in result.message and result.metrics == {}
     with pytest.raises(ValueError, match="bogus"):
-        runner.train(problem, "mgda", 0, steps=2, batch_size=16, lr=1e-2, options={"solver": "bogus"},
-                     raise_errors=True)
+        runner.train(
+            problem,
+            "mgda",
+            0,
+            steps=2,
+            batch_size=16,
+            lr=1e-2,
+            options={"solver": "bogus"},
+            raise_errors=True,
+        )
 
 
 def test_toy_losses_are_shifted_by_a_constant():
@@ -113,7 +121,9 @@ def test_toy_losses_are_shifted_by_a_constant():
     f1, f2 = toy.raw_objectives(x)
     got = shifted.losses(toy.losses_at(x, problem.scales), ())
     assert torch.allclose(got[0], 0.1 * f1 + 2.0) and torch.allclose(got[1], f2 + 20.0)
-    grid = torch.stack(torch.meshgrid(torch.linspace(-12, 12, 121), torch.linspace(-12, 12, 121), indexing="ij"), -1)
+    grid = torch.stack(
+        torch.meshgrid(torch.linspace(-12, 12, 121), torch.linspace(-12, 12, 121), indexing="ij"), -1
+    )
     floor = torch.stack(toy.raw_objectives(grid.double())).min()
     assert floor > quality.TOY_LOSS_FLOOR  # so the shifted losses are positive
 
@@ -123,7 +133,7 @@ def test_every_problem_runs_with_two_methods():
     jobs = quality.plan(TINY.values(), ["sum", "mgda"], [0], ["full"])
     results = quality.execute(jobs)
     assert len(results) == len(jobs)
-    for job, res in zip(jobs, results):
+    for job, res in zip(jobs, results, strict=True):
         assert res.status == "ok", (res.problem, res.method, res.message)
         assert res.steps == job.config.steps
         assert set(res.metrics) == set(res.extra["higher_is_better"])
@@ -149,13 +159,19 @@ def test_parallel_workers_give_the_same_results():
     jobs = quality.plan([TINY["synthetic"]], ["sum", "pcgrad"], [0, 1], ["full"])
     serial = quality.execute(jobs, jobs_count=1)
     parallel = quality.execute(jobs, jobs_count=2)
-    assert [(r.method, r.seed, r.metrics) for r in serial] == [(r.method, r.seed, r.metrics) for r in parallel]
+    assert [(r.method, r.seed, r.metrics) for r in serial] == [
+        (r.method, r.seed, r.metrics) for r in parallel
+    ]
 
 
 # -- aggregation against independent computations -----------------------------------------------------------
 def _run(method, seed, metrics, label="p", weights=(1.0, 1.0)):
     r = runner.RunResult(problem=label, method=method, seed=seed, metrics=metrics, mean_weights=list(weights))
-    r.extra = {"problem_key": "p", "higher_is_better": {"a_acc": True, "b_mse": False}, "task_names": ["a", "b"]}
+    r.extra = {
+        "problem_key": "p",
+        "higher_is_better": {"a_acc": True, "b_mse": False},
+        "task_names": ["a", "b"],
+    }
     r.steps, r.seconds = 10, 0.01
     return r
 
@@ -167,16 +183,23 @@ def test_summary_statistics_and_delta_m():
         "single:a": [(0.85, 9.0), (0.80, 9.0), (0.82, 9.0)],
         "single:b": [(0.10, 1.6), (0.10, 2.0), (0.10, 1.5)],
     }
-    results = [_run(m, s, {"a_acc": a, "b_mse": b}) for m, rows in data.items() for s, (a, b) in enumerate(rows)]
+    results = [
+        _run(m, s, {"a_acc": a, "b_mse": b}) for m, rows in data.items() for s, (a, b) in enumerate(rows)
+    ]
     (summary,) = report.summarize(results)
     by = {m.method: m for m in summary.methods}
     acc = np.array([a for a, _ in data["mgda"]])
     assert by["mgda"].metrics["a_acc"] == pytest.approx((acc.mean(), acc.std(ddof=1)))
-    # Δm per seed by hand: accuracy vs single:a's accuracy (higher better), MSE vs single:b's MSE (lower better)
-    dm = [100 / 2 * (-(a - sa) / sa + (b - sb) / sb)
-          for (a, b), (sa, _), (_, sb) in zip(data["mgda"], data["single:a"], data["single:b"])]
+    # Δm per seed by hand: accuracy vs single:a's accuracy (higher better), MSE vs single:b's (lower better)
+    dm = [
+        100 / 2 * (-(a - sa) / sa + (b - sb) / sb)
+        for (a, b), (sa, _), (_, sb) in zip(data["mgda"], data["single:a"], data["single:b"], strict=True)
+    ]
     assert by["mgda"].delta_single == pytest.approx((np.mean(dm), np.std(dm, ddof=1)))
-    de = [100 / 2 * (-(a - ea) / ea + (b - eb) / eb) for (a, b), (ea, eb) in zip(data["mgda"], data["sum"])]
+    de = [
+        100 / 2 * (-(a - ea) / ea + (b - eb) / eb)
+        for (a, b), (ea, eb) in zip(data["mgda"], data["sum"], strict=True)
+    ]
     assert by["mgda"].delta_equal == pytest.approx((np.mean(de), np.std(de, ddof=1)))
     # mgda's accuracy interval lies above sum's, its MSE interval below: better on both
     assert by["mgda"].versus_baseline == {"a_acc": 1, "b_mse": 1}
@@ -194,8 +217,14 @@ def test_compare_uses_non_overlapping_intervals():
 
 def test_metric_tasks_by_prefix_then_position():
     assert report.metric_tasks(["click_auc", "cvr_auc", "watch_mse"], ["click", "conversion", "watch"]) == {
-        "click_auc": 0, "cvr_auc": 1, "watch_mse": 2}
-    assert report.metric_tasks(["right_acc", "left_acc"], ["left", "right"]) == {"right_acc": 1, "left_acc": 0}
+        "click_auc": 0,
+        "cvr_auc": 1,
+        "watch_mse": 2,
+    }
+    assert report.metric_tasks(["right_acc", "left_acc"], ["left", "right"]) == {
+        "right_acc": 1,
+        "left_acc": 0,
+    }
 
 
 def test_number_formatting():
@@ -251,13 +280,29 @@ def _table_widths(markdown: str) -> list[set[int]]:
 
 def test_quick_tiny_writes_files_that_parse(tmp_path, capsys):
     out = tmp_path / "res"
-    code = suite.main(["--tiny", "--methods", "mgda", "--seeds", "2", "--problems", "toy,synthetic",
-                       "--jobs", "1", "--no-progress", "--out", str(out)])
+    code = suite.main(
+        [
+            "--tiny",
+            "--methods",
+            "mgda",
+            "--seeds",
+            "2",
+            "--problems",
+            "toy,synthetic",
+            "--jobs",
+            "1",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "| method |" in printed  # a table per problem on stdout
     rows = list(csv.DictReader(open(out / "runs.csv")))
-    expected = 2 * len(toy.START_POINTS) + 2 * (2 + 2)  # toy: one seed; synthetic: 2 methods + 2 singles, 2 seeds
+    expected = 2 * len(toy.START_POINTS) + 2 * (
+        2 + 2
+    )  # toy: one seed; synthetic: 2 methods + 2 singles, 2 seeds
     assert len(rows) == expected
     for row in rows:
         assert row["status"] == "ok"
@@ -279,7 +324,10 @@ def test_quick_tiny_writes_files_that_parse(tmp_path, capsys):
 
 def test_speed_tiny(tmp_path):
     out = tmp_path / "speed"
-    assert suite.main(["--suite", "speed", "--tiny", "--methods", "mgda", "--no-progress", "--out", str(out)]) == 0
+    assert (
+        suite.main(["--suite", "speed", "--tiny", "--methods", "mgda", "--no-progress", "--out", str(out)])
+        == 0
+    )
     rows = list(csv.DictReader(open(out / "speed.csv")))
     steps = {(r["method"], r["variant"]): r for r in rows if r["kind"] == "step"}
     assert {("plain", "plain"), ("sum", "full"), ("mgda", "full"), ("mgda", "representation")} <= set(steps)
@@ -287,7 +335,10 @@ def test_speed_tiny(tmp_path):
         assert steps[key]["status"] == "ok" and float(steps[key]["ratio"]) > 0
         assert float(steps[key]["ratio_p25"]) <= float(steps[key]["ratio"]) <= float(steps[key]["ratio_p75"])
     solvers = {(r["method"], r["num_tasks"]) for r in rows if r["kind"] == "solver" and r["status"] == "ok"}
-    assert ("closed form (min_norm_two_weights)", "2") in solvers and ("cvxpy QP (SimplexQP.solve)", "4") in solvers
+    assert ("closed form (min_norm_two_weights)", "2") in solvers and (
+        "cvxpy QP (SimplexQP.solve)",
+        "4",
+    ) in solvers
     data = json.loads((out / "speed.json").read_text())
     assert data["steps"] and data["solvers"]
     assert "### Targets" in (out / "report.md").read_text()
@@ -307,13 +358,19 @@ def test_mode_benchmarks_are_called_by_module_path(tmp_path, monkeypatch):
     fake.__spec__ = importlib.machinery.ModuleSpec("benchmarks.l2_regularization", None)
     fake.main = fake_main
     monkeypatch.setitem(sys.modules, "benchmarks.l2_regularization", fake)
-    monkeypatch.setattr(suite, "MODE_BENCHMARKS", {"l2": "benchmarks.l2_regularization",
-                                                   "noisy": "benchmarks.no_such_module_here"})
+    monkeypatch.setattr(
+        suite,
+        "MODE_BENCHMARKS",
+        {"l2": "benchmarks.l2_regularization", "noisy": "benchmarks.no_such_module_here"},
+    )
     args = suite.parse_args(["--problems", "l2,noisy", "--seeds", "0,1", "--out", str(tmp_path / "res")])
     lines = suite.run_modes(args, tmp_path / "res")
     assert calls == [["--seeds", "0", "1", "--out", str(tmp_path / "res" / "l2"), "--quick"]]
     text = "\n".join(lines)
-    assert "| 1 | 2 |" in text and "noisy: skipped, module benchmarks.no_such_module_here is not installed" in text
+    assert (
+        "| 1 | 2 |" in text
+        and "noisy: skipped, module benchmarks.no_such_module_here is not installed" in text
+    )
 
 
 @pytest.mark.parametrize(
