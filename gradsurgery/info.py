@@ -19,6 +19,8 @@ class StepInfo:
     losses: torch.Tensor  # (T,), detached
     gram: torch.Tensor  # (T, T) float64, Gram matrix of the task gradients on the shared parameters
     method: str = ""
+    #: True when a GradScaler step overflowed: nothing was fused, ``weights`` are NaN, ``.grad`` holds inf.
+    overflow: bool = False
 
     @property
     def num_tasks(self) -> int:

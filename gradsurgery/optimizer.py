@@ -11,12 +11,15 @@ their gradients and the method state as they were.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from . import amp
 from .collect import GradientCollector, TaskGradients
+from .distributed import DistributedSync, check_not_sharded, generators, layout_signature
 from .info import StepInfo
 from .methods import Method, make_method
 
@@ -40,6 +43,15 @@ class GradSurgery(torch.optim.Optimizer):
             two or more tasks reach it; a parameter reached by one task receives that task's gradient.
         num_tasks: the number of losses; taken from the first ``backward`` when omitted.
         gram_dtype: dtype in which the Gram matrix is accumulated and the method solved.
+        model: the ``DistributedDataParallel`` module (optional): gradients are averaged over its process
+            group and the task gradients are taken inside its ``no_sync()``.
+        process_group: the ``torch.distributed`` group to average over (default: the DDP module's group,
+            else the default group).
+        distributed: ``None`` (auto: average over the ranks whenever ``torch.distributed`` is initialised with
+            more than one rank), ``True`` (require it) or ``False`` (each rank fuses its local gradients).
+        dist_strategy: ``"allreduce"`` (all-reduce the T×d task-gradient matrix) or ``"sharded"``
+            (reduce-scatter it, all-reduce the T×T Gram of the shards, all-gather the fused gradient);
+            see ``gradsurgery.distributed`` for their communication cost.
         **options: the method's options, e.g. ``solver="cvxpy"`` for ``"mgda"``.
 
     ``param_groups``, ``state`` and ``defaults`` are the wrapped optimizer's own objects, so LR schedulers,
@@ -54,6 +66,10 @@ class GradSurgery(torch.optim.Optimizer):
         shared_params: Sequence[torch.Tensor] | None = None,
         num_tasks: int | None = None,
         gram_dtype: torch.dtype = torch.float64,
+        model: torch.nn.Module | None = None,
+        process_group: Any = None,
+        distributed: bool | None = None,
+        dist_strategy: str = "allreduce",
         **options: Any,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -64,6 +80,8 @@ class GradSurgery(torch.optim.Optimizer):
             raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
         if not isinstance(gram_dtype, torch.dtype) or not gram_dtype.is_floating_point:
             raise TypeError(f"gram_dtype must be a floating torch.dtype, got {gram_dtype!r}")
+        sync = DistributedSync(model=model, process_group=process_group, enabled=distributed, strategy=dist_strategy)
+        check_not_sharded(p for g in optimizer.param_groups for p in g["params"])
         self.method = make_method(method, **options)
         if shared_params is not None:
             shared_params = list(shared_params)
@@ -78,6 +96,7 @@ class GradSurgery(torch.optim.Optimizer):
         self._share_inner_state()
         self.collector = GradientCollector(shared_params)
         self.gram_dtype = gram_dtype
+        self.sync = sync
         if num_tasks is not None:
             self.method.bind(num_tasks)
 
@@ -97,6 +116,9 @@ class GradSurgery(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # Called by the base initialiser before ``self.optimizer`` exists: the groups are the inner's already.
         if "optimizer" in self.__dict__:
+            params = param_group.get("params") if isinstance(param_group, dict) else None
+            if params is not None:
+                check_not_sharded([params] if isinstance(params, torch.Tensor) else list(params))
             self.optimizer.add_param_group(param_group)
 
     def state_dict(self) -> dict[str, Any]:
@@ -108,24 +130,46 @@ class GradSurgery(torch.optim.Optimizer):
             "options": dict(self.method.options),
             "num_tasks": self.method.num_tasks,
             "method_state": self.method.state_dict(),
+            # Every generator the method holds, whether or not its own state_dict saves it.
+            "rng_state": {name: gen.get_state() for name, gen in generators(self.method)},
         }
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the wrapped optimizer and the method. A state dict from another method, task count or
+        option set is refused before anything changes; a plain optimizer state dict restores the optimizer only.
+
+        The wrapped optimizer's ``param_groups`` list and ``state`` dict keep their identity (they are refilled
+        in place), so every holder of a reference (schedulers, framework proxies) sees the restored values.
+        """
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         state_dict = dict(state_dict)
         ours = state_dict.pop(STATE_KEY, None)
+        restored = None
         if ours is not None:
             self._check_compatible(ours)
-        self.optimizer.load_state_dict(state_dict)
-        self._share_inner_state()
-        if ours is not None:
             if ours["num_tasks"] is not None:
-                self.method.bind(ours["num_tasks"])
-                self.method.load_state_dict(ours["method_state"])
+                # Rehearse on a copy: a malformed method state fails here, before the optimizer is touched.
+                restored = copy.deepcopy(self.method)
+                _load_method(restored, ours)
+        groups, state = self.optimizer.param_groups, self.optimizer.state
+        self.optimizer.load_state_dict(state_dict)
+        if self.optimizer.param_groups is not groups:
+            groups[:] = self.optimizer.param_groups
+            self.optimizer.param_groups = groups
+        if self.optimizer.state is not state:
+            fresh = self.optimizer.state
+            state.clear()
+            state.update(fresh)
+            self.optimizer.state = state
+        if restored is not None:
+            _load_method(self.method, ours)
 
     def _check_compatible(self, ours: dict[str, Any]) -> None:
         if not isinstance(ours, dict) or ours.get("version") != STATE_VERSION:
-            raise ValueError(f"unsupported gradsurgery state version {ours.get('version')!r} (expected {STATE_VERSION})")
+            version = ours.get("version") if isinstance(ours, dict) else ours
+            raise ValueError(f"unsupported gradsurgery state version {version!r} (expected {STATE_VERSION})")
         if ours["method"] != self.method.name:
             raise ValueError(
                 f"state dict is for method {ours['method']!r}, this optimizer uses {self.method.name!r}"
@@ -134,6 +178,13 @@ class GradSurgery(torch.optim.Optimizer):
             raise ValueError(
                 f"state dict is for {ours['num_tasks']} tasks, this optimizer has {self.method.num_tasks}"
             )
+        # The seed only picks the initial generator state, which the checkpoint replaces anyway.
+        theirs = {k: v for k, v in dict(ours.get("options", {})).items() if k != "seed"}
+        mine = {k: v for k, v in self.method.options.items() if k != "seed"}
+        differ = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
+        if differ:
+            detail = ", ".join(f"{k}: saved {theirs.get(k)!r} vs {mine.get(k)!r}" for k in differ)
+            raise ValueError(f"state dict is for different {self.method.name!r} options ({detail})")
 
     def __getstate__(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -145,27 +196,82 @@ class GradSurgery(torch.optim.Optimizer):
         return f"GradSurgery(method={self.method!r}, optimizer={self.optimizer!r})"
 
     # -- the multi-task backward -------------------------------------------------------------------------
-    def backward(self, losses: Sequence[torch.Tensor] | torch.Tensor, *, retain_graph: bool = False) -> StepInfo:
+    def backward(
+        self,
+        losses: Sequence[torch.Tensor] | torch.Tensor,
+        *,
+        retain_graph: bool = False,
+        grad_scaler: torch.amp.GradScaler | None = None,
+    ) -> StepInfo:
         """Fill ``.grad`` with the fused gradient of ``losses`` (T scalars) and return the step's ``StepInfo``.
 
         Shared parameters receive Σ_i w_i g_i with the method's weights w; a parameter reached by one task
         only receives that task's gradient. Gradients already in ``.grad`` are added to, as
-        ``loss.backward()`` does. Raises ``ValueError`` (leaving everything untouched) on non-finite losses
-        or gradients.
+        ``loss.backward()`` does: k calls before one ``step`` accumulate k fused gradients (the fusion is per
+        micro-batch). Raises ``ValueError`` (leaving everything untouched) on non-finite losses or gradients.
+
+        ``grad_scaler``: a ``torch.amp.GradScaler``; each task loss is scaled, each task gradient unscaled
+        before the fusion and the fused gradient scaled back (see ``gradsurgery.amp``). An overflowed step
+        writes inf to ``.grad`` (so ``scaler.step`` skips it), leaves the method state alone and returns an
+        info with ``overflow=True`` and NaN weights.
+
+        Under data parallelism (see ``gradsurgery.distributed``) every rank fuses the rank-averaged
+        gradients and gets the same weights and ``.grad``.
         """
-        losses = self._check_losses(losses)
-        grads = self._collect(losses, retain_graph)
-        gram = gram_matrix(grads.jacobian, self.gram_dtype)
+        scaler = amp.active_scaler(grad_scaler)
+        group = self.sync.group()
+        device = self._device()
+        scale = None
+        try:
+            losses = self._check_losses(losses)
+            grad_losses = losses
+            if scaler is not None:
+                grad_losses, scale = amp.scale_losses(losses, scaler)
+            grads = self._collect(grad_losses, retain_graph)
+        except (TypeError, ValueError) as err:
+            if group is not None:
+                self.sync.agree(group, device, failure=err)  # the other ranks stop too, then this raises err
+            raise
+        num_tasks = len(losses)
+        if group is not None:
+            self.sync.agree(group, device, num_tasks=num_tasks, signature=layout_signature(grads, num_tasks))
+        self.method.bind(num_tasks)
+        if scale is not None:
+            amp.unscale(grads, scale)
         loss_values = torch.stack([loss.detach().reshape(()) for loss in losses]).to(self.gram_dtype)
+        shard = None
+        if group is None:
+            gram = gram_matrix(grads.jacobian, self.gram_dtype)
+        else:
+            self.sync.share_rng(self.method, group, device)
+            if self.sync.strategy == "sharded":
+                shard, gram, loss_values = self.sync.sharded_gram(group, grads, loss_values, self.gram_dtype)
+            else:
+                loss_values = self.sync.allreduce(group, grads, loss_values)
+                gram = gram_matrix(grads.jacobian, self.gram_dtype)
+        if scale is not None and not amp.all_finite(loss_values, gram, grads):
+            amp.mark_overflow(amp.reached_params(grads))
+            nan = torch.full((num_tasks,), float("nan"), dtype=gram.dtype, device=gram.device)
+            return StepInfo(weights=nan, losses=loss_values, gram=gram, method=self.method.name, overflow=True)
         self._check_finite(loss_values, gram, grads)
         weights = self.method(gram, loss_values.to(gram.device))
-        for p, g in self._fused_gradients(grads, weights):
-            _accumulate(p, g)
+        fused = None
+        if shard is not None:
+            fused = self.sync.gather_fused(group, shard, weights, grads.layout.dim)
+        for p, g in self._fused_gradients(grads, weights, fused):
+            _accumulate(p, g if scale is None else g * scale)
         return StepInfo(weights=weights, losses=loss_values, gram=gram, method=self.method.name)
+
+    def _device(self) -> torch.device:
+        for group in self.param_groups:
+            for p in group["params"]:
+                return p.device
+        return torch.device("cpu")
 
     def _collect(self, losses: list[torch.Tensor], retain_graph: bool) -> TaskGradients:
         """Per-task gradients: the Jacobian over the shared parameters and the others' own gradients."""
-        grads = self.collector.collect(losses, self._trainable_params(), retain_graph=retain_graph)
+        with self.sync.no_sync():
+            grads = self.collector.collect(losses, self._trainable_params(), retain_graph=retain_graph)
         self._check_reached(grads)
         return grads
 
@@ -189,7 +295,9 @@ class GradSurgery(torch.optim.Optimizer):
         expected = self.method.num_tasks
         if expected is not None and len(losses) != expected:
             raise ValueError(f"expected {expected} losses (the task count of method {self.method.name!r}), got {len(losses)}")
-        self.method.bind(len(losses))
+        if expected is None:
+            # Validate the task count now; binding waits until every check (and every rank) has agreed.
+            self.method._check_num_tasks(len(losses))
         return [loss.reshape(()) for loss in losses]
 
     def _trainable_params(self) -> list[torch.Tensor]:
@@ -220,14 +328,15 @@ class GradSurgery(torch.optim.Optimizer):
         raise ValueError(f"non-finite (NaN/inf) gradient for task(s) {sorted(bad_tasks)}; nothing was written")
 
     def _fused_gradients(
-        self, grads: TaskGradients, weights: torch.Tensor
+        self, grads: TaskGradients, weights: torch.Tensor, fused: torch.Tensor | None = None
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The new gradient of each reached parameter: u = Jᵀw for shared ones, Σ_i s_i g_i for the others
-        (s_i = 1, or w_i for loss-weighting methods)."""
+        (s_i = 1, or w_i for loss-weighting methods). ``fused``: u already formed (the sharded path)."""
         layout, jac = grads.layout, grads.jacobian
         out: list[tuple[torch.Tensor, torch.Tensor]] = []
         if layout.shared:
-            fused = weights.to(device=jac.device, dtype=jac.dtype) @ jac
+            if fused is None:
+                fused = weights.to(device=jac.device, dtype=jac.dtype) @ jac
             for slot, k in enumerate(layout.shared):
                 p = layout.params[k]
                 out.append((p, layout.segment(fused, slot).view_as(p)))
@@ -241,6 +350,20 @@ class GradSurgery(torch.optim.Optimizer):
                 total = g if total is None else total + g
             out.append((layout.params[k], total))
         return out
+
+
+def _load_method(method: Method, ours: dict[str, Any]) -> None:
+    """Bind ``method`` to the saved task count and restore its state and generators."""
+    try:
+        method.bind(ours["num_tasks"])
+        method.load_state_dict(ours["method_state"])
+        gens = dict(generators(method))
+        for name, state in dict(ours.get("rng_state") or {}).items():
+            if name not in gens:
+                raise KeyError(f"the method has no generator {name!r}")
+            gens[name].set_state(state)
+    except (KeyError, TypeError, RuntimeError, AttributeError) as err:
+        raise ValueError(f"malformed gradsurgery method state for {method.name!r}: {err}") from err
 
 
 def _accumulate(p: torch.Tensor, grad: torch.Tensor) -> None:
