@@ -7,7 +7,8 @@
 from .errors import SolverError
 from .info import StepInfo
 from .methods import METHODS, Method, make_method, register
-from .optimizer import GradSurgery, gram_matrix
+from .gram import gram_matrix
+from .optimizer import GradSurgery
 
 __version__ = "0.1.0"
 

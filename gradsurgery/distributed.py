@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 from .collect import TaskGradients
+from .gram import gram_matrix
 from .methods import Method
 
 STRATEGIES = ("allreduce", "sharded")
@@ -230,9 +231,9 @@ class DistributedSync:
         shard = jac.new_empty(num_tasks, width)
         _reduce_scatter(shard, blocks.view(n * num_tasks, width), group)
         shard.div_(n)
-        wide = shard.to(gram_dtype)
         # G = Σ_k J_k J_kᵀ over the column blocks: summed, not averaged. The losses ride along.
-        packed = torch.cat([(wide @ wide.T).reshape(-1), loss_values.to(device=wide.device, dtype=gram_dtype)])
+        partial = gram_matrix(shard, gram_dtype)
+        packed = torch.cat([partial.reshape(-1), loss_values.to(device=partial.device, dtype=gram_dtype)])
         others = _task_specific(grads)
         _sum_in_place(others + [packed], group)
         for g in others:

@@ -19,6 +19,10 @@ class StepInfo:
     losses: torch.Tensor  # (T,), detached
     gram: torch.Tensor  # (T, T) float64, Gram matrix of the task gradients on the shared parameters
     method: str = ""
+    #: ``"full"``: ``gram`` is over the shared parameters; ``"representation"``: over the shared features
+    #: passed as ``backward(..., features=z)`` (then ``grad_norms``, ``cosines`` and ``fused_norm`` are
+    #: those of the gradients with respect to z).
+    mode: str = "full"
     #: True when a GradScaler step overflowed: nothing was fused, ``weights`` are NaN, ``.grad`` holds inf.
     overflow: bool = False
 

@@ -20,17 +20,13 @@ import torch
 from . import amp
 from .collect import GradientCollector, TaskGradients
 from .distributed import DistributedSync, check_not_sharded, generators, layout_signature
+from .gram import gram_matrix
 from .info import StepInfo
 from .methods import Method, make_method
+from .representation import representation_backward
 
 STATE_KEY = "gradsurgery"
 STATE_VERSION = 1
-
-
-def gram_matrix(jacobian: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """G = J Jᵀ accumulated in ``dtype`` (float64 by default: small inner products survive large d)."""
-    j = jacobian.to(dtype)
-    return j @ j.T
 
 
 class GradSurgery(torch.optim.Optimizer):
@@ -107,11 +103,15 @@ class GradSurgery(torch.optim.Optimizer):
 
     # -- the torch.optim.Optimizer surface ---------------------------------------------------------------
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """The wrapped optimizer's step on the gradients ``backward`` wrote."""
-        return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        """The wrapped optimizer's step on the gradients ``backward`` wrote, then the method's own update
+        (learnable task weights), which therefore happens only when the model really steps."""
+        out = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        self.method.after_step()
+        return out
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
+        self.method.zero_grad()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # Called by the base initialiser before ``self.optimizer`` exists: the groups are the inner's already.
@@ -201,6 +201,7 @@ class GradSurgery(torch.optim.Optimizer):
         losses: Sequence[torch.Tensor] | torch.Tensor,
         *,
         retain_graph: bool = False,
+        features: torch.Tensor | Sequence[torch.Tensor] | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
     ) -> StepInfo:
         """Fill ``.grad`` with the fused gradient of ``losses`` (T scalars) and return the step's ``StepInfo``.
@@ -217,9 +218,22 @@ class GradSurgery(torch.optim.Optimizer):
 
         Under data parallelism (see ``gradsurgery.distributed``) every rank fuses the rank-averaged
         gradients and gets the same weights and ``.grad``.
+
+        ``features``: the shared representation z (a tensor or a sequence of tensors) that the task heads
+        read. The weights then come from the task gradients with respect to z, and one backward pass fills
+        every ``.grad`` (MGDA-UB, an approximation; see ``gradsurgery.representation``). Not combined with
+        ``grad_scaler`` or data parallelism yet.
         """
         scaler = amp.active_scaler(grad_scaler)
         group = self.sync.group()
+        if features is not None:
+            if scaler is not None or group is not None:
+                raise ValueError(
+                    "representation mode (features=) does not support grad_scaler= or distributed training yet; "
+                    "use the full mode (no features=)"
+                )
+            losses = self._check_losses(losses)
+            return representation_backward(self, losses, features, retain_graph=retain_graph)
         device = self._device()
         scale = None
         try:

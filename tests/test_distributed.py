@@ -23,8 +23,15 @@ pytestmark = pytest.mark.distributed
 WORLD = 2
 BATCH = 4  # per rank
 STEPS = 3
-# (method, options). GradNorm joins with one line: ("gradnorm", {}).
-METHODS = [("sum", {}), ("mgda", {}), ("pcgrad", {"seed": 0}), ("main_aux", {}), ("gradvac", {"seed": 0})]
+# (method, options); one line each.
+METHODS = [
+    ("sum", {}),
+    ("mgda", {}),
+    ("pcgrad", {"seed": 0}),
+    ("main_aux", {}),
+    ("gradvac", {"seed": 0}),
+    ("gradnorm", {}),
+]
 STRATEGIES = ["allreduce", "sharded"]
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from torch.optim import lr_scheduler as sched
 
 from gradsurgery import GradSurgery
+from gradsurgery.gram import CHUNK
 
 SCHEDULERS = {
     "StepLR": lambda o: sched.StepLR(o, step_size=2, gamma=0.5),
@@ -212,12 +213,16 @@ def test_accumulation_adds_fused_gradients_per_micro_batch():
 
 # -- the Gram matrix's precision --------------------------------------------------------------------------------
 def test_gram_accumulated_in_float64_keeps_small_inner_products():
-    w = nn.Parameter(torch.zeros(3))
+    # Three entries in three different column chunks of the Gram product: 2²⁴, 1 and −2²⁴ against ones.
+    d = 2 * CHUNK + 1
+    w = nn.Parameter(torch.zeros(d))
     opt = GradSurgery(torch.optim.SGD([w], lr=0.1), "sum")
-    c1 = torch.tensor([2.0**24, 1.0, -(2.0**24)])
-    c2 = torch.tensor([1.0, 1.0, 1.0])
-    # In float32, 2²⁴ + 1 rounds back to 2²⁴: a float32 product gives ⟨c1, c2⟩ = 0; the exact value is 1.
-    assert float((c1[0] + c1[1]) + c1[2]) == 0.0
+    c1 = torch.zeros(d)
+    c1[0], c1[CHUNK], c1[2 * CHUNK] = 2.0**24, 1.0, -(2.0**24)
+    c2 = torch.zeros(d)
+    c2[0] = c2[CHUNK] = c2[2 * CHUNK] = 1.0
+    # Summed in float32, 2²⁴ + 1 rounds back to 2²⁴ and ⟨c1, c2⟩ comes out 0; the exact value is 1.
+    assert float((c1[0] + c1[CHUNK]) + c1[2 * CHUNK]) == 0.0
     info = opt.backward([(w * c1).sum(), (w * c2).sum()])
     assert info.gram.dtype == torch.float64
     assert float(info.gram[0, 1]) == 1.0

@@ -6,6 +6,8 @@ import inspect
 from typing import Any
 
 from .base import Method
+from .dwa import DWA
+from .gradnorm import GradNorm
 from .gradvac import GradVac
 from .main_aux import MainAux
 from .mgda import MGDA
@@ -13,6 +15,7 @@ from .mixed import Mixed
 from .pareto import Pareto
 from .pcgrad import PCGrad
 from .sum import Sum
+from .uncertainty import Uncertainty
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -26,6 +29,8 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 for _cls in (Sum, MGDA, Pareto, PCGrad, GradVac, MainAux, Mixed):
+    register(_cls)
+for _cls in (Uncertainty, GradNorm, DWA):  # loss-level weighting
     register(_cls)
 
 

@@ -58,6 +58,16 @@ class Method:
         """Weights w (shape (T,)) from the float64 Gram matrix and the detached losses."""
         raise NotImplementedError
 
+    # -- around the optimizer step ----------------------------------------------------------------------
+    def after_step(self) -> None:
+        """Called by ``GradSurgery.step`` once the wrapped optimizer has stepped. Methods with learnable
+        weights apply here the update prepared by ``backward``, so a step that never happens (skipped by a
+        ``GradScaler``, or ``backward`` failed) does not advance them. No-op by default."""
+
+    def zero_grad(self) -> None:
+        """Called by ``GradSurgery.zero_grad``: drop updates prepared by ``backward`` calls not stepped yet,
+        as the parameters' ``.grad`` are dropped. No-op by default."""
+
     # -- checkpoints -------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Method state: tensors and Python primitives only (``torch.load(weights_only=True)`` reads it)."""

@@ -31,7 +31,7 @@ class Pareto(Method):
         if any(not math.isfinite(c) or c < 0 for c in bounds):
             raise ValueError(f"min_weights must be finite and non-negative, got {bounds}")
         if sum(bounds) > 1 + 1e-12:
-            raise ValueError(f"min_weights are infeasible: they sum to {sum(bounds)} > 1 ({bounds})")
+            raise ValueError(f"min_weights are infeasible: they sum to {sum(bounds):.6g} > 1 ({bounds})")
         super().__init__(min_weights=bounds, solver=solver)
         self.min_weights = bounds
         self.solver = solver

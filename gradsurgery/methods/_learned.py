@@ -1,0 +1,127 @@
+"""A T-vector of learnable method state (log-variances, task weights) with its own small optimizer.
+
+Such a vector is trained alongside the model but is not one of the model's parameters. It is kept out of
+the wrapped optimizer on purpose: adding it there would change that optimizer's parameter groups (and so
+its checkpoints, schedulers and weight decay, which would bias the vector), and the vector would be stepped
+by whatever the user's optimizer happens to be. Here it lives on the CPU in float64, is stepped by a
+``torch.optim.Adam`` or ``torch.optim.SGD`` of its own, and follows the life cycle of the model's
+gradients: ``backward`` adds to a pending gradient (as it adds to ``.grad``), ``GradSurgery.step`` applies
+it (``after_step``), ``GradSurgery.zero_grad`` drops it. A ``backward`` that fails adds nothing, and a step
+that is skipped applies nothing, so the vector never moves on a failed step.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+def check_lr(lr: Any) -> float:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    return float(lr)
+
+
+def check_optimizer(name: Any, method: str) -> str:
+    if name not in OPTIMIZERS:
+        raise ValueError(
+            f"unknown weight_optimizer {name!r} for method {method!r}; choose one of {OPTIMIZERS}"
+        )
+    return name
+
+
+def check_vector_option(value: Any, what: str) -> float | list[float]:
+    """A float, or a sequence of floats (one per task, length checked at ``bind``); all finite."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().tolist()
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        values = [float(v) for v in value]
+        if not values or not all(math.isfinite(v) for v in values):
+            raise ValueError(f"{what} must be finite numbers, got {values}")
+        return values
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number or one per task, got {value!r}")
+    return float(value)
+
+
+def expand(value: float | list[float], num_tasks: int, what: str) -> torch.Tensor:
+    if isinstance(value, list):
+        if len(value) != num_tasks:
+            raise ValueError(f"{what} has {len(value)} entries for {num_tasks} tasks: {value}")
+        return torch.tensor(value, dtype=torch.float64)
+    return torch.full((num_tasks,), value, dtype=torch.float64)
+
+
+class LearnedVector:
+    """The vector, its pending gradient and its optimizer."""
+
+    def __init__(self, init: torch.Tensor, optimizer: str, lr: float) -> None:
+        self.kind = optimizer
+        self.param = init.detach().to("cpu", torch.float64).clone().requires_grad_(True)
+        if optimizer == "adam":
+            self.optimizer: torch.optim.Optimizer = torch.optim.Adam([self.param], lr=lr)
+        else:
+            self.optimizer = torch.optim.SGD([self.param], lr=lr)
+
+    @property
+    def value(self) -> torch.Tensor:
+        return self.param.detach()
+
+    @property
+    def pending(self) -> torch.Tensor | None:
+        return self.param.grad
+
+    def accumulate(self, grad: torch.Tensor) -> None:
+        grad = grad.detach().to("cpu", torch.float64)
+        if self.param.grad is None:
+            self.param.grad = grad.clone()
+        else:
+            self.param.grad.add_(grad)
+
+    def discard(self) -> None:
+        self.param.grad = None
+
+    def step(self) -> bool:
+        """Apply the pending gradient; False (and nothing moves) when there is none."""
+        if self.param.grad is None:
+            return False
+        self.optimizer.step()
+        self.param.grad = None
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        # Copies: the optimizer updates its moments in place, a saved state must not follow them.
+        return {
+            "optimizer_kind": self.kind,
+            "value": self.param.detach().clone(),
+            "pending": None if self.param.grad is None else self.param.grad.clone(),
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("optimizer_kind") != self.kind:
+            raise ValueError(
+                f"state was saved with weight_optimizer={state.get('optimizer_kind')!r}, "
+                f"this method uses {self.kind!r}"
+            )
+        value = state["value"].detach().to("cpu", torch.float64)
+        if value.shape != self.param.shape:
+            raise ValueError(
+                f"state has a vector of shape {tuple(value.shape)}, expected {tuple(self.param.shape)}"
+            )
+        pending = state.get("pending")
+        if pending is not None and pending.shape != self.param.shape:
+            raise ValueError(
+                f"state has a pending gradient of shape {tuple(pending.shape)}, "
+                f"expected {tuple(self.param.shape)}"
+            )
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        with torch.no_grad():
+            self.param.copy_(value)
+        self.param.grad = None if pending is None else pending.detach().to("cpu", torch.float64).clone()

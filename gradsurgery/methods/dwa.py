@@ -1,0 +1,105 @@
+"""Dynamic Weight Average (Liu, Johns & Davison, CVPR 2019, "End-to-End Multi-Task Learning with Attention").
+
+    λ_k = T · exp(w_k / τ) / Σ_i exp(w_i / τ),      w_k = L̄_k(t−1) / L̄_k(t−2),
+
+where L̄_k(t) is the mean loss of task k over period t, a block of ``period`` consecutive ``backward``
+calls. A task whose loss fell less over the last period (larger w_k) gets a larger weight; the temperature
+τ softens the weighting (τ → ∞ gives equal weights). The weights stay 1 until two periods have been seen,
+and are constant within a period. ``period=1`` compares the last two steps; ``period`` = the number of
+steps per epoch gives the paper's per-epoch form.
+
+Only the loss values are used (not the Gram matrix); no learnable parameter. The history (current
+period's running sum, the last two period means) is in ``state_dict``. Losses must be ≥ 0 (the ratio of
+negative means has no meaning); when L̄_k(t−2) = 0 the task's rate is taken as 1.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .base import Method
+
+
+class DWA(Method):
+    name = "dwa"
+    scales_task_specific = True
+
+    def __init__(self, *, temperature: float = 2.0, period: int = 1) -> None:
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, (int, float))
+            or not math.isfinite(temperature)
+            or temperature <= 0
+        ):
+            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+        if isinstance(period, bool) or not isinstance(period, int) or period < 1:
+            raise ValueError(f"period must be a positive int (backward calls per period), got {period!r}")
+        super().__init__(temperature=float(temperature), period=period)
+        self.temperature = float(temperature)
+        self.period = period
+        self.calls = 0
+        self.block_sum: torch.Tensor | None = None
+        self.last_mean: torch.Tensor | None = None  # L̄(t−1)
+        self.before_last_mean: torch.Tensor | None = None  # L̄(t−2)
+
+    def _init_state(self, num_tasks: int) -> None:
+        self.block_sum = torch.zeros(num_tasks, dtype=torch.float64)
+
+    def current_weights(self) -> torch.Tensor:
+        """λ from the last two complete periods (ones before there are two)."""
+        num_tasks = self.block_sum.shape[0]
+        if self.before_last_mean is None:
+            return torch.ones(num_tasks, dtype=torch.float64)
+        prev, prev2 = self.last_mean, self.before_last_mean
+        rate = torch.where(prev2 > 0, prev / torch.where(prev2 > 0, prev2, 1.0), 1.0)
+        return num_tasks * torch.softmax(rate / self.temperature, dim=0)
+
+    def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+        values = losses.detach().to("cpu", torch.float64)
+        negative = [i for i, v in enumerate(values.tolist()) if v < 0]
+        if negative:
+            raise ValueError(
+                f"dwa needs losses >= 0 (it compares loss ratios); task(s) {negative} have {values.tolist()}"
+            )
+        weights = self.current_weights()
+        block_sum, calls = self.block_sum + values, self.calls + 1
+        # Committed only now: a failed call does not enter the history.
+        if calls % self.period == 0:
+            self.before_last_mean, self.last_mean = self.last_mean, block_sum / self.period
+            block_sum = torch.zeros_like(block_sum)
+        self.block_sum, self.calls = block_sum, calls
+        return weights
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.block_sum is None:
+            return {}
+        return {
+            "calls": self.calls,
+            "block_sum": self.block_sum.clone(),
+            "last_mean": None if self.last_mean is None else self.last_mean.clone(),
+            "before_last_mean": None if self.before_last_mean is None else self.before_last_mean.clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "block_sum" not in state:
+            return
+        calls = state["calls"]
+        if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
+            raise ValueError(f"state has an invalid call count {calls!r}")
+        tensors = {}
+        for key in ("block_sum", "last_mean", "before_last_mean"):
+            value = state[key]
+            if value is not None:
+                value = value.detach().to("cpu", torch.float64).clone()
+                if value.shape != self.block_sum.shape:
+                    raise ValueError(
+                        f"state has {key} of shape {tuple(value.shape)}, "
+                        f"expected {tuple(self.block_sum.shape)}"
+                    )
+            tensors[key] = value
+        self.calls = calls
+        self.block_sum = tensors["block_sum"]
+        self.last_mean, self.before_last_mean = tensors["last_mean"], tensors["before_last_mean"]

@@ -1,0 +1,167 @@
+"""GradNorm: learned task weights that balance the tasks' training rates (Chen et al., ICML 2018).
+
+Each task has a learnable weight w_i (all 1 at the start). At step t, on the shared parameters,
+
+    G_i = ‖∇ w_i L_i‖ = w_i ‖g_i‖,          Ḡ = mean_i G_i,
+    L̃_i = L_i(t) / L_i(0),                  r_i = L̃_i / mean_k L̃_k   (relative inverse training rate),
+    L_grad = Σ_i |G_i − Ḡ · r_i^α|,
+
+with the target Ḡ · r_i^α held constant. A task that trains slowly (r_i > 1) gets a larger target, so its
+weight grows; α sets how strongly. The model's shared parameters receive Σ_i w_i g_i with the current w.
+
+The norms come from the Gram diagonal, ‖g_i‖ = sqrt(G_ii), so GradNorm costs no extra backward pass (the
+paper restricts G_i to the last shared layer to save that pass; here they are over all shared parameters,
+or over the features in representation mode). The gradient of L_grad with respect to w is taken in closed
+form, ∂L_grad/∂w_i = sign(G_i − Ḡ r_i^α) · ‖g_i‖, and w is then stepped by an optimizer of the method's own
+(``weight_optimizer="adam"`` by default, learning rate ``lr`` = 0.025 as in the paper), after the model's step
+(``GradSurgery.step``; see ``_learned`` for why and for the life cycle of the pending gradient). After each
+update w is floored at ``min_weight`` (it must stay positive) and renormalised to Σ_i w_i = T.
+
+L_i(0) is the loss of the first step, or the mean over the first ``initial_steps`` steps (the paper's
+initial loss is noisy for small batches); until that window is over, L_i(0) is the mean seen so far.
+The loss ratios need L_i(0) > 0 and L_i(t) ≥ 0: other losses raise ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ._learned import LearnedVector, check_lr, check_optimizer
+from .base import Method
+
+
+class GradNorm(Method):
+    name = "gradnorm"
+    scales_task_specific = True
+
+    def __init__(
+        self,
+        *,
+        alpha: float = 1.5,
+        lr: float = 0.025,
+        initial_steps: int = 1,
+        weight_optimizer: str = "adam",
+        min_weight: float = 1e-3,
+    ) -> None:
+        if (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, (int, float))
+            or not math.isfinite(alpha)
+            or alpha < 0
+        ):
+            raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+        lr = check_lr(lr)
+        if isinstance(initial_steps, bool) or not isinstance(initial_steps, int) or initial_steps < 1:
+            raise ValueError(f"initial_steps must be a positive int, got {initial_steps!r}")
+        optimizer = check_optimizer(weight_optimizer, self.name)
+        if isinstance(min_weight, bool) or not isinstance(min_weight, (int, float)) or not 0 < min_weight < 1:
+            raise ValueError(f"min_weight must lie in (0, 1) (the weights average 1), got {min_weight!r}")
+        super().__init__(
+            alpha=float(alpha),
+            lr=lr,
+            initial_steps=initial_steps,
+            weight_optimizer=optimizer,
+            min_weight=float(min_weight),
+        )
+        self.alpha = float(alpha)
+        self.initial_steps = initial_steps
+        self.min_weight = float(min_weight)
+        self.learned: LearnedVector | None = None
+        self.initial_sum: torch.Tensor | None = None
+        self.initial_count = 0
+
+    def _init_state(self, num_tasks: int) -> None:
+        self.learned = LearnedVector(
+            torch.ones(num_tasks, dtype=torch.float64), self.options["weight_optimizer"], self.options["lr"]
+        )
+        self.initial_sum = torch.zeros(num_tasks, dtype=torch.float64)
+        self.initial_count = 0
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """The current task weights w (a copy); they sum to T."""
+        return self.learned.value.clone()
+
+    @property
+    def initial_losses(self) -> torch.Tensor | None:
+        """L_i(0) as far as it is known (None before the first step)."""
+        return None if self.initial_count == 0 else self.initial_sum / self.initial_count
+
+    @property
+    def pending_grad(self) -> torch.Tensor | None:
+        """∂L_grad/∂w summed over the ``backward`` calls since the last step (None when there were none)."""
+        pending = self.learned.pending
+        return None if pending is None else pending.clone()
+
+    def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+        values = losses.detach().to("cpu", torch.float64)
+        negative = [i for i, v in enumerate(values.tolist()) if v < 0]
+        if negative:
+            raise ValueError(
+                f"gradnorm needs losses >= 0 (it compares L_i(t)/L_i(0)); "
+                f"task(s) {negative} have {values.tolist()}"
+            )
+        initial_sum, initial_count = self.initial_sum, self.initial_count
+        if initial_count < self.initial_steps:
+            initial_sum, initial_count = initial_sum + values, initial_count + 1
+        initial = initial_sum / initial_count
+        zero = [i for i, v in enumerate(initial.tolist()) if v <= 0]
+        if zero:
+            raise ValueError(
+                f"gradnorm needs L_i(0) > 0 to form loss ratios; "
+                f"task(s) {zero} have L(0) = {initial.tolist()}"
+            )
+
+        ratio = values / initial
+        mean_ratio = ratio.mean()
+        # All losses at 0: every task is done, none is slower than the others.
+        rate = ratio / mean_ratio if mean_ratio > 0 else torch.ones_like(ratio)
+        norms = gram.detach().diagonal().to("cpu", torch.float64).clamp_min(0).sqrt()
+        weights = self.learned.value
+        grad_norms = weights * norms
+        target = grad_norms.mean() * rate.pow(self.alpha)
+        grad = torch.sign(grad_norms - target) * norms
+
+        # Committed only now: a failed call leaves L(0) and the pending update as they were.
+        self.initial_sum, self.initial_count = initial_sum, initial_count
+        self.learned.accumulate(grad)
+        return weights.clone()
+
+    def after_step(self) -> None:
+        if self.learned is None or not self.learned.step():
+            return
+        with torch.no_grad():
+            w = self.learned.param
+            w.clamp_(min=self.min_weight)
+            w.mul_(w.shape[0] / w.sum())
+
+    def zero_grad(self) -> None:
+        if self.learned is not None:
+            self.learned.discard()
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.learned is None:
+            return {}
+        return {
+            "weights": self.learned.state_dict(),
+            "initial_sum": self.initial_sum.clone(),
+            "initial_count": self.initial_count,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "weights" not in state:
+            return
+        initial_sum = state["initial_sum"].detach().to("cpu", torch.float64).clone()
+        if initial_sum.shape != self.initial_sum.shape:
+            raise ValueError(
+                f"state has initial losses of shape {tuple(initial_sum.shape)}, "
+                f"expected {tuple(self.initial_sum.shape)}"
+            )
+        count = state["initial_count"]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"state has an invalid initial_count {count!r}")
+        self.learned.load_state_dict(state["weights"])
+        self.initial_sum, self.initial_count = initial_sum, count

@@ -1,0 +1,95 @@
+"""Uncertainty weighting: learned homoscedastic task uncertainty (Kendall, Gal & Cipolla, CVPR 2018).
+
+With s_i = log σ_i² learned per task, the objective is
+
+    total = Σ_i exp(−s_i) L_i + s_i,
+
+so the model's parameters receive Σ_i exp(−s_i) ∇L_i (the weights w_i = exp(−s_i)), and each s_i receives
+
+    ∂total/∂s_i = 1 − exp(−s_i) L_i,
+
+which vanishes at s_i = log L_i: a task with a large loss is weighted down. The s_i gradient is taken in
+this closed form from the detached loss values (no extra backward), so the method never touches d-sized
+data; it does not use the Gram matrix.
+
+How s is stepped: by a small optimizer of the method's own (option ``weight_optimizer``, ``"adam"`` by
+default, with learning rate ``lr``), on a float64 CPU vector, not by the wrapped optimizer. This keeps the
+wrapped optimizer's parameter groups, checkpoints, schedulers and weight decay (which would pull s toward
+0, i.e. σ toward 1) exactly as the user set them up, and makes the s update independent of the model's
+optimizer. The update prepared by ``backward`` is applied by ``GradSurgery.step`` after the model's step
+(it adds up over several ``backward`` calls like ``.grad``, and ``zero_grad`` drops it), so s is trained
+with the model and does not move when a step fails or is skipped. s, its pending gradient and its
+optimizer state are in ``state_dict``.
+
+Options:
+    init_log_var: initial s_i (one float for all tasks, or one per task); 0 means σ² = 1, weight 1.
+    lr: learning rate of the s optimizer.
+    weight_optimizer: ``"adam"`` (β = (0.9, 0.999), ε = 1e-8) or ``"sgd"`` (s ← s − lr (1 − exp(−s) L)).
+
+The losses are read as given: pass them unscaled (loss scaling for mixed precision would shift s by
+log(scale)). Use losses ≥ 0 (MSE, cross-entropy, as in the paper): for L_i ≤ 0, exp(−s_i) L_i + s_i has no
+minimum in s_i and s_i drifts to −∞. The name ``weight_optimizer`` (not ``optimizer``) keeps the option
+apart from ``GradSurgery``'s own first argument.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ._learned import LearnedVector, check_lr, check_optimizer, check_vector_option, expand
+from .base import Method
+
+
+class Uncertainty(Method):
+    name = "uncertainty"
+    scales_task_specific = True
+
+    def __init__(
+        self, *, init_log_var: float | list[float] = 0.0, lr: float = 0.01, weight_optimizer: str = "adam"
+    ) -> None:
+        init_log_var = check_vector_option(init_log_var, "init_log_var")
+        lr = check_lr(lr)
+        optimizer = check_optimizer(weight_optimizer, self.name)
+        super().__init__(init_log_var=init_log_var, lr=lr, weight_optimizer=optimizer)
+        self.learned: LearnedVector | None = None
+
+    def _check_num_tasks(self, num_tasks: int) -> None:
+        expand(self.options["init_log_var"], num_tasks, "init_log_var")
+
+    def _init_state(self, num_tasks: int) -> None:
+        init = expand(self.options["init_log_var"], num_tasks, "init_log_var")
+        self.learned = LearnedVector(init, self.options["weight_optimizer"], self.options["lr"])
+
+    @property
+    def log_vars(self) -> torch.Tensor:
+        """The current s_i = log σ_i² (a copy)."""
+        return self.learned.value.clone()
+
+    @property
+    def pending_grad(self) -> torch.Tensor | None:
+        """∂total/∂s summed over the ``backward`` calls since the last step (None when there were none)."""
+        pending = self.learned.pending
+        return None if pending is None else pending.clone()
+
+    def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+        weights = torch.exp(-self.learned.value)
+        grad = 1.0 - weights * losses.detach().to("cpu", torch.float64)
+        self.learned.accumulate(grad)  # the only state change, at the end
+        return weights.clone()
+
+    def after_step(self) -> None:
+        if self.learned is not None:
+            self.learned.step()
+
+    def zero_grad(self) -> None:
+        if self.learned is not None:
+            self.learned.discard()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.learned is None else {"log_vars": self.learned.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "log_vars" in state:
+            self.learned.load_state_dict(state["log_vars"])
