@@ -38,7 +38,9 @@ def active_scaler(grad_scaler: Any) -> torch.amp.GradScaler | None:
     return grad_scaler if grad_scaler.is_enabled() else None
 
 
-def scale_losses(losses: list[torch.Tensor], scaler: torch.amp.GradScaler) -> tuple[list[torch.Tensor], float]:
+def scale_losses(
+    losses: list[torch.Tensor], scaler: torch.amp.GradScaler
+) -> tuple[list[torch.Tensor], float]:
     """(L_i·s for each task, s). ``scaler.scale`` creates the scale tensor on the losses' device if needed."""
     scaled = [scaler.scale(loss) for loss in losses]
     scale = float(scaler.get_scale())
@@ -59,7 +61,11 @@ def unscale(grads: TaskGradients, scale: float) -> None:
 def all_finite(loss_values: torch.Tensor, gram: torch.Tensor, grads: TaskGradients) -> bool:
     """One synchronisation: a non-finite shared gradient makes its Gram diagonal non-finite."""
     checks = [loss_values.reshape(-1).to(gram.device, gram.dtype), gram.diagonal()]
-    checks += [g.detach().double().pow(2).sum().reshape(1).to(gram.device, gram.dtype) for e in grads.other for _, g in e]
+    checks += [
+        g.detach().double().pow(2).sum().reshape(1).to(gram.device, gram.dtype)
+        for e in grads.other
+        for _, g in e
+    ]
     return bool(torch.isfinite(torch.cat(checks)).all())
 
 

@@ -72,9 +72,11 @@ def check_not_sharded(params: Iterable[torch.Tensor]) -> None:
     for p in params:
         if isinstance(p, DTensor):
             raise TypeError(
-                "GradSurgery does not support FSDP2 (fully_shard) / DTensor parameters: autograd.grad returns "
+                "GradSurgery does not support FSDP2 (fully_shard) / DTensor parameters: autograd.grad "
+                "returns "
                 f"None for sharded parameters (found a DTensor of global shape {tuple(p.shape)}). "
-                "Wrap the model in DistributedDataParallel instead; see the README section on distributed training."
+                "Wrap the model in DistributedDataParallel instead; see the README section on distributed "
+                "training."
             )
 
 
@@ -107,9 +109,13 @@ class DistributedSync:
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown dist_strategy {strategy!r}; choose one of {STRATEGIES}")
         if model is not None and not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module (the DDP-wrapped model), got {type(model).__name__}")
+            raise TypeError(
+                f"model must be a torch.nn.Module (the DDP-wrapped model), got {type(model).__name__}"
+            )
         if process_group is not None and not _is_process_group(process_group):
-            raise TypeError(f"process_group must be a torch.distributed ProcessGroup, got {type(process_group).__name__}")
+            raise TypeError(
+                f"process_group must be a torch.distributed ProcessGroup, got {type(process_group).__name__}"
+            )
         self.model = model
         self.process_group = process_group
         self.enabled = enabled
@@ -126,8 +132,8 @@ class DistributedSync:
         if not initialized:
             if self.enabled or self.process_group is not None or is_ddp(self.model):
                 raise RuntimeError(
-                    "GradSurgery was asked to synchronise gradients (distributed=True, a process_group or a DDP "
-                    "model) but torch.distributed is not initialised"
+                    "GradSurgery was asked to synchronise gradients (distributed=True, a process_group or a "
+                    "DDP model) but torch.distributed is not initialised"
                 )
             return None
         group = self.process_group
@@ -140,7 +146,8 @@ class DistributedSync:
         return group
 
     def no_sync(self) -> contextlib.AbstractContextManager:
-        """DDP's ``no_sync()`` when the DDP module is known: its gradient hooks must not fire on task gradients."""
+        """DDP's ``no_sync()`` when the DDP module is known: its gradient hooks must not fire on task
+        gradients."""
         return self.model.no_sync() if is_ddp(self.model) else contextlib.nullcontext()
 
     # -- agreement between ranks ----------------------------------------------------------------------------
@@ -170,7 +177,8 @@ class DistributedSync:
             raise failure
         if failed:
             raise RuntimeError(
-                f"GradSurgery.backward failed its checks on rank {failed - 1}; this rank (rank {rank}) stops too"
+                f"GradSurgery.backward failed its checks on rank {failed - 1}; "
+                f"this rank (rank {rank}) stops too"
             )
         if t_max != t_min:
             raise ValueError(
@@ -179,8 +187,8 @@ class DistributedSync:
             )
         if s_max != s_min:
             raise ValueError(
-                "ranks reached different parameters with their tasks (the shared / task-specific layout differs "
-                "between ranks); every rank must compute every task loss through the same parameters"
+                "ranks reached different parameters with their tasks (the shared / task-specific layout "
+                "differs between ranks); every rank must compute every task loss through the same parameters"
             )
 
     def share_rng(self, method: Method, group: Any, device: torch.device) -> None:
@@ -195,7 +203,7 @@ class DistributedSync:
             gen.set_state(state.cpu())
         self.rng_shared = True
 
-    # -- the two exact reductions -----------------------------------------------------------------------------
+    # -- the two exact reductions ----------------------------------------------------------------------------
     def allreduce(self, group: Any, grads: TaskGradients, loss_values: torch.Tensor) -> torch.Tensor:
         """Average J in place (one all-reduce of the T×d buffer), then the task-specific gradients and the
         losses (one small all-reduce per dtype); returns the mean losses."""

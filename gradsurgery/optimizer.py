@@ -76,7 +76,9 @@ class GradSurgery(torch.optim.Optimizer):
             raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
         if not isinstance(gram_dtype, torch.dtype) or not gram_dtype.is_floating_point:
             raise TypeError(f"gram_dtype must be a floating torch.dtype, got {gram_dtype!r}")
-        sync = DistributedSync(model=model, process_group=process_group, enabled=distributed, strategy=dist_strategy)
+        sync = DistributedSync(
+            model=model, process_group=process_group, enabled=distributed, strategy=dist_strategy
+        )
         check_not_sharded(p for g in optimizer.param_groups for p in g["params"])
         self.method = make_method(method, **options)
         if shared_params is not None:
@@ -137,10 +139,12 @@ class GradSurgery(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the wrapped optimizer and the method. A state dict from another method, task count or
-        option set is refused before anything changes; a plain optimizer state dict restores the optimizer only.
+        option set is refused before anything changes; a plain optimizer state dict restores the optimizer
+        only.
 
-        The wrapped optimizer's ``param_groups`` list and ``state`` dict keep their identity (they are refilled
-        in place), so every holder of a reference (schedulers, framework proxies) sees the restored values.
+        The wrapped optimizer's ``param_groups`` list and ``state`` dict keep their identity (they are
+        refilled in place), so every holder of a reference (schedulers, framework proxies) sees the restored
+        values.
         """
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
@@ -229,8 +233,8 @@ class GradSurgery(torch.optim.Optimizer):
         if features is not None:
             if scaler is not None or group is not None:
                 raise ValueError(
-                    "representation mode (features=) does not support grad_scaler= or distributed training yet; "
-                    "use the full mode (no features=)"
+                    "representation mode (features=) does not support grad_scaler= or distributed training "
+                    "yet; use the full mode (no features=)"
                 )
             losses = self._check_losses(losses)
             return representation_backward(self, losses, features, retain_graph=retain_graph)
@@ -266,7 +270,9 @@ class GradSurgery(torch.optim.Optimizer):
         if scale is not None and not amp.all_finite(loss_values, gram, grads):
             amp.mark_overflow(amp.reached_params(grads))
             nan = torch.full((num_tasks,), float("nan"), dtype=gram.dtype, device=gram.device)
-            return StepInfo(weights=nan, losses=loss_values, gram=gram, method=self.method.name, overflow=True)
+            return StepInfo(
+                weights=nan, losses=loss_values, gram=gram, method=self.method.name, overflow=True
+            )
         self._check_finite(loss_values, gram, grads)
         weights = self.method(gram, loss_values.to(gram.device))
         fused = None

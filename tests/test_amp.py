@@ -2,7 +2,8 @@
 
 Reference: the same model in plain float32 without a scaler, its fused gradient written in d-space with the
 two-task closed forms. The usual recipe ``backward(losses, grad_scaler=scaler)`` → ``scaler.unscale_`` →
-clip → ``scaler.step`` → ``scaler.update`` must give that gradient and step, and an overflow must move nothing.
+clip → ``scaler.step`` → ``scaler.update`` must give that gradient and step, and an overflow must move
+nothing.
 """
 
 from __future__ import annotations
@@ -75,8 +76,12 @@ def reference(method: str) -> tuple[torch.Tensor, torch.Tensor]:
     ga = torch.cat([g.reshape(-1) for g in torch.autograd.grad(la, trunk, retain_graph=True)])
     gb = torch.cat([g.reshape(-1) for g in torch.autograd.grad(lb, trunk, retain_graph=True)])
     assert float(ga @ gb) < 0  # the tasks conflict, so the methods differ from the plain sum
-    heads = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(head.parameters()), retain_graph=True)])
-             for loss, head in ((la, net.head_a), (lb, net.head_b))]
+    heads = [
+        torch.cat(
+            [g.reshape(-1) for g in torch.autograd.grad(loss, list(head.parameters()), retain_graph=True)]
+        )
+        for loss, head in ((la, net.head_a), (lb, net.head_b))
+    ]
     return torch.cat([closed_form(method, ga, gb)] + heads), torch.stack([ga.norm(), gb.norm()])
 
 
@@ -118,7 +123,8 @@ def test_scaled_step_matches_float32_reference(dtype, method):
 
 
 def pcgrad_reference(grads: list[torch.Tensor], orders: list[list[int]]) -> torch.Tensor:
-    """PCGrad in d-space (Yu et al. 2020): project g_i off each conflicting original g_j, in the given order."""
+    """PCGrad in d-space (Yu et al. 2020): project g_i off each conflicting original g_j, in the given
+    order."""
     total = torch.zeros_like(grads[0])
     for i, order in enumerate(orders):
         g = grads[i].clone()
@@ -168,12 +174,16 @@ def test_overflow_moves_nothing_and_keeps_method_state(method):
     scaler.unscale_(opt)
     if method == "pcgrad":
         gen = torch.Generator().manual_seed(5)
-        orders = [[others[k] for k in torch.randperm(2, generator=gen).tolist()]
-                  for others in ([1, 2], [0, 2], [0, 1])]
+        orders = [
+            [others[k] for k in torch.randperm(2, generator=gen).tolist()]
+            for others in ([1, 2], [0, 2], [0, 1])
+        ]
         ref = make()
         trunk = list(ref.trunk.parameters())
-        task_grads = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, trunk, retain_graph=True)])
-                      for loss in losses_of(ref, x, y, tasks=3)]
+        task_grads = [
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, trunk, retain_graph=True)])
+            for loss in losses_of(ref, x, y, tasks=3)
+        ]
         got = torch.cat([p.grad.reshape(-1) for p in net.trunk.parameters()])
         torch.testing.assert_close(got, pcgrad_reference(task_grads, orders), rtol=3e-3, atol=3e-4)
     scaler.step(opt)

@@ -33,7 +33,11 @@ def train(net, opt, steps, start):
         gen = torch.Generator().manual_seed(k)
         x = torch.randn(8, 4, generator=gen)
         out = net(x)
-        losses = [out[:, 0].pow(2).mean(), (out[:, 1] - out[:, 0] - 1).pow(2).mean(), (out[:, 2] + 2 * out[:, 0]).abs().mean()]
+        losses = [
+            out[:, 0].pow(2).mean(),
+            (out[:, 1] - out[:, 0] - 1).pow(2).mean(),
+            (out[:, 2] + 2 * out[:, 0]).abs().mean(),
+        ]
         opt.zero_grad()
         infos.append(opt.backward(losses))
         opt.step()

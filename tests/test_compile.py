@@ -47,7 +47,8 @@ def test_compiled_model_trains_like_the_eager_one():
 
 
 def mgda_two_fusion(jac: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two-task MGDA as a branch-free function of the Gram matrix: α = clip((G₂₂ − G₁₂)/(G₁₁ − 2G₁₂ + G₂₂), 0, 1)."""
+    """Two-task MGDA as a branch-free function of the Gram matrix:
+    α = clip((G₂₂ − G₁₂)/(G₁₁ − 2G₁₂ + G₂₂), 0, 1)."""
     gram = gram_matrix(jac)
     denom = gram[0, 0] - 2 * gram[0, 1] + gram[1, 1]
     alpha = torch.where(denom > 0, (gram[1, 1] - gram[0, 1]) / denom.clamp_min(1e-300), 0.5).clamp(0, 1)
@@ -57,7 +58,9 @@ def mgda_two_fusion(jac: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_branch_free_fusion_compiles_without_graph_breaks():
     torch._dynamo.reset()
-    fused_fn = torch.compile(mgda_two_fusion, fullgraph=True, backend="eager")  # fullgraph: a break is an error
+    fused_fn = torch.compile(
+        mgda_two_fusion, fullgraph=True, backend="eager"
+    )  # fullgraph: a break is an error
     gen = torch.Generator().manual_seed(2)
     for _ in range(3):
         jac = torch.randn(2, 50, generator=gen)

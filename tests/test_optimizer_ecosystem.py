@@ -1,4 +1,5 @@
-"""GradSurgery where an optimizer was: LR schedulers, parameter groups, clipping, accumulation, copies, bad input.
+"""GradSurgery where an optimizer was: LR schedulers, parameter groups, clipping, accumulation, copies,
+bad input.
 
 References are plain PyTorch: the bare optimizer for schedulers, and the two-task MGDA closed form written in
 d-space (α = clip(⟨g₂ − g₁, g₂⟩ / ‖g₁ − g₂‖², 0, 1), u = α g₁ + (1 − α) g₂) for the fused gradient.
@@ -25,7 +26,9 @@ SCHEDULERS = {
     "CosineAnnealingLR": lambda o: sched.CosineAnnealingLR(o, T_max=5),
     "ReduceLROnPlateau": lambda o: sched.ReduceLROnPlateau(o, factor=0.5, patience=0),
     "SequentialLR": lambda o: sched.SequentialLR(
-        o, [sched.LinearLR(o, start_factor=0.1, total_iters=2), sched.ExponentialLR(o, gamma=0.9)], milestones=[2]
+        o,
+        [sched.LinearLR(o, start_factor=0.1, total_iters=2), sched.ExponentialLR(o, gamma=0.9)],
+        milestones=[2],
     ),
 }
 INNER = {
@@ -76,7 +79,7 @@ def per_task_grads(model, losses, params):
     return [torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) for loss in losses]
 
 
-# -- LR schedulers --------------------------------------------------------------------------------------------
+# -- LR schedulers -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("inner", sorted(INNER))
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))
 def test_scheduler_matches_bare_optimizer(name, inner):
@@ -112,13 +115,15 @@ def test_scheduler_matches_bare_optimizer(name, inner):
     assert wrapped.optimizer.param_groups[0]["lr"] == lrs_bare[-1]  # the inner optimizer saw the schedule
 
 
-# -- parameter groups -----------------------------------------------------------------------------------------
+# -- parameter groups ----------------------------------------------------------------------------------------
 def test_per_group_learning_rates_frozen_and_unreached_parameters():
     model = make_model()
     trunk = list(model.trunk.parameters())
     heads = list(model.head_a.parameters()) + list(model.head_b.parameters())
     opt = GradSurgery(
-        torch.optim.SGD([{"params": trunk, "lr": 0.1}, {"params": heads + [model.frozen, model.unused], "lr": 0.01}]),
+        torch.optim.SGD(
+            [{"params": trunk, "lr": 0.1}, {"params": heads + [model.frozen, model.unused], "lr": 0.01}]
+        ),
         method="mgda",
     )
     x, y = batch(1)
@@ -144,7 +149,9 @@ def test_per_group_learning_rates_frozen_and_unreached_parameters():
 
 def test_add_param_group_before_scheduler():
     model = make_model()
-    opt = GradSurgery(torch.optim.SGD(list(model.trunk.parameters()) + list(model.head_a.parameters()), lr=0.1), "mgda")
+    opt = GradSurgery(
+        torch.optim.SGD(list(model.trunk.parameters()) + list(model.head_a.parameters()), lr=0.1), "mgda"
+    )
     x, y = batch(2)
     opt.zero_grad()
     opt.backward(two_losses(model, x, y)[:1] * 1 + [model.head_a(torch.tanh(model.trunk(x))).mean()])
@@ -161,21 +168,32 @@ def test_add_param_group_before_scheduler():
     opt.step()
     scheduler.step()
     for p, b, g in zip(model.head_b.parameters(), before, gb, strict=True):
-        torch.testing.assert_close(p.detach(), b - 0.5 * g)  # the new group's own LR, its task's plain gradient
+        torch.testing.assert_close(
+            p.detach(), b - 0.5 * g
+        )  # the new group's own LR, its task's plain gradient
     assert [g["lr"] for g in opt.param_groups] == [0.05, 0.25]
 
 
-# -- clipping and accumulation --------------------------------------------------------------------------------
+# -- clipping and accumulation -------------------------------------------------------------------------------
 def test_gradient_clipping_between_backward_and_step():
     model = make_model()
-    params = list(model.trunk.parameters()) + list(model.head_a.parameters()) + list(model.head_b.parameters())
+    params = (
+        list(model.trunk.parameters()) + list(model.head_a.parameters()) + list(model.head_b.parameters())
+    )
     opt = GradSurgery(torch.optim.SGD(params, lr=0.3), "mgda")
     x, y = batch(3)
     losses = two_losses(model, x, y)
     ga, gb = per_task_grads(model, losses, params)
-    fused_trunk = mgda_two(torch.cat([g.reshape(-1) for g in ga[:2]]), torch.cat([g.reshape(-1) for g in gb[:2]]))
-    expected = torch.cat([fused_trunk, torch.cat([g.reshape(-1) for g in ga[2:4]]),
-                          torch.cat([g.reshape(-1) for g in gb[4:6]])])
+    fused_trunk = mgda_two(
+        torch.cat([g.reshape(-1) for g in ga[:2]]), torch.cat([g.reshape(-1) for g in gb[:2]])
+    )
+    expected = torch.cat(
+        [
+            fused_trunk,
+            torch.cat([g.reshape(-1) for g in ga[2:4]]),
+            torch.cat([g.reshape(-1) for g in gb[4:6]]),
+        ]
+    )
     max_norm = 0.1
     assert float(expected.norm()) > max_norm
     expected = expected * (max_norm / expected.norm())
@@ -211,7 +229,7 @@ def test_accumulation_adds_fused_gradients_per_micro_batch():
     assert float((once - got).abs().max()) > 1e-4
 
 
-# -- the Gram matrix's precision --------------------------------------------------------------------------------
+# -- the Gram matrix's precision -----------------------------------------------------------------------------
 def test_gram_accumulated_in_float64_keeps_small_inner_products():
     # Three entries in three different column chunks of the Gram product: 2²⁴, 1 and −2²⁴ against ones.
     d = 2 * CHUNK + 1
@@ -229,7 +247,7 @@ def test_gram_accumulated_in_float64_keeps_small_inner_products():
     assert info.gram.device == w.device and info.weights.device == w.device
 
 
-# -- copies ---------------------------------------------------------------------------------------------------
+# -- copies --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 @pytest.mark.parametrize("method", ["mgda", "pcgrad", "gradvac"])
 def test_copied_wrapper_continues_identically(method, how):
@@ -241,7 +259,11 @@ def test_copied_wrapper_continues_identically(method, how):
         for k in range(steps):
             x, _ = batch(seed + k)
             out = model(x)
-            losses = [out[:, 0].pow(2).mean(), (out[:, 1] - 1).pow(2).mean(), (out[:, 2] + out[:, 0]).abs().mean()]
+            losses = [
+                out[:, 0].pow(2).mean(),
+                (out[:, 1] - 1).pow(2).mean(),
+                (out[:, 2] + out[:, 0]).abs().mean(),
+            ]
             optimizer.zero_grad()
             optimizer.backward(losses)
             optimizer.step()
@@ -257,7 +279,7 @@ def test_copied_wrapper_continues_identically(method, how):
         assert torch.equal(p, q)
 
 
-# -- bad input --------------------------------------------------------------------------------------------------
+# -- bad input -----------------------------------------------------------------------------------------------
 def test_wrapping_something_that_is_not_an_optimizer():
     w = nn.Parameter(torch.zeros(2))
     with pytest.raises(TypeError, match="torch.optim.Optimizer, got list"):
