@@ -232,8 +232,11 @@ class DistributedSync:
         jac = grads.jacobian
         num_tasks, dim = jac.shape
         width = max(1, math.ceil(dim / n))
-        padded = jac.new_zeros(num_tasks, n * width)
-        padded[:, :dim] = jac
+        if dim == n * width:
+            padded = jac
+        else:
+            padded = jac.new_zeros(num_tasks, n * width)
+            padded[:, :dim] = jac
         # Rank k receives columns [k·width, (k+1)·width): lay the n blocks out one after the other.
         blocks = padded.view(num_tasks, n, width).transpose(0, 1).contiguous()
         shard = jac.new_empty(num_tasks, width)

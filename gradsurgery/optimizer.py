@@ -200,6 +200,9 @@ class GradSurgery(torch.optim.Optimizer):
         return f"GradSurgery(method={self.method!r}, optimizer={self.optimizer!r})"
 
     # -- the multi-task backward -------------------------------------------------------------------------
+    # Never traced by torch.compile: the methods run NumPy/SciPy/cvxpy on the host and the gradients are
+    # taken with autograd.grad, so a compiled training step runs this part eagerly (its model still compiles).
+    @torch.compiler.disable
     def backward(
         self,
         losses: Sequence[torch.Tensor] | torch.Tensor,

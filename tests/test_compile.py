@@ -69,3 +69,30 @@ def test_branch_free_fusion_compiles_without_graph_breaks():
         weights, fused = fused_fn(jac)
         torch.testing.assert_close(weights, torch.stack([alpha, 1 - alpha]))
         torch.testing.assert_close(fused, (alpha * g1 + (1 - alpha) * g2).float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["mgda", "pcgrad"])
+def test_compiled_training_step_around_backward(method):
+    # The whole step (forward, GradSurgery.backward, step) under torch.compile: backward runs eagerly.
+    torch._dynamo.reset()
+    x, y = torch.randn(16, 4, generator=torch.Generator().manual_seed(3)), torch.randn(16, 2)
+    results = []
+    for compiled in (False, True):
+        model = make()
+        opt = GradSurgery(
+            torch.optim.SGD(model.parameters(), lr=0.1), method, **({"seed": 0} if method == "pcgrad" else {})
+        )
+
+        def step(model=model, opt=opt):
+            out = model(x)
+            losses = [(out[:, 0] - y[:, 0]).pow(2).mean(), (out[:, 1] + y[:, 0]).pow(2).mean()]
+            opt.zero_grad()
+            info = opt.backward(losses)
+            opt.step()
+            return info.weights
+
+        run = torch.compile(step, backend="eager") if compiled else step
+        weights = torch.stack([run() for _ in range(3)])
+        results.append((torch.cat([p.detach().reshape(-1) for p in model.parameters()]), weights))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-6, atol=1e-9)

@@ -42,10 +42,15 @@ class Net(nn.Module):
         super().__init__()
         self.trunk = nn.Sequential(nn.Linear(5, 7), nn.Tanh())
         self.heads = nn.ModuleList(nn.Linear(7, 1) for _ in range(num_tasks))
+        # The 3-task net has one more shared scalar: d = 43 is odd, so the sharded path pads its blocks
+        # (the 2-task net's d = 42 splits evenly).
+        self.gain = nn.Parameter(torch.ones(1)) if num_tasks == 3 else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # One output per head (not one concatenated tensor, whose backward would reach every head).
         h = self.trunk(x)
+        if self.gain is not None:
+            h = h * self.gain
         return tuple(head(h).squeeze(1) for head in self.heads)
 
 
