@@ -39,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import math
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -251,6 +251,25 @@ class DistributedSync:
             g.div_(n)
         gram = packed[: num_tasks * num_tasks].view(num_tasks, num_tasks)
         return shard, gram, packed[num_tasks * num_tasks :].div(n).to(loss_values.dtype)
+
+    def average(self, group: Any, values: torch.Tensor) -> torch.Tensor:
+        """The mean of ``values`` over the ranks (a new tensor)."""
+        dist = _dist()
+        out = values.clone()
+        dist.all_reduce(out, group=group)
+        return out.div_(dist.get_world_size(group))
+
+    def average_gradients(
+        self, group: Any, params: list[torch.Tensor], grads: Sequence[torch.Tensor | None]
+    ) -> list[torch.Tensor | None]:
+        """Mean of one gradient per parameter over the ranks (loss-weighting methods' single backward); a
+        parameter keeps None only when no rank reached it."""
+        dist = _dist()
+        n = dist.get_world_size(group)
+        filled = [g if g is not None else torch.zeros_like(p) for p, g in zip(params, grads, strict=True)]
+        reached = torch.tensor([float(g is not None) for g in grads], dtype=torch.float64, device=params[0].device)
+        _sum_in_place(filled + [reached], group)
+        return [g.div_(n) if r > 0 else None for g, r in zip(filled, reached.tolist(), strict=True)]
 
     def gather_fused(self, group: Any, shard: torch.Tensor, weights: torch.Tensor, dim: int) -> torch.Tensor:
         """u = Jᵀw from each rank's shard: fuse locally, all-gather the d/n pieces."""

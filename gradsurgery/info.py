@@ -6,7 +6,8 @@ extra backward pass and no d-sized work. Tensors stay on the parameters' device;
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -17,14 +18,23 @@ class StepInfo:
 
     weights: torch.Tensor  # (T,)
     losses: torch.Tensor  # (T,), detached
-    gram: torch.Tensor  # (T, T) float64, Gram matrix of the task gradients on the shared parameters
+    # (T, T) float64, Gram matrix of the task gradients on the shared parameters; None for methods that take a
+    # single backward pass (``Method.needs_gram = False``): the Gram-derived diagnostics below are then NaN.
+    gram: torch.Tensor | None
     method: str = ""
     #: ``"full"``: ``gram`` is over the shared parameters; ``"representation"``: over the shared features
     #: passed as ``backward(..., features=z)`` (then ``grad_norms``, ``cosines`` and ``fused_norm`` are
     #: those of the gradients with respect to z).
     mode: str = "full"
+    extras: dict[str, Any] = field(default_factory=dict)  # method-specific, from ``Method.info_extras()``
     #: True when a GradScaler step overflowed: nothing was fused, ``weights`` are NaN, ``.grad`` holds inf.
     overflow: bool = False
+
+    def _measured_gram(self) -> torch.Tensor:
+        if self.gram is None:
+            t = self.weights.shape[0]
+            return torch.full((t, t), float("nan"), dtype=torch.float64, device=self.weights.device)
+        return self.gram
 
     @property
     def num_tasks(self) -> int:
@@ -33,11 +43,13 @@ class StepInfo:
     @property
     def grad_norms(self) -> torch.Tensor:
         """‖g_i‖ on the shared parameters."""
-        return self.gram.diagonal().clamp_min(0).sqrt()
+        return self._measured_gram().diagonal().clamp_min(0).sqrt()
 
     @property
     def cosines(self) -> torch.Tensor:
         """cos(g_i, g_j); 0 where a gradient is zero (no direction to compare)."""
+        if self.gram is None:
+            return self._measured_gram()
         norms = self.grad_norms
         denom = torch.outer(norms, norms)
         cos = torch.where(denom > 0, self.gram / torch.where(denom > 0, denom, 1), 0)
@@ -45,14 +57,15 @@ class StepInfo:
 
     @property
     def num_conflicts(self) -> int:
-        """Number of unordered task pairs whose gradients conflict (cosine < 0)."""
+        """Number of unordered task pairs whose gradients conflict (cosine < 0); 0 when G was not measured."""
         return int(torch.triu(self.cosines < 0, diagonal=1).sum())
 
     @property
     def fused_norm(self) -> torch.Tensor:
         """‖u‖ of the fused shared gradient, from wᵀGw."""
-        w = self.weights.to(self.gram.dtype)
-        return (w @ self.gram @ w).clamp_min(0).sqrt()
+        gram = self._measured_gram()
+        w = self.weights.to(gram.dtype)
+        return (w @ gram @ w).clamp_min(0).sqrt()
 
     def as_dict(self, task_names: list[str] | None = None) -> dict[str, float]:
         """Flat scalars for a logger: ``weight/<task>``, ``loss/<task>``, ``grad_norm/<task>``, ``cos/<a>,<b>``."""
@@ -68,6 +81,6 @@ class StepInfo:
             out[f"grad_norm/{name}"] = norms[i]
             for j in range(i + 1, self.num_tasks):
                 out[f"cos/{name},{names[j]}"] = cos[i][j]
-        out["num_conflicts"] = float(self.num_conflicts)
+        out["num_conflicts"] = float(self.num_conflicts) if self.gram is not None else float("nan")
         out["fused_norm"] = float(self.fused_norm)
         return out

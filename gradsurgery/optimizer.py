@@ -12,6 +12,7 @@ their gradients and the method state as they were.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -243,20 +244,26 @@ class GradSurgery(torch.optim.Optimizer):
             return representation_backward(self, losses, features, retain_graph=retain_graph)
         device = self._device()
         scale = None
+        weighted = not self.method.needs_gram
         try:
             losses = self._check_losses(losses)
-            grad_losses = losses
-            if scaler is not None:
-                grad_losses, scale = amp.scale_losses(losses, scaler)
-            grads = self._collect(grad_losses, retain_graph)
+            grads = None
+            if not weighted:
+                grad_losses = losses
+                if scaler is not None:
+                    grad_losses, scale = amp.scale_losses(losses, scaler)
+                grads = self._collect(grad_losses, retain_graph)
         except (TypeError, ValueError) as err:
             if group is not None:
                 self.sync.agree(group, device, failure=err)  # the other ranks stop too, then this raises err
             raise
         num_tasks = len(losses)
         if group is not None:
-            self.sync.agree(group, device, num_tasks=num_tasks, signature=layout_signature(grads, num_tasks))
+            signature = 0 if grads is None else layout_signature(grads, num_tasks)
+            self.sync.agree(group, device, num_tasks=num_tasks, signature=signature)
         self.method.bind(num_tasks)
+        if weighted:
+            return self._backward_weighted(losses, retain_graph, scaler=scaler, group=group, device=device)
         if scale is not None:
             amp.unscale(grads, scale)
         loss_values = torch.stack([loss.detach().reshape(()) for loss in losses]).to(self.gram_dtype)
@@ -272,10 +279,7 @@ class GradSurgery(torch.optim.Optimizer):
                 gram = gram_matrix(grads.jacobian, self.gram_dtype)
         if scale is not None and not amp.all_finite(loss_values, gram, grads):
             amp.mark_overflow(amp.reached_params(grads))
-            nan = torch.full((num_tasks,), float("nan"), dtype=gram.dtype, device=gram.device)
-            return StepInfo(
-                weights=nan, losses=loss_values, gram=gram, method=self.method.name, overflow=True
-            )
+            return self._overflow_info(loss_values, gram)
         self._check_finite(loss_values, gram, grads)
         weights = self.method(gram, loss_values.to(gram.device))
         fused = None
@@ -283,7 +287,82 @@ class GradSurgery(torch.optim.Optimizer):
             fused = self.sync.gather_fused(group, shard, weights, grads.layout.dim)
         for p, g in self._fused_gradients(grads, weights, fused):
             _accumulate(p, g if scale is None else g * scale)
-        return StepInfo(weights=weights, losses=loss_values, gram=gram, method=self.method.name)
+        return StepInfo(
+            weights=weights,
+            losses=loss_values,
+            gram=gram,
+            method=self.method.name,
+            extras=self.method.info_extras(),
+        )
+
+    def _backward_weighted(
+        self,
+        losses: list[torch.Tensor],
+        retain_graph: bool,
+        *,
+        scaler: torch.amp.GradScaler | None = None,
+        group: Any = None,
+        device: torch.device | None = None,
+    ) -> StepInfo:
+        """Loss weightings that need no per-task gradient (``Method.needs_gram = False``, e.g. FAMO, RLW).
+
+        The weights come from the loss values alone, so one backward pass of Σ_i w_i L_i gives every parameter
+        Σ_i w_i g_i, exactly what the per-task path gives a loss weighting, for one backward instead of T and
+        no T×d Jacobian. No Gram matrix is formed (``StepInfo.gram`` is None), and a loss that reaches no
+        parameter is noticed only when none of them does. The method's state is restored when the gradients
+        turn out non-finite, so a refused call changes nothing.
+
+        With a GradScaler the weighted loss is scaled (the weights do not depend on the gradients, so this
+        equals scaling each loss) and an overflow restores the method's state. Under data parallelism the
+        loss values are averaged over the ranks before the weights are computed, and the gradient after.
+        """
+        loss_values = torch.stack([loss.detach().reshape(()) for loss in losses]).to(self.gram_dtype)
+        if group is not None:
+            self.sync.share_rng(self.method, group, device)
+            loss_values = self.sync.average(group, loss_values)
+        values = loss_values.tolist()
+        params = self._trainable_params()
+        bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+        if bad:
+            if scaler is None:
+                raise ValueError(f"non-finite loss value(s) for task(s) {bad}: {values}")
+            amp.mark_overflow(params)
+            return self._overflow_info(loss_values, None)
+        saved = copy.deepcopy(self.method.state_dict())
+        weights = self.method(None, loss_values)
+        try:
+            total = sum(w.to(loss.dtype) * loss for w, loss in zip(weights.unbind(), losses, strict=True))
+            if scaler is not None:
+                total = scaler.scale(total)  # .grad then holds s·Σ w_i g_i, as GradScaler expects
+            with self.sync.no_sync():
+                grads = torch.autograd.grad(total, params, retain_graph=retain_graph, allow_unused=True)
+            if group is not None:
+                grads = self.sync.average_gradients(group, params, grads)
+            reached = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
+            if not reached:
+                raise ValueError("the losses reach none of the optimizer's parameters")
+            if not bool(torch.stack([torch.isfinite(g).all() for _, g in reached]).all()):
+                if scaler is None:
+                    raise ValueError("non-finite (NaN/inf) gradient of the weighted loss; nothing was written")
+                self.method.load_state_dict(saved)
+                amp.mark_overflow(p for p, _ in reached)
+                return self._overflow_info(loss_values, None)
+        except BaseException:
+            self.method.load_state_dict(saved)
+            raise
+        for p, g in reached:
+            _accumulate(p, g)
+        return StepInfo(
+            weights=weights,
+            losses=loss_values,
+            gram=None,
+            method=self.method.name,
+            extras=self.method.info_extras(),
+        )
+
+    def _overflow_info(self, loss_values: torch.Tensor, gram: torch.Tensor | None) -> StepInfo:
+        nan = torch.full((len(loss_values),), float("nan"), dtype=loss_values.dtype, device=loss_values.device)
+        return StepInfo(weights=nan, losses=loss_values, gram=gram, method=self.method.name, overflow=True)
 
     def _device(self) -> torch.device:
         for group in self.param_groups:

@@ -159,4 +159,6 @@ def representation_backward(
     finally:
         for handle in handles:
             handle.remove()
-    return StepInfo(weights=weights, losses=loss_values, gram=gram, method=method.name, mode=MODE)
+    return StepInfo(
+        weights=weights, losses=loss_values, gram=gram, method=method.name, mode=MODE, extras=method.info_extras()
+    )

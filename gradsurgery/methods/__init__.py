@@ -5,17 +5,24 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from .aligned_mtl import AlignedMTL
 from .base import Method
+from .cagrad import CAGrad
 from .dwa import DWA
+from .famo import FAMO
 from .gradnorm import GradNorm
 from .gradvac import GradVac
+from .imtl import IMTL
 from .main_aux import MainAux
 from .mgda import MGDA
 from .mixed import Mixed
+from .nash_mtl import NashMTL
 from .pareto import Pareto
 from .pcgrad import PCGrad
+from .rlw import RLW
 from .sum import Sum
 from .uncertainty import Uncertainty
+from .upgrad import UPGrad
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -28,9 +35,9 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
-for _cls in (Sum, MGDA, Pareto, PCGrad, GradVac, MainAux, Mixed):
-    register(_cls)
-for _cls in (Uncertainty, GradNorm, DWA):  # loss-level weighting
+_GRADIENT_METHODS = (Sum, MGDA, Pareto, PCGrad, GradVac, MainAux, Mixed, CAGrad, NashMTL, IMTL, UPGrad, AlignedMTL)
+_LOSS_WEIGHTING = (Uncertainty, GradNorm, DWA, RLW, FAMO)
+for _cls in _GRADIENT_METHODS + _LOSS_WEIGHTING:
     register(_cls)
 
 

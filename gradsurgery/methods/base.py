@@ -24,6 +24,18 @@ class Method:
     #: Loss-weighting methods scale task-specific gradients by w_i too (the weight is a loss weight);
     #: gradient-surgery methods leave a task's own parameters with that task's plain gradient.
     scales_task_specific: ClassVar[bool] = False
+    #: False for loss weightings whose weights depend on the loss values only (FAMO, RLW): ``GradSurgery``
+    #: then skips the per-task gradients and the Gram matrix (``compute_weights`` gets ``gram=None``) and
+    #: takes a single backward pass of Σ_i w_i L_i. Only valid together with ``scales_task_specific = True``.
+    needs_gram: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.needs_gram and not cls.scales_task_specific:
+            raise TypeError(
+                f"{cls.__name__}: needs_gram = False needs scales_task_specific = True "
+                "(one backward of Σ w_i L_i scales the task-specific gradients too)"
+            )
 
     def __init__(self, **options: Any) -> None:
         self.options: dict[str, Any] = dict(options)
@@ -48,11 +60,12 @@ class Method:
         """Create the method's T-dependent state."""
 
     # -- the computation ---------------------------------------------------------------------------------
-    def __call__(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    def __call__(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
+        like = gram if gram is not None else losses
         if self.num_tasks is None:
-            self.bind(gram.shape[0])
+            self.bind(like.shape[0])
         weights = self.compute_weights(gram, losses)
-        return weights.to(device=gram.device, dtype=gram.dtype)
+        return weights.to(device=like.device, dtype=like.dtype)
 
     def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
         """Weights w (shape (T,)) from the float64 Gram matrix and the detached losses."""
@@ -67,6 +80,10 @@ class Method:
     def zero_grad(self) -> None:
         """Called by ``GradSurgery.zero_grad``: drop updates prepared by ``backward`` calls not stepped yet,
         as the parameters' ``.grad`` are dropped. No-op by default."""
+    def info_extras(self) -> dict[str, Any]:
+        """Method-specific diagnostics of the last call, copied into ``StepInfo.extras`` (e.g. solver
+        failures)."""
+        return {}
 
     # -- checkpoints -------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,221 @@
+"""Nash-MTL: multi-task learning as a bargaining game (Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik &
+Fetaya, ICML 2022).
+
+The update is the Nash bargaining solution among the tasks, u = argmax_{‖u‖ ≤ ε} Σ_i log ⟨u, g_i⟩. The
+paper shows it is u = Σ_i α_i g_i with α > 0 solving
+
+    G α = 1 / α      (elementwise: α_i (G α)_i = 1 for every i),
+
+so ⟨u, g_i⟩ = 1/α_i and ‖u‖² = αᵀ G α = T: the step has norm √T whatever the gradients' scale, and a task
+with a small gradient gets a large weight.
+
+Solving it (the paper's Section 3.2). With φ_i(α) = log α_i + log (Gα)_i, the α sought minimises
+Σ_i φ_i(α) subject to φ_i(α) ≥ 0. The objective is concave, so it is replaced by its linearisation at the
+current iterate α_τ (a convex-concave procedure); following the authors' code the term Σ_i (Gα)_i is added:
+
+    α_{τ+1} = argmin_{α ≥ 0}  (G 1 + ∇φ(α_τ))ᵀ α   s.t.  log α_i + log (Gα)_i ≥ 0,
+    ∇φ(α_τ) = 1/α_τ + G (1 / Gα_τ),
+
+for at most ``max_iter`` iterations, stopping early when max_i |α_i (Gα)_i − 1| < 1e-6 or when α stops
+moving. The problem is built once with cvxpy Parameters (G and the linear coefficients; it is DPP, so it is
+compiled once) and solved with Clarabel, which cvxpy installs (exponential cones; ECOS, which the authors
+used, no longer ships with cvxpy). It is solved on Ĝ = G/‖G‖_F for conditioning; α = α̂/√‖G‖_F then solves
+the original equation. The authors' code feeds α̂ itself to the losses (a step √‖G‖_F times larger, then
+clips the gradient norm); this implementation returns the paper's α.
+
+Start point (the warm start): the previous step's α̂, else all ones, else the MGDA min-norm weights
+(mixed with a little of the uniform ones so that every α_i > 0), the first one with Ĝα > 0 (the
+linearisation needs log (Gα)). If even the min-norm point gives no positive improvement, some gradient is
+zero or zero lies in the convex hull of the gradients (a Pareto-stationary point): then no direction
+improves every task and the bargaining problem has no solution. Clarabel's own warm start is not used: it
+makes the answer depend on the solve history, and a resumed run would not be bit-identical.
+
+``update_every`` = k solves on every k-th step only and reuses the last weights in between.
+
+Failures are never silent: when the solver raises, returns a non-optimal status, or the problem has no
+solution (above), a ``SolverFallbackWarning`` names the reason and the weights used instead (this step's last
+completed iterate, else the previous step's weights, else all ones: the plain sum), and the
+``solver_failures`` counter (also in ``StepInfo.extras`` and the state dict) goes up by one.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import cvxpy as cp
+import numpy as np
+import torch
+
+from ..solvers import simplex_min_norm
+from .base import Method, gram_to_numpy
+
+_RESIDUAL_TOL = 1e-6
+_STEP_TOL = 1e-9
+
+
+class SolverFallbackWarning(UserWarning):
+    """A method's solver failed; the warning names the fallback the step used instead."""
+
+
+class _NoSolution(Exception):
+    """Raised inside a solve; the message says why, the fallback is chosen by the caller."""
+
+
+def _positive_int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{what} must be >= 1, got {value}")
+    return value
+
+
+def nash_residual(gram: np.ndarray, alpha: np.ndarray) -> float:
+    """max_i |α_i (Gα)_i − 1|: zero exactly at the Nash bargaining weights of G."""
+    return float(np.abs(alpha * (gram @ alpha) - 1.0).max())
+
+
+class NashMTL(Method):
+    name = "nash_mtl"
+
+    def __init__(self, *, update_every: int = 1, max_iter: int = 20) -> None:
+        update_every = _positive_int(update_every, "update_every")
+        max_iter = _positive_int(max_iter, "max_iter")
+        super().__init__(update_every=update_every, max_iter=max_iter)
+        self.update_every = update_every
+        self.max_iter = max_iter
+        self.steps = 0
+        self.solver_failures = 0
+        self.last_iterations = 0
+        self.alpha: np.ndarray | None = None  # last α̂ (on the normalised Gram matrix): the next start point
+        self.weights: np.ndarray | None = None  # last weights on the raw gradients, reused between solves
+        self._problem: cp.Problem | None = None
+
+    def _init_state(self, num_tasks: int) -> None:
+        self._variable = cp.Variable(num_tasks, nonneg=True)
+        self._gram = cp.Parameter((num_tasks, num_tasks))
+        self._linear = cp.Parameter(num_tasks)
+        constraints = [cp.log(self._variable) + cp.log(self._gram @ self._variable) >= 0]
+        self._problem = cp.Problem(cp.Minimize(self._linear @ self._variable), constraints)
+
+    # -- one solve ---------------------------------------------------------------------------------------
+    def _start(self, g: np.ndarray) -> np.ndarray:
+        t = g.shape[0]
+        floor = 1e-12 * float(np.abs(g).max())
+        for candidate in (self.alpha, np.ones(t)):
+            if candidate is not None and np.all(g @ candidate > floor):
+                return candidate
+        mgda = np.clip(np.asarray(simplex_min_norm(g), dtype=np.float64), 0.0, None)
+        if np.all(g @ mgda > floor):
+            # The linearisation divides by α: mix in a little of the uniform weights to make every entry
+            # positive while Gα stays positive (it does for a small enough share, since G·mgda > 0).
+            share = 0.5
+            for _ in range(60):
+                candidate = (1.0 - share) * mgda + share / t
+                if np.all(g @ candidate > floor):
+                    return candidate
+                share /= 2
+        raise _NoSolution(
+            "no direction improves every task (a zero gradient, or zero in the convex hull of the gradients: "
+            "a Pareto-stationary point), so the bargaining problem has no solution"
+        )
+
+    def _solve_subproblem(self, alpha: np.ndarray) -> np.ndarray:
+        """One convex-concave iteration from α_τ = ``alpha`` (the Gram parameter is already set)."""
+        g = self._gram.value
+        self._linear.value = g.sum(axis=0) + 1.0 / alpha + g.T @ (1.0 / (g @ alpha))
+        try:
+            # No solver-level warm start: cvxpy would hand Clarabel the previous solution, making the result
+            # depend on the solve history and breaking bit-identical resumption. The sequence itself is warm
+            # started (from the previous step's α̂), which is where the saving is.
+            self._problem.solve(solver=cp.CLARABEL, warm_start=False)
+        except cp.error.SolverError as err:
+            raise _NoSolution(f"Clarabel raised: {err}") from err
+        value = self._variable.value
+        if self._problem.status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE) or value is None:
+            raise _NoSolution(f"Clarabel returned status {self._problem.status!r}")
+        value = np.asarray(value, dtype=np.float64)
+        if not (np.all(np.isfinite(value)) and np.all(value > 0) and np.all(g @ value > 0)):
+            raise _NoSolution("Clarabel returned a point outside the problem's domain")
+        return value
+
+    def _solve(self, g: np.ndarray) -> tuple[np.ndarray, int]:
+        """α̂ for the normalised Ĝ = ``g``; raises _NoSolution with the last completed iterate attached."""
+        self._gram.value = g
+        alpha = self._start(g)
+        done = None
+        for iteration in range(1, self.max_iter + 1):
+            try:
+                new = self._solve_subproblem(alpha)
+            except _NoSolution as err:
+                err.iterate = done
+                raise
+            moved = float(np.abs(new - alpha).max())
+            alpha = done = new
+            if nash_residual(g, alpha) < _RESIDUAL_TOL or moved < _STEP_TOL * float(alpha.max()):
+                break
+        return alpha, iteration
+
+    # -- the method --------------------------------------------------------------------------------------
+    def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+        if self.steps % self.update_every != 0 and self.weights is not None:
+            self.steps += 1
+            self.last_iterations = 0
+            return torch.from_numpy(self.weights.copy())
+        g = gram_to_numpy(gram)
+        t = g.shape[0]
+        scale = float(np.linalg.norm(g))
+        if not scale > 0.0:
+            # Every gradient is zero (or no parameter is shared): any weights give u = 0, nothing to bargain.
+            weights = self.weights.copy() if self.weights is not None else np.ones(t)
+            self.weights, self.last_iterations = weights, 0
+            self.steps += 1
+            return torch.from_numpy(weights.copy())
+        alpha, failures, iterations = self.alpha, self.solver_failures, 0
+        try:
+            alpha, iterations = self._solve(g / scale)
+            weights = alpha / math.sqrt(scale)
+        except _NoSolution as err:
+            failures += 1
+            partial = getattr(err, "iterate", None)
+            if partial is not None:
+                alpha, weights = partial, partial / math.sqrt(scale)
+                fallback = "this step's last completed iterate"
+            elif self.weights is not None:
+                weights, fallback = self.weights.copy(), "the previous step's weights"
+            else:
+                weights, fallback = np.ones(t), "equal weights 1 (the plain sum)"
+            warnings.warn(
+                f"nash_mtl: {err}; using {fallback} (solver failure {failures} of this run)",
+                SolverFallbackWarning,
+                stacklevel=4,
+            )
+        self.alpha, self.weights, self.solver_failures = alpha, weights, failures
+        self.last_iterations = iterations
+        self.steps += 1
+        return torch.from_numpy(weights.copy())
+
+    def info_extras(self) -> dict:
+        return {"solver_failures": self.solver_failures, "solver_iterations": self.last_iterations}
+
+    def state_dict(self) -> dict:
+        return {
+            "steps": self.steps,
+            "solver_failures": self.solver_failures,
+            "alpha": None if self.alpha is None else torch.from_numpy(self.alpha.copy()),
+            "weights": None if self.weights is None else torch.from_numpy(self.weights.copy()),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        def array(value):
+            if value is None:
+                return None
+            value = value.detach().to("cpu", torch.float64).numpy().copy()
+            if value.shape != (self.num_tasks,):
+                raise ValueError(f"nash_mtl state has shape {value.shape}, expected ({self.num_tasks},)")
+            return value
+
+        self.steps = int(state["steps"])
+        self.solver_failures = int(state["solver_failures"])
+        self.alpha = array(state["alpha"])
+        self.weights = array(state["weights"])

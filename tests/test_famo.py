@@ -1,0 +1,159 @@
+"""FAMO against a re-implementation of the paper's update with torch.optim.Adam and autograd, and the
+single-backward path of GradSurgery that FAMO and RLW take (``Method.needs_gram = False``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gradsurgery import GradSurgery, Method
+from gradsurgery.methods.famo import FAMO
+from method_checks import check_resume_is_bit_identical, make_linear_problem, shared_grad
+
+
+class ReferenceFAMO:
+    """Logits ξ learned by torch's Adam from ∂softmax(ξ)ᵀδ (autograd), δ = log L_prev − log L_now."""
+
+    def __init__(self, num_tasks: int, lr: float, weight_decay: float):
+        self.logits = torch.zeros(num_tasks, dtype=torch.float64, requires_grad=True)
+        self.opt = torch.optim.Adam([self.logits], lr=lr, weight_decay=weight_decay)
+        self.prev = None
+
+    def weights(self, losses: torch.Tensor) -> torch.Tensor:
+        if self.prev is not None:
+            delta = (self.prev + 1e-8).log() - (losses + 1e-8).log()
+            (grad,) = torch.autograd.grad(torch.softmax(self.logits, 0), self.logits, grad_outputs=delta)
+            self.opt.zero_grad()
+            self.logits.grad = grad
+            self.opt.step()
+        self.prev = losses.clone()
+        z = torch.softmax(self.logits.detach(), 0)
+        # the gradient of Σ z_i log L_i / c with c = Σ z_i / L_i, as coefficients of ∇L_i
+        return (z / (losses + 1e-8)) / (z / (losses + 1e-8)).sum()
+
+
+LOSS_SEQUENCE = [
+    [2.0, 1.0, 0.5],
+    [1.5, 0.99, 0.45],
+    [1.0, 0.98, 0.30],
+    [0.7, 0.97, 0.29],
+    [0.5, 0.96, 0.20],
+    [0.45, 0.95, 0.21],
+]
+
+
+@pytest.mark.parametrize("lr,weight_decay", [(0.025, 1e-3), (0.3, 0.0), (0.1, 0.05)])
+def test_matches_reference_update(lr, weight_decay):
+    method = FAMO(lr=lr, weight_decay=weight_decay)
+    reference = ReferenceFAMO(3, lr, weight_decay)
+    for losses in LOSS_SEQUENCE:
+        losses = torch.tensor(losses, dtype=torch.float64)
+        torch.testing.assert_close(method(None, losses), reference.weights(losses))
+    torch.testing.assert_close(method.logits, reference.logits.detach())
+
+
+def test_the_slowest_task_gains_weight():
+    method = FAMO(lr=0.2, weight_decay=0.0)
+    for losses in LOSS_SEQUENCE:
+        method(None, torch.tensor(losses, dtype=torch.float64))
+    z = torch.softmax(method.logits, 0)
+    assert int(z.argmax()) == 1  # task 1 barely moves (0.99 → 0.95), the others halve
+
+
+def test_first_step_weights_are_inverse_losses():
+    w = FAMO()(None, torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64))
+    torch.testing.assert_close(w, torch.tensor([4.0, 2.0, 1.0], dtype=torch.float64) / 7, rtol=1e-7, atol=0)
+
+
+def test_end_to_end_single_backward():
+    model, a, b = make_linear_problem(3)
+    params = list(model.parameters())
+    opt = GradSurgery(torch.optim.SGD(params, lr=0.01), method="famo")
+    reference = ReferenceFAMO(3, 0.025, 1e-3)
+    for _ in range(3):
+        opt.zero_grad()
+        losses = [loss.exp() for loss in model()]  # positive losses; g_i = L_i a_i on the shared part
+        info = opt.backward(losses)
+        values = torch.stack([loss.detach() for loss in losses])
+        w = reference.weights(values)
+        torch.testing.assert_close(info.weights, w)
+        torch.testing.assert_close(shared_grad(model), (w * values) @ a)
+        for i in range(3):
+            torch.testing.assert_close(model.heads[i].grad, w[i] * values[i] * b[i])
+        opt.step()
+    assert info.gram is None and opt.collector.layout is None
+    assert torch.isnan(info.grad_norms).all() and torch.isnan(info.cosines).all()
+    assert info.as_dict()["weight/0"] == pytest.approx(float(w[0]))
+
+
+def test_negative_loss_is_refused_and_changes_nothing():
+    model, _, _ = make_linear_problem(0)
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method="famo")
+    opt.backward([loss.exp() for loss in model()])
+    state = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.method.state_dict().items()}
+    losses = model()
+    losses = [losses[0].exp(), losses[1].exp(), losses[2].exp() - 1e6]
+    with pytest.raises(ValueError, match=r"non-negative losses .* task\(s\) \[2\]"):
+        opt.backward(losses)
+    for key, value in opt.method.state_dict().items():
+        assert torch.equal(value, state[key]) if torch.is_tensor(value) else value == state[key]
+
+
+def test_non_finite_gradient_restores_state_and_writes_nothing():
+    model, _, _ = make_linear_problem(0)
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method="famo")
+    opt.backward([loss.exp() for loss in model()])
+    model.theta.grad = torch.ones_like(model.theta)
+    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    state = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.method.state_dict().items()}
+    losses = [loss.exp() for loss in model()]
+    losses[1] = losses[1] + (model.heads[1] * float("inf")).sum() * 0  # a NaN gradient, finite loss
+    with pytest.raises(ValueError, match="non-finite"):
+        opt.backward(losses)
+    for p, g in zip(model.parameters(), grads, strict=True):
+        assert (p.grad is None and g is None) or torch.equal(p.grad, g)
+    for key, value in opt.method.state_dict().items():
+        assert torch.equal(value, state[key]) if torch.is_tensor(value) else value == state[key]
+
+
+def test_non_finite_loss_is_refused():
+    model, _, _ = make_linear_problem(0)
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method="famo")
+    losses = model()
+    with pytest.raises(ValueError, match=r"non-finite loss value\(s\) for task\(s\) \[0\]"):
+        opt.backward([losses[0] * float("nan"), losses[1].exp(), losses[2].exp()])
+    assert opt.method.prev_losses is None
+
+
+def test_one_backward_needs_a_loss_weighting():
+    with pytest.raises(TypeError, match="needs_gram = False needs scales_task_specific = True"):
+
+        class Broken(Method):  # noqa: F841
+            name = "broken"
+            needs_gram = False
+
+
+@pytest.mark.parametrize(
+    "options,error,match",
+    [
+        ({"lr": 0.0}, ValueError, "lr must be a finite number > 0, got 0.0"),
+        ({"lr": float("inf")}, ValueError, "lr must be a finite number"),
+        ({"weight_decay": -1e-3}, ValueError, "weight_decay must be a finite number >= 0"),
+        ({"lr": "fast"}, TypeError, "lr must be a number"),
+    ],
+)
+def test_bad_options(options, error, match):
+    with pytest.raises(error, match=match):
+        FAMO(**options)
+
+
+def test_state_dict_shape_mismatch_is_refused():
+    method = FAMO()
+    method.bind(3)
+    state = method.state_dict() | {"logits": torch.zeros(2, dtype=torch.float64)}
+    with pytest.raises(ValueError, match=r"shape \(2,\), expected \(3,\)"):
+        method.load_state_dict(state)
+
+
+def test_resume():
+    check_resume_is_bit_identical("famo", lr=0.1)
