@@ -25,7 +25,9 @@ per-rank noise: about 10 % off on a small MLP) and is never done. Two exact path
 Both paths also average the T loss values (loss-based methods need the global losses) and the task-specific
 gradients, and run one tiny all-reduce per step that checks every rank passed the same task count and
 reached the same parameters with the same tasks (so a mismatch is a clear error, not a hang or garbage).
-Methods that draw random numbers (PCGrad, GradVac) get rank 0's generator state once, before their first
+Loss weightings that need no Gram matrix (``needs_gram = False``: one backward of Σ w_i L_i) average
+their T loss values before computing the weights and their single gradient after (one all-reduce each).
+Methods that draw random numbers (PCGrad, GradVac, RLW) get rank 0's generator state once, before their first
 call, so all ranks visit the tasks in the same order (different seeds would make the ranks drift apart
 silently). The collectives run on the parameters' device (CPU tensors for gloo, CUDA tensors for NCCL).
 
@@ -267,7 +269,9 @@ class DistributedSync:
         dist = _dist()
         n = dist.get_world_size(group)
         filled = [g if g is not None else torch.zeros_like(p) for p, g in zip(params, grads, strict=True)]
-        reached = torch.tensor([float(g is not None) for g in grads], dtype=torch.float64, device=params[0].device)
+        reached = torch.tensor(
+            [float(g is not None) for g in grads], dtype=torch.float64, device=params[0].device
+        )
         _sum_in_place(filled + [reached], group)
         return [g.div_(n) if r > 0 else None for g, r in zip(filled, reached.tolist(), strict=True)]
 

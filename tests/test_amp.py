@@ -220,3 +220,50 @@ def test_accumulated_overflow_skips_the_whole_step():
     scaler.update()
     assert all(torch.equal(p, q) for p, q in zip(net.parameters(), params, strict=True))
     assert scaler.get_scale() == 2.0**7
+
+
+@pytest.mark.parametrize("method", ["famo", "rlw"])
+def test_single_backward_loss_weighting_under_the_scaler(method):
+    # Methods with needs_gram = False take one backward of Σ w_i L_i: the scaler scales that loss.
+    net = make()
+    opt = GradSurgery(
+        torch.optim.SGD(net.parameters(), lr=0.1), method, **({"seed": 2} if method == "rlw" else {})
+    )
+    x, y = data()
+    opt.method.bind(2)  # the state to compare with is that of the bound method
+    state = opt.method.state_dict() if method == "famo" else None
+    gen_state = opt.method.generator.get_state() if method == "rlw" else None
+
+    # A forced overflow first: nothing moves and the method's state is restored.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, backoff_factor=2.0**-30)
+    params = [p.detach().clone() for p in net.parameters()]
+    opt.zero_grad()
+    with torch.autocast("cpu", dtype=torch.float16):
+        losses = losses_of(net, x, y)
+    info = opt.backward(losses, grad_scaler=scaler)
+    assert info.overflow and torch.isnan(info.weights).all()
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), params, strict=True))
+    if method == "rlw":
+        assert torch.equal(opt.method.generator.get_state(), gen_state)
+    else:
+        after = opt.method.state_dict()
+        assert after.keys() == state.keys()
+        for key in state:
+            a, b = state[key], after[key]
+            assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+    # Then a real step: .grad / s is Σ w_i g_i with the step's weights and the float32 task gradients.
+    opt.zero_grad()
+    with torch.autocast("cpu", dtype=torch.float16):
+        losses = losses_of(net, x, y)
+    info = opt.backward(losses, grad_scaler=scaler)
+    assert not info.overflow
+    ref = make()
+    la, lb = losses_of(ref, x, y)
+    w = info.weights.float()
+    expected = torch.cat(
+        [g.reshape(-1) for g in torch.autograd.grad(w[0] * la + w[1] * lb, list(ref.parameters()))]
+    )
+    torch.testing.assert_close(flat_grad(net) / scaler.get_scale(), expected, rtol=3e-3, atol=3e-4)

@@ -31,7 +31,10 @@ METHODS = [
     ("main_aux", {}),
     ("gradvac", {"seed": 0}),
     ("gradnorm", {}),
+    ("rlw", {"seed": 0}),  # single-backward path (needs_gram = False) from here on
+    ("famo", {}),
 ]
+CLOSED_FORM = ["sum", "mgda", "pcgrad", "main_aux", "gradvac"]
 STRATEGIES = ["allreduce", "sharded"]
 
 
@@ -208,6 +211,10 @@ def worker(rank: int, port: int, outdir: str) -> None:
         # Three tasks, main_aux with two auxiliaries (iterative solver) on the sharded path.
         results[("main_aux3", "sharded")] = run_method(rank, "main_aux", {}, "sharded", num_tasks=3)
         results["pcgrad3_seed1"] = local_run("pcgrad", {"seed": 1}, 3)
+        # Random loss weights: rank r seeded r, rank 0's generator must win (single-backward path).
+        results[("rlw_rank_seeds", "allreduce")] = run_method(
+            rank, "rlw", {"seed": 0}, "allreduce", rank_options={"seed": rank}
+        )
         results["bad"] = bad_input_scenarios(rank)
         torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
     finally:
@@ -265,7 +272,7 @@ def test_fused_gradient_equals_single_process_on_concatenated_batch(ranks, metho
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("method", [m for m, _ in METHODS if m != "gradnorm"])
+@pytest.mark.parametrize("method", CLOSED_FORM)
 def test_first_step_matches_closed_form(ranks, method, strategy):
     run = ranks[0][(method, strategy)]
     g0, g1 = run["task_grads"][0]
@@ -280,7 +287,8 @@ def test_first_step_matches_closed_form(ranks, method, strategy):
 
 @pytest.mark.parametrize(
     "key",
-    [(m, s) for m, _ in METHODS for s in STRATEGIES] + [("pcgrad3", "allreduce"), ("main_aux3", "sharded")],
+    [(m, s) for m, _ in METHODS for s in STRATEGIES]
+    + [("pcgrad3", "allreduce"), ("main_aux3", "sharded"), ("rlw_rank_seeds", "allreduce")],
 )
 def test_ranks_stay_bit_identical(ranks, key):
     a, b = ranks[0][key], ranks[1][key]
@@ -295,7 +303,9 @@ def test_rng_methods_use_rank_zero_generator(ranks):
     # rank 0's task orders, so both ranks follow the seed-0 reference, not their own seed.
     for res in ranks:
         run = res[("pcgrad3", "allreduce")]
+        rlw = res[("rlw_rank_seeds", "allreduce")]
         for step in range(STEPS):
+            torch.testing.assert_close(rlw["weights"][step], rlw["ref_weights"][step], rtol=0, atol=0)
             torch.testing.assert_close(
                 flat(run["grads"][step]), flat(run["ref_grads"][step]), rtol=1e-10, atol=1e-12
             )
