@@ -19,6 +19,10 @@ class StepInfo:
     losses: torch.Tensor  # (T,), detached
     gram: torch.Tensor  # (T, T) float64, Gram matrix of the task gradients on the shared parameters
     method: str = ""
+    #: λ of the L2 auxiliary applied in this backward (0-d, or (n,) per tensor); None without the L2 rule.
+    l2_coefficient: torch.Tensor | None = None
+    #: ``mode="mask"``: which noisy samples were kept (bool, (B,)); None otherwise.
+    sample_mask: torch.Tensor | None = None
 
     @property
     def num_tasks(self) -> int:

@@ -16,8 +16,10 @@ from typing import Any
 
 import torch
 
+from .clean_guard import masked_main_loss
 from .collect import GradientCollector, TaskGradients
 from .info import StepInfo
+from .l2 import make_l2_rule
 from .methods import Method, make_method
 
 STATE_KEY = "gradsurgery"
@@ -40,6 +42,11 @@ class GradSurgery(torch.optim.Optimizer):
             two or more tasks reach it; a parameter reached by one task receives that task's gradient.
         num_tasks: the number of losses; taken from the first ``backward`` when omitted.
         gram_dtype: dtype in which the Gram matrix is accumulated and the method solved.
+        l2: add the λ-free L2 auxiliary (``gradsurgery/l2.py``) to the fused gradient of any method:
+            u ← u + relu(−⟨u, θ⟩)/‖θ‖² · θ. ``l2_params`` (default: every parameter with dim ≥ 2),
+            ``l2_per_tensor`` (default False) and ``l2_decoupled`` (default False; True corrects the
+            optimizer's step instead of the gradient) are its options; ``method="l2"`` is the same rule for
+            a single loss.
         **options: the method's options, e.g. ``solver="cvxpy"`` for ``"mgda"``.
 
     ``param_groups``, ``state`` and ``defaults`` are the wrapped optimizer's own objects, so LR schedulers,
@@ -54,6 +61,10 @@ class GradSurgery(torch.optim.Optimizer):
         shared_params: Sequence[torch.Tensor] | None = None,
         num_tasks: int | None = None,
         gram_dtype: torch.dtype = torch.float64,
+        l2: bool = False,
+        l2_params: Sequence[torch.Tensor] | None = None,
+        l2_per_tensor: bool | None = None,
+        l2_decoupled: bool | None = None,
         **options: Any,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -65,6 +76,7 @@ class GradSurgery(torch.optim.Optimizer):
         if not isinstance(gram_dtype, torch.dtype) or not gram_dtype.is_floating_point:
             raise TypeError(f"gram_dtype must be a floating torch.dtype, got {gram_dtype!r}")
         self.method = make_method(method, **options)
+        self.l2 = make_l2_rule(self.method, optimizer, l2, l2_params, l2_per_tensor, l2_decoupled)
         if shared_params is not None:
             shared_params = list(shared_params)
             known = {id(p) for g in optimizer.param_groups for p in g["params"]}
@@ -88,8 +100,14 @@ class GradSurgery(torch.optim.Optimizer):
 
     # -- the torch.optim.Optimizer surface ---------------------------------------------------------------
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """The wrapped optimizer's step on the gradients ``backward`` wrote."""
-        return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        """The wrapped optimizer's step on the gradients ``backward`` wrote; then, with the decoupled L2
+        rule, the correction of that step (``gradsurgery/l2.py``)."""
+        decoupled = self.l2 is not None and self.l2.decoupled
+        before = self.l2.snapshot(self._trainable_params()) if decoupled else None
+        result = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        if before is not None:
+            self.l2.correct(before)
+        return result
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -152,16 +170,31 @@ class GradSurgery(torch.optim.Optimizer):
         only receives that task's gradient. Gradients already in ``.grad`` are added to, as
         ``loss.backward()`` does. Raises ``ValueError`` (leaving everything untouched) on non-finite losses
         or gradients.
+
+        With ``method="main_aux", mode="mask"`` the main loss is a 1-D tensor of per-sample losses and the
+        samples whose gradient conflicts with the auxiliary's are dropped first (``info.sample_mask``).
         """
+        sample_mask = None
+        if getattr(self.method, "mode", None) == "mask":
+            losses, sample_mask = masked_main_loss(
+                losses, self.method.main, self._trainable_params(), self.collector.shared_override
+            )
         losses = self._check_losses(losses)
         grads = self._collect(losses, retain_graph)
         gram = gram_matrix(grads.jacobian, self.gram_dtype)
         loss_values = torch.stack([loss.detach().reshape(()) for loss in losses]).to(self.gram_dtype)
         self._check_finite(loss_values, gram, grads)
         weights = self.method(gram, loss_values.to(gram.device))
-        for p, g in self._fused_gradients(grads, weights):
+        fused = self._fused_gradients(grads, weights)
+        l2_coefficient = None
+        if self.l2 is not None and not self.l2.decoupled:
+            fused, l2_coefficient = self.l2.transform(fused)
+        for p, g in fused:
             _accumulate(p, g)
-        return StepInfo(weights=weights, losses=loss_values, gram=gram, method=self.method.name)
+        return StepInfo(
+            weights=weights, losses=loss_values, gram=gram, method=self.method.name,
+            l2_coefficient=l2_coefficient, sample_mask=sample_mask,
+        )
 
     def _collect(self, losses: list[torch.Tensor], retain_graph: bool) -> TaskGradients:
         """Per-task gradients: the Jacobian over the shared parameters and the others' own gradients."""

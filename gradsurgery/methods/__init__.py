@@ -7,6 +7,7 @@ from typing import Any
 
 from .base import Method
 from .gradvac import GradVac
+from .l2 import L2
 from .main_aux import MainAux
 from .mgda import MGDA
 from .mixed import Mixed
@@ -27,6 +28,7 @@ def register(cls: type[Method]) -> type[Method]:
 
 for _cls in (Sum, MGDA, Pareto, PCGrad, GradVac, MainAux, Mixed):
     register(_cls)
+register(L2)
 
 
 def option_names(cls: type[Method]) -> list[str]:
