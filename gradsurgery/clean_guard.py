@@ -224,6 +224,8 @@ def masked_main_loss(
     if not bool(finite.all()):
         bad = torch.nonzero(~finite).reshape(-1).tolist()
         raise ValueError(f"non-finite per-sample noisy loss(es) at sample(s) {bad[:20]}; nothing was written")
+    if not bool(torch.isfinite(clean.detach()).all()):
+        raise ValueError(f"non-finite clean loss {float(clean.detach().reshape(()))}; nothing was written")
     products = sample_clean_products(noisy, clean.reshape(()), params, shared_ids)
     if not bool(torch.isfinite(products).all()):
         bad = torch.nonzero(~torch.isfinite(products)).reshape(-1).tolist()

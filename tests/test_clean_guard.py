@@ -308,6 +308,8 @@ def test_mask_mode_input_errors_leave_everything_untouched():
     bad[3] = float("nan")
     with pytest.raises(ValueError, match=r"non-finite per-sample noisy loss.*\[3\]"):
         opt.backward([bad, clean()])
+    with pytest.raises(ValueError, match="non-finite clean loss"):
+        opt.backward([per_sample(), clean() * float("inf")])
     with pytest.raises(ValueError, match="does not require grad"):
         opt.backward([per_sample().detach(), clean()])
     other = torch.nn.Linear(5, 4).double()
