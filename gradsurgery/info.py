@@ -35,6 +35,10 @@ class StepInfo:
             t = self.weights.shape[0]
             return torch.full((t, t), float("nan"), dtype=torch.float64, device=self.weights.device)
         return self.gram
+    #: λ of the L2 auxiliary applied in this backward (0-d, or (n,) per tensor); None without the L2 rule.
+    l2_coefficient: torch.Tensor | None = None
+    #: ``mode="mask"``: which noisy samples were kept (bool, (B,)); None otherwise.
+    sample_mask: torch.Tensor | None = None
 
     @property
     def num_tasks(self) -> int:

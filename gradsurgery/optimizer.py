@@ -19,10 +19,12 @@ from typing import Any
 import torch
 
 from . import amp
+from .clean_guard import masked_main_loss
 from .collect import GradientCollector, TaskGradients
 from .distributed import DistributedSync, check_not_sharded, generators, layout_signature
 from .gram import gram_matrix
 from .info import StepInfo
+from .l2 import make_l2_rule
 from .methods import Method, make_method
 from .representation import representation_backward
 
@@ -49,6 +51,11 @@ class GradSurgery(torch.optim.Optimizer):
         dist_strategy: ``"allreduce"`` (all-reduce the T×d task-gradient matrix) or ``"sharded"``
             (reduce-scatter it, all-reduce the T×T Gram of the shards, all-gather the fused gradient);
             see ``gradsurgery.distributed`` for their communication cost.
+        l2: add the λ-free L2 auxiliary (``gradsurgery/l2.py``) to the fused gradient of any method:
+            u ← u + relu(−⟨u, θ⟩)/‖θ‖² · θ. ``l2_params`` (default: every parameter with dim ≥ 2),
+            ``l2_per_tensor`` (default False) and ``l2_decoupled`` (default False; True corrects the
+            optimizer's step instead of the gradient) are its options; ``method="l2"`` is the same rule for
+            a single loss.
         **options: the method's options, e.g. ``solver="cvxpy"`` for ``"mgda"``.
 
     ``param_groups``, ``state`` and ``defaults`` are the wrapped optimizer's own objects, so LR schedulers,
@@ -67,6 +74,10 @@ class GradSurgery(torch.optim.Optimizer):
         process_group: Any = None,
         distributed: bool | None = None,
         dist_strategy: str = "allreduce",
+        l2: bool = False,
+        l2_params: Sequence[torch.Tensor] | None = None,
+        l2_per_tensor: bool | None = None,
+        l2_decoupled: bool | None = None,
         **options: Any,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -82,6 +93,7 @@ class GradSurgery(torch.optim.Optimizer):
         )
         check_not_sharded(p for g in optimizer.param_groups for p in g["params"])
         self.method = make_method(method, **options)
+        self.l2 = make_l2_rule(self.method, optimizer, l2, l2_params, l2_per_tensor, l2_decoupled)
         if shared_params is not None:
             shared_params = list(shared_params)
             known = {id(p) for g in optimizer.param_groups for p in g["params"]}
@@ -106,9 +118,14 @@ class GradSurgery(torch.optim.Optimizer):
 
     # -- the torch.optim.Optimizer surface ---------------------------------------------------------------
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """The wrapped optimizer's step on the gradients ``backward`` wrote, then the method's own update
-        (learnable task weights), which therefore happens only when the model really steps."""
+        """The wrapped optimizer's step on the gradients ``backward`` wrote; then, with the decoupled L2
+        rule, the correction of that step (``gradsurgery/l2.py``); then the method's own update (learnable
+        task weights), which therefore happens only when the model really steps."""
+        decoupled = self.l2 is not None and self.l2.decoupled
+        before = self.l2.snapshot(self._trainable_params()) if decoupled else None
         out = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        if before is not None:
+            self.l2.correct(before)
         self.method.after_step()
         return out
 
@@ -231,17 +248,25 @@ class GradSurgery(torch.optim.Optimizer):
         read. The weights then come from the task gradients with respect to z, and one backward pass fills
         every ``.grad`` (MGDA-UB, an approximation; see ``gradsurgery.representation``). Not combined with
         ``grad_scaler`` or data parallelism yet.
+
+        With ``method="main_aux", mode="mask"`` the main loss is a 1-D tensor of per-sample losses and the
+        samples whose gradient conflicts with the auxiliary's are dropped first (``info.sample_mask``).
         """
         scaler = amp.active_scaler(grad_scaler)
         group = self.sync.group()
         if features is not None:
-            if scaler is not None or group is not None:
+            if scaler is not None or group is not None or self._direct_l2:
                 raise ValueError(
-                    "representation mode (features=) does not support grad_scaler= or distributed training "
-                    "yet; use the full mode (no features=)"
+                    "representation mode (features=) does not support grad_scaler=, distributed training "
+                    "or the direct l2 rule yet; use the full mode (no features=)"
                 )
             losses = self._check_losses(losses)
             return representation_backward(self, losses, features, retain_graph=retain_graph)
+        sample_mask = None
+        if getattr(self.method, "mode", None) == "mask":
+            losses, sample_mask = masked_main_loss(
+                losses, self.method.main, self._trainable_params(), self.collector.shared_override
+            )
         device = self._device()
         scale = None
         weighted = not self.method.needs_gram
@@ -285,7 +310,8 @@ class GradSurgery(torch.optim.Optimizer):
         fused = None
         if shard is not None:
             fused = self.sync.gather_fused(group, shard, weights, grads.layout.dim)
-        for p, g in self._fused_gradients(grads, weights, fused):
+        new_grads, l2_coefficient = self._apply_l2(self._fused_gradients(grads, weights, fused))
+        for p, g in new_grads:
             _accumulate(p, g if scale is None else g * scale)
         return StepInfo(
             weights=weights,
@@ -293,7 +319,19 @@ class GradSurgery(torch.optim.Optimizer):
             gram=gram,
             method=self.method.name,
             extras=self.method.info_extras(),
+            l2_coefficient=l2_coefficient,
+            sample_mask=sample_mask,
         )
+
+    @property
+    def _direct_l2(self) -> bool:
+        return self.l2 is not None and not self.l2.decoupled
+
+    def _apply_l2(self, new_grads):
+        """The direct L2 rule on this backward's new gradient contributions (identity without it)."""
+        if not self._direct_l2:
+            return new_grads, None
+        return self.l2.transform(new_grads)
 
     def _backward_weighted(
         self,
@@ -350,6 +388,7 @@ class GradSurgery(torch.optim.Optimizer):
         except BaseException:
             self.method.load_state_dict(saved)
             raise
+        reached, l2_coefficient = self._apply_l2(reached)
         for p, g in reached:
             _accumulate(p, g)
         return StepInfo(
@@ -358,6 +397,7 @@ class GradSurgery(torch.optim.Optimizer):
             gram=None,
             method=self.method.name,
             extras=self.method.info_extras(),
+            l2_coefficient=l2_coefficient,
         )
 
     def _overflow_info(self, loss_values: torch.Tensor, gram: torch.Tensor | None) -> StepInfo:

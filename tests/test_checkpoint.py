@@ -16,6 +16,7 @@ NUM_TASKS = 3
 # Options a method needs for three tasks; every registered method is covered.
 NEEDED = {"pareto": {"min_weights": [0.1, 0.2, 0.1]}, "mixed": {"main": [0, 1]}}
 RANDOM = {"pcgrad", "gradvac"}
+SINGLE_LOSS = {"l2"}  # the λ-free L2 rule regularizes one data loss
 
 
 def make(seed: int, method: str, **extra):
@@ -38,6 +39,8 @@ def train(net, opt, steps, start):
             (out[:, 1] - out[:, 0] - 1).pow(2).mean(),
             (out[:, 2] + 2 * out[:, 0]).abs().mean(),
         ]
+        if opt.method.name in SINGLE_LOSS:
+            losses = [sum(losses)]
         opt.zero_grad()
         infos.append(opt.backward(losses))
         opt.step()
