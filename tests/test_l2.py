@@ -216,6 +216,33 @@ def test_l2_true_applies_the_rule_to_the_fused_gradient():
     np.testing.assert_allclose(model.b.grad.numpy(), fused[9:], rtol=1e-6, atol=1e-9)
 
 
+def test_l2_true_on_the_one_backward_path_of_loss_weightings():
+    """rlw takes one backward of Σ w_i L_i; the rule then acts on that gradient, with the weights it reports."""
+    model = TwoTasks()
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method="rlw", seed=3, l2=True)
+    info = opt.backward(model())
+    w = info.weights.numpy()
+    g_shared = w[0] * np.concatenate([model.a[0].numpy().ravel(), model.c[0].numpy()]) + w[1] * np.concatenate(
+        [model.a[1].numpy().ravel(), model.c[1].numpy()]
+    )
+    g = np.concatenate([g_shared[:9], w[0] * model.h[0].numpy().ravel(), w[1] * model.h[1].numpy().ravel()])
+    theta = np.concatenate([model.w.detach().numpy().ravel(), *(v.detach().numpy().ravel() for v in model.v)])
+    assert g @ theta < 0  # the rule has something to remove
+    got = np.concatenate([p.grad.numpy().ravel() for p in (model.w, model.v[0], model.v[1])])
+    np.testing.assert_allclose(got, ref_rule(g, theta), rtol=1e-6, atol=1e-9)
+    assert info.l2_coefficient is not None
+
+
+def test_representation_mode_refuses_the_direct_rule():
+    model = TwoTasks()
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method="mgda", l2=True)
+    z = model.w * 1.0
+    losses = [(z * model.a[0]).sum(), (z * model.a[1]).sum()]
+    with pytest.raises(ValueError, match="direct l2 rule"):
+        opt.backward(losses, features=z)
+    assert all(p.grad is None for p in model.parameters())
+
+
 # -- decoupled form ----------------------------------------------------------------------------------------
 
 
