@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 KINDS = (
@@ -24,7 +25,22 @@ KINDS = (
     "near_duplicate",
 )
 
+# Backend agreement on the fused vector u = Jᵀw (see fused_gap): the cvxpy reference is an interior-point
+# solver, 1e-5 is its contract. Exact methods (closed forms, the polished iterative solvers, brute force)
+# must agree much more closely.
 AGREEMENT_RTOL = 1e-5
+EXACT_RTOL = 1e-8
+
+
+def hypothesis_settings(max_examples: int):
+    """Deterministic (derandomized) hypothesis runs: the same examples on every machine and run."""
+    return settings(
+        max_examples=max_examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
 
 
 def make_jacobian(kind: str, num_tasks: int, dim: int, seed: int) -> np.ndarray:
@@ -154,3 +170,17 @@ def _face_solution(jac, main, s, a, lower):
     if np.any(x[list(s)] < lower[list(s)] - 1e-12) or np.any(x[list(a)] < -1e-12):
         return None
     return x
+
+
+def fused(jac: np.ndarray, w) -> np.ndarray:
+    return jac.T @ np.asarray(w, dtype=np.float64)
+
+
+def inner_products(jac: np.ndarray, w) -> np.ndarray:
+    """⟨u, g_i⟩ for every task, computed in d-space (not through G)."""
+    return jac @ fused(jac, w)
+
+
+def kkt_tol(jac: np.ndarray) -> float:
+    """Absolute tolerance for inner products ⟨u, g_i⟩: 1e-9 of the largest ‖g_i‖² (at least tiny)."""
+    return 1e-9 * max(float(np.max(np.sum(jac * jac, axis=1), initial=0.0)), 1e-300)

@@ -311,12 +311,25 @@ def _face_minimiser(g: np.ndarray, on: np.ndarray, blocks: _Blocks) -> np.ndarra
     kkt[k, : s.size] = 1.0
     rhs = np.zeros(k + 1)
     rhs[k] = 1.0
-    x = np.linalg.lstsq(kkt, rhs, rcond=None)[0][:k]
+    x = _solve_consistent(kkt, rhs)[:k]
     if not np.all(np.isfinite(x)):
         return None
     out = np.zeros(g.shape[0])
     out[p] = x
     return out
+
+
+def _solve_consistent(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """A solution of the consistent system a x = b: LU when a is safely non-singular (several times
+    cheaper), else the minimum-norm least-squares solution, exact for singular a."""
+    try:
+        x = np.linalg.solve(a, b)
+    except np.linalg.LinAlgError:
+        return np.linalg.lstsq(a, b, rcond=None)[0]
+    scale = np.linalg.norm(a) * np.linalg.norm(x) + 1.0
+    if np.all(np.isfinite(x)) and np.linalg.norm(a @ x - b) <= 1e3 * EPS * scale:
+        return x
+    return np.linalg.lstsq(a, b, rcond=None)[0]
 
 
 def _finish(w: np.ndarray, blocks: _Blocks, what: str) -> np.ndarray:

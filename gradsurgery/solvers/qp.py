@@ -61,16 +61,27 @@ class _MinNormQP:
         if g.shape != (self.num_tasks, self.num_tasks):
             raise ValueError(f"{self.problem_name} was built for {self.num_tasks} tasks, got G of shape {g.shape}")
         scale = float(np.max(np.diag(g)))
+        if scale <= 0.0:
+            # G = 0: every feasible point is optimal. Return the iterative solvers' canonical one (budget
+            # spread evenly over the main tasks, auxiliaries 0), not wherever the interior point stops.
+            return self._project(np.zeros(self.num_tasks))
         # The optimal weights are invariant to G → G/scale; a unit diagonal keeps Clarabel well scaled.
-        gn = g / scale if scale > 0.0 else g
+        gn = g / scale
         self._factor.value = gram_factor(gn)
         failures = []
         for options in CLARABEL_ATTEMPTS:
             x, why = self._attempt(gn, options)
             if why is None:
-                return x
+                return self._drop_null_auxiliaries(gn, x)
             failures.append(why)
         raise SolverError(f"{self.problem_name}: Clarabel failed: " + "; then ".join(failures))
+
+    def _drop_null_auxiliaries(self, gn: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """An auxiliary with g_j = 0 leaves u unchanged for any λ_j, and the interior point leaves λ_j at an
+        arbitrary positive value; report 0 for it, as the iterative solvers do."""
+        aux = np.setdiff1d(np.arange(self.num_tasks), self._main)
+        x[aux[np.diag(gn)[aux] <= 0.0]] = 0.0
+        return x
 
     def _attempt(self, gn: np.ndarray, options: dict) -> tuple[np.ndarray | None, str | None]:
         """One Clarabel solve: (weights, None), or (None, why it is not acceptable)."""
