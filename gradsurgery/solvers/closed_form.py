@@ -55,6 +55,34 @@ def _check_symmetric(g: np.ndarray, name: str) -> None:
         )
 
 
+def psd_projection(gram: np.ndarray) -> np.ndarray:
+    """G with its negative curvature removed, clipped in correlation space.
+
+    A Gram matrix accumulated in float32 is indefinite at the ~1e-7 level whenever gradients are (nearly)
+    linearly dependent. With auxiliary tasks the feasible set is unbounded, so even that much negative
+    curvature makes min wᵀGw unbounded below; every solver therefore works on this projection.
+
+    The clipping is done on C = D G D, D = diag(1/√G_ii), then undone: the perturbation of G_ij is then
+    relative to ‖g_i‖‖g_j‖, so a task 1e-8 times smaller than the others keeps its own digits (clipping G
+    itself would spread eps·max G_ii of noise into its row). Rows with G_ii ≤ 0 are zero gradients (up to
+    round-off) and become exactly zero.
+    """
+    on = np.diag(gram) > 0.0
+    if not on.any():
+        return np.zeros_like(gram)
+    inv = 1.0 / np.sqrt(np.diag(gram)[on])
+    corr = gram[np.ix_(on, on)] * np.outer(inv, inv)
+    e, v = np.linalg.eigh(corr)
+    if e[0] >= 0.0 and on.all():
+        return gram
+    if e[0] < 0.0:
+        corr = (v * np.maximum(e, 0.0)) @ v.T
+        corr = 0.5 * (corr + corr.T)
+    out = np.zeros_like(gram)
+    out[np.ix_(on, on)] = corr / np.outer(inv, inv)
+    return out
+
+
 def check_task_index(value, num_tasks: int, what: str = "main") -> int:
     """A task index: an int (not bool) in [0, T). Raises ValueError naming the value otherwise."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

@@ -35,6 +35,7 @@ from .closed_form import (
     check_min_weights,
     check_task_index,
     main_aux_one,
+    psd_projection,
 )
 
 # Besides after every step that brings a new index into the support, the polish is tried (and progress
@@ -125,7 +126,7 @@ def _solve(g: np.ndarray, blocks: _Blocks, tol: float, max_iter: int, what: str)
         return w
     # The optimal weights do not change under G → G/scale, and a unit diagonal keeps the KKT system of the
     # polish (which mixes G with a column of ones) well scaled.
-    gn = g / scale
+    gn = psd_projection(g / scale)
     w = _iterate(gn, w, blocks, tol, max_iter)
     return _finish(w, blocks, what)
 
@@ -300,36 +301,30 @@ def _ratio_step(w: np.ndarray, y: np.ndarray) -> np.ndarray:
 def _face_minimiser(g: np.ndarray, on: np.ndarray, blocks: _Blocks) -> np.ndarray | None:
     """Minimise wᵀGw over {w_i = 0 off the face, Σ_{i∈S} w_i = 1} (S = the face's main indices) through
     the KKT system [[G_PP, e_S], [e_Sᵀ, 0]] [w_P; ν] = [0; 1]. lstsq gives an exact solution even when
-    G_PP is singular (duplicated, collinear or zero gradients); the system is consistent because the
-    objective is bounded below on the affine set."""
+    G_PP is singular (duplicated, collinear or zero gradients), and its minimum-norm choice keeps weights
+    moderate when they are not unique (two opposite auxiliaries: any λ_1 g − λ_2 g with the same
+    difference); the system is consistent because the objective is bounded below on the affine set."""
     s = blocks.main[on[blocks.main]]
     p = np.concatenate([s, blocks.aux[on[blocks.aux]]])
     k = p.size
+    # Auxiliary coefficients are solved for as λ_j = z_j / ‖g_j‖: an auxiliary 1e-6 times smaller than the
+    # others then does not look like a rank deficiency to lstsq's singular-value cut-off. Main weights are
+    # left alone: rescaling them would skew the sum constraint's row instead.
+    diag = np.diag(g)[p]
+    unit = np.ones(k)
+    unit[s.size :] = 1.0 / np.sqrt(np.where(diag[s.size :] > 0.0, diag[s.size :], 1.0))
     kkt = np.zeros((k + 1, k + 1))
-    kkt[:k, :k] = g[np.ix_(p, p)]
-    kkt[: s.size, k] = 1.0
-    kkt[k, : s.size] = 1.0
+    kkt[:k, :k] = g[np.ix_(p, p)] * np.outer(unit, unit)
+    kkt[: s.size, k] = unit[: s.size]
+    kkt[k, : s.size] = unit[: s.size]
     rhs = np.zeros(k + 1)
     rhs[k] = 1.0
-    x = _solve_consistent(kkt, rhs)[:k]
+    x = unit * np.linalg.lstsq(kkt, rhs, rcond=None)[0][:k]
     if not np.all(np.isfinite(x)):
         return None
     out = np.zeros(g.shape[0])
     out[p] = x
     return out
-
-
-def _solve_consistent(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """A solution of the consistent system a x = b: LU when a is safely non-singular (several times
-    cheaper), else the minimum-norm least-squares solution, exact for singular a."""
-    try:
-        x = np.linalg.solve(a, b)
-    except np.linalg.LinAlgError:
-        return np.linalg.lstsq(a, b, rcond=None)[0]
-    scale = np.linalg.norm(a) * np.linalg.norm(x) + 1.0
-    if np.all(np.isfinite(x)) and np.linalg.norm(a @ x - b) <= 1e3 * EPS * scale:
-        return x
-    return np.linalg.lstsq(a, b, rcond=None)[0]
 
 
 def _finish(w: np.ndarray, blocks: _Blocks, what: str) -> np.ndarray:

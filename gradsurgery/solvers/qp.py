@@ -15,16 +15,20 @@ import cvxpy as cp
 import numpy as np
 
 from ..errors import SolverError
-from .closed_form import check_gram, check_main_indices, check_min_weights, check_task_index
+from .closed_form import check_gram, check_main_indices, check_min_weights, check_task_index, psd_projection
 
 # Clarabel's defaults (gap 1e-8) leave u = Jᵀx off by up to ~1e-4·max‖g_i‖ when u* ≈ 0, because
 # ‖u − u*‖² ≤ f(x) − f*: the objective gap must be near 1e-12 of max‖g_i‖² for the 1e-5 agreement with the
 # iterative solvers. Shorter interior-point steps (max_step_fraction 0.9 instead of 0.99) let Clarabel reach
-# that on the degenerate (collinear, duplicated, T > d) problems where it otherwise stalls; if it still
-# stalls, the second, looser attempt is made before giving up.
-CLARABEL_ATTEMPTS = (
-    {"tol_gap_abs": 1e-12, "tol_gap_rel": 1e-12, "tol_feas": 1e-12, "max_step_fraction": 0.9, "max_iter": 400},
-    {"tol_gap_abs": 1e-10, "tol_gap_rel": 1e-10, "tol_feas": 1e-10, "max_iter": 400},
+# that on the degenerate (collinear, duplicated, T > d) problems where it otherwise stalls. The first
+# attempt re-uses the previous solve's Clarabel workspace (warm start); that workspace keeps scalings
+# computed for an earlier G, so when it stalls the retries start from a fresh workspace.
+_TIGHT = {"tol_gap_abs": 1e-12, "tol_gap_rel": 1e-12, "tol_feas": 1e-12, "max_iter": 400}
+CLARABEL_ATTEMPTS = (  # (warm_start, Clarabel settings)
+    (True, {**_TIGHT, "max_step_fraction": 0.9}),
+    (False, {**_TIGHT, "max_step_fraction": 0.9}),
+    (False, {**_TIGHT, "max_step_fraction": 0.5}),
+    (False, {"tol_gap_abs": 1e-10, "tol_gap_rel": 1e-10, "tol_feas": 1e-10, "max_iter": 400}),
 )
 # For a result Clarabel flags as inaccurate: the largest optimality residual (G scaled to max diag 1) that
 # still bounds the error of u by about 1e-5·max‖g_i‖.
@@ -66,15 +70,27 @@ class _MinNormQP:
             # spread evenly over the main tasks, auxiliaries 0), not wherever the interior point stops.
             return self._project(np.zeros(self.num_tasks))
         # The optimal weights are invariant to G → G/scale; a unit diagonal keeps Clarabel well scaled.
-        gn = g / scale
-        self._factor.value = gram_factor(gn)
+        gn = psd_projection(g / scale)
+        self._unit = self._variable_scale(gn)
+        self._factor.value = gram_factor(gn * np.outer(self._unit, self._unit))
         failures = []
-        for options in CLARABEL_ATTEMPTS:
-            x, why = self._attempt(gn, options)
+        for warm, options in CLARABEL_ATTEMPTS:
+            x, why = self._attempt(gn, warm, options)
             if why is None:
                 return self._drop_null_auxiliaries(gn, x)
             failures.append(why)
         raise SolverError(f"{self.problem_name}: Clarabel failed: " + "; then ".join(failures))
+
+    def _variable_scale(self, gn: np.ndarray) -> np.ndarray:
+        """Solve for μ_j = ‖g_j‖ λ_j instead of λ_j on the auxiliaries (x = D μ, G → DGD): an auxiliary
+        1e-8 times smaller than the main task needs λ_j ~ 1e8, far outside the range where Clarabel's
+        absolute tolerances mean anything; μ_j is of the order of ‖g_main‖ instead. Main weights stay on
+        the simplex unscaled."""
+        unit = np.ones(self.num_tasks)
+        aux = np.setdiff1d(np.arange(self.num_tasks), self._main)
+        diag = np.diag(gn)[aux]
+        unit[aux] = np.where(diag > 0.0, 1.0 / np.sqrt(np.where(diag > 0.0, diag, 1.0)), 1.0)
+        return unit
 
     def _drop_null_auxiliaries(self, gn: np.ndarray, x: np.ndarray) -> np.ndarray:
         """An auxiliary with g_j = 0 leaves u unchanged for any λ_j, and the interior point leaves λ_j at an
@@ -83,13 +99,13 @@ class _MinNormQP:
         x[aux[np.diag(gn)[aux] <= 0.0]] = 0.0
         return x
 
-    def _attempt(self, gn: np.ndarray, options: dict) -> tuple[np.ndarray | None, str | None]:
+    def _attempt(self, gn: np.ndarray, warm: bool, options: dict) -> tuple[np.ndarray | None, str | None]:
         """One Clarabel solve: (weights, None), or (None, why it is not acceptable)."""
         try:
             with warnings.catch_warnings():
                 # cvxpy warns on an inaccurate solution; that case is judged below by its KKT residual.
                 warnings.simplefilter("ignore", UserWarning)
-                self.problem.solve(solver=cp.CLARABEL, warm_start=True, **options)
+                self.problem.solve(solver=cp.CLARABEL, warm_start=warm, **options)
         except cp.error.SolverError as exc:
             return None, f"solver error ({exc})"
         status, x = self.problem.status, self._x.value
@@ -97,7 +113,7 @@ class _MinNormQP:
             return None, f"status {status!r}"
         if x is None or not np.all(np.isfinite(x)):
             return None, f"status {status!r} with weights {x!r}"
-        x = self._project(np.asarray(x, dtype=np.float64))
+        x = self._project(self._unit * np.asarray(x, dtype=np.float64))
         if status == cp.OPTIMAL_INACCURATE:
             resid = kkt_residual(gn, x, self._main, self._lower())
             if not resid <= INACCURATE_KKT_LIMIT:
