@@ -89,7 +89,7 @@ def jacobians(draw, min_tasks: int = 1, max_tasks: int = 8):
 
 @st.composite
 def integer_jacobians(draw, min_tasks: int = 1, max_tasks: int = 6):
-    """Hypothesis strategy: small-integer Jacobians; shrinking drives them to exact ties, zeros, duplicates."""
+    """Hypothesis strategy: small-integer Jacobians (shrinking drives them to ties, zeros, duplicates)."""
     t = draw(st.integers(min_tasks, max_tasks))
     d = draw(st.integers(1, 5))
     vals = draw(st.lists(st.integers(-3, 3), min_size=t * d, max_size=t * d))

@@ -112,7 +112,8 @@ def check_min_weights(min_weights, num_tasks: int) -> np.ndarray:
     try:
         c = np.array(min_weights, dtype=np.float64)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"min_weights must be a sequence of {num_tasks} numbers, got {min_weights!r}") from exc
+        msg = f"min_weights must be a sequence of {num_tasks} numbers, got {min_weights!r}"
+        raise ValueError(msg) from exc
     if c.ndim != 1 or c.shape[0] != num_tasks:
         raise ValueError(f"min_weights must have length {num_tasks} (one per task), got {min_weights!r}")
     for i, ci in enumerate(c):

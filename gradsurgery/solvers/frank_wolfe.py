@@ -10,13 +10,21 @@ main/auxiliary (DESIGN.md); anything in between is the mixed problem. Two kinds 
 
 - on the main block, Frank-Wolfe with away steps (Lacoste-Julien & Jaggi 2015) and exact line search,
   which is the two-vector closed form of ``min_norm_two`` along the step direction;
-- on each auxiliary, an exact coordinate re-fit λ_j ← max(0, −⟨u − λ_j g_j, g_j⟩) / ‖g_j‖²
+- on the auxiliaries, an exact coordinate re-fit λ_j ← max(0, −⟨u − λ_j g_j, g_j⟩) / ‖g_j‖²
   (``main_aux_one``), always on the coordinate whose re-fit lowers ‖u‖² the most.
 
-The iterates identify which weights are non-zero; a *polish* then solves the equality-constrained KKT
-system on that support exactly, which is what makes the answer exact to about machine precision instead of
-to the (slow, sublinear-to-linear) accuracy of first-order steps. All work is O(T²) per step on G; no
-d-sized data is touched.
+The steps find which weights are non-zero; a *polish* then minimises exactly on that face (its KKT
+system, solved by lstsq) and, where the face minimiser leaves the feasible set, walks towards it and drops
+the first weight to reach zero, as in the minor cycle of Wolfe's (1976) min-norm-point algorithm. The
+polish is what makes answers exact to about machine precision; it runs whenever a step brings a new index
+into the support and every ``_CHECK_EVERY`` steps. A polished point is kept only if it is feasible and no
+worse than the point it replaces.
+
+Stopping: the optimality conditions (Frank-Wolfe gap of the main block; ⟨u, g_j⟩ ≥ 0 and
+λ_j⟨u, g_j⟩ = 0 for auxiliaries) hold to ``tol``·‖u‖² plus a bound on the float64 rounding error of Gw
+(with ``tol`` relative to ‖u‖² alone, u* = 0 could never be certified), or the objective stops
+decreasing, or ``max_iter`` steps. All work is O(T²) per step on G, after one O(T³) eigendecomposition
+(``psd_projection``); no d-sized data is touched.
 """
 
 from __future__ import annotations
@@ -45,8 +53,8 @@ _CHECK_EVERY = 16
 # Weights at or below this (G normalised to max diag 1, mains summing to 1) are treated as zero when
 # guessing the support for the polish.
 _SUPPORT_EPS = 1e-12
-# A polished weight this negative (relative to the largest weight) is round-off and clipped to 0; anything
-# more negative means the guessed support was wrong and the polish is discarded.
+# A face-minimiser weight this negative (relative to the largest weight) is round-off and clipped to 0;
+# anything more negative means the face is wrong and the polish steps towards it and shrinks the face.
 _NEG_CLIP = 1e-10
 
 
@@ -59,8 +67,8 @@ def simplex_min_norm(gram, *, tol: float = 1e-12, max_iter: int = 2000) -> np.nd
     """MGDA weights (Sener & Koltun 2018): α ∈ Δ minimising ‖Σ α_i g_i‖² = αᵀGα.
 
     Frank-Wolfe with away steps on G, stopped when the duality gap αᵀGα − min_i (Gα)_i is at most
-    ``tol``·αᵀGα plus the float64 rounding error of Gα, then polished on the support. At the optimum every
-    task has ⟨u, g_i⟩ = (Gα)_i ≥ ‖u‖².
+    ``tol``·αᵀGα plus the float64 rounding error of Gα, and polished on the support (module docstring).
+    At the optimum every task has ⟨u, g_i⟩ = (Gα)_i ≥ ‖u‖².
     """
     g = check_gram(gram)
     t = g.shape[0]
@@ -78,6 +86,7 @@ def pareto_min_norm(gram, min_weights, *, tol: float = 1e-12, max_iter: int = 20
     """
     g = check_gram(gram)
     c = check_min_weights(min_weights, g.shape[0])
+    _check_options(tol, max_iter)
     s = 1.0 - float(c.sum())
     if s <= 0.0:
         return c
@@ -92,8 +101,8 @@ def main_aux_min_norm(gram, main: int, *, tol: float = 1e-12, max_iter: int = 20
 
     The dual of max_u ⟨u, g_main⟩ − ½‖u‖² s.t. ⟨u, g_j⟩ ≥ 0: at the optimum every auxiliary has
     (Gw)_j ≥ 0 and λ_j (Gw)_j = 0. Solved by exact coordinate re-fits of the most improving λ_j, stopped
-    when (Gw)_j ≥ −tol·‖u‖² and |λ_j (Gw)_j| ≤ tol·‖u‖² (plus rounding error), then polished on the
-    active set by solving G_AA λ_A = −G_{A,main}.
+    when (Gw)_j ≥ −tol·‖u‖² and |λ_j (Gw)_j| ≤ tol·‖u‖² (plus rounding error), and polished on the
+    active set A by solving G_AA λ_A = −G_{A,main} (the KKT system of the face).
     """
     g = check_gram(gram)
     t = g.shape[0]
@@ -125,7 +134,7 @@ def _solve(g: np.ndarray, blocks: _Blocks, tol: float, max_iter: int, what: str)
         # G = 0: every feasible w gives u = 0; the uniform start is as good as any and symmetric.
         return w
     # The optimal weights do not change under G → G/scale, and a unit diagonal keeps the KKT system of the
-    # polish (which mixes G with a column of ones) well scaled.
+    # polish (which mixes G with a column of ones) well scaled and the stopping tolerances absolute.
     gn = psd_projection(g / scale)
     w = _iterate(gn, w, blocks, tol, max_iter)
     return _finish(w, blocks, what)
@@ -194,7 +203,8 @@ def _kkt_holds(g: np.ndarray, w: np.ndarray, blocks: _Blocks, tol: float) -> boo
 
 def _main_step(g: np.ndarray, w: np.ndarray, main: np.ndarray) -> np.ndarray:
     """One Frank-Wolfe or away step on the main weights, whichever has the larger gap (Lacoste-Julien &
-    Jaggi 2015): away steps can drop a vertex, which plain Frank-Wolfe never does, so convergence is linear."""
+    Jaggi 2015): away steps can drop a vertex, which plain Frank-Wolfe never does, so convergence is
+    linear."""
     v = g @ w
     am, vm = w[main], v[main]
     mu = float(am @ vm)

@@ -2,8 +2,10 @@
 
 Each class builds its cvxpy problem once, DPP-compliant, with the objective ‖F x‖² where F is a T×T
 Parameter with FᵀF = G (so ‖F x‖² = xᵀGx = ‖Jᵀx‖²); ``solve(G)`` only sets F and re-solves, so cvxpy
-reuses its compiled problem and Clarabel its workspace. F comes from the eigendecomposition of G (not a
-Cholesky factor) because G is often singular: duplicated, collinear or zero task gradients, or T > d.
+reuses its compiled problem. F comes from the eigendecomposition of G (not a Cholesky factor) because G is
+often singular: duplicated, collinear or zero task gradients, or T > d. Like the iterative solvers, the QP
+sees G scaled to a unit largest diagonal and with round-off negative curvature removed
+(``psd_projection``); auxiliary coefficients are solved for in units of 1/‖g_j‖.
 """
 
 from __future__ import annotations
@@ -63,7 +65,9 @@ class _MinNormQP:
         """The optimal weights for this Gram matrix (see the class docstring for the problem)."""
         g = check_gram(gram)
         if g.shape != (self.num_tasks, self.num_tasks):
-            raise ValueError(f"{self.problem_name} was built for {self.num_tasks} tasks, got G of shape {g.shape}")
+            raise ValueError(
+                f"{self.problem_name} was built for {self.num_tasks} tasks, got G of shape {g.shape}"
+            )
         scale = float(np.max(np.diag(g)))
         if scale <= 0.0:
             # G = 0: every feasible point is optimal. Return the iterative solvers' canonical one (budget
