@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
+import scipy.linalg
 
 from ..errors import SolverError
 from .closed_form import (
@@ -318,7 +319,7 @@ def _face_minimiser(g: np.ndarray, on: np.ndarray, blocks: _Blocks) -> np.ndarra
     p = np.concatenate([s, blocks.aux[on[blocks.aux]]])
     k = p.size
     # Auxiliary coefficients are solved for as λ_j = z_j / ‖g_j‖: an auxiliary 1e-6 times smaller than the
-    # others then does not look like a rank deficiency to lstsq's singular-value cut-off. Main weights are
+    # others then does not look like a rank deficiency to lstsq's rank cut-off. Main weights are
     # left alone: rescaling them would skew the sum constraint's row instead.
     diag = np.diag(g)[p]
     unit = np.ones(k)
@@ -329,7 +330,9 @@ def _face_minimiser(g: np.ndarray, on: np.ndarray, blocks: _Blocks) -> np.ndarra
     kkt[k, : s.size] = unit[: s.size]
     rhs = np.zeros(k + 1)
     rhs[k] = 1.0
-    x = unit * np.linalg.lstsq(kkt, rhs, rcond=None)[0][:k]
+    # gelsy (complete orthogonal factorisation) gives the minimum-norm solution, like the SVD-based
+    # default at a third of its cost for T ≈ 30.
+    x = unit * scipy.linalg.lstsq(kkt, rhs, lapack_driver="gelsy", check_finite=False)[0][:k]
     if not np.all(np.isfinite(x)):
         return None
     out = np.zeros(g.shape[0])
