@@ -4,6 +4,7 @@
     opt.zero_grad(); info = opt.backward([loss_a, loss_b]); opt.step()
 """
 
+from .clean_guard import CleanBatches, mask_noisy_samples
 from .errors import SolverError
 from .info import StepInfo
 from .methods import METHODS, Method, make_method, register
@@ -13,3 +14,4 @@ from .optimizer import GradSurgery
 __version__ = "0.1.0"
 
 __all__ = ["METHODS", "GradSurgery", "Method", "SolverError", "StepInfo", "gram_matrix", "make_method", "register"]
+__all__ += ["CleanBatches", "mask_noisy_samples"]

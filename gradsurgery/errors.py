@@ -1,2 +1,6 @@
+"""Exceptions raised by gradsurgery."""
+
+
 class SolverError(RuntimeError):
-    pass
+    """A weight solver failed: the backend reported a non-optimal status, or the answer it returned is
+    non-finite or infeasible. The message names the problem and the solver status."""

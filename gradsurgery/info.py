@@ -27,12 +27,18 @@ class StepInfo:
     #: those of the gradients with respect to z).
     mode: str = "full"
     extras: dict[str, Any] = field(default_factory=dict)  # method-specific, from ``Method.info_extras()``
+    #: True when a GradScaler step overflowed: nothing was fused, ``weights`` are NaN, ``.grad`` holds inf.
+    overflow: bool = False
 
     def _measured_gram(self) -> torch.Tensor:
         if self.gram is None:
             t = self.weights.shape[0]
             return torch.full((t, t), float("nan"), dtype=torch.float64, device=self.weights.device)
         return self.gram
+    #: λ of the L2 auxiliary applied in this backward (0-d, or (n,) per tensor); None without the L2 rule.
+    l2_coefficient: torch.Tensor | None = None
+    #: ``mode="mask"``: which noisy samples were kept (bool, (B,)); None otherwise.
+    sample_mask: torch.Tensor | None = None
 
     @property
     def num_tasks(self) -> int:

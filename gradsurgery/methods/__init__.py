@@ -13,6 +13,7 @@ from .famo import FAMO
 from .gradnorm import GradNorm
 from .gradvac import GradVac
 from .imtl import IMTL
+from .l2 import L2
 from .main_aux import MainAux
 from .mgda import MGDA
 from .mixed import Mixed
@@ -39,6 +40,7 @@ _GRADIENT_METHODS = (Sum, MGDA, Pareto, PCGrad, GradVac, MainAux, Mixed, CAGrad,
 _LOSS_WEIGHTING = (Uncertainty, GradNorm, DWA, RLW, FAMO)
 for _cls in _GRADIENT_METHODS + _LOSS_WEIGHTING:
     register(_cls)
+register(L2)
 
 
 def option_names(cls: type[Method]) -> list[str]:

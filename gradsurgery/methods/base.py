@@ -129,3 +129,15 @@ def new_generator(seed: int | None) -> torch.Generator:
     gen = torch.Generator(device="cpu")
     gen.manual_seed(seed)
     return gen
+
+
+def non_negative_losses(losses: torch.Tensor, method: str, why: str) -> torch.Tensor:
+    """The losses as a float64 CPU tensor; ValueError naming the tasks when any is negative (methods that
+    compare loss ratios or take logarithms of losses)."""
+    values = losses.detach().to("cpu", torch.float64)
+    negative = [i for i, v in enumerate(values.tolist()) if v < 0]
+    if negative:
+        raise ValueError(
+            f"{method} needs non-negative losses ({why}); task(s) {negative} have {values.tolist()}"
+        )
+    return values

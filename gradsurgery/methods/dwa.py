@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .base import Method
+from .base import Method, non_negative_losses
 
 
 class DWA(Method):
@@ -58,12 +58,7 @@ class DWA(Method):
         return num_tasks * torch.softmax(rate / self.temperature, dim=0)
 
     def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
-        values = losses.detach().to("cpu", torch.float64)
-        negative = [i for i, v in enumerate(values.tolist()) if v < 0]
-        if negative:
-            raise ValueError(
-                f"dwa needs losses >= 0 (it compares loss ratios); task(s) {negative} have {values.tolist()}"
-            )
+        values = non_negative_losses(losses, self.name, "it compares loss ratios")
         weights = self.current_weights()
         block_sum, calls = self.block_sum + values, self.calls + 1
         # Committed only now: a failed call does not enter the history.

@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from .base import Method
+from .base import Method, non_negative_losses
 
 _LOSS_EPS = 1e-8
 _BETA1, _BETA2, _ADAM_EPS = 0.9, 0.999, 1e-8
@@ -71,13 +71,9 @@ class FAMO(Method):
         self.prev_losses = None
 
     def compute_weights(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
-        losses = losses.detach().to("cpu", torch.float64)
-        negative = [i for i, v in enumerate(losses.tolist()) if v < 0.0]
-        if negative:
-            raise ValueError(
-                f"famo needs non-negative losses (it takes their logarithm); task(s) {negative} have "
-                f"{[losses[i].item() for i in negative]} (subtract a lower bound of the loss first)"
-            )
+        losses = non_negative_losses(
+            losses, self.name, "it takes their logarithm; subtract a lower bound of the loss first"
+        )
         logits, exp_avg, exp_avg_sq = self.logits.clone(), self.exp_avg.clone(), self.exp_avg_sq.clone()
         steps = self.adam_steps
         if self.prev_losses is not None:

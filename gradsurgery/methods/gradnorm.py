@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ._learned import LearnedVector, check_lr, check_optimizer
-from .base import Method
+from .base import Method, non_negative_losses
 
 
 class GradNorm(Method):
@@ -97,13 +97,7 @@ class GradNorm(Method):
         return None if pending is None else pending.clone()
 
     def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
-        values = losses.detach().to("cpu", torch.float64)
-        negative = [i for i, v in enumerate(values.tolist()) if v < 0]
-        if negative:
-            raise ValueError(
-                f"gradnorm needs losses >= 0 (it compares L_i(t)/L_i(0)); "
-                f"task(s) {negative} have {values.tolist()}"
-            )
+        values = non_negative_losses(losses, self.name, "it compares L_i(t)/L_i(0)")
         initial_sum, initial_count = self.initial_sum, self.initial_count
         if initial_count < self.initial_steps:
             initial_sum, initial_count = initial_sum + values, initial_count + 1

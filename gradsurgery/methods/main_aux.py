@@ -6,6 +6,10 @@ Dual: λ* = argmin_{λ ≥ 0} ‖g_main + Σ_j λ_j g_j‖², u = g_main + Σ_j 
 as it can while no auxiliary loss rises to first order. With one auxiliary the closed form is
 λ = relu(−⟨g_main, g_aux⟩)/‖g_aux‖². Uses: a clean validation set as the auxiliary of a noisy training set;
 a regularizer as the auxiliary of the data loss.
+
+``mode="mask"`` (one auxiliary, the clean-set loss): the main loss is given per sample and the samples whose
+gradient conflicts with the auxiliary's are dropped before the rule is applied (gradient-guided loss masking,
+Wang et al. 2021; see ``gradsurgery/clean_guard.py``). ``mode="guard"`` (the default) is the plain rule.
 """
 
 from __future__ import annotations
@@ -19,19 +23,29 @@ from .base import Method, check_index, check_solver, gram_to_numpy
 class MainAux(Method):
     name = "main_aux"
 
-    def __init__(self, *, main: int = 0, solver: str = "auto") -> None:
+    def __init__(self, *, main: int = 0, solver: str = "auto", mode: str = "guard") -> None:
         check_solver(solver, ("auto", "closed_form", "frank_wolfe", "cvxpy"), self.name)
         if isinstance(main, bool) or not isinstance(main, int):
             raise TypeError(f"main must be an int task index, got {main!r}")
-        super().__init__(main=main, solver=solver)
+        if mode not in ("guard", "mask"):
+            raise ValueError(f"unknown main_aux mode {mode!r}; choose 'guard' or 'mask'")
+        super().__init__(main=main, solver=solver, mode=mode)
         self.main = main
         self.solver = solver
+        self.mode = mode
         self._qp: MainAuxQP | None = None
 
     def _check_num_tasks(self, num_tasks: int) -> None:
         if num_tasks < 2:
-            raise ValueError(f"main_aux needs a main loss and at least one auxiliary loss, got {num_tasks} loss")
+            raise ValueError(
+                f"main_aux needs a main loss and at least one auxiliary loss, got {num_tasks} loss; pass a "
+                "list, e.g. opt.backward([noisy_loss, clean_loss]) for the clean-set guard"
+            )
         check_index(self.main, num_tasks, "main")
+        if self.mode == "mask" and num_tasks != 2:
+            raise ValueError(
+                f"main_aux mode='mask' takes one auxiliary (the clean-set loss), got {num_tasks - 1}"
+            )
         if self.solver == "closed_form" and num_tasks != 2:
             raise ValueError(f"main_aux solver='closed_form' needs exactly 1 auxiliary, got {num_tasks - 1}")
 

@@ -1,0 +1,354 @@
+"""Data-parallel training: every rank fuses the *global* task gradients, identically.
+
+Why ``GradSurgery`` synchronises by itself instead of letting ``DistributedDataParallel`` do it:
+
+* a per-task ``loss_i.backward()`` under DDP fails (the reducer may mark a variable ready only once per
+  iteration); with ``static_graph=True`` it runs but the gradients of later tasks are silently left unsynced;
+* ``torch.autograd.grad``, which ``GradSurgery`` uses, never fires DDP's hooks: gradients stay local.
+
+So the per-task gradients are taken with ``autograd.grad`` (under ``model.no_sync()`` when the DDP module
+is known) and averaged here. With J_r the T×d Jacobian of rank r and n ranks, the batch-mean Jacobian is
+J = (1/n) Σ_r J_r (equal per-rank batches, mean-reduced losses), and every rank must solve the method on
+G = J Jᵀ. Averaging the local Gram matrices, (1/n) Σ_r J_r J_rᵀ, is a different matrix (it keeps the
+per-rank noise: about 10 % off on a small MLP) and is never done. Two exact paths:
+
+``"allreduce"`` — all-reduce (sum, then ÷ n) the T×d matrix J once; every rank forms G and u = Jᵀw.
+    Per rank and step (ring algorithms): sends/receives ≈ 2·T·d·(n−1)/n values, plus the task-specific
+    gradients and the T loss values. Compute: the full T²·d Gram and T·d fusion on every rank.
+
+``"sharded"`` — reduce-scatter J by columns (rank k receives the mean of its d/n columns), all-reduce the
+    T×T Gram of the shards (G = Σ_k J_k J_kᵀ, exact), fuse the shard u_k = J_kᵀw, all-gather u.
+    Per rank and step: ≈ T·d·(n−1)/n (reduce-scatter) + d·(n−1)/n (all-gather) + T² values, i.e.
+    (T+1)/(2T) of the ``"allreduce"`` volume, and 1/n of the Gram and fusion compute. Valid for every
+    method that sees only G and the losses (all built-in methods).
+
+Both paths also average the T loss values (loss-based methods need the global losses) and the task-specific
+gradients, and run one tiny all-reduce per step that checks every rank passed the same task count and
+reached the same parameters with the same tasks (so a mismatch is a clear error, not a hang or garbage).
+Loss weightings that need no Gram matrix (``needs_gram = False``: one backward of Σ w_i L_i) average
+their T loss values before computing the weights and their single gradient after (one all-reduce each).
+Methods that draw random numbers (PCGrad, GradVac, RLW) get rank 0's generator state once, before their first
+call, so all ranks visit the tasks in the same order (different seeds would make the ranks drift apart
+silently). The collectives run on the parameters' device (CPU tensors for gloo, CUDA tensors for NCCL).
+
+FSDP2 (``fully_shard``) is refused: its parameters are DTensor shards, ``autograd.grad`` returns None for
+them, and the exact alternative (one ``backward`` per task reading the sharded ``.grad``, plus an all-reduced
+T×T Gram of the shards) is not implemented.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from .collect import TaskGradients
+from .gram import gram_matrix
+from .methods import Method
+
+STRATEGIES = ("allreduce", "sharded")
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist
+
+
+def is_ddp(module: Any) -> bool:
+    return torch.distributed.is_available() and isinstance(module, torch.nn.parallel.DistributedDataParallel)
+
+
+def check_not_sharded(params: Iterable[torch.Tensor]) -> None:
+    """Refuse FSDP2/DTensor parameters with a clear error (``autograd.grad`` gives None for them)."""
+    if not torch.distributed.is_available():
+        return
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - very old torch
+        return
+    for p in params:
+        if isinstance(p, DTensor):
+            raise TypeError(
+                "GradSurgery does not support FSDP2 (fully_shard) / DTensor parameters: autograd.grad "
+                "returns "
+                f"None for sharded parameters (found a DTensor of global shape {tuple(p.shape)}). "
+                "Wrap the model in DistributedDataParallel instead; see the README section on distributed "
+                "training."
+            )
+
+
+class DistributedSync:
+    """How ``GradSurgery`` averages task gradients over data-parallel ranks.
+
+    Args:
+        model: the ``DistributedDataParallel`` module (optional): its process group is used and the per-task
+            gradients are taken inside its ``no_sync()``.
+        process_group: the group to average over; default: the DDP module's group, else the default group.
+        enabled: ``None`` (auto: on when ``torch.distributed`` is initialised with more than one rank in the
+            group), ``True`` (required: error when not initialised) or ``False`` (each rank fuses its own
+            gradients).
+        strategy: ``"allreduce"`` or ``"sharded"`` (see the module docstring for their cost).
+
+    All mutable state lives on this object and is changed in place, so framework proxies that copy the
+    optimizer's ``__dict__`` (Lightning's ``LightningOptimizer``) share it.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: torch.nn.Module | None = None,
+        process_group: Any = None,
+        enabled: bool | None = None,
+        strategy: str = "allreduce",
+    ) -> None:
+        if enabled not in (None, True, False):
+            raise TypeError(f"distributed must be None (auto), True or False, got {enabled!r}")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown dist_strategy {strategy!r}; choose one of {STRATEGIES}")
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(
+                f"model must be a torch.nn.Module (the DDP-wrapped model), got {type(model).__name__}"
+            )
+        if process_group is not None and not _is_process_group(process_group):
+            raise TypeError(
+                f"process_group must be a torch.distributed ProcessGroup, got {type(process_group).__name__}"
+            )
+        self.model = model
+        self.process_group = process_group
+        self.enabled = enabled
+        self.strategy = strategy
+        self.rng_shared = False
+
+    # -- which group, if any -------------------------------------------------------------------------------
+    def group(self) -> Any | None:
+        """The process group to average over, or None when this step is not distributed."""
+        if self.enabled is False:
+            return None
+        dist = _dist() if torch.distributed.is_available() else None
+        initialized = dist is not None and dist.is_initialized()
+        if not initialized:
+            if self.enabled or self.process_group is not None or is_ddp(self.model):
+                raise RuntimeError(
+                    "GradSurgery was asked to synchronise gradients (distributed=True, a process_group or a "
+                    "DDP model) but torch.distributed is not initialised"
+                )
+            return None
+        group = self.process_group
+        if group is None and is_ddp(self.model):
+            group = self.model.process_group
+        if group is None:
+            group = dist.group.WORLD
+        if self.enabled is None and dist.get_world_size(group) == 1:
+            return None
+        return group
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        """DDP's ``no_sync()`` when the DDP module is known: its gradient hooks must not fire on task
+        gradients."""
+        return self.model.no_sync() if is_ddp(self.model) else contextlib.nullcontext()
+
+    # -- agreement between ranks ----------------------------------------------------------------------------
+    def agree(
+        self,
+        group: Any,
+        device: torch.device,
+        *,
+        num_tasks: int = 0,
+        signature: int = 0,
+        failure: BaseException | None = None,
+    ) -> None:
+        """One tiny all-reduce: every rank learns whether any rank failed its local checks, and that all
+        ranks have the same task count and gradient layout. Raises on every rank together (no hang)."""
+        dist = _dist()
+        rank = dist.get_rank(group)
+        # MAX of (x, −x) gives the largest and the smallest x over the ranks in one call.
+        vec = torch.tensor(
+            [rank + 1 if failure is not None else 0, num_tasks, -num_tasks, signature, -signature],
+            dtype=torch.int64,
+            device=device,
+        )
+        dist.all_reduce(vec, op=dist.ReduceOp.MAX, group=group)
+        failed, t_max, t_min, s_max, s_min = (int(v) for v in vec.tolist())
+        t_min, s_min = -t_min, -s_min
+        if failure is not None:
+            raise failure
+        if failed:
+            raise RuntimeError(
+                f"GradSurgery.backward failed its checks on rank {failed - 1}; "
+                f"this rank (rank {rank}) stops too"
+            )
+        if t_max != t_min:
+            raise ValueError(
+                f"ranks passed different task counts to GradSurgery.backward (between {t_min} and {t_max}; "
+                f"this rank passed {num_tasks}); every rank must pass the same losses in the same order"
+            )
+        if s_max != s_min:
+            raise ValueError(
+                "ranks reached different parameters with their tasks (the shared / task-specific layout "
+                "differs between ranks); every rank must compute every task loss through the same parameters"
+            )
+
+    def share_rng(self, method: Method, group: Any, device: torch.device) -> None:
+        """Give every rank rank 0's generator states (once): PCGrad's and GradVac's random task orders must
+        be the same on all ranks."""
+        if self.rng_shared:
+            return
+        dist = _dist()
+        for _, gen in generators(method):
+            state = gen.get_state().to(device)
+            dist.broadcast(state, group=group, group_src=0)
+            gen.set_state(state.cpu())
+        self.rng_shared = True
+
+    # -- the two exact reductions ----------------------------------------------------------------------------
+    def allreduce(self, group: Any, grads: TaskGradients, loss_values: torch.Tensor) -> torch.Tensor:
+        """Average J in place (one all-reduce of the T×d buffer), then the task-specific gradients and the
+        losses (one small all-reduce per dtype); returns the mean losses."""
+        dist = _dist()
+        n = dist.get_world_size(group)
+        jac = grads.jacobian
+        if jac.numel():
+            dist.all_reduce(jac, group=group)
+            jac.div_(n)
+        others = _task_specific(grads)
+        loss_values = loss_values.clone()
+        _sum_in_place(others + [loss_values], group)
+        for g in others:
+            g.div_(n)
+        return loss_values.div_(n)
+
+    def sharded_gram(
+        self, group: Any, grads: TaskGradients, loss_values: torch.Tensor, gram_dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Reduce-scatter J by columns and all-reduce the Gram of the shards.
+
+        Returns (this rank's shard of the mean Jacobian, T×⌈d/n⌉; the global G; the mean losses).
+        """
+        dist = _dist()
+        n = dist.get_world_size(group)
+        jac = grads.jacobian
+        num_tasks, dim = jac.shape
+        width = max(1, math.ceil(dim / n))
+        if dim == n * width:
+            padded = jac
+        else:
+            padded = jac.new_zeros(num_tasks, n * width)
+            padded[:, :dim] = jac
+        # Rank k receives columns [k·width, (k+1)·width): lay the n blocks out one after the other.
+        blocks = padded.view(num_tasks, n, width).transpose(0, 1).contiguous()
+        shard = jac.new_empty(num_tasks, width)
+        _reduce_scatter(shard, blocks.view(n * num_tasks, width), group)
+        shard.div_(n)
+        # G = Σ_k J_k J_kᵀ over the column blocks: summed, not averaged. The losses ride along.
+        partial = gram_matrix(shard, gram_dtype)
+        packed = torch.cat([partial.reshape(-1), loss_values.to(device=partial.device, dtype=gram_dtype)])
+        others = _task_specific(grads)
+        _sum_in_place(others + [packed], group)
+        for g in others:
+            g.div_(n)
+        gram = packed[: num_tasks * num_tasks].view(num_tasks, num_tasks)
+        return shard, gram, packed[num_tasks * num_tasks :].div(n).to(loss_values.dtype)
+
+    def average(self, group: Any, values: torch.Tensor) -> torch.Tensor:
+        """The mean of ``values`` over the ranks (a new tensor)."""
+        dist = _dist()
+        out = values.clone()
+        dist.all_reduce(out, group=group)
+        return out.div_(dist.get_world_size(group))
+
+    def average_gradients(
+        self, group: Any, params: list[torch.Tensor], grads: Sequence[torch.Tensor | None]
+    ) -> list[torch.Tensor | None]:
+        """Mean of one gradient per parameter over the ranks (loss-weighting methods' single backward); a
+        parameter keeps None only when no rank reached it."""
+        dist = _dist()
+        n = dist.get_world_size(group)
+        filled = [g if g is not None else torch.zeros_like(p) for p, g in zip(params, grads, strict=True)]
+        reached = torch.tensor(
+            [float(g is not None) for g in grads], dtype=torch.float64, device=params[0].device
+        )
+        _sum_in_place(filled + [reached], group)
+        return [g.div_(n) if r > 0 else None for g, r in zip(filled, reached.tolist(), strict=True)]
+
+    def gather_fused(self, group: Any, shard: torch.Tensor, weights: torch.Tensor, dim: int) -> torch.Tensor:
+        """u = Jᵀw from each rank's shard: fuse locally, all-gather the d/n pieces."""
+        dist = _dist()
+        n = dist.get_world_size(group)
+        piece = weights.to(device=shard.device, dtype=shard.dtype) @ shard
+        full = piece.new_empty(n * piece.numel())
+        _all_gather(full, piece, group)
+        return full[:dim]
+
+    # -- copies ----------------------------------------------------------------------------------------------
+    def __deepcopy__(self, memo: dict) -> DistributedSync:
+        # A process group and the live DDP module cannot (and need not) be copied: the copy shares them.
+        twin = DistributedSync.__new__(DistributedSync)
+        twin.__dict__.update(self.__dict__)
+        memo[id(self)] = twin
+        return twin
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickling drops the DDP module and the process group (neither can be pickled); an unpickled wrapper
+        # falls back to automatic detection on the default group.
+        state = self.__dict__.copy()
+        state["model"] = None
+        state["process_group"] = None
+        state["rng_shared"] = False
+        return state
+
+
+def generators(method: Method) -> Iterator[tuple[str, torch.Generator]]:
+    """The method's random generators, by attribute name (sorted, so every rank lists them in one order)."""
+    for name in sorted(vars(method)):
+        value = getattr(method, name)
+        if isinstance(value, torch.Generator):
+            yield name, value
+
+
+def layout_signature(grads: TaskGradients, num_tasks: int) -> int:
+    """A 31-bit fingerprint of which parameter is shared and which task reaches each task-specific one."""
+    layout = grads.layout
+    parts = [num_tasks, layout.dim, str(layout.dtype), len(layout.params), tuple(layout.shared)]
+    parts.append(tuple((k, tuple(i for i, _ in entries)) for k, entries in enumerate(grads.other) if entries))
+    return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
+
+
+def _is_process_group(obj: Any) -> bool:
+    return torch.distributed.is_available() and isinstance(obj, torch.distributed.ProcessGroup)
+
+
+def _task_specific(grads: TaskGradients) -> list[torch.Tensor]:
+    return [g for entries in grads.other for _, g in entries]
+
+
+def _sum_in_place(tensors: list[torch.Tensor], group: Any) -> None:
+    """Sum each tensor over the ranks, in place: one all-reduce per (dtype, device), so the float64 Gram
+    keeps its precision and float32 head gradients do not travel as float64."""
+    dist = _dist()
+    buckets: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for t in tensors:
+        buckets.setdefault((t.dtype, t.device), []).append(t)
+    for _, members in sorted(buckets.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))):
+        flat = torch.cat([t.reshape(-1) for t in members])
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        for t in members:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def _reduce_scatter(output: torch.Tensor, stacked: torch.Tensor, group: Any) -> None:
+    dist = _dist()
+    op = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    op(output, stacked, group=group)
+
+
+def _all_gather(output: torch.Tensor, piece: torch.Tensor, group: Any) -> None:
+    dist = _dist()
+    op = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    op(output, piece, group=group)

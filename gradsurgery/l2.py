@@ -1,0 +1,218 @@
+"""L2 regularization without λ: ½‖θ‖² read as an *auxiliary* task of the data loss (see DESIGN.md).
+
+The main task (the data loss, gradient g) descends as fast as it can while the auxiliary ½‖θ‖² (gradient θ)
+may not rise to first order. That is the main/auxiliary problem of Su (2022) with g_aux = θ:
+
+    max_u ⟨u, g⟩ − ½‖u‖²  s.t.  ⟨u, θ⟩ ≥ 0   ⟹   u = g + λθ,   λ = relu(−⟨g, θ⟩) / ‖θ‖².
+
+Stepping along −u changes ½‖θ‖² by −η·max(⟨g, θ⟩, 0) ≤ 0 to first order: when the data gradient already
+shrinks θ (⟨g, θ⟩ ≥ 0) it is left alone (λ = 0); when it would grow θ, exactly the growing component along θ
+is cancelled (⟨u, θ⟩ = 0). There is no coefficient to tune. A zero θ gives λ = 0 (nothing to protect).
+
+``per_tensor=False`` takes one inner product over all regularized tensors (θ is their concatenation);
+``per_tensor=True`` applies the rule to every tensor on its own (each tensor's norm is protected).
+
+**Direct form** (``transform``): the rule acts on the new gradient of each ``backward``, before it is added
+to ``.grad``. It bounds the step of an optimizer that steps along the gradient: plain SGD.
+
+**Decoupled form** (``snapshot``/``correct``, in the spirit of AdamW, Loshchilov & Hutter 2019): momentum and
+adaptive preconditioning (Adam, RMSProp, SGD with momentum) turn u into an update whose inner product with θ
+has no fixed sign, so the rule is applied to the update the optimizer actually made instead. With
+θ_old before and θ_new after the inner step, Δ = θ_new − θ_old:
+
+1. if ⟨Δ, θ_old⟩ > 0, the component along θ_old is removed: Δ ← Δ − ⟨Δ, θ_old⟩/‖θ_old‖² · θ_old;
+2. removing it leaves ‖θ_old + Δ‖² = ‖θ_old‖² + ‖Δ‖² (a second-order growth), and an update that was not
+   growing to first order can still grow by its second-order term, so θ_new = θ_old + Δ is finally scaled
+   back onto the ball of radius ‖θ_old‖ when it lies outside it. Since the update is known here, this makes
+   ‖θ‖ non-increasing exactly (up to rounding), not only to first order. A zero θ_old is left free to move.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+_ACC = torch.float64  # inner products and squared norms are accumulated in float64
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """⟨a, b⟩ as a float64 scalar, computed in the tensors' own precision (float32 at least): a float64 copy
+    of every d-sized tensor would cost more than the rest of the rule, and λ needs no more digits."""
+    a, b = a.detach().reshape(-1), b.detach().reshape(-1)
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    return torch.dot(a.to(dtype), b.to(dtype)).to(_ACC)
+
+
+def _on(device: torch.device, values: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([v.to(device) for v in values])
+
+
+def l2_coefficients(
+    grads: Sequence[torch.Tensor], thetas: Sequence[torch.Tensor], per_tensor: bool = False
+) -> torch.Tensor:
+    """λ = relu(−⟨g, θ⟩)/‖θ‖² (float64): a 0-d tensor for the global rule, shape (n,) per tensor.
+
+    λ = 0 where ‖θ‖ = 0. No blow-up for tiny θ: ‖λθ‖ = relu(−⟨g, θ⟩)/‖θ‖ ≤ ‖g‖ (Cauchy-Schwarz).
+    """
+    if len(grads) != len(thetas):
+        raise ValueError(f"{len(grads)} gradients for {len(thetas)} tensors")
+    if not grads:
+        return torch.zeros((0,) if per_tensor else (), dtype=_ACC)
+    for g, t in zip(grads, thetas, strict=True):
+        if g.shape != t.shape:
+            raise ValueError(f"gradient of shape {tuple(g.shape)} for a tensor of shape {tuple(t.shape)}")
+    device = thetas[0].device
+    dots = _on(device, [_dot(g, t) for g, t in zip(grads, thetas, strict=True)])
+    sq = _on(device, [_dot(t, t) for t in thetas])
+    if not per_tensor:
+        dots, sq = dots.sum(), sq.sum()
+    return torch.where(sq > 0, torch.relu(-dots) / torch.where(sq > 0, sq, 1.0), 0.0)
+
+
+def l2_direction(
+    grads: Sequence[torch.Tensor], thetas: Sequence[torch.Tensor], per_tensor: bool = False
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(u, λ) with u_k = g_k + λ_k θ_k (λ_k = λ for the global rule); u_k has g_k's dtype and device."""
+    lam = l2_coefficients(grads, thetas, per_tensor)
+    out = []
+    for k, (g, t) in enumerate(zip(grads, thetas, strict=True)):
+        coef = lam[k] if per_tensor else lam
+        out.append(g + coef.to(device=g.device, dtype=g.dtype) * t.detach().to(g.dtype))
+    return out, lam
+
+
+@torch.no_grad()
+def decoupled_correction(
+    news: Sequence[torch.Tensor], olds: Sequence[torch.Tensor], per_tensor: bool = False
+) -> None:
+    """Correct θ_new (``news``, in place) after a step from θ_old (``olds``); see the module docstring.
+
+    Afterwards ‖θ_new‖ ≤ ‖θ_old‖ (globally, or for each tensor with ``per_tensor``) wherever θ_old ≠ 0.
+    """
+    if len(news) != len(olds):
+        raise ValueError(f"{len(news)} tensors after the step for {len(olds)} before it")
+    if not news:
+        return
+    device = olds[0].device
+    groups = [[k] for k in range(len(news))] if per_tensor else [list(range(len(news)))]
+    for group in groups:
+        sq_old = _on(device, [_dot(olds[k], olds[k]) for k in group]).sum()
+        cross = _on(device, [_dot(news[k], olds[k]) for k in group]).sum()
+        sq_new = _on(device, [_dot(news[k], news[k]) for k in group]).sum()
+        live = sq_old > 0
+        # 1. first order: drop the growing component of Δ along θ_old (⟨Δ, θ_old⟩ = cross − sq_old).
+        growing = cross - sq_old
+        c = torch.where((growing > 0) & live, growing / torch.where(live, sq_old, 1.0), 0.0)
+        # 2. second order: back onto the ball of radius ‖θ_old‖; ‖θ_new − cθ_old‖² from the three products.
+        sq_proj = sq_new - 2 * c * cross + c * c * sq_old
+        ratio = (sq_old / torch.where(live, sq_proj, 1.0)).sqrt()
+        shrink = torch.where((sq_proj > sq_old) & live, ratio, 1.0)
+        for k in group:
+            new, old = news[k], olds[k]
+            new.sub_(c.to(device=new.device, dtype=new.dtype) * old)
+            new.mul_(shrink.to(device=new.device, dtype=new.dtype))
+
+
+class L2Rule:
+    """The λ-free L2 auxiliary as ``GradSurgery`` applies it.
+
+    Args:
+        params: the regularized tensors; ``None`` means every trainable parameter with ``dim() >= 2`` (weight
+            matrices and kernels; biases and norm scales are left out, as is usual for weight decay).
+        per_tensor: one rule per tensor instead of one global inner product.
+        decoupled: act on the optimizer's actual update in ``step`` instead of on the gradient in
+            ``backward``.
+    """
+
+    def __init__(
+        self, params: Iterable[torch.Tensor] | None = None, per_tensor: bool = False, decoupled: bool = False
+    ) -> None:
+        for name, value in (("per_tensor", per_tensor), ("decoupled", decoupled)):
+            if not isinstance(value, bool):
+                raise TypeError(f"l2 {name} must be a bool, got {value!r}")
+        self.params = None if params is None else _tensor_list(params, "l2 params")
+        self._ids = None if self.params is None else {id(p) for p in self.params}
+        self.per_tensor = per_tensor
+        self.decoupled = decoupled
+
+    def is_regularized(self, p: torch.Tensor) -> bool:
+        return p.dim() >= 2 if self._ids is None else id(p) in self._ids
+
+    def transform(
+        self, pairs: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """Apply u = g + λθ to the (param, new gradient) pairs of the regularized params; returns (pairs, λ).
+
+        θ is the set of regularized parameters this backward reaches (one not reached gets no gradient).
+        """
+        idx = [k for k, (p, _) in enumerate(pairs) if self.is_regularized(p)]
+        new, lam = l2_direction([pairs[k][1] for k in idx], [pairs[k][0] for k in idx], self.per_tensor)
+        out = list(pairs)
+        for k, u in zip(idx, new, strict=True):
+            out[k] = (pairs[k][0], u)
+        return out, lam
+
+    def snapshot(self, params: Iterable[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """θ_old of the regularized params the inner step will move (those with a ``.grad``)."""
+        return [(p, p.detach().clone()) for p in params if p.grad is not None and self.is_regularized(p)]
+
+    def correct(self, snapshot: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        decoupled_correction([p.data for p, _ in snapshot], [old for _, old in snapshot], self.per_tensor)
+
+    def __repr__(self) -> str:
+        which = "dim>=2" if self.params is None else f"{len(self.params)} tensors"
+        return f"L2Rule(params={which}, per_tensor={self.per_tensor}, decoupled={self.decoupled})"
+
+
+def _tensor_list(params: Iterable[torch.Tensor], what: str) -> list[torch.Tensor]:
+    if isinstance(params, torch.Tensor):
+        params = [params]
+    try:
+        params = list(params)
+    except TypeError:
+        raise TypeError(f"{what} must be an iterable of tensors, got {type(params).__name__}") from None
+    bad = [type(p).__name__ for p in params if not isinstance(p, torch.Tensor)]
+    if bad:
+        raise TypeError(f"{what} must hold tensors only, got {bad}")
+    if not params:
+        raise ValueError(f"{what} is empty: give at least one tensor, or None for every tensor with dim >= 2")
+    return params
+
+
+def make_l2_rule(
+    method: object,
+    optimizer: torch.optim.Optimizer,
+    l2: bool,
+    l2_params: Iterable[torch.Tensor] | None,
+    l2_per_tensor: bool | None,
+    l2_decoupled: bool | None,
+) -> L2Rule | None:
+    """The rule ``GradSurgery`` uses: from ``method="l2"`` or from ``l2=True`` (plus ``l2_*`` options)."""
+    from .methods.l2 import L2  # a late import keeps this module free of the method registry
+
+    if not isinstance(l2, bool):
+        raise TypeError(f"l2 must be a bool, got {l2!r}")
+    options = {"l2_params": l2_params, "l2_per_tensor": l2_per_tensor, "l2_decoupled": l2_decoupled}
+    given = [name for name, value in options.items() if value is not None]
+    if isinstance(method, L2):
+        if l2 or given:
+            raise TypeError(
+                f"method='l2' takes its options as params=, per_tensor=, decoupled=; got l2={l2!r}"
+                f"{' and ' + ', '.join(given) if given else ''}"
+            )
+        rule = L2Rule(method.params, method.per_tensor, method.decoupled)
+    elif l2:
+        rule = L2Rule(l2_params, bool(l2_per_tensor), bool(l2_decoupled))
+    else:
+        if given:
+            raise TypeError(f"{', '.join(given)} given without l2=True")
+        return None
+    if rule.params is not None:
+        known = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        strangers = [tuple(p.shape) for p in rule.params if id(p) not in known]
+        if strangers:
+            raise ValueError(
+                f"the L2 params include tensors the optimizer does not hold (shapes {strangers})"
+            )
+    return rule

@@ -1,0 +1,354 @@
+"""Iterative min-norm solvers on the Gram matrix G = J Jᵀ (numpy float64 in and out).
+
+Every problem here is one quadratic program over weights w, with u = Jᵀw the fused gradient:
+
+    min_w  ‖u‖² = wᵀ G w   s.t.  Σ_{i∈M} w_i = 1,  w_i ≥ 0 for all i,
+
+where M is the set of *main* tasks (their weights live on the simplex) and the other tasks are
+*auxiliaries* (free coefficients λ_j ≥ 0). M = all tasks is MGDA (Sener & Koltun 2018); |M| = 1 is
+main/auxiliary (DESIGN.md); anything in between is the mixed problem. Two kinds of steps drive it:
+
+- on the main block, Frank-Wolfe with away steps (Lacoste-Julien & Jaggi 2015) and exact line search,
+  which is the two-vector closed form of ``min_norm_two`` along the step direction;
+- on the auxiliaries, an exact coordinate re-fit λ_j ← max(0, −⟨u − λ_j g_j, g_j⟩) / ‖g_j‖²
+  (``main_aux_one``), always on the coordinate whose re-fit lowers ‖u‖² the most.
+
+The steps find which weights are non-zero; a *polish* then minimises exactly on that face (its KKT
+system, solved by lstsq) and, where the face minimiser leaves the feasible set, walks towards it and drops
+the first weight to reach zero, as in the minor cycle of Wolfe's (1976) min-norm-point algorithm. The
+polish is what makes answers exact to about machine precision; it runs whenever a step brings a new index
+into the support and every ``_CHECK_EVERY`` steps. A polished point is kept only if it is feasible and no
+worse than the point it replaces.
+
+Stopping: the optimality conditions (Frank-Wolfe gap of the main block; ⟨u, g_j⟩ ≥ 0 and
+λ_j⟨u, g_j⟩ = 0 for auxiliaries) hold to ``tol``·‖u‖² plus a bound on the float64 rounding error of Gw
+(with ``tol`` relative to ‖u‖² alone, u* = 0 could never be certified), or the objective stops
+decreasing, or ``max_iter`` steps. All work is O(T²) per step on G, after one O(T³) eigendecomposition
+(``psd_projection``); no d-sized data is touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+import scipy.linalg
+
+from ..errors import SolverError
+from .closed_form import (
+    EPS,
+    TINY,
+    check_gram,
+    check_main_indices,
+    check_min_weights,
+    check_task_index,
+    main_aux_one,
+    psd_projection,
+)
+
+# Besides after every step that brings a new index into the support, the polish is tried (and progress
+# checked) every this many steps: often enough to finish soon after the support settles, rarely enough
+# that its small lstsq does not dominate the cost of the steps.
+_CHECK_EVERY = 16
+# Weights at or below this (G normalised to max diag 1, mains summing to 1) are treated as zero when
+# guessing the support for the polish.
+_SUPPORT_EPS = 1e-12
+# A face-minimiser weight this negative (relative to the largest weight) is round-off and clipped to 0;
+# anything more negative means the face is wrong and the polish steps towards it and shrinks the face.
+_NEG_CLIP = 1e-10
+
+
+class _Blocks(NamedTuple):
+    main: np.ndarray  # indices whose weights sum to one
+    aux: np.ndarray  # indices with free non-negative coefficients
+
+
+def simplex_min_norm(gram, *, tol: float = 1e-12, max_iter: int = 2000) -> np.ndarray:
+    """MGDA weights (Sener & Koltun 2018): α ∈ Δ minimising ‖Σ α_i g_i‖² = αᵀGα.
+
+    Frank-Wolfe with away steps on G, stopped when the duality gap αᵀGα − min_i (Gα)_i is at most
+    ``tol``·αᵀGα plus the float64 rounding error of Gα, and polished on the support (module docstring).
+    At the optimum every task has ⟨u, g_i⟩ = (Gα)_i ≥ ‖u‖².
+    """
+    g = check_gram(gram)
+    t = g.shape[0]
+    return _solve(g, _Blocks(np.arange(t), np.arange(0)), tol, max_iter, "simplex_min_norm")
+
+
+def pareto_min_norm(gram, min_weights, *, tol: float = 1e-12, max_iter: int = 2000) -> np.ndarray:
+    """PE-LTR weights (Lin et al. 2019): min αᵀGα s.t. Σα = 1, α_i ≥ c_i (Σc ≤ 1).
+
+    With s = 1 − Σc and α = c + sβ, β ∈ Δ, the objective is βᵀG'β with the shifted Gram matrix
+
+        G'_ij = cᵀGc + s (Gc)_i + s (Gc)_j + s² G_ij,
+
+    so the problem is ``simplex_min_norm`` on G'. s = 0 leaves α = c.
+    """
+    g = check_gram(gram)
+    c = check_min_weights(min_weights, g.shape[0])
+    _check_options(tol, max_iter)
+    s = 1.0 - float(c.sum())
+    if s <= 0.0:
+        return c
+    gc = g @ c
+    shifted = float(c @ gc) + s * (gc[:, None] + gc[None, :]) + s * s * g
+    beta = _solve(shifted, _Blocks(np.arange(g.shape[0]), np.arange(0)), tol, max_iter, "pareto_min_norm")
+    return c + s * beta
+
+
+def main_aux_min_norm(gram, main: int, *, tol: float = 1e-12, max_iter: int = 2000) -> np.ndarray:
+    """Main/auxiliary weights (DESIGN.md): w[main] = 1, w_j = λ_j ≥ 0 minimising ‖g_main + Σ λ_j g_j‖².
+
+    The dual of max_u ⟨u, g_main⟩ − ½‖u‖² s.t. ⟨u, g_j⟩ ≥ 0: at the optimum every auxiliary has
+    (Gw)_j ≥ 0 and λ_j (Gw)_j = 0. Solved by exact coordinate re-fits of the most improving λ_j, stopped
+    when (Gw)_j ≥ −tol·‖u‖² and |λ_j (Gw)_j| ≤ tol·‖u‖² (plus rounding error), and polished on the
+    active set A by solving G_AA λ_A = −G_{A,main} (the KKT system of the face).
+    """
+    g = check_gram(gram)
+    t = g.shape[0]
+    m = check_task_index(main, t)
+    aux = np.array([j for j in range(t) if j != m], dtype=np.intp)
+    return _solve(g, _Blocks(np.array([m]), aux), tol, max_iter, "main_aux_min_norm")
+
+
+def mixed_min_norm(gram, main: Sequence[int], *, tol: float = 1e-12, max_iter: int = 2000) -> np.ndarray:
+    """Mixed n main + m auxiliary weights (DESIGN.md): min ‖Σ_{i∈main} α_i g_i + Σ_j λ_j g_j‖² over
+    α ∈ Δ^n, λ ≥ 0. One main task is ``main_aux_min_norm``; all tasks main is ``simplex_min_norm``.
+
+    Each iteration takes one Frank-Wolfe/away step on α and one exact coordinate re-fit on λ; both lower
+    the objective, and the periodic polish solves the KKT system with the α-sum constraint exactly.
+    """
+    g = check_gram(gram)
+    t = g.shape[0]
+    m = check_main_indices(main, t)
+    aux = np.setdiff1d(np.arange(t), m).astype(np.intp)
+    return _solve(g, _Blocks(m, aux), tol, max_iter, "mixed_min_norm")
+
+
+def _solve(g: np.ndarray, blocks: _Blocks, tol: float, max_iter: int, what: str) -> np.ndarray:
+    _check_options(tol, max_iter)
+    w = np.zeros(g.shape[0])
+    w[blocks.main] = 1.0 / blocks.main.size
+    scale = float(np.max(np.diag(g)))
+    if scale <= 0.0:
+        # G = 0: every feasible w gives u = 0; the uniform start is as good as any and symmetric.
+        return w
+    # The optimal weights do not change under G → G/scale, and a unit diagonal keeps the KKT system of the
+    # polish (which mixes G with a column of ones) well scaled and the stopping tolerances absolute.
+    gn = psd_projection(g / scale)
+    w = _iterate(gn, w, blocks, tol, max_iter)
+    return _finish(w, blocks, what)
+
+
+def _check_options(tol: float, max_iter: int) -> None:
+    if not (np.isfinite(tol) and tol >= 0):
+        raise ValueError(f"tol must be a finite number ≥ 0, got {tol!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int | np.integer) or max_iter < 0:
+        raise ValueError(f"max_iter must be an int ≥ 0, got {max_iter!r}")
+
+
+def _iterate(g: np.ndarray, w: np.ndarray, blocks: _Blocks, tol: float, max_iter: int) -> np.ndarray:
+    w = _try_polish(g, w, blocks)
+    checkpoint = _objective(g, w)
+    for it in range(1, max_iter + 1):
+        if _kkt_holds(g, w, blocks, tol):
+            return w
+        w_next = _main_step(g, w, blocks.main) if blocks.main.size > 1 else w
+        w_next = _aux_step(g, w_next, blocks.aux) if blocks.aux.size else w_next
+        if np.array_equal(w_next, w):
+            break  # no step can lower the objective any more: only round-off is left
+        grew = bool(np.any((w_next > 0.0) & (w == 0.0)))
+        w = w_next
+        # A new index in the support is when the face minimiser can jump to the answer (Wolfe's major
+        # cycle); between such events the steps only shuffle weight within the face.
+        if grew or it % _CHECK_EVERY == 0:
+            w = _try_polish(g, w, blocks)
+        if it % _CHECK_EVERY == 0:
+            obj = _objective(g, w)
+            # Ill-conditioned faces (near-duplicate gradients, 1e-3 scale differences) can leave the KKT
+            # test just out of reach of float64 while the objective no longer moves: stop there.
+            if checkpoint - obj <= tol * obj + _noise(g, w):
+                break
+            checkpoint = obj
+    return _try_polish(g, w, blocks)
+
+
+def _objective(g: np.ndarray, w: np.ndarray) -> float:
+    return float(w @ g @ w)
+
+
+def _noise(g: np.ndarray, w: np.ndarray) -> float:
+    """A bound on the float64 rounding error of wᵀGw."""
+    return float(np.abs(w) @ _rounding(g, w))
+
+
+def _rounding(g: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """A bound on the float64 rounding error of each (Gw)_i: the stopping test cannot ask for less."""
+    return 4.0 * g.shape[0] * EPS * (np.abs(g) @ np.abs(w)) + TINY
+
+
+def _kkt_holds(g: np.ndarray, w: np.ndarray, blocks: _Blocks, tol: float) -> bool:
+    """Optimality up to tol·‖u‖²: mains share the smallest ⟨u, g_i⟩ (Frank-Wolfe gap), auxiliaries have
+    ⟨u, g_j⟩ ≥ 0 and complementary slackness λ_j ⟨u, g_j⟩ = 0."""
+    v = g @ w
+    slack = tol * max(float(w @ v), 0.0)
+    noise = _rounding(g, w)
+    m, a = blocks
+    if m.size > 1 and float(w[m] @ v[m]) - v[m].min() > slack + noise[m].max():
+        return False
+    if a.size and np.any(v[a] < -(slack + noise[a])):
+        return False
+    return not (a.size and np.any(np.abs(w[a] * v[a]) > slack + w[a] * noise[a]))
+
+
+def _main_step(g: np.ndarray, w: np.ndarray, main: np.ndarray) -> np.ndarray:
+    """One Frank-Wolfe or away step on the main weights, whichever has the larger gap (Lacoste-Julien &
+    Jaggi 2015): away steps can drop a vertex, which plain Frank-Wolfe never does, so convergence is
+    linear."""
+    v = g @ w
+    am, vm = w[main], v[main]
+    mu = float(am @ vm)
+    toward = main[np.argmin(vm)]
+    support = main[am > 0.0]
+    away = support[np.argmax(v[support])]
+    d = np.zeros_like(w)
+    # With a single vertex in the support the away direction α − e_a is zero up to round-off, and its
+    # step bound α_a / (1 − α_a) would blow that round-off up: only Frank-Wolfe steps make sense there.
+    if support.size < 2 or mu - v[toward] >= v[away] - mu:
+        d[main] = -am
+        d[toward] += 1.0
+        w = _line_step(g, w, v, d, 1.0, drop=None)
+    else:
+        d[main] = am
+        d[away] -= 1.0
+        w = _line_step(g, w, v, d, w[away] / (1.0 - w[away]), drop=away)
+    # Keep Σα = 1 exactly so that round-off cannot accumulate across thousands of steps.
+    w[main] /= w[main].sum()
+    return w
+
+
+def _line_step(g, w, v, d, gamma_max: float, drop) -> np.ndarray:
+    """Exact line search of ‖J(w + γd)‖² for γ ∈ [0, γ_max]: γ = −dᵀGw / dᵀGd, the closed form of
+    ``min_norm_two`` written along the direction (no cancellation between two nearly equal endpoints)."""
+    slope = float(d @ v)
+    if slope >= 0.0:
+        return w
+    curv = float(d @ (g @ d))
+    gamma = gamma_max if curv <= TINY else min(-slope / curv, gamma_max)
+    w = w + gamma * d
+    if drop is not None and gamma == gamma_max:
+        w[drop] = 0.0  # an exact drop step: the vertex leaves the support instead of lingering at ~1e-17
+    np.maximum(w, 0.0, out=w)
+    return w
+
+
+def _aux_step(g: np.ndarray, w: np.ndarray, aux: np.ndarray) -> np.ndarray:
+    """Re-fit the auxiliary coefficient whose exact one-dimensional update lowers ‖u‖² the most
+    (Gauss-Southwell rule: the decrease is ‖g_j‖² (λ_j' − λ_j)²)."""
+    v = g @ w
+    diag = np.diag(g)[aux]
+    lam = w[aux]
+    resid = v[aux] - lam * diag  # ⟨u − λ_j g_j, g_j⟩
+    alive = diag > TINY
+    new = np.zeros_like(lam)
+    np.divide(np.maximum(-resid, 0.0), diag, out=new, where=alive)
+    new = np.where(alive, new, lam)
+    gain = diag * (new - lam) ** 2
+    k = int(np.argmax(gain))
+    if not gain[k] > 0.0:
+        return w
+    j = aux[k]
+    w = w.copy()
+    rest = float(w @ v) - 2.0 * lam[k] * v[j] + lam[k] ** 2 * diag[k]  # ‖u − λ_j g_j‖²
+    w[j] = main_aux_one(rest, resid[k], diag[k])
+    return w
+
+
+def _try_polish(g: np.ndarray, w: np.ndarray, blocks: _Blocks) -> np.ndarray:
+    """Replace w by the polished point when that is finite, feasible and no worse (up to round-off)."""
+    p = _polish(g, w, blocks)
+    if p is None:
+        return w
+    return p if _objective(g, p) <= _objective(g, w) + _noise(g, w) else w
+
+
+def _polish(g: np.ndarray, w: np.ndarray, blocks: _Blocks) -> np.ndarray | None:
+    """The exact minimiser on the face of w's support, or on a sub-face of it.
+
+    y = argmin over the affine hull of the face (``_face_minimiser``). If y ≥ 0 it is the answer. Otherwise
+    the objective still decreases along w → y (convex, minimised at y), so step there until the first
+    weight reaches 0 (ratio test), drop that weight and repeat on the smaller face: the minor cycle of
+    Wolfe's (1976) min-norm-point algorithm. At most |support| rounds, each with one small lstsq.
+    """
+    w = w.copy()
+    w[w <= _SUPPORT_EPS] = 0.0
+    for _ in range(w.size):
+        if not w[blocks.main].sum() > 0.0:
+            return None
+        y = _face_minimiser(g, w > 0.0, blocks)
+        if y is None:
+            return None
+        clip = -_NEG_CLIP * max(1.0, float(np.abs(y).max()))
+        if y.min() >= clip:
+            y = np.maximum(y, 0.0)
+            y[blocks.main] /= y[blocks.main].sum()
+            return y
+        w = _ratio_step(w, y)
+        w[blocks.main] /= w[blocks.main].sum()
+    return None
+
+
+def _ratio_step(w: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """w + θ(y − w) with the largest θ ∈ [0, 1] keeping every weight ≥ 0; the blocking weight becomes 0."""
+    falling = (y < 0.0) & (w > 0.0)
+    ratios = w[falling] / (w[falling] - y[falling])
+    k = np.flatnonzero(falling)[np.argmin(ratios)]
+    out = np.maximum(w + float(ratios.min()) * (y - w), 0.0)
+    out[k] = 0.0
+    return out
+
+
+def _face_minimiser(g: np.ndarray, on: np.ndarray, blocks: _Blocks) -> np.ndarray | None:
+    """Minimise wᵀGw over {w_i = 0 off the face, Σ_{i∈S} w_i = 1} (S = the face's main indices) through
+    the KKT system [[G_PP, e_S], [e_Sᵀ, 0]] [w_P; ν] = [0; 1]. lstsq gives an exact solution even when
+    G_PP is singular (duplicated, collinear or zero gradients), and its minimum-norm choice keeps weights
+    moderate when they are not unique (two opposite auxiliaries: any λ_1 g − λ_2 g with the same
+    difference); the system is consistent because the objective is bounded below on the affine set."""
+    s = blocks.main[on[blocks.main]]
+    p = np.concatenate([s, blocks.aux[on[blocks.aux]]])
+    k = p.size
+    # Auxiliary coefficients are solved for as λ_j = z_j / ‖g_j‖: an auxiliary 1e-6 times smaller than the
+    # others then does not look like a rank deficiency to lstsq's rank cut-off. Main weights are
+    # left alone: rescaling them would skew the sum constraint's row instead.
+    diag = np.diag(g)[p]
+    unit = np.ones(k)
+    unit[s.size :] = 1.0 / np.sqrt(np.where(diag[s.size :] > 0.0, diag[s.size :], 1.0))
+    kkt = np.zeros((k + 1, k + 1))
+    kkt[:k, :k] = g[np.ix_(p, p)] * np.outer(unit, unit)
+    kkt[: s.size, k] = unit[: s.size]
+    kkt[k, : s.size] = unit[: s.size]
+    rhs = np.zeros(k + 1)
+    rhs[k] = 1.0
+    # gelsy (complete orthogonal factorisation) gives the minimum-norm solution, like the SVD-based
+    # default at a third of its cost for T ≈ 30.
+    x = unit * scipy.linalg.lstsq(kkt, rhs, lapack_driver="gelsy", check_finite=False)[0][:k]
+    if not np.all(np.isfinite(x)):
+        return None
+    out = np.zeros(g.shape[0])
+    out[p] = x
+    return out
+
+
+def _finish(w: np.ndarray, blocks: _Blocks, what: str) -> np.ndarray:
+    if not np.all(np.isfinite(w)):
+        raise SolverError(f"{what}: the iterations produced non-finite weights {w!r}")
+    w = np.maximum(w, 0.0)
+    total = float(w[blocks.main].sum())
+    if abs(total - 1.0) > 1e-9 or total <= 0.0:
+        raise SolverError(f"{what}: main weights sum to {total!r} instead of 1 (weights {w!r})")
+    w[blocks.main] /= total
+    return w
+
+
+__all__ = ["simplex_min_norm", "pareto_min_norm", "main_aux_min_norm", "mixed_min_norm"]

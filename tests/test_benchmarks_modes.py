@@ -1,0 +1,77 @@
+"""Smoke tests of the two λ-free benchmarks in quick mode: they run and their result files parse."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import math
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmarks.{name}", ROOT / "benchmarks" / f"{name}.py",
+                                                  submodule_search_locations=None)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def read_csv(path: pathlib.Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def table_rows(md: str) -> list[list[str]]:
+    lines = [line for line in md.splitlines() if line.startswith("| ")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+
+
+def test_l2_benchmark_quick(tmp_path):
+    mod = load("l2_regularization")
+    assert mod.main(["--quick", "--seeds", "0", "--label-noise", "0", "0.3", "--out", str(tmp_path)]) == 0
+    rows = read_csv(tmp_path / "l2_regularization.csv")
+    grid = {k: v[::3] for k, v in mod.WD_GRID.items()}
+    per_seed = {opt: 1 + len(grid[opt]) + len(mod.L2_MODES) for opt in grid}
+    assert len(rows) == 2 * sum(per_seed.values())  # two label-noise scenarios
+    assert {float(r["label_noise"]) for r in rows} == {0.0, 0.3}
+    modes = {r["mode"] for r in rows}
+    assert modes == {"none", "weight decay", *mod.L2_MODES}
+    for r in rows:
+        for key in ("train_acc", "val_acc", "test_acc"):
+            assert 0.0 <= float(r[key]) <= 1.0
+        assert math.isfinite(float(r["weight_norm"])) and float(r["weight_norm"]) > 0
+    md = (tmp_path / "l2_regularization.md").read_text()
+    assert "python -m benchmarks.l2_regularization --quick" in md
+    lines = table_rows(md)
+    assert any("(best on val: the tuned λ)" in r[0] for r in lines)
+    assert sum(r[0] == '`method="l2"`' for r in lines) == 4  # one per optimizer and scenario
+    assert "**SGD, 30 % training label noise**" in md and "**ADAM, clean training labels**" in md
+
+
+def test_noisy_labels_benchmark_quick(tmp_path):
+    mod = load("noisy_labels")
+    assert mod.main(["--quick", "--seeds", "0", "--noise", "0.4", "--out", str(tmp_path)]) == 0
+    rows = read_csv(tmp_path / "noisy_labels.csv")
+    assert [r["mode"] for r in rows] == mod.MODES
+    for r in rows:
+        assert 0.0 <= float(r["test_acc"]) <= 1.0 and float(r["peak_test_acc"]) >= float(r["test_acc"])
+    masking = next(r for r in rows if r["mode"] == "loss masking")
+    assert 0.0 <= float(masking["kept_fraction"]) <= 1.0
+    lines = table_rows((tmp_path / "noisy_labels.md").read_text())
+    assert [r[1] for r in lines[1:]] == mod.MODES and all(r[0] == "40 %" for r in lines[1:])
+
+
+def test_symmetric_noise_flips_exactly_the_stated_fraction():
+    import torch
+
+    mod = load("_digits")
+    y = torch.arange(200) % 10
+    noisy = mod.symmetric_noise(y, 0.4, torch.Generator().manual_seed(0))
+    assert int((noisy != y).sum()) == 80
+    assert int(noisy.min()) >= 0 and int(noisy.max()) <= 9

@@ -1,0 +1,166 @@
+"""Checkpoints: the wrapped optimizer's state plus one ``"gradsurgery"`` entry, readable with
+``torch.load(weights_only=True)``; resuming continues bit-identically; incompatible state dicts are refused
+before anything changes."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from gradsurgery import METHODS, GradSurgery
+
+NUM_TASKS = 3
+# Options a method needs for three tasks; every registered method is covered.
+NEEDED = {"pareto": {"min_weights": [0.1, 0.2, 0.1]}, "mixed": {"main": [0, 1]}}
+RANDOM = {"pcgrad", "gradvac"}
+SINGLE_LOSS = {"l2"}  # the λ-free L2 rule regularizes one data loss
+
+
+def make(seed: int, method: str, **extra):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, NUM_TASKS))
+    opts = dict(NEEDED.get(method, {}), **extra)
+    if method in RANDOM:
+        opts.setdefault("seed", seed)
+    return net, GradSurgery(torch.optim.Adam(net.parameters(), lr=0.02), method, **opts)
+
+
+def train(net, opt, steps, start):
+    infos = []
+    for k in range(start, start + steps):
+        gen = torch.Generator().manual_seed(k)
+        x = torch.randn(8, 4, generator=gen)
+        out = net(x)
+        losses = [
+            out[:, 0].pow(2).mean(),
+            (out[:, 1] - out[:, 0] - 1).pow(2).mean(),
+            (out[:, 2] + 2 * out[:, 0]).abs().mean(),
+        ]
+        if opt.method.name in SINGLE_LOSS:
+            losses = [sum(losses)]
+        opt.zero_grad()
+        infos.append(opt.backward(losses))
+        opt.step()
+    return infos
+
+
+def roundtrip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def only_tensors_and_primitives(obj) -> bool:
+    if isinstance(obj, dict):
+        return all(isinstance(k, str | int) and only_tensors_and_primitives(v) for k, v in obj.items())
+    if isinstance(obj, list | tuple):
+        return all(only_tensors_and_primitives(v) for v in obj)
+    return obj is None or isinstance(obj, bool | int | float | str | torch.Tensor)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_resume_is_bit_identical(method):
+    net, opt = make(0, method)
+    train(net, opt, 3, 0)
+    model_sd, opt_sd = roundtrip(net.state_dict()), roundtrip(opt.state_dict())
+    # A fresh model and optimizer with another initialisation (and another seed for the random methods).
+    net2, opt2 = make(1, method)
+    net2.load_state_dict(model_sd)
+    opt2.load_state_dict(opt_sd)
+    a, b = train(net, opt, 4, 3), train(net2, opt2, 4, 3)
+    for p, q in zip(net.parameters(), net2.parameters(), strict=True):
+        assert torch.equal(p, q)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x.weights, y.weights)
+
+
+def test_state_dict_layout():
+    net, opt = make(0, "gradvac", beta=0.2)
+    train(net, opt, 2, 0)
+    sd = opt.state_dict()
+    inner = opt.optimizer.state_dict()
+    assert set(sd) == set(inner) | {"gradsurgery"}
+    ours = sd["gradsurgery"]
+    assert ours["version"] == 1 and ours["method"] == "gradvac" and ours["num_tasks"] == NUM_TASKS
+    assert ours["options"] == {"beta": 0.2, "seed": 0}
+    assert torch.equal(ours["rng_state"]["generator"], opt.method.generator.get_state())
+    assert torch.equal(ours["method_state"]["targets"], opt.method.targets)
+    assert only_tensors_and_primitives(sd)
+    loaded = roundtrip(sd)  # weights_only=True
+    assert torch.equal(loaded["gradsurgery"]["method_state"]["targets"], opt.method.targets)
+
+
+def test_load_keeps_param_groups_and_state_objects():
+    net, opt = make(0, "mgda")
+    train(net, opt, 2, 0)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    sd = roundtrip(opt.state_dict())
+    groups, state = opt.param_groups, opt.state
+    opt.load_state_dict(sd)
+    train(net, opt, 1, 5)
+    # Refilled in place: the wrapper, the inner optimizer and any holder of the old objects agree.
+    assert opt.param_groups is groups is opt.optimizer.param_groups
+    assert opt.state is state is opt.optimizer.state
+    scheduler.step()
+    assert opt.optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
+
+
+def test_plain_optimizer_state_dict_restores_the_optimizer_only():
+    net, opt = make(0, "pcgrad")
+    train(net, opt, 2, 0)
+    gen_state = opt.method.generator.get_state()
+    bare = torch.optim.Adam(net.parameters(), lr=0.5)
+    opt.load_state_dict(bare.state_dict())
+    assert opt.param_groups[0]["lr"] == 0.5
+    assert torch.equal(opt.method.generator.get_state(), gen_state)
+
+
+def snapshot(opt):
+    sd = opt.state_dict()
+    return roundtrip(sd)
+
+
+def same(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    return a == b
+
+
+@pytest.mark.parametrize("case", ["method", "tasks", "options", "version", "malformed"])
+def test_incompatible_state_dict_is_refused_and_nothing_changes(case):
+    net, trained = make(0, "gradvac")
+    train(net, trained, 2, 0)
+    saved, target = trained.state_dict(), trained
+    if case == "method":
+        other_net, other = make(0, "mgda")
+        train(other_net, other, 1, 0)
+        saved, match = other.state_dict(), "state dict is for method 'mgda', this optimizer uses 'gradvac'"
+    elif case == "tasks":
+        target = make(0, "gradvac")[1]
+        target.method.bind(2)
+        match = "state dict is for 3 tasks, this optimizer has 2"
+    elif case == "options":
+        target = make(0, "gradvac", beta=0.5)[1]
+        match = r"different 'gradvac' options \(beta: saved 0.01 vs 0.5\)"
+    elif case == "version":
+        saved["gradsurgery"]["version"] = 99
+        match = "unsupported gradsurgery state version 99"
+    else:
+        saved["gradsurgery"]["rng_state"] = {"generator": torch.zeros(3, dtype=torch.uint8)}
+        match = "malformed gradsurgery method state for 'gradvac'"
+    saved["param_groups"][0]["lr"] = 123.0  # a partial load would show here
+    before = snapshot(target)
+    method_before = (target.method.num_tasks, target.method.generator.get_state())
+    with pytest.raises(ValueError, match=match):
+        target.load_state_dict(saved)
+    assert same(snapshot(target), before)
+    assert target.method.num_tasks == method_before[0]
+    assert torch.equal(target.method.generator.get_state(), method_before[1])

@@ -1,0 +1,352 @@
+"""Data-parallel GradSurgery: 2 gloo processes on 127.0.0.1 must fuse exactly what one process fuses on the
+concatenated batch, and stay bit-identical to each other.
+
+One pair of workers runs every scenario (starting them costs seconds; the scenarios milliseconds) and saves
+what each rank saw; the tests below compare it with closed-form d-space references and across ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from gradsurgery import GradSurgery
+
+pytestmark = pytest.mark.distributed
+
+WORLD = 2
+BATCH = 4  # per rank
+STEPS = 3
+# (method, options); one line each.
+METHODS = [
+    ("sum", {}),
+    ("mgda", {}),
+    ("pcgrad", {"seed": 0}),
+    ("main_aux", {}),
+    ("gradvac", {"seed": 0}),
+    ("gradnorm", {}),
+    ("rlw", {"seed": 0}),  # single-backward path (needs_gram = False) from here on
+    ("famo", {}),
+]
+CLOSED_FORM = ["sum", "mgda", "pcgrad", "main_aux", "gradvac"]
+STRATEGIES = ["allreduce", "sharded"]
+
+
+class Net(nn.Module):
+    """A shared trunk and one linear head per task."""
+
+    def __init__(self, num_tasks: int) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(5, 7), nn.Tanh())
+        self.heads = nn.ModuleList(nn.Linear(7, 1) for _ in range(num_tasks))
+        # The 3-task net has one more shared scalar: d = 43 is odd, so the sharded path pads its blocks
+        # (the 2-task net's d = 42 splits evenly).
+        self.gain = nn.Parameter(torch.ones(1)) if num_tasks == 3 else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # One output per head (not one concatenated tensor, whose backward would reach every head).
+        h = self.trunk(x)
+        if self.gain is not None:
+            h = h * self.gain
+        return tuple(head(h).squeeze(1) for head in self.heads)
+
+
+def make_net(num_tasks: int) -> Net:
+    torch.manual_seed(0)
+    net = Net(num_tasks).double()
+    with torch.no_grad():  # all heads alike and targets opposed: the trunk gradients conflict
+        for head in net.heads[1:]:
+            head.load_state_dict(net.heads[0].state_dict())
+    return net
+
+
+def make_data(num_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(WORLD * BATCH, 5, generator=gen, dtype=torch.float64)
+    y = torch.randn(WORLD * BATCH, num_tasks, generator=gen, dtype=torch.float64)
+    y[:, 1] = -2 * y[:, 0] + 0.3 * y[:, 1]  # tasks 0 and 1 conflict
+    if num_tasks == 3:  # task 2 conflicts with task 0 too: PCGrad's order for task 0 matters
+        y[:, 2] = -1.5 * y[:, 0] + 0.3 * y[:, 2]
+    return x, y
+
+
+def task_losses(out: tuple[torch.Tensor, ...], y: torch.Tensor) -> list[torch.Tensor]:
+    return [(o - y[:, i]).pow(2).mean() for i, o in enumerate(out)]
+
+
+def run_method(rank, method, options, strategy, num_tasks=2, rank_options=None):
+    """Train the DDP model on this rank's half and a local reference on the whole batch, side by side."""
+    model, ref = make_net(num_tasks), make_net(num_tasks)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opts = dict(options, **(rank_options or {}))
+    opt = GradSurgery(
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        method,
+        model=ddp,
+        dist_strategy=strategy,
+        **opts,
+    )
+    ref_opt = GradSurgery(
+        torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9), method, distributed=False, **options
+    )
+    x, y = make_data(num_tasks)
+    mine = slice(rank * BATCH, (rank + 1) * BATCH)
+    out = {"grads": [], "ref_grads": [], "weights": [], "ref_weights": [], "task_grads": []}
+    for _ in range(STEPS):
+        # The per-task gradients over the whole batch, for the closed-form checks.
+        full = task_losses(ref(x), y)
+        out["task_grads"].append(
+            [
+                flat(
+                    torch.autograd.grad(
+                        loss, list(ref.parameters()), retain_graph=True, materialize_grads=True
+                    )
+                )
+                for loss in full
+            ]
+        )
+        opt.zero_grad()
+        info = opt.backward(task_losses(ddp(x[mine]), y[mine]))
+        ref_opt.zero_grad()
+        ref_info = ref_opt.backward(task_losses(ref(x), y))
+        out["grads"].append([p.grad.clone() for p in model.parameters()])
+        out["ref_grads"].append([p.grad.clone() for p in ref.parameters()])
+        out["weights"].append(info.weights.clone())
+        out["ref_weights"].append(ref_info.weights.clone())
+        opt.step()
+        ref_opt.step()
+    out["params"] = [p.detach().clone() for p in model.parameters()]
+    out["ref_params"] = [p.detach().clone() for p in ref.parameters()]
+    return out
+
+
+def local_run(method, options, num_tasks):
+    """The single-process run on the whole batch alone (no collective)."""
+    ref = make_net(num_tasks)
+    opt = GradSurgery(
+        torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9), method, distributed=False, **options
+    )
+    x, y = make_data(num_tasks)
+    grads = []
+    for _ in range(STEPS):
+        opt.zero_grad()
+        opt.backward(task_losses(ref(x), y))
+        grads.append([p.grad.clone() for p in ref.parameters()])
+        opt.step()
+    return grads
+
+
+def catch(fn):
+    try:
+        fn()
+    except Exception as err:  # noqa: BLE001 - recorded for the assertions in the parent process
+        return type(err).__name__, str(err)
+    return None, ""
+
+
+def bad_input_scenarios(rank):
+    res = {}
+    model = make_net(3)
+    opt = GradSurgery(
+        torch.optim.SGD(model.parameters(), lr=0.1), "mgda", model=nn.parallel.DistributedDataParallel(model)
+    )
+    x, y = make_data(3)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    # Rank 0 passes 2 losses, rank 1 passes 3.
+    res["task_count"] = catch(lambda: opt.backward(task_losses(model(x), y)[: 2 + rank]))
+    res["task_count_bound"] = opt.method.num_tasks
+
+    # Rank 1 passes a loss that does not require grad: rank 1 raises its ValueError, rank 0 stops too.
+    def one_bad():
+        losses = task_losses(model(x), y)
+        if rank == 1:
+            losses[2] = losses[2].detach()
+        opt.backward(losses)
+
+    res["local_failure"] = catch(one_bad)
+
+    # Rank 1 routes task 2 through head 0: the gradient layouts differ.
+    def other_layout():
+        out = model(x)
+        losses = task_losses(out, y)
+        if rank == 1:
+            losses[2] = (out[0] - y[:, 2]).pow(2).mean()
+        opt.backward(losses)
+
+    res["layout"] = catch(other_layout)
+    res["untouched"] = all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    res["grads_none"] = all(p.grad is None for p in model.parameters())
+
+    # FSDP2 is refused with a clear error.
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    sharded = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    fully_shard(sharded, mesh=init_device_mesh("cpu", (WORLD,)))
+    res["fsdp2"] = catch(lambda: GradSurgery(torch.optim.SGD(sharded.parameters(), lr=0.1), "mgda"))
+    return res
+
+
+def worker(rank: int, port: int, outdir: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        results = {}
+        for method, options in METHODS:
+            for strategy in STRATEGIES:
+                results[(method, strategy)] = run_method(rank, method, options, strategy)
+        # Three tasks, PCGrad: rank r is seeded r; rank 0's generator (seed 0) must win everywhere.
+        results[("pcgrad3", "allreduce")] = run_method(
+            rank, "pcgrad", {"seed": 0}, "allreduce", num_tasks=3, rank_options={"seed": rank}
+        )
+        # Three tasks, main_aux with two auxiliaries (iterative solver) on the sharded path.
+        results[("main_aux3", "sharded")] = run_method(rank, "main_aux", {}, "sharded", num_tasks=3)
+        results["pcgrad3_seed1"] = local_run("pcgrad", {"seed": 1}, 3)
+        # Random loss weights: rank r seeded r, rank 0's generator must win (single-backward path).
+        results[("rlw_rank_seeds", "allreduce")] = run_method(
+            rank, "rlw", {"seed": 0}, "allreduce", rank_options={"seed": rank}
+        )
+        results["bad"] = bad_input_scenarios(rank)
+        torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    outdir = str(tmp_path_factory.mktemp("dist"))
+    # fork: the workers inherit the imported torch instead of importing it again (seconds on a busy machine).
+    mp.start_processes(worker, args=(free_port(), outdir), nprocs=WORLD, join=True, start_method="fork")
+    return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+
+
+def closed_form(method: str, g0: torch.Tensor, g1: torch.Tensor) -> torch.Tensor:
+    """The fused shared gradient for two tasks, written directly in d-space (step 1: GradVac = PCGrad)."""
+    if method == "sum":
+        return g0 + g1
+    if method == "mgda":
+        alpha = ((g1 - g0) @ g1 / (g0 - g1).pow(2).sum()).clamp(0, 1)
+        return alpha * g0 + (1 - alpha) * g1
+    if method in ("pcgrad", "gradvac"):
+        p0 = g0 - min(float(g0 @ g1), 0.0) / float(g1 @ g1) * g1
+        p1 = g1 - min(float(g1 @ g0), 0.0) / float(g0 @ g0) * g0
+        return p0 + p1
+    if method == "main_aux":
+        return g0 + max(-float(g0 @ g1), 0.0) / float(g1 @ g1) * g1
+    raise KeyError(method)
+
+
+def flat(tensors):
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+TRUNK = 5 * 7 + 7  # trunk weight + bias: the shared parameters come first
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("method", [m for m, _ in METHODS])
+def test_fused_gradient_equals_single_process_on_concatenated_batch(ranks, method, strategy):
+    for res in ranks:
+        run = res[(method, strategy)]
+        for step in range(STEPS):
+            torch.testing.assert_close(
+                flat(run["grads"][step]), flat(run["ref_grads"][step]), rtol=1e-10, atol=1e-12
+            )
+            torch.testing.assert_close(run["weights"][step], run["ref_weights"][step], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(flat(run["params"]), flat(run["ref_params"]), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("method", CLOSED_FORM)
+def test_first_step_matches_closed_form(ranks, method, strategy):
+    run = ranks[0][(method, strategy)]
+    g0, g1 = run["task_grads"][0]
+    assert float(g0[:TRUNK] @ g1[:TRUNK]) < 0, "the data must make the tasks conflict"
+    fused = closed_form(method, g0[:TRUNK], g1[:TRUNK])
+    got = flat(run["grads"][0])
+    torch.testing.assert_close(got[:TRUNK], fused, rtol=1e-9, atol=1e-12)
+    # Heads: each task's own plain gradient (head 0 then head 1; the other task's gradient there is zero).
+    assert float(g0[TRUNK + 8 :].abs().sum()) == 0.0 and float(g1[TRUNK : TRUNK + 8].abs().sum()) == 0.0
+    torch.testing.assert_close(got[TRUNK:], g0[TRUNK:] + g1[TRUNK:], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [(m, s) for m, _ in METHODS for s in STRATEGIES]
+    + [("pcgrad3", "allreduce"), ("main_aux3", "sharded"), ("rlw_rank_seeds", "allreduce")],
+)
+def test_ranks_stay_bit_identical(ranks, key):
+    a, b = ranks[0][key], ranks[1][key]
+    assert all(torch.equal(p, q) for p, q in zip(a["params"], b["params"], strict=True))
+    for step in range(STEPS):
+        assert all(torch.equal(p, q) for p, q in zip(a["grads"][step], b["grads"][step], strict=True))
+        assert torch.equal(a["weights"][step], b["weights"][step])
+
+
+def test_rng_methods_use_rank_zero_generator(ranks):
+    # Rank r was seeded r; the single-process reference was seeded 0. After the broadcast every rank draws
+    # rank 0's task orders, so both ranks follow the seed-0 reference, not their own seed.
+    for res in ranks:
+        run = res[("pcgrad3", "allreduce")]
+        rlw = res[("rlw_rank_seeds", "allreduce")]
+        for step in range(STEPS):
+            torch.testing.assert_close(rlw["weights"][step], rlw["ref_weights"][step], rtol=0, atol=0)
+            torch.testing.assert_close(
+                flat(run["grads"][step]), flat(run["ref_grads"][step]), rtol=1e-10, atol=1e-12
+            )
+    # The orders matter on these data: seed 1 (rank 1's own) gives another fused gradient.
+    seed0 = [flat(g) for g in ranks[0][("pcgrad3", "allreduce")]["ref_grads"]]
+    seed1 = [flat(g) for g in ranks[0]["pcgrad3_seed1"]]
+    assert max(float((a - b).abs().max()) for a, b in zip(seed0, seed1, strict=True)) > 1e-3
+
+
+def test_three_task_main_aux_sharded_matches_reference(ranks):
+    for res in ranks:
+        run = res[("main_aux3", "sharded")]
+        for step in range(STEPS):
+            torch.testing.assert_close(
+                flat(run["grads"][step]), flat(run["ref_grads"][step]), rtol=1e-8, atol=1e-10
+            )
+
+
+def test_different_task_counts_fail_on_every_rank(ranks):
+    for rank, res in enumerate(ranks):
+        name, msg = res["bad"]["task_count"]
+        assert name == "ValueError" and "different task counts" in msg and "between 2 and 3" in msg
+        assert f"this rank passed {2 + rank}" in msg
+        assert res["bad"]["task_count_bound"] is None  # the method was not bound to a wrong count
+
+
+def test_local_failure_stops_every_rank(ranks):
+    name0, msg0 = ranks[0]["bad"]["local_failure"]
+    name1, msg1 = ranks[1]["bad"]["local_failure"]
+    assert name1 == "ValueError" and "does not require grad" in msg1
+    assert name0 == "RuntimeError" and "rank 1" in msg0
+
+
+def test_different_layouts_fail_on_every_rank(ranks):
+    for res in ranks:
+        name, msg = res["bad"]["layout"]
+        assert name == "ValueError" and "different parameters" in msg
+        assert res["bad"]["untouched"] and res["bad"]["grads_none"]
+
+
+def test_fsdp2_is_refused(ranks):
+    for res in ranks:
+        name, msg = res["bad"]["fsdp2"]
+        assert name == "TypeError" and "FSDP2" in msg and "DTensor" in msg

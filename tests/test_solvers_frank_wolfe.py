@@ -1,0 +1,373 @@
+"""Iterative solvers on G, against brute force on J, closed forms, and optimality conditions in d-space."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from solver_cases import (
+    EXACT_RTOL,
+    assert_fused_close,
+    brute_force,
+    fused,
+    hypothesis_settings,
+    inner_products,
+    integer_jacobians,
+    jacobians,
+    kkt_tol,
+    make_jacobian,
+    seeded_cases,
+)
+
+import gradsurgery.solvers.frank_wolfe as fw
+from gradsurgery.errors import SolverError
+from gradsurgery.solvers import (
+    main_aux_min_norm,
+    main_aux_one_weights,
+    min_norm_two_weights,
+    mixed_min_norm,
+    pareto_min_norm,
+    simplex_min_norm,
+)
+
+SMALL = seeded_cases(160, 1, 4, seed=1)  # brute force is exponential in T
+ALL = seeded_cases(200, 1, 8, seed=2)
+
+
+def _lower_bounds(num_tasks: int, seed: int, total: float) -> np.ndarray:
+    c = np.random.default_rng(seed).uniform(0.0, 1.0, num_tasks)
+    return c / c.sum() * total
+
+
+def _assert_simplex(w, idx=None):
+    w = np.asarray(w)
+    idx = np.arange(w.size) if idx is None else np.asarray(idx)
+    assert np.all(np.isfinite(w)) and np.all(w >= 0.0)
+    assert abs(w[idx].sum() - 1.0) <= 1e-12
+
+
+def _assert_mgda_kkt(jac, alpha):
+    """⟨u, g_i⟩ ≥ ‖u‖² for every task, with equality on the support (Sener & Koltun 2018)."""
+    _assert_simplex(alpha)
+    u = fused(jac, alpha)
+    v = inner_products(jac, alpha)
+    tol = kkt_tol(jac)
+    assert np.all(v >= u @ u - tol)
+    assert np.all(np.abs(v[alpha > 1e-9] - u @ u) <= tol)
+
+
+def _assert_aux_kkt(jac, w, aux):
+    """λ ≥ 0, ⟨u, g_j⟩ ≥ 0 and λ_j ⟨u, g_j⟩ = 0 for every auxiliary j."""
+    v = inner_products(jac, w)[aux]
+    lam = np.asarray(w)[aux]
+    tol = kkt_tol(jac)
+    assert np.all(lam >= 0.0)
+    assert np.all(v >= -tol)
+    assert np.all(np.abs(lam * v) <= tol * np.maximum(1.0, lam))
+
+
+# --- MGDA -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind,jac", SMALL, ids=[f"{k}-{j.shape}" for k, j in SMALL])
+def test_simplex_matches_brute_force(kind, jac):
+    alpha = simplex_min_norm(jac @ jac.T)
+    assert_fused_close(jac, alpha, brute_force(jac, range(jac.shape[0])), rtol=EXACT_RTOL, label=kind)
+    _assert_mgda_kkt(jac, alpha)
+
+
+@hypothesis_settings(150)
+@given(st.one_of(jacobians(1, 8), integer_jacobians(1, 6)))
+def test_simplex_kkt_property(jac):
+    _assert_mgda_kkt(jac, simplex_min_norm(jac @ jac.T))
+
+
+@hypothesis_settings(100)
+@given(st.one_of(jacobians(2, 2), integer_jacobians(2, 2)))
+def test_simplex_matches_closed_form_for_two_tasks(jac):
+    gram = jac @ jac.T
+    assert_fused_close(jac, simplex_min_norm(gram), min_norm_two_weights(gram), rtol=EXACT_RTOL)
+
+
+@hypothesis_settings(60)
+@given(jacobians(1, 4))
+def test_simplex_matches_brute_force_property(jac):
+    alpha = simplex_min_norm(jac @ jac.T)
+    assert_fused_close(jac, alpha, brute_force(jac, range(jac.shape[0])), rtol=EXACT_RTOL)
+
+
+def test_simplex_degenerate_inputs():
+    np.testing.assert_array_equal(simplex_min_norm(np.zeros((3, 3))), np.full(3, 1 / 3))
+    np.testing.assert_array_equal(simplex_min_norm(np.array([[4.0]])), [1.0])
+    np.testing.assert_array_equal(simplex_min_norm(np.zeros((1, 1))), [1.0])
+    # T > d and a zero gradient: u* = 0, reached by putting all weight on the zero task (or a mix).
+    jac = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [-1.0, -1.0], [2.0, 3.0]])
+    alpha = simplex_min_norm(jac @ jac.T)
+    assert np.linalg.norm(fused(jac, alpha)) <= 1e-12
+    _assert_simplex(alpha)
+
+
+def test_simplex_known_answer():
+    # Three unit vectors at 120°: u* = 0 with equal weights, the only optimum.
+    ang = np.array([0.0, 2.0, 4.0]) * np.pi / 3
+    jac = np.stack([np.cos(ang), np.sin(ang)], axis=1)
+    np.testing.assert_allclose(simplex_min_norm(jac @ jac.T), np.full(3, 1 / 3), atol=1e-12)
+    # Orthogonal gradients of norms 1 and 2: α ∝ 1/‖g_i‖², i.e. (4/5, 1/5).
+    np.testing.assert_allclose(simplex_min_norm(np.diag([1.0, 4.0])), [0.8, 0.2], atol=1e-14)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_simplex_permutation_invariance(seed):
+    jac = make_jacobian(["random", "conflicting", "duplicated", "wide"][seed % 4], 2 + seed % 7, 5, seed)
+    perm = np.random.default_rng(seed).permutation(jac.shape[0])
+    a = simplex_min_norm(jac @ jac.T)
+    b = simplex_min_norm(jac[perm] @ jac[perm].T)
+    assert_fused_close(jac, a, b[np.argsort(perm)], rtol=EXACT_RTOL)
+
+
+@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("k", [1e-6, 0.37, 1e5])
+def test_simplex_scale_invariance(seed, k):
+    # T ≤ d with Gaussian rows: G is non-singular, so α itself is unique.
+    jac = make_jacobian("random", 2 + seed % 5, 8, seed)
+    gram = jac @ jac.T
+    np.testing.assert_allclose(simplex_min_norm(k * gram), simplex_min_norm(gram), rtol=0, atol=1e-10)
+
+
+# --- PE-LTR --------------------------------------------------------------------------------------------
+
+
+def _assert_pareto_kkt(jac, alpha, c):
+    """α ≥ c, Σα = 1, and every coordinate above its bound has the smallest ⟨u, g_i⟩ (Lin et al. 2019)."""
+    _assert_simplex(alpha)
+    assert np.all(alpha >= c - 1e-12)
+    v = inner_products(jac, alpha)
+    free = alpha > c + 1e-9
+    if free.any():
+        assert v[free].max() <= v.min() + kkt_tol(jac)
+
+
+@pytest.mark.parametrize("kind,jac", SMALL[:120], ids=[f"{k}-{j.shape}" for k, j in SMALL[:120]])
+def test_pareto_matches_brute_force(kind, jac):
+    t = jac.shape[0]
+    for n, total in enumerate([0.0, 0.3, 0.9, 1.0]):
+        c = _lower_bounds(t, n, total)
+        alpha = pareto_min_norm(jac @ jac.T, c)
+        assert_fused_close(jac, alpha, brute_force(jac, range(t), c), rtol=EXACT_RTOL, label=f"{kind} c={c}")
+        _assert_pareto_kkt(jac, alpha, c)
+
+
+@hypothesis_settings(100)
+@given(jacobians(1, 8), st.floats(0.0, 1.0), st.integers(0, 1000))
+def test_pareto_kkt_property(jac, total, seed):
+    c = _lower_bounds(jac.shape[0], seed, total)
+    _assert_pareto_kkt(jac, pareto_min_norm(jac @ jac.T, c), c)
+
+
+@pytest.mark.parametrize("kind,jac", ALL[:60], ids=[f"{k}-{j.shape}" for k, j in ALL[:60]])
+def test_pareto_with_zero_bounds_is_mgda(kind, jac):
+    gram = jac @ jac.T
+    a = pareto_min_norm(gram, np.zeros(jac.shape[0]))
+    assert_fused_close(jac, a, simplex_min_norm(gram), rtol=EXACT_RTOL, label=kind)
+
+
+def test_pareto_bounds_summing_to_one_are_the_answer():
+    c = np.array([0.25, 0.5, 0.25])
+    np.testing.assert_array_equal(pareto_min_norm(np.diag([1.0, 2.0, 3.0]), c), c)
+
+
+# --- main / auxiliary ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind,jac", SMALL, ids=[f"{k}-{j.shape}" for k, j in SMALL])
+def test_main_aux_matches_brute_force(kind, jac):
+    t = jac.shape[0]
+    for main in range(t):
+        w = main_aux_min_norm(jac @ jac.T, main)
+        assert w[main] == 1.0
+        assert_fused_close(jac, w, brute_force(jac, [main]), rtol=EXACT_RTOL, label=f"{kind} main={main}")
+        _assert_aux_kkt(jac, w, [j for j in range(t) if j != main])
+
+
+@hypothesis_settings(100)
+@given(st.one_of(jacobians(2, 2), integer_jacobians(2, 2)), st.integers(0, 1))
+def test_main_aux_matches_closed_form_for_one_auxiliary(jac, main):
+    gram = jac @ jac.T
+    assert_fused_close(jac, main_aux_min_norm(gram, main), main_aux_one_weights(gram, main), rtol=EXACT_RTOL)
+
+
+@hypothesis_settings(150)
+@given(st.one_of(jacobians(1, 8), integer_jacobians(1, 6)), st.integers(0, 7))
+def test_main_aux_kkt_property(jac, main):
+    main = main % jac.shape[0]
+    w = main_aux_min_norm(jac @ jac.T, main)
+    assert w[main] == 1.0
+    _assert_aux_kkt(jac, w, [j for j in range(jac.shape[0]) if j != main])
+
+
+def test_main_aux_l2_without_lambda():
+    # DESIGN.md: the auxiliary is ½‖θ‖² with gradient θ: u = g + relu(−⟨g, θ⟩)/‖θ‖² θ.
+    g, theta = np.array([1.0, -2.0, 0.5]), np.array([0.3, 1.0, -0.2])
+    jac = np.stack([g, theta])
+    w = main_aux_min_norm(jac @ jac.T, 0)
+    expected = g + max(0.0, -(g @ theta)) / (theta @ theta) * theta
+    np.testing.assert_allclose(fused(jac, w), expected, atol=1e-14)
+
+
+# --- mixed ---------------------------------------------------------------------------------------------
+
+
+def _main_sets(t: int):
+    return [list(range(0, t, 2)), [t - 1], list(range(t))] + ([[0, t - 1]] if t > 2 else [])
+
+
+@pytest.mark.parametrize("kind,jac", SMALL, ids=[f"{k}-{j.shape}" for k, j in SMALL])
+def test_mixed_matches_brute_force(kind, jac):
+    t = jac.shape[0]
+    for main in _main_sets(t):
+        w = mixed_min_norm(jac @ jac.T, main)
+        _assert_simplex(w, main)
+        assert_fused_close(jac, w, brute_force(jac, main), rtol=EXACT_RTOL, label=f"{kind} main={main}")
+        _assert_aux_kkt(jac, w, [j for j in range(t) if j not in main])
+
+
+@pytest.mark.parametrize("kind,jac", ALL[:80], ids=[f"{k}-{j.shape}" for k, j in ALL[:80]])
+def test_mixed_identities(kind, jac):
+    gram = jac @ jac.T
+    t = jac.shape[0]
+    assert_fused_close(jac, mixed_min_norm(gram, list(range(t))), simplex_min_norm(gram), rtol=EXACT_RTOL)
+    for k in range(t):
+        assert_fused_close(jac, mixed_min_norm(gram, [k]), main_aux_min_norm(gram, k), rtol=EXACT_RTOL)
+
+
+@hypothesis_settings(100)
+@given(jacobians(2, 8), st.data())
+def test_mixed_kkt_property(jac, data):
+    t = jac.shape[0]
+    main = data.draw(st.lists(st.integers(0, t - 1), min_size=1, max_size=t, unique=True))
+    w = mixed_min_norm(jac @ jac.T, main)
+    _assert_simplex(w, main)
+    v = inner_products(jac, w)
+    # The main weights share the smallest ⟨u, g_i⟩ among main tasks on their support.
+    on = [i for i in main if w[i] > 1e-9]
+    assert v[on].max() <= v[main].min() + kkt_tol(jac)
+    _assert_aux_kkt(jac, w, [j for j in range(t) if j not in main])
+
+
+@pytest.mark.parametrize("seed", range(15))
+def test_mixed_permutation_invariance(seed):
+    jac = make_jacobian(["random", "conflicting", "zero_rows"][seed % 3], 3 + seed % 5, 4, seed)
+    t = jac.shape[0]
+    perm = np.random.default_rng(seed).permutation(t)
+    inv = np.argsort(perm)
+    main = [0, 2]
+    a = mixed_min_norm(jac @ jac.T, main)
+    b = mixed_min_norm(jac[perm] @ jac[perm].T, [int(inv[m]) for m in main])
+    assert_fused_close(jac, a, b[inv], rtol=EXACT_RTOL)
+    c = main_aux_min_norm(jac[perm] @ jac[perm].T, int(inv[1]))
+    assert_fused_close(jac, main_aux_min_norm(jac @ jac.T, 1), c[inv], rtol=EXACT_RTOL)
+
+
+# --- robustness and bad input --------------------------------------------------------------------------
+
+
+@hypothesis_settings(100)
+@given(integer_jacobians(1, 6), st.floats(1e-150, 1e150))
+def test_never_nan_at_any_scale(jac, scale):
+    gram = scale * (jac @ jac.T)
+    t = jac.shape[0]
+    for w in (
+        simplex_min_norm(gram),
+        pareto_min_norm(gram, np.full(t, 0.5 / t)),
+        main_aux_min_norm(gram, 0),
+        mixed_min_norm(gram, [t - 1]),
+    ):
+        assert np.all(np.isfinite(w)) and np.all(w >= 0)
+
+
+def test_accepts_read_only_and_slightly_asymmetric_gram():
+    jac = make_jacobian("conflicting", 4, 6, 0)
+    gram = jac @ jac.T
+    noisy = gram + 1e-9 * np.triu(np.ones_like(gram), 1)  # float32-style round-off in one triangle
+    noisy.setflags(write=False)
+    assert_fused_close(jac, simplex_min_norm(noisy), simplex_min_norm(gram), rtol=1e-6)
+    assert not noisy.flags.writeable
+
+
+SOLVERS = {
+    "simplex": lambda g: simplex_min_norm(g),
+    "pareto": lambda g: pareto_min_norm(g, np.zeros(len(g))),
+    "main_aux": lambda g: main_aux_min_norm(g, 0),
+    "mixed": lambda g: mixed_min_norm(g, [0]),
+}
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize(
+    "gram,match",
+    [
+        (np.ones((2, 3)), r"\(2, 3\)"),
+        (np.ones(3), r"\(3,\)"),
+        (np.zeros((0, 0)), r"\(0, 0\)"),
+        (np.array([[1.0, np.nan], [np.nan, 1.0]]), "nan"),
+        (np.array([[1.0, 0.0], [0.0, np.inf]]), "inf"),
+        (np.array([[1.0, 0.5], [-0.5, 1.0]]), "not symmetric"),
+        (np.array([[-1.0, 0.0], [0.0, 1.0]]), "-1.0"),
+        ([["a", "b"], ["c", "d"]], "'a'"),
+    ],
+)
+def test_bad_gram_raises_value_error(solver, gram, match):
+    with pytest.raises(ValueError, match=match):
+        SOLVERS[solver](gram)
+
+
+@pytest.mark.parametrize(
+    "c,match",
+    [
+        ([0.6, 0.6], "1.2"),
+        ([-0.1, 0.5], "-0.1"),
+        ([0.2, 0.2, 0.2], r"length 2.*\[0.2, 0.2, 0.2\]"),
+        ([np.nan, 0.1], "nan"),
+        ([0.1, np.inf], "inf"),
+    ],
+)
+def test_pareto_rejects_bad_bounds(c, match):
+    with pytest.raises(ValueError, match=match):
+        pareto_min_norm(np.eye(2), c)
+
+
+def test_pareto_allows_round_off_over_one():
+    c = np.array([0.5, 0.5 + 5e-13])
+    np.testing.assert_array_equal(pareto_min_norm(np.eye(2), c), c)
+
+
+@pytest.mark.parametrize("main,match", [(3, "main=3"), (-1, "main=-1"), (1.0, "1.0"), (True, "True")])
+def test_main_aux_rejects_bad_main(main, match):
+    with pytest.raises(ValueError, match=match):
+        main_aux_min_norm(np.eye(3), main)
+
+
+@pytest.mark.parametrize(
+    "main,match", [([], r"\[\]"), ([0, 0], "0"), ([0, 5], "5"), (0, "0"), (["a"], "'a'"), ([0.5], "0.5")]
+)
+def test_mixed_rejects_bad_main(main, match):
+    with pytest.raises(ValueError, match=match):
+        mixed_min_norm(np.eye(3), main)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match", [({"tol": -1.0}, "-1.0"), ({"tol": np.nan}, "nan"), ({"max_iter": -2}, "-2")]
+)
+def test_rejects_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        simplex_min_norm(np.eye(2), **kwargs)
+
+
+def test_max_iter_zero_still_returns_a_feasible_point():
+    jac = make_jacobian("conflicting", 5, 7, 3)
+    _assert_simplex(simplex_min_norm(jac @ jac.T, max_iter=0))
+
+
+def test_non_finite_iterates_raise_solver_error(monkeypatch):
+    monkeypatch.setattr(fw, "_iterate", lambda g, w, *args: np.full_like(w, np.nan))
+    with pytest.raises(SolverError, match="simplex_min_norm.*non-finite"):
+        simplex_min_norm(np.eye(3))
