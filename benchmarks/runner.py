@@ -44,9 +44,23 @@ METHOD_OPTIONS: dict[str, Callable[[int], dict[str, Any]]] = {
 
 
 def available_methods() -> list[str]:
-    """Every registered method, the baseline first, then in registration order."""
-    names = list(gradsurgery.METHODS)
+    """Every registered method that can combine two or more losses, the baseline first, then in
+    registration order (see ``single_loss_methods`` for the others)."""
+    names = [n for n in gradsurgery.METHODS if n not in single_loss_methods()]
     return [BASELINE] + [n for n in names if n != BASELINE] if BASELINE in names else names
+
+
+def single_loss_methods() -> dict[str, str]:
+    """Registered methods that refuse a two-task problem (e.g. ``l2``, a rule for one data loss), with the
+    reason they give. They are left out of the default method list; named in ``--methods`` they still run
+    and their rows carry the refusal."""
+    out = {}
+    for name, cls in gradsurgery.METHODS.items():
+        try:
+            gradsurgery.make_method(name, **method_options(name, 2, 0)).bind(2)
+        except ValueError as err:
+            out[name] = str(err)
+    return out
 
 
 def parse_methods(text: str | Sequence[str] | None) -> list[str]:
@@ -54,6 +68,7 @@ def parse_methods(text: str | Sequence[str] | None) -> list[str]:
     known = available_methods()
     if text is None or text == "all":
         return known
+    known = known + [n for n in gradsurgery.METHODS if n not in known]
     items = text.split(",") if isinstance(text, str) else list(text)
     names = [n.strip() for n in items if n.strip()]
     if not names:

@@ -352,6 +352,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
     )
     start = time.perf_counter()
+    from .runner import single_loss_methods
+
+    for name, reason in single_loss_methods().items():
+        if name not in args.methods:
+            say(f"method {name!r} is not in the default list: it refuses a multi-task problem ({reason})")
     say(
         f"gradsurgery benchmarks: suite={args.suite}{' (tiny)' if args.tiny else ''}, "
         f"methods={args.methods}, "

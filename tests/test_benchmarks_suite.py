@@ -40,7 +40,7 @@ def _one_thread():
 def test_methods_come_from_the_registry_with_the_baseline_first():
     names = runner.parse_methods("all")
     assert names[0] == "sum"
-    assert sorted(names) == sorted(gradsurgery.METHODS)
+    assert sorted(names) == sorted(set(gradsurgery.METHODS) - set(runner.single_loss_methods()))
     assert runner.parse_methods("pcgrad,mgda") == ["sum", "pcgrad", "mgda"]
     assert runner.parse_methods(["mgda", "sum", "mgda"]) == ["mgda", "sum"]
 
@@ -60,10 +60,27 @@ def test_benchmark_options_table():
 
 
 @pytest.mark.parametrize("num_tasks", [2, 3])
-def test_every_registered_method_constructs_with_the_benchmark_options(num_tasks):
-    for name in gradsurgery.METHODS:
+def test_every_default_method_constructs_with_the_benchmark_options(num_tasks):
+    for name in runner.parse_methods("all"):
         method = gradsurgery.make_method(name, **runner.method_options(name, num_tasks, 0))
         method.bind(num_tasks)
+
+
+def test_methods_that_refuse_several_losses_leave_the_default_list_only():
+    class OneLoss(gradsurgery.Method):
+        name = "one_loss_for_test"
+
+        def _check_num_tasks(self, num_tasks):
+            if num_tasks != 1:
+                raise ValueError(f"one_loss_for_test takes one loss, got {num_tasks}")
+
+    gradsurgery.register(OneLoss)
+    try:
+        assert runner.single_loss_methods()["one_loss_for_test"] == "one_loss_for_test takes one loss, got 2"
+        assert "one_loss_for_test" not in runner.parse_methods("all")
+        assert runner.parse_methods("one_loss_for_test") == ["sum", "one_loss_for_test"]
+    finally:
+        del gradsurgery.METHODS["one_loss_for_test"]
 
 
 # -- the runner ---------------------------------------------------------------------------------------------
