@@ -1,0 +1,801 @@
+"""Speed and memory: the cost of a gradsurgery step relative to a plain summed-loss step, and solver times.
+
+Step time. A multi-layer perceptron trunk (≈0.5M or ≈5M shared parameters) feeds T ∈ {2, 4, 8} linear
+heads; every step draws the same batch, runs the forward pass, and then either
+
+- ``plain``: ``sum(losses).backward()`` and the inner Adam step, or
+- a method in **full** mode (``GradSurgery.backward(losses)``: T backward passes to the shared parameters),
+- a method in **representation** mode (``backward(losses, features=z)``: one backward through the trunk),
+- with ``torchjd`` installed, its ``mtl_backward`` + ``jac_to_grad`` with the corresponding aggregator.
+
+For each method the group {plain, full, representation, torchjd} is measured **interleaved**: every
+repetition times each member once, in a freshly shuffled order, and each member's time is divided by the
+plain step of the same repetition. The table gives the median of these ratios and their spread (25th-75th
+percentile), plus the median milliseconds. One thread (``--threads``) unless told otherwise.
+
+Peak memory (Linux): in a separate pass at the end, for each configuration a fresh optimizer wrapper takes
+two steps, and the peak resident set size above the resident size just before (VmHWM after resetting it
+through ``/proc/self/clear_refs``; glibc's heap trimmed first and large blocks forced to ``mmap`` so that
+freed memory leaves the process) is reported: everything the step and the method's own buffers allocate
+beyond the model and Adam's state. On CUDA, ``torch.cuda.max_memory_allocated`` is used instead.
+
+Solver time. Random Gram matrices (a common direction plus task-specific ones, scales spread over two
+orders of magnitude, so some pairs conflict) for T ∈ {2, 4, 8, 16, 32}: the closed form (T = 2), Frank-Wolfe
+(``simplex_min_norm``) and the cvxpy QP (``SimplexQP.solve``, timed per call after the first call built and
+solved it once), and each registered method's ``compute_weights`` on such a G.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import importlib.util
+import math
+import random
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from gradsurgery import GradSurgery
+
+from .runner import method_options, supports_features
+
+#: name → (input width, hidden width, representation width); shared parameters ≈ 0.53M and ≈ 5.05M
+SIZES = {"0.5M": (256, 512, 256), "5M": (512, 1792, 512)}
+TINY_SIZES = {"tiny": (16, 32, 16)}
+TASK_COUNTS = (2, 4, 8)
+SOLVER_TASK_COUNTS = (2, 4, 8, 16, 32)
+BATCH = 128
+#: torchjd aggregators corresponding to gradsurgery methods (constructed with matching options)
+TORCHJD = {
+    "mgda": lambda A, T: A.MGDA(),
+    "pcgrad": lambda A, T: A.PCGrad(),
+    "gradvac": lambda A, T: A.GradVac(beta=0.01),  # gradsurgery's default β (torchjd's own default is 0.5)
+    "upgrad": lambda A, T: A.UPGrad(),
+    "imtl": lambda A, T: A.IMTLG(),
+}
+
+
+class SpeedModel(nn.Module):
+    """Trunk Linear-ReLU-Linear-ReLU-Linear-ReLU, then T single-output heads; returns (z, outputs)."""
+
+    def __init__(self, d_in: int, hidden: int, d_z: int, num_tasks: int) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(
+            nn.Linear(d_in, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, d_z),
+            nn.ReLU(),
+        )
+        self.heads = nn.ModuleList(nn.Linear(d_z, 1) for _ in range(num_tasks))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        z = self.trunk(x)
+        return z, [head(z).squeeze(1) for head in self.heads]
+
+
+@dataclass
+class Case:
+    size: str
+    num_tasks: int
+    model: SpeedModel
+    inner: torch.optim.Optimizer
+    x: torch.Tensor
+    y: torch.Tensor
+    device: torch.device
+
+    @property
+    def shared_params(self) -> int:
+        return sum(p.numel() for p in self.model.trunk.parameters())
+
+    def losses(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        z, outs = self.model(self.x)
+        return z, [nn.functional.mse_loss(o, self.y[:, i]) for i, o in enumerate(outs)]
+
+
+def make_case(
+    size: str, dims: tuple[int, int, int], num_tasks: int, device: torch.device, batch: int
+) -> Case:
+    gen = torch.Generator().manual_seed(1000 * num_tasks + dims[1])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(num_tasks)
+        model = SpeedModel(*dims, num_tasks).to(device)
+    x = torch.randn(batch, dims[0], generator=gen).to(device)
+    y = torch.randn(batch, num_tasks, generator=gen).to(device)
+    # A small learning rate keeps hundreds of steps on random targets far from divergence.
+    return Case(size, num_tasks, model, torch.optim.Adam(model.parameters(), lr=1e-5), x, y, device)
+
+
+# -- step factories: each returns a fresh step closure (with its own optimizer wrapper) ---------------------
+def plain_step(case: Case) -> Callable[[], None]:
+    def step() -> None:
+        case.inner.zero_grad(set_to_none=True)
+        _, losses = case.losses()
+        torch.stack(losses).sum().backward()
+        case.inner.step()
+
+    return step
+
+
+def method_step(case: Case, method: str, mode: str) -> Callable[[], None]:
+    # Every configuration wraps the case's one Adam, so all of them update the same optimizer state.
+    opt = GradSurgery(
+        case.inner, method, num_tasks=case.num_tasks, **method_options(method, case.num_tasks, 0)
+    )
+    if mode == "representation" and not supports_features(opt):
+        raise NotImplementedError("representation mode is not available in this gradsurgery version")
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        z, losses = case.losses()
+        if mode == "full":
+            opt.backward(losses)
+        else:
+            opt.backward(losses, features=z)
+        opt.step()
+
+    return step
+
+
+def torchjd_available() -> bool:
+    return importlib.util.find_spec("torchjd") is not None
+
+
+def torchjd_step(case: Case, method: str) -> Callable[[], None]:
+    import torchjd
+    import torchjd.aggregation as A
+    from torchjd import autojac
+
+    aggregator = TORCHJD[method](A, case.num_tasks)
+    shared = list(case.model.trunk.parameters())
+    new_api = hasattr(
+        autojac, "jac_to_grad"
+    )  # torchjd ≥ 0.9: mtl_backward fills .jac, jac_to_grad aggregates
+    mtl_backward = autojac.mtl_backward if hasattr(autojac, "mtl_backward") else torchjd.mtl_backward
+
+    def step() -> None:
+        case.inner.zero_grad(set_to_none=True)
+        z, losses = case.losses()
+        if new_api:
+            mtl_backward(losses, features=z)
+            autojac.jac_to_grad(shared, aggregator)
+        else:
+            mtl_backward(losses=losses, features=z, aggregator=aggregator)
+        case.inner.step()
+
+    return step
+
+
+# -- timing -------------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_once(step: Callable[[], None], inner_steps: int, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(inner_steps):
+        step()
+    _sync(device)
+    return (time.perf_counter() - start) / inner_steps
+
+
+def quantile(values: list[float], q: float) -> float:
+    vals = sorted(values)
+    if not vals:
+        return float("nan")
+    pos = q * (len(vals) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return vals[lo] + (vals[hi] - vals[lo]) * (pos - lo)
+
+
+@dataclass
+class StepRow:
+    size: str
+    shared_params: int
+    num_tasks: int
+    method: str
+    variant: str  # "plain", "full", "representation", "torchjd"
+    status: str = "ok"
+    message: str = ""
+    ms: float = float("nan")
+    ratio: float = float("nan")
+    ratio_p25: float = float("nan")
+    ratio_p75: float = float("nan")
+    times: list[float] = field(default_factory=list)
+    peak_mb: float = float("nan")
+    #: torchjd rows: median (and quartiles) of torchjd's time over gradsurgery's full-mode time, per rep
+    vs_full: float = float("nan")
+    vs_full_p25: float = float("nan")
+    vs_full_p75: float = float("nan")
+
+
+def time_group(
+    case: Case, members: dict[str, Callable[[], None]], reps: int, warmup: int, rng: random.Random
+) -> dict[str, list[float]]:
+    """Interleaved repetitions: each rep times every member once in a shuffled order."""
+    for step in members.values():
+        for _ in range(warmup):
+            step()
+    probe = min(time_once(members["plain"], 1, case.device) for _ in range(2))
+    inner_steps = max(1, min(20, math.ceil(0.02 / max(probe, 1e-6))))  # ≥ ~20 ms per measurement
+    times: dict[str, list[float]] = {name: [] for name in members}
+    names = list(members)
+    for _ in range(reps):
+        rng.shuffle(names)
+        for name in names:
+            times[name].append(time_once(members[name], inner_steps, case.device))
+    return times
+
+
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def _status_kb(key: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{key}:\s+(\d+)", text).group(1))
+
+
+def memory_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return True
+    return sys.platform.startswith("linux") and _libc() is not None and Path("/proc/self/clear_refs").exists()
+
+
+def peak_memory_mb(case: Case, factory: Callable[[], Callable[[], None]], libc: Any) -> float:
+    """Peak memory of building ``factory()`` and taking two steps, above the memory just before."""
+    gc.collect()
+    if case.device.type == "cuda":
+        torch.cuda.synchronize(case.device)
+        base = torch.cuda.memory_allocated(case.device)
+        torch.cuda.reset_peak_memory_stats(case.device)
+        step = factory()
+        step()
+        step()
+        torch.cuda.synchronize(case.device)
+        peak = torch.cuda.max_memory_allocated(case.device) - base
+    else:
+        libc.malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident size
+        base = _status_kb("VmRSS")
+        step = factory()
+        step()
+        step()
+        peak = (_status_kb("VmHWM") - base) * 1024
+    del step
+    gc.collect()
+    return peak / 2**20
+
+
+# -- the step-time benchmark --------------------------------------------------------------------------------
+def step_benchmark(
+    methods: list[str],
+    sizes: dict[str, tuple[int, int, int]],
+    task_counts: tuple[int, ...],
+    reps: dict[str, int],
+    batch: int,
+    device: torch.device,
+    progress: Any,
+    memory: bool = True,
+) -> list[StepRow]:
+    rows: list[StepRow] = []
+    rng = random.Random(0)
+    jd = torchjd_available()
+    cases = []
+    for size, dims in sizes.items():
+        for t in task_counts:
+            case = make_case(size, dims, t, device, batch)
+            cases.append(case)
+            for method in methods:
+                members: dict[str, Callable[[], None]] = {"plain": plain_step(case)}
+                failed: dict[str, str] = {}
+                for variant in ("full", "representation"):
+                    try:
+                        members[variant] = method_step(case, method, variant)
+                        members[variant]()  # fail here, not in the middle of the timing
+                    except Exception as err:
+                        members.pop(variant, None)
+                        failed[variant] = f"{type(err).__name__}: {err}"
+                if jd and method in TORCHJD:
+                    try:
+                        members["torchjd"] = torchjd_step(case, method)
+                        members["torchjd"]()
+                    except Exception as err:
+                        members.pop("torchjd", None)
+                        failed["torchjd"] = f"{type(err).__name__}: {err}"
+                times = time_group(case, members, reps[size], warmup=2, rng=rng)
+                plain = times["plain"]
+                for variant, ts in times.items():
+                    ratios = [a / b for a, b in zip(ts, plain, strict=True)]
+                    row = StepRow(
+                        size,
+                        case.shared_params,
+                        t,
+                        "plain" if variant == "plain" else method,
+                        variant,
+                        ms=1e3 * statistics.median(ts),
+                        ratio=statistics.median(ratios),
+                        ratio_p25=quantile(ratios, 0.25),
+                        ratio_p75=quantile(ratios, 0.75),
+                        times=ts,
+                    )
+                    if variant == "torchjd" and "full" in times:
+                        vs = [a / b for a, b in zip(ts, times["full"], strict=True)]
+                        row.vs_full, row.vs_full_p25, row.vs_full_p75 = (
+                            statistics.median(vs),
+                            quantile(vs, 0.25),
+                            quantile(vs, 0.75),
+                        )
+                    rows.append(row)
+                for variant, message in failed.items():
+                    # not offered by this version (representation mode) or an optional dependency missing
+                    unavailable = message.startswith(
+                        ("NotImplementedError", "ModuleNotFoundError", "ImportError")
+                    )
+                    rows.append(
+                        StepRow(
+                            size,
+                            case.shared_params,
+                            t,
+                            method,
+                            variant,
+                            status="n/a" if unavailable else "error",
+                            message=message,
+                        )
+                    )
+                del members
+                gc.collect()
+                progress.update(1)
+    if memory and memory_supported(device):
+        libc = _libc() if device.type == "cpu" else None
+        if libc is not None:
+            libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: large blocks are mmap-ed and returned on free
+        for case in cases:
+            measured: dict[tuple[str, str], float] = {
+                ("plain", "plain"): peak_memory_mb(case, lambda c=case: plain_step(c), libc)
+            }
+            for row in rows:
+                if row.size != case.size or row.num_tasks != case.num_tasks or row.status != "ok":
+                    continue
+                key = (row.method, row.variant)
+                if key not in measured:
+                    if row.variant in ("full", "representation"):
+                        factory = lambda c=case, m=row.method, v=row.variant: method_step(c, m, v)  # noqa: E731
+                    else:
+                        factory = lambda c=case, m=row.method: torchjd_step(c, m)  # noqa: E731
+                    measured[key] = peak_memory_mb(case, factory, libc)
+                row.peak_mb = measured[key]
+    return rows
+
+
+# -- the solver benchmark -----------------------------------------------------------------------------------
+def random_grams(num_tasks: int, count: int, seed: int = 0, dim: int = 512) -> list[np.ndarray]:
+    """Gram matrices of task gradients g_i = s_i (c_i u + v_i): a shared direction u, task-specific v_i,
+    signed mixing c_i (c_0 = 1 and c_1 ≤ −0.2, so tasks 0 and 1 always conflict, others at random), and
+    scales s_i over two orders of magnitude."""
+    rng = np.random.default_rng([seed, num_tasks])
+    grams = []
+    for _ in range(count):
+        u = rng.standard_normal(dim)
+        v = rng.standard_normal((num_tasks, dim))
+        c = rng.uniform(-1.0, 1.0, num_tasks)
+        c[0] = 1.0
+        c[1] = -0.2 - abs(c[1])
+        s = 10 ** rng.uniform(-1, 1, num_tasks)
+        j = s[:, None] * (c[:, None] * u + v)
+        grams.append(j @ j.T)
+    return grams
+
+
+@dataclass
+class SolverRow:
+    solver: str
+    num_tasks: int
+    status: str = "ok"
+    message: str = ""
+    us: float = float("nan")
+    us_p90: float = float("nan")
+    first_ms: float = float("nan")
+
+
+def _time_calls(fn: Callable[[np.ndarray], Any], grams: list[np.ndarray], calls: int) -> tuple[float, float]:
+    samples = []
+    for k in range(calls):
+        g = grams[k % len(grams)]
+        start = time.perf_counter()
+        fn(g)
+        samples.append(time.perf_counter() - start)
+    return 1e6 * statistics.median(samples), 1e6 * quantile(samples, 0.9)
+
+
+def solver_benchmark(
+    methods: list[str], task_counts: tuple[int, ...], calls: int, progress: Any
+) -> list[SolverRow]:
+    """Per-call time of the Gram-based solvers and of each method's ``compute_weights``."""
+    from gradsurgery import make_method, solvers
+
+    rows: list[SolverRow] = []
+    for t in task_counts:
+        grams = random_grams(t, 32)
+        entries: list[tuple[str, Callable[[], Callable[[np.ndarray], Any]]]] = []
+        if t == 2:
+            entries.append(("closed form (min_norm_two_weights)", lambda: solvers.min_norm_two_weights))
+        entries.append(("Frank-Wolfe (simplex_min_norm)", lambda: solvers.simplex_min_norm))
+        entries.append(("Frank-Wolfe (main_aux_min_norm)", lambda: lambda g: solvers.main_aux_min_norm(g, 0)))
+
+        def cvxpy_factory(t: int = t) -> Callable[[np.ndarray], Any]:
+            qp = solvers.SimplexQP(t)
+            return qp.solve
+
+        entries.append(("cvxpy QP (SimplexQP.solve)", cvxpy_factory))
+        for name in methods:
+
+            def method_factory(name: str = name, t: int = t) -> Callable[[np.ndarray], Any]:
+                method = make_method(name, **method_options(name, t, 0))
+                method.bind(t)
+                losses = torch.linspace(1.0, 2.0, t, dtype=torch.float64)
+                return lambda g: method(torch.from_numpy(g), losses)
+
+            entries.append((f"method {name}", method_factory))
+        for label, factory in entries:
+            row = SolverRow(label, t)
+            try:
+                start = time.perf_counter()
+                fn = factory()
+                fn(grams[0])  # the first call builds (cvxpy: canonicalises) the problem
+                row.first_ms = 1e3 * (time.perf_counter() - start)
+                row.us, row.us_p90 = _time_calls(fn, grams, calls)
+            except Exception as err:
+                row.status, row.message = "error", f"{type(err).__name__}: {err}"
+            rows.append(row)
+        progress.update(1)
+    return rows
+
+
+# -- report -------------------------------------------------------------------------------------------------
+def _ratio_cell(row: StepRow | None) -> str:
+    if row is None:
+        return "—"
+    if row.status == "n/a":
+        return "n/a (not available)"
+    if row.status != "ok":
+        return "error"
+    cell = f"{row.ratio:.2f}× ({row.ratio_p25:.2f}–{row.ratio_p75:.2f})"
+    if math.isfinite(row.vs_full):
+        cell += f"; {row.vs_full:.2f}× ours"
+    return cell
+
+
+def step_tables(rows: list[StepRow]) -> str:
+    from .report import fmt_value, md_table
+
+    parts = []
+    task_counts = sorted({r.num_tasks for r in rows})
+    for size in dict.fromkeys(r.size for r in rows):
+        sub = [r for r in rows if r.size == size]
+        params = sub[0].shared_params
+        plains = {t: [r.ms for r in sub if r.num_tasks == t and r.variant == "plain"] for t in task_counts}
+        plain_ms = ", ".join(f"T={t}: {statistics.median(v):.2f} ms" for t, v in plains.items() if v)
+        variants = [v for v in ("full", "representation", "torchjd") if any(r.variant == v for r in sub)]
+        header = ["method", *[f"{v} T={t}" for v in variants for t in task_counts]]
+        table_rows = []
+        for method in dict.fromkeys(r.method for r in sub if r.variant != "plain"):
+            cells = [method]
+            for v in variants:
+                for t in task_counts:
+                    match = [r for r in sub if r.method == method and r.variant == v and r.num_tasks == t]
+                    cells.append(_ratio_cell(match[0]) if match else "—")
+            table_rows.append(cells)
+        parts.append(
+            f"#### Step time relative to a plain summed-loss step: {size} model ({params:,} shared "
+            f"parameters)\n\nplain step (median): {plain_ms}. Cells: median ratio to the plain step "
+            f"(25th–75th percentile); torchjd cells add its time over gradsurgery's full-mode step of the "
+            f"same method (× ours).\n\n" + md_table(header, table_rows)
+        )
+        mem_header = ["method", *[f"{v} T={t}" for v in ["plain", *variants] for t in task_counts]]
+        mem_rows = []
+        if any(math.isfinite(r.peak_mb) for r in sub):
+            plain_cells = ["plain"]
+            for v in ["plain", *variants]:
+                for t in task_counts:
+                    match = (
+                        [r for r in sub if r.variant == "plain" and r.num_tasks == t] if v == "plain" else []
+                    )
+                    plain_cells.append(fmt_value(match[0].peak_mb, 3) if match else "")
+            mem_rows.append(plain_cells)
+            for method in dict.fromkeys(r.method for r in sub if r.variant != "plain"):
+                cells = [method]
+                for v in ["plain", *variants]:
+                    for t in task_counts:
+                        match = [r for r in sub if r.method == method and r.variant == v and r.num_tasks == t]
+                        cells.append(
+                            fmt_value(match[0].peak_mb, 3) if match and match[0].status == "ok" else ""
+                        )
+                mem_rows.append(cells)
+            parts.append(
+                f"#### Peak memory of a step above the model and Adam state (MiB): {size} model\n\n"
+                + md_table(mem_header, mem_rows)
+            )
+    return "\n\n".join(parts)
+
+
+def solver_table(rows: list[SolverRow]) -> str:
+    from .report import fmt_value, md_table
+
+    task_counts = sorted({r.num_tasks for r in rows})
+    header = ["solver / method", *[f"T={t}" for t in task_counts], "first call T=max"]
+    out = []
+    for name in dict.fromkeys(r.solver for r in rows):
+        cells = [name]
+        last = None
+        for t in task_counts:
+            match = [r for r in rows if r.solver == name and r.num_tasks == t]
+            if not match:
+                cells.append("—")
+                continue
+            r = match[0]
+            last = r
+            cells.append(
+                f"{fmt_value(r.us, 3)} µs (p90 {fmt_value(r.us_p90, 3)})" if r.status == "ok" else "error"
+            )
+        cells.append(f"{fmt_value(last.first_ms, 3)} ms" if last and last.status == "ok" else "—")
+        out.append(cells)
+    errors = [f"- {r.solver} T={r.num_tasks}: {r.message}" for r in rows if r.status != "ok"]
+    return md_table(header, out) + ("\n\nErrors:\n" + "\n".join(errors) if errors else "")
+
+
+def targets(step_rows: list[StepRow], solver_rows: list[SolverRow]) -> str:
+    """The issue's targets, met or missed, with the measured values."""
+    lines = []
+    rep = [r for r in step_rows if r.variant == "representation" and r.status == "ok"]
+    full = [r for r in step_rows if r.variant == "full" and r.status == "ok"]
+    if rep:
+        miss = [r for r in rep if r.ratio > 1.2]
+        worst = max(rep, key=lambda r: r.ratio)
+        lines.append(
+            f"- representation mode ≤ 1.2× plain: {len(rep) - len(miss)}/{len(rep)} configurations meet it "
+            f"(worst {worst.ratio:.2f}×: {worst.method}, {worst.size}, T={worst.num_tasks})"
+        )
+        if miss:
+            lines.append(
+                "  - missed (method size T: ratio): "
+                + ", ".join(
+                    f"{r.method} {r.size} T={r.num_tasks}: {r.ratio:.2f}×"
+                    for r in sorted(miss, key=lambda r: -r.ratio)
+                )
+            )
+    else:
+        lines.append("- representation mode: n/a (not available in this gradsurgery version)")
+    if full:
+        miss = [r for r in full if r.ratio > r.num_tasks + 1]
+        lines.append(
+            f"- full mode ≤ (T + 1)× plain: {len(full) - len(miss)}/{len(full)} configurations meet it"
+        )
+        if miss:
+            lines.append(
+                "  - missed (method size T: ratio): "
+                + ", ".join(
+                    f"{r.method} {r.size} T={r.num_tasks}: {r.ratio:.2f}×"
+                    for r in sorted(miss, key=lambda r: -r.ratio)
+                )
+            )
+    for prefix, limit_us, label in (
+        ("Frank-Wolfe (simplex", 200, "Gram-based solver (Frank-Wolfe) ≤ 0.2 ms for T ≤ 10"),
+        ("closed form", 200, "closed form ≤ 0.2 ms"),
+        ("cvxpy", 3000, "cvxpy path ≤ 3 ms per step for T ≤ 10"),
+    ):
+        sel = [
+            r for r in solver_rows if r.solver.startswith(prefix) and r.num_tasks <= 10 and r.status == "ok"
+        ]
+        if sel:
+            worst = max(sel, key=lambda r: r.us)
+            ok = worst.us <= limit_us
+            lines.append(
+                f"- {label}: {'met' if ok else 'MISSED'} "
+                f"(slowest median {worst.us:.0f} µs at T={worst.num_tasks})"
+            )
+    return "\n".join(lines)
+
+
+def write_outputs(
+    out: Path, step_rows: list[StepRow], solver_rows: list[SolverRow], meta: dict[str, Any]
+) -> None:
+    import csv
+
+    from .report import write_json
+
+    write_json(
+        out / "speed.json",
+        {"meta": meta, "steps": [vars(r) for r in step_rows], "solvers": [vars(r) for r in solver_rows]},
+    )
+    with open(out / "speed.csv", "w", newline="") as f:
+        fields = [
+            "kind",
+            "size",
+            "shared_params",
+            "num_tasks",
+            "method",
+            "variant",
+            "status",
+            "message",
+            "ms",
+            "ratio",
+            "ratio_p25",
+            "ratio_p75",
+            "vs_full",
+            "vs_full_p25",
+            "vs_full_p75",
+            "peak_mb",
+            "us",
+            "us_p90",
+            "first_ms",
+        ]
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for r in step_rows:
+            writer.writerow({"kind": "step", **vars(r)})
+        for r in solver_rows:
+            writer.writerow({"kind": "solver", "method": r.solver, **vars(r)})
+
+
+def plot(out: Path, step_rows: list[StepRow], solver_rows: list[SolverRow]) -> list[str]:
+    from .report import _pyplot
+
+    plt = _pyplot()
+    if plt is None:
+        return []
+    files = []
+    sizes = list(dict.fromkeys(r.size for r in step_rows))
+    variants = [
+        v
+        for v in ("full", "representation", "torchjd")
+        if any(r.variant == v and r.status == "ok" for r in step_rows)
+    ]
+    if sizes and variants:
+        fig, axes = plt.subplots(
+            len(sizes), len(variants), figsize=(4.8 * len(variants), 3.6 * len(sizes)), squeeze=False
+        )
+        for i, size in enumerate(sizes):
+            for j, v in enumerate(variants):
+                ax = axes[i][j]
+                ax.set_prop_cycle(color=plt.cm.tab20(np.linspace(0, 1, 20)))
+                for method in dict.fromkeys(r.method for r in step_rows if r.variant == v):
+                    pts = sorted(
+                        (r.num_tasks, r.ratio, r.ratio_p25, r.ratio_p75)
+                        for r in step_rows
+                        if r.size == size and r.variant == v and r.method == method and r.status == "ok"
+                    )
+                    if pts:
+                        t, m, lo, hi = zip(*pts, strict=True)
+                        ax.errorbar(
+                            t,
+                            m,
+                            yerr=[np.subtract(m, lo), np.subtract(hi, m)],
+                            marker="o",
+                            ms=3,
+                            capsize=2,
+                            label=method,
+                            linewidth=1,
+                        )
+                ts = sorted({r.num_tasks for r in step_rows})
+                if v == "full":
+                    ax.plot(ts, [t + 1 for t in ts], "k--", linewidth=0.8, label="target T+1")
+                elif v == "representation":
+                    ax.axhline(1.2, color="k", linestyle="--", linewidth=0.8, label="target 1.2")
+                ax.set_title(f"{size}: {v} / plain", fontsize=9)
+                ax.set_xlabel("tasks T", fontsize=8)
+                ax.set_xticks(ts)
+                ax.tick_params(labelsize=7)
+                ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        fig.savefig(out / "speed_steps.png", dpi=110)
+        plt.close(fig)
+        files.append("speed_steps.png")
+    ok = [r for r in solver_rows if r.status == "ok" and not r.solver.startswith("method")]
+    if ok:
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for name in dict.fromkeys(r.solver for r in ok):
+            pts = sorted((r.num_tasks, r.us) for r in ok if r.solver == name)
+            ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.axhline(200, color="k", linestyle=":", linewidth=0.8)
+        ax.axhline(3000, color="k", linestyle="--", linewidth=0.8)
+        ax.set_xlabel("tasks T")
+        ax.set_ylabel("µs per call (median)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "speed_solvers.png", dpi=110)
+        plt.close(fig)
+        files.append("speed_solvers.png")
+    return files
+
+
+def run(args: argparse.Namespace, out: Path, meta: dict[str, Any]) -> list[str]:
+    """``--suite speed``: returns the report's Markdown lines."""
+    from .suite import progress_bar, say
+
+    device = torch.device(getattr(args, "device", "cpu"))
+    if args.tiny:
+        sizes, task_counts, solver_counts, reps, calls, batch = TINY_SIZES, (2,), (2, 4), {"tiny": 2}, 5, 8
+    else:
+        sizes, task_counts, solver_counts, calls, batch = SIZES, TASK_COUNTS, SOLVER_TASK_COUNTS, 200, BATCH
+        reps = {"0.5M": 15, "5M": 7}
+    methods = args.methods
+    meta.update(
+        {
+            "speed_sizes": sizes,
+            "speed_task_counts": task_counts,
+            "speed_batch": batch,
+            "speed_reps": reps,
+            "torchjd": _torchjd_version(),
+        }
+    )
+    bar = progress_bar(
+        len(sizes) * len(task_counts) * len(methods) + len(solver_counts), "speed", not args.no_progress
+    )
+    start = time.perf_counter()
+    try:
+        solver_rows = solver_benchmark(methods, solver_counts, calls, bar)
+        step_rows = step_benchmark(methods, sizes, task_counts, reps, batch, device, bar)
+    finally:
+        bar.close()
+    meta["speed_seconds"] = time.perf_counter() - start
+    write_outputs(out, step_rows, solver_rows, meta)
+    plots = plot(out, step_rows, solver_rows)
+    jd = meta["torchjd"]
+    lines = [
+        "## Speed and memory",
+        "",
+        f"{device}, {torch.get_num_threads()} thread(s), batch {batch}, Adam; "
+        f"torchjd: {jd or 'not installed'}.",
+        "",
+        "### Step time and peak memory",
+        "",
+        step_tables(step_rows),
+        "",
+        "### Solver time per call (after the first call; µs, median and 90th percentile)",
+        "",
+        solver_table(solver_rows),
+        "",
+        "### Targets",
+        "",
+        targets(step_rows, solver_rows),
+        "",
+        "Plots: " + (", ".join(f"`{p}`" for p in plots) or "none (matplotlib missing)"),
+        "",
+    ]
+    say("\n".join(lines))
+    return lines
+
+
+def _torchjd_version() -> str | None:
+    if not torchjd_available():
+        return None
+    try:
+        from importlib.metadata import version
+
+        return version("torchjd")
+    except Exception:
+        return "installed"
+
+
+__all__ = ["SpeedModel", "random_grams", "run", "solver_benchmark", "step_benchmark"]
