@@ -371,3 +371,39 @@ def test_non_finite_iterates_raise_solver_error(monkeypatch):
     monkeypatch.setattr(fw, "_iterate", lambda g, w, *args: np.full_like(w, np.nan))
     with pytest.raises(SolverError, match="simplex_min_norm.*non-finite"):
         simplex_min_norm(np.eye(3))
+
+
+# --- the two paths of _iterate: the active set and the step fallback -------------------------------------
+
+
+@pytest.mark.parametrize("kind,jac", SMALL[:80], ids=[f"{k}-{j.shape}" for k, j in SMALL[:80]])
+def test_step_fallback_alone_matches_brute_force(kind, jac, monkeypatch):
+    # The Frank-Wolfe/coordinate steps are what runs when the active set cannot certify its answer
+    # (degenerate faces); here they run on every case, so both paths are held to the same reference.
+    monkeypatch.setattr(fw, "_active_set", lambda *args: None)
+    gram, t = jac @ jac.T, jac.shape[0]
+    alpha = simplex_min_norm(gram)
+    assert_fused_close(jac, alpha, brute_force(jac, range(t)), rtol=EXACT_RTOL, label=kind)
+    for main in _main_sets(t):
+        w = mixed_min_norm(gram, main)
+        assert_fused_close(jac, w, brute_force(jac, main), rtol=EXACT_RTOL, label=f"{kind} main={main}")
+        _assert_aux_kkt(jac, w, [j for j in range(t) if j not in main])
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_active_set_certifies_generic_problems_without_the_fallback(seed):
+    # On full-rank G (d ≥ T, no duplicated directions) the active set alone must find the answer; the step
+    # fallback is for degenerate faces only.
+    t = 2 + seed % 5  # brute force is exponential in T
+    jac = make_jacobian(["random", "conflicting", "scaled"][seed % 3], t, t + 5, seed)
+    gram = jac @ jac.T
+    scale = np.diag(gram).max()
+    for main in _main_sets(t):
+        blocks = fw._Blocks(
+            np.array(sorted(main)), np.array([j for j in range(t) if j not in main], dtype=int)
+        )
+        w0 = np.zeros(t)
+        w0[blocks.main] = 1.0 / blocks.main.size
+        w = fw._active_set(gram / scale, w0, blocks, 1e-12, 3 * t + 8)
+        assert w is not None, f"{main=}"
+        assert_fused_close(jac, w, brute_force(jac, main), rtol=EXACT_RTOL, label=f"main={main}")

@@ -6,25 +6,43 @@ Every problem here is one quadratic program over weights w, with u = Jᵀw the f
 
 where M is the set of *main* tasks (their weights live on the simplex) and the other tasks are
 *auxiliaries* (free coefficients λ_j ≥ 0). M = all tasks is MGDA (Sener & Koltun 2018); |M| = 1 is
-main/auxiliary (DESIGN.md); anything in between is the mixed problem. Two kinds of steps drive it:
+main/auxiliary (DESIGN.md); anything in between is the mixed problem.
+
+The answer is found by a *primal active-set* method (Wolfe's 1976 min-norm-point algorithm, which for a
+single main task is Lawson & Hanson's NNLS, both written on G). It keeps a face F (the indices allowed to
+be non-zero) and a feasible point w on it:
+
+- minor cycle: y = the exact minimiser of wᵀGw over the affine hull of F, i.e. the KKT system
+  G_FF y_F = ν e_S, Σ_{i∈S} y_i = 1 (S = the mains in F). When G_FF is positive definite this is
+  y_F = x / (e_Sᵀx) with G_FF x = e_S (one Cholesky solve); otherwise the bordered system is solved by
+  lstsq. If y ≥ 0 then w = y; else w walks towards y until the first weight reaches 0 (ratio test), that
+  index leaves F, and the cycle repeats on the smaller face;
+- major cycle: at a face minimiser the KKT conditions of the whole problem are checked (mains:
+  (Gw)_i ≥ ν; auxiliaries: (Gw)_j ≥ 0); if some index outside F violates them, the one whose move lowers
+  ‖u‖ fastest, |violation| / ‖direction‖, joins F.
+
+Each face minimiser is strictly better than the last, so no face repeats and the method stops after
+finitely many O(|F|³) solves, in practice about one per index of the answer's support. The start is the
+uniform main weights with every auxiliary that violates ⟨u, g_j⟩ ≥ 0 there already in F, so that on
+nearly orthogonal gradients the first solve is usually the answer.
+
+The answer is returned only once the optimality conditions hold to ``tol``·‖u‖² plus a bound on the float64
+rounding error of Gw (with ``tol`` relative to ‖u‖² alone, u* = 0 could never be certified). If they
+cannot be certified (a face too ill-conditioned for its solve to be trusted, or more solves than T allows
+for), the steps below take over from the start:
 
 - on the main block, Frank-Wolfe with away steps (Lacoste-Julien & Jaggi 2015) and exact line search,
   which is the two-vector closed form of ``min_norm_two`` along the step direction;
 - on the auxiliaries, an exact coordinate re-fit λ_j ← max(0, −⟨u − λ_j g_j, g_j⟩) / ‖g_j‖²
-  (``main_aux_one``), always on the coordinate whose re-fit lowers ‖u‖² the most.
+  (``main_aux_one``), always on the coordinate whose re-fit lowers ‖u‖² the most;
+- a *polish* minimises exactly on the face of the current support, as in the minor cycle above, whenever
+  a step brings a new index into the support and every ``_CHECK_EVERY`` steps; a polished point is kept
+  only if it is feasible and no worse than the point it replaces. The steps stop when the optimality
+  conditions hold, when the objective stops decreasing, or after ``max_iter`` steps.
 
-The steps find which weights are non-zero; a *polish* then minimises exactly on that face (its KKT
-system, solved by lstsq) and, where the face minimiser leaves the feasible set, walks towards it and drops
-the first weight to reach zero, as in the minor cycle of Wolfe's (1976) min-norm-point algorithm. The
-polish is what makes answers exact to about machine precision; it runs whenever a step brings a new index
-into the support and every ``_CHECK_EVERY`` steps. A polished point is kept only if it is feasible and no
-worse than the point it replaces.
-
-Stopping: the optimality conditions (Frank-Wolfe gap of the main block; ⟨u, g_j⟩ ≥ 0 and
-λ_j⟨u, g_j⟩ = 0 for auxiliaries) hold to ``tol``·‖u‖² plus a bound on the float64 rounding error of Gw
-(with ``tol`` relative to ‖u‖² alone, u* = 0 could never be certified), or the objective stops
-decreasing, or ``max_iter`` steps. All work is O(T²) per step on G, after one O(T³) eigendecomposition
-(``psd_projection``); no d-sized data is touched.
+All work is O(T³) at most per solve on G; no d-sized data is touched. G is checked for positive
+definiteness by one Cholesky factorisation, and only when that fails is it replaced by its eigenvalue
+projection (``psd_projection``).
 """
 
 from __future__ import annotations
@@ -57,6 +75,21 @@ _SUPPORT_EPS = 1e-12
 # A face-minimiser weight this negative (relative to the largest weight) is round-off and clipped to 0;
 # anything more negative means the face is wrong and the polish steps towards it and shrinks the face.
 _NEG_CLIP = 1e-10
+# A face is solved by Cholesky only when every pivot keeps this fraction of its diagonal entry (the squared
+# sine of the angle between g_i and the earlier gradients of the face): the scaled condition number is then
+# at most about T/1e-10, and the fused vector is accurate to ~eps·√(1e10) ≈ 1e-11 of max‖g_i‖. Flatter faces
+# (near-duplicates, u* ≈ 0) go to lstsq.
+_PIVOT_MIN = 1e-10
+# Face solves the active set may spend: about one per index joining and one per index leaving, with room
+# for degenerate ties; past that the Frank-Wolfe/coordinate steps take over.
+_SOLVES_PER_TASK = 3
+_SOLVES_EXTRA = 8
+# LAPACK routines called directly: the scipy.linalg wrappers (cholesky, solve, lstsq) re-validate their
+# inputs and query workspaces, which costs several times the factorisation of a T ≤ 32 matrix.
+_POTRF, _POSV, _GELSY, _GELSY_LWORK = scipy.linalg.get_lapack_funcs(
+    ("potrf", "posv", "gelsy", "gelsy_lwork"), (np.zeros((1, 1)),)
+)
+_GELSY_WORK: dict[int, int] = {}  # optimal gelsy workspace by matrix size
 
 
 class _Blocks(NamedTuple):
@@ -67,9 +100,9 @@ class _Blocks(NamedTuple):
 def simplex_min_norm(gram, *, tol: float = 1e-12, max_iter: int = 2000) -> np.ndarray:
     """MGDA weights (Sener & Koltun 2018): α ∈ Δ minimising ‖Σ α_i g_i‖² = αᵀGα.
 
-    Frank-Wolfe with away steps on G, stopped when the duality gap αᵀGα − min_i (Gα)_i is at most
-    ``tol``·αᵀGα plus the float64 rounding error of Gα, and polished on the support (module docstring).
-    At the optimum every task has ⟨u, g_i⟩ = (Gα)_i ≥ ‖u‖².
+    Wolfe's min-norm-point active set on G (Frank-Wolfe with away steps where a face is degenerate; module
+    docstring), returned once the duality gap αᵀGα − min_i (Gα)_i is at most ``tol``·αᵀGα plus the float64
+    rounding error of Gα. At the optimum every task has ⟨u, g_i⟩ = (Gα)_i ≥ ‖u‖².
     """
     g = check_gram(gram)
     t = g.shape[0]
@@ -101,9 +134,9 @@ def main_aux_min_norm(gram, main: int, *, tol: float = 1e-12, max_iter: int = 20
     """Main/auxiliary weights (DESIGN.md): w[main] = 1, w_j = λ_j ≥ 0 minimising ‖g_main + Σ λ_j g_j‖².
 
     The dual of max_u ⟨u, g_main⟩ − ½‖u‖² s.t. ⟨u, g_j⟩ ≥ 0: at the optimum every auxiliary has
-    (Gw)_j ≥ 0 and λ_j (Gw)_j = 0. Solved by exact coordinate re-fits of the most improving λ_j, stopped
-    when (Gw)_j ≥ −tol·‖u‖² and |λ_j (Gw)_j| ≤ tol·‖u‖² (plus rounding error), and polished on the
-    active set A by solving G_AA λ_A = −G_{A,main} (the KKT system of the face).
+    (Gw)_j ≥ 0 and λ_j (Gw)_j = 0. Solved by the Lawson-Hanson active set on G (each face: G_AA λ_A =
+    −G_{A,main}; exact coordinate re-fits of λ where a face is degenerate; module docstring), returned once
+    (Gw)_j ≥ −tol·‖u‖² and |λ_j (Gw)_j| ≤ tol·‖u‖² (plus rounding error).
     """
     g = check_gram(gram)
     t = g.shape[0]
@@ -116,8 +149,9 @@ def mixed_min_norm(gram, main: Sequence[int], *, tol: float = 1e-12, max_iter: i
     """Mixed n main + m auxiliary weights (DESIGN.md): min ‖Σ_{i∈main} α_i g_i + Σ_j λ_j g_j‖² over
     α ∈ Δ^n, λ ≥ 0. One main task is ``main_aux_min_norm``; all tasks main is ``simplex_min_norm``.
 
-    Each iteration takes one Frank-Wolfe/away step on α and one exact coordinate re-fit on λ; both lower
-    the objective, and the periodic polish solves the KKT system with the α-sum constraint exactly.
+    The same active set as the two special cases, each face solving the KKT system with the α-sum
+    constraint exactly; where a face is degenerate, Frank-Wolfe/away steps on α and exact coordinate
+    re-fits on λ take over (module docstring).
     """
     g = check_gram(gram)
     t = g.shape[0]
@@ -130,13 +164,18 @@ def _solve(g: np.ndarray, blocks: _Blocks, tol: float, max_iter: int, what: str)
     _check_options(tol, max_iter)
     w = np.zeros(g.shape[0])
     w[blocks.main] = 1.0 / blocks.main.size
-    scale = float(np.max(np.diag(g)))
+    scale = float(g.diagonal().max())
     if scale <= 0.0:
         # G = 0: every feasible w gives u = 0; the uniform start is as good as any and symmetric.
         return w
     # The optimal weights do not change under G → G/scale, and a unit diagonal keeps the KKT system of the
-    # polish (which mixes G with a column of ones) well scaled and the stopping tolerances absolute.
-    gn = psd_projection(g / scale)
+    # face solves (which mixes G with a column of ones) well scaled and the stopping tolerances absolute.
+    gn = g / scale
+    # A Cholesky factorisation that succeeds certifies G ≻ 0 (to round-off) at a tenth of the cost of the
+    # eigendecomposition, which ``psd_projection`` would then return unchanged; only singular or
+    # indefinite G (collinear, duplicated or zero gradients, T > d, float32 round-off) pays for it.
+    if _POTRF(gn, lower=1, clean=0)[1] != 0:
+        gn = psd_projection(gn)
     w = _iterate(gn, w, blocks, tol, max_iter)
     return _finish(w, blocks, what)
 
@@ -149,6 +188,157 @@ def _check_options(tol: float, max_iter: int) -> None:
 
 
 def _iterate(g: np.ndarray, w: np.ndarray, blocks: _Blocks, tol: float, max_iter: int) -> np.ndarray:
+    """The active-set method from the start w; where it cannot certify its answer, the steps from w."""
+    # Every face solve counts as a step against max_iter; the active set never needs more than a few per
+    # index, so the cap only matters for degenerate G, where the steps are the better tool anyway.
+    budget = min(max_iter, _SOLVES_PER_TASK * g.shape[0] + _SOLVES_EXTRA)
+    found = _active_set(g, w, blocks, tol, budget) if budget > 0 else None
+    return found if found is not None else _steps(g, w, blocks, tol, max_iter)
+
+
+def _active_set(g: np.ndarray, w: np.ndarray, blocks: _Blocks, tol: float, budget: int) -> np.ndarray | None:
+    """Wolfe's min-norm-point / Lawson-Hanson active-set method (module docstring) from the feasible start
+    w, with at most ``budget`` face solves. Returns a point that satisfies the optimality conditions of
+    ``_kkt_holds`` (the same test, computed inline), or None when it cannot get there."""
+    t = g.shape[0]
+    main = blocks.main
+    is_main = np.zeros(t, dtype=bool)
+    is_main[main] = True
+    many = main.size > 1
+    diag = g.diagonal()
+    # Pricing divides a violation by the length of its direction in u-space (steepest edge), so that an
+    # auxiliary 1e-6 times smaller than the others is not priced 1e-6 times lower; zero rows never violate.
+    inv_norm = 1.0 / np.sqrt(np.maximum(diag, TINY))
+    absg = np.abs(g)
+    round_off = 4.0 * t * EPS  # _rounding: the float64 error bound of (Gw)_i is this times (|G| |w|)_i
+    w = w.copy()
+    # The start is the optimum of no face in general: bring every auxiliary that it violates in at once.
+    on = is_main | ((g.dot(w) < 0.0) & ~is_main)
+    added = -1  # the index the last major cycle brought in
+    for _ in range(budget):
+        p = np.flatnonzero(on)
+        mp = is_main[p]
+        y = _face_solve(g, p, mp)
+        if y is None:
+            return None
+        if float(y.min()) < -_NEG_CLIP * max(1.0, float(np.abs(y).max())):
+            # Minor cycle: y is infeasible. Indices already at 0 that y wants negative block at once, with
+            # no move; otherwise walk w → y until the first weight reaches 0 and drop that index.
+            wp = w[p]
+            stuck = (wp <= 0.0) & (y < 0.0)
+            if stuck.any():
+                if added >= 0 and stuck[np.searchsorted(p, added)]:
+                    return None  # the index just brought in goes straight back: round-off, not progress
+                on[p[stuck]] = False
+            else:
+                falling = np.flatnonzero(y < 0.0)
+                ratios = wp[falling] / (wp[falling] - y[falling])
+                k = int(ratios.argmin())
+                wp += float(ratios[k]) * (y - wp)
+                np.maximum(wp, 0.0, out=wp)
+                wp[falling[k]] = 0.0
+                on[p[falling[k]]] = False
+                # Keep Σα = 1 exactly so that round-off cannot accumulate from one face to the next.
+                wp[mp] /= wp[mp].sum()
+                w[p] = wp
+            added = -1
+            continue
+        wp = np.maximum(y, 0.0)
+        wp[mp] /= wp[mp].sum()
+        w[p] = wp
+        # Major cycle: the optimality conditions of _kkt_holds, at the face minimiser w.
+        v = g.dot(w)
+        slack = tol * max(float(w.dot(v)), 0.0)
+        noise = round_off * absg.dot(w) + TINY
+        margin = v + (slack + noise)  # auxiliaries: (Gw)_j ≥ −(slack + noise_j)
+        score = v * inv_norm
+        if many:
+            # Mains: the Frank-Wolfe gap ν − min_i (Gw)_i ≤ slack + the largest noise among the mains.
+            nu = float(w[main].dot(v[main]))
+            margin[main] = (v[main] - nu) + (slack + float(noise[main].max()))
+            score[main] = (v[main] - nu) * inv_norm[main]
+        else:
+            margin[main] = np.inf  # a single main weight is fixed at 1
+        bad = margin < 0.0
+        if bad.any():
+            out = bad & ~on
+            if not out.any():
+                return None  # the face minimiser itself is off by more than round-off
+            added = int(np.flatnonzero(out)[score[out].argmin()])
+            on[added] = True
+            continue
+        # Complementary slackness λ_j (Gw)_j = 0 on the auxiliaries: exact on the face up to its solve.
+        lam = w.copy()
+        lam[main] = 0.0
+        if np.any(np.abs(lam * v) > slack + lam * noise):
+            return None
+        return w
+    return None
+
+
+def _face_solve(g: np.ndarray, p: np.ndarray, mp: np.ndarray) -> np.ndarray | None:
+    """The minimiser y_p of yᵀG y over {y_i = 0 off p, Σ_{i∈S} y_i = 1} (S = the mains in p, mask mp).
+
+    Stationarity on the face reads G_pp y = ν e_S. With G_pp ≻ 0: y = x / (e_Sᵀx), G_pp x = e_S, one
+    Cholesky solve (LAPACK posv). It is trusted only when every Cholesky pivot keeps at least
+    ``_PIVOT_MIN`` of its diagonal entry, L_ii² ≥ _PIVOT_MIN·G_ii — L_ii²/G_ii is the squared sine of the
+    angle between g_i and the span of the g's before it, so this bounds the scaled condition number and is
+    blind to the scale of each task; otherwise (singular or nearly singular faces, where u* may be 0) the
+    bordered KKT system goes to lstsq (``_face_lstsq``).
+    """
+    sub = g.take(p, 0).take(p, 1)
+    chol, x, info = _POSV(sub, mp.astype(np.float64), lower=1)
+    if info == 0:
+        piv = chol.diagonal()
+        if np.all(piv * piv >= _PIVOT_MIN * sub.diagonal()):
+            total = float(x[mp].sum())
+            if total > 0.0 and np.isfinite(total):
+                return x / total
+    return _face_lstsq(sub, mp)
+
+
+def _face_lstsq(sub: np.ndarray, mp: np.ndarray) -> np.ndarray | None:
+    """Minimise yᵀ G_pp y over Σ_{i∈S} y_i = 1 (sub = G_pp, mp the mask of S) through the KKT system
+    [[G_pp, e_S], [e_Sᵀ, 0]] [y; ν] = [0; 1]. lstsq gives an exact solution even when G_pp is singular
+    (duplicated, collinear or zero gradients), and its minimum-norm choice keeps weights moderate when they
+    are not unique (two opposite auxiliaries: any λ_1 g − λ_2 g with the same difference); the system is
+    consistent because the objective is bounded below on the affine set."""
+    k = sub.shape[0]
+    # Auxiliary coefficients are solved for as λ_j = z_j / ‖g_j‖: an auxiliary 1e-6 times smaller than the
+    # others then does not look like a rank deficiency to lstsq's rank cut-off. Main weights are
+    # left alone: rescaling them would skew the sum constraint's row instead.
+    d = sub.diagonal()
+    unit = np.where(mp, 1.0, 1.0 / np.sqrt(np.where(d > 0.0, d, 1.0)))
+    kkt = np.zeros((k + 1, k + 1))
+    kkt[:k, :k] = sub * np.outer(unit, unit)
+    kkt[:k, k] = mp
+    kkt[k, :k] = mp
+    rhs = np.zeros(k + 1)
+    rhs[k] = 1.0
+    y = unit * _lstsq(kkt, rhs)[:k]
+    return y if np.all(np.isfinite(y)) else None
+
+
+def _lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``scipy.linalg.lstsq(a, b, lapack_driver="gelsy")`` for square a and one right-hand side, calling
+    LAPACK directly: the same factorisation and rank cut-off (eps), without the wrapper's checks and
+    workspace query, which cost twice the solve itself at this size. gelsy (complete orthogonal
+    factorisation) gives the minimum-norm solution, like the SVD-based default at a third of its cost."""
+    n = a.shape[0]
+    lwork = _GELSY_WORK.get(n)
+    if lwork is None:
+        work, info = _GELSY_LWORK(n, n, 1, EPS)
+        if info != 0:
+            raise SolverError(f"gelsy workspace query failed (info={info})")
+        lwork = _GELSY_WORK[n] = int(work)
+    x, info = _GELSY(a, b, np.zeros(n, dtype=np.int32), EPS, lwork, 0, 0)[1::3]
+    if info < 0:
+        raise SolverError(f"illegal value in argument {-info} of gelsy")
+    return x
+
+
+def _steps(g: np.ndarray, w: np.ndarray, blocks: _Blocks, tol: float, max_iter: int) -> np.ndarray:
+    """The fallback: Frank-Wolfe/away steps on the mains, coordinate re-fits on the auxiliaries, polish."""
     w = _try_polish(g, w, blocks)
     checkpoint = _objective(g, w)
     for it in range(1, max_iter + 1):
@@ -310,30 +500,14 @@ def _ratio_step(w: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def _face_minimiser(g: np.ndarray, on: np.ndarray, blocks: _Blocks) -> np.ndarray | None:
-    """Minimise wᵀGw over {w_i = 0 off the face, Σ_{i∈S} w_i = 1} (S = the face's main indices) through
-    the KKT system [[G_PP, e_S], [e_Sᵀ, 0]] [w_P; ν] = [0; 1]. lstsq gives an exact solution even when
-    G_PP is singular (duplicated, collinear or zero gradients), and its minimum-norm choice keeps weights
-    moderate when they are not unique (two opposite auxiliaries: any λ_1 g − λ_2 g with the same
-    difference); the system is consistent because the objective is bounded below on the affine set."""
+    """The minimiser of wᵀGw over {w_i = 0 off the face ``on``, Σ_{i∈S} w_i = 1} (S = the face's main
+    indices), by lstsq on the bordered KKT system (``_face_lstsq``), as a full-length vector."""
     s = blocks.main[on[blocks.main]]
     p = np.concatenate([s, blocks.aux[on[blocks.aux]]])
-    k = p.size
-    # Auxiliary coefficients are solved for as λ_j = z_j / ‖g_j‖: an auxiliary 1e-6 times smaller than the
-    # others then does not look like a rank deficiency to lstsq's rank cut-off. Main weights are
-    # left alone: rescaling them would skew the sum constraint's row instead.
-    diag = np.diag(g)[p]
-    unit = np.ones(k)
-    unit[s.size :] = 1.0 / np.sqrt(np.where(diag[s.size :] > 0.0, diag[s.size :], 1.0))
-    kkt = np.zeros((k + 1, k + 1))
-    kkt[:k, :k] = g[np.ix_(p, p)] * np.outer(unit, unit)
-    kkt[: s.size, k] = unit[: s.size]
-    kkt[k, : s.size] = unit[: s.size]
-    rhs = np.zeros(k + 1)
-    rhs[k] = 1.0
-    # gelsy (complete orthogonal factorisation) gives the minimum-norm solution, like the SVD-based
-    # default at a third of its cost for T ≈ 30.
-    x = unit * scipy.linalg.lstsq(kkt, rhs, lapack_driver="gelsy", check_finite=False)[0][:k]
-    if not np.all(np.isfinite(x)):
+    mp = np.zeros(p.size, dtype=bool)
+    mp[: s.size] = True
+    x = _face_lstsq(g.take(p, 0).take(p, 1), mp)
+    if x is None:
         return None
     out = np.zeros(g.shape[0])
     out[p] = x
