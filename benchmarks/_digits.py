@@ -12,7 +12,6 @@ import statistics
 import numpy as np
 import torch
 
-
 NUM_CLASSES = 10
 
 

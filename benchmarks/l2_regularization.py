@@ -98,8 +98,14 @@ def configs(opt_name: str, grid: list[float]) -> list[tuple[str, float | None]]:
 
 def summarize(rows: list[dict], optimizers: list[str], grids: dict[str, list[float]], noise: float) -> str:
     def pick(opt_name, mode, lam=None):
-        sel = [r for r in rows if r["optimizer"] == opt_name and r["mode"] == mode and r["lambda"] == lam
-               and r["label_noise"] == noise]
+        sel = [
+            r
+            for r in rows
+            if r["optimizer"] == opt_name
+            and r["mode"] == mode
+            and r["lambda"] == lam
+            and r["label_noise"] == noise
+        ]
         return sorted(sel, key=lambda r: r["seed"])
 
     def col(sel, key):
@@ -112,16 +118,28 @@ def summarize(rows: list[dict], optimizers: list[str], grids: dict[str, list[flo
         best_test = max(curve, key=lambda c: D.mean_std(col(c[1], "test_acc"))[0])
         tuned = col(best_val[1], "test_acc")
         wd = "SGD weight_decay" if opt_name == "sgd" else "AdamW weight_decay"
-        header = ["mode", "test acc %", "val acc %", "train acc %", "‖W‖ at the end",
-                  "test gap to tuned λ (pts, paired)"]
+        header = [
+            "mode",
+            "test acc %",
+            "val acc %",
+            "train acc %",
+            "‖W‖ at the end",
+            "test gap to tuned λ (pts, paired)",
+        ]
         table = []
 
-        def line(name, sel):
+        def line(name, sel, tuned=tuned, table=table):
             gaps = [a - b for a, b in zip(col(sel, "test_acc"), tuned, strict=True)]
-            table.append([
-                name, D.pm(col(sel, "test_acc")), D.pm(col(sel, "val_acc")), D.pm(col(sel, "train_acc")),
-                D.pm(col(sel, "weight_norm"), scale=1.0), D.pm(gaps, digits=2),
-            ])
+            table.append(
+                [
+                    name,
+                    D.pm(col(sel, "test_acc")),
+                    D.pm(col(sel, "val_acc")),
+                    D.pm(col(sel, "train_acc")),
+                    D.pm(col(sel, "weight_norm"), scale=1.0),
+                    D.pm(gaps, digits=2),
+                ]
+            )
 
         line("no regularization", pick(opt_name, "none"))
         line(f"{wd}, λ={best_val[0]:g} (best on val: the tuned λ)", best_val[1])
@@ -132,10 +150,19 @@ def summarize(rows: list[dict], optimizers: list[str], grids: dict[str, list[flo
         scenario = "clean training labels" if not noise else f"{round(100 * noise)} % training label noise"
         title = f"**{opt_name.upper()}, {scenario}** (lr {LR[opt_name]:g}; ‖W‖ at initialisation {init:.1f})"
         out.append(title + "\n\n" + D.markdown_table(header, table))
-        curve_rows = [[f"{lam:g}", D.pm(col(sel, "val_acc")), D.pm(col(sel, "test_acc")),
-                       D.pm(col(sel, "weight_norm"), scale=1.0)] for lam, sel in curve]
-        out.append(f"{wd} over the grid ({opt_name.upper()}, {scenario}):\n\n"
-                   + D.markdown_table(["λ", "val acc %", "test acc %", "‖W‖ at the end"], curve_rows))
+        curve_rows = [
+            [
+                f"{lam:g}",
+                D.pm(col(sel, "val_acc")),
+                D.pm(col(sel, "test_acc")),
+                D.pm(col(sel, "weight_norm"), scale=1.0),
+            ]
+            for lam, sel in curve
+        ]
+        out.append(
+            f"{wd} over the grid ({opt_name.upper()}, {scenario}):\n\n"
+            + D.markdown_table(["λ", "val acc %", "test acc %", "‖W‖ at the end"], curve_rows)
+        )
     return "\n\n".join(out)
 
 
@@ -145,8 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/l2"))
     parser.add_argument("--quick", action="store_true", help="a smoke test of well under a minute")
     parser.add_argument("--optimizers", nargs="+", choices=sorted(LR), default=["sgd", "adam"])
-    parser.add_argument("--label-noise", type=float, nargs="+", default=[0.0, 0.3],
-                        help="fractions of training labels flipped, one scenario each")
+    parser.add_argument(
+        "--label-noise",
+        type=float,
+        nargs="+",
+        default=[0.0, 0.3],
+        help="fractions of training labels flipped, one scenario each",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     epochs, width = (4, 64) if args.quick else (80, 512)
@@ -160,18 +192,32 @@ def main(argv: list[str] | None = None) -> int:
                 for mode, lam in configs(opt_name, grids[opt_name]):
                     t0 = time.perf_counter()
                     res = train_one(seed, opt_name, mode, lam, data, epochs=epochs, width=width)
-                    rows.append({"label_noise": noise, "optimizer": opt_name, "mode": mode, "lambda": lam,
-                                 "seed": seed, **res, "seconds": time.perf_counter() - t0})
-                    print(f"noise {noise} seed {seed} {opt_name} {mode} {'' if lam is None else lam}: "
-                          f"test {res['test_acc']:.4f} val {res['val_acc']:.4f} ‖W‖ {res['weight_norm']:.2f} "
-                          f"({rows[-1]['seconds']:.1f}s)", flush=True)
+                    rows.append(
+                        {
+                            "label_noise": noise,
+                            "optimizer": opt_name,
+                            "mode": mode,
+                            "lambda": lam,
+                            "seed": seed,
+                            **res,
+                            "seconds": time.perf_counter() - t0,
+                        }
+                    )
+                    print(
+                        f"noise {noise} seed {seed} {opt_name} {mode} {'' if lam is None else lam}: "
+                        f"test {res['test_acc']:.4f} val {res['val_acc']:.4f} ‖W‖ {res['weight_norm']:.2f} "
+                        f"({rows[-1]['seconds']:.1f}s)",
+                        flush=True,
+                    )
     args.out.mkdir(parents=True, exist_ok=True)
     D.write_csv(args.out / "l2_regularization.csv", rows)
     cmd = "python -m benchmarks.l2_regularization " + " ".join(argv if argv is not None else sys.argv[1:])
     tables = "\n\n".join(summarize(rows, args.optimizers, grids, noise) for noise in args.label_noise)
-    text = (f"# L2 without λ vs tuned weight decay\n\n`{cmd.strip()}` — digits, {n_train} train / {n_val} val / "
-            f"rest test, MLP width {width}, {epochs} epochs, batch 32, seeds {args.seeds}, "
-            f"{time.perf_counter() - start:.0f} s\n\n{tables}\n")
+    text = (
+        f"# L2 without λ vs tuned weight decay\n\n`{cmd.strip()}` — digits, {n_train} train / {n_val} val / "
+        f"rest test, MLP width {width}, {epochs} epochs, batch 32, seeds {args.seeds}, "
+        f"{time.perf_counter() - start:.0f} s\n\n{tables}\n"
+    )
     (args.out / "l2_regularization.md").write_text(text)
     print(text)
     return 0

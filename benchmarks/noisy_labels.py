@@ -53,8 +53,13 @@ def prepare(seed: int, rate: float, n_train: int, n_clean: int):
     gen = torch.Generator().manual_seed(10_000 + seed)
     y_noisy = D.symmetric_noise(ytr[noisy_idx], rate, gen)
     return {
-        "x_noisy": xtr[noisy_idx], "y_noisy": y_noisy, "y_true": ytr[noisy_idx],
-        "x_clean": xtr[clean_idx], "y_clean": ytr[clean_idx], "x_test": xte, "y_test": y[test],
+        "x_noisy": xtr[noisy_idx],
+        "y_noisy": y_noisy,
+        "y_true": ytr[noisy_idx],
+        "x_clean": xtr[clean_idx],
+        "y_clean": ytr[clean_idx],
+        "x_test": xte,
+        "y_test": y[test],
     }
 
 
@@ -110,21 +115,36 @@ def train_one(seed: int, mode: str, data: dict, *, epochs: int, width: int, batc
 
 
 def summarize(rows: list[dict], rates: list[float]) -> str:
-    header = ["noise", "mode", "test acc % (end)", "peak test acc % (oracle)", "fits noisy labels %",
-              "kept %", "kept with true label %"]
+    header = [
+        "noise",
+        "mode",
+        "test acc % (end)",
+        "peak test acc % (oracle)",
+        "fits noisy labels %",
+        "kept %",
+        "kept with true label %",
+    ]
     table = []
     for rate in rates:
         for mode in MODES:
             sel = [r for r in rows if r["noise"] == rate and r["mode"] == mode]
             sel.sort(key=lambda r: r["seed"])
-            col = lambda k: [r[k] for r in sel]  # noqa: E731
+            col = lambda k, sel=sel: [r[k] for r in sel]  # noqa: E731
             extra = ["—", "—"]
             if mode == "loss masking":
                 extra = [D.pm(col("kept_fraction")), D.pm(col("mask_precision"))]
             elif mode == "clean-set guard":
                 extra = [f"λ > 0 on {D.pm(col('guard_active'), digits=0)} % of steps", "—"]
-            table.append([f"{round(100 * rate)} %", mode, D.pm(col("test_acc")), D.pm(col("peak_test_acc")),
-                          D.pm(col("noisy_train_acc")), *extra])
+            table.append(
+                [
+                    f"{round(100 * rate)} %",
+                    mode,
+                    D.pm(col("test_acc")),
+                    D.pm(col("peak_test_acc")),
+                    D.pm(col("noisy_train_acc")),
+                    *extra,
+                ]
+            )
     return D.markdown_table(header, table)
 
 
@@ -147,14 +167,19 @@ def main(argv: list[str] | None = None) -> int:
                 res = train_one(seed, mode, data, epochs=epochs, width=width)
                 seconds = time.perf_counter() - t0
                 rows.append({"noise": rate, "mode": mode, "seed": seed, **res, "seconds": seconds})
-                print(f"noise {rate} seed {seed} {mode}: test {res['test_acc']:.4f} "
-                      f"peak {res['peak_test_acc']:.4f} ({seconds:.1f}s)", flush=True)
+                print(
+                    f"noise {rate} seed {seed} {mode}: test {res['test_acc']:.4f} "
+                    f"peak {res['peak_test_acc']:.4f} ({seconds:.1f}s)",
+                    flush=True,
+                )
     args.out.mkdir(parents=True, exist_ok=True)
     D.write_csv(args.out / "noisy_labels.csv", rows)
     cmd = "python -m benchmarks.noisy_labels " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = (f"# Noisy labels with a clean set\n\n`{cmd.strip()}` — digits, {n_train - n_clean} noisy + "
-            f"{n_clean} clean training images, the rest test, MLP width {width}, {epochs} epochs, "
-            f"seeds {args.seeds}, {time.perf_counter() - start:.0f} s\n\n{summarize(rows, args.noise)}\n")
+    text = (
+        f"# Noisy labels with a clean set\n\n`{cmd.strip()}` — digits, {n_train - n_clean} noisy + "
+        f"{n_clean} clean training images, the rest test, MLP width {width}, {epochs} epochs, "
+        f"seeds {args.seeds}, {time.perf_counter() - start:.0f} s\n\n{summarize(rows, args.noise)}\n"
+    )
     (args.out / "noisy_labels.md").write_text(text)
     print(text)
     return 0

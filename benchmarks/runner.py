@@ -55,7 +55,7 @@ def single_loss_methods() -> dict[str, str]:
     reason they give. They are left out of the default method list; named in ``--methods`` they still run
     and their rows carry the refusal."""
     out = {}
-    for name, cls in gradsurgery.METHODS.items():
+    for name in gradsurgery.METHODS:
         try:
             gradsurgery.make_method(name, **method_options(name, 2, 0)).bind(2)
         except ValueError as err:

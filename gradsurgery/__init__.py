@@ -1,17 +1,26 @@
 """gradsurgery: let multi-task training balance its tasks by itself.
 
-    opt = GradSurgery(torch.optim.Adam(model.parameters(), lr=1e-3), method="mgda")
-    opt.zero_grad(); info = opt.backward([loss_a, loss_b]); opt.step()
+opt = GradSurgery(torch.optim.Adam(model.parameters(), lr=1e-3), method="mgda")
+opt.zero_grad(); info = opt.backward([loss_a, loss_b]); opt.step()
 """
 
 from .clean_guard import CleanBatches, mask_noisy_samples
 from .errors import SolverError
+from .gram import gram_matrix
 from .info import StepInfo
 from .methods import METHODS, Method, make_method, register
-from .gram import gram_matrix
 from .optimizer import GradSurgery
 
 __version__ = "0.1.0"
 
-__all__ = ["METHODS", "GradSurgery", "Method", "SolverError", "StepInfo", "gram_matrix", "make_method", "register"]
+__all__ = [
+    "METHODS",
+    "GradSurgery",
+    "Method",
+    "SolverError",
+    "StepInfo",
+    "gram_matrix",
+    "make_method",
+    "register",
+]
 __all__ += ["CleanBatches", "mask_noisy_samples"]

@@ -80,7 +80,12 @@ class GradientCollector:
 
     def _jacobian_buffer(self, layout: Layout, num_tasks: int) -> torch.Tensor:
         buf = self._buffer
-        if buf is None or buf.shape != (num_tasks, layout.dim) or buf.dtype != layout.dtype or buf.device != layout.device:
+        if (
+            buf is None
+            or buf.shape != (num_tasks, layout.dim)
+            or buf.dtype != layout.dtype
+            or buf.device != layout.device
+        ):
             buf = torch.empty(num_tasks, layout.dim, dtype=layout.dtype, device=layout.device)
             self._buffer = buf
         return buf
@@ -89,7 +94,11 @@ class GradientCollector:
         self, losses: Sequence[torch.Tensor], params: list[torch.Tensor], retain_graph: bool = False
     ) -> TaskGradients:
         num_tasks = len(losses)
-        layout = self.layout if self.layout is not None and self.layout.matches(params, self.layout.shared) else None
+        layout = (
+            self.layout
+            if self.layout is not None and self.layout.matches(params, self.layout.shared)
+            else None
+        )
         jac = self._jacobian_buffer(layout, num_tasks) if layout is not None else None
         touched: list[set[int]] = [set() for _ in params]  # per parameter: the tasks that reach it
         reached = [0] * num_tasks

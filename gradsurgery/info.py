@@ -35,6 +35,7 @@ class StepInfo:
             t = self.weights.shape[0]
             return torch.full((t, t), float("nan"), dtype=torch.float64, device=self.weights.device)
         return self.gram
+
     #: λ of the L2 auxiliary applied in this backward (0-d, or (n,) per tensor); None without the L2 rule.
     l2_coefficient: torch.Tensor | None = None
     #: ``mode="mask"``: which noisy samples were kept (bool, (B,)); None otherwise.
@@ -72,7 +73,8 @@ class StepInfo:
         return (w @ gram @ w).clamp_min(0).sqrt()
 
     def as_dict(self, task_names: list[str] | None = None) -> dict[str, float]:
-        """Flat scalars for a logger: ``weight/<task>``, ``loss/<task>``, ``grad_norm/<task>``, ``cos/<a>,<b>``."""
+        """Flat scalars for a logger: ``weight/<task>``, ``loss/<task>``, ``grad_norm/<task>``,
+        ``cos/<a>,<b>``."""
         names = task_names or [str(i) for i in range(self.num_tasks)]
         if len(names) != self.num_tasks:
             raise ValueError(f"{len(names)} task names for {self.num_tasks} tasks: {names}")

@@ -84,7 +84,9 @@ class GradSurgery(torch.optim.Optimizer):
             raise TypeError(f"GradSurgery wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, GradSurgery):
             raise TypeError("GradSurgery cannot wrap another GradSurgery")
-        if num_tasks is not None and (isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1):
+        if num_tasks is not None and (
+            isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1
+        ):
             raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
         if not isinstance(gram_dtype, torch.dtype) or not gram_dtype.is_floating_point:
             raise TypeError(f"gram_dtype must be a floating torch.dtype, got {gram_dtype!r}")
@@ -99,7 +101,9 @@ class GradSurgery(torch.optim.Optimizer):
             known = {id(p) for g in optimizer.param_groups for p in g["params"]}
             strangers = [tuple(p.shape) for p in shared_params if id(p) not in known]
             if strangers:
-                raise ValueError(f"shared_params has tensors the optimizer does not hold (shapes {strangers})")
+                raise ValueError(
+                    f"shared_params has tensors the optimizer does not hold (shapes {strangers})"
+                )
         # The base initialiser creates the hook registries; the groups, state and defaults are then made the
         # wrapped optimizer's own objects (copies would break schedulers such as OneCycleLR).
         super().__init__(optimizer.param_groups, optimizer.defaults)
@@ -229,7 +233,7 @@ class GradSurgery(torch.optim.Optimizer):
         features: torch.Tensor | Sequence[torch.Tensor] | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
     ) -> StepInfo:
-        """Fill ``.grad`` with the fused gradient of ``losses`` (T scalars) and return the step's ``StepInfo``.
+        """Fill ``.grad`` with the fused gradient of ``losses`` (T scalars); return the step's ``StepInfo``.
 
         Shared parameters receive Σ_i w_i g_i with the method's weights w; a parameter reached by one task
         only receives that task's gradient. Gradients already in ``.grad`` are added to, as
@@ -381,7 +385,9 @@ class GradSurgery(torch.optim.Optimizer):
                 raise ValueError("the losses reach none of the optimizer's parameters")
             if not bool(torch.stack([torch.isfinite(g).all() for _, g in reached]).all()):
                 if scaler is None:
-                    raise ValueError("non-finite (NaN/inf) gradient of the weighted loss; nothing was written")
+                    raise ValueError(
+                        "non-finite (NaN/inf) gradient of the weighted loss; nothing was written"
+                    )
                 self.method.load_state_dict(saved)
                 amp.mark_overflow(p for p, _ in reached)
                 return self._overflow_info(loss_values, None)
@@ -401,7 +407,9 @@ class GradSurgery(torch.optim.Optimizer):
         )
 
     def _overflow_info(self, loss_values: torch.Tensor, gram: torch.Tensor | None) -> StepInfo:
-        nan = torch.full((len(loss_values),), float("nan"), dtype=loss_values.dtype, device=loss_values.device)
+        nan = torch.full(
+            (len(loss_values),), float("nan"), dtype=loss_values.dtype, device=loss_values.device
+        )
         return StepInfo(weights=nan, losses=loss_values, gram=gram, method=self.method.name, overflow=True)
 
     def _device(self) -> torch.device:
@@ -420,7 +428,9 @@ class GradSurgery(torch.optim.Optimizer):
     def _check_losses(self, losses: Sequence[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
         if isinstance(losses, torch.Tensor):
             if losses.dim() > 1:
-                raise ValueError(f"losses must be a sequence or a 1-D tensor of scalars, got shape {tuple(losses.shape)}")
+                raise ValueError(
+                    f"losses must be a sequence or a 1-D tensor of scalars, got shape {tuple(losses.shape)}"
+                )
             losses = [losses] if losses.dim() == 0 else list(losses.unbind())
         elif not isinstance(losses, Sequence) or isinstance(losses, str):
             raise TypeError(f"losses must be a sequence of scalar tensors, got {type(losses).__name__}")
@@ -436,7 +446,10 @@ class GradSurgery(torch.optim.Optimizer):
                 raise ValueError(f"loss {i} does not require grad (was it computed under torch.no_grad()?)")
         expected = self.method.num_tasks
         if expected is not None and len(losses) != expected:
-            raise ValueError(f"expected {expected} losses (the task count of method {self.method.name!r}), got {len(losses)}")
+            raise ValueError(
+                f"expected {expected} losses (the task count of method {self.method.name!r}), "
+                f"got {len(losses)}"
+            )
         if expected is None:
             # Validate the task count now; binding waits until every check (and every rank) has agreed.
             self.method._check_num_tasks(len(losses))
@@ -467,7 +480,9 @@ class GradSurgery(torch.optim.Optimizer):
         bad_tasks = {i for i, v in enumerate(diag) if not torch.isfinite(torch.tensor(v))}
         for entries in grads.other:
             bad_tasks |= {i for i, g in entries if not bool(torch.isfinite(g).all())}
-        raise ValueError(f"non-finite (NaN/inf) gradient for task(s) {sorted(bad_tasks)}; nothing was written")
+        raise ValueError(
+            f"non-finite (NaN/inf) gradient for task(s) {sorted(bad_tasks)}; nothing was written"
+        )
 
     def _fused_gradients(
         self, grads: TaskGradients, weights: torch.Tensor, fused: torch.Tensor | None = None

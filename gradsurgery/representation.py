@@ -160,5 +160,10 @@ def representation_backward(
         for handle in handles:
             handle.remove()
     return StepInfo(
-        weights=weights, losses=loss_values, gram=gram, method=method.name, mode=MODE, extras=method.info_extras()
+        weights=weights,
+        losses=loss_values,
+        gram=gram,
+        method=method.name,
+        mode=MODE,
+        extras=method.info_extras(),
     )

@@ -10,9 +10,9 @@ import io
 
 import numpy as np
 import torch
+from references import LinearTasks
 
 from gradsurgery import GradSurgery
-from references import LinearTasks
 
 
 def random_jacobian(seed: int, num_tasks: int, dim: int, conflict: bool = True) -> np.ndarray:

@@ -28,7 +28,11 @@ def brute_force_qp(gram: np.ndarray, simplex: list[int], lower: list[float]) -> 
             kkt = np.zeros((size, size))
             rhs = np.zeros(size)
             kkt[:n, :n] = 2 * gram[np.ix_(free, free)]
-            rhs[:n] = -2 * gram[np.ix_(free, [i for i in range(t) if active[i]])] @ lower[list(np.flatnonzero(active))]
+            rhs[:n] = (
+                -2
+                * gram[np.ix_(free, [i for i in range(t) if active[i]])]
+                @ lower[list(np.flatnonzero(active))]
+            )
             if eq:
                 for r, i in enumerate(free):
                     if i in simplex:
@@ -70,16 +74,21 @@ def gradvac_dspace(grads: torch.Tensor, orders: list[list[int]], targets: torch.
             phi = (gi @ grads[j]) / (gi.norm() * grads[j].norm())
             tgt = targets[i, j]
             if phi < tgt:
-                gi = gi + gi.norm() * (tgt * (1 - phi**2).sqrt() - phi * (1 - tgt**2).sqrt()) / (
-                    grads[j].norm() * (1 - tgt**2).sqrt()
-                ) * grads[j]
+                gi = (
+                    gi
+                    + gi.norm()
+                    * (tgt * (1 - phi**2).sqrt() - phi * (1 - tgt**2).sqrt())
+                    / (grads[j].norm() * (1 - tgt**2).sqrt())
+                    * grads[j]
+                )
             targets[i, j] = (1 - beta) * tgt + beta * phi
         out += gi
     return out, targets
 
 
 def random_orders(num_tasks: int, seed: int) -> list[list[int]]:
-    """The documented visiting order: per task i, torch.randperm over the other tasks from a seeded generator."""
+    """The documented visiting order: per task i, torch.randperm over the other tasks from a seeded
+    generator."""
     gen = torch.Generator().manual_seed(seed)
     orders = []
     for i in range(num_tasks):

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from method_checks import check_resume_is_bit_identical, one_step, random_jacobian, shared_grad
 
 from gradsurgery.methods.aligned_mtl import AlignedMTL, aligned_matrix
-from method_checks import check_resume_is_bit_identical, one_step, random_jacobian, shared_grad
 
 
 def weights(jac: np.ndarray) -> np.ndarray:

@@ -15,8 +15,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated
 
 
 def load(name: str):
-    spec = importlib.util.spec_from_file_location(f"benchmarks.{name}", ROOT / "benchmarks" / f"{name}.py",
-                                                  submodule_search_locations=None)
+    spec = importlib.util.spec_from_file_location(
+        f"benchmarks.{name}", ROOT / "benchmarks" / f"{name}.py", submodule_search_locations=None
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -248,8 +248,9 @@ def test_toy_pareto_set_is_not_dominated_by_a_dense_grid():
 def test_toy_weighted_sum_minimisers_lie_on_the_set(weight):
     # a minimiser of f1 + w f2 is Pareto optimal, whatever the sweep found
     x = torch.tensor([0.0, -8.0], dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([x], lr=1, max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-14,
-                            line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [x], lr=1, max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-14, line_search_fn="strong_wolfe"
+    )
 
     def closure():
         opt.zero_grad()

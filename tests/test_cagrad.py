@@ -9,9 +9,9 @@ import cvxpy as cp
 import numpy as np
 import pytest
 import torch
+from method_checks import check_resume_is_bit_identical, one_step, random_jacobian, shared_grad
 
 from gradsurgery.methods.cagrad import CAGrad, cagrad_dual
-from method_checks import check_resume_is_bit_identical, one_step, random_jacobian, shared_grad
 
 
 def dual_objective_many(gram: np.ndarray, w: np.ndarray, c: float) -> np.ndarray:

@@ -42,8 +42,14 @@ def known_problem():
     model = Bilinear(3)
     c = torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64)
     x = torch.tensor(
-        [[1.0, 0.0, 2.0], [-1.0, 0.0, 1.0], [0.0, 0.0, 5.0],
-         [1.0, -2.0, 0.0], [2.0, -1.0, 1.0], [-0.5, 2.0, 0.0]],
+        [
+            [1.0, 0.0, 2.0],
+            [-1.0, 0.0, 1.0],
+            [0.0, 0.0, 5.0],
+            [1.0, -2.0, 0.0],
+            [2.0, -1.0, 1.0],
+            [-0.5, 2.0, 0.0],
+        ],
         dtype=torch.float64,
     )
     y = torch.tensor([1.0, 1.0, -1.0, 1.0, -1.0, -1.0], dtype=torch.float64)
@@ -198,7 +204,7 @@ def test_guard_recipe_with_clean_batches_runs():
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xc, yc), batch_size=4)
     clean = CleanBatches(loader)
     opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method="main_aux", main=0)
-    for step in range(5):
+    for _ in range(5):
         cx, cy = next(clean)
         opt.zero_grad()
         opt.backward([F.cross_entropy(model(x), y), F.cross_entropy(model(cx), cy)])

@@ -12,7 +12,10 @@ def test_shared_detection_and_rows():
     unused = torch.nn.Parameter(torch.tensor([5.0]))
     params = [own0, shared, unused, own1]
     col = GradientCollector()
-    losses = [(shared * torch.tensor([1.0, 2.0, 3.0])).sum() + 4 * own0.sum(), shared.sum() * 5 + (own1**2).sum()]
+    losses = [
+        (shared * torch.tensor([1.0, 2.0, 3.0])).sum() + 4 * own0.sum(),
+        shared.sum() * 5 + (own1**2).sum(),
+    ]
     got = col.collect(losses, params)
     assert [params[k] is shared for k in got.layout.shared] == [True]
     torch.testing.assert_close(got.jacobian, torch.tensor([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]]))
@@ -40,7 +43,9 @@ def test_task_not_reaching_a_shared_parameter_gets_a_zero_row():
     losses = lambda: [a.sum() + b.sum(), 2 * a.sum() + b.sum(), 3 * b.sum()]  # noqa: E731
     col.collect(losses(), [a, b])
     got = col.collect(losses(), [a, b])  # second call: the cached layout path
-    torch.testing.assert_close(got.jacobian, torch.tensor([[1.0, 1.0, 1.0], [2.0, 2.0, 1.0], [0.0, 0.0, 3.0]]))
+    torch.testing.assert_close(
+        got.jacobian, torch.tensor([[1.0, 1.0, 1.0], [2.0, 2.0, 1.0], [0.0, 0.0, 3.0]])
+    )
 
 
 def test_override_makes_a_single_task_parameter_shared():

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from method_checks import check_resume_is_bit_identical, make_linear_problem, shared_grad
 
 from gradsurgery import GradSurgery, Method
 from gradsurgery.methods.famo import FAMO
-from method_checks import check_resume_is_bit_identical, make_linear_problem, shared_grad
 
 
 class ReferenceFAMO:

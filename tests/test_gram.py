@@ -20,7 +20,8 @@ def test_matches_float64_product(dtype, chunk):
 
 def test_long_same_sign_sums_keep_their_precision():
     """Gradients with a common component (so ‖g‖² and ⟨g_i, g_j⟩ are long sums of same-sign terms), d = 2M,
-    float32: one float32 product loses ~1e-4 of ‖g_i‖‖g_j‖ here; the chunked float64 sum must stay within 1e-6."""
+    float32: one float32 product loses ~1e-4 of ‖g_i‖‖g_j‖ here; the chunked float64 sum
+    must stay within 1e-6."""
     gen = torch.Generator().manual_seed(1)
     jac = torch.randn(4, 2_000_000, generator=gen) * torch.tensor([[1.0], [1e-3], [1.0], [10.0]]) + 0.01
     exact = jac.double() @ jac.double().T

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from method_checks import check_resume_is_bit_identical, one_step, random_jacobian, shared_grad
 
 from gradsurgery.methods.imtl import IMTL
-from method_checks import check_resume_is_bit_identical, one_step, random_jacobian, shared_grad
 
 
 def imtl_dspace(jac: torch.Tensor) -> torch.Tensor:

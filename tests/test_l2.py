@@ -130,8 +130,12 @@ def test_method_l2_writes_the_rule_on_weight_matrices_only():
 
 def test_method_l2_per_tensor_and_explicit_params():
     model = LinearModel(1)
-    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method="l2", per_tensor=True,
-                      params=[model.w2, model.bias])
+    opt = GradSurgery(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        method="l2",
+        per_tensor=True,
+        params=[model.w2, model.bias],
+    )
     opt.backward(model())
     torch.testing.assert_close(model.w1.grad, model.a)  # not in params: plain gradient
     for p, g in ((model.w2, model.b), (model.bias, model.c)):
@@ -217,14 +221,15 @@ def test_l2_true_applies_the_rule_to_the_fused_gradient():
 
 
 def test_l2_true_on_the_one_backward_path_of_loss_weightings():
-    """rlw takes one backward of Σ w_i L_i; the rule then acts on that gradient, with the weights it reports."""
+    """rlw takes one backward of Σ w_i L_i; the rule then acts on that gradient, with the weights it
+    reports."""
     model = TwoTasks()
     opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method="rlw", seed=3, l2=True)
     info = opt.backward(model())
     w = info.weights.numpy()
-    g_shared = w[0] * np.concatenate([model.a[0].numpy().ravel(), model.c[0].numpy()]) + w[1] * np.concatenate(
-        [model.a[1].numpy().ravel(), model.c[1].numpy()]
-    )
+    g_shared = w[0] * np.concatenate([model.a[0].numpy().ravel(), model.c[0].numpy()]) + w[
+        1
+    ] * np.concatenate([model.a[1].numpy().ravel(), model.c[1].numpy()])
     g = np.concatenate([g_shared[:9], w[0] * model.h[0].numpy().ravel(), w[1] * model.h[1].numpy().ravel()])
     theta = np.concatenate([model.w.detach().numpy().ravel(), *(v.detach().numpy().ravel() for v in model.v)])
     assert g @ theta < 0  # the rule has something to remove
@@ -342,8 +347,13 @@ def test_decoupled_first_step_matches_reference_correction():
 
 def test_l2_true_decoupled_options():
     model = TwoTasks()
-    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.5), method="sum", l2=True, l2_decoupled=True,
-                      l2_params=[model.w])
+    opt = GradSurgery(
+        torch.optim.SGD(model.parameters(), lr=0.5),
+        method="sum",
+        l2=True,
+        l2_decoupled=True,
+        l2_params=[model.w],
+    )
     before = float((model.w.detach() ** 2).sum())
     for _ in range(5):
         opt.zero_grad()

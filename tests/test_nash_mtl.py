@@ -9,11 +9,11 @@ import cvxpy as cp
 import numpy as np
 import pytest
 import torch
+from method_checks import check_resume_is_bit_identical, make_linear_problem, random_jacobian, shared_grad
 
 from gradsurgery import GradSurgery
 from gradsurgery.methods import nash_mtl
 from gradsurgery.methods.nash_mtl import NashMTL, SolverFallbackWarning
-from method_checks import check_resume_is_bit_identical, make_linear_problem, random_jacobian, shared_grad
 
 ONES = torch.ones(1, dtype=torch.float64)
 

@@ -7,9 +7,9 @@ import copy
 import numpy as np
 import pytest
 import torch
+from references import LinearTasks, brute_force_qp, gradvac_dspace, pcgrad_dspace, random_orders
 
 from gradsurgery import GradSurgery
-from references import LinearTasks, brute_force_qp, gradvac_dspace, pcgrad_dspace, random_orders
 
 T = 3
 
@@ -130,8 +130,12 @@ def test_shared_params_override():
     model, a, b = make_problem(2)
     # Declare head 0 shared too: it receives the fused gradient (only task 0 reaches it, so w_0 * b_0).
     shared = [model.theta, model.bias, model.heads[0]]
-    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method="sum", weights=[2.0, 1.0, 1.0],
-                      shared_params=shared)
+    opt = GradSurgery(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        method="sum",
+        weights=[2.0, 1.0, 1.0],
+        shared_params=shared,
+    )
     opt.backward(model())
     torch.testing.assert_close(model.heads[0].grad, 2.0 * b[0])
     torch.testing.assert_close(model.heads[1].grad, b[1])
@@ -156,7 +160,13 @@ def test_layout_change_between_steps():
 
 def test_zero_gradients_give_no_nan():
     p = torch.nn.Parameter(torch.zeros(4))
-    for method, opts in [("mgda", {}), ("pcgrad", {}), ("gradvac", {}), ("main_aux", {}), ("pareto", {"min_weights": [0.5, 0.5]})]:
+    for method, opts in [
+        ("mgda", {}),
+        ("pcgrad", {}),
+        ("gradvac", {}),
+        ("main_aux", {}),
+        ("pareto", {"min_weights": [0.5, 0.5]}),
+    ]:
         opt = GradSurgery(torch.optim.SGD([p], lr=0.1), method=method, **opts)
         p.grad = None
         info = opt.backward([(p * 0).sum(), (p * 0).sum()])
@@ -253,7 +263,11 @@ def test_nan_in_task_specific_gradient_names_the_task():
         ({"method": "mixed", "main": [], "num_tasks": 2}, ValueError, "at least one main"),
         ({"method": "mgda", "solver": "closed_form", "num_tasks": 3}, ValueError, "exactly 2 tasks"),
         ({"method": "gradvac", "beta": 0.0}, ValueError, "beta"),
-        ({"method": "pareto", "min_weights": [0.1, 0.1], "num_tasks": 3}, ValueError, "2 entries for 3 tasks"),
+        (
+            {"method": "pareto", "min_weights": [0.1, 0.1], "num_tasks": 3},
+            ValueError,
+            "2 entries for 3 tasks",
+        ),
     ],
 )
 def test_bad_options(kwargs, error, match):

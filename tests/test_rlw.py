@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
+from method_checks import check_resume_is_bit_identical, make_linear_problem, shared_grad
 
 from gradsurgery import GradSurgery
 from gradsurgery.methods.rlw import RLW
-from method_checks import check_resume_is_bit_identical, make_linear_problem, shared_grad
 
 
 def reference_draws(seed: int, num_tasks: int, steps: int) -> list[list[float]]:

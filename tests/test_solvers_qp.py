@@ -65,8 +65,13 @@ def _bounds(t: int, seed: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    "make", [lambda: SimplexQP(4), lambda: SimplexQP(4, [0.1, 0.2, 0.0, 0.3]), lambda: MainAuxQP(4, 2),
-             lambda: MixedQP(4, [0, 3])],
+    "make",
+    [
+        lambda: SimplexQP(4),
+        lambda: SimplexQP(4, [0.1, 0.2, 0.0, 0.3]),
+        lambda: MainAuxQP(4, 2),
+        lambda: MixedQP(4, [0, 3]),
+    ],
     ids=["simplex", "pareto", "main_aux", "mixed"],
 )
 def test_problem_is_dpp_and_built_once(make):
@@ -247,8 +252,11 @@ def test_constructor_validation(make, match):
 
 @pytest.mark.parametrize(
     "gram,match",
-    [(np.eye(3), r"2 tasks.*\(3, 3\)"), (np.array([[1.0, np.nan], [np.nan, 1.0]]), "nan"),
-     (np.array([[1.0, 2.0], [0.0, 1.0]]), "not symmetric")],
+    [
+        (np.eye(3), r"2 tasks.*\(3, 3\)"),
+        (np.array([[1.0, np.nan], [np.nan, 1.0]]), "nan"),
+        (np.array([[1.0, 2.0], [0.0, 1.0]]), "not symmetric"),
+    ],
 )
 def test_solve_validation(gram, match):
     with pytest.raises(ValueError, match=match):

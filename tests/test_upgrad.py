@@ -7,10 +7,10 @@ import cvxpy as cp
 import numpy as np
 import pytest
 import torch
+from method_checks import check_resume_is_bit_identical, one_step, random_jacobian, shared_grad
 from scipy.optimize import nnls
 
 from gradsurgery.methods.upgrad import UPGrad
-from method_checks import check_resume_is_bit_identical, one_step, random_jacobian, shared_grad
 
 
 def weights(jac: np.ndarray) -> np.ndarray:

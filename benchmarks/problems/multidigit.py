@@ -82,8 +82,17 @@ class MultiDigitProblem(Problem):
     metric_names = ("left_acc", "right_acc")
     higher_is_better = {"left_acc": True, "right_acc": True}
 
-    def __init__(self, seed, n_train=4096, n_test=1024, canvas=14, max_shift=2, test_fraction=0.3,
-                 trunk="conv", width=8):
+    def __init__(
+        self,
+        seed,
+        n_train=4096,
+        n_test=1024,
+        canvas=14,
+        max_shift=2,
+        test_fraction=0.3,
+        trunk="conv",
+        width=8,
+    ):
         super().__init__(seed)
         if trunk not in ("conv", "mlp"):
             raise ValueError(f"trunk must be 'conv' or 'mlp', got {trunk!r}")
@@ -108,13 +117,23 @@ class MultiDigitProblem(Problem):
         if self.trunk == "conv":
             side = c // 2 // 2
             trunk = nn.Sequential(
-                nn.Conv2d(1, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                nn.Flatten(), nn.Linear(2 * w * side * side, 64), nn.ReLU(),
+                nn.Conv2d(1, w, 3, padding=1),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Conv2d(w, 2 * w, 3, padding=1),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Flatten(),
+                nn.Linear(2 * w * side * side, 64),
+                nn.ReLU(),
             )
         else:
             trunk = nn.Sequential(
-                nn.Flatten(), nn.Linear(c * c, 8 * w), nn.ReLU(), nn.Linear(8 * w, 64), nn.ReLU(),
+                nn.Flatten(),
+                nn.Linear(c * c, 8 * w),
+                nn.ReLU(),
+                nn.Linear(8 * w, 64),
+                nn.ReLU(),
             )
         return MultiHeadModel(trunk, [nn.Linear(64, 10), nn.Linear(64, 10)])
 
@@ -134,12 +153,28 @@ class MultiDigitProblem(Problem):
         }
 
 
-def make(seed: int = 0, n_train: int = 4096, n_test: int = 1024, canvas: int = 14, max_shift: int = 2,
-         test_fraction: float = 0.3, trunk: str = "conv", width: int = 8) -> MultiDigitProblem:
+def make(
+    seed: int = 0,
+    n_train: int = 4096,
+    n_test: int = 1024,
+    canvas: int = 14,
+    max_shift: int = 2,
+    test_fraction: float = 0.3,
+    trunk: str = "conv",
+    width: int = 8,
+) -> MultiDigitProblem:
     """Two overlaid digits, two 10-way heads; metrics ``left_acc``, ``right_acc``.
 
     ``trunk="conv"``: conv(width)-pool-conv(2·width)-pool-linear(64), deliberately small so that the two
     tasks compete for it; ``trunk="mlp"``: a two-layer MLP (faster, weaker).
     """
-    return MultiDigitProblem(seed, n_train=n_train, n_test=n_test, canvas=canvas, max_shift=max_shift,
-                             test_fraction=test_fraction, trunk=trunk, width=width)
+    return MultiDigitProblem(
+        seed,
+        n_train=n_train,
+        n_test=n_test,
+        canvas=canvas,
+        max_shift=max_shift,
+        test_fraction=test_fraction,
+        trunk=trunk,
+        width=width,
+    )

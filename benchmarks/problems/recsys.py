@@ -87,9 +87,20 @@ class RecsysProblem(Problem):
     metric_names = ("click_auc", "cvr_auc", "watch_mse")
     higher_is_better = {"click_auc": True, "cvr_auc": True, "watch_mse": False}
 
-    def __init__(self, seed, n_train=8192, n_test=8192, vocab_sizes=(100, 50, 20, 8), num_dense=8,
-                 click_rate=0.2, conversion_rate=0.035, watch_mean=150.0, latent_dim=8, emb_dim=8,
-                 hidden=(64, 32)):
+    def __init__(
+        self,
+        seed,
+        n_train=8192,
+        n_test=8192,
+        vocab_sizes=(100, 50, 20, 8),
+        num_dense=8,
+        click_rate=0.2,
+        conversion_rate=0.035,
+        watch_mean=150.0,
+        latent_dim=8,
+        emb_dim=8,
+        hidden=(64, 32),
+    ):
         super().__init__(seed)
         if not 0 < conversion_rate < click_rate < 1:
             raise ValueError("need 0 < conversion_rate < click_rate < 1")
@@ -144,8 +155,9 @@ class RecsysProblem(Problem):
     def train_batches(self, batch_size: int = 256, generator=None, num_steps: int | None = None):
         """``x = (cat (B, F) int64, dense (B, D) float32)``, targets ``(click, conversion, watch)``."""
         y = self.y_train
-        return iterate_minibatches(self.x_train, (y[:, 0], y[:, 1], y[:, 2]), len(y), batch_size, generator,
-                                   num_steps)
+        return iterate_minibatches(
+            self.x_train, (y[:, 0], y[:, 1], y[:, 2]), len(y), batch_size, generator, num_steps
+        )
 
     def losses(self, outputs, targets) -> list[torch.Tensor]:
         click_logit, conv_logit, watch = outputs
@@ -166,10 +178,30 @@ class RecsysProblem(Problem):
         }
 
 
-def make(seed: int = 0, n_train: int = 8192, n_test: int = 8192, vocab_sizes=(100, 50, 20, 8),
-         num_dense: int = 8, click_rate: float = 0.2, conversion_rate: float = 0.035,
-         watch_mean: float = 150.0, latent_dim: int = 8, emb_dim: int = 8, hidden=(64, 32)) -> RecsysProblem:
+def make(
+    seed: int = 0,
+    n_train: int = 8192,
+    n_test: int = 8192,
+    vocab_sizes=(100, 50, 20, 8),
+    num_dense: int = 8,
+    click_rate: float = 0.2,
+    conversion_rate: float = 0.035,
+    watch_mean: float = 150.0,
+    latent_dim: int = 8,
+    emb_dim: int = 8,
+    hidden=(64, 32),
+) -> RecsysProblem:
     """Click / conversion / watch-time problem; metrics ``click_auc``, ``cvr_auc``, ``watch_mse``."""
-    return RecsysProblem(seed, n_train=n_train, n_test=n_test, vocab_sizes=vocab_sizes, num_dense=num_dense,
-                         click_rate=click_rate, conversion_rate=conversion_rate, watch_mean=watch_mean,
-                         latent_dim=latent_dim, emb_dim=emb_dim, hidden=hidden)
+    return RecsysProblem(
+        seed,
+        n_train=n_train,
+        n_test=n_test,
+        vocab_sizes=vocab_sizes,
+        num_dense=num_dense,
+        click_rate=click_rate,
+        conversion_rate=conversion_rate,
+        watch_mean=watch_mean,
+        latent_dim=latent_dim,
+        emb_dim=emb_dim,
+        hidden=hidden,
+    )

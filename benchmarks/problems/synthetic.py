@@ -69,8 +69,18 @@ class SyntheticProblem(Problem):
     metric_names = ("task1_mse", "task2_mse")
     higher_is_better = {"task1_mse": False, "task2_mse": False}
 
-    def __init__(self, seed, rho=0.5, n_train=2048, n_test=2048, dim=100, num_sines=10, noise_std=0.1,
-                 hidden=64, tower=16):
+    def __init__(
+        self,
+        seed,
+        rho=0.5,
+        n_train=2048,
+        n_test=2048,
+        dim=100,
+        num_sines=10,
+        noise_std=0.1,
+        hidden=64,
+        tower=16,
+    ):
         super().__init__(seed)
         self.rho = float(rho)
         self.dim = int(dim)
@@ -86,10 +96,15 @@ class SyntheticProblem(Problem):
 
     def _build_model(self) -> nn.Module:
         trunk = nn.Sequential(
-            nn.Linear(self.dim, self.hidden), nn.ReLU(), nn.Linear(self.hidden, self.hidden), nn.ReLU(),
+            nn.Linear(self.dim, self.hidden),
+            nn.ReLU(),
+            nn.Linear(self.hidden, self.hidden),
+            nn.ReLU(),
         )
-        heads = [nn.Sequential(nn.Linear(self.hidden, self.tower), nn.ReLU(), nn.Linear(self.tower, 1))
-                 for _ in range(2)]
+        heads = [
+            nn.Sequential(nn.Linear(self.hidden, self.tower), nn.ReLU(), nn.Linear(self.tower, 1))
+            for _ in range(2)
+        ]
         return MultiHeadModel(trunk, heads)
 
     def train_batches(self, batch_size: int = 128, generator=None, num_steps: int | None = None):
@@ -109,8 +124,26 @@ class SyntheticProblem(Problem):
         return float(np.corrcoef(self.y_train[:, 0].numpy(), self.y_train[:, 1].numpy())[0, 1])
 
 
-def make(seed: int = 0, rho: float = 0.5, n_train: int = 2048, n_test: int = 2048, dim: int = 100,
-         num_sines: int = 10, noise_std: float = 0.1, hidden: int = 64, tower: int = 16) -> SyntheticProblem:
+def make(
+    seed: int = 0,
+    rho: float = 0.5,
+    n_train: int = 2048,
+    n_test: int = 2048,
+    dim: int = 100,
+    num_sines: int = 10,
+    noise_std: float = 0.1,
+    hidden: int = 64,
+    tower: int = 16,
+) -> SyntheticProblem:
     """MMoE synthetic regression pair, weight-vector cosine ``rho``; metrics ``task1_mse``, ``task2_mse``."""
-    return SyntheticProblem(seed, rho=rho, n_train=n_train, n_test=n_test, dim=dim, num_sines=num_sines,
-                            noise_std=noise_std, hidden=hidden, tower=tower)
+    return SyntheticProblem(
+        seed,
+        rho=rho,
+        n_train=n_train,
+        n_test=n_test,
+        dim=dim,
+        num_sines=num_sines,
+        noise_std=noise_std,
+        hidden=hidden,
+        tower=tower,
+    )

@@ -56,8 +56,9 @@ def load_dataset() -> tuple[np.ndarray, np.ndarray]:
     return x.copy(), y.copy()
 
 
-def build_classifier(hidden: int = 256, depth: int = 2, in_features: int = NUM_FEATURES,
-                     num_classes: int = NUM_CLASSES) -> nn.Sequential:
+def build_classifier(
+    hidden: int = 256, depth: int = 2, in_features: int = NUM_FEATURES, num_classes: int = NUM_CLASSES
+) -> nn.Sequential:
     """An MLP ``in_features → hidden (×depth, ReLU) → num_classes`` returning logits.
 
     With the defaults it has ≈ 85k parameters, far more than the 300-sample training subset needs.
@@ -74,8 +75,9 @@ def build_classifier(hidden: int = 256, depth: int = 2, in_features: int = NUM_F
     return nn.Sequential(*layers)
 
 
-def add_symmetric_noise(labels: torch.Tensor, rate: float, num_classes: int,
-                        generator: torch.Generator | int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def add_symmetric_noise(
+    labels: torch.Tensor, rate: float, num_classes: int, generator: torch.Generator | int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric label noise: ``(noisy_labels, flipped)`` with ``flipped`` a bool mask.
 
     Exactly ``round(rate · n)`` samples, chosen uniformly at random, get a label drawn uniformly from the
@@ -100,8 +102,9 @@ def add_symmetric_noise(labels: torch.Tensor, rate: float, num_classes: int,
     return noisy.reshape(labels.shape), flipped.reshape(labels.shape)
 
 
-def split_clean(labels: torch.Tensor, fraction: float,
-                generator: torch.Generator | int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def split_clean(
+    labels: torch.Tensor, fraction: float, generator: torch.Generator | int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Split sample indices into ``(clean_idx, rest_idx)``, disjoint, together ``0..n-1``.
 
     ``clean_idx`` has ``round(fraction · n)`` samples (at least 1 when ``fraction > 0``), class-balanced: it
@@ -136,8 +139,9 @@ class TabularProblem(Problem):
     metric_names = ("test_acc", "test_loss")
     higher_is_better = {"test_acc": True, "test_loss": False}
 
-    def __init__(self, seed, n_train=300, n_test=597, noise_rate=0.0, clean_fraction=0.0, hidden=256,
-                 depth=2):
+    def __init__(
+        self, seed, n_train=300, n_test=597, noise_rate=0.0, clean_fraction=0.0, hidden=256, depth=2
+    ):
         super().__init__(seed)
         x, y = load_dataset()
         if n_test < 1 or n_train < 1 or n_train + n_test > len(y):
@@ -171,15 +175,17 @@ class TabularProblem(Problem):
 
     def train_batches(self, batch_size: int = 64, generator=None, num_steps: int | None = None):
         """``x`` (B, 64) float32, targets ``(labels (B,),)`` -- the possibly noisy labels."""
-        return iterate_minibatches(self.x_train, (self.y_train,), len(self.y_train), batch_size, generator,
-                                   num_steps)
+        return iterate_minibatches(
+            self.x_train, (self.y_train,), len(self.y_train), batch_size, generator, num_steps
+        )
 
     def clean_batches(self, batch_size: int = 64, generator=None, num_steps: int | None = None):
         """Minibatches ``(x, (labels,))`` of the clean subset (empty when ``clean_fraction == 0``)."""
         if len(self.y_clean) == 0:
             raise ValueError("this problem has no clean subset (clean_fraction=0)")
-        return iterate_minibatches(self.x_clean, (self.y_clean,), len(self.y_clean), batch_size, generator,
-                                   num_steps)
+        return iterate_minibatches(
+            self.x_clean, (self.y_clean,), len(self.y_clean), batch_size, generator, num_steps
+        )
 
     def losses(self, outputs, targets) -> list[torch.Tensor]:
         return [F.cross_entropy(outputs[0], targets[0])]
@@ -192,9 +198,23 @@ class TabularProblem(Problem):
         }
 
 
-def make(seed: int = 0, n_train: int = 300, n_test: int = 597, noise_rate: float = 0.0,
-         clean_fraction: float = 0.0, hidden: int = 256, depth: int = 2) -> TabularProblem:
+def make(
+    seed: int = 0,
+    n_train: int = 300,
+    n_test: int = 597,
+    noise_rate: float = 0.0,
+    clean_fraction: float = 0.0,
+    hidden: int = 256,
+    depth: int = 2,
+) -> TabularProblem:
     """Digits, ``n_train`` training samples (``clean_fraction`` of them set aside clean, the rest with
     ``noise_rate`` symmetric noise), ``n_test`` held out; metrics ``test_acc``, ``test_loss``."""
-    return TabularProblem(seed, n_train=n_train, n_test=n_test, noise_rate=noise_rate,
-                          clean_fraction=clean_fraction, hidden=hidden, depth=depth)
+    return TabularProblem(
+        seed,
+        n_train=n_train,
+        n_test=n_test,
+        noise_rate=noise_rate,
+        clean_fraction=clean_fraction,
+        hidden=hidden,
+        depth=depth,
+    )

@@ -36,7 +36,20 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
-_GRADIENT_METHODS = (Sum, MGDA, Pareto, PCGrad, GradVac, MainAux, Mixed, CAGrad, NashMTL, IMTL, UPGrad, AlignedMTL)
+_GRADIENT_METHODS = (
+    Sum,
+    MGDA,
+    Pareto,
+    PCGrad,
+    GradVac,
+    MainAux,
+    Mixed,
+    CAGrad,
+    NashMTL,
+    IMTL,
+    UPGrad,
+    AlignedMTL,
+)
 _LOSS_WEIGHTING = (Uncertainty, GradNorm, DWA, RLW, FAMO)
 for _cls in _GRADIENT_METHODS + _LOSS_WEIGHTING:
     register(_cls)

@@ -80,6 +80,7 @@ class Method:
     def zero_grad(self) -> None:
         """Called by ``GradSurgery.zero_grad``: drop updates prepared by ``backward`` calls not stepped yet,
         as the parameters' ``.grad`` are dropped. No-op by default."""
+
     def info_extras(self) -> dict[str, Any]:
         """Method-specific diagnostics of the last call, copied into ``StepInfo.extras`` (e.g. solver
         failures)."""
@@ -121,7 +122,8 @@ def gram_to_numpy(gram: torch.Tensor):
 
 
 def new_generator(seed: int | None) -> torch.Generator:
-    """A CPU generator; ``seed=None`` draws one from torch's global RNG so ``torch.manual_seed`` governs it."""
+    """A CPU generator; ``seed=None`` draws one from torch's global RNG so ``torch.manual_seed``
+    governs it."""
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
     elif isinstance(seed, bool) or not isinstance(seed, int):

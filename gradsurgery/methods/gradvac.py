@@ -58,7 +58,9 @@ class GradVac(Method):
                 if phi < target:
                     root_target = math.sqrt(1.0 - target * target)
                     coef[i, j] += (
-                        norm_i * (target * math.sqrt(1.0 - phi * phi) - phi * root_target) / (norm_j * root_target)
+                        norm_i
+                        * (target * math.sqrt(1.0 - phi * phi) - phi * root_target)
+                        / (norm_j * root_target)
                     )
                 targets[i, j] = (1.0 - self.beta) * targets[i, j] + self.beta * phi
         # Committed only now: a step that fails before this point leaves the targets as they were.

@@ -144,7 +144,8 @@ class NashMTL(Method):
         self._gram.value = g
         alpha = self._start(g)
         done = None
-        for iteration in range(1, self.max_iter + 1):
+        iteration = 0
+        for iteration in range(1, self.max_iter + 1):  # noqa: B007 (returned below)
             try:
                 new = self._solve_subproblem(alpha)
             except _NoSolution as err:

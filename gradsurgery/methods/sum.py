@@ -28,7 +28,9 @@ class Sum(Method):
 
     def _check_num_tasks(self, num_tasks: int) -> None:
         if self._weights is not None and len(self._weights) != num_tasks:
-            raise ValueError(f"weights has {len(self._weights)} entries for {num_tasks} tasks: {self._weights}")
+            raise ValueError(
+                f"weights has {len(self._weights)} entries for {num_tasks} tasks: {self._weights}"
+            )
 
     def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
         if self._weights is None:
