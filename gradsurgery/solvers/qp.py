@@ -67,18 +67,27 @@ class _MinNormQP:
             raise ValueError(
                 f"{self.problem_name} was built for {self.num_tasks} tasks, got G of shape {g.shape}"
             )
-        scale = float(np.max(np.diag(g)))
+        diag = np.diag(g)
+        main_scale = float(diag[self._main].max())
+        scale = main_scale if main_scale > 0.0 else float(diag.max())
         if scale <= 0.0:
             # G = 0: every feasible point is optimal. Return the iterative solvers' canonical one (budget
             # spread evenly over the main tasks, auxiliaries 0), not wherever the interior point stops.
             return self._project(np.zeros(self.num_tasks))
-        # The optimal weights are invariant to G → G/scale; a unit diagonal keeps Clarabel well scaled.
-        gn = psd_projection(g / scale)
+        # The optimal weights are invariant to G → G/s. s is the largest main ‖g_i‖², not the largest
+        # diagonal entry: with the auxiliaries rescaled to unit diagonal (``_variable_scale``) every entry of
+        # Clarabel's matrix is then at most 1 and the objective of order one, whatever the tasks' scales.
+        # Scaling by the largest diagonal put a main block 1e-9 times smaller than an auxiliary (click and
+        # conversion beside a watch-time MSE) at the level of Clarabel's absolute tolerances, and its answers
+        # came back 'optimal_inaccurate'. The round-off projection comes after the rescaling for the same
+        # reason: an eigendecomposition's error is relative to the largest entry.
+        gn = g / scale
         self._unit = self._variable_scale(gn)
-        self._factor.value = gram_factor(gn * np.outer(self._unit, self._unit))
+        gs = psd_projection(gn * np.outer(self._unit, self._unit))
+        self._factor.value = gram_factor(gs)
         failures = []
         for options in CLARABEL_ATTEMPTS:
-            x, why = self._attempt(gn, options)
+            x, why = self._attempt(gs, options)
             if why is None:
                 return self._drop_null_auxiliaries(gn, x)
             failures.append(why)
@@ -102,8 +111,9 @@ class _MinNormQP:
         x[aux[np.diag(gn)[aux] <= 0.0]] = 0.0
         return x
 
-    def _attempt(self, gn: np.ndarray, options: dict) -> tuple[np.ndarray | None, str | None]:
-        """One Clarabel solve: (weights, None), or (None, why it is not acceptable)."""
+    def _attempt(self, gs: np.ndarray, options: dict) -> tuple[np.ndarray | None, str | None]:
+        """One Clarabel solve on the rescaled matrix ``gs``: (weights, None), or (None, why it is not
+        acceptable)."""
         try:
             with warnings.catch_warnings():
                 # cvxpy warns on an inaccurate solution; that case is judged below by its KKT residual.
@@ -118,7 +128,8 @@ class _MinNormQP:
             return None, f"status {status!r} with weights {x!r}"
         x = self._project(self._unit * np.asarray(x, dtype=np.float64))
         if status == cp.OPTIMAL_INACCURATE:
-            resid = kkt_residual(gn, x, self._main, self._lower())
+            # Judged on Clarabel's rescaled problem: there the conditions are relative to ‖g_main‖ and ‖g_j‖.
+            resid = kkt_residual(gs, x / self._unit, self._main, self._lower())
             if not resid <= INACCURATE_KKT_LIMIT:
                 return None, f"status {status!r} with KKT residual {resid:.3g} > {INACCURATE_KKT_LIMIT:g}"
         return x, None
