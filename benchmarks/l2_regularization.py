@@ -171,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/l2"))
     parser.add_argument("--quick", action="store_true", help="a smoke test of well under a minute")
+    parser.add_argument("--epochs", type=int, help="training epochs (default: 80; 4 with --quick)")
+    parser.add_argument("--width", type=int, help="MLP hidden width (default: 512; 64 with --quick)")
     parser.add_argument("--optimizers", nargs="+", choices=sorted(LR), default=["sgd", "adam"])
     parser.add_argument(
         "--label-noise",
@@ -182,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     epochs, width = (4, 64) if args.quick else (80, 512)
+    epochs, width = args.epochs or epochs, args.width or width
     grids = {k: (v[::3] if args.quick else v) for k, v in WD_GRID.items()}
     n_train, n_val = 200, 300
     rows, start = [], time.perf_counter()

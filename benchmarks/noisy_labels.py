@@ -153,10 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/noisy"))
     parser.add_argument("--quick", action="store_true", help="a smoke test of well under a minute")
+    parser.add_argument("--epochs", type=int, help="training epochs (default: 40; 2 with --quick)")
+    parser.add_argument("--width", type=int, help="MLP hidden width (default: 256; 64 with --quick)")
     parser.add_argument("--noise", type=float, nargs="+", default=[0.4, 0.6])
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     epochs, width = (2, 64) if args.quick else (40, 256)
+    epochs, width = args.epochs or epochs, args.width or width
     n_train, n_clean = 1000, 40
     rows, start = [], time.perf_counter()
     for rate in args.noise:

@@ -26,6 +26,9 @@ QUALITY_PROBLEMS = ("toy", "synthetic", "recsys", "multidigit")
 #: item 5 of the suite: benchmarks of the "modes" feature, each a module with ``main(argv)``
 MODE_BENCHMARKS = {"l2": "benchmarks.l2_regularization", "noisy": "benchmarks.noisy_labels"}
 ALL_PROBLEMS = (*QUALITY_PROBLEMS, *MODE_BENCHMARKS)
+# The quick suite's size of the two mode benchmarks: their own --quick (a smoke test: 4 and 2 epochs, too
+# short for the networks to fit, let alone overfit) with more epochs and width, about 20 s each on one core.
+QUICK_MODE_SIZES = {"l2": ["--epochs", "30", "--width", "256"], "noisy": ["--epochs", "15", "--width", "128"]}
 
 
 def _seeds(text: str) -> list[int]:
@@ -310,6 +313,8 @@ def run_modes(args: argparse.Namespace, out: Path) -> list[str]:
         argv = ["--seeds", *map(str, args.seeds), "--out", str(target)]
         if args.suite != "full":
             argv.append("--quick")
+            if not args.tiny:
+                argv += QUICK_MODE_SIZES.get(name, [])
         say(f"\n{name}: {module_name}.main({argv})")
         start = time.perf_counter()
         try:

@@ -6,6 +6,7 @@ import csv
 import importlib.util
 import math
 import pathlib
+import unittest.mock
 
 import pytest
 
@@ -76,3 +77,20 @@ def test_symmetric_noise_flips_exactly_the_stated_fraction():
     noisy = mod.symmetric_noise(y, 0.4, torch.Generator().manual_seed(0))
     assert int((noisy != y).sum()) == 80
     assert int(noisy.min()) >= 0 and int(noisy.max()) <= 9
+
+
+@pytest.mark.parametrize("module", ["benchmarks.l2_regularization", "benchmarks.noisy_labels"])
+def test_epochs_and_width_override_the_size(module, tmp_path):
+    mod = importlib.import_module(module)
+    seen = []
+    real = mod.train_one
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["epochs"], kwargs["width"]))
+        return real(*args, **{**kwargs, "epochs": 1})
+
+    with unittest.mock.patch.object(mod, "train_one", spy):
+        noise = ["--label-noise", "0"] if "l2" in module else ["--noise", "0.4"]
+        argv = ["--quick", "--seeds", "0", "--epochs", "3", "--width", "32", *noise, "--out", str(tmp_path)]
+        assert mod.main(argv) == 0
+    assert seen and set(seen) == {(3, 32)}

@@ -382,7 +382,8 @@ def test_mode_benchmarks_are_called_by_module_path(tmp_path, monkeypatch):
     )
     args = suite.parse_args(["--problems", "l2,noisy", "--seeds", "0,1", "--out", str(tmp_path / "res")])
     lines = suite.run_modes(args, tmp_path / "res")
-    assert calls == [["--seeds", "0", "1", "--out", str(tmp_path / "res" / "l2"), "--quick"]]
+    quick = ["--quick", "--epochs", "30", "--width", "256"]
+    assert calls == [["--seeds", "0", "1", "--out", str(tmp_path / "res" / "l2"), *quick]]
     text = "\n".join(lines)
     assert (
         "| 1 | 2 |" in text
