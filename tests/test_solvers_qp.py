@@ -212,9 +212,11 @@ def test_missing_or_non_finite_value_raises_solver_error(monkeypatch, value):
 
 
 def test_inaccurate_answer_is_judged_by_its_kkt_residual(monkeypatch):
-    jac = np.array([[1.0, 0.0], [0.0, 2.0]])
+    # Rows of equal norm: Clarabel's per-task units are then the weights themselves, so the faked values
+    # below are weights.
+    jac = np.array([[1.0, 0.0], [0.6, 0.8]])
     q = SimplexQP(2)
-    expected = q.solve(jac @ jac.T)  # exact: (4/5, 1/5)
+    expected = q.solve(jac @ jac.T)  # exact: (1/2, 1/2)
 
     def fake(value):
         def solve(*args, **kwargs):
@@ -224,8 +226,8 @@ def test_inaccurate_answer_is_judged_by_its_kkt_residual(monkeypatch):
 
     _status(monkeypatch, cp.OPTIMAL_INACCURATE)
     monkeypatch.setattr(q.problem, "solve", fake(expected))
-    np.testing.assert_allclose(q.solve(jac @ jac.T), [0.8, 0.2], atol=1e-8)
-    monkeypatch.setattr(q.problem, "solve", fake([0.5, 0.5]))
+    np.testing.assert_allclose(q.solve(jac @ jac.T), [0.5, 0.5], atol=1e-8)
+    monkeypatch.setattr(q.problem, "solve", fake([0.8, 0.2]))
     with pytest.raises(SolverError, match="optimal_inaccurate.*KKT residual"):
         q.solve(jac @ jac.T)
 
@@ -293,6 +295,7 @@ def test_main_tasks_much_smaller_than_an_auxiliary(ratio, seed):
     cases = [
         ([0, 1], mixed_qp(4, [0, 1]).solve(gram), mixed_min_norm(gram, [0, 1])),
         ([0], main_aux_qp(4, 0).solve(gram), main_aux_min_norm(gram, 0)),
+        ([0, 1, 2, 3], simplex_qp(4).solve(gram), simplex_min_norm(gram)),
     ]
     for main, qp_answer, exact in cases:
         references = {"active set": exact}
@@ -301,3 +304,21 @@ def test_main_tasks_much_smaller_than_an_auxiliary(ratio, seed):
         for name, reference in references.items():
             gap = np.linalg.norm(jac.T @ (qp_answer - reference)) / main_scale
             assert gap <= 1e-5, f"{main=}, {name}: fused vectors differ by {gap:.3g} of max main ‖g_i‖"
+
+
+@pytest.mark.parametrize("ratio", [1e-2, 1e-4, 1e-6, 1e-8])
+@pytest.mark.parametrize("seed", range(6))
+def test_pareto_bounds_on_tasks_of_very_different_scales(ratio, seed):
+    # Per-task units put bounds c_i‖g_i‖/r up to 1e7 at ratio 1e-8, where Clarabel may call the problem
+    # infeasible; the solver then retries with the main weights in plain units. Either way the answer
+    # matches the iterative solver on the shifted simplex, relative to the fused vector.
+    rng = np.random.default_rng(seed)
+    jac = rng.standard_normal((4, 6))
+    jac[:2] *= ratio
+    gram = jac @ jac.T
+    c = np.array([0.1, 0.05, 0.01, 0.0])
+    w = pareto_qp(4, c).solve(gram)
+    assert np.all(w >= c) and abs(w.sum() - 1.0) <= 1e-12
+    reference = pareto_min_norm(gram, c)
+    gap = np.linalg.norm(jac.T @ (w - reference)) / np.linalg.norm(jac.T @ reference)
+    assert gap <= 1e-5

@@ -3,9 +3,9 @@
 Each class builds its cvxpy problem once, DPP-compliant, with the objective ‖F x‖² where F is a T×T
 Parameter with FᵀF = G (so ‖F x‖² = xᵀGx = ‖Jᵀx‖²); ``solve(G)`` only sets F and re-solves, so cvxpy
 reuses its compiled problem. F comes from the eigendecomposition of G (not a Cholesky factor) because G is
-often singular: duplicated, collinear or zero task gradients, or T > d. Like the iterative solvers, the QP
-sees G scaled to a unit largest diagonal and with round-off negative curvature removed
-(``psd_projection``); auxiliary coefficients are solved for in units of 1/‖g_j‖.
+often singular: duplicated, collinear or zero task gradients, or T > d. Clarabel works in per-task units
+where every task gradient has the same norm (``_MinNormQP``), with round-off negative curvature removed
+(``psd_projection``).
 """
 
 from __future__ import annotations
@@ -43,17 +43,33 @@ def gram_factor(gram: np.ndarray) -> np.ndarray:
 
 
 class _MinNormQP:
-    """min ‖F x‖² s.t. Σ_{i∈main} x_i = 1, x ≥ lower, built once; subclasses choose main and lower."""
+    """min xᵀGx s.t. Σ_{i∈main} x_i = 1, x ≥ lower, built once; subclasses choose main and lower.
+
+    Clarabel solves it in per-task units, y_i = x_i / m_i with m_i = r / ‖g_i‖ (m_i = 1 where g_i = 0) and r
+    the smallest non-zero main ‖g_i‖:
+
+        min ‖F y‖²  s.t.  Σ_{i∈main} m_i y_i = 1,  y ≥ lower / m,  FᵀF = M G M / r²  (unit diagonal).
+
+    Every optimum has ‖u*‖ ≤ r without lower bounds (a main vertex is feasible), so the objective is at most
+    1 and Clarabel's tolerances are relative to the scale of the answer, whatever the tasks' relative
+    scales. In plain units a task 1e-4 times smaller than another (a click loss beside a watch-time MSE)
+    puts the whole answer at 1e-8 of the largest entry of G, where those tolerances mean nothing: its
+    answers came back 'optimal_inaccurate', or MGDA's fused vector was off by 1e-3 of its own norm.
+    """
 
     problem_name = "min-norm QP"
 
-    def __init__(self, num_tasks: int, main: np.ndarray, lower: np.ndarray | cp.Parameter) -> None:
+    def __init__(self, num_tasks: int, main: np.ndarray) -> None:
         self.num_tasks = num_tasks
         self._main = main
-        self._x = cp.Variable(num_tasks, name="weights")
+        self._x = cp.Variable(num_tasks, name="scaled_weights")
         self._factor = cp.Parameter((num_tasks, num_tasks), name="gram_factor")
+        self._main_scale = cp.Parameter(main.size, nonneg=True, name="main_scale")
+        self._floor = cp.Parameter(num_tasks, name="scaled_lower")
         self._factor.value = np.zeros((num_tasks, num_tasks))
-        constraints = [cp.sum(self._x[main]) == 1, self._x >= lower]
+        self._main_scale.value = np.ones(main.size)
+        self._floor.value = np.zeros(num_tasks)
+        constraints = [cp.sum(cp.multiply(self._main_scale, self._x[main])) == 1, self._x >= self._floor]
         objective = cp.Minimize(cp.sum_squares(self._factor @ self._x))
         self.problem = cp.Problem(objective, constraints)
 
@@ -68,52 +84,51 @@ class _MinNormQP:
                 f"{self.problem_name} was built for {self.num_tasks} tasks, got G of shape {g.shape}"
             )
         diag = np.diag(g)
-        main_scale = float(diag[self._main].max())
-        scale = main_scale if main_scale > 0.0 else float(diag.max())
-        if scale <= 0.0:
+        if float(diag.max()) <= 0.0:
             # G = 0: every feasible point is optimal. Return the iterative solvers' canonical one (budget
             # spread evenly over the main tasks, auxiliaries 0), not wherever the interior point stops.
             return self._project(np.zeros(self.num_tasks))
-        # The optimal weights are invariant to G → G/s. s is the largest main ‖g_i‖², not the largest
-        # diagonal entry: with the auxiliaries rescaled to unit diagonal (``_variable_scale``) every entry of
-        # Clarabel's matrix is then at most 1 and the objective of order one, whatever the tasks' scales.
-        # Scaling by the largest diagonal put a main block 1e-9 times smaller than an auxiliary (click and
-        # conversion beside a watch-time MSE) at the level of Clarabel's absolute tolerances, and its answers
-        # came back 'optimal_inaccurate'. The round-off projection comes after the rescaling for the same
-        # reason: an eigendecomposition's error is relative to the largest entry.
-        gn = g / scale
-        self._unit = self._variable_scale(gn)
-        gs = psd_projection(gn * np.outer(self._unit, self._unit))
-        self._factor.value = gram_factor(gs)
         failures = []
-        for options in CLARABEL_ATTEMPTS:
-            x, why = self._attempt(gs, options)
-            if why is None:
-                return self._drop_null_auxiliaries(gn, x)
-            failures.append(why)
+        for per_task in (True, False):
+            self._set_units(g, diag, per_task)
+            for options in CLARABEL_ATTEMPTS:
+                x, why = self._attempt(g, options)
+                if why is None:
+                    return self._drop_null_auxiliaries(diag, x)
+                failures.append(why)
         raise SolverError(f"{self.problem_name}: Clarabel failed: " + "; then ".join(failures))
 
-    def _variable_scale(self, gn: np.ndarray) -> np.ndarray:
-        """Solve for μ_j = ‖g_j‖ λ_j instead of λ_j on the auxiliaries (x = D μ, G → DGD): an auxiliary
-        1e-8 times smaller than the main task needs λ_j ~ 1e8, far outside the range where Clarabel's
-        absolute tolerances mean anything; μ_j is of the order of ‖g_main‖ instead. Main weights stay on
-        the simplex unscaled."""
-        unit = np.ones(self.num_tasks)
-        aux = np.setdiff1d(np.arange(self.num_tasks), self._main)
-        diag = np.diag(gn)[aux]
-        unit[aux] = np.where(diag > 0.0, 1.0 / np.sqrt(np.where(diag > 0.0, diag, 1.0)), 1.0)
-        return unit
+    def _set_units(self, g: np.ndarray, diag: np.ndarray, per_task: bool) -> None:
+        """Set F, the main-constraint coefficients and the bounds for the units of the class docstring
+        (``per_task``), or for the fallback that leaves the main weights in plain units (m_i = 1 on the
+        mains, r the largest main ‖g_i‖; auxiliaries still per task): with lower bounds on tasks 1e8 times
+        apart in norm, the per-task bounds c_i‖g_i‖/r reach 1e7 and Clarabel may report the problem
+        infeasible."""
+        norms = np.sqrt(np.maximum(diag, 0.0))
+        main_norms = norms[self._main]
+        if not np.any(main_norms > 0.0):
+            r = float(norms.max())
+        else:
+            r = float(main_norms[main_norms > 0.0].min() if per_task else main_norms.max())
+        unit = np.where(norms > 0.0, r / np.where(norms > 0.0, norms, 1.0), 1.0)
+        if not per_task:
+            unit[self._main] = 1.0
+        self._unit, self._r2 = unit, r * r
+        # The round-off projection comes after the rescaling: an eigendecomposition's error is relative to
+        # the largest entry, which would otherwise swamp the small tasks.
+        self._factor.value = gram_factor(psd_projection(g * np.outer(unit, unit) / self._r2))
+        self._main_scale.value = unit[self._main]
+        self._floor.value = self._lower() / unit
 
-    def _drop_null_auxiliaries(self, gn: np.ndarray, x: np.ndarray) -> np.ndarray:
+    def _drop_null_auxiliaries(self, diag: np.ndarray, x: np.ndarray) -> np.ndarray:
         """An auxiliary with g_j = 0 leaves u unchanged for any λ_j, and the interior point leaves λ_j at an
         arbitrary positive value; report 0 for it, as the iterative solvers do."""
         aux = np.setdiff1d(np.arange(self.num_tasks), self._main)
-        x[aux[np.diag(gn)[aux] <= 0.0]] = 0.0
+        x[aux[diag[aux] <= 0.0]] = 0.0
         return x
 
-    def _attempt(self, gs: np.ndarray, options: dict) -> tuple[np.ndarray | None, str | None]:
-        """One Clarabel solve on the rescaled matrix ``gs``: (weights, None), or (None, why it is not
-        acceptable)."""
+    def _attempt(self, g: np.ndarray, options: dict) -> tuple[np.ndarray | None, str | None]:
+        """One Clarabel solve: (weights, None), or (None, why it is not acceptable)."""
         try:
             with warnings.catch_warnings():
                 # cvxpy warns on an inaccurate solution; that case is judged below by its KKT residual.
@@ -121,15 +136,15 @@ class _MinNormQP:
                 self.problem.solve(solver=cp.CLARABEL, warm_start=False, **options)
         except cp.error.SolverError as exc:
             return None, f"solver error ({exc})"
-        status, x = self.problem.status, self._x.value
+        status, y = self.problem.status, self._x.value
         if status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE):
             return None, f"status {status!r}"
-        if x is None or not np.all(np.isfinite(x)):
-            return None, f"status {status!r} with weights {x!r}"
-        x = self._project(self._unit * np.asarray(x, dtype=np.float64))
+        if y is None or not np.all(np.isfinite(y)):
+            return None, f"status {status!r} with weights {y!r}"
+        x = self._project(self._unit * np.asarray(y, dtype=np.float64))
         if status == cp.OPTIMAL_INACCURATE:
-            # Judged on Clarabel's rescaled problem: there the conditions are relative to ‖g_main‖ and ‖g_j‖.
-            resid = kkt_residual(gs, x / self._unit, self._main, self._lower())
+            # Judged in the units Clarabel worked in: G/r², and ⟨u, g_j⟩ per unit of ‖g_j‖ for auxiliaries.
+            resid = kkt_residual(g / self._r2, x, self._main, self._lower(), aux_scale=self._unit)
             if not resid <= INACCURATE_KKT_LIMIT:
                 return None, f"status {status!r} with KKT residual {resid:.3g} > {INACCURATE_KKT_LIMIT:g}"
         return x, None
@@ -150,41 +165,44 @@ class _MinNormQP:
         return x
 
 
-def kkt_residual(gram: np.ndarray, x: np.ndarray, main: np.ndarray, lower: np.ndarray) -> float:
+def kkt_residual(
+    gram: np.ndarray, x: np.ndarray, main: np.ndarray, lower: np.ndarray, aux_scale: np.ndarray | None = None
+) -> float:
     """Largest violation of the optimality conditions of min xᵀGx s.t. Σ_main x = 1, x ≥ lower:
-    the Frank-Wolfe gap of the main block, and ⟨u, g_j⟩ ≥ 0 with λ_j⟨u, g_j⟩ = 0 on the others."""
+    the Frank-Wolfe gap of the main block, and ⟨u, g_j⟩ ≥ 0 with λ_j⟨u, g_j⟩ = 0 on the others
+    (⟨u, g_j⟩ multiplied by ``aux_scale[j]`` in the first of these, if given)."""
     v = gram @ x
     aux = np.setdiff1d(np.arange(x.size), main)
     budget = 1.0 - float(lower[main].sum())
     gap = float(x[main] @ v[main]) - float(lower[main] @ v[main]) - budget * float(v[main].min())
     viol = [gap]
     if aux.size:
-        viol += [float(np.max(-v[aux])), float(np.max(np.abs(x[aux] * v[aux])))]
+        scale = np.ones(aux.size) if aux_scale is None else np.asarray(aux_scale)[aux]
+        viol += [float(np.max(-v[aux] * scale)), float(np.max(np.abs(x[aux] * v[aux])))]
     return max(viol)
 
 
 class SimplexQP(_MinNormQP):
     """MGDA (Sener & Koltun 2018) and, with ``min_weights`` c, PE-LTR (Lin et al. 2019):
-    min αᵀGα s.t. Σα = 1, α ≥ c. c is a cvxpy Parameter; ``min_weights`` can be reassigned."""
+    min αᵀGα s.t. Σα = 1, α ≥ c. c enters through a cvxpy Parameter; ``min_weights`` can be reassigned."""
 
     problem_name = "SimplexQP"
 
     def __init__(self, num_tasks: int, min_weights: Sequence[float] | None = None) -> None:
         t = check_task_count(num_tasks)
-        self._bounds = cp.Parameter(t, nonneg=True, name="min_weights")
-        super().__init__(t, np.arange(t), self._bounds)
+        super().__init__(t, np.arange(t))
         self.min_weights = np.zeros(t) if min_weights is None else min_weights
 
     @property
     def min_weights(self) -> np.ndarray:
-        return self._bounds.value.copy()
+        return self._bounds.copy()
 
     @min_weights.setter
     def min_weights(self, value) -> None:
-        self._bounds.value = check_min_weights(value, self.num_tasks)
+        self._bounds = check_min_weights(value, self.num_tasks)
 
     def _lower(self) -> np.ndarray:
-        return self._bounds.value
+        return self._bounds
 
 
 class MainAuxQP(_MinNormQP):
@@ -195,7 +213,7 @@ class MainAuxQP(_MinNormQP):
     def __init__(self, num_tasks: int, main: int) -> None:
         t = check_task_count(num_tasks)
         self.main = check_task_index(main, t)
-        super().__init__(t, np.array([self.main]), 0.0)
+        super().__init__(t, np.array([self.main]))
 
 
 class MixedQP(_MinNormQP):
@@ -206,7 +224,7 @@ class MixedQP(_MinNormQP):
     def __init__(self, num_tasks: int, main: Sequence[int]) -> None:
         t = check_task_count(num_tasks)
         self.main = [int(m) for m in check_main_indices(main, t)]
-        super().__init__(t, np.array(self.main), 0.0)
+        super().__init__(t, np.array(self.main))
 
 
 def check_task_count(num_tasks) -> int:
