@@ -562,6 +562,13 @@ def solver_table(rows: list[SolverRow]) -> str:
     return md_table(header, out) + ("\n\nErrors:\n" + "\n".join(errors) if errors else "")
 
 
+def _missed_line(miss: list) -> str:
+    """The configurations that miss a step-time target, worst first."""
+    return "  - missed (method size T: ratio): " + ", ".join(
+        f"{r.method} {r.size} T={r.num_tasks}: {r.ratio:.2f}×" for r in sorted(miss, key=lambda r: -r.ratio)
+    )
+
+
 def targets(step_rows: list[StepRow], solver_rows: list[SolverRow]) -> str:
     """The issue's targets, met or missed, with the measured values."""
     lines = []
@@ -575,13 +582,7 @@ def targets(step_rows: list[StepRow], solver_rows: list[SolverRow]) -> str:
             f"(worst {worst.ratio:.2f}×: {worst.method}, {worst.size}, T={worst.num_tasks})"
         )
         if miss:
-            lines.append(
-                "  - missed (method size T: ratio): "
-                + ", ".join(
-                    f"{r.method} {r.size} T={r.num_tasks}: {r.ratio:.2f}×"
-                    for r in sorted(miss, key=lambda r: -r.ratio)
-                )
-            )
+            lines.append(_missed_line(miss))
     else:
         lines.append("- representation mode: n/a (not available in this gradsurgery version)")
     if full:
@@ -590,13 +591,7 @@ def targets(step_rows: list[StepRow], solver_rows: list[SolverRow]) -> str:
             f"- full mode ≤ (T + 1)× plain: {len(full) - len(miss)}/{len(full)} configurations meet it"
         )
         if miss:
-            lines.append(
-                "  - missed (method size T: ratio): "
-                + ", ".join(
-                    f"{r.method} {r.size} T={r.num_tasks}: {r.ratio:.2f}×"
-                    for r in sorted(miss, key=lambda r: -r.ratio)
-                )
-            )
+            lines.append(_missed_line(miss))
     for prefix, limit_us, label in (
         ("Frank-Wolfe (simplex", 200, "Gram-based solver (Frank-Wolfe) ≤ 0.2 ms for T ≤ 10"),
         ("closed form", 200, "closed form ≤ 0.2 ms"),

@@ -279,6 +279,15 @@ def test_gram_factor_reproduces_gram():
     np.testing.assert_allclose(f.T @ f, gram, atol=1e-12 * np.abs(gram).max())
 
 
+def _two_small_tasks(seed: int, ratio: float) -> np.ndarray:
+    """Four random task gradients, the first two ``ratio`` times the size of the others."""
+    rng = np.random.default_rng(seed)
+    jac = rng.standard_normal((4, 6))
+    jac[:2] *= ratio
+    jac[2:] *= rng.uniform(0.5, 2.0, (2, 1))
+    return jac
+
+
 @pytest.mark.parametrize("ratio", [1e-2, 1e-4, 1e-6, 1e-8])
 @pytest.mark.parametrize("seed", range(6))
 def test_main_tasks_much_smaller_than_an_auxiliary(ratio, seed):
@@ -286,10 +295,7 @@ def test_main_tasks_much_smaller_than_an_auxiliary(ratio, seed):
     # answer lives at the main tasks' scale, so agreement is measured there, not relative to the auxiliary.
     # Brute force (lstsq with absolute cut-offs) is a reference down to 1e-6; the exact active-set solvers
     # are one at every ratio.
-    rng = np.random.default_rng(seed)
-    jac = rng.standard_normal((4, 6))
-    jac[:2] *= ratio
-    jac[2:] *= rng.uniform(0.5, 2.0, (2, 1))
+    jac = _two_small_tasks(seed, ratio)
     gram = jac @ jac.T
     main_scale = np.linalg.norm(jac[:2], axis=1).max()
     cases = [
@@ -312,9 +318,7 @@ def test_pareto_bounds_on_tasks_of_very_different_scales(ratio, seed):
     # Per-task units put bounds c_i‖g_i‖/r up to 1e7 at ratio 1e-8, where Clarabel may call the problem
     # infeasible; the solver then retries with the main weights in plain units. Either way the answer
     # matches the iterative solver on the shifted simplex, relative to the fused vector.
-    rng = np.random.default_rng(seed)
-    jac = rng.standard_normal((4, 6))
-    jac[:2] *= ratio
+    jac = _two_small_tasks(seed, ratio)
     gram = jac @ jac.T
     c = np.array([0.1, 0.05, 0.01, 0.0])
     w = pareto_qp(4, c).solve(gram)
