@@ -7,21 +7,12 @@ import copy
 import numpy as np
 import pytest
 import torch
-from references import LinearTasks, brute_force_qp, gradvac_dspace, pcgrad_dspace, random_orders
+from method_checks import make_linear_problem
+from references import brute_force_qp, gradvac_dspace, pcgrad_dspace, random_orders
 
 from gradsurgery import GradSurgery
 
 T = 3
-
-
-def make_problem(seed: int, num_tasks: int = T, conflict: bool = True):
-    gen = torch.Generator().manual_seed(seed)
-    a = torch.randn(num_tasks, 8, generator=gen, dtype=torch.float64)
-    if conflict:
-        a[1] = -0.5 * a[0] + 0.3 * a[1]
-    b = torch.randn(num_tasks, 4, generator=gen, dtype=torch.float64)
-    torch.manual_seed(seed)
-    return LinearTasks(a, b), a, b
 
 
 def reference_weights(method: str, gram: np.ndarray, options: dict) -> np.ndarray:
@@ -57,7 +48,7 @@ QP_CASES = [
 @pytest.mark.parametrize("method,options", QP_CASES)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_fused_gradient_matches_reference(method, options, seed):
-    model, a, b = make_problem(seed)
+    model, a, b = make_linear_problem(seed)
     opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method=method, **options)
     info = opt.backward(model())
     w_ref = reference_weights(method, (a @ a.T).numpy(), options)
@@ -74,7 +65,7 @@ def test_fused_gradient_matches_reference(method, options, seed):
 
 @pytest.mark.parametrize("seed", [0, 3])
 def test_pcgrad_matches_dspace_algorithm(seed):
-    model, a, _ = make_problem(seed, num_tasks=4)
+    model, a, _ = make_linear_problem(seed, num_tasks=4)
     opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method="pcgrad", seed=seed)
     opt.backward(model())
     expected = pcgrad_dspace(a, random_orders(4, seed))
@@ -82,9 +73,9 @@ def test_pcgrad_matches_dspace_algorithm(seed):
 
 
 def test_gradvac_matches_dspace_over_steps_and_equals_pcgrad_first():
-    model, a, _ = make_problem(5, num_tasks=3)
+    model, a, _ = make_linear_problem(5, num_tasks=3)
     opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.0), method="gradvac", beta=0.3, seed=11)
-    pc_model, _, _ = make_problem(5, num_tasks=3)
+    pc_model, _, _ = make_linear_problem(5, num_tasks=3)
     pc = GradSurgery(torch.optim.SGD(pc_model.parameters(), lr=0.0), method="pcgrad", seed=11)
     pc.backward(pc_model())
     gen = torch.Generator().manual_seed(11)
@@ -105,7 +96,7 @@ def test_gradvac_matches_dspace_over_steps_and_equals_pcgrad_first():
 
 
 def test_unreached_and_frozen_parameters_keep_their_grad():
-    model, _, _ = make_problem(0)
+    model, _, _ = make_linear_problem(0)
     stray = torch.nn.Parameter(torch.ones(3))
     frozen = torch.nn.Parameter(torch.ones(2), requires_grad=False)
     opt = GradSurgery(torch.optim.Adam([*model.parameters(), stray, frozen], lr=0.1), method="mgda")
@@ -116,7 +107,7 @@ def test_unreached_and_frozen_parameters_keep_their_grad():
 
 
 def test_gradients_accumulate_like_autograd():
-    model, a, b = make_problem(1)
+    model, a, b = make_linear_problem(1)
     opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method="sum")
     model.theta.grad = torch.full_like(model.theta, 0.5)
     opt.backward(model())
@@ -127,7 +118,7 @@ def test_gradients_accumulate_like_autograd():
 
 
 def test_shared_params_override():
-    model, a, b = make_problem(2)
+    model, a, b = make_linear_problem(2)
     # Declare head 0 shared too: it receives the fused gradient (only task 0 reaches it, so w_0 * b_0).
     shared = [model.theta, model.bias, model.heads[0]]
     opt = GradSurgery(
@@ -175,15 +166,15 @@ def test_zero_gradients_give_no_nan():
 
 
 def test_single_tensor_of_losses_and_one_dim_tensor():
-    model, a, _ = make_problem(0)
+    model, a, _ = make_linear_problem(0)
     opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method="sum")
     opt.backward(torch.stack(model()))
     torch.testing.assert_close(model.theta.grad.reshape(-1), a.sum(0)[:6])
 
 
 def test_step_is_the_inner_step():
-    model, a, _ = make_problem(0)
-    ref, _, _ = make_problem(0)
+    model, a, _ = make_linear_problem(0)
+    ref, _, _ = make_linear_problem(0)
     opt = GradSurgery(torch.optim.Adam(model.parameters(), lr=0.01), method="sum")
     ref_opt = torch.optim.Adam(ref.parameters(), lr=0.01)
     for _ in range(3):
@@ -225,7 +216,7 @@ def assert_unchanged(model, snap):
     ],
 )
 def test_bad_losses_leave_everything_untouched(make_losses, error, match):
-    model, _, _ = make_problem(0)
+    model, _, _ = make_linear_problem(0)
     opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method="gradvac", num_tasks=3)
     model.theta.grad = torch.ones_like(model.theta)
     snap = snapshot(model)
@@ -239,7 +230,7 @@ def test_bad_losses_leave_everything_untouched(make_losses, error, match):
 
 
 def test_nan_in_task_specific_gradient_names_the_task():
-    model, _, _ = make_problem(0)
+    model, _, _ = make_linear_problem(0)
     opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method="mgda")
     losses = model()
     losses[2] = losses[2] + (model.heads[2] * float("inf")).sum() * 0  # inf * 0 = NaN in the head gradient
@@ -271,7 +262,7 @@ def test_nan_in_task_specific_gradient_names_the_task():
     ],
 )
 def test_bad_options(kwargs, error, match):
-    model, _, _ = make_problem(0)
+    model, _, _ = make_linear_problem(0)
     with pytest.raises(error, match=match):
         GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
 
@@ -312,7 +303,7 @@ def test_resume_is_bit_identical(method, options):
             opt.step()
 
     torch.manual_seed(0)
-    model, _, _ = make_problem(7)
+    model, _, _ = make_linear_problem(7)
     opt = GradSurgery(torch.optim.Adam(model.parameters(), lr=0.01), method=method, **options)
     train(model, opt, 3)
     saved_model = {k: v.clone() for k, v in model.state_dict().items()}
@@ -320,7 +311,7 @@ def test_resume_is_bit_identical(method, options):
     train(model, opt, 4)
 
     torch.manual_seed(123)  # a resumed run must not depend on the global RNG
-    fresh, _, _ = make_problem(7)
+    fresh, _, _ = make_linear_problem(7)
     fresh.load_state_dict(saved_model)
     fresh_opt = GradSurgery(torch.optim.Adam(fresh.parameters(), lr=0.01), method=method, **options)
     fresh_opt.load_state_dict(saved_opt)
@@ -330,7 +321,7 @@ def test_resume_is_bit_identical(method, options):
 
 
 def test_state_dict_from_another_method_is_refused():
-    model, _, _ = make_problem(0)
+    model, _, _ = make_linear_problem(0)
     opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method="pcgrad")
     opt.backward(model())
     other = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method="mgda")
