@@ -28,6 +28,10 @@ from typing import Any
 from .info import StepInfo
 
 STEP = "step"
+# What ``history_columns`` and ``plot_history`` read: a CSVLogger file, columns, StepInfos or logged rows.
+History = (
+    str | os.PathLike | Mapping[str, Sequence[float]] | Sequence[StepInfo] | Sequence[Mapping[str, float]]
+)
 
 
 def info_row(
@@ -197,11 +201,7 @@ class TensorBoardLogger:
 
 
 def history_columns(
-    history: str
-    | os.PathLike
-    | Mapping[str, Sequence[float]]
-    | Sequence[StepInfo]
-    | Sequence[Mapping[str, float]],
+    history: History,
     task_names: Sequence[str] | None = None,
 ) -> dict[str, list[float]]:
     """Columns (name → values over steps) from a ``CSVLogger`` file, a column mapping, StepInfos or rows."""
@@ -232,11 +232,7 @@ def history_columns(
 
 
 def plot_history(
-    history: str
-    | os.PathLike
-    | Mapping[str, Sequence[float]]
-    | Sequence[StepInfo]
-    | Sequence[Mapping[str, float]],
+    history: History,
     task_names: Sequence[str] | None = None,
     *,
     path: str | os.PathLike | None = None,
