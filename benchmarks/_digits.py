@@ -1,13 +1,15 @@
 """Shared pieces of the two λ-free benchmarks (``l2_regularization.py``, ``noisy_labels.py``): scikit-learn's
-shipped digits data (8×8 images, 10 classes, 1797 samples; no download), seeded splits, an MLP, and the
-Markdown/CSV writers."""
+shipped digits data (8×8 images, 10 classes, 1797 samples; no download), seeded splits, an MLP, the size
+options of their command lines, and the Markdown/CSV writers."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import math
 import pathlib
 import statistics
+import sys
 
 import numpy as np
 import torch
@@ -94,6 +96,40 @@ def write_csv(path: pathlib.Path, rows: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
+
+
+def write_report(out: pathlib.Path, stem: str, rows: list[dict], text: str) -> None:
+    """``out/<stem>.csv`` (one row per run) and ``out/<stem>.md`` (``text``), which is also printed."""
+    write_csv(out / f"{stem}.csv", rows)
+    (out / f"{stem}.md").write_text(text)
+    print(text)
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """The command that ran: ``python -m <module>`` and its arguments (``argv``, else the process's)."""
+    return ("python -m " + module + " " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+
+
+def add_size_options(
+    parser: argparse.ArgumentParser, *, full: tuple[int, int], quick: tuple[int, int]
+) -> None:
+    """``--quick``, ``--epochs`` and ``--width``; ``full`` and ``quick`` are the (epochs, width) defaults
+    without and with ``--quick``. ``run_size`` reads the choice back."""
+    parser.add_argument("--quick", action="store_true", help="a smoke test of well under a minute")
+    parser.add_argument(
+        "--epochs", type=int, help=f"training epochs (default: {full[0]}; {quick[0]} with --quick)"
+    )
+    parser.add_argument(
+        "--width", type=int, help=f"MLP hidden width (default: {full[1]}; {quick[1]} with --quick)"
+    )
+    parser.set_defaults(size_defaults=(full, quick))
+
+
+def run_size(args: argparse.Namespace) -> tuple[int, int]:
+    """(epochs, width) from the options of ``add_size_options``."""
+    full, quick = args.size_defaults
+    epochs, width = quick if args.quick else full
+    return args.epochs or epochs, args.width or width
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

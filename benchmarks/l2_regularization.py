@@ -170,9 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/l2"))
-    parser.add_argument("--quick", action="store_true", help="a smoke test of well under a minute")
-    parser.add_argument("--epochs", type=int, help="training epochs (default: 80; 4 with --quick)")
-    parser.add_argument("--width", type=int, help="MLP hidden width (default: 512; 64 with --quick)")
+    D.add_size_options(parser, full=(80, 512), quick=(4, 64))
     parser.add_argument("--optimizers", nargs="+", choices=sorted(LR), default=["sgd", "adam"])
     parser.add_argument(
         "--label-noise",
@@ -183,8 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    epochs, width = (4, 64) if args.quick else (80, 512)
-    epochs, width = args.epochs or epochs, args.width or width
+    epochs, width = D.run_size(args)
     grids = {k: (v[::3] if args.quick else v) for k, v in WD_GRID.items()}
     n_train, n_val = 200, 300
     rows, start = [], time.perf_counter()
@@ -212,17 +209,14 @@ def main(argv: list[str] | None = None) -> int:
                         f"({rows[-1]['seconds']:.1f}s)",
                         flush=True,
                     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    D.write_csv(args.out / "l2_regularization.csv", rows)
-    cmd = "python -m benchmarks.l2_regularization " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = D.command_line("benchmarks.l2_regularization", argv)
     tables = "\n\n".join(summarize(rows, args.optimizers, grids, noise) for noise in args.label_noise)
     text = (
-        f"# L2 without λ vs tuned weight decay\n\n`{cmd.strip()}` — digits, {n_train} train / {n_val} val / "
+        f"# L2 without λ vs tuned weight decay\n\n`{cmd}` — digits, {n_train} train / {n_val} val / "
         f"rest test, MLP width {width}, {epochs} epochs, batch 32, seeds {args.seeds}, "
         f"{time.perf_counter() - start:.0f} s\n\n{tables}\n"
     )
-    (args.out / "l2_regularization.md").write_text(text)
-    print(text)
+    D.write_report(args.out, "l2_regularization", rows, text)
     return 0
 
 

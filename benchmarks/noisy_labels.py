@@ -152,14 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/noisy"))
-    parser.add_argument("--quick", action="store_true", help="a smoke test of well under a minute")
-    parser.add_argument("--epochs", type=int, help="training epochs (default: 40; 2 with --quick)")
-    parser.add_argument("--width", type=int, help="MLP hidden width (default: 256; 64 with --quick)")
+    D.add_size_options(parser, full=(40, 256), quick=(2, 64))
     parser.add_argument("--noise", type=float, nargs="+", default=[0.4, 0.6])
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    epochs, width = (2, 64) if args.quick else (40, 256)
-    epochs, width = args.epochs or epochs, args.width or width
+    epochs, width = D.run_size(args)
     n_train, n_clean = 1000, 40
     rows, start = [], time.perf_counter()
     for rate in args.noise:
@@ -175,16 +172,13 @@ def main(argv: list[str] | None = None) -> int:
                     f"peak {res['peak_test_acc']:.4f} ({seconds:.1f}s)",
                     flush=True,
                 )
-    args.out.mkdir(parents=True, exist_ok=True)
-    D.write_csv(args.out / "noisy_labels.csv", rows)
-    cmd = "python -m benchmarks.noisy_labels " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = D.command_line("benchmarks.noisy_labels", argv)
     text = (
-        f"# Noisy labels with a clean set\n\n`{cmd.strip()}` — digits, {n_train - n_clean} noisy + "
+        f"# Noisy labels with a clean set\n\n`{cmd}` — digits, {n_train - n_clean} noisy + "
         f"{n_clean} clean training images, the rest test, MLP width {width}, {epochs} epochs, "
         f"seeds {args.seeds}, {time.perf_counter() - start:.0f} s\n\n{summarize(rows, args.noise)}\n"
     )
-    (args.out / "noisy_labels.md").write_text(text)
-    print(text)
+    D.write_report(args.out, "noisy_labels", rows, text)
     return 0
 
 
