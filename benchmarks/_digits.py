@@ -28,12 +28,12 @@ def symmetric_noise(y: torch.Tensor, rate: float, gen: torch.Generator) -> torch
 
 
 def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
+    """(x (1797, 64) float32 in [0, 1], y (1797,) int64): ``load_digit_images`` of the multi-digit problem,
+    flattened."""
+    from benchmarks.problems.multidigit import load_digit_images
 
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
-    return x, y
+    images, labels = load_digit_images()
+    return torch.from_numpy(images.reshape(len(images), -1)), torch.from_numpy(labels)
 
 
 def split(n: int, sizes: list[int], seed: int) -> list[torch.Tensor]:

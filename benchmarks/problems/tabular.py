@@ -23,8 +23,6 @@ from :meth:`TabularProblem.clean_batches`).  Metrics: ``test_acc`` (higher is be
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -32,6 +30,7 @@ from torch import nn
 
 from . import MultiHeadModel, Problem, as_generator, iterate_minibatches, numpy_rng
 from .metrics import accuracy
+from .multidigit import load_digit_images
 
 __all__ = ["TabularProblem", "add_symmetric_noise", "build_classifier", "load_dataset", "make", "split_clean"]
 
@@ -39,21 +38,11 @@ NUM_FEATURES = 64
 NUM_CLASSES = 10
 
 
-@functools.lru_cache(maxsize=1)
-def _load_cached() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits  # imported lazily: scikit-learn is a benchmark-only dependency
-
-    d = load_digits()
-    x, y = (d.data / 16.0).astype(np.float32), d.target.astype(np.int64)
-    x.flags.writeable = False
-    y.flags.writeable = False
-    return x, y
-
-
 def load_dataset() -> tuple[np.ndarray, np.ndarray]:
-    """``(x (1797, 64) float32 in [0, 1], y (1797,) int64)``: scikit-learn's shipped digits (copies)."""
-    x, y = _load_cached()
-    return x.copy(), y.copy()
+    """``(x (1797, 64) float32 in [0, 1], y (1797,) int64)``: scikit-learn's shipped digits, flattened
+    (copies of ``multidigit.load_digit_images``)."""
+    images, labels = load_digit_images()
+    return images.reshape(len(images), NUM_FEATURES), labels
 
 
 def build_classifier(
