@@ -1,7 +1,7 @@
 """Command line of the benchmark suite: ``python -m benchmarks`` (console script ``gradsurgery-bench``).
 
     python -m benchmarks --suite quick --out results            # < 5 min on 2 CPU cores
-    python -m benchmarks --suite full --seeds 5 --out results    # about an hour
+    python -m benchmarks --suite full --seeds 5 --out results    # about 30 min (measured: 31 min)
     python -m benchmarks --suite speed --out results             # step time, memory, solver time
 
 ``quick`` and ``full`` run the quality problems (toy, synthetic, recsys, multidigit) and then the L2 and
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--suite",
         choices=("quick", "full", "speed"),
         default="quick",
-        help="quick: all quality problems in < 5 min on 2 cores; full: bigger, about an hour; "
+        help="quick: all quality problems in < 5 min on 2 cores; full: bigger, about 30 min on 2 cores; "
         "speed: step time, memory and solver time (default: quick)",
     )
     p.add_argument(
