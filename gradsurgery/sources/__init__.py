@@ -1,0 +1,1 @@
+"""Gradient sources: where the per-task gradient information of one ``backward`` comes from."""
