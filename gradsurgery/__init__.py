@@ -5,7 +5,7 @@ opt.zero_grad(); info = opt.backward([loss_a, loss_b]); opt.step()
 """
 
 from .clean_guard import CleanBatches, mask_noisy_samples
-from .errors import SolverError
+from .errors import SolverError, SolverFallbackWarning
 from .gram import gram_matrix
 from .info import StepInfo
 from .methods import METHODS, Method, make_method, register
@@ -15,12 +15,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "METHODS",
+    "CleanBatches",
     "GradSurgery",
     "Method",
     "SolverError",
+    "SolverFallbackWarning",
     "StepInfo",
     "gram_matrix",
     "make_method",
+    "mask_noisy_samples",
     "register",
 ]
-__all__ += ["CleanBatches", "mask_noisy_samples"]

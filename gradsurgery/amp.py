@@ -26,47 +26,51 @@ from typing import Any
 
 import torch
 
-from .collect import TaskGradients
 
+class LossScaling:
+    """The loss scale s of one ``backward``: the losses are multiplied by s before their gradients are
+    taken, the task gradients divided by s before the fusion, and the fused gradient multiplied by s again
+    before it is written."""
 
-def active_scaler(grad_scaler: Any) -> torch.amp.GradScaler | None:
-    """The scaler to use, or None when absent or disabled (a disabled scaler means plain float32 training)."""
-    if grad_scaler is None:
-        return None
-    if not isinstance(grad_scaler, torch.amp.GradScaler):
-        raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
-    return grad_scaler if grad_scaler.is_enabled() else None
+    def __init__(self, scaler: torch.amp.GradScaler) -> None:
+        self.scaler = scaler
+        self.factor: float | None = None
 
+    @staticmethod
+    def of(grad_scaler: Any) -> LossScaling | None:
+        """The scaling of an enabled scaler; None without one (a disabled scaler means plain float32)."""
+        if grad_scaler is None:
+            return None
+        if not isinstance(grad_scaler, torch.amp.GradScaler):
+            raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
+        return LossScaling(grad_scaler) if grad_scaler.is_enabled() else None
 
-def scale_losses(
-    losses: list[torch.Tensor], scaler: torch.amp.GradScaler
-) -> tuple[list[torch.Tensor], float]:
-    """(L_i·s for each task, s). ``scaler.scale`` creates the scale tensor on the losses' device if needed."""
-    scaled = [scaler.scale(loss) for loss in losses]
-    scale = float(scaler.get_scale())
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"the GradScaler's scale must be finite and positive, got {scale}")
-    return scaled, scale
+    def scale(self, losses: list[torch.Tensor]) -> list[torch.Tensor]:
+        """L_i·s for each task (``scaler.scale`` creates the scale tensor on the losses' device if needed)."""
+        scaled = [self.scaler.scale(loss) for loss in losses]
+        self._read_factor()
+        return scaled
 
+    def scale_one(self, loss: torch.Tensor) -> torch.Tensor:
+        scaled = self.scaler.scale(loss)
+        self._read_factor()
+        return scaled
 
-def unscale(grads: TaskGradients, scale: float) -> None:
-    """Divide every task gradient by s in place (the Jacobian buffer and the task-specific gradients)."""
-    inv = 1.0 / scale
-    grads.jacobian.mul_(inv)
-    for entries in grads.other:
-        for _, g in entries:
+    def _read_factor(self) -> None:
+        factor = float(self.scaler.get_scale())
+        if not (math.isfinite(factor) and factor > 0):
+            raise ValueError(f"the GradScaler's scale must be finite and positive, got {factor}")
+        self.factor = factor
+
+    def unscale(self, jacobian: torch.Tensor, others: Iterable[torch.Tensor]) -> None:
+        """Divide the task gradients by s in place (exact when s is a power of two)."""
+        inv = 1.0 / self.factor
+        jacobian.mul_(inv)
+        for g in others:
             g.mul_(inv)
 
-
-def all_finite(loss_values: torch.Tensor, gram: torch.Tensor, grads: TaskGradients) -> bool:
-    """One synchronisation: a non-finite shared gradient makes its Gram diagonal non-finite."""
-    checks = [loss_values.reshape(-1).to(gram.device, gram.dtype), gram.diagonal()]
-    checks += [
-        g.detach().double().pow(2).sum().reshape(1).to(gram.device, gram.dtype)
-        for e in grads.other
-        for _, g in e
-    ]
-    return bool(torch.isfinite(torch.cat(checks)).all())
+    def rescale(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad * self.factor
 
 
 def mark_overflow(params: Iterable[torch.Tensor]) -> None:
@@ -77,9 +81,3 @@ def mark_overflow(params: Iterable[torch.Tensor]) -> None:
             p.grad = torch.full_like(p, math.inf)
         else:
             p.grad.fill_(math.inf)
-
-
-def reached_params(grads: TaskGradients) -> list[torch.Tensor]:
-    layout = grads.layout
-    shared = [layout.params[k] for k in layout.shared]
-    return shared + [layout.params[k] for k, entries in enumerate(grads.other) if entries]

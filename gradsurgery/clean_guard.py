@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch.func import functional_call, grad, jvp, vmap
 
 
 class CleanBatches:
@@ -295,6 +294,8 @@ def per_sample_clean_products(
             the per-sample loss vector along g_clean (one forward pass, no B × d memory; with batch
             statistics it differentiates through the whole batch).
     """
+    from torch.func import functional_call, grad, jvp, vmap  # torch.func loads torch._functorch: slow
+
     if backend not in ("vmap", "jvp"):
         raise ValueError(f"unknown backend {backend!r}; choose 'vmap' or 'jvp'")
     if not isinstance(inputs, torch.Tensor) or not isinstance(targets, torch.Tensor):

@@ -25,6 +25,7 @@ per-rank noise: about 10 % off on a small MLP) and is never done. Two exact path
 Both paths also average the T loss values (loss-based methods need the global losses) and the task-specific
 gradients, and run one tiny all-reduce per step that checks every rank passed the same task count and
 reached the same parameters with the same tasks (so a mismatch is a clear error, not a hang or garbage).
+On one process the reduction is ``LocalReduction``: the same interface, no communication.
 Loss weightings that need no Gram matrix (``needs_gram = False``: one backward of Σ w_i L_i) average
 their T loss values before computing the weights and their single gradient after (one all-reduce each).
 Methods that draw random numbers (PCGrad, GradVac, RLW) get rank 0's generator state once, before their first
@@ -40,15 +41,16 @@ from __future__ import annotations
 
 import contextlib
 import math
-import zlib
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .collect import TaskGradients
+from ._validation import check_choice
 from .gram import gram_matrix
-from .methods import Method
+
+if TYPE_CHECKING:
+    from .methods import Method
 
 STRATEGIES = ("allreduce", "sharded")
 
@@ -83,7 +85,7 @@ def check_not_sharded(params: Iterable[torch.Tensor]) -> None:
 
 
 class DistributedSync:
-    """How ``GradSurgery`` averages task gradients over data-parallel ranks.
+    """Which reduction a ``backward`` uses, and what must persist between calls.
 
     Args:
         model: the ``DistributedDataParallel`` module (optional): its process group is used and the per-task
@@ -108,8 +110,7 @@ class DistributedSync:
     ) -> None:
         if enabled not in (None, True, False):
             raise TypeError(f"distributed must be None (auto), True or False, got {enabled!r}")
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown dist_strategy {strategy!r}; choose one of {STRATEGIES}")
+        check_choice(strategy, STRATEGIES, "dist_strategy")
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(
                 f"model must be a torch.nn.Module (the DDP-wrapped model), got {type(model).__name__}"
@@ -124,7 +125,6 @@ class DistributedSync:
         self.strategy = strategy
         self.rng_shared = False
 
-    # -- which group, if any -------------------------------------------------------------------------------
     def group(self) -> Any | None:
         """The process group to average over, or None when this step is not distributed."""
         if self.enabled is False:
@@ -147,144 +147,19 @@ class DistributedSync:
             return None
         return group
 
+    def reduction(self, device: torch.device) -> Reduction:
+        """The reduction of this ``backward``: local, or over the group with the configured strategy."""
+        group = self.group()
+        if group is None:
+            return LocalReduction(self.no_sync)
+        kind = ShardedReduction if self.strategy == "sharded" else AllReduceReduction
+        return kind(self, group, device)
+
     def no_sync(self) -> contextlib.AbstractContextManager:
         """DDP's ``no_sync()`` when the DDP module is known: its gradient hooks must not fire on task
         gradients."""
         return self.model.no_sync() if is_ddp(self.model) else contextlib.nullcontext()
 
-    # -- agreement between ranks ----------------------------------------------------------------------------
-    def agree(
-        self,
-        group: Any,
-        device: torch.device,
-        *,
-        num_tasks: int = 0,
-        signature: int = 0,
-        failure: BaseException | None = None,
-    ) -> None:
-        """One tiny all-reduce: every rank learns whether any rank failed its local checks, and that all
-        ranks have the same task count and gradient layout. Raises on every rank together (no hang)."""
-        dist = _dist()
-        rank = dist.get_rank(group)
-        # MAX of (x, −x) gives the largest and the smallest x over the ranks in one call.
-        vec = torch.tensor(
-            [rank + 1 if failure is not None else 0, num_tasks, -num_tasks, signature, -signature],
-            dtype=torch.int64,
-            device=device,
-        )
-        dist.all_reduce(vec, op=dist.ReduceOp.MAX, group=group)
-        failed, t_max, t_min, s_max, s_min = (int(v) for v in vec.tolist())
-        t_min, s_min = -t_min, -s_min
-        if failure is not None:
-            raise failure
-        if failed:
-            raise RuntimeError(
-                f"GradSurgery.backward failed its checks on rank {failed - 1}; "
-                f"this rank (rank {rank}) stops too"
-            )
-        if t_max != t_min:
-            raise ValueError(
-                f"ranks passed different task counts to GradSurgery.backward (between {t_min} and {t_max}; "
-                f"this rank passed {num_tasks}); every rank must pass the same losses in the same order"
-            )
-        if s_max != s_min:
-            raise ValueError(
-                "ranks reached different parameters with their tasks (the shared / task-specific layout "
-                "differs between ranks); every rank must compute every task loss through the same parameters"
-            )
-
-    def share_rng(self, method: Method, group: Any, device: torch.device) -> None:
-        """Give every rank rank 0's generator states (once): PCGrad's and GradVac's random task orders must
-        be the same on all ranks."""
-        if self.rng_shared:
-            return
-        dist = _dist()
-        for _, gen in generators(method):
-            state = gen.get_state().to(device)
-            dist.broadcast(state, group=group, group_src=0)
-            gen.set_state(state.cpu())
-        self.rng_shared = True
-
-    # -- the two exact reductions ----------------------------------------------------------------------------
-    def allreduce(self, group: Any, grads: TaskGradients, loss_values: torch.Tensor) -> torch.Tensor:
-        """Average J in place (one all-reduce of the T×d buffer), then the task-specific gradients and the
-        losses (one small all-reduce per dtype); returns the mean losses."""
-        dist = _dist()
-        n = dist.get_world_size(group)
-        jac = grads.jacobian
-        if jac.numel():
-            dist.all_reduce(jac, group=group)
-            jac.div_(n)
-        others = _task_specific(grads)
-        loss_values = loss_values.clone()
-        _sum_in_place(others + [loss_values], group)
-        for g in others:
-            g.div_(n)
-        return loss_values.div_(n)
-
-    def sharded_gram(
-        self, group: Any, grads: TaskGradients, loss_values: torch.Tensor, gram_dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Reduce-scatter J by columns and all-reduce the Gram of the shards.
-
-        Returns (this rank's shard of the mean Jacobian, T×⌈d/n⌉; the global G; the mean losses).
-        """
-        dist = _dist()
-        n = dist.get_world_size(group)
-        jac = grads.jacobian
-        num_tasks, dim = jac.shape
-        width = max(1, math.ceil(dim / n))
-        if dim == n * width:
-            padded = jac
-        else:
-            padded = jac.new_zeros(num_tasks, n * width)
-            padded[:, :dim] = jac
-        # Rank k receives columns [k·width, (k+1)·width): lay the n blocks out one after the other.
-        blocks = padded.view(num_tasks, n, width).transpose(0, 1).contiguous()
-        shard = jac.new_empty(num_tasks, width)
-        _reduce_scatter(shard, blocks.view(n * num_tasks, width), group)
-        shard.div_(n)
-        # G = Σ_k J_k J_kᵀ over the column blocks: summed, not averaged. The losses ride along.
-        partial = gram_matrix(shard, gram_dtype)
-        packed = torch.cat([partial.reshape(-1), loss_values.to(device=partial.device, dtype=gram_dtype)])
-        others = _task_specific(grads)
-        _sum_in_place(others + [packed], group)
-        for g in others:
-            g.div_(n)
-        gram = packed[: num_tasks * num_tasks].view(num_tasks, num_tasks)
-        return shard, gram, packed[num_tasks * num_tasks :].div(n).to(loss_values.dtype)
-
-    def average(self, group: Any, values: torch.Tensor) -> torch.Tensor:
-        """The mean of ``values`` over the ranks (a new tensor)."""
-        dist = _dist()
-        out = values.clone()
-        dist.all_reduce(out, group=group)
-        return out.div_(dist.get_world_size(group))
-
-    def average_gradients(
-        self, group: Any, params: list[torch.Tensor], grads: Sequence[torch.Tensor | None]
-    ) -> list[torch.Tensor | None]:
-        """Mean of one gradient per parameter over the ranks (loss-weighting methods' single backward); a
-        parameter keeps None only when no rank reached it."""
-        dist = _dist()
-        n = dist.get_world_size(group)
-        filled = [g if g is not None else torch.zeros_like(p) for p, g in zip(params, grads, strict=True)]
-        reached = torch.tensor(
-            [float(g is not None) for g in grads], dtype=torch.float64, device=params[0].device
-        )
-        _sum_in_place(filled + [reached], group)
-        return [g.div_(n) if r > 0 else None for g, r in zip(filled, reached.tolist(), strict=True)]
-
-    def gather_fused(self, group: Any, shard: torch.Tensor, weights: torch.Tensor, dim: int) -> torch.Tensor:
-        """u = Jᵀw from each rank's shard: fuse locally, all-gather the d/n pieces."""
-        dist = _dist()
-        n = dist.get_world_size(group)
-        piece = weights.to(device=shard.device, dtype=shard.dtype) @ shard
-        full = piece.new_empty(n * piece.numel())
-        _all_gather(full, piece, group)
-        return full[:dim]
-
-    # -- copies ----------------------------------------------------------------------------------------------
     def __deepcopy__(self, memo: dict) -> DistributedSync:
         # A process group and the live DDP module cannot (and need not) be copied: the copy shares them.
         twin = DistributedSync.__new__(DistributedSync)
@@ -302,28 +177,185 @@ class DistributedSync:
         return state
 
 
-def generators(method: Method) -> Iterator[tuple[str, torch.Generator]]:
-    """The method's random generators, by attribute name (sorted, so every rank lists them in one order)."""
-    for name in sorted(vars(method)):
-        value = getattr(method, name)
-        if isinstance(value, torch.Generator):
-            yield name, value
+class LocalReduction:
+    """One process: nothing to average, nothing to agree on."""
+
+    group = None
+
+    def __init__(self, no_sync: Callable[[], contextlib.AbstractContextManager]) -> None:
+        self.no_sync = no_sync
+
+    def fail(self, error: BaseException) -> None:
+        """Called when this process's local checks failed (the caller raises ``error`` next)."""
+
+    def agree(self, num_tasks: int, signature: int) -> None:
+        """Every rank passed the same task count and reached the same parameters (one rank: trivially)."""
+
+    def share_rng(self, method: Method) -> None:
+        """Every rank draws the same random numbers (one rank: trivially)."""
+
+    def jacobian(
+        self,
+        jac: torch.Tensor,
+        values: torch.Tensor,
+        task_specific: list[torch.Tensor],
+        gram_dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """(G, the loss values, w ↦ Jᵀw) of the rank-averaged J; averages ``task_specific`` in place."""
+        return gram_matrix(jac, gram_dtype), values, _fuse_with(jac)
+
+    def average(self, values: torch.Tensor) -> torch.Tensor:
+        return values
+
+    def average_gradients(
+        self, params: list[torch.Tensor], grads: Sequence[torch.Tensor | None]
+    ) -> Sequence[torch.Tensor | None]:
+        return grads
 
 
-def layout_signature(grads: TaskGradients, num_tasks: int) -> int:
-    """A 31-bit fingerprint of which parameter is shared and which task reaches each task-specific one."""
-    layout = grads.layout
-    parts = [num_tasks, layout.dim, str(layout.dtype), len(layout.params), tuple(layout.shared)]
-    parts.append(tuple((k, tuple(i for i, _ in entries)) for k, entries in enumerate(grads.other) if entries))
-    return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
+class _GroupReduction(LocalReduction):
+    def __init__(self, sync: DistributedSync, group: Any, device: torch.device) -> None:
+        super().__init__(sync.no_sync)
+        self.sync = sync
+        self.group = group
+        self.device = device
+
+    def fail(self, error: BaseException) -> None:
+        self._exchange(failure=error)
+
+    def agree(self, num_tasks: int, signature: int) -> None:
+        self._exchange(num_tasks=num_tasks, signature=signature)
+
+    def _exchange(
+        self, *, num_tasks: int = 0, signature: int = 0, failure: BaseException | None = None
+    ) -> None:
+        """One tiny all-reduce: every rank learns whether any rank failed its local checks, and that all
+        ranks have the same task count and gradient layout. Raises on every rank together (no hang)."""
+        dist = _dist()
+        rank = dist.get_rank(self.group)
+        # MAX of (x, −x) gives the largest and the smallest x over the ranks in one call.
+        vec = torch.tensor(
+            [rank + 1 if failure is not None else 0, num_tasks, -num_tasks, signature, -signature],
+            dtype=torch.int64,
+            device=self.device,
+        )
+        dist.all_reduce(vec, op=dist.ReduceOp.MAX, group=self.group)
+        failed, t_max, t_min, s_max, s_min = (int(v) for v in vec.tolist())
+        t_min, s_min = -t_min, -s_min
+        if failure is not None:
+            return
+        if failed:
+            raise RuntimeError(
+                f"GradSurgery.backward failed its checks on rank {failed - 1}; "
+                f"this rank (rank {rank}) stops too"
+            )
+        if t_max != t_min:
+            raise ValueError(
+                f"ranks passed different task counts to GradSurgery.backward (between {t_min} and {t_max}; "
+                f"this rank passed {num_tasks}); every rank must pass the same losses in the same order"
+            )
+        if s_max != s_min:
+            raise ValueError(
+                "ranks reached different parameters with their tasks (the shared / task-specific layout "
+                "differs between ranks); every rank must compute every task loss through the same parameters"
+            )
+
+    def share_rng(self, method: Method) -> None:
+        """Give every rank rank 0's generator states (once): PCGrad's and GradVac's random task orders must
+        be the same on all ranks."""
+        if self.sync.rng_shared:
+            return
+        dist = _dist()
+        for gen in method.generators().values():
+            state = gen.get_state().to(self.device)
+            dist.broadcast(state, group=self.group, group_src=0)
+            gen.set_state(state.cpu())
+        self.sync.rng_shared = True
+
+    def average(self, values: torch.Tensor) -> torch.Tensor:
+        """The mean of ``values`` over the ranks (a new tensor)."""
+        dist = _dist()
+        out = values.clone()
+        dist.all_reduce(out, group=self.group)
+        return out.div_(dist.get_world_size(self.group))
+
+    def average_gradients(
+        self, params: list[torch.Tensor], grads: Sequence[torch.Tensor | None]
+    ) -> list[torch.Tensor | None]:
+        """Mean of one gradient per parameter over the ranks (the single backward of loss weightings); a
+        parameter keeps None only when no rank reached it."""
+        dist = _dist()
+        n = dist.get_world_size(self.group)
+        filled = [g if g is not None else torch.zeros_like(p) for p, g in zip(params, grads, strict=True)]
+        reached = torch.tensor(
+            [float(g is not None) for g in grads], dtype=torch.float64, device=params[0].device
+        )
+        _sum_in_place(filled + [reached], self.group)
+        return [g.div_(n) if r > 0 else None for g, r in zip(filled, reached.tolist(), strict=True)]
+
+
+class AllReduceReduction(_GroupReduction):
+    def jacobian(self, jac, values, task_specific, gram_dtype):
+        """Average J in place (one all-reduce of the T×d buffer), then the task-specific gradients and the
+        losses (one small all-reduce per dtype)."""
+        dist = _dist()
+        n = dist.get_world_size(self.group)
+        if jac.numel():
+            dist.all_reduce(jac, group=self.group)
+            jac.div_(n)
+        values = values.clone()
+        _sum_in_place(task_specific + [values], self.group)
+        for g in task_specific:
+            g.div_(n)
+        return gram_matrix(jac, gram_dtype), values.div_(n), _fuse_with(jac)
+
+
+class ShardedReduction(_GroupReduction):
+    def jacobian(self, jac, values, task_specific, gram_dtype):
+        """Reduce-scatter J by columns, all-reduce the Gram of the shards; u is fused per shard and
+        all-gathered."""
+        dist = _dist()
+        group = self.group
+        n = dist.get_world_size(group)
+        num_tasks, dim = jac.shape
+        width = max(1, math.ceil(dim / n))
+        if dim == n * width:
+            padded = jac
+        else:
+            padded = jac.new_zeros(num_tasks, n * width)
+            padded[:, :dim] = jac
+        # Rank k receives columns [k·width, (k+1)·width): lay the n blocks out one after the other.
+        blocks = padded.view(num_tasks, n, width).transpose(0, 1).contiguous()
+        shard = jac.new_empty(num_tasks, width)
+        _reduce_scatter(shard, blocks.view(n * num_tasks, width), group)
+        shard.div_(n)
+        # G = Σ_k J_k J_kᵀ over the column blocks: summed, not averaged. The losses ride along.
+        partial = gram_matrix(shard, gram_dtype)
+        packed = torch.cat([partial.reshape(-1), values.to(device=partial.device, dtype=gram_dtype)])
+        _sum_in_place(task_specific + [packed], group)
+        for g in task_specific:
+            g.div_(n)
+        gram = packed[: num_tasks * num_tasks].view(num_tasks, num_tasks)
+        values = packed[num_tasks * num_tasks :].div(n).to(values.dtype)
+
+        def fuse(weights: torch.Tensor) -> torch.Tensor:
+            piece = weights.to(device=shard.device, dtype=shard.dtype) @ shard
+            full = piece.new_empty(n * piece.numel())
+            _all_gather(full, piece, group)
+            return full[:dim]
+
+        return gram, values, fuse
+
+
+Reduction = LocalReduction
+
+
+def _fuse_with(jac: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda weights: weights.to(device=jac.device, dtype=jac.dtype) @ jac
 
 
 def _is_process_group(obj: Any) -> bool:
     return torch.distributed.is_available() and isinstance(obj, torch.distributed.ProcessGroup)
-
-
-def _task_specific(grads: TaskGradients) -> list[torch.Tensor]:
-    return [g for entries in grads.other for _, g in entries]
 
 
 def _sum_in_place(tensors: list[torch.Tensor], group: Any) -> None:

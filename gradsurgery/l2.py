@@ -1,4 +1,4 @@
-"""L2 regularization without λ: ½‖θ‖² read as an *auxiliary* task of the data loss (see DESIGN.md).
+"""L2 regularization without λ: ½‖θ‖² read as an *auxiliary* task of the data loss (``docs/maths.md``).
 
 The main task (the data loss, gradient g) descends as fast as it can while the auxiliary ½‖θ‖² (gradient θ)
 may not rise to first order. That is the main/auxiliary problem of Su (2022) with g_aux = θ:
@@ -32,6 +32,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
+
+from ._validation import check_bool, check_tensors
 
 _ACC = torch.float64  # inner products and squared norms are accumulated in float64
 
@@ -115,7 +117,8 @@ def decoupled_correction(
 
 
 class L2Rule:
-    """The λ-free L2 auxiliary as ``GradSurgery`` applies it.
+    """The λ-free L2 auxiliary as a post-transform: ``method="l2"`` and ``GradSurgery(..., l2=True)`` both
+    apply this one rule.
 
     Args:
         params: the regularized tensors; ``None`` means every trainable parameter with ``dim() >= 2`` (weight
@@ -126,93 +129,61 @@ class L2Rule:
     """
 
     def __init__(
-        self, params: Iterable[torch.Tensor] | None = None, per_tensor: bool = False, decoupled: bool = False
+        self,
+        params: Iterable[torch.Tensor] | None = None,
+        per_tensor: bool = False,
+        decoupled: bool = False,
+        what: str = "l2",
     ) -> None:
-        for name, value in (("per_tensor", per_tensor), ("decoupled", decoupled)):
-            if not isinstance(value, bool):
-                raise TypeError(f"l2 {name} must be a bool, got {value!r}")
-        self.params = None if params is None else _tensor_list(params, "l2 params")
+        self.per_tensor = check_bool(per_tensor, f"{what} per_tensor")
+        self.decoupled = check_bool(decoupled, f"{what} decoupled")
+        self.params = None if params is None else check_tensors(params, f"{what} params")
         self._ids = None if self.params is None else {id(p) for p in self.params}
-        self.per_tensor = per_tensor
-        self.decoupled = decoupled
+
+    @property
+    def acts_on_gradient(self) -> bool:
+        return not self.decoupled
+
+    def check(self, optimizer_params: Iterable[torch.Tensor]) -> None:
+        """Refuse regularized tensors that the optimizer does not hold (they would never be stepped)."""
+        if self.params is None:
+            return
+        known = {id(p) for p in optimizer_params}
+        strangers = [tuple(p.shape) for p in self.params if id(p) not in known]
+        if strangers:
+            raise ValueError(
+                f"the L2 params include tensors the optimizer does not hold (shapes {strangers})"
+            )
 
     def is_regularized(self, p: torch.Tensor) -> bool:
         return p.dim() >= 2 if self._ids is None else id(p) in self._ids
 
-    def transform(
+    def apply(
         self, pairs: list[tuple[torch.Tensor, torch.Tensor]]
-    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
-        """Apply u = g + λθ to the (param, new gradient) pairs of the regularized params; returns (pairs, λ).
-
-        θ is the set of regularized parameters this backward reaches (one not reached gets no gradient).
-        """
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
+        """The direct rule u = g + λθ on this backward's (param, new gradient) pairs of the regularized
+        params (θ: the regularized parameters this backward reaches); the decoupled rule leaves them alone.
+        Returns the pairs and the ``StepInfo`` fields it sets (``l2_coefficient``)."""
+        if self.decoupled:
+            return pairs, {}
         idx = [k for k, (p, _) in enumerate(pairs) if self.is_regularized(p)]
         new, lam = l2_direction([pairs[k][1] for k in idx], [pairs[k][0] for k in idx], self.per_tensor)
         out = list(pairs)
         for k, u in zip(idx, new, strict=True):
             out[k] = (pairs[k][0], u)
-        return out, lam
+        return out, {"l2_coefficient": lam}
 
-    def snapshot(self, params: Iterable[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """θ_old of the regularized params the inner step will move (those with a ``.grad``)."""
+    def before_step(self, params: Iterable[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """θ_old of the regularized params the inner step will move (those with a ``.grad``); decoupled rule
+        only."""
+        if not self.decoupled:
+            return None
         return [(p, p.detach().clone()) for p in params if p.grad is not None and self.is_regularized(p)]
 
-    def correct(self, snapshot: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        decoupled_correction([p.data for p, _ in snapshot], [old for _, old in snapshot], self.per_tensor)
+    def after_step(self, snapshot: list[tuple[torch.Tensor, torch.Tensor]] | None) -> None:
+        if snapshot is not None:
+            decoupled_correction([p.data for p, _ in snapshot], [old for _, old in snapshot], self.per_tensor)
 
     def __repr__(self) -> str:
         which = "dim>=2" if self.params is None else f"{len(self.params)} tensors"
         return f"L2Rule(params={which}, per_tensor={self.per_tensor}, decoupled={self.decoupled})"
-
-
-def _tensor_list(params: Iterable[torch.Tensor], what: str) -> list[torch.Tensor]:
-    if isinstance(params, torch.Tensor):
-        params = [params]
-    try:
-        params = list(params)
-    except TypeError:
-        raise TypeError(f"{what} must be an iterable of tensors, got {type(params).__name__}") from None
-    bad = [type(p).__name__ for p in params if not isinstance(p, torch.Tensor)]
-    if bad:
-        raise TypeError(f"{what} must hold tensors only, got {bad}")
-    if not params:
-        raise ValueError(f"{what} is empty: give at least one tensor, or None for every tensor with dim >= 2")
-    return params
-
-
-def make_l2_rule(
-    method: object,
-    optimizer: torch.optim.Optimizer,
-    l2: bool,
-    l2_params: Iterable[torch.Tensor] | None,
-    l2_per_tensor: bool | None,
-    l2_decoupled: bool | None,
-) -> L2Rule | None:
-    """The rule ``GradSurgery`` uses: from ``method="l2"`` or from ``l2=True`` (plus ``l2_*`` options)."""
-    from .methods.l2 import L2  # a late import keeps this module free of the method registry
-
-    if not isinstance(l2, bool):
-        raise TypeError(f"l2 must be a bool, got {l2!r}")
-    options = {"l2_params": l2_params, "l2_per_tensor": l2_per_tensor, "l2_decoupled": l2_decoupled}
-    given = [name for name, value in options.items() if value is not None]
-    if isinstance(method, L2):
-        if l2 or given:
-            raise TypeError(
-                f"method='l2' takes its options as params=, per_tensor=, decoupled=; got l2={l2!r}"
-                f"{' and ' + ', '.join(given) if given else ''}"
-            )
-        rule = L2Rule(method.params, method.per_tensor, method.decoupled)
-    elif l2:
-        rule = L2Rule(l2_params, bool(l2_per_tensor), bool(l2_decoupled))
-    else:
-        if given:
-            raise TypeError(f"{', '.join(given)} given without l2=True")
-        return None
-    if rule.params is not None:
-        known = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        strangers = [tuple(p.shape) for p in rule.params if id(p) not in known]
-        if strangers:
-            raise ValueError(
-                f"the L2 params include tensors the optimizer does not hold (shapes {strangers})"
-            )
-    return rule

@@ -1,35 +1,53 @@
 """``GradSurgery``: wraps any ``torch.optim.Optimizer`` and fuses per-task gradients before it steps.
 
-Pipeline of one ``backward(losses)``::
+One ``backward(losses)`` is a pipeline of stages, each chosen when the optimizer is built (or by the call's
+arguments: ``features=`` picks representation mode, ``grad_scaler=`` the loss scaling)::
 
-    losses ─autograd─▶ J (T×d, shared params) ─▶ G = J Jᵀ ─method─▶ w ─▶ u = Jᵀw ─▶ .grad ─▶ step()
-           └─▶ task-specific gradients ───────────────────────────────────────────▶ .grad
+    losses ─prepare─▶ T scalars ─source─▶ G (T×T), losses ─reduction─▶ averaged over ranks ─method─▶ w
+           ─source─▶ new gradients ─post-transforms─▶ (λ-free L2) ─write-back─▶ .grad ─▶ step()
 
-Nothing is written to any ``.grad`` until every check has passed, so a failed call leaves the parameters,
-their gradients and the method state as they were.
+Nothing is written to any ``.grad`` until every check has passed, and the method runs inside its
+transaction, so a failed call leaves the parameters, their gradients and the method state as they were.
 """
 
 from __future__ import annotations
 
-import copy
-import math
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from . import amp
-from .clean_guard import masked_main_loss
-from .collect import GradientCollector, TaskGradients
-from .distributed import DistributedSync, check_not_sharded, generators, layout_signature
-from .gram import gram_matrix
+from . import checkpoint
+from ._validation import check_bool, check_tensors
+from .amp import LossScaling, mark_overflow
+from .distributed import DistributedSync, check_not_sharded
 from .info import StepInfo
-from .l2 import make_l2_rule
+from .l2 import L2Rule
+from .losses import MaskedLosses, PlainLosses, as_task_losses
 from .methods import Method, make_method
-from .representation import representation_backward
+from .sources import NonFiniteError
+from .sources.features import FeatureSource
+from .sources.jacobian import JacobianSource
+from .sources.weighted import WeightedSource
+from .writeback import accumulate
 
-STATE_KEY = "gradsurgery"
-STATE_VERSION = 1
+STATE_KEY = checkpoint.STATE_KEY
+STATE_VERSION = checkpoint.STATE_VERSION
+
+
+def _run_eagerly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.compiler.disable(fn)``, built at the first call: it imports torch._dynamo (about a second),
+    which ``import gradsurgery`` should not pay for."""
+    disabled: list[Callable[..., Any]] = []
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not disabled:
+            disabled.append(torch.compiler.disable(fn))
+        return disabled[0](*args, **kwargs)
+
+    return wrapper
 
 
 class GradSurgery(torch.optim.Optimizer):
@@ -93,12 +111,17 @@ class GradSurgery(torch.optim.Optimizer):
         sync = DistributedSync(
             model=model, process_group=process_group, enabled=distributed, strategy=dist_strategy
         )
-        check_not_sharded(p for g in optimizer.param_groups for p in g["params"])
+        held = [p for g in optimizer.param_groups for p in g["params"]]
+        check_not_sharded(held)
         self.method = make_method(method, **options)
-        self.l2 = make_l2_rule(self.method, optimizer, l2, l2_params, l2_per_tensor, l2_decoupled)
+        transforms = self.method.transforms() + _l2_option(
+            self.method, l2, l2_params, l2_per_tensor, l2_decoupled
+        )
+        for transform in transforms:
+            transform.check(held)
         if shared_params is not None:
-            shared_params = list(shared_params)
-            known = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            shared_params = check_tensors(shared_params, "shared_params")
+            known = {id(p) for p in held}
             strangers = [tuple(p.shape) for p in shared_params if id(p) not in known]
             if strangers:
                 raise ValueError(
@@ -109,9 +132,17 @@ class GradSurgery(torch.optim.Optimizer):
         super().__init__(optimizer.param_groups, optimizer.defaults)
         self.optimizer = optimizer
         self._share_inner_state()
-        self.collector = GradientCollector(shared_params)
         self.gram_dtype = gram_dtype
         self.sync = sync
+        self.shared_ids = None if shared_params is None else {id(p) for p in shared_params}
+        self.transforms = transforms
+        self.source = (
+            JacobianSource(shared_params, gram_dtype)
+            if self.method.needs_gram
+            else WeightedSource(gram_dtype)
+        )
+        main = self.method.per_sample_task
+        self.prepare = PlainLosses() if main is None else MaskedLosses(main, self.shared_ids)
         if num_tasks is not None:
             self.method.bind(num_tasks)
 
@@ -120,16 +151,21 @@ class GradSurgery(torch.optim.Optimizer):
         self.state = self.optimizer.state
         self.defaults = self.optimizer.defaults
 
+    @property
+    def l2(self) -> L2Rule | None:
+        """The λ-free L2 rule in effect (from ``method="l2"`` or ``l2=True``), or None."""
+        return next((t for t in self.transforms if isinstance(t, L2Rule)), None)
+
     # -- the torch.optim.Optimizer surface ---------------------------------------------------------------
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """The wrapped optimizer's step on the gradients ``backward`` wrote; then, with the decoupled L2
-        rule, the correction of that step (``gradsurgery/l2.py``); then the method's own update (learnable
-        task weights), which therefore happens only when the model really steps."""
-        decoupled = self.l2 is not None and self.l2.decoupled
-        before = self.l2.snapshot(self._trainable_params()) if decoupled else None
+        """The wrapped optimizer's step on the gradients ``backward`` wrote; then the step corrections of the
+        post-transforms (the decoupled L2 rule, ``gradsurgery/l2.py``); then the method's own update
+        (learnable task weights), which therefore happens only when the model really steps."""
+        params = self._trainable_params()
+        before = [t.before_step(params) for t in self.transforms]
         out = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
-        if before is not None:
-            self.l2.correct(before)
+        for transform, token in zip(self.transforms, before, strict=True):
+            transform.after_step(token)
         self.method.after_step()
         return out
 
@@ -148,21 +184,13 @@ class GradSurgery(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's state dict plus a ``"gradsurgery"`` entry with the method and its state."""
         sd = self.optimizer.state_dict()
-        sd[STATE_KEY] = {
-            "version": STATE_VERSION,
-            "method": self.method.name,
-            "options": dict(self.method.options),
-            "num_tasks": self.method.num_tasks,
-            "method_state": self.method.state_dict(),
-            # Every generator the method holds, whether or not its own state_dict saves it.
-            "rng_state": {name: gen.get_state() for name, gen in generators(self.method)},
-        }
+        sd[STATE_KEY] = checkpoint.method_entry(self.method)
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the wrapped optimizer and the method. A state dict from another method, task count or
         option set is refused before anything changes; a plain optimizer state dict restores the optimizer
-        only.
+        only; a version-1 state dict (gradsurgery 0.1.0) is read as well.
 
         The wrapped optimizer's ``param_groups`` list and ``state`` dict keep their identity (they are
         refilled in place), so every holder of a reference (schedulers, framework proxies) sees the restored
@@ -174,11 +202,8 @@ class GradSurgery(torch.optim.Optimizer):
         ours = state_dict.pop(STATE_KEY, None)
         restored = None
         if ours is not None:
-            self._check_compatible(ours)
-            if ours["num_tasks"] is not None:
-                # Rehearse on a copy: a malformed method state fails here, before the optimizer is touched.
-                restored = copy.deepcopy(self.method)
-                _load_method(restored, ours)
+            ours = checkpoint.check_compatible(self.method, ours)
+            restored = checkpoint.rehearse(self.method, ours)
         groups, state = self.optimizer.param_groups, self.optimizer.state
         self.optimizer.load_state_dict(state_dict)
         if self.optimizer.param_groups is not groups:
@@ -190,27 +215,7 @@ class GradSurgery(torch.optim.Optimizer):
             state.update(fresh)
             self.optimizer.state = state
         if restored is not None:
-            _load_method(self.method, ours)
-
-    def _check_compatible(self, ours: dict[str, Any]) -> None:
-        if not isinstance(ours, dict) or ours.get("version") != STATE_VERSION:
-            version = ours.get("version") if isinstance(ours, dict) else ours
-            raise ValueError(f"unsupported gradsurgery state version {version!r} (expected {STATE_VERSION})")
-        if ours["method"] != self.method.name:
-            raise ValueError(
-                f"state dict is for method {ours['method']!r}, this optimizer uses {self.method.name!r}"
-            )
-        if ours["num_tasks"] is not None and self.method.num_tasks not in (None, ours["num_tasks"]):
-            raise ValueError(
-                f"state dict is for {ours['num_tasks']} tasks, this optimizer has {self.method.num_tasks}"
-            )
-        # The seed only picks the initial generator state, which the checkpoint replaces anyway.
-        theirs = {k: v for k, v in dict(ours.get("options", {})).items() if k != "seed"}
-        mine = {k: v for k, v in self.method.options.items() if k != "seed"}
-        differ = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
-        if differ:
-            detail = ", ".join(f"{k}: saved {theirs.get(k)!r} vs {mine.get(k)!r}" for k in differ)
-            raise ValueError(f"state dict is for different {self.method.name!r} options ({detail})")
+            checkpoint.load_method(self.method, ours)
 
     def __getstate__(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -222,9 +227,9 @@ class GradSurgery(torch.optim.Optimizer):
         return f"GradSurgery(method={self.method!r}, optimizer={self.optimizer!r})"
 
     # -- the multi-task backward -------------------------------------------------------------------------
-    # Never traced by torch.compile: the methods run NumPy/SciPy/cvxpy on the host and the gradients are
-    # taken with autograd.grad, so a compiled training step runs this part eagerly (its model still compiles).
-    @torch.compiler.disable
+    # Never traced by torch.compile: the methods run NumPy/SciPy on the host and the gradients are taken
+    # with autograd.grad, so a compiled training step runs this part eagerly (its model still compiles).
+    @_run_eagerly
     def backward(
         self,
         losses: Sequence[torch.Tensor] | torch.Tensor,
@@ -250,167 +255,76 @@ class GradSurgery(torch.optim.Optimizer):
 
         ``features``: the shared representation z (a tensor or a sequence of tensors) that the task heads
         read. The weights then come from the task gradients with respect to z, and one backward pass fills
-        every ``.grad`` (MGDA-UB, an approximation; see ``gradsurgery.representation``). Not combined with
+        every ``.grad`` (MGDA-UB, an approximation; see ``gradsurgery.sources.features``). Not combined with
         ``grad_scaler`` or data parallelism yet.
 
         With ``method="main_aux", mode="mask"`` the main loss is a 1-D tensor of per-sample losses and the
         samples whose gradient conflicts with the auxiliary's are dropped first (``info.sample_mask``).
         """
-        scaler = amp.active_scaler(grad_scaler)
-        group = self.sync.group()
-        if features is not None:
-            if scaler is not None or group is not None or self._direct_l2:
-                raise ValueError(
-                    "representation mode (features=) does not support grad_scaler=, distributed training "
-                    "or the direct l2 rule yet; use the full mode (no features=)"
-                )
-            losses = self._check_losses(losses)
-            return representation_backward(self, losses, features, retain_graph=retain_graph)
-        sample_mask = None
-        if getattr(self.method, "mode", None) == "mask":
-            losses, sample_mask = masked_main_loss(
-                losses, self.method.main, self._trainable_params(), self.collector.shared_override
-            )
-        device = self._device()
-        scale = None
-        weighted = not self.method.needs_gram
-        try:
-            losses = self._check_losses(losses)
-            grads = None
-            if not weighted:
-                grad_losses = losses
-                if scaler is not None:
-                    grad_losses, scale = amp.scale_losses(losses, scaler)
-                grads = self._collect(grad_losses, retain_graph)
-        except (TypeError, ValueError) as err:
-            if group is not None:
-                self.sync.agree(group, device, failure=err)  # the other ranks stop too, then this raises err
-            raise
-        num_tasks = len(losses)
-        if group is not None:
-            signature = 0 if grads is None else layout_signature(grads, num_tasks)
-            self.sync.agree(group, device, num_tasks=num_tasks, signature=signature)
-        self.method.bind(num_tasks)
-        if weighted:
-            return self._backward_weighted(losses, retain_graph, scaler=scaler, group=group, device=device)
-        if scale is not None:
-            amp.unscale(grads, scale)
-        loss_values = torch.stack([loss.detach().reshape(()) for loss in losses]).to(self.gram_dtype)
-        shard = None
-        if group is None:
-            gram = gram_matrix(grads.jacobian, self.gram_dtype)
-        else:
-            self.sync.share_rng(self.method, group, device)
-            if self.sync.strategy == "sharded":
-                shard, gram, loss_values = self.sync.sharded_gram(group, grads, loss_values, self.gram_dtype)
-            else:
-                loss_values = self.sync.allreduce(group, grads, loss_values)
-                gram = gram_matrix(grads.jacobian, self.gram_dtype)
-        if scale is not None and not amp.all_finite(loss_values, gram, grads):
-            amp.mark_overflow(amp.reached_params(grads))
-            return self._overflow_info(loss_values, gram)
-        self._check_finite(loss_values, gram, grads)
-        weights = self.method(gram, loss_values.to(gram.device))
-        fused = None
-        if shard is not None:
-            fused = self.sync.gather_fused(group, shard, weights, grads.layout.dim)
-        new_grads, l2_coefficient = self._apply_l2(self._fused_gradients(grads, weights, fused))
-        for p, g in new_grads:
-            _accumulate(p, g if scale is None else g * scale)
-        return StepInfo(
-            weights=weights,
-            losses=loss_values,
-            gram=gram,
-            method=self.method.name,
-            extras=self.method.info_extras(),
-            l2_coefficient=l2_coefficient,
-            sample_mask=sample_mask,
-        )
-
-    @property
-    def _direct_l2(self) -> bool:
-        return self.l2 is not None and not self.l2.decoupled
-
-    def _apply_l2(self, new_grads):
-        """The direct L2 rule on this backward's new gradient contributions (identity without it)."""
-        if not self._direct_l2:
-            return new_grads, None
-        return self.l2.transform(new_grads)
-
-    def _backward_weighted(
-        self,
-        losses: list[torch.Tensor],
-        retain_graph: bool,
-        *,
-        scaler: torch.amp.GradScaler | None = None,
-        group: Any = None,
-        device: torch.device | None = None,
-    ) -> StepInfo:
-        """Loss weightings that need no per-task gradient (``Method.needs_gram = False``, e.g. FAMO, RLW).
-
-        The weights come from the loss values alone, so one backward pass of Σ_i w_i L_i gives every parameter
-        Σ_i w_i g_i, exactly what the per-task path gives a loss weighting, for one backward instead of T and
-        no T×d Jacobian. No Gram matrix is formed (``StepInfo.gram`` is None), and a loss that reaches no
-        parameter is noticed only when none of them does. The method's state is restored when the gradients
-        turn out non-finite, so a refused call changes nothing.
-
-        With a GradScaler the weighted loss is scaled (the weights do not depend on the gradients, so this
-        equals scaling each loss) and an overflow restores the method's state. Under data parallelism the
-        loss values are averaged over the ranks before the weights are computed, and the gradient after.
-        """
-        loss_values = torch.stack([loss.detach().reshape(()) for loss in losses]).to(self.gram_dtype)
-        if group is not None:
-            self.sync.share_rng(self.method, group, device)
-            loss_values = self.sync.average(group, loss_values)
-        values = loss_values.tolist()
+        scaling = LossScaling.of(grad_scaler)
+        reduction = self.sync.reduction(self._device())
         params = self._trainable_params()
-        bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
-        if bad:
-            if scaler is None:
-                raise ValueError(f"non-finite loss value(s) for task(s) {bad}: {values}")
-            amp.mark_overflow(params)
-            return self._overflow_info(loss_values, None)
-        saved = copy.deepcopy(self.method.state_dict())
-        weights = self.method(None, loss_values)
         try:
-            total = sum(w.to(loss.dtype) * loss for w, loss in zip(weights.unbind(), losses, strict=True))
-            if scaler is not None:
-                total = scaler.scale(total)  # .grad then holds s·Σ w_i g_i, as GradScaler expects
-            with self.sync.no_sync():
-                grads = torch.autograd.grad(total, params, retain_graph=retain_graph, allow_unused=True)
-            if group is not None:
-                grads = self.sync.average_gradients(group, params, grads)
-            reached = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
-            if not reached:
-                raise ValueError("the losses reach none of the optimizer's parameters")
-            if not bool(torch.stack([torch.isfinite(g).all() for _, g in reached]).all()):
-                if scaler is None:
-                    raise ValueError(
-                        "non-finite (NaN/inf) gradient of the weighted loss; nothing was written"
-                    )
-                self.method.load_state_dict(saved)
-                amp.mark_overflow(p for p, _ in reached)
-                return self._overflow_info(loss_values, None)
-        except BaseException:
-            self.method.load_state_dict(saved)
+            tasks, sample_mask = self._prepare_losses(losses, params)
+            source = self._source_for(features, scaling, reduction)
+            step = source.collect(
+                tasks,
+                params,
+                scaling=scaling,
+                retain_graph=retain_graph,
+                no_sync=reduction.no_sync,
+                scales_task_specific=self.method.scales_task_specific,
+            )
+        except (TypeError, ValueError) as err:
+            reduction.fail(err)  # the other ranks stop too
             raise
-        reached, l2_coefficient = self._apply_l2(reached)
-        for p, g in reached:
-            _accumulate(p, g)
+        reduction.agree(step.num_tasks, step.signature())
+        reduction.share_rng(self.method)
+        try:
+            with self.method.transaction():
+                step.reduce(reduction)
+                step.check_finite()
+                weights = self.method(step.gram, step.loss_values.to(_device_of(step)))
+                new_grads, fields = self._post_transform(step.gradients(weights))
+                accumulate(new_grads, scaling)
+        except NonFiniteError as err:
+            if scaling is None:
+                raise
+            mark_overflow(err.params)
+            weights, fields = torch.full_like(step.loss_values, float("nan")), {"overflow": True}
         return StepInfo(
             weights=weights,
-            losses=loss_values,
-            gram=None,
+            losses=step.loss_values,
+            gram=step.gram,
             method=self.method.name,
-            extras=self.method.info_extras(),
-            l2_coefficient=l2_coefficient,
+            mode=step.mode,
+            source=step.source,
+            sample_mask=sample_mask,
+            extras={} if fields.get("overflow") else self.method.info_extras(),
+            **fields,
         )
 
-    def _overflow_info(self, loss_values: torch.Tensor, gram: torch.Tensor | None) -> StepInfo:
-        nan = torch.full(
-            (len(loss_values),), float("nan"), dtype=loss_values.dtype, device=loss_values.device
-        )
-        return StepInfo(weights=nan, losses=loss_values, gram=gram, method=self.method.name, overflow=True)
+    def _prepare_losses(self, losses: Any, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
+        """The loss-preparation stage, then the validated scalars (the task count checked, not yet bound)."""
+        losses, sample_mask = self.prepare(losses, params)
+        tasks = as_task_losses(losses, self.method.num_tasks, self.method.name)
+        if self.method.num_tasks is None:
+            self.method.check_num_tasks(len(tasks))
+        return tasks, sample_mask
+
+    def _source_for(self, features: Any, scaling: LossScaling | None, reduction: Any) -> Any:
+        if features is None:
+            return self.source
+        gradient_transforms = any(t.acts_on_gradient for t in self.transforms)
+        FeatureSource.check_supported(scaling, reduction, gradient_transforms)
+        return FeatureSource(features, self.gram_dtype)
+
+    def _post_transform(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[list, dict[str, Any]]:
+        fields: dict[str, Any] = {}
+        for transform in self.transforms:
+            pairs, more = transform.apply(pairs)
+            fields.update(more)
+        return pairs, fields
 
     def _device(self) -> torch.device:
         for group in self.param_groups:
@@ -418,114 +332,34 @@ class GradSurgery(torch.optim.Optimizer):
                 return p.device
         return torch.device("cpu")
 
-    def _collect(self, losses: list[torch.Tensor], retain_graph: bool) -> TaskGradients:
-        """Per-task gradients: the Jacobian over the shared parameters and the others' own gradients."""
-        with self.sync.no_sync():
-            grads = self.collector.collect(losses, self._trainable_params(), retain_graph=retain_graph)
-        self._check_reached(grads)
-        return grads
-
-    def _check_losses(self, losses: Sequence[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
-        if isinstance(losses, torch.Tensor):
-            if losses.dim() > 1:
-                raise ValueError(
-                    f"losses must be a sequence or a 1-D tensor of scalars, got shape {tuple(losses.shape)}"
-                )
-            losses = [losses] if losses.dim() == 0 else list(losses.unbind())
-        elif not isinstance(losses, Sequence) or isinstance(losses, str):
-            raise TypeError(f"losses must be a sequence of scalar tensors, got {type(losses).__name__}")
-        losses = list(losses)
-        if not losses:
-            raise ValueError("backward needs at least one loss, got none")
-        for i, loss in enumerate(losses):
-            if not isinstance(loss, torch.Tensor):
-                raise TypeError(f"loss {i} is a {type(loss).__name__}, not a tensor")
-            if loss.numel() != 1:
-                raise ValueError(f"loss {i} is not a scalar: shape {tuple(loss.shape)}")
-            if not loss.requires_grad:
-                raise ValueError(f"loss {i} does not require grad (was it computed under torch.no_grad()?)")
-        expected = self.method.num_tasks
-        if expected is not None and len(losses) != expected:
-            raise ValueError(
-                f"expected {expected} losses (the task count of method {self.method.name!r}), "
-                f"got {len(losses)}"
-            )
-        if expected is None:
-            # Validate the task count now; binding waits until every check (and every rank) has agreed.
-            self.method._check_num_tasks(len(losses))
-        return [loss.reshape(()) for loss in losses]
-
     def _trainable_params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
 
-    @staticmethod
-    def _check_reached(grads: TaskGradients) -> None:
-        lost = [i for i, n in enumerate(grads.reached) if n == 0]
-        if lost:
-            raise ValueError(f"loss(es) {lost} reach none of the optimizer's parameters")
 
-    @staticmethod
-    def _check_finite(loss_values: torch.Tensor, gram: torch.Tensor, grads: TaskGradients) -> None:
-        """One synchronisation for all checks; a non-finite gradient makes its Gram diagonal non-finite."""
-        other_sq = [g.detach().double().pow(2).sum() for entries in grads.other for _, g in entries]
-        checks = [loss_values.to(gram.device), gram.diagonal()]
-        if other_sq:
-            checks.append(torch.stack(other_sq).to(gram.device))
-        if bool(torch.isfinite(torch.cat(checks)).all()):
-            return
-        bad_losses = [i for i, v in enumerate(loss_values.tolist()) if v != v or abs(v) == float("inf")]
-        if bad_losses:
-            raise ValueError(f"non-finite loss value(s) for task(s) {bad_losses}: {loss_values.tolist()}")
-        diag = gram.diagonal().tolist()
-        bad_tasks = {i for i, v in enumerate(diag) if not torch.isfinite(torch.tensor(v))}
-        for entries in grads.other:
-            bad_tasks |= {i for i, g in entries if not bool(torch.isfinite(g).all())}
-        raise ValueError(
-            f"non-finite (NaN/inf) gradient for task(s) {sorted(bad_tasks)}; nothing was written"
-        )
-
-    def _fused_gradients(
-        self, grads: TaskGradients, weights: torch.Tensor, fused: torch.Tensor | None = None
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The new gradient of each reached parameter: u = Jᵀw for shared ones, Σ_i s_i g_i for the others
-        (s_i = 1, or w_i for loss-weighting methods). ``fused``: u already formed (the sharded path)."""
-        layout, jac = grads.layout, grads.jacobian
-        out: list[tuple[torch.Tensor, torch.Tensor]] = []
-        if layout.shared:
-            if fused is None:
-                fused = weights.to(device=jac.device, dtype=jac.dtype) @ jac
-            for slot, k in enumerate(layout.shared):
-                p = layout.params[k]
-                out.append((p, layout.segment(fused, slot).view_as(p)))
-        scale = self.method.scales_task_specific
-        for k, entries in enumerate(grads.other):
-            if not entries:
-                continue
-            total = None
-            for i, g in entries:
-                g = g * weights[i].to(device=g.device, dtype=g.dtype) if scale else g
-                total = g if total is None else total + g
-            out.append((layout.params[k], total))
-        return out
+def _device_of(step: Any) -> torch.device:
+    return step.gram.device if step.gram is not None else step.loss_values.device
 
 
-def _load_method(method: Method, ours: dict[str, Any]) -> None:
-    """Bind ``method`` to the saved task count and restore its state and generators."""
-    try:
-        method.bind(ours["num_tasks"])
-        method.load_state_dict(ours["method_state"])
-        gens = dict(generators(method))
-        for name, state in dict(ours.get("rng_state") or {}).items():
-            if name not in gens:
-                raise KeyError(f"the method has no generator {name!r}")
-            gens[name].set_state(state)
-    except (KeyError, TypeError, RuntimeError, AttributeError) as err:
-        raise ValueError(f"malformed gradsurgery method state for {method.name!r}: {err}") from err
-
-
-def _accumulate(p: torch.Tensor, grad: torch.Tensor) -> None:
-    grad = grad.to(p.dtype)
-    if p.grad is None:
-        p.grad = grad.detach()
-    else:
-        p.grad.add_(grad)
+def _l2_option(
+    method: Method,
+    l2: bool,
+    l2_params: Sequence[torch.Tensor] | None,
+    l2_per_tensor: bool | None,
+    l2_decoupled: bool | None,
+) -> list[L2Rule]:
+    """The rule ``l2=True`` adds (with its ``l2_*`` options), or nothing."""
+    check_bool(l2, "l2")
+    options = {"l2_params": l2_params, "l2_per_tensor": l2_per_tensor, "l2_decoupled": l2_decoupled}
+    given = [name for name, value in options.items() if value is not None]
+    if any(isinstance(t, L2Rule) for t in method.transforms()):
+        if l2 or given:
+            raise TypeError(
+                f"method={method.name!r} applies the L2 rule itself and takes its options as params=, "
+                f"per_tensor=, decoupled=; got l2={l2!r}{' and ' + ', '.join(given) if given else ''}"
+            )
+        return []
+    if not l2:
+        if given:
+            raise TypeError(f"{', '.join(given)} given without l2=True")
+        return []
+    return [L2Rule(l2_params, bool(l2_per_tensor), bool(l2_decoupled))]

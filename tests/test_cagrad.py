@@ -137,7 +137,7 @@ def test_single_task_and_zero_gradients():
         ({"c": float("nan")}, ValueError, "got nan"),
         ({"c": "0.5"}, TypeError, "c must be a number"),
         ({"c": True}, TypeError, "c must be a number"),
-        ({"rescale": 1}, TypeError, "rescale must be True or False"),
+        ({"rescale": 1}, TypeError, r"rescale must be a bool \(True or False\)"),
     ],
 )
 def test_bad_options(options, error, match):

@@ -2,7 +2,7 @@
 
 import torch
 
-from gradsurgery.collect import GradientCollector
+from gradsurgery.sources.jacobian import GradientCollector
 
 
 def test_shared_detection_and_rows():

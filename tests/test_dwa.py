@@ -141,5 +141,5 @@ def test_options_are_validated():
         DWA(temperature=0)
     with pytest.raises(ValueError, match="period"):
         DWA(period=0)
-    with pytest.raises(ValueError, match="period"):
+    with pytest.raises(TypeError, match="period"):
         DWA(period=2.0)

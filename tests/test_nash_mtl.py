@@ -140,7 +140,7 @@ def test_forced_solver_failure_warns_falls_back_and_counts(monkeypatch):
     assert opt.state_dict()["gradsurgery"]["method_state"]["solver_failures"] == 2
 
 
-def test_failure_after_some_iterations_keeps_the_last_iterate(monkeypatch):
+def test_failure_after_some_iterations_keeps_the_best_iterate(monkeypatch):
     jac = random_jacobian(5, 3, 6)
     gram = jac @ jac.T
     method = NashMTL(max_iter=5)
@@ -155,7 +155,7 @@ def test_failure_after_some_iterations_keeps_the_last_iterate(monkeypatch):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(cp.Problem, "solve", second_fails)
-    with pytest.warns(SolverFallbackWarning, match="this step's last completed iterate"):
+    with pytest.warns(SolverFallbackWarning, match="this step's best completed iterate"):
         alpha = method(torch.from_numpy(gram), ONES.expand(3)).numpy()
     # The first convex iterate is feasible for the constraints α_i (Gα)_i ≥ 1.
     assert np.all(alpha * (gram @ alpha) >= 1 - 1e-6)

@@ -340,17 +340,28 @@ def test_pareto_allows_round_off_over_one():
     np.testing.assert_array_equal(pareto_min_norm(np.eye(2), c), c)
 
 
-@pytest.mark.parametrize("main,match", [(3, "main=3"), (-1, "main=-1"), (1.0, "1.0"), (True, "True")])
-def test_main_aux_rejects_bad_main(main, match):
-    with pytest.raises(ValueError, match=match):
+@pytest.mark.parametrize(
+    "main,error,match",
+    [(3, ValueError, "main=3"), (-1, ValueError, "main=-1"), (1.0, TypeError, "1.0"), (True, TypeError, "True")],
+)
+def test_main_aux_rejects_bad_main(main, error, match):
+    with pytest.raises(error, match=match):
         main_aux_min_norm(np.eye(3), main)
 
 
 @pytest.mark.parametrize(
-    "main,match", [([], r"\[\]"), ([0, 0], "0"), ([0, 5], "5"), (0, "0"), (["a"], "'a'"), ([0.5], "0.5")]
+    "main,error,match",
+    [
+        ([], ValueError, r"\[\]"),
+        ([0, 0], ValueError, "0"),
+        ([0, 5], ValueError, "5"),
+        (0, TypeError, "0"),
+        (["a"], TypeError, "'a'"),
+        ([0.5], TypeError, "0.5"),
+    ],
 )
-def test_mixed_rejects_bad_main(main, match):
-    with pytest.raises(ValueError, match=match):
+def test_mixed_rejects_bad_main(main, error, match):
+    with pytest.raises(error, match=match):
         mixed_min_norm(np.eye(3), main)
 
 

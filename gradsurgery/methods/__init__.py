@@ -57,7 +57,8 @@ register(L2)
 
 
 def option_names(cls: type[Method]) -> list[str]:
-    return [p.name for p in inspect.signature(cls.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    """The options of a method class (its ``__init__``'s keyword-only arguments)."""
+    return cls.option_names()
 
 
 def make_method(method: str | Method, **options: Any) -> Method:
@@ -71,15 +72,13 @@ def make_method(method: str | Method, **options: Any) -> Method:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; available: {sorted(METHODS)}")
     cls = METHODS[method]
-    allowed = option_names(cls)
+    allowed = cls.option_names()
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise TypeError(f"method {method!r} got unknown option(s) {unknown}; its options are {allowed}")
-    signature = inspect.signature(cls.__init__)
+    parameters = inspect.signature(cls.__init__).parameters.values()
     missing = [
-        p.name
-        for p in signature.parameters.values()
-        if p.kind is p.KEYWORD_ONLY and p.default is p.empty and p.name not in options
+        p.name for p in parameters if p.name in allowed and p.default is p.empty and p.name not in options
     ]
     if missing:
         raise TypeError(f"method {method!r} needs option(s) {missing}")

@@ -13,41 +13,31 @@ that is skipped applies nothing, so the vector never moves on a failed step.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from .._validation import check_choice, check_number, check_numbers
+
 OPTIMIZERS = ("adam", "sgd")
 
 
 def check_lr(lr: Any) -> float:
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-    return float(lr)
+    return check_number(lr, "lr", minimum=0.0, exclusive_minimum=True)
 
 
 def check_optimizer(name: Any, method: str) -> str:
-    if name not in OPTIMIZERS:
-        raise ValueError(
-            f"unknown weight_optimizer {name!r} for method {method!r}; choose one of {OPTIMIZERS}"
-        )
-    return name
+    return check_choice(name, OPTIMIZERS, "weight_optimizer", f" for method {method!r}")
 
 
 def check_vector_option(value: Any, what: str) -> float | list[float]:
     """A float, or a sequence of floats (one per task, length checked at ``bind``); all finite."""
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().tolist()
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        values = [float(v) for v in value]
-        if not values or not all(math.isfinite(v) for v in values):
-            raise ValueError(f"{what} must be finite numbers, got {values}")
-        return values
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{what} must be a finite number or one per task, got {value!r}")
-    return float(value)
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        value = value.item()
+    if isinstance(value, Sequence | torch.Tensor) and not isinstance(value, str):
+        return check_numbers(value, what)
+    return check_number(value, what)
 
 
 def expand(value: float | list[float], num_tasks: int, what: str) -> torch.Tensor:
@@ -61,13 +51,15 @@ def expand(value: float | list[float], num_tasks: int, what: str) -> torch.Tenso
 class LearnedVector:
     """The vector, its pending gradient and its optimizer."""
 
-    def __init__(self, init: torch.Tensor, optimizer: str, lr: float) -> None:
+    def __init__(self, init: torch.Tensor, optimizer: str, lr: float, weight_decay: float = 0.0) -> None:
         self.kind = optimizer
         self.param = init.detach().to("cpu", torch.float64).clone().requires_grad_(True)
         if optimizer == "adam":
-            self.optimizer: torch.optim.Optimizer = torch.optim.Adam([self.param], lr=lr)
+            self.optimizer: torch.optim.Optimizer = torch.optim.Adam(
+                [self.param], lr=lr, weight_decay=weight_decay
+            )
         else:
-            self.optimizer = torch.optim.SGD([self.param], lr=lr)
+            self.optimizer = torch.optim.SGD([self.param], lr=lr, weight_decay=weight_decay)
 
     @property
     def value(self) -> torch.Tensor:

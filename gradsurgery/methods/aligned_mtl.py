@@ -9,9 +9,10 @@ gradients are the rows of
 
 and the update is their sum, u = Σ_i ĝ_i = Jᵀ B 1 (the paper's task weights ω all equal to 1, as in the
 authors' code), so the weights on the raw gradients are w = B 1. σ_min is the smallest singular value that is
-not zero: eigenvalues of G at or below λ_max · T · ε_float32 count as zero (the authors' rank tolerance;
-gradients usually come from float32 computations) and their directions are dropped. The aligned gradients
-then have Gram matrix Bᵀ G B = σ_min² U_r U_rᵀ (σ_min² I when G has full rank).
+not zero: eigenvalues of G at or below λ_max · T · ε count as zero and their directions are dropped, with ε
+the machine epsilon of G's dtype (the authors' rank tolerance, which they fix at float32's ε; float64 by
+default here, ``GradSurgery(gram_dtype=torch.float32)`` gives their cut-off). The aligned gradients then have
+Gram matrix Bᵀ G B = σ_min² U_r U_rᵀ (σ_min² I when G has full rank).
 
 Every factor σ_min/σ_k is at most 1, so nearly dependent gradients shrink the update rather than blow it up.
 All gradients zero gives w = 0 (u is zero anyway).
@@ -24,17 +25,18 @@ import torch
 
 from .base import Method, gram_to_numpy
 
-_RANK_EPS = float(np.finfo(np.float32).eps)
 
-
-def aligned_matrix(gram: np.ndarray) -> np.ndarray:
-    """B = σ_min U_r Σ_r⁻¹ U_rᵀ over the eigen-directions of G above the rank tolerance."""
+def aligned_matrix(gram: np.ndarray, eps: float | None = None) -> np.ndarray:
+    """B = σ_min U_r Σ_r⁻¹ U_rᵀ over the eigen-directions of G above the rank tolerance λ_max·T·eps
+    (eps: that of ``gram``'s dtype when not given)."""
+    if eps is None:
+        eps = float(np.finfo(np.asarray(gram).dtype).eps)
     t = gram.shape[0]
     eigenvalues, vectors = np.linalg.eigh((gram + gram.T) / 2)
     top = float(eigenvalues.max()) if t else 0.0
     if not top > 0.0:
         return np.zeros((t, t))
-    keep = eigenvalues > top * t * _RANK_EPS
+    keep = eigenvalues > top * t * eps
     lam, vec = eigenvalues[keep], vectors[:, keep]
     return np.sqrt(lam.min()) * (vec / np.sqrt(lam)) @ vec.T
 
@@ -44,8 +46,6 @@ class AlignedMTL(Method):
 
     name = "aligned_mtl"
 
-    def __init__(self) -> None:
-        super().__init__()
-
     def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(aligned_matrix(gram_to_numpy(gram)).sum(axis=1))
+        eps = torch.finfo(gram.dtype).eps
+        return torch.from_numpy(aligned_matrix(gram_to_numpy(gram), eps).sum(axis=1))

@@ -2,32 +2,60 @@
 
 A method turns the T×T Gram matrix of the task gradients (G_ij = ⟨g_i, g_j⟩ on the shared parameters) and
 the current loss values into task weights w, so that the fused shared gradient is u = Σ_i w_i g_i. Because it
-sees only G, its cost does not grow with the model size.
+sees only G, its cost does not grow with the model size. The maths of every method is in ``docs/maths.md``.
 
-Life cycle: constructed with its options (validated at once, before any training), then bound to a task
-count on the first ``backward`` (options that depend on T, such as ``main`` or ``min_weights``, are checked
-there), then called once per ``backward``. A method commits its state (RNG, moving averages) only at the end
-of a successful call, so a failed or skipped step leaves it as it was.
+What a method declares (class attributes), and the engine reads nothing else:
+
+- ``needs_gram``: False for loss weightings whose weights come from the loss values alone; the engine then
+  takes one backward pass of Σ w_i L_i instead of T per-task ones (``compute_weights`` gets ``gram=None``);
+- ``scales_task_specific``: True for loss weightings: a task's own parameters receive w_i g_i, not g_i;
+- ``per_sample_task`` (a property): the index of a loss given per sample (a 1-D tensor) that the engine's
+  masking stage reduces before anything else, or None;
+- ``transforms()``: post-transforms of the fused gradient the method brings (the λ-free L2 rule);
+- its random generators, created with ``new_generator`` (saved once in checkpoints, shared over ranks);
+- for the contract tests and the benchmarks: ``example_options(T)``, ``min_tasks``/``max_tasks``,
+  ``no_conflict`` (⟨u, g_i⟩ ≥ 0 for every task: no loss rises to first order), ``scale_exponent``
+  (w(c²G) = c^k · w(G)) and ``task_scale_invariant`` (u is unchanged in direction when one task's gradient
+  is rescaled).
+
+Life cycle: constructed with its options (validated at once, before any training; they are the keyword-only
+arguments of ``__init__`` and are kept as attributes of the same names), bound to a task count on the first
+``backward`` (T-dependent options are checked there), then called once per ``backward``. A method may change
+its state freely inside ``compute_weights``: the engine runs each ``backward`` inside ``transaction()``,
+which restores the state (and the binding, and the generators) unless the whole call succeeds. Everything a
+method changes while computing weights must therefore be in its ``state_dict``.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import contextlib
+import copy
+import inspect
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
+
+from .._validation import check_choice
+
+if TYPE_CHECKING:
+    from ..transforms import Transform
 
 
 class Method:
     """Base class: subclasses set ``name`` and implement ``compute_weights``."""
 
     name: ClassVar[str] = ""
-    #: Loss-weighting methods scale task-specific gradients by w_i too (the weight is a loss weight);
-    #: gradient-surgery methods leave a task's own parameters with that task's plain gradient.
     scales_task_specific: ClassVar[bool] = False
-    #: False for loss weightings whose weights depend on the loss values only (FAMO, RLW): ``GradSurgery``
-    #: then skips the per-task gradients and the Gram matrix (``compute_weights`` gets ``gram=None``) and
-    #: takes a single backward pass of Σ_i w_i L_i. Only valid together with ``scales_task_specific = True``.
     needs_gram: ClassVar[bool] = True
+    min_tasks: ClassVar[int] = 1
+    max_tasks: ClassVar[int | None] = None
+    no_conflict: ClassVar[bool] = False
+    scale_exponent: ClassVar[int] = 0
+    task_scale_invariant: ClassVar[bool] = False
+    #: Options that are not written into checkpoints (tensors, e.g. the parameters the L2 rule regularizes).
+    unsaved_options: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -37,24 +65,58 @@ class Method:
                 "(one backward of Σ w_i L_i scales the task-specific gradients too)"
             )
 
-    def __init__(self, **options: Any) -> None:
-        self.options: dict[str, Any] = dict(options)
+    def __init__(self) -> None:
         self.num_tasks: int | None = None
+        self._generators: dict[str, torch.Generator] = {}
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        """The method's options: the keyword-only arguments of its ``__init__``."""
+        params = inspect.signature(cls.__init__).parameters.values()
+        return [p.name for p in params if p.kind is p.KEYWORD_ONLY]
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The options as configured (those written into checkpoints)."""
+        return {n: getattr(self, n) for n in self.option_names() if n not in self.unsaved_options}
+
+    @classmethod
+    def example_options(cls, num_tasks: int) -> dict[str, Any]:
+        """Options that make the method run on ``num_tasks`` tasks (for the contract tests and the
+        benchmarks): empty unless an option has no default that fits every T."""
+        return {}
+
+    @property
+    def per_sample_task(self) -> int | None:
+        return None
+
+    def transforms(self) -> list[Transform]:
+        return []
 
     # -- life cycle -------------------------------------------------------------------------------------
-    def bind(self, num_tasks: int) -> None:
-        """Fix the task count; validates T-dependent options and creates T-sized state."""
-        if self.num_tasks is not None and self.num_tasks != num_tasks:
-            raise ValueError(
-                f"method {self.name!r} was set up for {self.num_tasks} tasks, got {num_tasks} losses"
-            )
-        if self.num_tasks is None:
-            self._check_num_tasks(num_tasks)
-            self.num_tasks = num_tasks
-            self._init_state(num_tasks)
+    def check_num_tasks(self, num_tasks: int) -> None:
+        """Raise ValueError when the method cannot run ``num_tasks`` tasks with its options."""
+        if num_tasks < self.min_tasks or (self.max_tasks is not None and num_tasks > self.max_tasks):
+            bounds = f"at least {self.min_tasks}" if self.max_tasks is None else f"{self.max_tasks}"
+            if self.max_tasks is not None and self.max_tasks != self.min_tasks:
+                bounds = f"{self.min_tasks} to {self.max_tasks}"
+            raise ValueError(f"method {self.name!r} takes {bounds} losses, got {num_tasks}")
+        self._check_num_tasks(num_tasks)
 
     def _check_num_tasks(self, num_tasks: int) -> None:
         """Raise ValueError when the options do not fit ``num_tasks`` tasks."""
+
+    def bind(self, num_tasks: int) -> None:
+        """Fix the task count; validates T-dependent options and creates T-sized state."""
+        if self.num_tasks is not None:
+            if self.num_tasks != num_tasks:
+                raise ValueError(
+                    f"method {self.name!r} was set up for {self.num_tasks} tasks, got {num_tasks} losses"
+                )
+            return
+        self.check_num_tasks(num_tasks)
+        self.num_tasks = num_tasks
+        self._init_state(num_tasks)
 
     def _init_state(self, num_tasks: int) -> None:
         """Create the method's T-dependent state."""
@@ -62,14 +124,36 @@ class Method:
     # -- the computation ---------------------------------------------------------------------------------
     def __call__(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
         like = gram if gram is not None else losses
-        if self.num_tasks is None:
-            self.bind(like.shape[0])
+        self.bind(like.shape[0])
         weights = self.compute_weights(gram, losses)
         return weights.to(device=like.device, dtype=like.dtype)
 
-    def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
-        """Weights w (shape (T,)) from the float64 Gram matrix and the detached losses."""
+    def compute_weights(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
+        """Weights w (shape (T,)) from the Gram matrix (float64 by default) and the detached losses."""
         raise NotImplementedError
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Everything inside either succeeds or leaves the method as it was: its state, its task count
+        (a first call that fails leaves it unbound) and its generators."""
+        generators = {n: g.get_state() for n, g in self._generators.items()}
+        if self.num_tasks is None:
+            unbound = dict(self.__dict__)
+            saved = None
+        else:
+            unbound = None
+            saved = copy.deepcopy(self.state_dict())
+        try:
+            yield
+        except BaseException:
+            if unbound is not None:
+                self.__dict__.clear()
+                self.__dict__.update(unbound)
+            else:
+                self.load_state_dict(saved)
+            for n, state in generators.items():
+                self._generators[n].set_state(state)
+            raise
 
     # -- around the optimizer step ----------------------------------------------------------------------
     def after_step(self) -> None:
@@ -82,13 +166,31 @@ class Method:
         as the parameters' ``.grad`` are dropped. No-op by default."""
 
     def info_extras(self) -> dict[str, Any]:
-        """Method-specific diagnostics of the last call, copied into ``StepInfo.extras`` (e.g. solver
-        failures)."""
+        """Method-specific diagnostics of the last call, copied into ``StepInfo.extras``."""
         return {}
+
+    # -- randomness --------------------------------------------------------------------------------------
+    def new_generator(self, seed: int | None, name: str = "generator") -> torch.Generator:
+        """A CPU generator owned by the method; ``seed=None`` draws one from torch's global RNG so
+        ``torch.manual_seed`` governs it. The engine saves its state in checkpoints and gives every rank
+        rank 0's state."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        elif isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(seed)
+        self._generators[name] = gen
+        return gen
+
+    def generators(self) -> dict[str, torch.Generator]:
+        """The method's random generators by name (sorted, so every rank lists them in one order)."""
+        return dict(sorted(self._generators.items()))
 
     # -- checkpoints -------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Method state: tensors and Python primitives only (``torch.load(weights_only=True)`` reads it)."""
+        """Method state: tensors and Python primitives only (``torch.load(weights_only=True)`` reads it).
+        Generators are saved by the engine, not here."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -101,36 +203,13 @@ class Method:
         return f"{type(self).__name__}({self.extra_repr()})"
 
 
-def check_index(value: Any, num_tasks: int, what: str) -> int:
-    """A task index given by the user: an int in [0, T)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what} must be an int task index, got {value!r}")
-    if not 0 <= value < num_tasks:
-        raise ValueError(f"{what}={value} is out of range for {num_tasks} tasks")
-    return value
-
-
 def check_solver(solver: Any, allowed: tuple[str, ...], method: str) -> str:
-    if solver not in allowed:
-        raise ValueError(f"unknown solver {solver!r} for method {method!r}; choose one of {allowed}")
-    return solver
+    return check_choice(solver, allowed, "solver", f" for method {method!r}")
 
 
-def gram_to_numpy(gram: torch.Tensor):
+def gram_to_numpy(gram: torch.Tensor) -> np.ndarray:
     """The T×T matrix is all that crosses to the host: T² numbers, one synchronisation."""
     return gram.detach().to("cpu", torch.float64).numpy()
-
-
-def new_generator(seed: int | None) -> torch.Generator:
-    """A CPU generator; ``seed=None`` draws one from torch's global RNG so ``torch.manual_seed``
-    governs it."""
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item())
-    elif isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int or None, got {seed!r}")
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(seed)
-    return gen
 
 
 def non_negative_losses(losses: torch.Tensor, method: str, why: str) -> torch.Tensor:

@@ -39,8 +39,8 @@ import math
 
 import numpy as np
 import torch
-from scipy.optimize import minimize
 
+from .._validation import check_bool, check_number
 from .base import Method, gram_to_numpy
 
 # ‖g_w*‖ below this fraction of the largest gradient norm counts as the degenerate case g_w* = 0: SLSQP's
@@ -58,6 +58,8 @@ def cagrad_objective(gram: np.ndarray, w: np.ndarray, c: float) -> float:
 
 def cagrad_dual(gram: np.ndarray, c: float) -> np.ndarray:
     """argmin_{w ∈ Δ} F(w) for a PSD Gram matrix (T ≥ 1); returns the simplex weights w*."""
+    from scipy.optimize import minimize
+
     t = gram.shape[0]
     mean = np.full(t, 1.0 / t)
     scale = float(np.trace(gram))
@@ -133,16 +135,9 @@ class CAGrad(Method):
     name = "cagrad"
 
     def __init__(self, *, c: float = 0.5, rescale: bool = True) -> None:
-        if isinstance(c, bool) or not isinstance(c, (int, float)):
-            raise TypeError(f"c must be a number, got {c!r}")
-        c = float(c)
-        if not math.isfinite(c) or c < 0.0:
-            raise ValueError(f"c must be a finite number >= 0, got {c}")
-        if not isinstance(rescale, bool):
-            raise TypeError(f"rescale must be True or False, got {rescale!r}")
-        super().__init__(c=c, rescale=rescale)
-        self.c = c
-        self.rescale = rescale
+        super().__init__()
+        self.c = check_number(c, "c", minimum=0.0)
+        self.rescale = check_bool(rescale, "rescale")
 
     def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
         g = gram_to_numpy(gram)

@@ -15,11 +15,11 @@ negative means has no meaning); when L̄_k(t−2) = 0 the task's rate is taken a
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
+from .._validation import check_int, check_number
 from .base import Method, non_negative_losses
 
 
@@ -28,18 +28,9 @@ class DWA(Method):
     scales_task_specific = True
 
     def __init__(self, *, temperature: float = 2.0, period: int = 1) -> None:
-        if (
-            isinstance(temperature, bool)
-            or not isinstance(temperature, (int, float))
-            or not math.isfinite(temperature)
-            or temperature <= 0
-        ):
-            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
-        if isinstance(period, bool) or not isinstance(period, int) or period < 1:
-            raise ValueError(f"period must be a positive int (backward calls per period), got {period!r}")
-        super().__init__(temperature=float(temperature), period=period)
-        self.temperature = float(temperature)
-        self.period = period
+        super().__init__()
+        self.temperature = check_number(temperature, "temperature", minimum=0.0, exclusive_minimum=True)
+        self.period = check_int(period, "period (backward calls per period)", minimum=1)
         self.calls = 0
         self.block_sum: torch.Tensor | None = None
         self.last_mean: torch.Tensor | None = None  # L̄(t−1)
@@ -61,7 +52,6 @@ class DWA(Method):
         values = non_negative_losses(losses, self.name, "it compares loss ratios")
         weights = self.current_weights()
         block_sum, calls = self.block_sum + values, self.calls + 1
-        # Committed only now: a failed call does not enter the history.
         if calls % self.period == 0:
             self.before_last_mean, self.last_mean = self.last_mean, block_sum / self.period
             block_sum = torch.zeros_like(block_sum)

@@ -11,8 +11,9 @@ the observed decrease of the log-losses, δ_i = log L_i(previous) − log L_i(cu
     ∇ξ = Jₛᵀ δ = z ⊙ (δ − ⟨z, δ⟩),   ξ ← Adam(ξ, ∇ξ; lr, weight_decay),
 
 (Jₛ the Jacobian of the softmax), which moves weight toward the tasks whose loss fell least. Adam is
-PyTorch's (β = (0.9, 0.999), ε = 1e-8, L2 ``weight_decay`` added to the gradient, the paper's γ), run in
-float64 on the T logits. As in the authors' code, 1e-8 is added to every loss before the log and the division.
+``torch.optim.Adam`` (β = (0.9, 0.999), ε = 1e-8, L2 ``weight_decay`` added to the gradient, the paper's γ) on
+the T float64 logits (``_learned.LearnedVector``). As in the authors' code, 1e-8 is added to every loss before
+the log and the division.
 
 Which losses measure the decrease: the paper re-evaluates the losses on the same batch after the step (one
 more forward pass). A ``GradSurgery`` method sees only the losses of each ``backward``, so δ compares the
@@ -26,24 +27,13 @@ weighting, task-specific parameters receive w_i g_i. Losses must be ≥ 0 (they 
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from .._validation import check_number
+from ._learned import LearnedVector
 from .base import Method, non_negative_losses
 
 _LOSS_EPS = 1e-8
-_BETA1, _BETA2, _ADAM_EPS = 0.9, 0.999, 1e-8
-
-
-def _check_rate(value, what: str, positive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be a number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0.0 or (positive and value == 0.0):
-        bound = "> 0" if positive else ">= 0"
-        raise ValueError(f"{what} must be a finite number {bound}, got {value}")
-    return value
 
 
 class FAMO(Method):
@@ -52,64 +42,72 @@ class FAMO(Method):
     needs_gram = False
 
     def __init__(self, *, lr: float = 0.025, weight_decay: float = 1e-3) -> None:
-        lr = _check_rate(lr, "lr", positive=True)
-        weight_decay = _check_rate(weight_decay, "weight_decay", positive=False)
-        super().__init__(lr=lr, weight_decay=weight_decay)
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.logits: torch.Tensor | None = None
-        self.exp_avg: torch.Tensor | None = None
-        self.exp_avg_sq: torch.Tensor | None = None
-        self.adam_steps = 0
+        super().__init__()
+        self.lr = check_number(lr, "lr", minimum=0.0, exclusive_minimum=True)
+        self.weight_decay = check_number(weight_decay, "weight_decay", minimum=0.0)
+        self.learned: LearnedVector | None = None
         self.prev_losses: torch.Tensor | None = None
 
     def _init_state(self, num_tasks: int) -> None:
-        self.logits = torch.zeros(num_tasks, dtype=torch.float64)
-        self.exp_avg = torch.zeros(num_tasks, dtype=torch.float64)
-        self.exp_avg_sq = torch.zeros(num_tasks, dtype=torch.float64)
-        self.adam_steps = 0
+        zeros = torch.zeros(num_tasks, dtype=torch.float64)
+        self.learned = LearnedVector(zeros, "adam", self.lr, weight_decay=self.weight_decay)
         self.prev_losses = None
 
     def compute_weights(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
         losses = non_negative_losses(
             losses, self.name, "it takes their logarithm; subtract a lower bound of the loss first"
         )
-        logits, exp_avg, exp_avg_sq = self.logits.clone(), self.exp_avg.clone(), self.exp_avg_sq.clone()
-        steps = self.adam_steps
         if self.prev_losses is not None:
             delta = torch.log(self.prev_losses + _LOSS_EPS) - torch.log(losses + _LOSS_EPS)
-            z = torch.softmax(logits, dim=0)
-            grad = z * (delta - z @ delta) + self.weight_decay * logits
-            steps += 1
-            exp_avg.mul_(_BETA1).add_(grad, alpha=1 - _BETA1)
-            exp_avg_sq.mul_(_BETA2).addcmul_(grad, grad, value=1 - _BETA2)
-            denom = exp_avg_sq.sqrt() / math.sqrt(1 - _BETA2**steps) + _ADAM_EPS
-            logits -= self.lr / (1 - _BETA1**steps) * exp_avg / denom
-        z = torch.softmax(logits, dim=0)
+            z = torch.softmax(self.learned.value, dim=0)
+            self.learned.accumulate(z * (delta - z @ delta))
+            self.learned.step()
+        z = torch.softmax(self.learned.value, dim=0)
         inverse = z / (losses + _LOSS_EPS)
-        weights = inverse / inverse.sum()
-        # Committed only now: a refused call leaves the logits, the Adam moments and the loss history alone.
-        self.logits, self.exp_avg, self.exp_avg_sq, self.adam_steps = logits, exp_avg, exp_avg_sq, steps
         self.prev_losses = losses.clone()
-        return weights
+        return inverse / inverse.sum()
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """The current logits ξ (a copy)."""
+        return self.learned.value.clone()
 
     def state_dict(self) -> dict:
-        return {
-            "logits": self.logits,
-            "exp_avg": self.exp_avg,
-            "exp_avg_sq": self.exp_avg_sq,
-            "adam_steps": self.adam_steps,
-            "prev_losses": self.prev_losses,
-        }
+        if self.learned is None:
+            return {}
+        return {"logits": self.learned.state_dict(), "prev_losses": self.prev_losses}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("logits", "exp_avg", "exp_avg_sq"):
-            value = state[key].detach().to("cpu", torch.float64).clone()
-            if value.shape != (self.num_tasks,):
-                raise ValueError(
-                    f"famo state {key!r} has shape {tuple(value.shape)}, expected ({self.num_tasks},)"
-                )
-            setattr(self, key, value)
-        self.adam_steps = int(state["adam_steps"])
+        if "logits" not in state:
+            return
+        logits = state["logits"]
+        if isinstance(logits, torch.Tensor):
+            logits = _from_version_1(state, self.lr, self.weight_decay)
+        value = logits["value"]
+        if value.shape != (self.num_tasks,):
+            raise ValueError(
+                f"famo state 'logits' has shape {tuple(value.shape)}, expected ({self.num_tasks},)"
+            )
+        self.learned.load_state_dict(logits)
         prev = state["prev_losses"]
         self.prev_losses = None if prev is None else prev.detach().to("cpu", torch.float64).clone()
+
+
+def _from_version_1(state: dict, lr: float, weight_decay: float) -> dict:
+    """gradsurgery 0.1.0 saved FAMO's hand-written Adam as logits, exp_avg, exp_avg_sq, adam_steps: the same
+    quantities in ``torch.optim.Adam``'s state."""
+    vector = LearnedVector(state["logits"], "adam", lr, weight_decay=weight_decay)
+    steps = int(state["adam_steps"])
+    for key in ("exp_avg", "exp_avg_sq"):
+        if state[key].shape != vector.param.shape:
+            raise ValueError(
+                f"famo state {key!r} has shape {tuple(state[key].shape)}, "
+                f"expected {tuple(vector.param.shape)}"
+            )
+    if steps > 0:
+        vector.optimizer.state[vector.param] = {
+            "step": torch.tensor(float(steps)),
+            "exp_avg": state["exp_avg"].detach().to("cpu", torch.float64).clone(),
+            "exp_avg_sq": state["exp_avg_sq"].detach().to("cpu", torch.float64).clone(),
+        }
+    return vector.state_dict()

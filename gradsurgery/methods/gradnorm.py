@@ -24,11 +24,11 @@ The loss ratios need L_i(0) > 0 and L_i(t) ≥ 0: other losses raise ``ValueErro
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
+from .._validation import check_int, check_number
 from ._learned import LearnedVector, check_lr, check_optimizer
 from .base import Method, non_negative_losses
 
@@ -46,36 +46,22 @@ class GradNorm(Method):
         weight_optimizer: str = "adam",
         min_weight: float = 1e-3,
     ) -> None:
-        if (
-            isinstance(alpha, bool)
-            or not isinstance(alpha, (int, float))
-            or not math.isfinite(alpha)
-            or alpha < 0
-        ):
-            raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
-        lr = check_lr(lr)
-        if isinstance(initial_steps, bool) or not isinstance(initial_steps, int) or initial_steps < 1:
-            raise ValueError(f"initial_steps must be a positive int, got {initial_steps!r}")
-        optimizer = check_optimizer(weight_optimizer, self.name)
-        if isinstance(min_weight, bool) or not isinstance(min_weight, (int, float)) or not 0 < min_weight < 1:
-            raise ValueError(f"min_weight must lie in (0, 1) (the weights average 1), got {min_weight!r}")
-        super().__init__(
-            alpha=float(alpha),
-            lr=lr,
-            initial_steps=initial_steps,
-            weight_optimizer=optimizer,
-            min_weight=float(min_weight),
+        super().__init__()
+        self.alpha = check_number(alpha, "alpha", minimum=0.0)
+        self.lr = check_lr(lr)
+        self.initial_steps = check_int(initial_steps, "initial_steps", minimum=1)
+        self.weight_optimizer = check_optimizer(weight_optimizer, self.name)
+        # The weights average 1 after each renormalisation, so a floor at or above 1 would pin them all.
+        self.min_weight = check_number(
+            min_weight, "min_weight", minimum=0.0, exclusive_minimum=True, maximum=1.0, exclusive_maximum=True
         )
-        self.alpha = float(alpha)
-        self.initial_steps = initial_steps
-        self.min_weight = float(min_weight)
         self.learned: LearnedVector | None = None
         self.initial_sum: torch.Tensor | None = None
         self.initial_count = 0
 
     def _init_state(self, num_tasks: int) -> None:
         self.learned = LearnedVector(
-            torch.ones(num_tasks, dtype=torch.float64), self.options["weight_optimizer"], self.options["lr"]
+            torch.ones(num_tasks, dtype=torch.float64), self.weight_optimizer, self.lr
         )
         self.initial_sum = torch.zeros(num_tasks, dtype=torch.float64)
         self.initial_count = 0
@@ -119,7 +105,6 @@ class GradNorm(Method):
         target = grad_norms.mean() * rate.pow(self.alpha)
         grad = torch.sign(grad_norms - target) * norms
 
-        # Committed only now: a failed call leaves L(0) and the pending update as they were.
         self.initial_sum, self.initial_count = initial_sum, initial_count
         self.learned.accumulate(grad)
         return weights.clone()

@@ -19,8 +19,9 @@ import math
 import numpy as np
 import torch
 
+from .._validation import check_number
 from ._projection import draw_orders
-from .base import Method, gram_to_numpy, new_generator
+from .base import Method, gram_to_numpy
 
 # A target of exactly ±1 would ask for an infinite adjustment; keep it strictly inside (−1, 1).
 _MAX_TARGET = 1.0 - 1e-6
@@ -30,12 +31,10 @@ class GradVac(Method):
     name = "gradvac"
 
     def __init__(self, *, beta: float = 0.01, seed: int | None = None) -> None:
-        beta = float(beta)
-        if not 0.0 < beta <= 1.0:
-            raise ValueError(f"beta must lie in (0, 1], got {beta}")
-        super().__init__(beta=beta, seed=seed)
-        self.beta = beta
-        self.generator = new_generator(seed)
+        super().__init__()
+        self.beta = check_number(beta, "beta", minimum=0.0, exclusive_minimum=True, maximum=1.0)
+        self.seed = seed
+        self.generator = self.new_generator(seed)
         self.targets: torch.Tensor | None = None
 
     def _init_state(self, num_tasks: int) -> None:
@@ -44,7 +43,7 @@ class GradVac(Method):
     def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
         g = gram_to_numpy(gram)
         num_tasks = g.shape[0]
-        targets = self.targets.numpy().copy()
+        targets = self.targets.numpy()
         orders = draw_orders(num_tasks, self.generator)
         coef = np.eye(num_tasks)
         for i, order in enumerate(orders):
@@ -63,14 +62,11 @@ class GradVac(Method):
                         / (norm_j * root_target)
                     )
                 targets[i, j] = (1.0 - self.beta) * targets[i, j] + self.beta * phi
-        # Committed only now: a step that fails before this point leaves the targets as they were.
-        self.targets.copy_(torch.from_numpy(targets))
         return torch.from_numpy(coef.sum(axis=0))
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "targets": self.targets}
+        return {"targets": None if self.targets is None else self.targets.clone()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
         if state.get("targets") is not None:
             self.targets = state["targets"].detach().to(torch.float64).clone()

@@ -52,9 +52,7 @@ class IMTL(Method):
     """IMTL-G: the fused gradient projects equally on every task's unit gradient."""
 
     name = "imtl"
-
-    def __init__(self) -> None:
-        super().__init__()
+    task_scale_invariant = True  # equal projections on the unit gradients: only the directions matter
 
     def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(imtl_weights(gram_to_numpy(gram)))

@@ -1,10 +1,11 @@
-"""``method="l2"``: one data loss, with ½‖θ‖² as its λ-free auxiliary (see ``gradsurgery/l2.py``).
+"""``method="l2"``: one data loss, with ½‖θ‖² as its λ-free auxiliary (``gradsurgery/l2.py``).
 
     u = g + relu(−⟨g, θ⟩)/‖θ‖² · θ
 
-θ is not a task gradient, so the rule is not a weighting of the Gram matrix: this method only declares the
-single task (weight 1, every parameter gets the loss's plain gradient) and carries the options;
-``GradSurgery`` applies the rule to the new gradient (or, with ``decoupled=True``, to the step).
+θ is not a task gradient, so the rule is not a weighting of the Gram matrix: the method takes the single
+task with weight 1 and brings the rule as a post-transform of the gradient (or, with ``decoupled=True``, a
+correction of the optimizer's step), the same transform that ``GradSurgery(..., l2=True)`` adds to any other
+method.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from collections.abc import Iterable
 
 import torch
 
-from ..l2 import _tensor_list
+from .._validation import check_bool
+from ..l2 import L2Rule
 from .base import Method
 
 
@@ -23,6 +25,8 @@ class L2(Method):
     step instead of the gradient)."""
 
     name = "l2"
+    max_tasks = 1
+    unsaved_options = ("params",)
 
     def __init__(
         self,
@@ -31,16 +35,16 @@ class L2(Method):
         per_tensor: bool = False,
         decoupled: bool = False,
     ) -> None:
-        for what, value in (("per_tensor", per_tensor), ("decoupled", decoupled)):
-            if not isinstance(value, bool):
-                raise TypeError(f"method 'l2' option {what} must be a bool, got {value!r}")
-        # The tensors stay out of ``options``: those are written into checkpoints, which hold primitives only.
-        super().__init__(per_tensor=per_tensor, decoupled=decoupled)
-        self.params = None if params is None else _tensor_list(params, "method 'l2' params")
-        self.per_tensor = per_tensor
-        self.decoupled = decoupled
+        super().__init__()
+        self.per_tensor = check_bool(per_tensor, "method 'l2' option per_tensor")
+        self.decoupled = check_bool(decoupled, "method 'l2' option decoupled")
+        self.rule = L2Rule(params, per_tensor=self.per_tensor, decoupled=self.decoupled, what="method 'l2'")
+        self.params = self.rule.params
 
-    def _check_num_tasks(self, num_tasks: int) -> None:
+    def transforms(self) -> list[L2Rule]:
+        return [self.rule]
+
+    def check_num_tasks(self, num_tasks: int) -> None:
         if num_tasks != 1:
             raise ValueError(
                 f"method 'l2' takes one loss (the data loss), got {num_tasks}; for several losses combine a "

@@ -1,4 +1,4 @@
-"""One main task, the others auxiliaries that may not get worse (Su 2022, see DESIGN.md).
+"""One main task, the others auxiliaries that may not get worse (Su 2022; ``docs/maths.md``).
 
     max_u ⟨u, g_main⟩ − ½‖u‖²  s.t.  ⟨u, g_j⟩ ≥ 0 for every auxiliary j.
 
@@ -9,39 +9,42 @@ a regularizer as the auxiliary of the data loss.
 
 ``mode="mask"`` (one auxiliary, the clean-set loss): the main loss is given per sample and the samples whose
 gradient conflicts with the auxiliary's are dropped before the rule is applied (gradient-guided loss masking,
-Wang et al. 2021; see ``gradsurgery/clean_guard.py``). ``mode="guard"`` (the default) is the plain rule.
+Wang et al. 2021; see ``gradsurgery/losses.py``). ``mode="guard"`` (the default) is the plain rule.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .._validation import check_choice, check_task_index
 from ..solvers import MainAuxQP, main_aux_min_norm, main_aux_one_weights
-from .base import Method, check_index, check_solver, gram_to_numpy
+from .base import Method, check_solver, gram_to_numpy
 
 
 class MainAux(Method):
     name = "main_aux"
+    min_tasks = 2
+    no_conflict = True
 
     def __init__(self, *, main: int = 0, solver: str = "auto", mode: str = "guard") -> None:
-        check_solver(solver, ("auto", "closed_form", "frank_wolfe", "cvxpy"), self.name)
-        if isinstance(main, bool) or not isinstance(main, int):
-            raise TypeError(f"main must be an int task index, got {main!r}")
-        if mode not in ("guard", "mask"):
-            raise ValueError(f"unknown main_aux mode {mode!r}; choose 'guard' or 'mask'")
-        super().__init__(main=main, solver=solver, mode=mode)
-        self.main = main
-        self.solver = solver
-        self.mode = mode
+        super().__init__()
+        self.solver = check_solver(solver, ("auto", "closed_form", "frank_wolfe", "cvxpy"), self.name)
+        self.main = check_task_index(main, None, "main")
+        self.mode = check_choice(mode, ("guard", "mask"), "main_aux mode")
+        self._solver = solver
         self._qp: MainAuxQP | None = None
 
-    def _check_num_tasks(self, num_tasks: int) -> None:
+    @property
+    def per_sample_task(self) -> int | None:
+        return self.main if self.mode == "mask" else None
+
+    def check_num_tasks(self, num_tasks: int) -> None:
         if num_tasks < 2:
             raise ValueError(
                 f"main_aux needs a main loss and at least one auxiliary loss, got {num_tasks} loss; pass a "
                 "list, e.g. opt.backward([noisy_loss, clean_loss]) for the clean-set guard"
             )
-        check_index(self.main, num_tasks, "main")
+        check_task_index(self.main, num_tasks, "main")
         if self.mode == "mask" and num_tasks != 2:
             raise ValueError(
                 f"main_aux mode='mask' takes one auxiliary (the clean-set loss), got {num_tasks - 1}"
@@ -51,15 +54,15 @@ class MainAux(Method):
 
     def _init_state(self, num_tasks: int) -> None:
         if self.solver == "auto":
-            self.solver = "closed_form" if num_tasks == 2 else "frank_wolfe"
-        if self.solver == "cvxpy":
+            self._solver = "closed_form" if num_tasks == 2 else "frank_wolfe"
+        if self._solver == "cvxpy":
             self._qp = MainAuxQP(num_tasks, self.main)
 
     def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
         g = gram_to_numpy(gram)
-        if self.solver == "closed_form":
+        if self._solver == "closed_form":
             w = main_aux_one_weights(g, self.main)
-        elif self.solver == "cvxpy":
+        elif self._solver == "cvxpy":
             w = self._qp.solve(g)
         else:
             w = main_aux_min_norm(g, self.main)

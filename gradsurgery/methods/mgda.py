@@ -3,7 +3,8 @@
     α* = argmin_{α ∈ Δ} ‖Σ_i α_i g_i‖²,   u = Σ_i α*_i g_i.
 
 Stepping along −u decreases every loss to first order unless the point is Pareto-stationary (u = 0):
-⟨u, g_i⟩ ≥ ‖u‖² for every i. Solved on the Gram matrix: closed form for T = 2, Frank-Wolfe, or a cvxpy QP.
+⟨u, g_i⟩ ≥ ‖u‖² for every i. Solved on the Gram matrix: closed form for T = 2, the active-set solver
+(``solvers.frank_wolfe``, O(T³) per face), or a cvxpy QP (``solvers.qp``, about 1.3 ms).
 
 ``normalization`` rescales the gradients before the solve as in the paper's appendix: ``"l2"`` uses
 g_i/‖g_i‖, ``"loss"`` g_i/L_i, ``"loss+"`` g_i/(L_i‖g_i‖); the weights returned are those on the raw g_i.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .._validation import check_choice
 from ..solvers import SimplexQP, min_norm_two_weights, simplex_min_norm
 from .base import Method, check_solver, gram_to_numpy
 
@@ -36,14 +38,12 @@ def normalization_scales(gram: np.ndarray, losses: np.ndarray, normalization: st
 
 class MGDA(Method):
     name = "mgda"
+    no_conflict = True
 
     def __init__(self, *, solver: str = "frank_wolfe", normalization: str = "none") -> None:
-        check_solver(solver, ("frank_wolfe", "cvxpy", "closed_form"), self.name)
-        if normalization not in _NORMALIZATIONS:
-            raise ValueError(f"unknown normalization {normalization!r}; choose one of {_NORMALIZATIONS}")
-        super().__init__(solver=solver, normalization=normalization)
-        self.solver = solver
-        self.normalization = normalization
+        super().__init__()
+        self.solver = check_solver(solver, ("frank_wolfe", "cvxpy", "closed_form"), self.name)
+        self.normalization = check_choice(normalization, _NORMALIZATIONS, "normalization")
         self._qp: SimplexQP | None = None
 
     def _check_num_tasks(self, num_tasks: int) -> None:

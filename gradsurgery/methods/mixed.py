@@ -1,4 +1,4 @@
-"""Several main tasks and several auxiliaries (see DESIGN.md).
+"""Several main tasks and several auxiliaries (``docs/maths.md``).
 
     min_{α ∈ Δ^n, λ ≥ 0} ‖Σ_{i ∈ main} α_i g_i + Σ_{j ∈ aux} λ_j g_j‖²,   u the minimiser.
 
@@ -9,33 +9,39 @@ order (⟨u, g_j⟩ ≥ 0). One main task gives ``main_aux``; no auxiliary gives
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
+from .._validation import check_task_index
 from ..solvers import MixedQP, mixed_min_norm
-from .base import Method, check_index, check_solver, gram_to_numpy
+from .base import Method, check_solver, gram_to_numpy
 
 
 class Mixed(Method):
     name = "mixed"
+    no_conflict = True
 
     def __init__(self, *, main: Sequence[int], solver: str = "cvxpy") -> None:
-        check_solver(solver, ("cvxpy", "frank_wolfe"), self.name)
+        super().__init__()
+        self.solver = check_solver(solver, ("cvxpy", "frank_wolfe"), self.name)
         if isinstance(main, int) or not isinstance(main, Sequence | torch.Tensor):
             raise TypeError(f"main must be a sequence of task indices, got {main!r}")
-        main = [int(i) if isinstance(i, torch.Tensor) else i for i in main]
+        main = [check_task_index(i, None, "main") for i in main]
         if not main:
             raise ValueError("mixed needs at least one main task, got main=[]")
         if len(set(main)) != len(main):
             raise ValueError(f"main has duplicate task indices: {main}")
-        super().__init__(main=list(main), solver=solver)
-        self.main = list(main)
-        self.solver = solver
+        self.main = main
         self._qp: MixedQP | None = None
+
+    @classmethod
+    def example_options(cls, num_tasks: int) -> dict[str, Any]:
+        return {"main": [0, 1] if num_tasks >= 2 else [0]}
 
     def _check_num_tasks(self, num_tasks: int) -> None:
         for i in self.main:
-            check_index(i, num_tasks, "main")
+            check_task_index(i, num_tasks, "main")
 
     def _init_state(self, num_tasks: int) -> None:
         if self.solver == "cvxpy":

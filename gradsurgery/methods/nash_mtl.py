@@ -20,8 +20,9 @@ for at most ``max_iter`` iterations, stopping early when max_i |α_i (Gα)_i −
 moving. The problem is built once with cvxpy Parameters (G and the linear coefficients; it is DPP, so it is
 compiled once) and solved with Clarabel, which cvxpy installs (exponential cones; ECOS, which the authors
 used, no longer ships with cvxpy). It is solved on Ĝ = G/‖G‖_F for conditioning; α = α̂/√‖G‖_F then solves
-the original equation. The authors' code feeds α̂ itself to the losses (a step √‖G‖_F times larger, then
-clips the gradient norm); this implementation returns the paper's α.
+the original equation. The authors' code normalises G the same way but multiplies α by ‖G‖_F inside the
+constraint (log(α_i‖G‖_F) + log((Ĝα)_i) ≥ 0), so their α is on the raw scale too: the same weights as here.
+The iterates need not improve monotonically; the one with the smallest residual is kept.
 
 Start point (the warm start): the previous step's α̂, else all ones, else the MGDA min-norm weights
 (mixed with a little of the uniform ones so that every α_i > 0), the first one with Ĝα > 0 (the
@@ -33,7 +34,7 @@ makes the answer depend on the solve history, and a resumed run would not be bit
 ``update_every`` = k solves on every k-th step only and reuses the last weights in between.
 
 Failures are never silent: when the solver raises, returns a non-optimal status, or the problem has no
-solution (above), a ``SolverFallbackWarning`` names the reason and the weights used instead (this step's last
+solution (above), a ``SolverFallbackWarning`` names the reason and the weights used instead (this step's best
 completed iterate, else the previous step's weights, else all ones: the plain sum), and the
 ``solver_failures`` counter (also in ``StepInfo.extras`` and the state dict) goes up by one.
 """
@@ -42,11 +43,13 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
-import cvxpy as cp
 import numpy as np
 import torch
 
+from .._validation import check_int
+from ..errors import SolverFallbackWarning
 from ..solvers import simplex_min_norm
 from .base import Method, gram_to_numpy
 
@@ -54,20 +57,8 @@ _RESIDUAL_TOL = 1e-6
 _STEP_TOL = 1e-9
 
 
-class SolverFallbackWarning(UserWarning):
-    """A method's solver failed; the warning names the fallback the step used instead."""
-
-
 class _NoSolution(Exception):
     """Raised inside a solve; the message says why, the fallback is chosen by the caller."""
-
-
-def _positive_int(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what} must be an int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{what} must be >= 1, got {value}")
-    return value
 
 
 def nash_residual(gram: np.ndarray, alpha: np.ndarray) -> float:
@@ -77,21 +68,24 @@ def nash_residual(gram: np.ndarray, alpha: np.ndarray) -> float:
 
 class NashMTL(Method):
     name = "nash_mtl"
+    no_conflict = True  # ⟨u, g_i⟩ = 1/α_i > 0 wherever the bargaining problem has a solution
+    scale_exponent = -1  # G α = 1/α: a common factor c on the gradients divides α by c
+    task_scale_invariant = True  # g_i → d_i g_i gives α_i → α_i/d_i: u is unchanged
 
     def __init__(self, *, update_every: int = 1, max_iter: int = 20) -> None:
-        update_every = _positive_int(update_every, "update_every")
-        max_iter = _positive_int(max_iter, "max_iter")
-        super().__init__(update_every=update_every, max_iter=max_iter)
-        self.update_every = update_every
-        self.max_iter = max_iter
+        super().__init__()
+        self.update_every = check_int(update_every, "update_every", minimum=1)
+        self.max_iter = check_int(max_iter, "max_iter", minimum=1)
         self.steps = 0
         self.solver_failures = 0
         self.last_iterations = 0
         self.alpha: np.ndarray | None = None  # last α̂ (on the normalised Gram matrix): the next start point
         self.weights: np.ndarray | None = None  # last weights on the raw gradients, reused between solves
-        self._problem: cp.Problem | None = None
+        self._problem: Any = None
 
     def _init_state(self, num_tasks: int) -> None:
+        import cvxpy as cp
+
         self._variable = cp.Variable(num_tasks, nonneg=True)
         self._gram = cp.Parameter((num_tasks, num_tasks))
         self._linear = cp.Parameter(num_tasks)
@@ -122,6 +116,8 @@ class NashMTL(Method):
 
     def _solve_subproblem(self, alpha: np.ndarray) -> np.ndarray:
         """One convex-concave iteration from α_τ = ``alpha`` (the Gram parameter is already set)."""
+        import cvxpy as cp
+
         g = self._gram.value
         self._linear.value = g.sum(axis=0) + 1.0 / alpha + g.T @ (1.0 / (g @ alpha))
         try:
@@ -140,22 +136,26 @@ class NashMTL(Method):
         return value
 
     def _solve(self, g: np.ndarray) -> tuple[np.ndarray, int]:
-        """α̂ for the normalised Ĝ = ``g``; raises _NoSolution with the last completed iterate attached."""
+        """α̂ for the normalised Ĝ = ``g``: the iterate with the smallest residual. Raises _NoSolution with
+        that iterate attached (None before the first one completed)."""
         self._gram.value = g
         alpha = self._start(g)
-        done = None
+        best, best_residual = None, math.inf
         iteration = 0
         for iteration in range(1, self.max_iter + 1):  # noqa: B007 (returned below)
             try:
                 new = self._solve_subproblem(alpha)
             except _NoSolution as err:
-                err.iterate = done
+                err.iterate = best
                 raise
             moved = float(np.abs(new - alpha).max())
-            alpha = done = new
-            if nash_residual(g, alpha) < _RESIDUAL_TOL or moved < _STEP_TOL * float(alpha.max()):
+            alpha = new
+            residual = nash_residual(g, alpha)
+            if residual < best_residual:
+                best, best_residual = alpha, residual
+            if residual < _RESIDUAL_TOL or moved < _STEP_TOL * float(alpha.max()):
                 break
-        return alpha, iteration
+        return best, iteration
 
     # -- the method --------------------------------------------------------------------------------------
     def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
@@ -181,7 +181,7 @@ class NashMTL(Method):
             partial = getattr(err, "iterate", None)
             if partial is not None:
                 alpha, weights = partial, partial / math.sqrt(scale)
-                fallback = "this step's last completed iterate"
+                fallback = "this step's best completed iterate"
             elif self.weights is not None:
                 weights, fallback = self.weights.copy(), "the previous step's weights"
             else:

@@ -3,16 +3,18 @@
     α* = argmin ‖Σ_i α_i g_i‖²  s.t.  Σ_i α_i = 1,  α_i ≥ c_i,   u = Σ_i α*_i g_i.
 
 The exact QP (not the paper's relaxed projection). The lower bounds c express business priorities: each task
-keeps at least weight c_i. Feasible iff c_i ≥ 0 and Σ c_i ≤ 1.
+keeps at least weight c_i. Feasible iff c_i ≥ 0 and Σ c_i ≤ 1. With bounds a task's loss may rise to first
+order (a bound can force weight onto a task that conflicts with the others); with c = 0 it is MGDA.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
+from .._validation import check_numbers
 from ..solvers import SimplexQP, pareto_min_norm
 from .base import Method, check_solver, gram_to_numpy
 
@@ -21,21 +23,19 @@ class Pareto(Method):
     name = "pareto"
 
     def __init__(self, *, min_weights: Sequence[float], solver: str = "cvxpy") -> None:
-        check_solver(solver, ("cvxpy", "frank_wolfe"), self.name)
-        if isinstance(min_weights, torch.Tensor):
-            min_weights = min_weights.detach().cpu().tolist()
-        try:
-            bounds = [float(c) for c in min_weights]
-        except TypeError as err:
-            raise TypeError(f"min_weights must be a sequence of numbers, got {min_weights!r}") from err
-        if any(not math.isfinite(c) or c < 0 for c in bounds):
+        super().__init__()
+        self.solver = check_solver(solver, ("cvxpy", "frank_wolfe"), self.name)
+        bounds = check_numbers(min_weights, "min_weights")
+        if any(c < 0 for c in bounds):
             raise ValueError(f"min_weights must be finite and non-negative, got {bounds}")
         if sum(bounds) > 1 + 1e-12:
             raise ValueError(f"min_weights are infeasible: they sum to {sum(bounds):.6g} > 1 ({bounds})")
-        super().__init__(min_weights=bounds, solver=solver)
         self.min_weights = bounds
-        self.solver = solver
         self._qp: SimplexQP | None = None
+
+    @classmethod
+    def example_options(cls, num_tasks: int) -> dict[str, Any]:
+        return {"min_weights": [0.5 / num_tasks] * num_tasks}
 
     def _check_num_tasks(self, num_tasks: int) -> None:
         if len(self.min_weights) != num_tasks:

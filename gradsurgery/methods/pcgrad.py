@@ -11,15 +11,16 @@ import numpy as np
 import torch
 
 from ._projection import draw_orders
-from .base import Method, gram_to_numpy, new_generator
+from .base import Method, gram_to_numpy
 
 
 class PCGrad(Method):
     name = "pcgrad"
 
     def __init__(self, *, seed: int | None = None) -> None:
-        super().__init__(seed=seed)
-        self.generator = new_generator(seed)
+        super().__init__()
+        self.seed = seed
+        self.generator = self.new_generator(seed)
 
     def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
         g = gram_to_numpy(gram)
@@ -32,9 +33,3 @@ class PCGrad(Method):
                 if dot < 0 and g[j, j] > 0:
                     coef[i, j] -= dot / g[j, j]
         return torch.from_numpy(coef.sum(axis=0))
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Method, new_generator
+from .base import Method
 
 
 class RLW(Method):
@@ -23,15 +23,10 @@ class RLW(Method):
     needs_gram = False
 
     def __init__(self, *, seed: int | None = None) -> None:
-        super().__init__(seed=seed)
-        self.generator = new_generator(seed)
+        super().__init__()
+        self.seed = seed
+        self.generator = self.new_generator(seed)
 
     def compute_weights(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
         samples = torch.randn(losses.shape[0], generator=self.generator, dtype=torch.float64)
         return torch.softmax(samples, dim=0)
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 
+from .._validation import check_numbers
 from .base import Method
 
 
@@ -16,23 +16,14 @@ class Sum(Method):
     name = "sum"
 
     def __init__(self, *, weights: Sequence[float] | None = None) -> None:
-        if weights is not None:
-            if isinstance(weights, torch.Tensor):
-                weights = weights.detach().cpu().tolist()
-            weights = [float(w) for w in weights]
-            bad = [w for w in weights if not math.isfinite(w)]
-            if bad:
-                raise ValueError(f"weights must be finite, got {weights}")
-        super().__init__(weights=weights)
-        self._weights = weights
+        super().__init__()
+        self.weights = None if weights is None else check_numbers(weights, "weights")
 
     def _check_num_tasks(self, num_tasks: int) -> None:
-        if self._weights is not None and len(self._weights) != num_tasks:
-            raise ValueError(
-                f"weights has {len(self._weights)} entries for {num_tasks} tasks: {self._weights}"
-            )
+        if self.weights is not None and len(self.weights) != num_tasks:
+            raise ValueError(f"weights has {len(self.weights)} entries for {num_tasks} tasks: {self.weights}")
 
     def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
-        if self._weights is None:
+        if self.weights is None:
             return torch.ones(gram.shape[0], dtype=gram.dtype, device=gram.device)
-        return torch.tensor(self._weights, dtype=gram.dtype, device=gram.device)
+        return torch.tensor(self.weights, dtype=gram.dtype, device=gram.device)

@@ -49,18 +49,18 @@ class Uncertainty(Method):
     def __init__(
         self, *, init_log_var: float | list[float] = 0.0, lr: float = 0.01, weight_optimizer: str = "adam"
     ) -> None:
-        init_log_var = check_vector_option(init_log_var, "init_log_var")
-        lr = check_lr(lr)
-        optimizer = check_optimizer(weight_optimizer, self.name)
-        super().__init__(init_log_var=init_log_var, lr=lr, weight_optimizer=optimizer)
+        super().__init__()
+        self.init_log_var = check_vector_option(init_log_var, "init_log_var")
+        self.lr = check_lr(lr)
+        self.weight_optimizer = check_optimizer(weight_optimizer, self.name)
         self.learned: LearnedVector | None = None
 
     def _check_num_tasks(self, num_tasks: int) -> None:
-        expand(self.options["init_log_var"], num_tasks, "init_log_var")
+        expand(self.init_log_var, num_tasks, "init_log_var")
 
     def _init_state(self, num_tasks: int) -> None:
-        init = expand(self.options["init_log_var"], num_tasks, "init_log_var")
-        self.learned = LearnedVector(init, self.options["weight_optimizer"], self.options["lr"])
+        init = expand(self.init_log_var, num_tasks, "init_log_var")
+        self.learned = LearnedVector(init, self.weight_optimizer, self.lr)
 
     @property
     def log_vars(self) -> torch.Tensor:
@@ -76,7 +76,7 @@ class Uncertainty(Method):
     def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
         weights = torch.exp(-self.learned.value)
         grad = 1.0 - weights * losses.detach().to("cpu", torch.float64)
-        self.learned.accumulate(grad)  # the only state change, at the end
+        self.learned.accumulate(grad)
         return weights.clone()
 
     def after_step(self) -> None:

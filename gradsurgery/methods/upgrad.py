@@ -25,20 +25,16 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.optimize import nnls
 
 from ..errors import SolverError
+from ..solvers.closed_form import gram_factor
 from .base import Method, gram_to_numpy
-
-
-def gram_factor(gram: np.ndarray) -> np.ndarray:
-    """A square A with AᵀA = G (G symmetric PSD up to rounding)."""
-    eigenvalues, vectors = np.linalg.eigh((gram + gram.T) / 2)
-    return np.sqrt(np.clip(eigenvalues, 0.0, None))[:, None] * vectors.T
 
 
 def upgrad_weights(gram: np.ndarray) -> np.ndarray:
     """Weights w with Jᵀw = (1/T) Σ_i π_C(g_i)."""
+    from scipy.optimize import nnls
+
     t = gram.shape[0]
     scale = float(np.trace(gram))
     if not scale > 0.0:
@@ -59,9 +55,7 @@ class UPGrad(Method):
     """Mean of the task gradients each projected onto the cone where no task's loss rises."""
 
     name = "upgrad"
-
-    def __init__(self) -> None:
-        super().__init__()
+    no_conflict = True
 
     def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(upgrad_weights(gram_to_numpy(gram)))

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .._validation import check_task_index as _check_task_index
 from ..errors import SolverError
 
 EPS = float(np.finfo(np.float64).eps)
@@ -83,19 +84,22 @@ def psd_projection(gram: np.ndarray) -> np.ndarray:
     return out
 
 
+def gram_factor(gram: np.ndarray) -> np.ndarray:
+    """A square F = diag(√e) Vᵀ from G = V diag(e) Vᵀ (symmetrised first), negative round-off eigenvalues
+    clipped to 0: FᵀF = G for a PSD G."""
+    e, v = np.linalg.eigh((gram + gram.T) / 2)
+    return np.sqrt(np.maximum(e, 0.0))[:, None] * v.T
+
+
 def check_task_index(value, num_tasks: int, what: str = "main") -> int:
-    """A task index: an int (not bool) in [0, T). Raises ValueError naming the value otherwise."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{what} must be an int task index, got {value!r}")
-    if not 0 <= int(value) < num_tasks:
-        raise ValueError(f"{what}={value!r} is out of range for {num_tasks} tasks")
-    return int(value)
+    """A task index in [0, T): TypeError for a non-integer, ValueError out of range."""
+    return _check_task_index(value, num_tasks, what)
 
 
 def check_main_indices(main: Sequence[int], num_tasks: int) -> np.ndarray:
     """The main-task indices of the mixed problem: at least one, each in range, no duplicates."""
     if isinstance(main, numbers.Integral | str | bytes) or not isinstance(main, Sequence | np.ndarray):
-        raise ValueError(f"main must be a sequence of task indices, got {main!r}")
+        raise TypeError(f"main must be a sequence of task indices, got {main!r}")
     idx = [check_task_index(m, num_tasks, "main index") for m in main]
     if not idx:
         raise ValueError(f"main must name at least one main task, got {main!r}")
@@ -153,7 +157,7 @@ def min_norm_two(g11: float, g12: float, g22: float) -> float:
 
 
 def main_aux_one(g00: float, g01: float, g11: float) -> float:
-    """Coefficient λ ≥ 0 of one auxiliary g_1 minimising ‖g_0 + λ g_1‖² (main/auxiliary, DESIGN.md):
+    """Coefficient λ ≥ 0 of one auxiliary g_1 minimising ‖g_0 + λ g_1‖² (main/auxiliary, ``docs/maths.md``):
 
         λ = max(0, −g01) / g11,
 

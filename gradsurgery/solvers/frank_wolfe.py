@@ -6,7 +6,7 @@ Every problem here is one quadratic program over weights w, with u = Jᵀw the f
 
 where M is the set of *main* tasks (their weights live on the simplex) and the other tasks are
 *auxiliaries* (free coefficients λ_j ≥ 0). M = all tasks is MGDA (Sener & Koltun 2018); |M| = 1 is
-main/auxiliary (DESIGN.md); anything in between is the mixed problem.
+main/auxiliary (``docs/maths.md``); anything in between is the mixed problem.
 
 The answer is found by a *primal active-set* method (Wolfe's 1976 min-norm-point algorithm, which for a
 single main task is Lawson & Hanson's NNLS, both written on G). It keeps a face F (the indices allowed to
@@ -50,8 +50,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import functools
+
 import numpy as np
-import scipy.linalg
 
 from ..errors import SolverError
 from .closed_form import (
@@ -84,12 +85,17 @@ _PIVOT_MIN = 1e-10
 # for degenerate ties; past that the Frank-Wolfe/coordinate steps take over.
 _SOLVES_PER_TASK = 3
 _SOLVES_EXTRA = 8
-# LAPACK routines called directly: the scipy.linalg wrappers (cholesky, solve, lstsq) re-validate their
-# inputs and query workspaces, which costs several times the factorisation of a T ≤ 32 matrix.
-_POTRF, _POSV, _GELSY, _GELSY_LWORK = scipy.linalg.get_lapack_funcs(
-    ("potrf", "posv", "gelsy", "gelsy_lwork"), (np.zeros((1, 1)),)
-)
 _GELSY_WORK: dict[int, int] = {}  # optimal gelsy workspace by matrix size
+
+
+@functools.cache
+def _lapack():
+    """(potrf, posv, gelsy, gelsy_lwork), called directly: the scipy.linalg wrappers (cholesky, solve,
+    lstsq) re-validate their inputs and query workspaces, which costs several times the factorisation of a
+    T ≤ 32 matrix. Loaded at the first solve: scipy.linalg takes 0.2 s to import."""
+    import scipy.linalg
+
+    return scipy.linalg.get_lapack_funcs(("potrf", "posv", "gelsy", "gelsy_lwork"), (np.zeros((1, 1)),))
 
 
 class _Blocks(NamedTuple):
@@ -131,7 +137,8 @@ def pareto_min_norm(gram, min_weights, *, tol: float = 1e-12, max_iter: int = 20
 
 
 def main_aux_min_norm(gram, main: int, *, tol: float = 1e-12, max_iter: int = 2000) -> np.ndarray:
-    """Main/auxiliary weights (DESIGN.md): w[main] = 1, w_j = λ_j ≥ 0 minimising ‖g_main + Σ λ_j g_j‖².
+    """Main/auxiliary weights (``docs/maths.md``): w[main] = 1, w_j = λ_j ≥ 0 minimising
+    ‖g_main + Σ λ_j g_j‖².
 
     The dual of max_u ⟨u, g_main⟩ − ½‖u‖² s.t. ⟨u, g_j⟩ ≥ 0: at the optimum every auxiliary has
     (Gw)_j ≥ 0 and λ_j (Gw)_j = 0. Solved by the Lawson-Hanson active set on G (each face: G_AA λ_A =
@@ -146,7 +153,7 @@ def main_aux_min_norm(gram, main: int, *, tol: float = 1e-12, max_iter: int = 20
 
 
 def mixed_min_norm(gram, main: Sequence[int], *, tol: float = 1e-12, max_iter: int = 2000) -> np.ndarray:
-    """Mixed n main + m auxiliary weights (DESIGN.md): min ‖Σ_{i∈main} α_i g_i + Σ_j λ_j g_j‖² over
+    """Mixed n main + m auxiliary weights (``docs/maths.md``): min ‖Σ_{i∈main} α_i g_i + Σ_j λ_j g_j‖² over
     α ∈ Δ^n, λ ≥ 0. One main task is ``main_aux_min_norm``; all tasks main is ``simplex_min_norm``.
 
     The same active set as the two special cases, each face solving the KKT system with the α-sum
@@ -174,7 +181,7 @@ def _solve(g: np.ndarray, blocks: _Blocks, tol: float, max_iter: int, what: str)
     # A Cholesky factorisation that succeeds certifies G ≻ 0 (to round-off) at a tenth of the cost of the
     # eigendecomposition, which ``psd_projection`` would then return unchanged; only singular or
     # indefinite G (collinear, duplicated or zero gradients, T > d, float32 round-off) pays for it.
-    if _POTRF(gn, lower=1, clean=0)[1] != 0:
+    if _lapack()[0](gn, lower=1, clean=0)[1] != 0:
         gn = psd_projection(gn)
     w = _iterate(gn, w, blocks, tol, max_iter)
     return _finish(w, blocks, what)
@@ -287,7 +294,7 @@ def _face_solve(g: np.ndarray, p: np.ndarray, mp: np.ndarray) -> np.ndarray | No
     bordered KKT system goes to lstsq (``_face_lstsq``).
     """
     sub = g.take(p, 0).take(p, 1)
-    chol, x, info = _POSV(sub, mp.astype(np.float64), lower=1)
+    chol, x, info = _lapack()[1](sub, mp.astype(np.float64), lower=1)
     if info == 0:
         piv = chol.diagonal()
         if np.all(piv * piv >= _PIVOT_MIN * sub.diagonal()):
@@ -327,11 +334,11 @@ def _lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     n = a.shape[0]
     lwork = _GELSY_WORK.get(n)
     if lwork is None:
-        work, info = _GELSY_LWORK(n, n, 1, EPS)
+        work, info = _lapack()[3](n, n, 1, EPS)
         if info != 0:
             raise SolverError(f"gelsy workspace query failed (info={info})")
         lwork = _GELSY_WORK[n] = int(work)
-    x, info = _GELSY(a, b, np.zeros(n, dtype=np.int32), EPS, lwork, 0, 0)[1::3]
+    x, info = _lapack()[2](a, b, np.zeros(n, dtype=np.int32), EPS, lwork, 0, 0)[1::3]
     if info < 0:
         raise SolverError(f"illegal value in argument {-info} of gelsy")
     return x

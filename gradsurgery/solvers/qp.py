@@ -13,11 +13,17 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 
-import cvxpy as cp
 import numpy as np
 
 from ..errors import SolverError
-from .closed_form import check_gram, check_main_indices, check_min_weights, check_task_index, psd_projection
+from .closed_form import (
+    check_gram,
+    check_main_indices,
+    check_min_weights,
+    check_task_index,
+    gram_factor,
+    psd_projection,
+)
 
 # Clarabel's defaults (gap 1e-8) leave u = Jᵀx off by up to ~1e-4·max‖g_i‖ when u* ≈ 0, because
 # ‖u − u*‖² ≤ f(x) − f*: the objective gap must be near 1e-12 of max‖g_i‖² for the 1e-5 agreement with the
@@ -34,12 +40,6 @@ CLARABEL_ATTEMPTS = (  # Clarabel settings, tried in turn
 # For a result Clarabel flags as inaccurate: the largest optimality residual (G scaled to max diag 1) that
 # still bounds the error of u by about 1e-5·max‖g_i‖.
 INACCURATE_KKT_LIMIT = 1e-10
-
-
-def gram_factor(gram: np.ndarray) -> np.ndarray:
-    """F = diag(√e) Vᵀ from G = V diag(e) Vᵀ, negative round-off eigenvalues clipped to 0: FᵀF = G."""
-    e, v = np.linalg.eigh(gram)
-    return np.sqrt(np.maximum(e, 0.0))[:, None] * v.T
 
 
 class _MinNormQP:
@@ -60,6 +60,8 @@ class _MinNormQP:
     problem_name = "min-norm QP"
 
     def __init__(self, num_tasks: int, main: np.ndarray) -> None:
+        import cvxpy as cp  # loaded by the first QP built: it takes half a second to import
+
         self.num_tasks = num_tasks
         self._main = main
         self._x = cp.Variable(num_tasks, name="scaled_weights")
@@ -129,6 +131,8 @@ class _MinNormQP:
 
     def _attempt(self, g: np.ndarray, options: dict) -> tuple[np.ndarray | None, str | None]:
         """One Clarabel solve: (weights, None), or (None, why it is not acceptable)."""
+        import cvxpy as cp
+
         try:
             with warnings.catch_warnings():
                 # cvxpy warns on an inaccurate solution; that case is judged below by its KKT residual.
@@ -206,7 +210,7 @@ class SimplexQP(_MinNormQP):
 
 
 class MainAuxQP(_MinNormQP):
-    """Main/auxiliary (DESIGN.md): min ‖g_main + Σ λ_j g_j‖² over λ ≥ 0; weights[main] = 1."""
+    """Main/auxiliary (``docs/maths.md``): min ‖g_main + Σ λ_j g_j‖² over λ ≥ 0; weights[main] = 1."""
 
     problem_name = "MainAuxQP"
 
@@ -217,7 +221,8 @@ class MainAuxQP(_MinNormQP):
 
 
 class MixedQP(_MinNormQP):
-    """Mixed n main + m auxiliary (DESIGN.md): min ‖Σ_main α_i g_i + Σ_aux λ_j g_j‖², α ∈ Δ^n, λ ≥ 0."""
+    """Mixed n main + m auxiliary (``docs/maths.md``): min ‖Σ_main α_i g_i + Σ_aux λ_j g_j‖² over
+    α ∈ Δ^n, λ ≥ 0."""
 
     problem_name = "MixedQP"
 

@@ -1,1 +1,71 @@
-"""Gradient sources: where the per-task gradient information of one ``backward`` comes from."""
+"""Gradient sources: the first stage of ``GradSurgery.backward``.
+
+A source turns the task losses into what the method needs (the T×T Gram matrix of the task gradients, or
+only the loss values) and, once the method has produced weights w, into the new gradient of every parameter
+it reaches. Each ``collect`` returns a *collection* for that one call:
+
+- ``mode`` (``"full"`` or ``"representation"``) and ``source`` (its name, reported in ``StepInfo``);
+- ``loss_values``: the T detached losses, in the Gram dtype;
+- ``signature()``: a fingerprint of what the tasks reached, compared across data-parallel ranks;
+- ``reduce(reduction)``: average over the ranks (the identity on one process); afterwards ``gram`` holds G,
+  or None for sources that need none;
+- ``check_finite()``: raises ``NonFiniteError`` naming the tasks with a NaN/inf loss or gradient;
+- ``gradients(w)``: the (parameter, new gradient) pairs, in true units (not loss-scaled).
+
+The sources: ``jacobian`` (one ``autograd.grad`` per task over the parameters, the exact full mode),
+``features`` (gradients with respect to a shared representation: representation mode) and ``weighted``
+(one backward pass of Σ w_i L_i, for loss weightings whose weights need no gradient).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from .._validation import non_finite
+
+
+class NonFiniteError(ValueError):
+    """A loss or a gradient is NaN or inf. ``params`` are the parameters whose ``.grad`` a GradScaler must
+    see as overflowed when the step was loss-scaled."""
+
+    def __init__(self, message: str, params: Iterable[torch.Tensor] = ()) -> None:
+        super().__init__(message)
+        self.params = list(params)
+
+
+def loss_values(losses: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The detached losses as one (T,) tensor in ``dtype``."""
+    return torch.stack([loss.detach().reshape(()) for loss in losses]).to(dtype)
+
+
+def check_finite(
+    values: torch.Tensor,
+    gram: torch.Tensor | None = None,
+    task_grads: Sequence[tuple[int, torch.Tensor]] = (),
+    *,
+    params: Iterable[torch.Tensor] = (),
+    gradient: str = "gradient",
+) -> None:
+    """Raise ``NonFiniteError`` when a loss value, a task gradient (seen through the Gram diagonal: a
+    non-finite gradient makes it non-finite) or a gradient in ``task_grads`` ((task, gradient) pairs) is NaN
+    or inf. One host synchronisation when everything is finite."""
+    like = values if gram is None else gram
+    checks = [values.reshape(-1).to(like.device, like.dtype)]
+    if gram is not None:
+        checks.append(gram.diagonal())
+    if task_grads:
+        squares = [g.detach().double().pow(2).sum() for _, g in task_grads]
+        checks.append(torch.stack(squares).to(like.device, like.dtype))
+    if bool(torch.isfinite(torch.cat(checks)).all()):
+        return
+    listed = values.tolist()
+    bad = non_finite(listed)
+    if bad:
+        raise NonFiniteError(f"non-finite loss value(s) for task(s) {bad}: {listed}", params)
+    tasks = set(non_finite(gram.diagonal().tolist())) if gram is not None else set()
+    tasks |= {i for i, g in task_grads if not bool(torch.isfinite(g).all())}
+    raise NonFiniteError(
+        f"non-finite (NaN/inf) {gradient} for task(s) {sorted(tasks)}; nothing was written", params
+    )

@@ -1,17 +1,29 @@
-"""Per-task gradients: the T×d Jacobian over the shared parameters, and each task's other gradients.
+"""The exact full mode: one ``autograd.grad`` per task over the parameters, the T×d Jacobian J of the shared
+ones, G = J Jᵀ and u = Jᵀw.
 
 A parameter reached by two or more tasks is *shared* and gets the fused gradient; a parameter reached by a
-single task is *task-specific* and gets that task's own gradient. The layout (which parameters are shared,
-where each one sits in a row of the Jacobian) is remembered between steps, so each task's gradients go
-straight into a reused T×d buffer; it is rebuilt only when the set of shared parameters changes.
+single task is *task-specific* and gets that task's own gradient (times w_i for loss weightings). The layout
+(which parameters are shared, where each one sits in a row of the Jacobian) is remembered between steps, so
+each task's gradients go straight into a reused T×d buffer; it is rebuilt only when the set of shared
+parameters changes.
+
+Cost per step: T backward passes, O(T² d) for G and O(T d) for u; memory T·d for J.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from . import check_finite, loss_values
+
+if TYPE_CHECKING:
+    from ..amp import LossScaling
+    from ..distributed import Reduction
 
 
 @dataclass
@@ -63,6 +75,35 @@ class TaskGradients:
     jacobian: torch.Tensor  # (T, d) over the shared parameters; rows may be reused next step
     other: list[list[tuple[int, torch.Tensor]]]  # per parameter index: (task, gradient) of non-shared params
     reached: list[int]  # per task: how many parameters it reaches
+
+    def task_specific(self) -> list[tuple[int, torch.Tensor]]:
+        return [(i, g) for entries in self.other for i, g in entries]
+
+    def reached_params(self) -> list[torch.Tensor]:
+        layout = self.layout
+        shared = [layout.params[k] for k in layout.shared]
+        return shared + [layout.params[k] for k, entries in enumerate(self.other) if entries]
+
+    def signature(self, num_tasks: int) -> int:
+        """A 31-bit fingerprint of which parameter is shared and which task reaches each task-specific one."""
+        layout = self.layout
+        parts: list[Any] = [
+            num_tasks,
+            layout.dim,
+            str(layout.dtype),
+            len(layout.params),
+            tuple(layout.shared),
+        ]
+        parts.append(
+            tuple((k, tuple(i for i, _ in entries)) for k, entries in enumerate(self.other) if entries)
+        )
+        return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
+
+
+def check_reached(reached: Sequence[int]) -> None:
+    lost = [i for i, n in enumerate(reached) if n == 0]
+    if lost:
+        raise ValueError(f"loss(es) {lost} reach none of the optimizer's parameters")
 
 
 class GradientCollector:
@@ -153,3 +194,88 @@ class GradientCollector:
         self.layout = layout
         self._buffer = new_jac
         return layout, new_jac
+
+
+class JacobianSource:
+    """Full mode: the per-task gradients of every parameter, the exact Gram matrix of the shared ones."""
+
+    mode = "full"
+    name = "jacobian"
+
+    def __init__(self, shared_params: Sequence[torch.Tensor] | None, gram_dtype: torch.dtype) -> None:
+        self.collector = GradientCollector(shared_params)
+        self.gram_dtype = gram_dtype
+
+    def collect(
+        self,
+        losses: list[torch.Tensor],
+        params: list[torch.Tensor],
+        *,
+        scaling: LossScaling | None,
+        retain_graph: bool,
+        no_sync: Callable[[], Any],
+        scales_task_specific: bool,
+    ) -> JacobianCollection:
+        grad_losses = losses if scaling is None else scaling.scale(losses)
+        with no_sync():
+            grads = self.collector.collect(grad_losses, params, retain_graph=retain_graph)
+        check_reached(grads.reached)
+        if scaling is not None:
+            scaling.unscale(grads.jacobian, [g for _, g in grads.task_specific()])
+        return JacobianCollection(
+            grads, loss_values(losses, self.gram_dtype), self.gram_dtype, scales_task_specific
+        )
+
+
+class JacobianCollection:
+    mode = "full"
+    source = "jacobian"
+
+    def __init__(
+        self, grads: TaskGradients, values: torch.Tensor, gram_dtype: torch.dtype, scales_task_specific: bool
+    ) -> None:
+        self.grads = grads
+        self.loss_values = values
+        self.gram_dtype = gram_dtype
+        self.scales_task_specific = scales_task_specific
+        self.gram: torch.Tensor | None = None
+        self._fuse: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.grads.reached)
+
+    def signature(self) -> int:
+        return self.grads.signature(self.num_tasks)
+
+    def reduce(self, reduction: Reduction) -> None:
+        self.gram, self.loss_values, self._fuse = reduction.jacobian(
+            self.grads.jacobian, self.loss_values, [g for _, g in self.grads.task_specific()], self.gram_dtype
+        )
+
+    def check_finite(self) -> None:
+        check_finite(
+            self.loss_values, self.gram, self.grads.task_specific(), params=self.grads.reached_params()
+        )
+
+    def gradients(self, weights: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """u = Jᵀw for the shared parameters, Σ_i s_i g_i for the others (s_i = 1, or w_i for loss
+        weightings)."""
+        layout = self.grads.layout
+        out: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if layout.shared:
+            fused = self._fuse(weights)
+            for slot, k in enumerate(layout.shared):
+                out.append((layout.params[k], layout.segment(fused, slot).view_as(layout.params[k])))
+        for k, entries in enumerate(self.grads.other):
+            if not entries:
+                continue
+            total = None
+            for i, g in entries:
+                g = g * weights[i].to(device=g.device, dtype=g.dtype) if self.scales_task_specific else g
+                total = g if total is None else total + g
+            out.append((layout.params[k], total))
+        return out
+
+    def reached_params(self) -> list[torch.Tensor]:
+        return self.grads.reached_params()

@@ -15,6 +15,8 @@ chain rule gives ∇_θ L_i = (∂z/∂θ)ᵀ ∇_z L_i, hence for any weights w
    (∂z/∂θ)ᵀ u_z = Σ_i w_i ∇_θ L_i, the gradient of Σ_i w_i L_i, and each head receives s_i times its task's
    gradient, as in full mode.
 
+Cost: T backward passes through the heads, O(T² D) for G_z, one full backward pass.
+
 This is an approximation of the full mode: the weights are exact for the method's objective posed on z
 (for MGDA: the min-norm combination of the ∇_z L_i), which for the parameters is an upper bound (above),
 not the problem itself. Methods that read only the losses (``"uncertainty"``, ``"dwa"``) give the same
@@ -28,18 +30,17 @@ gradient, not w_i times.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .gram import gram_matrix
-from .info import StepInfo
+from ..gram import gram_matrix
+from . import check_finite, loss_values
 
 if TYPE_CHECKING:
-    from .optimizer import GradSurgery
-
-MODE = "representation"
+    from ..amp import LossScaling
+    from ..distributed import Reduction
 
 
 def check_features(features: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -108,62 +109,111 @@ def feature_jacobian(
     return jac, spans
 
 
-def _check_finite(loss_values: torch.Tensor, gram: torch.Tensor) -> None:
-    if bool(torch.isfinite(torch.cat([loss_values.to(gram.device), gram.diagonal()])).all()):
-        return
-    values = loss_values.tolist()
-    bad = [i for i, v in enumerate(values) if v != v or abs(v) == float("inf")]
-    if bad:
-        raise ValueError(f"non-finite loss value(s) for task(s) {bad}: {values}")
-    diag = gram.diagonal().tolist()
-    bad = [i for i, v in enumerate(diag) if v != v or abs(v) == float("inf")]
-    raise ValueError(
-        f"non-finite (NaN/inf) gradient with respect to the features for task(s) {bad}; nothing was written"
-    )
+class FeatureSource:
+    """Representation mode: weights from the task gradients with respect to the shared features."""
+
+    mode = "representation"
+    name = "features"
+
+    def __init__(self, features: torch.Tensor | Sequence[torch.Tensor], gram_dtype: torch.dtype) -> None:
+        self.features = check_features(features)
+        self.gram_dtype = gram_dtype
+
+    @staticmethod
+    def check_supported(scaling: LossScaling | None, reduction: Reduction, gradient_transforms: bool) -> None:
+        if scaling is not None or reduction.group is not None or gradient_transforms:
+            raise ValueError(
+                "representation mode (features=) does not support grad_scaler=, distributed training "
+                "or the direct l2 rule yet; use the full mode (no features=)"
+            )
+
+    def collect(
+        self,
+        losses: list[torch.Tensor],
+        params: list[torch.Tensor],
+        *,
+        scaling: LossScaling | None,
+        retain_graph: bool,
+        no_sync: Callable[[], Any],
+        scales_task_specific: bool,
+    ) -> FeatureCollection:
+        jac, spans = feature_jacobian(losses, self.features)
+        return FeatureCollection(
+            self,
+            losses,
+            params,
+            jac,
+            spans,
+            loss_values(losses, self.gram_dtype),
+            retain_graph,
+            scales_task_specific,
+        )
 
 
-def representation_backward(
-    opt: GradSurgery,
-    losses: list[torch.Tensor],
-    features: torch.Tensor | Sequence[torch.Tensor],
-    *,
-    retain_graph: bool = False,
-) -> StepInfo:
-    """Representation mode of ``GradSurgery.backward`` (``losses`` already checked); see the module doc."""
-    features = check_features(features)
-    jac, spans = feature_jacobian(losses, features)
-    gram = gram_matrix(jac, opt.gram_dtype)
-    loss_values = torch.stack([loss.detach().reshape(()) for loss in losses]).to(opt.gram_dtype)
-    _check_finite(loss_values, gram)
-    method = opt.method
-    weights = method(gram, loss_values.to(gram.device))
+class FeatureCollection:
+    mode = "representation"
+    source = "features"
 
-    fused = weights.to(device=jac.device, dtype=jac.dtype) @ jac
-    targets = [
-        fused[start:end].view_as(z).to(z.dtype) for z, (start, end) in zip(features, spans, strict=True)
-    ]
-    if method.scales_task_specific:
-        seeds = [weights[i].to(device=loss.device, dtype=loss.dtype) for i, loss in enumerate(losses)]
-    else:
-        seeds = [torch.ones_like(loss) for loss in losses]
-    params = opt._trainable_params()
-    # The hook replaces the gradient reaching z (Σ_i s_i ∇_z L_i) by Σ_i w_i ∇_z L_i, so the trunk gets the
-    # fused gradient while the heads keep their full-mode gradient; all within one pass.
-    handles = [
-        z.register_hook(lambda _grad, target=target: target)
-        for z, target in zip(features, targets, strict=True)
-    ]
-    try:
-        if params:
-            torch.autograd.backward(losses, grad_tensors=seeds, retain_graph=retain_graph, inputs=params)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return StepInfo(
-        weights=weights,
-        losses=loss_values,
-        gram=gram,
-        method=method.name,
-        mode=MODE,
-        extras=method.info_extras(),
-    )
+    def __init__(
+        self, source, losses, params, jac, spans, values, retain_graph, scales_task_specific
+    ) -> None:
+        self.features = source.features
+        self.gram_dtype = source.gram_dtype
+        self.losses = losses
+        self.params = params
+        self.jac = jac
+        self.spans = spans
+        self.loss_values = values
+        self.retain_graph = retain_graph
+        self.scales_task_specific = scales_task_specific
+        self.gram: torch.Tensor | None = None
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.losses)
+
+    def signature(self) -> int:
+        return 0
+
+    def reduce(self, reduction: Reduction) -> None:
+        self.gram = gram_matrix(self.jac, self.gram_dtype)
+
+    def check_finite(self) -> None:
+        check_finite(self.loss_values, self.gram, gradient="gradient with respect to the features")
+
+    def gradients(self, weights: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One backward pass: the heads get s_i ∇L_i, the trunk the fused gradient through z."""
+        if not self.params:
+            return []
+        fused = weights.to(device=self.jac.device, dtype=self.jac.dtype) @ self.jac
+        targets = [
+            fused[start:end].view_as(z).to(z.dtype)
+            for z, (start, end) in zip(self.features, self.spans, strict=True)
+        ]
+        if self.scales_task_specific:
+            seeds = [
+                weights[i].to(device=loss.device, dtype=loss.dtype) for i, loss in enumerate(self.losses)
+            ]
+        else:
+            seeds = [torch.ones_like(loss) for loss in self.losses]
+        # The hook replaces the gradient reaching z (Σ_i s_i ∇_z L_i) by Σ_i w_i ∇_z L_i, so the trunk gets
+        # the fused gradient while the heads keep their full-mode gradient; all within one pass.
+        handles = [
+            z.register_hook(lambda _grad, target=target: target)
+            for z, target in zip(self.features, targets, strict=True)
+        ]
+        try:
+            grads = torch.autograd.grad(
+                self.losses,
+                self.params,
+                grad_outputs=seeds,
+                retain_graph=self.retain_graph,
+                allow_unused=True,
+            )
+        finally:
+            for handle in handles:
+                handle.remove()
+        return [(p, g) for p, g in zip(self.params, grads, strict=True) if g is not None]
+
+    def reached_params(self) -> list[torch.Tensor]:
+        return self.params

@@ -1,0 +1,115 @@
+"""The checks every option and input goes through: a wrong type raises ``TypeError``, a wrong value
+``ValueError``, and the message names the option and what it got."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+
+def check_bool(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{what} must be a bool (True or False), got {value!r}")
+    return value
+
+
+def check_int(value: Any, what: str, *, minimum: int | None = None) -> int:
+    """An int (not a bool; numpy integers accepted), at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{what} must be an int, got {value!r}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{what} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_number(
+    value: Any,
+    what: str,
+    *,
+    minimum: float | None = None,
+    exclusive_minimum: bool = False,
+    maximum: float | None = None,
+    exclusive_maximum: bool = False,
+) -> float:
+    """A finite real number (not a bool) within the given bounds, as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{what} must be a number, got {value!r}")
+    value = float(value)
+    low_ok = minimum is None or (value > minimum if exclusive_minimum else value >= minimum)
+    high_ok = maximum is None or (value < maximum if exclusive_maximum else value <= maximum)
+    if not (math.isfinite(value) and low_ok and high_ok):
+        if minimum is not None and maximum is not None:
+            bound = f" in {'(' if exclusive_minimum else '['}{minimum:g}, {maximum:g}{')' if exclusive_maximum else ']'}"
+        elif minimum is not None:
+            bound = f" {'>' if exclusive_minimum else '>='} {minimum:g}"
+        elif maximum is not None:
+            bound = f" {'<' if exclusive_maximum else '<='} {maximum:g}"
+        else:
+            bound = ""
+        raise ValueError(f"{what} must be a finite number{bound}, got {value}")
+    return value
+
+
+def check_choice(value: Any, choices: Sequence[str], what: str, where: str = "") -> str:
+    """One of the named ``choices``; ``where`` completes the message (e.g. " for method 'mgda'")."""
+    if not isinstance(value, str):
+        raise TypeError(f"{what}{where} must be one of {tuple(choices)}, got {value!r}")
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}{where}; choose one of {tuple(choices)}")
+    return value
+
+
+def check_numbers(value: Any, what: str) -> list[float]:
+    """A non-empty sequence (or 1-D tensor) of finite numbers, as a list of floats."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().reshape(-1).tolist()
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise TypeError(f"{what} must be a sequence of numbers, got {value!r}")
+    value = list(value)
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"{what} must hold numbers only, got {value!r}")
+    out = [float(v) for v in value]
+    if not out:
+        raise ValueError(f"{what} is empty")
+    if not all(math.isfinite(v) for v in out):
+        raise ValueError(f"{what} must be finite, got {out}")
+    return out
+
+
+def check_task_index(value: Any, num_tasks: int | None, what: str) -> int:
+    """A task index: an int in [0, T) (the range is checked once T is known)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{what} must be an int task index, got {value!r}")
+    value = int(value)
+    if num_tasks is not None and not 0 <= value < num_tasks:
+        raise ValueError(f"{what}={value} is out of range for {num_tasks} tasks")
+    return value
+
+
+def check_tensors(params: Any, what: str) -> list[torch.Tensor]:
+    """A non-empty iterable of tensors (a single tensor counts as one)."""
+    if isinstance(params, torch.Tensor):
+        params = [params]
+    try:
+        params = list(params)
+    except TypeError:
+        raise TypeError(f"{what} must be an iterable of tensors, got {type(params).__name__}") from None
+    bad = [type(p).__name__ for p in params if not isinstance(p, torch.Tensor)]
+    if bad:
+        raise TypeError(f"{what} must hold tensors only, got {bad}")
+    if not params:
+        raise ValueError(f"{what} is empty")
+    return params
+
+
+def non_finite(values: Sequence[float]) -> list[int]:
+    """Positions of NaN or ±inf entries."""
+    return [i for i, v in enumerate(values) if not math.isfinite(v)]
