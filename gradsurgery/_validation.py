@@ -44,7 +44,8 @@ def check_number(
     high_ok = maximum is None or (value < maximum if exclusive_maximum else value <= maximum)
     if not (math.isfinite(value) and low_ok and high_ok):
         if minimum is not None and maximum is not None:
-            bound = f" in {'(' if exclusive_minimum else '['}{minimum:g}, {maximum:g}{')' if exclusive_maximum else ']'}"
+            left, right = "(" if exclusive_minimum else "[", ")" if exclusive_maximum else "]"
+            bound = f" in {left}{minimum:g}, {maximum:g}{right}"
         elif minimum is not None:
             bound = f" {'>' if exclusive_minimum else '>='} {minimum:g}"
         elif maximum is not None:

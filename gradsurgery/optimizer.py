@@ -136,8 +136,9 @@ class GradSurgery(torch.optim.Optimizer):
         self.sync = sync
         self.shared_ids = None if shared_params is None else {id(p) for p in shared_params}
         self.transforms = transforms
+        scales = self.method.scales_task_specific
         self.source = (
-            JacobianSource(shared_params, gram_dtype)
+            JacobianSource(shared_params, gram_dtype, scales)
             if self.method.needs_gram
             else WeightedSource(gram_dtype)
         )
@@ -267,14 +268,7 @@ class GradSurgery(torch.optim.Optimizer):
         try:
             tasks, sample_mask = self._prepare_losses(losses, params)
             source = self._source_for(features, scaling, reduction)
-            step = source.collect(
-                tasks,
-                params,
-                scaling=scaling,
-                retain_graph=retain_graph,
-                no_sync=reduction.no_sync,
-                scales_task_specific=self.method.scales_task_specific,
-            )
+            step = source.collect(tasks, params, scaling, retain_graph, reduction.no_sync)
         except (TypeError, ValueError) as err:
             reduction.fail(err)  # the other ranks stop too
             raise
@@ -284,25 +278,15 @@ class GradSurgery(torch.optim.Optimizer):
             with self.method.transaction():
                 step.reduce(reduction)
                 step.check_finite()
-                weights = self.method(step.gram, step.loss_values.to(_device_of(step)))
+                weights = self.method(step.gram, step.loss_values)
                 new_grads, fields = self._post_transform(step.gradients(weights))
                 accumulate(new_grads, scaling)
         except NonFiniteError as err:
             if scaling is None:
                 raise
             mark_overflow(err.params)
-            weights, fields = torch.full_like(step.loss_values, float("nan")), {"overflow": True}
-        return StepInfo(
-            weights=weights,
-            losses=step.loss_values,
-            gram=step.gram,
-            method=self.method.name,
-            mode=step.mode,
-            source=step.source,
-            sample_mask=sample_mask,
-            extras={} if fields.get("overflow") else self.method.info_extras(),
-            **fields,
-        )
+            weights, fields = None, {"overflow": True}
+        return self._info(step, weights, fields, sample_mask)
 
     def _prepare_losses(self, losses: Any, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
         """The loss-preparation stage, then the validated scalars (the task count checked, not yet bound)."""
@@ -317,7 +301,27 @@ class GradSurgery(torch.optim.Optimizer):
             return self.source
         gradient_transforms = any(t.acts_on_gradient for t in self.transforms)
         FeatureSource.check_supported(scaling, reduction, gradient_transforms)
-        return FeatureSource(features, self.gram_dtype)
+        return FeatureSource(features, self.gram_dtype, self.method.scales_task_specific)
+
+    def _info(
+        self, step: Any, weights: torch.Tensor | None, fields: dict[str, Any], sample_mask: Any
+    ) -> StepInfo:
+        """The step's record; an overflowed step (``weights`` None) reports NaN weights."""
+        if weights is None:
+            weights, extras = torch.full_like(step.loss_values, float("nan")), {}
+        else:
+            extras = self.method.info_extras()
+        return StepInfo(
+            weights=weights,
+            losses=step.loss_values,
+            gram=step.gram,
+            method=self.method.name,
+            mode=step.mode,
+            source=step.source,
+            sample_mask=sample_mask,
+            extras=extras,
+            **fields,
+        )
 
     def _post_transform(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[list, dict[str, Any]]:
         fields: dict[str, Any] = {}
@@ -334,10 +338,6 @@ class GradSurgery(torch.optim.Optimizer):
 
     def _trainable_params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
-
-
-def _device_of(step: Any) -> torch.device:
-    return step.gram.device if step.gram is not None else step.loss_values.device
 
 
 def _l2_option(

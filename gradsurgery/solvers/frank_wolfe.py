@@ -47,10 +47,9 @@ projection (``psd_projection``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import NamedTuple
-
-import functools
 
 import numpy as np
 

@@ -115,9 +115,15 @@ class FeatureSource:
     mode = "representation"
     name = "features"
 
-    def __init__(self, features: torch.Tensor | Sequence[torch.Tensor], gram_dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        features: torch.Tensor | Sequence[torch.Tensor],
+        gram_dtype: torch.dtype,
+        scales_task_specific: bool,
+    ) -> None:
         self.features = check_features(features)
         self.gram_dtype = gram_dtype
+        self.scales_task_specific = scales_task_specific
 
     @staticmethod
     def check_supported(scaling: LossScaling | None, reduction: Reduction, gradient_transforms: bool) -> None:
@@ -131,32 +137,20 @@ class FeatureSource:
         self,
         losses: list[torch.Tensor],
         params: list[torch.Tensor],
-        *,
         scaling: LossScaling | None,
         retain_graph: bool,
         no_sync: Callable[[], Any],
-        scales_task_specific: bool,
     ) -> FeatureCollection:
         jac, spans = feature_jacobian(losses, self.features)
-        return FeatureCollection(
-            self,
-            losses,
-            params,
-            jac,
-            spans,
-            loss_values(losses, self.gram_dtype),
-            retain_graph,
-            scales_task_specific,
-        )
+        values = loss_values(losses, self.gram_dtype)
+        return FeatureCollection(self, losses, params, jac, spans, values, retain_graph)
 
 
 class FeatureCollection:
     mode = "representation"
     source = "features"
 
-    def __init__(
-        self, source, losses, params, jac, spans, values, retain_graph, scales_task_specific
-    ) -> None:
+    def __init__(self, source, losses, params, jac, spans, values, retain_graph) -> None:
         self.features = source.features
         self.gram_dtype = source.gram_dtype
         self.losses = losses
@@ -165,7 +159,7 @@ class FeatureCollection:
         self.spans = spans
         self.loss_values = values
         self.retain_graph = retain_graph
-        self.scales_task_specific = scales_task_specific
+        self.scales_task_specific = source.scales_task_specific
         self.gram: torch.Tensor | None = None
 
     @property
@@ -177,6 +171,7 @@ class FeatureCollection:
 
     def reduce(self, reduction: Reduction) -> None:
         self.gram = gram_matrix(self.jac, self.gram_dtype)
+        self.loss_values = self.loss_values.to(self.gram.device)
 
     def check_finite(self) -> None:
         check_finite(self.loss_values, self.gram, gradient="gradient with respect to the features")

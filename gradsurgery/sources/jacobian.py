@@ -202,19 +202,23 @@ class JacobianSource:
     mode = "full"
     name = "jacobian"
 
-    def __init__(self, shared_params: Sequence[torch.Tensor] | None, gram_dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        shared_params: Sequence[torch.Tensor] | None,
+        gram_dtype: torch.dtype,
+        scales_task_specific: bool,
+    ) -> None:
         self.collector = GradientCollector(shared_params)
         self.gram_dtype = gram_dtype
+        self.scales_task_specific = scales_task_specific
 
     def collect(
         self,
         losses: list[torch.Tensor],
         params: list[torch.Tensor],
-        *,
         scaling: LossScaling | None,
         retain_graph: bool,
         no_sync: Callable[[], Any],
-        scales_task_specific: bool,
     ) -> JacobianCollection:
         grad_losses = losses if scaling is None else scaling.scale(losses)
         with no_sync():
@@ -222,9 +226,8 @@ class JacobianSource:
         check_reached(grads.reached)
         if scaling is not None:
             scaling.unscale(grads.jacobian, [g for _, g in grads.task_specific()])
-        return JacobianCollection(
-            grads, loss_values(losses, self.gram_dtype), self.gram_dtype, scales_task_specific
-        )
+        values = loss_values(losses, self.gram_dtype)
+        return JacobianCollection(grads, values, self.gram_dtype, self.scales_task_specific)
 
 
 class JacobianCollection:
@@ -249,9 +252,11 @@ class JacobianCollection:
         return self.grads.signature(self.num_tasks)
 
     def reduce(self, reduction: Reduction) -> None:
-        self.gram, self.loss_values, self._fuse = reduction.jacobian(
-            self.grads.jacobian, self.loss_values, [g for _, g in self.grads.task_specific()], self.gram_dtype
+        specific = [g for _, g in self.grads.task_specific()]
+        gram, values, self._fuse = reduction.jacobian(
+            self.grads.jacobian, self.loss_values, specific, self.gram_dtype
         )
+        self.gram, self.loss_values = gram, values.to(gram.device)
 
     def check_finite(self) -> None:
         check_finite(

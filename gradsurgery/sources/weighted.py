@@ -34,11 +34,9 @@ class WeightedSource:
         self,
         losses: list[torch.Tensor],
         params: list[torch.Tensor],
-        *,
         scaling: LossScaling | None,
         retain_graph: bool,
         no_sync: Callable[[], Any],
-        scales_task_specific: bool,
     ) -> WeightedCollection:
         return WeightedCollection(
             losses, params, loss_values(losses, self.gram_dtype), scaling, retain_graph, no_sync
