@@ -5,7 +5,6 @@ parameters, ``b[i]`` on head i). Nothing here computes a method's weights: the t
 
 from __future__ import annotations
 
-import copy
 import io
 
 import numpy as np
@@ -46,30 +45,73 @@ def one_step(method: str, seed: int = 0, num_tasks: int = 3, conflict: bool = Tr
     return model, a, b, info
 
 
-def check_resume_is_bit_identical(method: str, **options) -> None:
-    """Train, checkpoint through torch.save/torch.load(weights_only=True), train on: the resumed run must
-    match the uninterrupted one exactly."""
+def make_mlp(init: int, method: str, num_tasks: int = 3, **options):
+    """A small tanh MLP (initialised from seed ``init``) with one output per task and a GradSurgery around
+    Adam; a method with a ``seed`` option gets ``init`` unless given one."""
+    from torch import nn
 
-    def train(model, opt, steps):
-        for _ in range(steps):
-            opt.zero_grad()
-            opt.backward([loss * loss + 0.1 for loss in model()])  # nonlinear, positive: G and losses move
-            opt.step()
+    from gradsurgery import METHODS
 
-    model, _, _ = make_linear_problem(7)
-    opt = GradSurgery(torch.optim.Adam(model.parameters(), lr=0.01), method=method, **options)
-    train(model, opt, 3)
-    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(init)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, num_tasks))
+    if "seed" in METHODS[method].option_names():
+        options.setdefault("seed", init)
+    return net, GradSurgery(torch.optim.Adam(net.parameters(), lr=0.02), method, **options)
+
+
+def train_mlp(net, opt, steps: int, start: int, num_losses: int | None = None):
+    """``steps`` steps on batches seeded ``start``, ``start + 1``, …; three conflicting losses (their sum
+    when ``num_losses == 1``). Returns the StepInfo of each step."""
+    infos = []
+    for k in range(start, start + steps):
+        x = torch.randn(8, 4, generator=torch.Generator().manual_seed(k))
+        out = net(x)
+        losses = [
+            out[:, 0].pow(2).mean(),
+            (out[:, 1] - out[:, 0] - 1).pow(2).mean(),
+            (out[:, 2] + 2 * out[:, 0]).abs().mean(),
+        ]
+        opt.zero_grad()
+        infos.append(opt.backward([sum(losses)] if num_losses == 1 else losses))
+        opt.step()
+    return infos
+
+
+def check_resume_is_bit_identical(method: str, num_losses: int | None = None, **options) -> None:
+    """Train, checkpoint through torch.save/torch.load(weights_only=True), train on; a fresh model and
+    optimizer (another initialisation, another seed, another global RNG state) resumed from the checkpoint
+    must match the uninterrupted run exactly, weights and parameters."""
+    net, opt = make_mlp(0, method, **options)
+    train_mlp(net, opt, 3, 0, num_losses)
     buffer = io.BytesIO()
-    torch.save(copy.deepcopy(opt.state_dict()), buffer)
-    train(model, opt, 4)
-
-    torch.manual_seed(123)  # the resumed run must not depend on the global RNG
-    fresh, _, _ = make_linear_problem(7)
-    fresh.load_state_dict(saved_model)
-    fresh_opt = GradSurgery(torch.optim.Adam(fresh.parameters(), lr=0.01), method=method, **options)
+    torch.save({"model": net.state_dict(), "optimizer": opt.state_dict()}, buffer)
+    uninterrupted = train_mlp(net, opt, 4, 3, num_losses)
+    fresh_options = dict(options)
+    if fresh_options.get("seed") is not None:
+        fresh_options["seed"] += 1  # the checkpoint's generator state must replace the seed's
+    fresh_net, fresh_opt = make_mlp(1, method, **fresh_options)
     buffer.seek(0)
-    fresh_opt.load_state_dict(torch.load(buffer, weights_only=True))
-    train(fresh, fresh_opt, 4)
-    for p, q in zip(model.parameters(), fresh.parameters(), strict=True):
+    saved = torch.load(buffer, weights_only=True)
+    fresh_net.load_state_dict(saved["model"])
+    fresh_opt.load_state_dict(saved["optimizer"])
+    torch.manual_seed(123)
+    resumed = train_mlp(fresh_net, fresh_opt, 4, 3, num_losses)
+    for a, b in zip(uninterrupted, resumed, strict=True):
+        assert torch.equal(a.weights, b.weights)
+    for p, q in zip(net.parameters(), fresh_net.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def registered(num_tasks: int, seed: int = 0) -> list[tuple[str, dict]]:
+    """Every registered method that runs ``num_tasks`` tasks, with its example options (``seed`` for the
+    methods that have one), by name."""
+    from gradsurgery import METHODS
+
+    out = []
+    for name, cls in sorted(METHODS.items()):
+        if cls.min_tasks <= num_tasks and (cls.max_tasks is None or num_tasks <= cls.max_tasks):
+            options = dict(cls.example_options(num_tasks))
+            if "seed" in cls.option_names():
+                options["seed"] = seed
+            out.append((name, options))
+    return out

@@ -1,6 +1,7 @@
 """Checkpoints: the wrapped optimizer's state plus one ``"gradsurgery"`` entry, readable with
-``torch.load(weights_only=True)``; resuming continues bit-identically; incompatible state dicts are refused
-before anything changes."""
+``torch.load(weights_only=True)``; incompatible state dicts are refused before anything changes. (That every
+method resumes bit-identically is a contract property: ``tests/methods/test_contract.py``; version-1
+checkpoints: ``test_checkpoint_version_1.py``.)"""
 
 from __future__ import annotations
 
@@ -8,43 +9,20 @@ import io
 
 import pytest
 import torch
-from torch import nn
+from method_checks import make_mlp, train_mlp
+from state_checks import same_state
 
-from gradsurgery import METHODS, GradSurgery
+from gradsurgery import METHODS
 
 NUM_TASKS = 3
-# Options a method needs for three tasks; every registered method is covered.
-NEEDED = {"pareto": {"min_weights": [0.1, 0.2, 0.1]}, "mixed": {"main": [0, 1]}}
-RANDOM = {"pcgrad", "gradvac"}
-SINGLE_LOSS = {"l2"}  # the λ-free L2 rule regularizes one data loss
 
 
 def make(seed: int, method: str, **extra):
-    torch.manual_seed(seed)
-    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, NUM_TASKS))
-    opts = dict(NEEDED.get(method, {}), **extra)
-    if method in RANDOM:
-        opts.setdefault("seed", seed)
-    return net, GradSurgery(torch.optim.Adam(net.parameters(), lr=0.02), method, **opts)
+    return make_mlp(seed, method, NUM_TASKS, **dict(METHODS[method].example_options(NUM_TASKS), **extra))
 
 
 def train(net, opt, steps, start):
-    infos = []
-    for k in range(start, start + steps):
-        gen = torch.Generator().manual_seed(k)
-        x = torch.randn(8, 4, generator=gen)
-        out = net(x)
-        losses = [
-            out[:, 0].pow(2).mean(),
-            (out[:, 1] - out[:, 0] - 1).pow(2).mean(),
-            (out[:, 2] + 2 * out[:, 0]).abs().mean(),
-        ]
-        if opt.method.name in SINGLE_LOSS:
-            losses = [sum(losses)]
-        opt.zero_grad()
-        infos.append(opt.backward(losses))
-        opt.step()
-    return infos
+    return train_mlp(net, opt, steps, start, 1 if opt.method.max_tasks == 1 else None)
 
 
 def roundtrip(obj):
@@ -60,22 +38,6 @@ def only_tensors_and_primitives(obj) -> bool:
     if isinstance(obj, list | tuple):
         return all(only_tensors_and_primitives(v) for v in obj)
     return obj is None or isinstance(obj, bool | int | float | str | torch.Tensor)
-
-
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_resume_is_bit_identical(method):
-    net, opt = make(0, method)
-    train(net, opt, 3, 0)
-    model_sd, opt_sd = roundtrip(net.state_dict()), roundtrip(opt.state_dict())
-    # A fresh model and optimizer with another initialisation (and another seed for the random methods).
-    net2, opt2 = make(1, method)
-    net2.load_state_dict(model_sd)
-    opt2.load_state_dict(opt_sd)
-    a, b = train(net, opt, 4, 3), train(net2, opt2, 4, 3)
-    for p, q in zip(net.parameters(), net2.parameters(), strict=True):
-        assert torch.equal(p, q)
-    for x, y in zip(a, b, strict=True):
-        assert torch.equal(x.weights, y.weights)
 
 
 def test_state_dict_layout():
@@ -125,16 +87,6 @@ def snapshot(opt):
     return roundtrip(sd)
 
 
-def same(a, b) -> bool:
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, list | tuple):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, torch.Tensor):
-        return torch.equal(a, b)
-    return a == b
-
-
 @pytest.mark.parametrize("case", ["method", "tasks", "options", "version", "malformed"])
 def test_incompatible_state_dict_is_refused_and_nothing_changes(case):
     net, trained = make(0, "gradvac")
@@ -162,6 +114,6 @@ def test_incompatible_state_dict_is_refused_and_nothing_changes(case):
     method_before = (target.method.num_tasks, target.method.generator.get_state())
     with pytest.raises(ValueError, match=match):
         target.load_state_dict(saved)
-    assert same(snapshot(target), before)
+    assert same_state(snapshot(target), before)
     assert target.method.num_tasks == method_before[0]
     assert torch.equal(target.method.generator.get_state(), method_before[1])

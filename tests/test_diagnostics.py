@@ -4,7 +4,7 @@ import sys
 
 import pytest
 import torch
-from _weighting_helpers import CountBackward, TwoHeads, make_data
+from weighting_helpers import CountBackward, TwoHeads, make_data
 
 from gradsurgery import GradSurgery
 from gradsurgery.diagnostics import (

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from method_checks import registered
 from torch import nn
 
 from gradsurgery import GradSurgery
@@ -23,17 +24,9 @@ pytestmark = pytest.mark.distributed
 WORLD = 2
 BATCH = 4  # per rank
 STEPS = 3
-# (method, options); one line each.
-METHODS = [
-    ("sum", {}),
-    ("mgda", {}),
-    ("pcgrad", {"seed": 0}),
-    ("main_aux", {}),
-    ("gradvac", {"seed": 0}),
-    ("gradnorm", {}),
-    ("rlw", {"seed": 0}),  # single-backward path (needs_gram = False) from here on
-    ("famo", {}),
-]
+
+
+METHODS = registered(2)
 CLOSED_FORM = ["sum", "mgda", "pcgrad", "main_aux", "gradvac"]
 STRATEGIES = ["allreduce", "sharded"]
 
@@ -261,14 +254,19 @@ TRUNK = 5 * 7 + 7  # trunk weight + bias: the shared parameters come first
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("method", [m for m, _ in METHODS])
 def test_fused_gradient_equals_single_process_on_concatenated_batch(ranks, method, strategy):
+    # The rank-averaged G differs from the single-process one in its last bits (another summation order);
+    # exact solvers carry that through, Nash-MTL's sequence of convex problems stops at a residual of 1e-6.
+    rtol = 1e-6 if method == "nash_mtl" else 1e-10
     for res in ranks:
         run = res[(method, strategy)]
         for step in range(STEPS):
             torch.testing.assert_close(
-                flat(run["grads"][step]), flat(run["ref_grads"][step]), rtol=1e-10, atol=1e-12
+                flat(run["grads"][step]), flat(run["ref_grads"][step]), rtol=rtol, atol=1e-12
             )
-            torch.testing.assert_close(run["weights"][step], run["ref_weights"][step], rtol=1e-9, atol=1e-12)
-        torch.testing.assert_close(flat(run["params"]), flat(run["ref_params"]), rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(
+                run["weights"][step], run["ref_weights"][step], rtol=10 * rtol, atol=1e-12
+            )
+        torch.testing.assert_close(flat(run["params"]), flat(run["ref_params"]), rtol=rtol, atol=1e-12)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

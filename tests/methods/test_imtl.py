@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from method_checks import check_resume_is_bit_identical, one_step, random_jacobian, shared_grad
+from method_checks import one_step, random_jacobian, shared_grad
 
 from gradsurgery.methods.imtl import IMTL
 
@@ -78,12 +78,3 @@ def test_end_to_end():
     torch.testing.assert_close(info.weights @ a, shared_grad(model))
     for i in range(3):
         torch.testing.assert_close(model.heads[i].grad, b[i])
-
-
-def test_takes_no_options():
-    with pytest.raises(TypeError):
-        IMTL(c=1.0)
-
-
-def test_resume():
-    check_resume_is_bit_identical("imtl")

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from method_checks import check_resume_is_bit_identical, make_linear_problem, shared_grad
+from method_checks import make_linear_problem, shared_grad
 
 from gradsurgery import GradSurgery
 from gradsurgery.methods.rlw import RLW
@@ -62,7 +62,3 @@ def test_seed_none_follows_the_global_rng():
 def test_bad_seed():
     with pytest.raises(TypeError, match="seed must be an int or None"):
         RLW(seed=1.5)
-
-
-def test_resume():
-    check_resume_is_bit_identical("rlw", seed=4)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from method_checks import check_resume_is_bit_identical, one_step, random_jacobian, shared_grad
+from method_checks import one_step, random_jacobian, shared_grad
 
 from gradsurgery.methods.aligned_mtl import AlignedMTL, aligned_matrix
 
@@ -64,12 +64,3 @@ def test_end_to_end():
     torch.testing.assert_close(info.weights @ a, shared_grad(model))
     for i in range(3):
         torch.testing.assert_close(model.heads[i].grad, b[i])
-
-
-def test_takes_no_options():
-    with pytest.raises(TypeError):
-        AlignedMTL(scale_mode="min")
-
-
-def test_resume():
-    check_resume_is_bit_identical("aligned_mtl")

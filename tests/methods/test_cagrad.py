@@ -9,7 +9,7 @@ import cvxpy as cp
 import numpy as np
 import pytest
 import torch
-from method_checks import check_resume_is_bit_identical, one_step, random_jacobian, shared_grad
+from method_checks import one_step, random_jacobian, shared_grad
 
 from gradsurgery.methods.cagrad import CAGrad, cagrad_dual
 
@@ -143,7 +143,3 @@ def test_single_task_and_zero_gradients():
 def test_bad_options(options, error, match):
     with pytest.raises(error, match=match):
         CAGrad(**options)
-
-
-def test_resume():
-    check_resume_is_bit_identical("cagrad", c=0.4)

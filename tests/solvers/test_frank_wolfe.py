@@ -342,7 +342,12 @@ def test_pareto_allows_round_off_over_one():
 
 @pytest.mark.parametrize(
     "main,error,match",
-    [(3, ValueError, "main=3"), (-1, ValueError, "main=-1"), (1.0, TypeError, "1.0"), (True, TypeError, "True")],
+    [
+        (3, ValueError, "main=3"),
+        (-1, ValueError, "main=-1"),
+        (1.0, TypeError, "1.0"),
+        (True, TypeError, "True"),
+    ],
 )
 def test_main_aux_rejects_bad_main(main, error, match):
     with pytest.raises(error, match=match):

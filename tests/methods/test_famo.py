@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from method_checks import check_resume_is_bit_identical, make_linear_problem, shared_grad
+from method_checks import make_linear_problem, shared_grad
 from state_checks import same_state, snapshot
 
-from gradsurgery import GradSurgery, Method
+from gradsurgery import GradSurgery
 from gradsurgery.methods.famo import FAMO
 
 
@@ -99,39 +99,6 @@ def test_negative_loss_is_refused_and_changes_nothing():
     assert same_state(opt.method.state_dict(), state)
 
 
-def test_non_finite_gradient_restores_state_and_writes_nothing():
-    model, _, _ = make_linear_problem(0)
-    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method="famo")
-    opt.backward([loss.exp() for loss in model()])
-    model.theta.grad = torch.ones_like(model.theta)
-    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
-    state = snapshot(opt.method.state_dict())
-    losses = [loss.exp() for loss in model()]
-    losses[1] = losses[1] + (model.heads[1] * float("inf")).sum() * 0  # a NaN gradient, finite loss
-    with pytest.raises(ValueError, match="non-finite"):
-        opt.backward(losses)
-    for p, g in zip(model.parameters(), grads, strict=True):
-        assert (p.grad is None and g is None) or torch.equal(p.grad, g)
-    assert same_state(opt.method.state_dict(), state)
-
-
-def test_non_finite_loss_is_refused():
-    model, _, _ = make_linear_problem(0)
-    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method="famo")
-    losses = model()
-    with pytest.raises(ValueError, match=r"non-finite loss value\(s\) for task\(s\) \[0\]"):
-        opt.backward([losses[0] * float("nan"), losses[1].exp(), losses[2].exp()])
-    assert opt.method.prev_losses is None
-
-
-def test_one_backward_needs_a_loss_weighting():
-    with pytest.raises(TypeError, match="needs_gram = False needs scales_task_specific = True"):
-
-        class Broken(Method):  # noqa: F841
-            name = "broken"
-            needs_gram = False
-
-
 @pytest.mark.parametrize(
     "options,error,match",
     [
@@ -162,7 +129,3 @@ def test_state_dict_shape_mismatch_is_refused():
     }
     with pytest.raises(ValueError, match=r"shape \(2,\), expected \(3,\)"):
         method.load_state_dict(version_1)
-
-
-def test_resume():
-    check_resume_is_bit_identical("famo", lr=0.1)

@@ -1,0 +1,41 @@
+"""Checkpoints written by gradsurgery 0.1.0 (format version 1) load into this version, and training goes on
+exactly as 0.1.0 went on from them (``tests/data/make_checkpoints_v1.py`` recorded what it computed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import pytest
+import torch
+
+DATA = pathlib.Path(__file__).resolve().parent / "data"
+FIXTURES = torch.load(DATA / "checkpoints_v1.pt", weights_only=True)
+
+_spec = importlib.util.spec_from_file_location("make_checkpoints_v1", DATA / "make_checkpoints_v1.py")
+recipe = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(recipe)
+
+
+@pytest.mark.parametrize("method", sorted(FIXTURES))
+def test_version_1_checkpoint_resumes_as_0_1_0_did(method):
+    fixture = FIXTURES[method]
+    assert fixture["optimizer"]["gradsurgery"]["version"] == 1
+    net, opt = recipe.make(1, method)  # another initialisation and seed: the checkpoint must replace them
+    net.load_state_dict(fixture["model"])
+    opt.load_state_dict(fixture["optimizer"])
+    weights = recipe.train(net, opt, method, 4, 3)
+    assert torch.equal(weights, fixture["weights_after"])
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), fixture["params_after"], strict=True))
+
+
+def test_version_1_generator_is_read_once_from_rng_state():
+    """0.1.0 saved a method's generator twice (in method_state and rng_state); the copy in method_state is
+    dropped and the state saved now holds it once."""
+    fixture = FIXTURES["pcgrad"]
+    net, opt = recipe.make(1, "pcgrad")
+    opt.load_state_dict(fixture["optimizer"])
+    saved = fixture["optimizer"]["gradsurgery"]["rng_state"]["generator"]
+    assert torch.equal(opt.method.generator.get_state(), saved)
+    ours = opt.state_dict()["gradsurgery"]
+    assert ours["version"] == 2 and "generator" not in ours["method_state"]
