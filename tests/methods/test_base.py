@@ -85,9 +85,9 @@ def test_an_extension_gets_options_registry_and_transactions_from_the_base_class
         info = opt.backward(model())
         torch.testing.assert_close(info.weights, torch.ones(3, dtype=torch.float64))
         torch.testing.assert_close(shared_grad(model), a.sum(0))
-        # The write-back fails after the weights were computed (a .grad of the wrong shape): the call's
-        # increment of the counter is rolled back.
-        model.theta.grad = torch.zeros(5, dtype=model.theta.dtype)
+        # The write-back fails after the weights were computed (adding in place to a .grad that is itself a
+        # leaf requiring grad): the call's increment of the counter is rolled back.
+        model.theta.grad = torch.zeros_like(model.theta, requires_grad=True)
         with pytest.raises(RuntimeError):
             opt.backward(model())
         assert opt.method.calls == 1
