@@ -54,6 +54,28 @@ def test_rank_deficient_drops_the_null_directions():
     np.testing.assert_allclose(w @ jac, expected, atol=1e-9 * np.abs(expected).max())
 
 
+def test_a_small_independent_component_is_kept_at_float64_precision():
+    """Task 3's component outside the plane of the others is ~1e-4 of the largest singular value: a float64
+    Gram matrix resolves it, so it is a direction of its own (rank 3), not noise to drop. (A float32 rank
+    tolerance, λ_max·T·ε₃₂ ≈ 3.6e-7·λ_max, would drop it and give a step 1e4 times larger.)"""
+    jac = torch.tensor([[1.0, 0.3, 0.0], [-0.2, 1.0, 0.0], [1e-4, 0.0, 1e-4]], dtype=torch.float64)
+    s = torch.linalg.svdvals(jac)
+    assert s[-1] ** 2 / s[0] ** 2 < 3 * float(torch.finfo(torch.float32).eps)  # below the float32 cut-off
+    expected = aligned_update_svd(jac)  # full rank: all three singular directions
+    got = weights(jac.numpy()) @ jac.numpy()
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-8, atol=1e-12)
+    dropped = aligned_update_svd(jac, rank=2)
+    assert float(dropped.norm()) > 1e3 * float(expected.norm())
+
+
+def test_the_rank_cut_off_follows_the_gram_dtype():
+    """With a float32 Gram matrix the same component is below the resolution of G and is dropped."""
+    jac = torch.tensor([[1.0, 0.3, 0.0], [-0.2, 1.0, 0.0], [1e-4, 0.0, 1e-4]], dtype=torch.float64)
+    gram32 = (jac @ jac.T).to(torch.float32)
+    w = AlignedMTL()(gram32, torch.ones(3)).double()
+    torch.testing.assert_close(w @ jac, aligned_update_svd(jac, rank=2), rtol=1e-4, atol=1e-6)
+
+
 def test_zero_gradients_give_zero_weights():
     np.testing.assert_array_equal(weights(np.zeros((3, 5))), np.zeros(3))
 

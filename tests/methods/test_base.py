@@ -16,7 +16,9 @@ from gradsurgery.methods import option_names
 def primitive(value) -> bool:
     if isinstance(value, list | tuple):
         return all(primitive(v) for v in value)
-    return value is None or isinstance(value, bool | str | numbers.Real) and not isinstance(value, torch.Tensor)
+    return (
+        value is None or isinstance(value, bool | str | numbers.Real) and not isinstance(value, torch.Tensor)
+    )
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
