@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -93,6 +93,50 @@ def check_task_index(value: Any, num_tasks: int | None, what: str) -> int:
     if num_tasks is not None and not 0 <= value < num_tasks:
         raise ValueError(f"{what}={value} is out of range for {num_tasks} tasks")
     return value
+
+
+def check_task_ref(value: Any, what: str) -> int | str:
+    """A task given by index (an int) or by name (a non-empty str); resolved once the tasks are known."""
+    if isinstance(value, str):
+        if not value:
+            raise ValueError(f"{what} must name a task, got an empty string")
+        return value
+    return check_task_index(value, None, what)
+
+
+def check_per_task_numbers(value: Any, what: str) -> list[float] | dict[str, float]:
+    """One finite number per task: a sequence (by task index) or a mapping from task names."""
+    if isinstance(value, Mapping):
+        bad = [k for k in value if not isinstance(k, str) or not k]
+        if bad:
+            raise TypeError(f"{what} maps task names to numbers; got keys {bad}")
+        return dict(zip(value, check_numbers(list(value.values()), what), strict=True))
+    return check_numbers(value, what)
+
+
+def resolve_task(value: int | str, num_tasks: int, names: Sequence[str] | None, what: str) -> int:
+    """The index of a task given by index or by name."""
+    if isinstance(value, str):
+        if names is None or value not in names:
+            where = "the losses are unnamed" if names is None else f"the tasks are {list(names)}"
+            raise ValueError(f"{what}={value!r} names no task ({where})")
+        return list(names).index(value)
+    return check_task_index(value, num_tasks, what)
+
+
+def resolve_per_task(
+    value: list[float] | dict[str, float], num_tasks: int, names: Sequence[str] | None, what: str
+) -> list[float]:
+    """Per-task numbers in task order; a mapping must name every task exactly once."""
+    if isinstance(value, dict):
+        if names is None:
+            raise ValueError(f"{what} is given by task name, but the losses are unnamed")
+        if set(value) != set(names):
+            raise ValueError(f"{what} names tasks {sorted(value)}, the tasks are {list(names)}")
+        return [value[n] for n in names]
+    if len(value) != num_tasks:
+        raise ValueError(f"{what} has {len(value)} entries for {num_tasks} tasks: {value}")
+    return list(value)
 
 
 def check_tensors(params: Any, what: str) -> list[torch.Tensor]:

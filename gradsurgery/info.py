@@ -22,6 +22,8 @@ class StepInfo:
     # single backward pass (``Method.needs_gram = False``): the Gram-derived diagnostics below are then NaN.
     gram: torch.Tensor | None
     method: str = ""
+    #: The task names when ``backward`` got a mapping ``{name: loss}``; None for a sequence (tasks 0..T−1).
+    task_names: list[str] | None = None
     #: ``"full"``: ``gram`` is over the shared parameters; ``"representation"``: over the shared features
     #: passed as ``backward(..., features=z)`` (then ``grad_norms``, ``cosines`` and ``fused_norm`` are
     #: those of the gradients with respect to z).
@@ -75,19 +77,42 @@ class StepInfo:
         w = self.weights.to(gram.dtype)
         return (w @ gram @ w).clamp_min(0).sqrt()
 
+    @property
+    def shares(self) -> torch.Tensor:
+        """Each task's share of the fused step, s_i = ⟨w_i g_i, u⟩ / ‖u‖² = w_i (Gw)_i / wᵀGw (Σ s_i = 1).
+
+        Comparable across methods, unlike the weights themselves (PCGrad's or Nash-MTL's weights can be in
+        the thousands, MGDA's sum to 1): a share near 1 means the step is that task's, a negative share
+        means the step works against that task's own contribution. NaN when G was not measured or u = 0."""
+        gram = self._measured_gram()
+        w = self.weights.to(gram.dtype)
+        parts = w * (gram @ w)
+        total = parts.sum()
+        return torch.where(total > 0, parts / torch.where(total > 0, total, 1), float("nan"))
+
+    def names(self) -> list[str]:
+        """The task names, or "0".."T−1" for unnamed tasks."""
+        return list(self.task_names) if self.task_names else [str(i) for i in range(self.num_tasks)]
+
+    @property
+    def weights_by_task(self) -> dict[str, float]:
+        return dict(zip(self.names(), self.weights.tolist(), strict=True))
+
     def as_dict(self, task_names: list[str] | None = None) -> dict[str, float]:
         """Flat scalars for a logger: ``weight/<task>``, ``loss/<task>``, ``grad_norm/<task>``,
-        ``cos/<a>,<b>``."""
-        names = task_names or [str(i) for i in range(self.num_tasks)]
+        ``share/<task>``, ``cos/<a>,<b>``; tasks by their names (``task_names``, else the names the
+        losses were given, else 0..T−1)."""
+        names = list(task_names) if task_names else self.names()
         if len(names) != self.num_tasks:
             raise ValueError(f"{len(names)} task names for {self.num_tasks} tasks: {names}")
         out: dict[str, float] = {}
         weights, losses, norms = self.weights.tolist(), self.losses.tolist(), self.grad_norms.tolist()
-        cos = self.cosines.tolist()
+        cos, shares = self.cosines.tolist(), self.shares.tolist()
         for i, name in enumerate(names):
             out[f"weight/{name}"] = weights[i]
             out[f"loss/{name}"] = losses[i]
             out[f"grad_norm/{name}"] = norms[i]
+            out[f"share/{name}"] = shares[i]
             for j in range(i + 1, self.num_tasks):
                 out[f"cos/{name},{names[j]}"] = cos[i][j]
         out["num_conflicts"] = float(self.num_conflicts) if self.gram is not None else float("nan")

@@ -24,7 +24,7 @@ from .amp import LossScaling, mark_overflow
 from .distributed import DistributedSync, check_not_sharded
 from .info import StepInfo
 from .l2 import L2Rule
-from .losses import MaskedLosses, PlainLosses, as_task_losses
+from .losses import MaskedLosses, PlainLosses, align, check_scalars
 from .methods import Method, make_method
 from .sources import NonFiniteError
 from .sources.features import FeatureSource
@@ -266,7 +266,7 @@ class GradSurgery(torch.optim.Optimizer):
         reduction = self.sync.reduction(self._device())
         params = self._trainable_params()
         try:
-            tasks, sample_mask = self._prepare_losses(losses, params)
+            tasks, names, sample_mask = self._prepare_losses(losses, params)
             source = self._source_for(features, scaling, reduction)
             step = source.collect(tasks, params, scaling, retain_graph, reduction.no_sync)
         except (TypeError, ValueError) as err:
@@ -276,6 +276,7 @@ class GradSurgery(torch.optim.Optimizer):
         reduction.share_rng(self.method)
         try:
             with self.method.transaction():
+                self.method.bind(step.num_tasks, names)
                 step.reduce(reduction)
                 step.check_finite()
                 weights = self.method(step.gram, step.loss_values)
@@ -288,13 +289,15 @@ class GradSurgery(torch.optim.Optimizer):
             weights, fields = None, {"overflow": True}
         return self._info(step, weights, fields, sample_mask)
 
-    def _prepare_losses(self, losses: Any, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
-        """The loss-preparation stage, then the validated scalars (the task count checked, not yet bound)."""
-        losses, sample_mask = self.prepare(losses, params)
-        tasks = as_task_losses(losses, self.method.num_tasks, self.method.name)
-        if self.method.num_tasks is None:
-            self.method.check_num_tasks(len(tasks))
-        return tasks, sample_mask
+    def _prepare_losses(self, losses: Any, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any, Any]:
+        """The loss-preparation stage, then the validated scalars in task order, their names and the sample
+        mask (the task count and names checked against the method, which is not bound yet)."""
+        losses, names, sample_mask = self.prepare(losses, params)
+        method = self.method
+        tasks = align(check_scalars(losses), names, method.num_tasks, method.task_names, method.name)
+        if method.num_tasks is None:
+            method.check_num_tasks(len(tasks), names)
+        return tasks, method.task_names or names, sample_mask
 
     def _source_for(self, features: Any, scaling: LossScaling | None, reduction: Any) -> Any:
         if features is None:
@@ -316,6 +319,7 @@ class GradSurgery(torch.optim.Optimizer):
             losses=step.loss_values,
             gram=step.gram,
             method=self.method.name,
+            task_names=self.method.task_names,
             mode=step.mode,
             source=step.source,
             sample_mask=sample_mask,

@@ -13,12 +13,12 @@ that is skipped applies nothing, so the vector never moves on a failed step.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from .._validation import check_choice, check_number, check_numbers
+from .._validation import check_choice, check_number, check_per_task_numbers, resolve_per_task
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -31,20 +31,21 @@ def check_optimizer(name: Any, method: str) -> str:
     return check_choice(name, OPTIMIZERS, "weight_optimizer", f" for method {method!r}")
 
 
-def check_vector_option(value: Any, what: str) -> float | list[float]:
-    """A float, or a sequence of floats (one per task, length checked at ``bind``); all finite."""
+def check_vector_option(value: Any, what: str) -> float | list[float] | dict[str, float]:
+    """A float for every task, or one per task (a sequence, or a mapping from task names; checked against
+    the tasks at ``bind``); all finite."""
     if isinstance(value, torch.Tensor) and value.dim() == 0:
         value = value.item()
-    if isinstance(value, Sequence | torch.Tensor) and not isinstance(value, str):
-        return check_numbers(value, what)
+    if isinstance(value, Mapping | Sequence | torch.Tensor) and not isinstance(value, str):
+        return check_per_task_numbers(value, what)
     return check_number(value, what)
 
 
-def expand(value: float | list[float], num_tasks: int, what: str) -> torch.Tensor:
-    if isinstance(value, list):
-        if len(value) != num_tasks:
-            raise ValueError(f"{what} has {len(value)} entries for {num_tasks} tasks: {value}")
-        return torch.tensor(value, dtype=torch.float64)
+def expand(
+    value: float | list[float] | dict[str, float], num_tasks: int, names: Sequence[str] | None, what: str
+) -> torch.Tensor:
+    if isinstance(value, list | dict):
+        return torch.tensor(resolve_per_task(value, num_tasks, names, what), dtype=torch.float64)
     return torch.full((num_tasks,), value, dtype=torch.float64)
 
 

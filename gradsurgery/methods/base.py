@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -56,6 +56,7 @@ class Method:
     task_scale_invariant: ClassVar[bool] = False
     #: Options that are not written into checkpoints (tensors, e.g. the parameters the L2 rule regularizes).
     unsaved_options: ClassVar[tuple[str, ...]] = ()
+    _checks_names: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -64,9 +65,12 @@ class Method:
                 f"{cls.__name__}: needs_gram = False needs scales_task_specific = True "
                 "(one backward of Σ w_i L_i scales the task-specific gradients too)"
             )
+        # Extensions written for gradsurgery 0.1 override _check_num_tasks(self, num_tasks) without names.
+        cls._checks_names = len(inspect.signature(cls._check_num_tasks).parameters) >= 3
 
     def __init__(self) -> None:
         self.num_tasks: int | None = None
+        self.task_names: list[str] | None = None
         self._generators: dict[str, torch.Generator] = {}
 
     @classmethod
@@ -94,32 +98,40 @@ class Method:
         return []
 
     # -- life cycle -------------------------------------------------------------------------------------
-    def check_num_tasks(self, num_tasks: int) -> None:
-        """Raise ValueError when the method cannot run ``num_tasks`` tasks with its options."""
+    def check_num_tasks(self, num_tasks: int, task_names: Sequence[str] | None = None) -> None:
+        """Raise ValueError when the method cannot run ``num_tasks`` tasks (named ``task_names``, if given)
+        with its options."""
         if num_tasks < self.min_tasks or (self.max_tasks is not None and num_tasks > self.max_tasks):
             bounds = f"at least {self.min_tasks}" if self.max_tasks is None else f"{self.max_tasks}"
             if self.max_tasks is not None and self.max_tasks != self.min_tasks:
                 bounds = f"{self.min_tasks} to {self.max_tasks}"
             raise ValueError(f"method {self.name!r} takes {bounds} losses, got {num_tasks}")
-        self._check_num_tasks(num_tasks)
+        if self._checks_names:
+            self._check_num_tasks(num_tasks, task_names)
+        else:
+            self._check_num_tasks(num_tasks)  # type: ignore[call-arg]
 
-    def _check_num_tasks(self, num_tasks: int) -> None:
-        """Raise ValueError when the options do not fit ``num_tasks`` tasks."""
+    def _check_num_tasks(self, num_tasks: int, task_names: Sequence[str] | None) -> None:
+        """Raise ValueError when the options do not fit the tasks (options may name tasks)."""
 
-    def bind(self, num_tasks: int) -> None:
-        """Fix the task count; validates T-dependent options and creates T-sized state."""
+    def bind(self, num_tasks: int, task_names: Sequence[str] | None = None) -> None:
+        """Fix the task count (and names); validates T-dependent options and creates T-sized state."""
         if self.num_tasks is not None:
             if self.num_tasks != num_tasks:
                 raise ValueError(
                     f"method {self.name!r} was set up for {self.num_tasks} tasks, got {num_tasks} losses"
                 )
             return
-        self.check_num_tasks(num_tasks)
+        names = None if task_names is None else list(task_names)
+        if names is not None and len(names) != num_tasks:
+            raise ValueError(f"{len(names)} task names for {num_tasks} tasks: {names}")
+        self.check_num_tasks(num_tasks, names)
         self.num_tasks = num_tasks
+        self.task_names = names
         self._init_state(num_tasks)
 
     def _init_state(self, num_tasks: int) -> None:
-        """Create the method's T-dependent state."""
+        """Create the method's T-dependent state (``self.task_names`` is set: options may name tasks)."""
 
     # -- the computation ---------------------------------------------------------------------------------
     def __call__(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:

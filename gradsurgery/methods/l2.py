@@ -10,7 +10,7 @@ method.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -44,7 +44,7 @@ class L2(Method):
     def transforms(self) -> list[L2Rule]:
         return [self.rule]
 
-    def check_num_tasks(self, num_tasks: int) -> None:
+    def check_num_tasks(self, num_tasks: int, task_names: Sequence[str] | None = None) -> None:
         if num_tasks != 1:
             raise ValueError(
                 f"method 'l2' takes one loss (the data loss), got {num_tasks}; for several losses combine a "

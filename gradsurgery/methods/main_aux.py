@@ -14,9 +14,11 @@ Wang et al. 2021; see ``gradsurgery/losses.py``). ``mode="guard"`` (the default)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from .._validation import check_choice, check_task_index
+from .._validation import check_choice, check_task_ref, resolve_task
 from ..solvers import MainAuxQP, main_aux_min_norm, main_aux_one_weights
 from .base import Method, check_solver, gram_to_numpy
 
@@ -26,25 +28,26 @@ class MainAux(Method):
     min_tasks = 2
     no_conflict = True
 
-    def __init__(self, *, main: int = 0, solver: str = "auto", mode: str = "guard") -> None:
+    def __init__(self, *, main: int | str = 0, solver: str = "auto", mode: str = "guard") -> None:
         super().__init__()
         self.solver = check_solver(solver, ("auto", "closed_form", "frank_wolfe", "cvxpy"), self.name)
-        self.main = check_task_index(main, None, "main")
+        self.main = check_task_ref(main, "main")
+        self._main = 0
         self.mode = check_choice(mode, ("guard", "mask"), "main_aux mode")
         self._solver = solver
         self._qp: MainAuxQP | None = None
 
     @property
-    def per_sample_task(self) -> int | None:
+    def per_sample_task(self) -> int | str | None:
         return self.main if self.mode == "mask" else None
 
-    def check_num_tasks(self, num_tasks: int) -> None:
+    def check_num_tasks(self, num_tasks: int, task_names: Sequence[str] | None = None) -> None:
         if num_tasks < 2:
             raise ValueError(
                 f"main_aux needs a main loss and at least one auxiliary loss, got {num_tasks} loss; pass a "
                 "list, e.g. opt.backward([noisy_loss, clean_loss]) for the clean-set guard"
             )
-        check_task_index(self.main, num_tasks, "main")
+        resolve_task(self.main, num_tasks, task_names, "main")
         if self.mode == "mask" and num_tasks != 2:
             raise ValueError(
                 f"main_aux mode='mask' takes one auxiliary (the clean-set loss), got {num_tasks - 1}"
@@ -53,17 +56,18 @@ class MainAux(Method):
             raise ValueError(f"main_aux solver='closed_form' needs exactly 1 auxiliary, got {num_tasks - 1}")
 
     def _init_state(self, num_tasks: int) -> None:
+        self._main = resolve_task(self.main, num_tasks, self.task_names, "main")
         if self.solver == "auto":
             self._solver = "closed_form" if num_tasks == 2 else "frank_wolfe"
         if self._solver == "cvxpy":
-            self._qp = MainAuxQP(num_tasks, self.main)
+            self._qp = MainAuxQP(num_tasks, self._main)
 
     def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
         g = gram_to_numpy(gram)
         if self._solver == "closed_form":
-            w = main_aux_one_weights(g, self.main)
+            w = main_aux_one_weights(g, self._main)
         elif self._solver == "cvxpy":
             w = self._qp.solve(g)
         else:
-            w = main_aux_min_norm(g, self.main)
+            w = main_aux_min_norm(g, self._main)
         return torch.from_numpy(w)

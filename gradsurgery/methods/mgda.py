@@ -12,6 +12,8 @@ g_i/‖g_i‖, ``"loss"`` g_i/L_i, ``"loss+"`` g_i/(L_i‖g_i‖); the weights r
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -46,7 +48,7 @@ class MGDA(Method):
         self.normalization = check_choice(normalization, _NORMALIZATIONS, "normalization")
         self._qp: SimplexQP | None = None
 
-    def _check_num_tasks(self, num_tasks: int) -> None:
+    def _check_num_tasks(self, num_tasks: int, task_names: Sequence[str] | None) -> None:
         if self.solver == "closed_form" and num_tasks != 2:
             raise ValueError(f"mgda solver='closed_form' needs exactly 2 tasks, got {num_tasks}")
 

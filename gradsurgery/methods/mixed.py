@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .._validation import check_task_index
+from .._validation import check_task_ref, resolve_task
 from ..solvers import MixedQP, mixed_min_norm
 from .base import Method, check_solver, gram_to_numpy
 
@@ -22,32 +22,35 @@ class Mixed(Method):
     name = "mixed"
     no_conflict = True
 
-    def __init__(self, *, main: Sequence[int], solver: str = "cvxpy") -> None:
+    def __init__(self, *, main: Sequence[int | str], solver: str = "cvxpy") -> None:
         super().__init__()
         self.solver = check_solver(solver, ("cvxpy", "frank_wolfe"), self.name)
-        if isinstance(main, int) or not isinstance(main, Sequence | torch.Tensor):
-            raise TypeError(f"main must be a sequence of task indices, got {main!r}")
-        main = [check_task_index(i, None, "main") for i in main]
+        if isinstance(main, int | str) or not isinstance(main, Sequence | torch.Tensor):
+            raise TypeError(f"main must be a sequence of task indices or names, got {main!r}")
+        main = [check_task_ref(i, "main") for i in main]
         if not main:
             raise ValueError("mixed needs at least one main task, got main=[]")
         if len(set(main)) != len(main):
             raise ValueError(f"main has duplicate task indices: {main}")
         self.main = main
+        self._main: list[int] = []
         self._qp: MixedQP | None = None
 
     @classmethod
     def example_options(cls, num_tasks: int) -> dict[str, Any]:
         return {"main": [0, 1] if num_tasks >= 2 else [0]}
 
-    def _check_num_tasks(self, num_tasks: int) -> None:
-        for i in self.main:
-            check_task_index(i, num_tasks, "main")
+    def _check_num_tasks(self, num_tasks: int, task_names: Sequence[str] | None) -> None:
+        main = [resolve_task(i, num_tasks, task_names, "main") for i in self.main]
+        if len(set(main)) != len(main):
+            raise ValueError(f"main names a task twice: {self.main}")
 
     def _init_state(self, num_tasks: int) -> None:
+        self._main = [resolve_task(i, num_tasks, self.task_names, "main") for i in self.main]
         if self.solver == "cvxpy":
-            self._qp = MixedQP(num_tasks, self.main)
+            self._qp = MixedQP(num_tasks, self._main)
 
     def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
         g = gram_to_numpy(gram)
-        w = self._qp.solve(g) if self.solver == "cvxpy" else mixed_min_norm(g, self.main)
+        w = self._qp.solve(g) if self.solver == "cvxpy" else mixed_min_norm(g, self._main)
         return torch.from_numpy(w)

@@ -9,12 +9,12 @@ order (a bound can force weight onto a task that conflicts with the others); wit
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from .._validation import check_numbers
+from .._validation import check_per_task_numbers, resolve_per_task
 from ..solvers import SimplexQP, pareto_min_norm
 from .base import Method, check_solver, gram_to_numpy
 
@@ -22,32 +22,33 @@ from .base import Method, check_solver, gram_to_numpy
 class Pareto(Method):
     name = "pareto"
 
-    def __init__(self, *, min_weights: Sequence[float], solver: str = "cvxpy") -> None:
+    def __init__(self, *, min_weights: Sequence[float] | Mapping[str, float], solver: str = "cvxpy") -> None:
         super().__init__()
         self.solver = check_solver(solver, ("cvxpy", "frank_wolfe"), self.name)
-        bounds = check_numbers(min_weights, "min_weights")
+        self.min_weights = check_per_task_numbers(min_weights, "min_weights")
+        bounds = list(self.min_weights.values()) if isinstance(self.min_weights, dict) else self.min_weights
         if any(c < 0 for c in bounds):
-            raise ValueError(f"min_weights must be finite and non-negative, got {bounds}")
+            raise ValueError(f"min_weights must be finite and non-negative, got {self.min_weights}")
         if sum(bounds) > 1 + 1e-12:
-            raise ValueError(f"min_weights are infeasible: they sum to {sum(bounds):.6g} > 1 ({bounds})")
-        self.min_weights = bounds
+            raise ValueError(
+                f"min_weights are infeasible: they sum to {sum(bounds):.6g} > 1 ({self.min_weights})"
+            )
+        self._bounds: list[float] = []
         self._qp: SimplexQP | None = None
 
     @classmethod
     def example_options(cls, num_tasks: int) -> dict[str, Any]:
         return {"min_weights": [0.5 / num_tasks] * num_tasks}
 
-    def _check_num_tasks(self, num_tasks: int) -> None:
-        if len(self.min_weights) != num_tasks:
-            raise ValueError(
-                f"min_weights has {len(self.min_weights)} entries for {num_tasks} tasks: {self.min_weights}"
-            )
+    def _check_num_tasks(self, num_tasks: int, task_names: Sequence[str] | None) -> None:
+        resolve_per_task(self.min_weights, num_tasks, task_names, "min_weights")
 
     def _init_state(self, num_tasks: int) -> None:
+        self._bounds = resolve_per_task(self.min_weights, num_tasks, self.task_names, "min_weights")
         if self.solver == "cvxpy":
-            self._qp = SimplexQP(num_tasks, min_weights=self.min_weights)
+            self._qp = SimplexQP(num_tasks, min_weights=self._bounds)
 
     def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
         g = gram_to_numpy(gram)
-        alpha = self._qp.solve(g) if self.solver == "cvxpy" else pareto_min_norm(g, self.min_weights)
+        alpha = self._qp.solve(g) if self.solver == "cvxpy" else pareto_min_norm(g, self._bounds)
         return torch.from_numpy(alpha)

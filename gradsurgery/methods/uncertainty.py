@@ -34,6 +34,7 @@ apart from ``GradSurgery``'s own first argument.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -47,7 +48,11 @@ class Uncertainty(Method):
     scales_task_specific = True
 
     def __init__(
-        self, *, init_log_var: float | list[float] = 0.0, lr: float = 0.01, weight_optimizer: str = "adam"
+        self,
+        *,
+        init_log_var: float | list[float] | Mapping[str, float] = 0.0,
+        lr: float = 0.01,
+        weight_optimizer: str = "adam",
     ) -> None:
         super().__init__()
         self.init_log_var = check_vector_option(init_log_var, "init_log_var")
@@ -55,11 +60,11 @@ class Uncertainty(Method):
         self.weight_optimizer = check_optimizer(weight_optimizer, self.name)
         self.learned: LearnedVector | None = None
 
-    def _check_num_tasks(self, num_tasks: int) -> None:
-        expand(self.init_log_var, num_tasks, "init_log_var")
+    def _check_num_tasks(self, num_tasks: int, task_names: Sequence[str] | None) -> None:
+        expand(self.init_log_var, num_tasks, task_names, "init_log_var")
 
     def _init_state(self, num_tasks: int) -> None:
-        init = expand(self.init_log_var, num_tasks, "init_log_var")
+        init = expand(self.init_log_var, num_tasks, self.task_names, "init_log_var")
         self.learned = LearnedVector(init, self.weight_optimizer, self.lr)
 
     @property
