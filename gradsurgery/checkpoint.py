@@ -24,6 +24,7 @@ def method_entry(method: Method) -> dict[str, Any]:
         "method": method.name,
         "options": dict(method.options),
         "num_tasks": method.num_tasks,
+        "task_names": None if method.task_names is None else list(method.task_names),
         "method_state": method.state_dict(),
         "rng_state": {name: gen.get_state() for name, gen in method.generators().items()},
     }
@@ -43,6 +44,9 @@ def check_compatible(method: Method, ours: Any) -> dict[str, Any]:
         raise ValueError(
             f"state dict is for {ours['num_tasks']} tasks, this optimizer has {method.num_tasks}"
         )
+    names = ours.get("task_names")
+    if ours["num_tasks"] is not None and method.num_tasks is not None and names != method.task_names:
+        raise ValueError(f"state dict is for tasks named {names}, this optimizer's are {method.task_names}")
     # The seed only picks the initial generator state, which the checkpoint replaces anyway.
     theirs = {k: v for k, v in dict(ours.get("options", {})).items() if k != "seed"}
     mine = {k: v for k, v in method.options.items() if k != "seed"}
@@ -70,7 +74,7 @@ def rehearse(method: Method, ours: dict[str, Any]) -> Method | None:
 def load_method(method: Method, ours: dict[str, Any]) -> None:
     """Bind ``method`` to the saved task count and restore its state and generators."""
     try:
-        method.bind(ours["num_tasks"])
+        method.bind(ours["num_tasks"], ours.get("task_names"))
         method.load_state_dict(ours["method_state"])
         gens = method.generators()
         for name, state in dict(ours.get("rng_state") or {}).items():
