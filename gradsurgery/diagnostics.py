@@ -237,7 +237,8 @@ def plot_history(
     *,
     path: str | os.PathLike | None = None,
 ):
-    """A matplotlib ``Figure`` with the task weights (top) and the pairwise cosines (bottom) over training.
+    """A matplotlib ``Figure`` with the task weights, each task's share of the fused step (comparable across
+    methods, summing to 1; when logged) and the pairwise cosines over training.
 
     ``history``: a ``CSVLogger`` file, its ``read_csv`` columns, a list of ``StepInfo`` or of
     ``info_row`` dicts. ``task_names`` labels the tasks of a ``StepInfo`` list. Saved to ``path`` when given.
@@ -251,18 +252,27 @@ def plot_history(
         ) from err
     columns = history_columns(history, task_names)
     weight_keys = [k for k in columns if k.startswith("weight/")]
+    share_keys = [k for k in columns if k.startswith("share/")]
     cos_keys = [k for k in columns if k.startswith("cos/")]
     if not weight_keys:
         raise ValueError(f"history has no 'weight/<task>' columns; columns are {sorted(columns)}")
     length = len(columns[weight_keys[0]])
     steps = columns.get(STEP, list(range(length)))
 
-    fig = Figure(figsize=(7, 6), layout="constrained")
-    ax_w, ax_c = fig.subplots(2, 1, sharex=True)
+    fig = Figure(figsize=(7, 8 if share_keys else 6), layout="constrained")
+    axes = fig.subplots(3 if share_keys else 2, 1, sharex=True)
+    ax_w, ax_c = axes[0], axes[-1]
     for key in weight_keys:
         ax_w.plot(steps, columns[key], label=key.removeprefix("weight/"))
     ax_w.set_ylabel("task weight")
     ax_w.legend(loc="best", fontsize="small")
+    if share_keys:
+        ax_s = axes[1]
+        for key in share_keys:
+            ax_s.plot(steps, columns[key], label=key.removeprefix("share/"))
+        ax_s.axhline(0.0, color="0.5", linewidth=0.8, linestyle="--")
+        ax_s.set_ylabel("share of the fused step")
+        ax_s.legend(loc="best", fontsize="small")
     for key in cos_keys:
         ax_c.plot(steps, columns[key], label=key.removeprefix("cos/"))
     ax_c.axhline(0.0, color="0.5", linewidth=0.8, linestyle="--")

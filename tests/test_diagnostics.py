@@ -6,7 +6,7 @@ import pytest
 import torch
 from weighting_helpers import CountBackward, TwoHeads, make_data
 
-from gradsurgery import GradSurgery
+from gradsurgery import GradSurgery, StepInfo
 from gradsurgery.diagnostics import (
     CSVLogger,
     TensorBoardLogger,
@@ -202,7 +202,7 @@ def test_history_columns_from_infos_and_rows():
         history_columns([3])
 
 
-def test_plot_history_draws_weights_and_cosines(tmp_path):
+def test_plot_history_draws_weights_shares_and_cosines(tmp_path):
     pytest.importorskip("matplotlib")
     infos = step_infos(steps=3, num_tasks=3)
     path = tmp_path / "diag.csv"
@@ -211,9 +211,13 @@ def test_plot_history_draws_weights_and_cosines(tmp_path):
             log.log(info)
     for source in (path, infos):
         fig = plot_history(source, path=tmp_path / "diag.png")
-        ax_w, ax_c = fig.axes
+        ax_w, ax_s, ax_c = fig.axes
         assert [line.get_label() for line in ax_w.lines] == ["0", "1", "2"]
         assert list(ax_w.lines[1].get_ydata()) == [info.weights[1].item() for info in infos]
+        # The share of task i: w_i (Gw)_i / wᵀGw, from the Gram matrix written out here.
+        for info, value in zip(infos, ax_s.lines[2].get_ydata(), strict=True):
+            g, w = info.gram, info.weights.to(info.gram.dtype)
+            assert value == pytest.approx(float(w[2] * (g @ w)[2] / (w @ g @ w)), rel=1e-12)
         cos_lines = [line for line in ax_c.lines if line.get_label() in {"0,1", "0,2", "1,2"}]
         assert len(cos_lines) == 3
         assert list(cos_lines[2].get_ydata()) == [info.cosines[1, 2].item() for info in infos]
@@ -238,3 +242,16 @@ def test_readme_weighting_example_runs(tmp_path, monkeypatch):
     torch.testing.assert_close(float(namespace["opt"].method.weights.sum()), 2.0)
     assert read_csv(tmp_path / "results" / "diagnostics.csv")["step"] == [0, 1, 2, 3, 4]
     assert (tmp_path / "results" / "diagnostics.png").stat().st_size > 0
+
+
+def test_shares_sum_to_one_and_match_the_explicit_vectors():
+    """s_i = ⟨w_i g_i, u⟩ / ‖u‖², computed from the explicit gradients; Σ s_i = 1."""
+    gen = torch.Generator().manual_seed(3)
+    jac = torch.randn(4, 9, generator=gen, dtype=torch.float64)
+    weights = torch.tensor([0.5, 2.0, 1.0, 30.0], dtype=torch.float64)
+    info = StepInfo(weights=weights, losses=torch.ones(4, dtype=torch.float64), gram=jac @ jac.T)
+    u = weights @ jac
+    expected = torch.stack([(weights[i] * jac[i]) @ u for i in range(4)]) / (u @ u)
+    torch.testing.assert_close(info.shares, expected, rtol=1e-12, atol=0)
+    assert float(info.shares.sum()) == pytest.approx(1.0, rel=1e-12)
+    assert torch.isnan(StepInfo(weights=weights, losses=weights, gram=None).shares).all()
