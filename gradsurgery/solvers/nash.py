@@ -37,9 +37,9 @@ Algorithm.
    ``simplex_min_norm`` on C). ρ² ≤ ``stationary_tol`` raises ``NashNoSolutionError``: at that distance the
    weights grow like 1/ρ and the rounding error of G itself decides whether a solution exists.
 
-Start: the warm start D⁻¹·``start``, else β_i = 1/√(C1)_i (half a fixed-point step from β = 1; β = 1 where
-some (C1)_i ≤ 0), rescaled by the exact minimiser of f along the ray, τ = √(T / βᵀCβ), so that the scale,
-which dominates a cold start's distance to the answer, is right at once.
+Start: β_i = 1/√(C1)_i (half a fixed-point step from β = 1; β = 1 where some (C1)_i ≤ 0), or the warm start
+D⁻¹·``start`` when its potential is lower, rescaled by the exact minimiser of f along the ray,
+τ = √(T / βᵀCβ), so that the scale, which dominates a cold start's distance to the answer, is right at once.
 
 Cost: O(T³/3) per Newton iteration (one Cholesky factorisation of a T×T matrix), typically 4–8 iterations
 cold and 1–3 warm; nothing d-sized is touched.
@@ -148,14 +148,13 @@ def nash_bargaining_weights(
     # Round-off can push a correlation just past ±1; the exact values are cosines.
     np.clip(corr, -1.0, 1.0, out=corr)
     np.fill_diagonal(corr, 1.0)
-    if start is None:
-        # β_i (Cβ)_i = 1 at the answer; half a fixed-point step from β = 1 (the geometric mean of 1 and
-        # 1/(C1)_i) saves about one Newton iteration in six on random problems. It needs C1 > 0.
-        c1 = corr.sum(axis=1)
-        beta = 1.0 / np.sqrt(c1) if float(c1.min()) > 0.0 else np.ones(t)
-    else:
-        beta = _check_start(start, t) * root
-    beta, iterations = _newton(corr, beta, tol, max_iter, stationary_tol)
+    # β_i (Cβ)_i = 1 at the answer; half a fixed-point step from β = 1 (the geometric mean of 1 and
+    # 1/(C1)_i) saves about one Newton iteration in six on random problems. It needs C1 > 0.
+    c1 = corr.sum(axis=1)
+    starts = [1.0 / np.sqrt(c1) if float(c1.min()) > 0.0 else np.ones(t)]
+    if start is not None:
+        starts.append(_check_start(start, t) * root)
+    beta, iterations = _newton(corr, starts, tol, max_iter, stationary_tol)
     alpha = beta * inv
     return NashSolution(alpha, nash_residual(g, alpha), iterations)
 
@@ -182,19 +181,31 @@ def _no_solution(w: np.ndarray, rho2: float, stationary_tol: float) -> NashNoSol
     )
 
 
-def _newton(corr, beta, tol, max_iter, stationary_tol) -> tuple[np.ndarray, int]:
+def _start(corr, starts, stationary_tol) -> tuple[np.ndarray, np.ndarray]:
+    """The start with the lowest potential, each rescaled to the exact minimiser of f along its ray:
+    f(τβ) = ½τ²βᵀCβ − T log τ − Σ log β_i is least at τ² = T/βᵀCβ, where it is T/2 + (T/2) log(βᵀCβ/T)
+    − Σ log β_i. A warm start is thus used only when it is better than the cold one (for T = 2 the cold one
+    is exact: β_1 = β_2 by symmetry)."""
+    t = corr.shape[0]
+    best = None
+    for beta in starts:
+        cb = corr @ beta
+        quad = float(beta @ cb)
+        total = float(beta.sum())
+        if not quad > stationary_tol * total * total:
+            # The start itself certifies (nearly) zero in the hull: e.g. Σ g_i/‖g_i‖ = 0.
+            raise _no_solution(beta / total, max(quad, 0.0) / (total * total), stationary_tol)
+        potential = 0.5 * t * np.log(quad / t) - float(np.log(beta).sum())
+        if best is None or potential < best[0]:
+            tau = np.sqrt(t / quad)
+            best = (potential, beta * tau, cb * tau)
+    return best[1], best[2]
+
+
+def _newton(corr, starts, tol, max_iter, stationary_tol) -> tuple[np.ndarray, int]:
     t = corr.shape[0]
     eye = np.eye(t)
-    cb = corr @ beta
-    quad = float(beta @ cb)
-    total = float(beta.sum())
-    if not quad > stationary_tol * total * total:
-        # Even the start certifies (nearly) zero in the hull: e.g. Σ g_i/‖g_i‖ = 0.
-        raise _no_solution(beta / total, max(quad, 0.0) / (total * total), stationary_tol)
-    # The exact minimiser of f along the ray through the start: f(τβ) = ½τ²βᵀCβ − T log τ + const.
-    tau = np.sqrt(t / quad)
-    beta = beta * tau
-    cb = cb * tau
+    beta, cb = _start(corr, starts, stationary_tol)
     abs_corr = None
     projected = False
     iterations = 0
