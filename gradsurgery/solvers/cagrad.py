@@ -233,9 +233,19 @@ class _Problem:
             return None
         return chol
 
-    def _closed_form(self, face: list[int]) -> tuple[np.ndarray, np.ndarray] | None:
-        """v on the face where ‖Jᵀv‖ = r (the larger root), w = v/Σv; None if it is not a valid point."""
-        chol = self._factor(face)
+    def _closed_form(self, w: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """The face solution near the pair (w, v): v on the face where ‖Jᵀv‖ = r (the larger root), w = v/Σv;
+        None if it is not a valid point. The face is the support of w plus the indices whose slack
+        s_i = q_i + (Gv)_i is within 1e-6 of the smallest, thinned to linearly independent gradients
+        (some optimum has such a support) tightest slack first: of two nearly equal gradients, the one
+        whose constraint binds must stay."""
+        s = self.q + self.g @ v
+        near = (w > 0.0) | (s <= float(s.min()) + 1e-6 * (math.sqrt(self.n0) + self.r))
+        face: list[int] = []
+        for i in np.flatnonzero(near)[np.argsort(s[near], kind="stable")]:
+            if self._factor(face + [int(i)]) is not None:
+                face.append(int(i))
+        chol = self._factor(face) if face else None
         if chol is None:
             return None
         rhs = np.stack([np.ones(len(face)), self.q[face]], axis=1)
@@ -388,19 +398,18 @@ class _Problem:
         if degenerate is not None and consider(*degenerate):
             return best[1], best[2]
         lo, hi = 0.0, 1.0 / r  # ‖g_w‖ ≤ max_i ‖g_i‖ = 1, so ‖g_w(1/r)‖ ≤ r · (1/r)
-        for _ in range(_FALLBACK_STEPS):
-            mu = 0.5 * (lo + hi)
+        for step in range(_FALLBACK_STEPS):
+            mu = hi if step == 0 else 0.5 * (lo + hi)
             shifted = g + mu * (np.outer(q, ones) + np.outer(ones, q)) + (mu * mu * n0)
             w = simplex_min_norm(shifted)
             self.faces += 1
             norm = math.sqrt(max(float(w @ g @ w), 0.0))
-            if norm <= r * mu:
+            if norm <= r * mu or step == 0:  # at μ = 1/r only round-off can exceed the bound
                 hi = mu
                 # d = g_0 + g_w/μ is feasible: the majorant's primal point.
                 if consider(w, w / mu):
                     break
-                face = [int(i) for i in np.flatnonzero(w > 0.0)]
-                polished = self._closed_form(face)
+                polished = self._closed_form(w, w / mu)
                 if polished is not None and consider(*polished):
                     break
             else:
