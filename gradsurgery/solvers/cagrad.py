@@ -23,7 +23,7 @@ the support S of w, where ν = min_i ⟨g_i, d⟩ is the optimal worst-case impr
 
 Algorithm: a homotopy in ν (a parametric active set). For fixed ν, v(ν) = argmin_{v ≥ 0} ½vᵀGv − vᵀ(ν1 − q)
 gives the point d(ν) = g_0 + Jᵀv(ν) of {d : Jd ≥ ν1} nearest to g_0; ‖Jᵀv(ν)‖ increases with ν and the
-answer is the ν at which it reaches r. At ν = min_i q_i the nearest point is g_0 itself (v = 0, S = the argmin).
+answer is the ν at which it reaches r. At ν = min_i q_i the nearest point is g_0 itself (v = 0, S = argmin q).
 Along a face, v_S(ν) = ν a − b is linear in ν, the slack q_i + (Gv)_i − ν of an index off S is linear in ν,
 and ‖Jᵀv‖² is the quadratic above; the next event is whichever comes first of
 
@@ -91,7 +91,7 @@ _FALLBACK_STEPS = 120
 
 class CAGradSolution(NamedTuple):
     weights: np.ndarray  # w* ∈ Δ, the minimiser of the dual F
-    fused: np.ndarray  # weights of d = Jᵀ fused on the raw gradients: 1/T + r w*/‖g_w*‖ (the mean if degenerate)
+    fused: np.ndarray  # weights of d = Jᵀ fused on the raw gradients: 1/T + r w*/‖g_w*‖ (mean if degenerate)
     objective: float  # F(w*) on the G given: the optimal worst-case improvement min_i ⟨g_i, d⟩
     gap: float  # F(w*) − min_i ⟨g_i, d⟩ for a feasible d: an upper bound on F(w*) − min F (up to round-off)
     certified: bool  # gap ≤ tol·max‖g_i‖(‖g_0‖ + r) + its rounding bound
@@ -420,7 +420,7 @@ class _Problem:
 
 
 def _swap(gp: np.ndarray, qp: np.ndarray, perm: np.ndarray, i: int, j: int) -> None:
-    """Exchange positions i and j of the symmetrically permuted G, its right-hand sides and the permutation."""
+    """Exchange positions i and j of the symmetrically permuted G, its right-hand sides and permutation."""
     if i == j:
         return
     # Basic indexing with a copy: a few times cheaper than fancy indexing at this size.

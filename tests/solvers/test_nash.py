@@ -44,7 +44,8 @@ def random_solvable(count: int, seed: int):
     out = []
     for n in range(count):
         t = int(rng.integers(2, 11))
-        d = int(rng.integers(2, t)) if n % 2 == 0 and t > 2 else int(rng.integers(t, t + 8))  # d < T and d ≥ T
+        # d < T (G singular) and d ≥ T in turn.
+        d = int(rng.integers(2, t)) if n % 2 == 0 and t > 2 else int(rng.integers(t, t + 8))
         spread = (0.2, 1.0, 3.0)[n % 3]  # aligned ... strongly conflicting
         out.append(solvable_jacobian(rng, t, d, margin=0.05, spread=spread))
     return out
