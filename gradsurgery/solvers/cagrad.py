@@ -34,8 +34,9 @@ and ‖Jᵀv‖² is the quadratic above; the next event is whichever comes firs
   c_k > 0 (the simplex method's ratio test: Jᵀv does not change). If no c_k > 0, zero is in the convex hull
   of the gradients of S + i and the optimum has g_w* = 0 (see Degenerate case).
 
-Each face costs one Cholesky factorisation of G_SS and a few T×|S| products; the path visits about one face
-per index of the answer's support, so a solve is O(T⁴) at worst and usually O(T³).
+Each face costs two triangular solves, a few T×|S| products, and one row added to the Cholesky factor of
+G_SS (a refactorisation after a drop or an exchange); the path visits about one face per index of the
+answer's support (4–6 for T = 10–16 on random problems), so a solve is O(T³), O(T⁴) at worst.
 
 Certified stop and fallback. The homotopy's answer is returned only if its duality gap is at most
 ``tol`` · max_i ‖g_i‖ (‖g_0‖ + r) plus a bound on the float64 rounding error of the gap. Otherwise (a face too
@@ -51,7 +52,9 @@ Degenerate case. If zero lies in the convex hull of the gradients and the ball r
 {d : Jd ≥ 0} (always when c ≥ 1), the optimum is ν* = 0 with g_w* = 0: w* is the MGDA point (‖g_w*‖ = 0) and
 a primal point is the projection of g_0 onto {d : Jd ≥ 0}, d = g_0 + Jᵀλ with λ = argmin_{λ≥0} ‖g_0 + Jᵀλ‖
 (``main_aux_min_norm`` on the Gram matrix of g_0, g_1, …, g_T). The paper's d = g_0 + r g_w/‖g_w‖ is then
-0/0; ``fused`` is the mean, d = g_0, as in ``gradsurgery.methods.cagrad``.
+0/0; ``fused`` is the mean, d = g_0, as in ``gradsurgery.methods.cagrad``. Like there, ``degenerate`` is
+decided by ‖g_w*‖ ≤ 1e-6 max_i ‖g_i‖, so it is also set when the optimum is a task whose gradient is that
+much smaller than the largest one (g_w* tiny but not zero).
 
 Other special cases: G = 0 (every w is optimal: the mean), r = 0 (c = 0 or g_0 = 0: F = qᵀw is minimised at
 a vertex with the smallest q_i; fused = the mean), T = 1 (d = (1 + c) g_1 from the general path).
@@ -111,8 +114,9 @@ def cagrad_objective(gram: np.ndarray, w: np.ndarray, c: float) -> float:
 
 def cagrad_weights(gram, c: float, *, tol: float = 1e-12) -> CAGradSolution:
     """The CAGrad dual minimiser w* = argmin_{w∈Δ} qᵀw + c‖g_0‖‖g_w‖ and the update's weights (module
-    docstring). Never returns an uncertified point without saying so: ``certified`` is False only if the
-    fallback, too, could not bring the duality gap under its tolerance (not seen on any test problem).
+    docstring). ``tol``: the duality gap to certify, relative to max_i ‖g_i‖ (‖g_0‖ + r), on top of the
+    gap's own rounding bound. Never returns an uncertified point without saying so: ``certified`` is False
+    only if the fallback, too, could not bring the gap under that bound (not seen on any test problem).
 
     Raises ValueError on a malformed G or c (negative, non-finite, not a number).
     """
