@@ -35,10 +35,11 @@ Algorithm.
    ρ ≥ min_i (Cβ)_i / √(βᵀCβ) (Cauchy-Schwarz against u = Σ β_i g_i/‖g_i‖). When no solution exists f is
    unbounded below along a ray, Newton's full steps double β along it and the first bound falls below
    ``stationary_tol`` within a few dozen iterations; it is only checked while λ ≥ 1, since λ < 1 at any
-   point proves that a minimiser exists (Nesterov 2004, Thm 4.1.11). At a solution the two bounds are within a factor T²
-   of each other; only when ``stationary_tol`` lies between them is ρ² computed exactly (MGDA,
-   ``simplex_min_norm`` on C). ρ² ≤ ``stationary_tol`` raises ``NashNoSolutionError``: at that distance the
-   weights grow like 1/ρ and the rounding error of G itself decides whether a solution exists.
+   point proves that a minimiser exists (Nesterov 2004, Thm 4.1.11). At a solution the two bounds are
+   within a factor T² of each other; only when ``stationary_tol`` lies between them is ρ² computed
+   exactly (MGDA, ``simplex_min_norm`` on C). ρ² ≤ ``stationary_tol`` raises ``NashNoSolutionError``: at
+   that distance the weights grow like 1/ρ and the rounding error of G itself decides whether a solution
+   exists.
 
 Start: β_i = 1/√(C1)_i (half a fixed-point step from β = 1; β = 1 where some (C1)_i ≤ 0), or the warm start
 D⁻¹·``start`` when its potential is lower, rescaled by the exact minimiser of f along the ray,
