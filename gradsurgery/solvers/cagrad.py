@@ -38,10 +38,17 @@ Each face costs two triangular solves, a few T×|S| products, and one row added 
 G_SS (a refactorisation after a drop or an exchange); the path visits about one face per index of the
 answer's support (4–6 for T = 10–16 on random problems), so a solve is O(T³), O(T⁴) at worst.
 
+PSD. The dual is convex, and the gap a certificate, only for PSD G: where one Cholesky factorisation of G
+fails (singular G, or indefinite at the 1e-7 level as a Gram matrix accumulated in float32 is), G is
+replaced by its PSD projection (``psd_projection``) and the largest entry change counts as uncertainty of
+the data in the certificate below.
+
 Certified stop and fallback. The homotopy's answer is returned only if its duality gap is at most
-``tol`` · max_i ‖g_i‖ (‖g_0‖ + r) plus a bound on the float64 rounding error of the gap. Otherwise (a face too
-ill-conditioned for its solve, cycling between degenerate faces, more faces than 4T + 8) the problem is
-solved again by a slower method that is correct by construction: F(w) = min_{μ>0} qᵀw + ‖g_w‖²/(2μ) + r²μ/2,
+``tol`` · max_i ‖g_i‖ (‖g_0‖ + r) plus a bound on the float64 rounding error of the gap. Otherwise it is
+re-solved in closed form on the face its tightest slacks point at (up to three times: nearly singular faces
+leave it close but short), and failing that (a face too ill-conditioned for its solve, cycling between
+degenerate faces, more faces than 4T + 8) the problem is solved again by a slower method that is correct by
+construction: F(w) = min_{μ>0} qᵀw + ‖g_w‖²/(2μ) + r²μ/2,
 so for fixed μ the best w is the MGDA point of the shifted gradients g_i + μ g_0 (``simplex_min_norm`` on
 G + μ(q1ᵀ + 1qᵀ) + μ²‖g_0‖²11ᵀ, itself certified), and the optimal μ is ‖g_w*‖/r, the unique crossing of the
 nonincreasing ‖g_w(μ)‖/μ with r (the outer function of μ is convex), found by bisection. Every bracket end
@@ -68,7 +75,7 @@ from typing import NamedTuple
 import numpy as np
 import scipy.linalg
 
-from .closed_form import EPS, TINY, check_gram
+from .closed_form import EPS, TINY, check_gram, psd_projection
 from .frank_wolfe import main_aux_min_norm, simplex_min_norm
 
 # LAPACK called directly: the scipy.linalg wrappers re-validate their inputs at several times the cost of
@@ -88,6 +95,8 @@ _SLOPE_SAFETY = 16.0
 # Faces the homotopy may visit: about one per index of the support, with room for drops and exchanges.
 _FACES_PER_TASK = 4
 _FACES_EXTRA = 8
+# Face re-solves tried on an uncertified homotopy answer before the fallback.
+_REPOLISH = 3
 # Bisection steps of the fallback: enough to halve from 1/r down to μ ≈ 1e-12/r and then to full precision.
 _FALLBACK_STEPS = 120
 
@@ -138,22 +147,44 @@ def cagrad_weights(gram, c: float, *, tol: float = 1e-12) -> CAGradSolution:
     # diagonal makes every tolerance below absolute.
     gn = g / scale
     q = gn.mean(axis=1)
+    if c * math.sqrt(max(float(q.mean()), 0.0)) == 0.0:
+        return _vertex(q, scale)
+    # The dual is convex, and the gap a certificate, only for PSD G. One Cholesky factorisation certifies
+    # G ≻ 0; where it fails (singular G: T > d, duplicates; or indefinite at the 1e-7 level: G from float32)
+    # G is replaced by its PSD projection, which moves a PSD G by round-off only. How far it moved counts as
+    # uncertainty of the data in the certificate: the answer is optimal to within what G determines.
+    perturb = 0.0
+    if _POTRF(gn, lower=1, clean=0)[1] != 0:
+        projected = psd_projection(gn)
+        perturb = float(np.abs(projected - gn).max())
+        gn = projected
+        q = gn.mean(axis=1)
     n0 = max(float(q.mean()), 0.0)
     r = c * math.sqrt(n0)
     if r == 0.0:
-        # F = qᵀw: a vertex with the smallest q_i; the update is g_0 whatever w is.
-        w = np.zeros(t)
-        w[int(np.argmin(q))] = 1.0
-        f = float(q @ w)
-        return CAGradSolution(w, mean, f * scale, 0.0, True, False, "closed_form", 0)
-    problem = _Problem(gn, q, r, n0, tol)
+        return _vertex(q, scale)  # g_0 = 0 once G is projected
+    problem = _Problem(gn, q, r, n0, tol, perturb)
     found = problem.active_set()
-    if found is not None:
+    for _ in range(_REPOLISH):
+        if found is None:
+            break
         check = problem.gap(*found)
         if check.gap <= check.bound:
-            return _result(t, r, scale, found[0], check, "active_set", problem.faces)
+            return _result(g, c, r, scale, perturb, found[0], check, "active_set", problem.faces)
+        # Nearly singular faces (G within round-off of singular, as from float32) leave the homotopy's
+        # answer close but short of the certificate: re-solve on the face its slacks point at.
+        found = problem.closed_form(*found)
     w, v = problem.fallback()
-    return _result(t, r, scale, w, problem.gap(w, v), "fallback", problem.faces)
+    return _result(g, c, r, scale, perturb, w, problem.gap(w, v), "fallback", problem.faces)
+
+
+def _vertex(q: np.ndarray, scale: float) -> CAGradSolution:
+    """r = 0 (c = 0 or g_0 = 0): F = qᵀw is minimised at a vertex with the smallest q_i, and the update is
+    g_0 whatever w is."""
+    t = q.size
+    w = np.zeros(t)
+    w[int(np.argmin(q))] = 1.0
+    return CAGradSolution(w, np.full(t, 1.0 / t), float(q @ w) * scale, 0.0, True, False, "closed_form", 0)
 
 
 class _Check(NamedTuple):
@@ -163,16 +194,18 @@ class _Check(NamedTuple):
     quad_w: float  # wᵀGw
 
 
-def _result(t, r, scale, w, check: _Check, method, iterations) -> CAGradSolution:
-    mean = np.full(t, 1.0 / t)
+def _result(g, c, r, scale, perturb, w, check: _Check, method, iterations) -> CAGradSolution:
+    mean = np.full(g.shape[0], 1.0 / g.shape[0])
     gw = math.sqrt(max(check.quad_w, 0.0))
     degenerate = gw <= DEGENERATE
     fused = mean if degenerate else mean + (r / gw) * w
-    # F is homogeneous of degree 1 in G: the objective on the G given, up to round-off.
+    # F is homogeneous of degree 1 in G: the objective on the G given, up to round-off, unless G had to be
+    # projected onto the PSD cone.
+    objective = check.objective * scale if perturb == 0.0 else cagrad_objective(g, w, c)
     return CAGradSolution(
         w,
         fused,
-        check.objective * scale,
+        objective,
         max(check.gap, 0.0) * scale,
         bool(check.gap <= check.bound),
         bool(degenerate),
@@ -184,8 +217,9 @@ def _result(t, r, scale, w, check: _Check, method, iterations) -> CAGradSolution
 class _Problem:
     """The dual on the normalised G (max_i G_ii = 1), its homotopy, certificate and fallback."""
 
-    def __init__(self, g: np.ndarray, q: np.ndarray, r: float, n0: float, tol: float) -> None:
+    def __init__(self, g: np.ndarray, q: np.ndarray, r: float, n0: float, tol: float, perturb: float) -> None:
         self.g, self.q, self.r, self.n0, self.tol = g, q, r, n0, tol
+        self.perturb = perturb  # max |ΔG_ij| of the PSD projection (0 if G was used as given)
         self.t = g.shape[0]
         self.abs_g = np.abs(g)
         self.abs_q = np.abs(q)
@@ -200,6 +234,8 @@ class _Problem:
         The tolerance is ``tol``·(‖g_0‖ + r) (|⟨g_i, d⟩| ≤ ‖d‖ ≤ ‖g_0‖ + r with unit largest gradient) plus
         the float64 rounding error of both sides: T eps-sized terms for the products, and r √δ for ‖g_w‖ =
         √(wᵀGw) when wᵀGw is itself only known to ±δ (at g_w ≈ 0 the square root amplifies round-off).
+        Where G had to be projected onto the PSD cone, the size of that change is added to every error
+        term: the answer is then certified to within what the given G determines.
         """
         q, r = self.q, self.r
         vw = np.empty((self.t, 2))
@@ -219,9 +255,10 @@ class _Problem:
         qw = float(q @ w)
         f = qw + r * root
         gamma = 4.0 * self.t * EPS
-        noise_s = gamma * (self.abs_q_max + float(bounds[:, 0].max()))
-        delta = gamma * float(w @ bounds[:, 1])
-        noise_f = gamma * float(self.abs_q @ w) + r * (math.sqrt(max(quad_w, 0.0) + delta) - root)
+        eta = self.perturb  # a change of G by ≤ η per entry moves q_i by ≤ η, (Gv)_i by ≤ η Σv, wᵀGw by ≤ η
+        noise_s = gamma * (self.abs_q_max + float(bounds[:, 0].max())) + eta * (1.0 + float(v.sum()))
+        delta = gamma * float(w @ bounds[:, 1]) + eta
+        noise_f = gamma * float(self.abs_q @ w) + eta + r * (math.sqrt(max(quad_w, 0.0) + delta) - root)
         bound = self.tol * (math.sqrt(self.n0) + r) + noise_s + noise_f + TINY
         return _Check(f, f - smin, bound, quad_w)
 
@@ -237,7 +274,7 @@ class _Problem:
             return None
         return chol
 
-    def _closed_form(self, w: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    def closed_form(self, w: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """The face solution near the pair (w, v): v on the face where ‖Jᵀv‖ = r (the larger root), w = v/Σv;
         None if it is not a valid point. The face is the support of w plus the indices whose slack
         s_i = q_i + (Gv)_i is within 1e-6 of the smallest, thinned to linearly independent gradients
@@ -413,7 +450,7 @@ class _Problem:
                 # d = g_0 + g_w/μ is feasible: the majorant's primal point.
                 if consider(w, w / mu):
                     break
-                polished = self._closed_form(w, w / mu)
+                polished = self.closed_form(w, w / mu)
                 if polished is not None and consider(*polished):
                     break
             else:
