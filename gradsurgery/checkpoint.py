@@ -47,9 +47,11 @@ def check_compatible(method: Method, ours: Any) -> dict[str, Any]:
     names = ours.get("task_names")
     if ours["num_tasks"] is not None and method.num_tasks is not None and names != method.task_names:
         raise ValueError(f"state dict is for tasks named {names}, this optimizer's are {method.task_names}")
-    # The seed only picks the initial generator state, which the checkpoint replaces anyway.
-    theirs = {k: v for k, v in dict(ours.get("options", {})).items() if k != "seed"}
-    mine = {k: v for k, v in method.options.items() if k != "seed"}
+    # The seed only picks the initial generator state, which the checkpoint replaces anyway; a solver backend
+    # computes the same weights from the same state.
+    free = {"seed", *method.interchangeable_options}
+    theirs = {k: v for k, v in dict(ours.get("options", {})).items() if k not in free}
+    mine = {k: v for k, v in method.options.items() if k not in free}
     differ = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
     if differ:
         detail = ", ".join(f"{k}: saved {theirs.get(k)!r} vs {mine.get(k)!r}" for k in differ)

@@ -3,6 +3,7 @@ exactly as 0.1.0 went on from them (``tests/data/make_checkpoints_v1.py`` record
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import pathlib
 
@@ -17,16 +18,39 @@ recipe = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(recipe)
 
 
-@pytest.mark.parametrize("method", sorted(FIXTURES))
-def test_version_1_checkpoint_resumes_as_0_1_0_did(method):
+# The solvers 0.1.0 used where today's default is another (exact, faster) one.
+SOLVERS_OF_0_1_0 = {"cagrad": "slsqp", "mixed": "cvxpy", "nash_mtl": "cvxpy", "pareto": "cvxpy"}
+
+
+def resume(method: str, **options):
     fixture = FIXTURES[method]
     assert fixture["optimizer"]["gradsurgery"]["version"] == 1
-    net, opt = recipe.make(1, method)  # another initialisation and seed: the checkpoint must replace them
+    net, opt = recipe.make(
+        1, method, **options
+    )  # another initialisation and seed: the checkpoint replaces them
     net.load_state_dict(fixture["model"])
-    opt.load_state_dict(fixture["optimizer"])
-    weights = recipe.train(net, opt, method, 4, 3)
-    assert torch.equal(weights, fixture["weights_after"])
-    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), fixture["params_after"], strict=True))
+    opt.load_state_dict(copy.deepcopy(fixture["optimizer"]))  # the optimizer steps its state in place
+    return net, recipe.train(net, opt, method, 4, 3)
+
+
+@pytest.mark.parametrize("method", sorted(FIXTURES))
+def test_version_1_checkpoint_resumes_as_0_1_0_did(method):
+    options = {"solver": SOLVERS_OF_0_1_0[method]} if method in SOLVERS_OF_0_1_0 else {}
+    net, weights = resume(method, **options)
+    assert torch.equal(weights, FIXTURES[method]["weights_after"])
+    assert all(
+        torch.equal(p, q) for p, q in zip(net.parameters(), FIXTURES[method]["params_after"], strict=True)
+    )
+
+
+@pytest.mark.parametrize("method", sorted(SOLVERS_OF_0_1_0))
+def test_version_1_checkpoint_resumes_under_todays_solver(method):
+    """The solver is not part of the state: today's default continues the run to the old solver's accuracy
+    (Nash-MTL's sequence of convex problems stopped at a residual of 1e-6)."""
+    net, weights = resume(method)
+    torch.testing.assert_close(weights, FIXTURES[method]["weights_after"], rtol=1e-5, atol=1e-7)
+    for p, q in zip(net.parameters(), FIXTURES[method]["params_after"], strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
 
 
 def test_version_1_generator_is_read_once_from_rng_state():

@@ -56,6 +56,9 @@ class Method:
     task_scale_invariant: ClassVar[bool] = False
     #: Options that are not written into checkpoints (tensors, e.g. the parameters the L2 rule regularizes).
     unsaved_options: ClassVar[tuple[str, ...]] = ()
+    #: Options a checkpoint may be resumed under with another value: they choose how the weights are computed
+    #: (a solver backend), not the state they evolve (``seed`` always: the saved generator replaces it).
+    interchangeable_options: ClassVar[tuple[str, ...]] = ()
     _checks_names: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

@@ -25,6 +25,7 @@ from .base import Method, check_solver, gram_to_numpy
 
 class MainAux(Method):
     name = "main_aux"
+    interchangeable_options = ("solver",)
     min_tasks = 2
     no_conflict = True
 

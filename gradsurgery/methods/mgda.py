@@ -40,6 +40,7 @@ def normalization_scales(gram: np.ndarray, losses: np.ndarray, normalization: st
 
 class MGDA(Method):
     name = "mgda"
+    interchangeable_options = ("solver",)
     no_conflict = True
 
     def __init__(self, *, solver: str = "frank_wolfe", normalization: str = "none") -> None:

@@ -4,6 +4,9 @@
 
 The main tasks share progress as in MGDA (⟨u, g_i⟩ ≥ ‖u‖² for each main i) and no auxiliary rises to first
 order (⟨u, g_j⟩ ≥ 0). One main task gives ``main_aux``; no auxiliary gives ``mgda``.
+
+Solvers: ``"frank_wolfe"`` (the default: the active-set solver on G of ``solvers.frank_wolfe``) or ``"cvxpy"``
+(the reference QP with Clarabel).
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from .base import Method, check_solver, gram_to_numpy
 
 class Mixed(Method):
     name = "mixed"
+    interchangeable_options = ("solver",)
     no_conflict = True
 
-    def __init__(self, *, main: Sequence[int | str], solver: str = "cvxpy") -> None:
+    def __init__(self, *, main: Sequence[int | str], solver: str = "frank_wolfe") -> None:
         super().__init__()
         self.solver = check_solver(solver, ("cvxpy", "frank_wolfe"), self.name)
         if isinstance(main, int | str) or not isinstance(main, Sequence | torch.Tensor):

@@ -9,9 +9,15 @@ paper shows it is u = Σ_i α_i g_i with α > 0 solving
 so ⟨u, g_i⟩ = 1/α_i and ‖u‖² = αᵀ G α = T: the step has norm √T whatever the gradients' scale, and a task
 with a small gradient gets a large weight.
 
-Solving it (the paper's Section 3.2). With φ_i(α) = log α_i + log (Gα)_i, the α sought minimises
-Σ_i φ_i(α) subject to φ_i(α) ≥ 0. The objective is concave, so it is replaced by its linearisation at the
-current iterate α_τ (a convex-concave procedure); following the authors' code the term Σ_i (Gα)_i is added:
+``solver="newton"`` (the default) solves the equation exactly: α is the unique minimiser of the strictly
+convex potential ½ αᵀGα − Σ log α_i, found by damped Newton steps on the correlation matrix of the gradients
+(``solvers.nash``: residual ≤ 1e-12, 3-8 T×T Cholesky solves, about 0.1 ms for T ≤ 10), warm started from
+the previous step's weights.
+
+``solver="cvxpy"`` follows the paper's Section 3.2 and the authors' code instead. With
+φ_i(α) = log α_i + log (Gα)_i, the α sought minimises Σ_i φ_i(α) subject to φ_i(α) ≥ 0. The objective is
+concave, so it is replaced by its linearisation at the current iterate α_τ (a convex-concave procedure);
+following the authors' code the term Σ_i (Gα)_i is added:
 
     α_{τ+1} = argmin_{α ≥ 0}  (G 1 + ∇φ(α_τ))ᵀ α   s.t.  log α_i + log (Gα)_i ≥ 0,
     ∇φ(α_τ) = 1/α_τ + G (1 / Gα_τ),
@@ -31,12 +37,14 @@ zero or zero lies in the convex hull of the gradients (a Pareto-stationary point
 improves every task and the bargaining problem has no solution. Clarabel's own warm start is not used: it
 makes the answer depend on the solve history, and a resumed run would not be bit-identical.
 
-``update_every`` = k solves on every k-th step only and reuses the last weights in between.
+``update_every`` = k solves on every k-th step only and reuses the last weights in between. ``max_iter``
+bounds each solve: Newton steps, or convex problems for ``"cvxpy"``.
 
-Failures are never silent: when the solver raises, returns a non-optimal status, or the problem has no
-solution (above), a ``SolverFallbackWarning`` names the reason and the weights used instead (this step's best
-completed iterate, else the previous step's weights, else all ones: the plain sum), and the
-``solver_failures`` counter (also in ``StepInfo.extras`` and the state dict) goes up by one.
+Failures are never silent: when the solver raises, returns a non-optimal status, does not converge, or the
+problem has no solution (above), a ``SolverFallbackWarning`` names the reason and the weights used instead
+(this step's best completed iterate of the ``"cvxpy"`` sequence, else the previous step's weights, else all
+ones: the plain sum), and the ``solver_failures`` counter (also in ``StepInfo.extras`` and the state dict)
+goes up by one.
 """
 
 from __future__ import annotations
@@ -49,9 +57,10 @@ import numpy as np
 import torch
 
 from .._validation import check_int
-from ..errors import SolverFallbackWarning
+from ..errors import SolverError, SolverFallbackWarning
 from ..solvers import simplex_min_norm
-from .base import Method, gram_to_numpy
+from ..solvers.nash import nash_bargaining_weights
+from .base import Method, check_solver, gram_to_numpy
 
 _RESIDUAL_TOL = 1e-6
 _STEP_TOL = 1e-9
@@ -71,11 +80,13 @@ class NashMTL(Method):
     no_conflict = True  # ⟨u, g_i⟩ = 1/α_i > 0 wherever the bargaining problem has a solution
     scale_exponent = -1  # G α = 1/α: a common factor c on the gradients divides α by c
     task_scale_invariant = True  # g_i → d_i g_i gives α_i → α_i/d_i: u is unchanged
+    interchangeable_options = ("solver",)
 
-    def __init__(self, *, update_every: int = 1, max_iter: int = 20) -> None:
+    def __init__(self, *, update_every: int = 1, max_iter: int = 20, solver: str = "newton") -> None:
         super().__init__()
         self.update_every = check_int(update_every, "update_every", minimum=1)
         self.max_iter = check_int(max_iter, "max_iter", minimum=1)
+        self.solver = check_solver(solver, ("newton", "cvxpy"), self.name)
         self.steps = 0
         self.solver_failures = 0
         self.last_iterations = 0
@@ -84,6 +95,8 @@ class NashMTL(Method):
         self._problem: Any = None
 
     def _init_state(self, num_tasks: int) -> None:
+        if self.solver != "cvxpy":
+            return
         import cvxpy as cp
 
         self._variable = cp.Variable(num_tasks, nonneg=True)
@@ -174,9 +187,14 @@ class NashMTL(Method):
             return torch.from_numpy(weights.copy())
         alpha, failures, iterations = self.alpha, self.solver_failures, 0
         try:
-            alpha, iterations = self._solve(g / scale)
-            weights = alpha / math.sqrt(scale)
-        except _NoSolution as err:
+            if self.solver == "newton":
+                start = self.weights if self.weights is not None and np.all(self.weights > 0) else None
+                solution = nash_bargaining_weights(g, start, max_iter=self.max_iter)
+                weights, iterations = solution.alpha, solution.iterations
+            else:
+                alpha, iterations = self._solve(g / scale)
+                weights = alpha / math.sqrt(scale)
+        except (_NoSolution, SolverError) as err:
             failures += 1
             partial = getattr(err, "iterate", None)
             if partial is not None:

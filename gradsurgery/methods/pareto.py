@@ -5,6 +5,9 @@
 The exact QP (not the paper's relaxed projection). The lower bounds c express business priorities: each task
 keeps at least weight c_i. Feasible iff c_i ≥ 0 and Σ c_i ≤ 1. With bounds a task's loss may rise to first
 order (a bound can force weight onto a task that conflicts with the others); with c = 0 it is MGDA.
+
+Solvers: ``"frank_wolfe"`` (the default: the active-set solver on G of ``solvers.frank_wolfe``, well under
+0.2 ms for T ≤ 10) or ``"cvxpy"`` (the reference QP with Clarabel, about 1.3 ms); they agree to 1e-5 of ‖u‖.
 """
 
 from __future__ import annotations
@@ -21,8 +24,11 @@ from .base import Method, check_solver, gram_to_numpy
 
 class Pareto(Method):
     name = "pareto"
+    interchangeable_options = ("solver",)
 
-    def __init__(self, *, min_weights: Sequence[float] | Mapping[str, float], solver: str = "cvxpy") -> None:
+    def __init__(
+        self, *, min_weights: Sequence[float] | Mapping[str, float], solver: str = "frank_wolfe"
+    ) -> None:
         super().__init__()
         self.solver = check_solver(solver, ("cvxpy", "frank_wolfe"), self.name)
         self.min_weights = check_per_task_numbers(min_weights, "min_weights")

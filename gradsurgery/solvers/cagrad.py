@@ -73,14 +73,11 @@ import math
 from typing import NamedTuple
 
 import numpy as np
-import scipy.linalg
 
+from .._validation import check_number
+from ._lapack import lapack
 from .closed_form import EPS, TINY, check_gram, psd_projection
 from .frank_wolfe import main_aux_min_norm, simplex_min_norm
-
-# LAPACK called directly: the scipy.linalg wrappers re-validate their inputs at several times the cost of
-# factorising a T ≤ 16 matrix.
-_POTRF, _POTRS, _TRTRS = scipy.linalg.get_lapack_funcs(("potrf", "potrs", "trtrs"), (np.zeros((1, 1)),))
 
 # ‖g_w*‖ at or below this fraction of the largest gradient norm is the degenerate case g_w* = 0 (the same
 # threshold as ``gradsurgery.methods.cagrad``): the direction g_w/‖g_w‖ of a smaller vector is round-off.
@@ -127,16 +124,11 @@ def cagrad_weights(gram, c: float, *, tol: float = 1e-12) -> CAGradSolution:
     gap's own rounding bound. Never returns an uncertified point without saying so: ``certified`` is False
     only if the fallback, too, could not bring the gap under that bound (not seen on any test problem).
 
-    Raises ValueError on a malformed G or c (negative, non-finite, not a number).
+    Raises ValueError on a malformed G or a negative or non-finite c, TypeError when c is not a number.
     """
     g = check_gram(gram)
-    if isinstance(c, bool) or not isinstance(c, int | float | np.floating | np.integer):
-        raise ValueError(f"c must be a number, got {c!r}")
-    c = float(c)
-    if not (math.isfinite(c) and c >= 0.0):
-        raise ValueError(f"c must be a finite number >= 0, got {c}")
-    if not (np.isfinite(tol) and tol >= 0):
-        raise ValueError(f"tol must be a finite number ≥ 0, got {tol!r}")
+    c = check_number(c, "c", minimum=0.0)
+    tol = check_number(tol, "tol", minimum=0.0)
     t = g.shape[0]
     mean = np.full(t, 1.0 / t)
     scale = float(g.diagonal().max())
@@ -154,7 +146,7 @@ def cagrad_weights(gram, c: float, *, tol: float = 1e-12) -> CAGradSolution:
     # G is replaced by its PSD projection, which moves a PSD G by round-off only. How far it moved counts as
     # uncertainty of the data in the certificate: the answer is optimal to within what G determines.
     perturb = 0.0
-    if _POTRF(gn, lower=1, clean=0)[1] != 0:
+    if lapack("potrf")(gn, lower=1, clean=0)[1] != 0:
         projected = psd_projection(gn)
         perturb = float(np.abs(projected - gn).max())
         gn = projected
@@ -266,7 +258,7 @@ class _Problem:
     def _factor(self, face: list[int]) -> np.ndarray | None:
         """Cholesky factor of G_SS, or None when G_SS is (numerically) singular."""
         sub = self.g[np.ix_(face, face)]
-        chol, info = _POTRF(sub, lower=1, clean=1)
+        chol, info = lapack("potrf")(sub, lower=1, clean=1)
         if info != 0:
             return None
         piv = chol.diagonal()
@@ -290,7 +282,7 @@ class _Problem:
         if chol is None:
             return None
         rhs = np.stack([np.ones(len(face)), self.q[face]], axis=1)
-        ab, info = _POTRS(chol, rhs, lower=1)
+        ab, info = lapack("potrs")(chol, rhs, lower=1)
         if info != 0:
             return None
         a, b = ab[:, 0], ab[:, 1]
@@ -327,7 +319,7 @@ class _Problem:
         for _ in range(_FACES_PER_TASK * t + _FACES_EXTRA):
             self.faces += 1
             low = chol[:k, :k]
-            ab, info = _POTRS(low, qp[:k], lower=1)
+            ab, info = lapack("potrs")(low, qp[:k], lower=1)
             if info != 0:
                 return None
             a, b = ab[:, 0], ab[:, 1]
@@ -365,7 +357,7 @@ class _Problem:
                 if k == 0:
                     return None  # cannot happen in exact arithmetic: Σv grows along every face
                 _swap(gp, qp, perm, pos, k)
-                chol[:k, :k], info = _POTRF(gp[:k, :k], lower=1, clean=1)
+                chol[:k, :k], info = lapack("potrf")(gp[:k, :k], lower=1, clean=1)
                 if info != 0:
                     return None
                 continue
@@ -373,7 +365,7 @@ class _Problem:
             v_face = np.maximum(event * a - b, 0.0)
             nu = event
             _swap(gp, qp, perm, pos, k)
-            row, info = _TRTRS(low, gp[:k, k], lower=1)
+            row, info = lapack("trtrs")(low, gp[:k, k], lower=1)
             if info != 0:
                 return None
             pivot = float(gp[k, k] - row @ row)
@@ -383,7 +375,7 @@ class _Problem:
                 k += 1
                 continue
             # g_k is (numerically) in the span of the face: exchange (module docstring).
-            coef, info = _TRTRS(low, row, lower=1, trans=1)
+            coef, info = lapack("trtrs")(low, row, lower=1, trans=1)
             if info != 0:
                 return None
             pos_c = coef > 1e-12 * float(np.abs(coef).max(initial=0.0))
@@ -392,7 +384,7 @@ class _Problem:
             idx = np.flatnonzero(pos_c)
             leave = int(idx[int(np.argmin(v_face[idx] / coef[idx]))])
             _swap(gp, qp, perm, leave, k)  # the entering index takes the leaving one's place
-            chol[:k, :k], info = _POTRF(gp[:k, :k], lower=1, clean=1)
+            chol[:k, :k], info = lapack("potrf")(gp[:k, :k], lower=1, clean=1)
             if info != 0:
                 return None
         return None

@@ -47,13 +47,13 @@ projection (``psd_projection``).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
 
 from ..errors import SolverError
+from ._lapack import lapack
 from .closed_form import (
     EPS,
     TINY,
@@ -85,16 +85,6 @@ _PIVOT_MIN = 1e-10
 _SOLVES_PER_TASK = 3
 _SOLVES_EXTRA = 8
 _GELSY_WORK: dict[int, int] = {}  # optimal gelsy workspace by matrix size
-
-
-@functools.cache
-def _lapack():
-    """(potrf, posv, gelsy, gelsy_lwork), called directly: the scipy.linalg wrappers (cholesky, solve,
-    lstsq) re-validate their inputs and query workspaces, which costs several times the factorisation of a
-    T ≤ 32 matrix. Loaded at the first solve: scipy.linalg takes 0.2 s to import."""
-    import scipy.linalg
-
-    return scipy.linalg.get_lapack_funcs(("potrf", "posv", "gelsy", "gelsy_lwork"), (np.zeros((1, 1)),))
 
 
 class _Blocks(NamedTuple):
@@ -180,7 +170,7 @@ def _solve(g: np.ndarray, blocks: _Blocks, tol: float, max_iter: int, what: str)
     # A Cholesky factorisation that succeeds certifies G ≻ 0 (to round-off) at a tenth of the cost of the
     # eigendecomposition, which ``psd_projection`` would then return unchanged; only singular or
     # indefinite G (collinear, duplicated or zero gradients, T > d, float32 round-off) pays for it.
-    if _lapack()[0](gn, lower=1, clean=0)[1] != 0:
+    if lapack("potrf")(gn, lower=1, clean=0)[1] != 0:
         gn = psd_projection(gn)
     w = _iterate(gn, w, blocks, tol, max_iter)
     return _finish(w, blocks, what)
@@ -293,7 +283,7 @@ def _face_solve(g: np.ndarray, p: np.ndarray, mp: np.ndarray) -> np.ndarray | No
     bordered KKT system goes to lstsq (``_face_lstsq``).
     """
     sub = g.take(p, 0).take(p, 1)
-    chol, x, info = _lapack()[1](sub, mp.astype(np.float64), lower=1)
+    chol, x, info = lapack("posv")(sub, mp.astype(np.float64), lower=1)
     if info == 0:
         piv = chol.diagonal()
         if np.all(piv * piv >= _PIVOT_MIN * sub.diagonal()):
@@ -333,11 +323,11 @@ def _lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     n = a.shape[0]
     lwork = _GELSY_WORK.get(n)
     if lwork is None:
-        work, info = _lapack()[3](n, n, 1, EPS)
+        work, info = lapack("gelsy_lwork")(n, n, 1, EPS)
         if info != 0:
             raise SolverError(f"gelsy workspace query failed (info={info})")
         lwork = _GELSY_WORK[n] = int(work)
-    x, info = _lapack()[2](a, b, np.zeros(n, dtype=np.int32), EPS, lwork, 0, 0)[1::3]
+    x, info = lapack("gelsy")(a, b, np.zeros(n, dtype=np.int32), EPS, lwork, 0, 0)[1::3]
     if info < 0:
         raise SolverError(f"illegal value in argument {-info} of gelsy")
     return x

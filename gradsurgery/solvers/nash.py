@@ -55,15 +55,12 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-import scipy.linalg
 
+from .._validation import check_int, check_number
 from ..errors import SolverError
+from ._lapack import lapack
 from .closed_form import EPS, check_gram, psd_projection
 from .frank_wolfe import simplex_min_norm
-
-# LAPACK called directly: the scipy.linalg wrappers re-validate their inputs at several times the cost of
-# factorising a T ≤ 16 matrix.
-(_POSV,) = scipy.linalg.get_lapack_funcs(("posv",), (np.zeros((1, 1)),))
 
 # Newton's full step is taken below this decrement: for a self-concordant f, λ < (3 − √5)/2 ≈ 0.38 is the
 # region of quadratic convergence, and λ < 1 guarantees 1 + z > 0.
@@ -126,16 +123,13 @@ def nash_bargaining_weights(
 
     Raises ``NashNoSolutionError`` when no solution exists (a zero gradient, including G = 0; zero in the
     convex hull), ``SolverError`` when ``max_iter`` Newton iterations do not reach the tolerance (never
-    seen with the default: at most ~20 on the test problems), ValueError on bad input.
+    seen with the default: at most ~20 on the test problems), ValueError or TypeError on bad input.
     """
     g = check_gram(gram)
     t = g.shape[0]
-    if not (np.isfinite(tol) and tol >= 0):
-        raise ValueError(f"tol must be a finite number ≥ 0, got {tol!r}")
-    if not (np.isfinite(stationary_tol) and stationary_tol >= 0):
-        raise ValueError(f"stationary_tol must be a finite number ≥ 0, got {stationary_tol!r}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int | np.integer) or max_iter < 1:
-        raise ValueError(f"max_iter must be an int ≥ 1, got {max_iter!r}")
+    tol = check_number(tol, "tol", minimum=0.0)
+    stationary_tol = check_number(stationary_tol, "stationary_tol", minimum=0.0)
+    max_iter = check_int(max_iter, "max_iter", minimum=1)
     diag = g.diagonal().copy()
     zero = np.flatnonzero(diag <= 0.0)
     if zero.size:
@@ -236,7 +230,7 @@ def _newton(corr, starts, tol, max_iter, stationary_tol) -> tuple[np.ndarray, in
             _raise_unconverged(corr, res, iterations, stationary_tol)
         iterations += 1
         bcb = corr * beta[:, None] * beta
-        _, z, info = _POSV(bcb + eye, res_vec, lower=1)
+        _, z, info = lapack("posv")(bcb + eye, res_vec, lower=1)
         if info != 0:
             # I + BCB is singular only if C has negative curvature beyond round-off (G from float32 can be
             # indefinite at the 1e-7 level): remove it once and go on with the projected matrix.

@@ -15,10 +15,10 @@ NEEDED = {"pareto": {"min_weights": [0.1, 0.2, 0.1]}, "mixed": {"main": [0, 1]}}
 RANDOM = {"pcgrad", "gradvac", "rlw"}
 
 
-def make(seed, method):
+def make(seed, method, **options):
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, NUM_TASKS))
-    opts = dict(NEEDED.get(method, {}))
+    opts = dict(NEEDED.get(method, {}), **options)
     if method in RANDOM:
         opts["seed"] = seed
     return net, GradSurgery(torch.optim.Adam(net.parameters(), lr=0.02), method, **opts)

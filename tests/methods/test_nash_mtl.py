@@ -38,14 +38,19 @@ def nash_weights(jac: np.ndarray, **options) -> np.ndarray:
         return method(torch.from_numpy(jac @ jac.T), ONES.expand(t)).numpy()
 
 
+SOLVERS = ["newton", "cvxpy"]
+RESIDUAL = {"newton": 1e-10, "cvxpy": 1e-5}  # Newton solves the equation; the paper's sequence stops at 1e-6
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("t", [2, 3, 5])
-def test_matches_bargaining_solution_in_d_space(seed, t):
+def test_matches_bargaining_solution_in_d_space(seed, t, solver):
     jac = random_jacobian(seed, t, 8)
-    alpha = nash_weights(jac)
+    alpha = nash_weights(jac, solver=solver)
     gram = jac @ jac.T
     # The paper's equation G α = 1/α ...
-    np.testing.assert_allclose(alpha * (gram @ alpha), np.ones(t), atol=1e-5)
+    np.testing.assert_allclose(alpha * (gram @ alpha), np.ones(t), atol=RESIDUAL[solver])
     assert np.all(alpha > 0)
     # ... and the bargaining solution it characterises: same u, norm √T.
     u = alpha @ jac
@@ -53,15 +58,34 @@ def test_matches_bargaining_solution_in_d_space(seed, t):
     assert abs(np.linalg.norm(u) - np.sqrt(t)) < 1e-5
 
 
-def test_two_orthogonal_tasks_closed_form():
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_two_orthogonal_tasks_closed_form(solver):
     """Orthogonal g_1, g_2: α_i = 1/‖g_i‖ (each task's update component has length 1)."""
     jac = np.array([[3.0, 0.0, 0.0], [0.0, 0.5, 0.0]])
-    np.testing.assert_allclose(nash_weights(jac), [1 / 3, 2.0], rtol=1e-6)
+    np.testing.assert_allclose(nash_weights(jac, solver=solver), [1 / 3, 2.0], rtol=RESIDUAL[solver])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_two_solvers_agree(seed):
+    jac = random_jacobian(seed, 4, 9)
+    newton, sequence = nash_weights(jac, solver="newton"), nash_weights(jac, solver="cvxpy")
+    np.testing.assert_allclose(newton @ jac, sequence @ jac, rtol=0, atol=1e-6 * np.linalg.norm(newton @ jac))
+
+
+def test_newton_that_does_not_converge_falls_back_and_says_so():
+    jac = random_jacobian(3, 5, 9)
+    method = NashMTL(max_iter=1)
+    with pytest.warns(SolverFallbackWarning, match="did not reach the tolerance in 1 iteration"):
+        w = method(torch.from_numpy(jac @ jac.T), ONES.expand(5))
+    torch.testing.assert_close(w, torch.ones(5, dtype=torch.float64))
+    assert method.solver_failures == 1
 
 
 def test_problem_is_dpp_compiled_once_and_solved_by_clarabel():
     model, _, _ = make_linear_problem(0)
-    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.01), method="nash_mtl", num_tasks=3)
+    opt = GradSurgery(
+        torch.optim.SGD(model.parameters(), lr=0.01), method="nash_mtl", num_tasks=3, solver="cvxpy"
+    )
     problem = opt.method._problem
     assert problem.is_dpp()
     for _ in range(3):
@@ -86,7 +110,9 @@ def test_end_to_end_and_info_extras():
 
 def test_update_every_reuses_the_weights(monkeypatch):
     model, _, _ = make_linear_problem(4)
-    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.05), method="nash_mtl", update_every=3)
+    opt = GradSurgery(
+        torch.optim.SGD(model.parameters(), lr=0.05), method="nash_mtl", update_every=3, solver="cvxpy"
+    )
     solves = []
     original = NashMTL._solve
     monkeypatch.setattr(NashMTL, "_solve", lambda self, g: solves.append(1) or original(self, g))
@@ -107,7 +133,7 @@ def _raise(*args, **kwargs):
 
 def test_forced_solver_failure_warns_falls_back_and_counts(monkeypatch):
     model, a, _ = make_linear_problem(1)
-    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.0), method="nash_mtl")
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.0), method="nash_mtl", solver="cvxpy")
     monkeypatch.setattr(cp.Problem, "solve", _raise)
     with pytest.warns(SolverFallbackWarning, match="forced failure; using equal weights 1"):
         info = opt.backward(model())
@@ -134,7 +160,7 @@ def test_forced_solver_failure_warns_falls_back_and_counts(monkeypatch):
 def test_failure_after_some_iterations_keeps_the_best_iterate(monkeypatch):
     jac = random_jacobian(5, 3, 6)
     gram = jac @ jac.T
-    method = NashMTL(max_iter=5)
+    method = NashMTL(max_iter=5, solver="cvxpy")
     monkeypatch.setattr(nash_mtl, "nash_residual", lambda g, alpha: 1.0)  # never converged: keep iterating
     calls = []
     original = cp.Problem.solve
@@ -162,7 +188,7 @@ def test_the_iterate_with_the_smallest_residual_is_kept(monkeypatch):
     # The solver works on G/‖G‖_F, whose solution is α*·√‖G‖_F; feed it iterates around that.
     iterates = iter([exact * np.sqrt(scale) * f for f in (1 + 1.7e-6, 1 + 7.5e-5, 1 + 2e-4)])
     monkeypatch.setattr(NashMTL, "_solve_subproblem", lambda self, alpha: next(iterates))
-    weights = NashMTL(max_iter=3)(torch.from_numpy(gram), ONES.expand(2)).numpy()
+    weights = NashMTL(max_iter=3, solver="cvxpy")(torch.from_numpy(gram), ONES.expand(2)).numpy()
     np.testing.assert_allclose(weights, exact * (1 + 1.7e-6), rtol=1e-12)
     assert nash_mtl.nash_residual(gram, weights) == pytest.approx(3.4e-6, rel=1e-3)
 
@@ -173,14 +199,17 @@ def test_non_optimal_status_is_a_failure(monkeypatch):
 
     monkeypatch.setattr(cp.Problem, "solve", infeasible)
     with pytest.warns(SolverFallbackWarning, match="status 'infeasible'"):
-        w = NashMTL()(torch.eye(2, dtype=torch.float64), ONES.expand(2))
+        w = NashMTL(solver="cvxpy")(torch.eye(2, dtype=torch.float64), ONES.expand(2))
     torch.testing.assert_close(w, torch.ones(2, dtype=torch.float64))
 
 
-def test_opposite_gradients_have_no_bargaining_solution():
+@pytest.mark.parametrize(
+    "solver,reason", [("newton", "convex hull"), ("cvxpy", "no direction improves every task")]
+)
+def test_opposite_gradients_have_no_bargaining_solution(solver, reason):
     g = torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=torch.float64)  # g_2 = −g_1
-    method = NashMTL()
-    with pytest.warns(SolverFallbackWarning, match="no direction improves every task"):
+    method = NashMTL(solver=solver)
+    with pytest.warns(SolverFallbackWarning, match=reason):
         w = method(g, ONES.expand(2))
     assert torch.isfinite(w).all() and method.solver_failures == 1
 

@@ -314,7 +314,7 @@ def test_singular_and_float32_gram_matrices():
         ({"start": [1.0, -1.0, 1.0]}, "start must be finite and > 0"),
         ({"start": [1.0, 1.0]}, r"start must have shape \(3,\)"),
         ({"tol": -1.0}, "tol must be"),
-        ({"max_iter": 0}, "max_iter must be an int ≥ 1"),
+        ({"max_iter": 0}, "max_iter must be >= 1"),
         ({"stationary_tol": float("nan")}, "stationary_tol must be"),
     ],
 )
