@@ -139,7 +139,7 @@ def coverage(graph: Graph, candidates: set[int], params: list[Any]) -> Coverage:
             owner.setdefault(k, []).append((rec, entry))
     uses: dict[int, list[tuple[Record, int, str]]] = {}
     uncovered: dict[int, list[int]] = {}
-    for pos in candidates:
+    for pos in sorted(candidates):
         acc = graph.param_node.get(pos)
         if acc is None:
             continue
