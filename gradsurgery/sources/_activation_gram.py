@@ -228,7 +228,7 @@ def lookup_entries(rec, d: torch.Tensor) -> Lookup:
             num_bags, length = idx.shape
             rows = idx.reshape(-1)
             bags = torch.arange(num_bags, device=idx.device).repeat_interleave(length)
-            offsets = torch.arange(0, rows.numel() + 1, max(length, 1), device=idx.device)[: num_bags + 1]
+            offsets = torch.arange(num_bags, device=idx.device) * length  # as F.embedding_bag builds them
         else:
             rows = idx
             offsets = rec.inputs["offsets"]

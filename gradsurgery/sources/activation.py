@@ -293,6 +293,7 @@ class ActivationSource:
         num_tasks = len(task_losses)
         deltas: dict[int, torch.Tensor] = {}  # id(record) → T × output shape
         grads: list[dict[int, torch.Tensor]] = [{} for _ in range(num_tasks)]
+        filled: dict[int, set[int]] = {}
         # The graph must survive the last pass only when fused() or a later collect needs it.
         keep_last = retain_graph or bool(shared)
         self._busy = True
@@ -312,14 +313,22 @@ class ActivationSource:
                         continue
                     buf = deltas.get(id(rec))
                     if buf is None:
-                        buf = deltas[id(rec)] = g.new_zeros((num_tasks, *rec.out_shape))
+                        # Uninitialised (zero-filling T × activation costs a pass over fresh pages); the
+                        # slots of tasks that pass no gradient are zeroed below.
+                        buf = deltas[id(rec)] = g.new_empty((num_tasks, *rec.out_shape))
+                        filled[id(rec)] = set()
                     buf[i] = g.reshape(rec.out_shape)
+                    filled[id(rec)].add(i)
                 for k, g in zip(mine, out[len(recs) :], strict=True):
                     if g is not None:
                         grads[i][k] = g
                 del out
         finally:
             self._busy = False
+        for key, tasks in filled.items():
+            for i in range(num_tasks):
+                if i not in tasks:
+                    deltas[key][i].zero_()
         return deltas, grads
 
     def _groups(self, cov, deltas, grads, trainable, shared, reach, num_tasks, names):
@@ -472,7 +481,7 @@ class _Names:
                     continue
                 full = f"{mname}.{pname}" if mname else pname
                 self._params.setdefault(id(p), full)
-                self._owner.setdefault(id(p), mname or type(m).__name__)
+                self._owner.setdefault(id(p), mname or full)  # a bare parameter of the root: its own name
                 if getattr(m, "sparse", False) is True:
                     self._sparse[id(p)] = True
         for name, m in hooked:

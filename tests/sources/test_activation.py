@@ -309,6 +309,7 @@ CONVS = [
     ("conv2d_same_even", lambda: nn.Conv2d(3, 4, 4, padding="same"), (3, 3, 6, 6)),
     ("conv2d_reflect", lambda: nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), (3, 3, 6, 6)),
     ("conv2d_circular_valid", lambda: nn.Conv2d(3, 2, 3, padding=2, padding_mode="circular"), (3, 3, 5, 5)),
+    ("conv3d", lambda: nn.Conv3d(2, 3, 2, stride=(1, 2, 1), padding=(0, 1, 1)), (2, 2, 3, 4, 3)),
 ]
 
 
@@ -621,3 +622,49 @@ def test_no_recording_without_grad():
     del losses
     assert len(source._registry) == 0  # the records die with their graph
     source.remove()
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_small_transformer(form, dtype):
+    """Token embedding, pre-norm attention and MLP with residuals, tied output layer: every kind at once."""
+    vocab, dim, heads = 13, 8, 2
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(vocab, dim)
+            self.pos = nn.Embedding(6, dim)
+            self.ln1, self.ln2, self.ln_f = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+            self.qkv = nn.Linear(dim, 3 * dim)
+            self.proj = nn.Linear(dim, dim)
+            self.fc = nn.Linear(dim, 4 * dim)
+            self.fc2 = nn.Linear(4 * dim, dim)
+            self.head = nn.Linear(dim, vocab, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, idx):
+            b, s = idx.shape
+            h = self.emb(idx) + self.pos(torch.arange(s))
+            q, k, v = self.qkv(self.ln1(h)).view(b, s, 3, heads, dim // heads).unbind(2)
+            att = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+            h = h + self.proj(att.transpose(1, 2).reshape(b, s, dim))
+            h = h + self.fc2(F.relu(self.fc(self.ln2(h)), inplace=True))
+            return self.head(self.ln_f(h)).log_softmax(-1)
+
+    torch.manual_seed(0)
+    model = Block().to(dtype)
+    source = ActivationSource(model, form=form)
+    idx = torch.randint(0, vocab, (3, 6))
+    logp = model(idx)
+    losses = [
+        -logp[:, :-1].gather(-1, idx[:, 1:, None]).mean(),
+        -logp[:, :, :4].logsumexp(-1).mean(),
+        logp[:, -1].exp().pow(2).sum(),
+    ]
+    res = check(source, losses, list(model.parameters()))
+    assert res.forms["emb"] == "materialize"  # tied with the output layer: one mixed group
+    if form != "auto":
+        assert res.forms["qkv"] == form and res.forms["fc2"] == form
+    source.remove()
+    assert no_hooks(model)
