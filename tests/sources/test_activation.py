@@ -20,6 +20,8 @@ from gradsurgery.gram import gram_matrix
 from gradsurgery.sources.activation import ActivationSource
 
 FORMS = ["auto", "kernel", "materialize"]
+#: the CUDA cases run where a GPU is present (the same comparisons, on the device)
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 TOL = {torch.float64: 1e-9, torch.float32: 1e-5}
 
 
@@ -138,7 +140,7 @@ def mse_losses(outputs, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     losses = []
     for i, out in enumerate(outputs):
-        target = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype)
+        target = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out)
         losses.append((out - target * (1 + i)).pow(2).mean())
     return losses
 
@@ -148,10 +150,10 @@ def build(trunk_fn, features, dtype, seed=0, num_tasks=3):
     return Heads(trunk_fn(), features, num_tasks).to(dtype)
 
 
-def run_case(trunk_fn, features, inputs_fn, dtype, form, seed=0, **kw):
-    model = build(trunk_fn, features, dtype, seed)
+def run_case(trunk_fn, features, inputs_fn, dtype, form, seed=0, device="cpu", **kw):
+    model = build(trunk_fn, features, dtype, seed).to(device)
     source = ActivationSource(model, form=form)
-    inputs = inputs_fn(dtype)
+    inputs = [t.to(device) if isinstance(t, torch.Tensor) else t for t in inputs_fn(dtype)]
     losses = mse_losses(model(*inputs))
     res = check(source, losses, list(model.parameters()), **kw)
     source.remove()
@@ -668,3 +670,31 @@ def test_small_transformer(form, dtype):
         assert res.forms["qkv"] == form and res.forms["fc2"] == form
     source.remove()
     assert no_hooks(model)
+
+
+@CUDA
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cuda_all_kinds(form, dtype):
+    """One model with every supported kind (sparse tables, max bags, conv, batch norm, 3-D Linear with an
+    in-place ReLU) on the GPU."""
+
+    class Trunk(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(50, 4, sparse=True, padding_idx=0)
+            self.bag = nn.EmbeddingBag(50, 4, mode="max")
+            self.mean_bag = nn.EmbeddingBag(50, 4, mode="mean", sparse=True)
+            self.conv = nn.Conv2d(1, 3, 3, padding=1, groups=1)
+            self.bn = nn.BatchNorm2d(3)
+            self.lin = nn.Linear(12, 6)
+            self.act = nn.ReLU(inplace=True)
+            self.ln = nn.LayerNorm(6)
+
+        def forward(self, idx):
+            e = self.emb(idx) + self.bag(idx).unsqueeze(1) + self.mean_bag(idx).unsqueeze(1)  # B × L × 4
+            img = torch.tanh(self.bn(self.conv(e.unsqueeze(1))))  # B × 3 × L × 4
+            tokens = img.permute(0, 2, 1, 3).reshape(e.shape[0], e.shape[1], 12)
+            return self.ln(self.act(self.lin(tokens))).mean(1)
+
+    run_case(Trunk, 6, indices(5, 7, high=50), dtype, form, device="cuda")
