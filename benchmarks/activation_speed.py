@@ -16,7 +16,7 @@ the same parameters):
 
 Timing: interleaved repetitions, each timing every member once in a fresh random order; the medians of
 the per-repetition ratios (member / plain, activation / full) with their 25th-75th percentiles, and the
-median milliseconds. Memory: a separate pass per member, two steps each, the peak resident memory above the
+median milliseconds. Memory, after every timing (it changes the allocator): a pass per member, two steps each, the peak resident memory above the
 resident memory just before (VmHWM after resetting it through ``/proc/self/clear_refs``; large blocks forced
 to ``mmap`` so that freed memory leaves the process); on CUDA ``max_memory_allocated``. Reported as MB
 above plain's peak and as the ratio of the activation source's extra memory to full mode's.
@@ -276,7 +276,8 @@ def accuracy(w: Workload) -> dict[str, float]:
 
 
 # -- driver ------------------------------------------------------------------------------------------------------------
-def run_workload(w: Workload, forms: list[str], with_full: bool, reps: int, warmup: int, device, rng, libc, memory):
+def members_of(w: Workload, forms: list[str], with_full: bool):
+    """(step factories, errors of the members that cannot run on this workload)."""
     factories: dict[str, Callable[[], Callable[[], None]]] = {"plain": lambda: plain_step(w)}
     errors: dict[str, str] = {}
     if with_full:
@@ -286,8 +287,14 @@ def run_workload(w: Workload, forms: list[str], with_full: bool, reps: int, warm
             full_step(w)()
         except Exception as err:  # noqa: BLE001 - reported
             errors["full"] = f"{type(err).__name__}: {err}"
+        w.zero_grad()
     for form in forms:
         factories[f"activation[{form}]"] = lambda f=form: activation_step(w, f)
+    return factories, errors
+
+
+def time_workload(w: Workload, forms: list[str], with_full: bool, reps: int, warmup: int, device, rng):
+    factories, errors = members_of(w, forms, with_full)
     members = {name: make() for name, make in factories.items()}
     times = interleaved(members, reps, warmup, device, rng)
     for step in members.values():
@@ -307,18 +314,21 @@ def run_workload(w: Workload, forms: list[str], with_full: bool, reps: int, warm
             vs = [a / b for a, b in zip(ts, times["full"], strict=True)]
             row.update(vs_full=statistics.median(vs), vs_full_p25=quantile(vs, 0.25), vs_full_p75=quantile(vs, 0.75))
         result["members"][name] = row
-    if memory:
-        for name, make in factories.items():
-            result["members"][name]["peak_mb"] = peak_mb(w, make, device, libc)
-        plain_mb = result["members"]["plain"]["peak_mb"]
-        full_extra = result["members"].get("full", {}).get("peak_mb", float("nan")) - plain_mb
-        for name, row in result["members"].items():
-            row["extra_mb_over_plain"] = row["peak_mb"] - plain_mb
-            if name.startswith("activation") and "full" in result["members"]:
-                row["extra_vs_full_extra"] = row["extra_mb_over_plain"] / full_extra
     if with_full:
         result["accuracy"] = accuracy(w)
     return result
+
+
+def measure_memory(w: Workload, result: dict[str, Any], forms: list[str], with_full: bool, device, libc) -> None:
+    factories, _ = members_of(w, forms, with_full)
+    for name, make in factories.items():
+        result["members"][name]["peak_mb"] = peak_mb(w, make, device, libc)
+    plain_mb = result["members"]["plain"]["peak_mb"]
+    full_extra = result["members"].get("full", {}).get("peak_mb", float("nan")) - plain_mb
+    for name, row in result["members"].items():
+        row["extra_mb_over_plain"] = row["peak_mb"] - plain_mb
+        if name.startswith("activation") and "full" in result["members"]:
+            row["extra_vs_full_extra"] = row["extra_mb_over_plain"] / full_extra
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -364,27 +374,32 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rng = random.Random(0)
-    libc = _libc() if device.type == "cpu" else None
-    if libc is not None:
-        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: large blocks are mmap-ed and returned on free
-    results = []
     wanted = args.workloads.split(",")
+    # (name, builder, activation forms, whether full mode can run)
+    plan = []
     if "mlp" in wanted:
-        w = mlp_workload(device)
-        results.append(
-            run_workload(w, args.forms.split(","), True, args.reps, args.warmup, device, rng, libc, not args.no_memory)
-        )
-        print(table(results[-1:]), flush=True)
-        del w
+        plan.append((lambda: mlp_workload(device), args.forms.split(","), True))
     if "sparse" in wanted:
         for t in (2, 4):
-            w = sparse_workload(device, t, rows=args.sparse_rows)
-            results.append(
-                run_workload(w, ["auto"], False, args.reps, args.warmup, device, rng, libc, not args.no_memory)
-            )
-            print(table(results[-1:]), flush=True)
+            plan.append((lambda t=t: sparse_workload(device, t, rows=args.sparse_rows), ["auto"], False))
+    results = []
+    # Every timing first, with the allocator as training sees it; the memory passes change it (below).
+    for build, forms, with_full in plan:
+        w = build()
+        results.append(time_workload(w, forms, with_full, args.reps, args.warmup, device, rng))
+        print(table(results[-1:]), flush=True)
+        del w
+        gc.collect()
+    if not args.no_memory:
+        libc = _libc() if device.type == "cpu" else None
+        if libc is not None:
+            libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: large blocks are mmap-ed and returned on free
+        for (build, forms, with_full), result in zip(plan, results, strict=True):
+            w = build()
+            measure_memory(w, result, forms, with_full, device, libc)
             del w
             gc.collect()
+        print(table(results), flush=True)
     meta = {
         "command": " ".join(["python -m benchmarks.activation_speed", *(argv if argv is not None else sys.argv[1:])]),
         "torch": torch.__version__,

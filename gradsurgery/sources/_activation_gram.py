@@ -603,7 +603,9 @@ class DirectGroup(Group):
 
     def touched(self) -> torch.Tensor | None:
         if self.sparse:
-            return self._touched if self._touched is not None else torch.zeros(0, dtype=torch.long)
+            if self._touched is None:
+                return torch.zeros(0, dtype=torch.long, device=self.device)
+            return self._touched
         return None
 
     def add_rows(self, buf: torch.Tensor, rows: Rows) -> None:
