@@ -8,8 +8,8 @@ the same parameters):
 (a) **mlp**: the issue's prototype target, an MLP 512-1024-1024-1024-1024-512 (ReLU) with T = 8 linear heads,
     batch 128, float32. Members: ``plain`` (``sum(losses).backward()``), ``full`` (today's full mode:
     ``GradientCollector`` + ``gram_matrix`` + u = Jᵀw written to ``.grad``), ``activation``
-    (``ActivationSource.collect`` + ``fused`` written to ``.grad``), the last in the forms auto / kernel /
-    materialize.
+    (``ActivationSource.collect`` + ``fused`` written to ``.grad``) in the forms auto / materialize, each
+    with ``fused="backward"`` (one backward of Σ w_i L_i, the default) and ``fused="activations"``.
 (b) **sparse**: 8 fields of ``Embedding(1_000_000, 64, sparse=True)``, batch 512, a shared bottom MLP
     512-256-128 and one tower 128-64-1 per task, T = 2 and 4. Members: ``plain``, ``activation``; ``full``
     is tried and its error reported (full mode cannot take sparse gradients).
@@ -157,8 +157,8 @@ def full_step(w: Workload) -> Callable[[], None]:
     return step
 
 
-def activation_step(w: Workload, form: str) -> Callable[[], None]:
-    source = ActivationSource(w.model, form=form)
+def activation_step(w: Workload, form: str, fused: str = "backward") -> Callable[[], None]:
+    source = ActivationSource(w.model, form=form, fused=fused)
     weights = weights_for(w)
 
     def step() -> None:
@@ -276,7 +276,7 @@ def accuracy(w: Workload) -> dict[str, float]:
 
 
 # -- driver ------------------------------------------------------------------------------------------------------------
-def members_of(w: Workload, forms: list[str], with_full: bool):
+def members_of(w: Workload, forms: list[str], with_full: bool, fused_modes=("backward",)):
     """(step factories, errors of the members that cannot run on this workload)."""
     factories: dict[str, Callable[[], Callable[[], None]]] = {"plain": lambda: plain_step(w)}
     errors: dict[str, str] = {}
@@ -289,12 +289,14 @@ def members_of(w: Workload, forms: list[str], with_full: bool):
             errors["full"] = f"{type(err).__name__}: {err}"
         w.zero_grad()
     for form in forms:
-        factories[f"activation[{form}]"] = lambda f=form: activation_step(w, f)
+        for fused in fused_modes:
+            name = f"activation[{form}]" if fused == "backward" else f"activation[{form},fused={fused}]"
+            factories[name] = lambda f=form, m=fused: activation_step(w, f, m)
     return factories, errors
 
 
-def time_workload(w: Workload, forms: list[str], with_full: bool, reps: int, warmup: int, device, rng):
-    factories, errors = members_of(w, forms, with_full)
+def time_workload(w: Workload, forms, with_full: bool, fused_modes, reps: int, warmup: int, device, rng):
+    factories, errors = members_of(w, forms, with_full, fused_modes)
     members = {name: make() for name, make in factories.items()}
     times = interleaved(members, reps, warmup, device, rng)
     for step in members.values():
@@ -319,8 +321,8 @@ def time_workload(w: Workload, forms: list[str], with_full: bool, reps: int, war
     return result
 
 
-def measure_memory(w: Workload, result: dict[str, Any], forms: list[str], with_full: bool, device, libc) -> None:
-    factories, _ = members_of(w, forms, with_full)
+def measure_memory(w: Workload, result: dict[str, Any], forms, with_full: bool, fused_modes, device, libc) -> None:
+    factories, _ = members_of(w, forms, with_full, fused_modes)
     for name, make in factories.items():
         result["members"][name]["peak_mb"] = peak_mb(w, make, device, libc)
     plain_mb = result["members"]["plain"]["peak_mb"]
@@ -368,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workloads", default="mlp,sparse", help="comma-separated: mlp, sparse")
     parser.add_argument("--forms", default="auto,materialize", help="activation forms for the MLP workload")
+    parser.add_argument(
+        "--fused", default="backward,activations", help="ActivationSource(fused=...) modes to time"
+    )
     parser.add_argument("--sparse-rows", type=int, default=1_000_000, help="rows of each sparse table")
     parser.add_argument("--no-memory", action="store_true")
     args = parser.parse_args(argv)
@@ -375,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     rng = random.Random(0)
     wanted = args.workloads.split(",")
+    fused_modes = tuple(args.fused.split(","))
     # (name, builder, activation forms, whether full mode can run)
     plan = []
     if "mlp" in wanted:
@@ -386,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     # Every timing first, with the allocator as training sees it; the memory passes change it (below).
     for build, forms, with_full in plan:
         w = build()
-        results.append(time_workload(w, forms, with_full, args.reps, args.warmup, device, rng))
+        results.append(time_workload(w, forms, with_full, fused_modes, args.reps, args.warmup, device, rng))
         print(table(results[-1:]), flush=True)
         del w
         gc.collect()
@@ -396,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
             libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: large blocks are mmap-ed and returned on free
         for (build, forms, with_full), result in zip(plan, results, strict=True):
             w = build()
-            measure_memory(w, result, forms, with_full, device, libc)
+            measure_memory(w, result, forms, with_full, fused_modes, device, libc)
             del w
             gc.collect()
         print(table(results), flush=True)

@@ -90,6 +90,16 @@ class Group:
     def kernel_gram(self, gram_dtype: torch.dtype) -> torch.Tensor:
         raise NotImplementedError
 
+    def fused(self, w: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Σ_i w_i g_i for each member (``fused="activations"``): the same contraction as one task's
+        gradient, applied once to the combined output gradient Σ_i w_i δ_i."""
+        raise NotImplementedError
+
+
+def _combine(d: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Σ_i w_i d_i over the leading task axis of d, in ``dtype``."""
+    return torch.tensordot(w.to(device=d.device, dtype=dtype), d.to(dtype), dims=1)
+
 
 def choose_form(group: Group, form: str) -> str:
     """"kernel" or "materialize" for ``group`` under the user's ``form`` ("auto" compares flops)."""
@@ -180,6 +190,15 @@ class LinearGroup(Group):
     def materialize_flops(self) -> float:
         t = self.num_tasks
         return 2.0 * t * self.n * self.out * self.cols + 2.0 * t * t * self.out * self.cols
+
+    def fused(self, w: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        u = _combine(self.d, w, self.dtype)  # n × out
+        out = []
+        if self.weight is not None:
+            out.append((self.weight, (u.T @ self.x).to(self.weight.dtype)))
+        if self.bias is not None:
+            out.append((self.bias, u.sum(0).to(self.bias.dtype)))
+        return out
 
     def kernel_flops(self) -> float:
         t, n = self.num_tasks, self.n
@@ -285,8 +304,9 @@ def lookup_entries(rec, d: torch.Tensor) -> Lookup:
 class LookupGroup(Group):
     """An embedding table (V × dim) over one or more lookup calls; rows = the touched rows."""
 
-    def __init__(self, weight: torch.Tensor, lookups: list[Lookup]) -> None:
+    def __init__(self, weight: torch.Tensor, lookups: list[Lookup], sparse: bool = False) -> None:
         self.params = [weight]
+        self.weight, self.sparse = weight, sparse  # sparse: every call asked for a sparse gradient
         self.dtype = work_dtype(weight.dtype)
         self.device = weight.device
         self.rows, self.cols = int(weight.shape[0]), int(weight.numel() // max(1, weight.shape[0]))
@@ -358,6 +378,24 @@ class LookupGroup(Group):
         t, u = self.num_tasks, self._touched.numel()
         nnz = self.e_rows.numel() + self.m_rows.numel() / max(1, self.cols)
         return 2.0 * t * nnz * self.cols + 2.0 * t * t * u * self.cols
+
+    def fused(self, w: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Sparse COO over the touched rows when every call is ``sparse=True`` (as autograd gives it),
+        else a dense table-sized gradient."""
+        u = _combine(self.d, w, self.dtype)  # bags × dim
+        shape = tuple(self.weight.shape)
+        vals = u.index_select(0, self.e_bags) * self.e_coef.view(-1, 1)
+        if self.sparse and not self.has_max:
+            grad = torch.sparse_coo_tensor(
+                self.e_rows.view(1, -1), vals.view(-1, *shape[1:]), shape, check_invariants=False
+            ).coalesce()
+            return [(self.weight, grad.to(self.weight.dtype))]
+        grad = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        flat = grad.view(shape[0], -1)
+        flat.index_add_(0, self.e_rows, vals)
+        if self.has_max:
+            flat.view(-1).index_add_(0, self.m_rows * self.cols + self.m_coords, u[self.m_bags, self.m_coords])
+        return [(self.weight, grad.to(self.weight.dtype))]
 
     def kernel_flops(self) -> float:
         t, b, nnz = self.num_tasks, self.num_bags, self.e_rows.numel()
@@ -467,6 +505,36 @@ class ConvGroup(Group):
                 dims = [1] + list(range(3, d.dim()))
                 buf[:, :, self.wcols] += d[:, :, r0:r1].to(self.dtype).sum(dims)
 
+    def fused(self, w: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        gw = gb = None
+        for x, d, cfg, padding in self.calls:
+            u = _combine(d, w, self.dtype)  # N × out × spatial
+            if self.weight is not None:
+                dummy = u.new_empty(1).expand(self.weight.shape)
+                g = torch.ops.aten.convolution_backward(
+                    u,
+                    x.to(self.dtype),
+                    dummy,
+                    None,
+                    list(cfg["stride"]),
+                    list(padding),
+                    list(cfg["dilation"]),
+                    False,
+                    [0] * cfg["dims"],
+                    self.groups,
+                    [False, True, False],
+                )[1]
+                gw = g if gw is None else gw + g
+            if self.bias is not None:
+                g = u.sum([0] + list(range(2, u.dim())))
+                gb = g if gb is None else gb + g
+        out = []
+        if self.weight is not None:
+            out.append((self.weight, gw.to(self.weight.dtype)))
+        if self.bias is not None:
+            out.append((self.bias, gb.to(self.bias.dtype)))
+        return out
+
     def materialize_flops(self) -> float:
         t = self.num_tasks
         flops = 0.0
@@ -545,6 +613,15 @@ class NormGroup(Group):
         t = self.num_tasks
         return 4.0 * t * self.d.shape[1] * self.rows * self.inner + 2.0 * t * t * self.rows * self.cols
 
+    def fused(self, w: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        u = _combine(self.d, w, self.dtype)  # rows × features
+        out = []
+        if self.weight is not None:
+            out.append((self.weight, (u * self.xhat).sum(0).view(self.weight.shape).to(self.weight.dtype)))
+        if self.bias is not None:
+            out.append((self.bias, u.sum(0).view(self.bias.shape).to(self.bias.dtype)))
+        return out
+
 
 # -- Several families for one parameter; per-task gradients from autograd ------------------------------------
 class MixedGroup(Group):
@@ -575,6 +652,14 @@ class MixedGroup(Group):
     def materialize_flops(self) -> float:
         return sum(p.materialize_flops() for p in self.parts)
 
+    def fused(self, w: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        total = None
+        for part in self.parts:
+            for _, g in part.fused(w):
+                g = g.to_dense() if g.is_sparse else g
+                total = g if total is None else total + g
+        return [(self.params[0], total)]
+
 
 class DirectGroup(Group):
     """A parameter whose per-task gradients autograd returned (the per-parameter path): dense tensors, or
@@ -582,6 +667,7 @@ class DirectGroup(Group):
 
     def __init__(self, param: torch.Tensor, grads: list[torch.Tensor | None]) -> None:
         self.params = [param]
+        self.task_grads = grads
         self.dtype = work_dtype(param.dtype)
         self.device = param.device
         self.num_tasks = len(grads)
@@ -622,3 +708,14 @@ class DirectGroup(Group):
 
     def materialize_flops(self) -> float:
         return 2.0 * self.num_tasks**2 * self.rows * self.cols
+
+    def fused(self, w: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        total = None
+        for i, g in enumerate(self.task_grads):
+            if g is None:
+                continue
+            g = g * w[i].to(device=g.device, dtype=g.dtype)
+            total = g if total is None else total + g
+        if total is None:
+            total = torch.zeros_like(self.params[0])
+        return [(self.params[0], total.coalesce() if total.is_sparse else total)]

@@ -118,7 +118,10 @@ def build_record(module: nn.Module, kind: str, args: tuple, kwargs: dict) -> Rec
             return None
         inputs = {"indices": idx}
         config.update(
-            padding_idx=module.padding_idx, scale_grad_by_freq=module.scale_grad_by_freq, bag=False
+            padding_idx=module.padding_idx,
+            scale_grad_by_freq=module.scale_grad_by_freq,
+            bag=False,
+            sparse=module.sparse,
         )
     elif kind == "embedding_bag":
         idx = _arg(args, kwargs, 0, "input")
@@ -139,6 +142,7 @@ def build_record(module: nn.Module, kind: str, args: tuple, kwargs: dict) -> Rec
             mode=module.mode,
             include_last_offset=module.include_last_offset,
             bag=True,
+            sparse=module.sparse,
         )
     elif kind == "conv":
         x = _arg(args, kwargs, 0, "input")

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,7 @@ from ._activation_gram import (
 from ._activation_record import METADATA_KEY, SUPPORTED, Record, Registry, build_record, input_stops, output_edge
 
 FORMS = ("auto", "kernel", "materialize")
+FUSED = ("backward", "activations")
 
 
 def _current_sequence_nr() -> int:
@@ -80,15 +82,24 @@ class ActivationSource:
             submodule).
         form: ``"auto"`` (per group, the form with fewer flops), ``"kernel"`` (the kernel form wherever one
             exists: Linear weights, Embedding/EmbeddingBag sum/mean) or ``"materialize"``.
+        fused: how ``ActivationGradients.fused(w)`` forms Σ_i w_i g_i. ``"backward"`` (default): one backward
+            pass of Σ_i w_i L_i restricted to the shared parameters (autograd's own gradient, sparse where
+            the parameter's is). ``"activations"``: from the δ_i already collected, each group's contraction
+            applied once to Σ_i w_i δ_i (one weight-gradient GEMM per Linear instead of a backward through the
+            whole model; the graph is freed after the last task's pass unless ``retain_graph``; the δ_i stay
+            until ``fused``). Both are exact; ``test_activation.py`` checks both against autograd.
     """
 
-    def __init__(self, model: nn.Module, *, form: str = "auto") -> None:
+    def __init__(self, model: nn.Module, *, form: str = "auto", fused: str = "backward") -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if form not in FORMS:
             raise ValueError(f"unknown form {form!r}; choose one of {FORMS}")
+        if fused not in FUSED:
+            raise ValueError(f"unknown fused {fused!r}; choose one of {FUSED}")
         self.model = model
         self.form = form
+        self.fused = fused
         self._registry = Registry()
         self._busy = False
         self._handles: list[Any] = []
@@ -197,11 +208,15 @@ class ActivationSource:
         if group is not None:
             adist.agree(group, _device(trainable), _signature(num_tasks, reach, shared, cov, used))
 
-        deltas, grads = self._task_passes(task_losses, graph, used, direct, trainable, reach, retain_graph, shared)
-        groups, forms = self._groups(cov, deltas, grads, trainable, shared, reach, num_tasks, names)
+        from_activations = self.fused == "activations"
+        # The graph must survive the last pass only when a backward will run on it again.
+        keep_graph = retain_graph or (bool(shared) and not from_activations)
+        deltas, grads = self._task_passes(task_losses, graph, used, direct, trainable, reach, keep_graph)
+        forms: dict[str, set[str]] = {}
         device = _device(trainable)
         gram = torch.zeros(num_tasks, num_tasks, dtype=gram_dtype, device=device)
-        for grp in groups:
+        plans = self._plans(cov, deltas, grads, trainable, shared, reach, num_tasks)
+        for grp in _build(plans, None if from_activations else deltas):
             form = "materialize" if group is not None else choose_form(grp, self.form)
             for p in grp.params:
                 forms.setdefault(names.owner(p), set()).add(form if not isinstance(grp, DirectGroup) else "per-parameter")
@@ -215,7 +230,8 @@ class ActivationSource:
             else:
                 part = materialize_gram(grp, gram_dtype)
             gram += part.to(device)
-        del groups, deltas
+            del grp
+        del deltas
         gram = (gram + gram.T) / 2  # the kernel form's two products round differently
         if scale is not None:
             gram /= scale * scale
@@ -251,6 +267,7 @@ class ActivationSource:
             _group=group,
             _sparse_owner={id(trainable[k]) for k in shared if not reach[k] and names.sparse(trainable[k])},
             _entries=[(graph.nodes[entry], rec) for rec, entry in used],
+            _plans=plans if from_activations else None,
         )
 
     # -- the pieces of collect ----------------------------------------------------------------------------
@@ -288,14 +305,12 @@ class ActivationSource:
                     "backward?); compute the losses again with the current parameters"
                 )
 
-    def _task_passes(self, task_losses, graph, used, direct, trainable, reach, retain_graph, shared):
+    def _task_passes(self, task_losses, graph, used, direct, trainable, reach, keep_last):
         """One ``autograd.grad`` per task: δ_i for the used records, gradients of the direct parameters."""
         num_tasks = len(task_losses)
         deltas: dict[int, torch.Tensor] = {}  # id(record) → T × output shape
         grads: list[dict[int, torch.Tensor]] = [{} for _ in range(num_tasks)]
         filled: dict[int, set[int]] = {}
-        # The graph must survive the last pass only when fused() or a later collect needs it.
-        keep_last = retain_graph or bool(shared)
         self._busy = True
         try:
             for i, loss in enumerate(task_losses):
@@ -331,8 +346,9 @@ class ActivationSource:
                     deltas[key][i].zero_()
         return deltas, grads
 
-    def _groups(self, cov, deltas, grads, trainable, shared, reach, num_tasks, names):
-        """The Gram groups (see ``_activation_gram``), ordered by their first parameter's position."""
+    def _plans(self, cov, deltas, grads, trainable, shared, reach, num_tasks) -> list[tuple[list[Record], Callable[[], Group]]]:
+        """The Gram groups (see ``_activation_gram``) in the order of their first parameter, as
+        (records whose δ they read, builder): each is built right before its contribution."""
         def delta(rec: Record) -> torch.Tensor:
             d = deltas.get(id(rec))
             if d is None:  # reached in the graph, but autograd passed no gradient to it
@@ -351,7 +367,7 @@ class ActivationSource:
                 for r in recs:
                     d = delta(r)
                     lookups.append(lookup_entries(r, d.reshape(num_tasks, -1, d.shape[-1])))
-                return LookupGroup(w, lookups)
+                return LookupGroup(w, lookups, sparse=all(r.config["sparse"] for r in recs))
             if family == "conv":
                 calls = []
                 for r in recs:
@@ -362,8 +378,7 @@ class ActivationSource:
             xh = [normalized_input(r) for r in recs]
             return NormGroup(w, b, xh, [norm_delta(r, delta(r)) for r in recs])
 
-        forms: dict[str, set[str]] = {}
-        groups: list[tuple[int, Group]] = []
+        plans: list[tuple[int, list[Record], Callable[[], Group]]] = []
         regular: dict[tuple, dict[str, Any]] = {}
         for pos in sorted(cov.uses):
             uses = cov.uses[pos]
@@ -374,21 +389,43 @@ class ActivationSource:
                 slot = regular.setdefault(key, {"pos": pos, "recs": [rec for rec, _, _ in uses], "members": {}})
                 slot["members"][roles.pop()] = trainable[pos]
                 continue
-            parts = []
             by_kind: dict[tuple[str, str], list[Record]] = {}
             for rec, _, role in uses:
                 by_kind.setdefault((rec.family, role), []).append(rec)
-            for (family, role), recs in by_kind.items():
-                parts.append(build(family, recs, {role: trainable[pos]}))
-            groups.append((pos, MixedGroup(trainable[pos], parts)))
+
+            def mixed(pos=pos, by_kind=by_kind) -> Group:
+                parts = [build(f, recs, {role: trainable[pos]}) for (f, role), recs in by_kind.items()]
+                return MixedGroup(trainable[pos], parts)
+
+            plans.append((pos, [rec for rec, _, _ in uses], mixed))
         for (family, _), slot in regular.items():
-            groups.append((slot["pos"], build(family, slot["recs"], slot["members"])))
+            plans.append(
+                (slot["pos"], slot["recs"], functools.partial(build, family, slot["recs"], slot["members"]))
+            )
         shared_set = set(shared)
         for pos in sorted(cov.uncovered):
             if pos in shared_set and reach[pos]:
-                groups.append((pos, DirectGroup(trainable[pos], [grads[i].get(pos) for i in range(num_tasks)])))
-        groups.sort(key=lambda g: g[0])
-        return [g for _, g in groups], forms
+                per_task = [grads[i].get(pos) for i in range(num_tasks)]
+                plans.append((pos, [], functools.partial(DirectGroup, trainable[pos], per_task)))
+        plans.sort(key=lambda plan: plan[0])
+        return [(recs, make) for _, recs, make in plans]
+
+
+def _build(plans, deltas: dict[int, torch.Tensor] | None) -> Iterator[Group]:
+    """The groups one at a time. With ``deltas``, each δ buffer is dropped after its last group, so
+    temporaries (x̂, padded conv inputs, concatenated rows) never pile up on top of all the δ."""
+    remaining: dict[int, int] = {}
+    for recs, _ in plans:
+        for rec in recs:
+            remaining[id(rec)] = remaining.get(id(rec), 0) + 1
+    for recs, make in plans:
+        yield make()
+        if deltas is None:
+            continue
+        for rec in recs:
+            remaining[id(rec)] -= 1
+            if remaining[id(rec)] == 0:
+                deltas.pop(id(rec), None)
 
 
 @dataclass
@@ -406,11 +443,13 @@ class ActivationGradients:
     _group: Any = field(repr=False)
     _sparse_owner: set[int] = field(repr=False)  # ids of unreached shared tables with sparse gradients
     _entries: list[tuple[Any, Record]] = field(repr=False)
+    _plans: list | None = field(default=None, repr=False)  # fused="activations": the groups' builders
 
     def fused(self, weights: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The gradient of Σ_i w_i L_i (times the loss scale) for each shared parameter, from one backward
-        pass restricted to them; the graph is kept only with ``retain_graph=True``. Under data parallelism
-        the rank mean. A shared parameter no task reaches gets zeros."""
+        """The gradient of Σ_i w_i L_i (times the loss scale) for each shared parameter: by default from one
+        backward pass restricted to them (the graph is kept only with ``retain_graph=True``), or, with
+        ``ActivationSource(fused="activations")``, from the collected δ_i. Under data parallelism the rank
+        mean. A shared parameter no task reaches gets zeros."""
         if self._losses is None:
             raise RuntimeError("fused() already ran without retain_graph: the graph was freed")
         if not self.shared:
@@ -420,13 +459,16 @@ class ActivationGradients:
         w = weights.detach().to(device=losses[0].device, dtype=losses[0].dtype).reshape(-1)
         if w.numel() != len(losses):
             raise ValueError(f"expected {len(losses)} weights, got {w.numel()}")
-        total = (torch.stack(losses) * w).sum()
-        source = self._source
-        source._busy = True
-        try:
-            grads = torch.autograd.grad(total, self.shared, retain_graph=self._retain, allow_unused=True)
-        finally:
-            source._busy = False
+        if self._plans is not None:
+            grads = self._from_activations(w)
+        else:
+            total = (torch.stack(losses) * w).sum()
+            source = self._source
+            source._busy = True
+            try:
+                grads = torch.autograd.grad(total, self.shared, retain_graph=self._retain, allow_unused=True)
+            finally:
+                source._busy = False
         out = []
         for p, g in zip(self.shared, grads, strict=True):
             if g is None:  # no task reaches it (shared by ``shared_ids``): a zero gradient, as full mode
@@ -446,6 +488,15 @@ class ActivationGradients:
             self._release()
         return list(zip(self.shared, out, strict=True))
 
+    def _from_activations(self, w: torch.Tensor) -> list[torch.Tensor | None]:
+        """Σ_i w_i g_i per shared parameter from the collected δ_i (``fused="activations"``); the δ_i carry
+        the loss scale already."""
+        total: dict[int, torch.Tensor] = {}
+        for group in _build(self._plans, None):
+            for p, g in group.fused(w):
+                total[id(p)] = g if id(p) not in total else total[id(p)] + g
+        return [total.get(id(p)) for p in self.shared]
+
     def finite_checks(self) -> list[torch.Tensor]:
         """Squared norms (float64) of the task-specific gradients; G's diagonal covers the shared ones."""
         checks = []
@@ -458,6 +509,7 @@ class ActivationGradients:
     def _release(self) -> None:
         """Drop the losses and the records of this step (their inputs) once the graph is spent."""
         self._losses = None
+        self._plans = None
         for node, rec in self._entries:
             stored = node.metadata.get(METADATA_KEY)
             if stored is not None:

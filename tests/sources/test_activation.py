@@ -61,6 +61,7 @@ def reference(losses, params, weights, shared_ids=None):
         "gram": jac @ jac.T,
         "specific": specific,
         "fused": [dense(g, params[k]) for g, k in zip(fused, shared, strict=True)],
+        "fused_sparse": [g is not None and g.is_sparse for g in fused],
         "reached": [sum(1 for k in range(len(params)) if i in reach[k]) for i in range(len(losses))],
     }
 
@@ -112,7 +113,8 @@ def check(
             assert_close_rel(dense(g, w), w, tol, "task-specific gradient")
     fused = res.fused(weights)
     assert [id(p) for p, _ in fused] == [id(p) for p in ref["shared"]]
-    for (p, g), w in zip(fused, ref["fused"], strict=True):
+    for (p, g), w, sparse in zip(fused, ref["fused"], ref["fused_sparse"], strict=True):
+        assert g.is_sparse == sparse, "the fused gradient's layout differs from autograd's"
         assert_close_rel(dense(g, p), w, tol, "fused gradient")
     return res
 
@@ -151,14 +153,19 @@ def build(trunk_fn, features, dtype, seed=0, num_tasks=3):
 
 
 def run_case(trunk_fn, features, inputs_fn, dtype, form, seed=0, device="cpu", **kw):
+    """Both ways of fusing (``fused="backward"`` and ``"activations"``), from one forward: two sources
+    record the same calls."""
     model = build(trunk_fn, features, dtype, seed).to(device)
-    source = ActivationSource(model, form=form)
+    sources = [ActivationSource(model, form=form, fused=f) for f in ("backward", "activations")]
     inputs = [t.to(device) if isinstance(t, torch.Tensor) else t for t in inputs_fn(dtype)]
     losses = mse_losses(model(*inputs))
-    res = check(source, losses, list(model.parameters()), **kw)
-    source.remove()
+    results = [check(source, losses, list(model.parameters()), **kw) for source in sources]
+    assert results[0].forms == results[1].forms
+    torch.testing.assert_close(results[0].gram, results[1].gram, rtol=0, atol=0)
+    for source in sources:
+        source.remove()
     assert no_hooks(model)
-    return res
+    return results[0]
 
 
 def randn(*shape):
@@ -239,12 +246,13 @@ def test_embedding(form, sparse, options):
     assert res.forms["trunk.emb"] == ("kernel" if form == "kernel" else "materialize")
 
 
-def test_sparse_embedding_fused_is_sparse_and_sparse_adam_steps():
+@pytest.mark.parametrize("fused", ["backward", "activations"])
+def test_sparse_embedding_fused_is_sparse_and_sparse_adam_steps(fused):
     torch.manual_seed(0)
     emb = nn.Embedding(1000, 4, sparse=True)
     heads = nn.ModuleList(nn.Linear(4, 1) for _ in range(2))
     model = nn.ModuleDict({"emb": emb, "heads": heads})
-    source = ActivationSource(model)
+    source = ActivationSource(model, fused=fused)
     idx = torch.randint(0, 1000, (16,))
     h = emb(idx)
     losses = [heads[0](h).pow(2).mean(), (heads[1](h) - 1).pow(2).mean()]
@@ -397,10 +405,11 @@ def test_module_applied_twice(form):
     run_case(Trunk, 5, randn(6, 5), torch.float64, form)
 
 
+@pytest.mark.parametrize("fused", ["backward", "activations"])
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("way", ["module", "functional"])
 @pytest.mark.parametrize("sparse", [False, True])
-def test_tied_embeddings(form, way, sparse):
+def test_tied_embeddings(form, way, sparse, fused):
     """Input embedding and output layer share one weight (a language model)."""
     vocab, dim = 11, 4
 
@@ -420,7 +429,7 @@ def test_tied_embeddings(form, way, sparse):
 
     torch.manual_seed(0)
     model = LM().double()
-    source = ActivationSource(model, form=form)
+    source = ActivationSource(model, form=form, fused=fused)
     idx = torch.randint(0, vocab, (3, 5))
     logp = model(idx)
     losses = [
@@ -471,10 +480,11 @@ def test_shared_ids_override():
     assert [i for i, _ in entries] == [0, 1]
 
 
-def test_retain_graph_twice_and_loss_scale():
+@pytest.mark.parametrize("fused", ["backward", "activations"])
+def test_retain_graph_twice_and_loss_scale(fused):
     torch.manual_seed(0)
     model = Heads(nn.Sequential(nn.Linear(5, 6), nn.ReLU(inplace=True), nn.Linear(6, 4)), 4).double()
-    source = ActivationSource(model)
+    source = ActivationSource(model, fused=fused)
     losses = mse_losses(model(torch.randn(7, 5, dtype=torch.float64)))
     first = check(source, losses, list(model.parameters()))
     second = check(source, losses, list(model.parameters()))
@@ -626,9 +636,10 @@ def test_no_recording_without_grad():
     source.remove()
 
 
+@pytest.mark.parametrize("fused", ["backward", "activations"])
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_small_transformer(form, dtype):
+def test_small_transformer(form, dtype, fused):
     """Token embedding, pre-norm attention and MLP with residuals, tied output layer: every kind at once."""
     vocab, dim, heads = 13, 8, 2
 
@@ -656,7 +667,7 @@ def test_small_transformer(form, dtype):
 
     torch.manual_seed(0)
     model = Block().to(dtype)
-    source = ActivationSource(model, form=form)
+    source = ActivationSource(model, form=form, fused=fused)
     idx = torch.randint(0, vocab, (3, 6))
     logp = model(idx)
     losses = [
@@ -698,3 +709,24 @@ def test_cuda_all_kinds(form, dtype):
             return self.ln(self.act(self.lin(tokens))).mean(1)
 
     run_case(Trunk, 6, indices(5, 7, high=50), dtype, form, device="cuda")
+
+
+def test_fused_from_activations_frees_the_graph():
+    """``fused="activations"`` needs no second backward: without ``retain_graph`` the graph is freed by
+    the last task's pass, and ``fused`` still gives autograd's gradient."""
+    torch.manual_seed(0)
+    model = Heads(nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4)), 4).double()
+    source = ActivationSource(model, fused="activations")
+    losses = mse_losses(model(torch.randn(7, 5, dtype=torch.float64)))
+    w = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
+    shared = list(model.trunk.parameters())
+    want = torch.autograd.grad(sum(wi * loss for wi, loss in zip(w, losses)), shared, retain_graph=True)
+    res = source.collect(losses, list(model.parameters()), shared_ids=None, retain_graph=False, gram_dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        torch.autograd.grad(losses[0], shared)
+    for (_, g), r in zip(res.fused(w), want, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-14)
+    with pytest.raises(RuntimeError, match="already ran"):
+        res.fused(w)
+    with pytest.raises(ValueError, match="unknown fused"):
+        ActivationSource(model, fused="twice")

@@ -62,9 +62,9 @@ def dense(g):
     return g.to_dense() if g.is_sparse else g
 
 
-def run(rank, form):
+def run(rank, form, fused="backward"):
     model = make_net()
-    source = ActivationSource(model, form=form)
+    source = ActivationSource(model, form=form, fused=fused)
     idx, x, y = make_data()
     mine = slice(rank * BATCH, (rank + 1) * BATCH)
     losses = losses_of(model(idx[mine], x[mine]), y[mine])
@@ -107,6 +107,7 @@ def worker(rank: int, port: int, outdir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         results = {form: run(rank, form) for form in ("auto", "kernel")}
+        results["activations"] = run(rank, "auto", fused="activations")
         results["mismatch"] = mismatch(rank)
         torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
     finally:
@@ -153,7 +154,7 @@ def single():
     }
 
 
-@pytest.mark.parametrize("form", ["auto", "kernel"])
+@pytest.mark.parametrize("form", ["auto", "kernel", "activations"])  # the last: auto, fused="activations"
 def test_equals_one_process_on_the_concatenated_batch(ranks, single, form):
     for res in ranks:
         run_ = res[form]
