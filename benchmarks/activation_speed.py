@@ -16,10 +16,11 @@ the same parameters):
 
 Timing: interleaved repetitions, each timing every member once in a fresh random order; the medians of
 the per-repetition ratios (member / plain, activation / full) with their 25th-75th percentiles, and the
-median milliseconds. Memory, after every timing (it changes the allocator): a pass per member, two steps each, the peak resident memory above the
-resident memory just before (VmHWM after resetting it through ``/proc/self/clear_refs``; large blocks forced
-to ``mmap`` so that freed memory leaves the process); on CUDA ``max_memory_allocated``. Reported as MB
-above plain's peak and as the ratio of the activation source's extra memory to full mode's.
+median milliseconds. Memory, after every timing (it changes the allocator): a pass per member, two steps
+each, the peak resident memory above the resident memory just before (VmHWM after resetting it through
+``/proc/self/clear_refs``; large blocks forced to ``mmap`` so that freed memory leaves the process); on CUDA
+``max_memory_allocated``. Reported as MB above plain's peak and as the ratio of the activation source's extra
+memory to full mode's.
 
 Accuracy (one step, float32): the largest |G_act − G_full| / √(G_ii G_jj) and the relative error of the
 fused gradient against full mode's u = Jᵀw.
@@ -50,7 +51,7 @@ from gradsurgery.gram import gram_matrix
 from gradsurgery.sources.activation import ActivationSource
 
 
-# -- workloads --------------------------------------------------------------------------------------------------
+# -- workloads -----------------------------------------------------------------------------------------------
 class MLP(nn.Module):
     def __init__(self, widths: list[int], num_tasks: int) -> None:
         super().__init__()
@@ -110,7 +111,12 @@ def mlp_workload(device: torch.device, batch: int = 128, num_tasks: int = 8, wid
 
 
 def sparse_workload(
-    device: torch.device, num_tasks: int, batch: int = 512, fields: int = 8, rows: int = 1_000_000, dim: int = 64
+    device: torch.device,
+    num_tasks: int,
+    batch: int = 512,
+    fields: int = 8,
+    rows: int = 1_000_000,
+    dim: int = 64,
 ) -> Workload:
     gen = torch.Generator().manual_seed(1)
     torch.manual_seed(1)
@@ -120,7 +126,7 @@ def sparse_workload(
     return Workload(f"sparse T={num_tasks}", model, idx, y, bce=True)
 
 
-# -- the members: each writes the step's gradients to .grad -------------------------------------------------------
+# -- the members: each writes the step's gradients to .grad --------------------------------------------------
 def _accumulate(p: torch.Tensor, g: torch.Tensor) -> None:
     p.grad = g if p.grad is None else p.grad + g
 
@@ -163,7 +169,9 @@ def activation_step(w: Workload, form: str, fused: str = "backward") -> Callable
 
     def step() -> None:
         w.zero_grad()
-        res = source.collect(w.losses(), w.params, shared_ids=None, retain_graph=False, gram_dtype=torch.float64)
+        res = source.collect(
+            w.losses(), w.params, shared_ids=None, retain_graph=False, gram_dtype=torch.float64
+        )
         for p, g in res.fused(weights):
             _accumulate(p, g)
         for p, entries in res.task_specific:
@@ -180,7 +188,7 @@ def release(step: Callable[[], None]) -> None:
         source.remove()
 
 
-# -- timing and memory ---------------------------------------------------------------------------------------------
+# -- timing and memory ---------------------------------------------------------------------------------------
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -201,7 +209,9 @@ def quantile(values: list[float], q: float) -> float:
     return vals[lo] + (vals[hi] - vals[lo]) * (pos - lo)
 
 
-def interleaved(members: dict[str, Callable[[], None]], reps: int, warmup: int, device, rng) -> dict[str, list[float]]:
+def interleaved(
+    members: dict[str, Callable[[], None]], reps: int, warmup: int, device, rng
+) -> dict[str, list[float]]:
     for step in members.values():
         for _ in range(warmup):
             step()
@@ -257,7 +267,7 @@ def peak_mb(w: Workload, factory: Callable[[], Callable[[], None]], device: torc
     return peak / 2**20
 
 
-# -- accuracy --------------------------------------------------------------------------------------------------------
+# -- accuracy ------------------------------------------------------------------------------------------------
 def accuracy(w: Workload) -> dict[str, float]:
     source = ActivationSource(w.model)
     weights = weights_for(w)
@@ -275,7 +285,7 @@ def accuracy(w: Workload) -> dict[str, float]:
     }
 
 
-# -- driver ------------------------------------------------------------------------------------------------------------
+# -- driver --------------------------------------------------------------------------------------------------
 def members_of(w: Workload, forms: list[str], with_full: bool, fused_modes=("backward",)):
     """(step factories, errors of the members that cannot run on this workload)."""
     factories: dict[str, Callable[[], Callable[[], None]]] = {"plain": lambda: plain_step(w)}
@@ -314,14 +324,18 @@ def time_workload(w: Workload, forms, with_full: bool, fused_modes, reps: int, w
         }
         if "full" in times and name.startswith("activation"):
             vs = [a / b for a, b in zip(ts, times["full"], strict=True)]
-            row.update(vs_full=statistics.median(vs), vs_full_p25=quantile(vs, 0.25), vs_full_p75=quantile(vs, 0.75))
+            row.update(
+                vs_full=statistics.median(vs), vs_full_p25=quantile(vs, 0.25), vs_full_p75=quantile(vs, 0.75)
+            )
         result["members"][name] = row
     if with_full:
         result["accuracy"] = accuracy(w)
     return result
 
 
-def measure_memory(w: Workload, result: dict[str, Any], forms, with_full: bool, fused_modes, device, libc) -> None:
+def measure_memory(
+    w: Workload, result: dict[str, Any], forms, with_full: bool, fused_modes, device, libc
+) -> None:
     factories, _ = members_of(w, forms, with_full, fused_modes)
     for name, make in factories.items():
         result["members"][name]["peak_mb"] = peak_mb(w, make, device, libc)
@@ -335,18 +349,22 @@ def measure_memory(w: Workload, result: dict[str, Any], forms, with_full: bool, 
 
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| workload | member | ms | vs plain (p25-p75) | vs full (p25-p75) | peak MB | extra MB over plain | extra / full's extra |",
+        "| workload | member | ms | vs plain (p25-p75) | vs full (p25-p75) | peak MB | extra MB over plain "
+        "| extra / full's extra |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for res in results:
         for name, row in res["members"].items():
             vs_full = (
-                f"{row['vs_full']:.2f} ({row['vs_full_p25']:.2f}-{row['vs_full_p75']:.2f})" if "vs_full" in row else ""
+                f"{row['vs_full']:.2f} ({row['vs_full_p25']:.2f}-{row['vs_full_p75']:.2f})"
+                if "vs_full" in row
+                else ""
             )
             lines.append(
                 f"| {res['workload']} | {name} | {row['ms']:.1f} | {row['vs_plain']:.2f} "
                 f"({row['vs_plain_p25']:.2f}-{row['vs_plain_p75']:.2f}) | {vs_full} | "
-                f"{row.get('peak_mb', float('nan')):.0f} | {row.get('extra_mb_over_plain', float('nan')):.0f} | "
+                f"{row.get('peak_mb', float('nan')):.0f} | "
+                f"{row.get('extra_mb_over_plain', float('nan')):.0f} | "
                 f"{row.get('extra_vs_full_extra', float('nan')):.3f} |"
             )
         for name, err in res["errors"].items():
@@ -363,7 +381,9 @@ def table(results: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="JSON file for the results (a .md table is written beside)")
+    parser.add_argument(
+        "--out", required=True, help="JSON file for the results (a .md table is written beside)"
+    )
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
@@ -407,7 +427,9 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
         print(table(results), flush=True)
     meta = {
-        "command": " ".join(["python -m benchmarks.activation_speed", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(
+            ["python -m benchmarks.activation_speed", *(argv if argv is not None else sys.argv[1:])]
+        ),
         "torch": torch.__version__,
         "threads": args.threads,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),

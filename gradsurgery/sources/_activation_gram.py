@@ -102,7 +102,7 @@ def _combine(d: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tens
 
 
 def choose_form(group: Group, form: str) -> str:
-    """"kernel" or "materialize" for ``group`` under the user's ``form`` ("auto" compares flops)."""
+    """ "kernel" or "materialize" for ``group`` under the user's ``form`` ("auto" compares flops)."""
     if not group.has_kernel or form == "materialize":
         return "materialize"
     if form == "kernel":
@@ -160,7 +160,7 @@ def _stack_rows(deltas: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     return d.to(dtype).permute(1, 0, 2).reshape(n, t * c)
 
 
-# -- Linear ---------------------------------------------------------------------------------------------------
+# -- Linear --------------------------------------------------------------------------------------------------
 class LinearGroup(Group):
     """Weight (out × in) and/or bias (out) of the calls ``xs[r]`` (n_r × in) with gradients ``ds[r]``
     (T × n_r × out). Columns: the weight's ``in``, then the bias."""
@@ -218,7 +218,7 @@ class LinearGroup(Group):
         return gram
 
 
-# -- Embedding / EmbeddingBag ---------------------------------------------------------------------------------
+# -- Embedding / EmbeddingBag --------------------------------------------------------------------------------
 class Lookup:
     """One lookup call as a sparse linear map of the table: output row ``bags[e]`` += ``coef[e]`` ·
     table[``rows[e]``] for each entry e (sum/mean/Embedding), or, for max bags, output[b, k] = table[m, k]
@@ -279,17 +279,16 @@ def lookup_entries(rec, d: torch.Tensor) -> Lookup:
                 -1 if pad is None else pad,
             )
         bag_size, max_idx = out[2], out[3]
-        dim = max_idx.shape[1]
         valid = (bag_size > 0).unsqueeze(1).expand_as(max_idx) & (max_idx >= 0)
         b, k = valid.nonzero(as_tuple=True)
-        return Lookup(
-            rows[:0], rows[:0], None, num_bags, d, mbag=b, mcoord=k, mrow=max_idx[b, k].long()
-        )
+        return Lookup(rows[:0], rows[:0], None, num_bags, d, mbag=b, mcoord=k, mrow=max_idx[b, k].long())
     if keep is not None:
         rows, bags = rows[keep], bags[keep]
         coef = coef[keep] if coef is not None else None
     if mode == "mean":
-        counts = torch.bincount(bags, minlength=num_bags).to(d.dtype if d.is_floating_point() else torch.float)
+        counts = torch.bincount(bags, minlength=num_bags).to(
+            d.dtype if d.is_floating_point() else torch.float
+        )
         inv = 1.0 / counts.clamp(min=1)
         coef = inv[bags] if coef is None else coef * inv[bags]
     if cfg["scale_grad_by_freq"]:
@@ -394,7 +393,9 @@ class LookupGroup(Group):
         flat = grad.view(shape[0], -1)
         flat.index_add_(0, self.e_rows, vals)
         if self.has_max:
-            flat.view(-1).index_add_(0, self.m_rows * self.cols + self.m_coords, u[self.m_bags, self.m_coords])
+            flat.view(-1).index_add_(
+                0, self.m_rows * self.cols + self.m_coords, u[self.m_bags, self.m_coords]
+            )
         return [(self.weight, grad.to(self.weight.dtype))]
 
     def kernel_flops(self) -> float:
@@ -422,9 +423,7 @@ class LookupGroup(Group):
             hi = int(torch.searchsorted(bag_sorted, stop))
             sel = by_bag[lo:hi]
             s_block_t = torch.zeros(u, stop - start, dtype=self.dtype, device=self.device)
-            s_block_t.index_put_(
-                (col[sel], self.e_bags[sel] - start), self.e_coef[sel], accumulate=True
-            )
+            s_block_t.index_put_((col[sel], self.e_bags[sel] - start), self.e_coef[sel], accumulate=True)
             k = torch.sparse.mm(s, s_block_t).T  # (stop-start) × bags
             gram += _kernel_contract(dflat[start:stop], k @ dflat, t).to(gram_dtype)
         return gram
@@ -696,7 +695,9 @@ class DirectGroup(Group):
 
     def add_rows(self, buf: torch.Tensor, rows: Rows) -> None:
         if self.sparse:
-            ids = rows.ids if rows.ids is not None else torch.arange(rows.start, rows.stop, device=self.device)
+            ids = (
+                rows.ids if rows.ids is not None else torch.arange(rows.start, rows.stop, device=self.device)
+            )
             for i, idx, vals in self.entries:
                 pos = torch.searchsorted(ids, idx)
                 hit = ids[pos.clamp(max=ids.numel() - 1)] == idx

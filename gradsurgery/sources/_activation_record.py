@@ -50,7 +50,13 @@ SUPPORTED: dict[type, str] = {
 }
 
 #: the families whose contributions can be summed into one group (several calls, tied parameters)
-FAMILY = {"linear": "linear", "embedding": "lookup", "embedding_bag": "lookup", "conv": "conv", "norm": "norm"}
+FAMILY = {
+    "linear": "linear",
+    "embedding": "lookup",
+    "embedding_bag": "lookup",
+    "conv": "conv",
+    "norm": "norm",
+}
 
 
 @dataclass(eq=False)

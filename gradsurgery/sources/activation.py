@@ -44,7 +44,6 @@ from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from . import _activation_dist as adist
-from ._activation_graph import Coverage, Graph, coverage, walk
 from ._activation_gram import (
     ConvGroup,
     DirectGroup,
@@ -60,7 +59,16 @@ from ._activation_gram import (
     norm_delta,
     normalized_input,
 )
-from ._activation_record import METADATA_KEY, SUPPORTED, Record, Registry, build_record, input_stops, output_edge
+from ._activation_graph import Coverage, Graph, coverage, walk
+from ._activation_record import (
+    METADATA_KEY,
+    SUPPORTED,
+    Record,
+    Registry,
+    build_record,
+    input_stops,
+    output_edge,
+)
 
 FORMS = ("auto", "kernel", "materialize")
 FUSED = ("backward", "activations")
@@ -193,7 +201,9 @@ class ActivationSource:
                 trainable.append(p)
         roots = [get_gradient_edge(loss).node for loss in task_losses]
         graph = walk(roots, position, self._registry)
-        reach = [graph.masks[graph.param_node[k]] if k in graph.param_node else 0 for k in range(len(trainable))]
+        reach = [
+            graph.masks[graph.param_node[k]] if k in graph.param_node else 0 for k in range(len(trainable))
+        ]
         reached = [sum((m >> i) & 1 for m in reach) for i in range(num_tasks)]
         if shared_ids is None:
             shared = [k for k, m in enumerate(reach) if m.bit_count() >= 2]
@@ -219,7 +229,9 @@ class ActivationSource:
         for grp in _build(plans, None if from_activations else deltas):
             form = "materialize" if group is not None else choose_form(grp, self.form)
             for p in grp.params:
-                forms.setdefault(names.owner(p), set()).add(form if not isinstance(grp, DirectGroup) else "per-parameter")
+                forms.setdefault(names.owner(p), set()).add(
+                    form if not isinstance(grp, DirectGroup) else "per-parameter"
+                )
             if form == "kernel":
                 part = grp.kernel_gram(gram_dtype)
             elif group is not None:
@@ -283,7 +295,8 @@ class ActivationSource:
                 continue
             if any(graph.nodes[c]._sequence_nr() < self._attach_seq for c in consumers):
                 raise ValueError(
-                    f"parameter {names.param(params[pos])!r} of module {owners[0]!r} is reached by the losses "
+                    f"parameter {names.param(params[pos])!r} of module {owners[0]!r} is reached by the "
+                    "losses "
                     "through a call that the activation source did not record: the forward ran before the "
                     "source was attached. Run the forward again after creating the source."
                 )
@@ -300,7 +313,8 @@ class ActivationSource:
             version, name = latest[id(p)]
             if p._version != version:
                 raise ValueError(
-                    f"parameter {names.param(p)!r} of module {name!r} changed after the forward that the losses "
+                    f"parameter {names.param(p)!r} of module {name!r} changed after the forward that the "
+                    "losses "
                     f"come from (version {version} -> {p._version}: an optimizer step between forward and "
                     "backward?); compute the losses again with the current parameters"
                 )
@@ -346,9 +360,12 @@ class ActivationSource:
                     deltas[key][i].zero_()
         return deltas, grads
 
-    def _plans(self, cov, deltas, grads, trainable, shared, reach, num_tasks) -> list[tuple[list[Record], Callable[[], Group]]]:
+    def _plans(
+        self, cov, deltas, grads, trainable, shared, reach, num_tasks
+    ) -> list[tuple[list[Record], Callable[[], Group]]]:
         """The Gram groups (see ``_activation_gram``) in the order of their first parameter, as
         (records whose δ they read, builder): each is built right before its contribution."""
+
         def delta(rec: Record) -> torch.Tensor:
             d = deltas.get(id(rec))
             if d is None:  # reached in the graph, but autograd passed no gradient to it
@@ -386,7 +403,9 @@ class ActivationSource:
             roles = {role for _, _, role in uses}
             if len(families) == 1 and len(roles) == 1:
                 key = (families.pop(), tuple(id(rec) for rec, _, _ in uses))
-                slot = regular.setdefault(key, {"pos": pos, "recs": [rec for rec, _, _ in uses], "members": {}})
+                slot = regular.setdefault(
+                    key, {"pos": pos, "recs": [rec for rec, _, _ in uses], "members": {}}
+                )
                 slot["members"][roles.pop()] = trainable[pos]
                 continue
             by_kind: dict[tuple[str, str], list[Record]] = {}
@@ -517,7 +536,7 @@ class ActivationGradients:
         self._entries = []
 
 
-# -- helpers ----------------------------------------------------------------------------------------------------
+# -- helpers -------------------------------------------------------------------------------------------------
 class _Names:
     """Names for messages and ``forms``: modules by their path in the model, parameters by theirs."""
 
@@ -571,5 +590,7 @@ def _device(params: list[torch.Tensor]) -> torch.device:
 
 def _signature(num_tasks, reach, shared, cov, used) -> str:
     """The layout every rank must share before the collectives (what is shared, covered, reached)."""
-    covered = sorted((pos, tuple((rec.kind, role) for rec, _, role in uses)) for pos, uses in cov.uses.items())
+    covered = sorted(
+        (pos, tuple((rec.kind, role) for rec, _, role in uses)) for pos, uses in cov.uses.items()
+    )
     return repr((num_tasks, reach, shared, covered, sorted(cov.uncovered), len(used)))

@@ -123,7 +123,7 @@ def no_hooks(model: nn.Module) -> bool:
     return all(not m._forward_hooks and not m._forward_hooks_with_kwargs for m in model.modules())
 
 
-# -- models ---------------------------------------------------------------------------------------------------
+# -- models --------------------------------------------------------------------------------------------------
 class Heads(nn.Module):
     """A trunk, then one small head per task on its (rows × features) output; losses are MSE to targets."""
 
@@ -185,7 +185,7 @@ def indices(*shape, high=30, with_offsets=None):
     return make
 
 
-# -- Linear ---------------------------------------------------------------------------------------------------
+# -- Linear --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("bias", [True, False])
@@ -218,21 +218,24 @@ def test_inplace_relu_after_linear(form):
 def test_forms_auto_picks_cheaper():
     # few rows against a wide layer: kernel; many rows against a narrow layer: materialise
     run = lambda rows, width: run_case(  # noqa: E731
-        lambda: nn.Sequential(nn.Linear(width, width), nn.Tanh()), width, randn(rows, width), torch.float64, "auto"
+        lambda: nn.Sequential(nn.Linear(width, width), nn.Tanh()),
+        width,
+        randn(rows, width),
+        torch.float64,
+        "auto",
     )
     assert run(4, 64).forms["trunk.0"] == "kernel"
     assert run(256, 3).forms["trunk.0"] == "materialize"
 
 
-# -- Embedding / EmbeddingBag ---------------------------------------------------------------------------------
+# -- Embedding / EmbeddingBag --------------------------------------------------------------------------------
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("sparse", [False, True])
-@pytest.mark.parametrize(
-    "options", [{}, {"padding_idx": 3}, {"max_norm": 1.0}, {"scale_grad_by_freq": True}]
-)
+@pytest.mark.parametrize("options", [{}, {"padding_idx": 3}, {"max_norm": 1.0}, {"scale_grad_by_freq": True}])
 def test_embedding(form, sparse, options):
     if sparse and options.get("scale_grad_by_freq"):
         pytest.skip("torch has no sparse gradient with scale_grad_by_freq")
+
     class Trunk(nn.Module):
         def __init__(self):
             super().__init__()
@@ -256,8 +259,10 @@ def test_sparse_embedding_fused_is_sparse_and_sparse_adam_steps(fused):
     idx = torch.randint(0, 1000, (16,))
     h = emb(idx)
     losses = [heads[0](h).pow(2).mean(), (heads[1](h) - 1).pow(2).mean()]
-    res = source.collect(losses, list(model.parameters()), shared_ids=None, retain_graph=False, gram_dtype=torch.float64)
-    (p, g), = res.fused(torch.tensor([0.5, 0.5]))
+    res = source.collect(
+        losses, list(model.parameters()), shared_ids=None, retain_graph=False, gram_dtype=torch.float64
+    )
+    ((p, g),) = res.fused(torch.tensor([0.5, 0.5]))
     assert p is emb.weight and g.is_sparse
     assert g.coalesce().indices().numel() <= 16
     before = emb.weight.detach().clone()
@@ -278,7 +283,11 @@ def test_embedding_bag(form, mode, layout, padding_idx):
         def __init__(self):
             super().__init__()
             self.bag = nn.EmbeddingBag(
-                12, 5, mode=mode, sparse=sparse, padding_idx=padding_idx,
+                12,
+                5,
+                mode=mode,
+                sparse=sparse,
+                padding_idx=padding_idx,
                 include_last_offset=layout == "last_offset",
             )
 
@@ -309,13 +318,17 @@ def test_embedding_bag_per_sample_weights(form):
         assert res.forms["trunk.bag"] == form
 
 
-# -- Convolutions -----------------------------------------------------------------------------------------------
+# -- Convolutions --------------------------------------------------------------------------------------------
 CONVS = [
     ("conv1d", lambda: nn.Conv1d(4, 6, 3, stride=2, padding=1), (5, 4, 11)),
     ("conv1d_groups_dilation", lambda: nn.Conv1d(4, 6, 3, groups=2, dilation=2, bias=False), (5, 4, 11)),
     ("conv1d_unbatched", lambda: nn.Conv1d(4, 6, 3), (4, 11)),
     ("conv2d", lambda: nn.Conv2d(3, 4, 3, padding=1), (4, 3, 6, 5)),
-    ("conv2d_groups_stride", lambda: nn.Conv2d(4, 8, (3, 2), stride=(2, 1), padding=(1, 0), groups=4), (4, 4, 7, 6)),
+    (
+        "conv2d_groups_stride",
+        lambda: nn.Conv2d(4, 8, (3, 2), stride=(2, 1), padding=(1, 0), groups=4),
+        (4, 4, 7, 6),
+    ),
     ("conv2d_same_even", lambda: nn.Conv2d(3, 4, 4, padding="same"), (3, 3, 6, 6)),
     ("conv2d_reflect", lambda: nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), (3, 3, 6, 6)),
     ("conv2d_circular_valid", lambda: nn.Conv2d(3, 2, 3, padding=2, padding_mode="circular"), (3, 3, 5, 5)),
@@ -350,7 +363,7 @@ def test_conv_chunks_by_channel_group(monkeypatch):
     run_case(trunk, 8 * 2 * 2, randn(3, 4, 4, 4), torch.float64, "auto")
 
 
-# -- Norms ---------------------------------------------------------------------------------------------------------
+# -- Norms ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize(
     "norm,shape",
@@ -388,7 +401,7 @@ def test_norms(norm, shape, dtype, train):
     source.remove()
 
 
-# -- Graph structure traps ------------------------------------------------------------------------------------------
+# -- Graph structure traps -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("form", FORMS)
 def test_module_applied_twice(form):
     class Trunk(nn.Module):
@@ -492,13 +505,20 @@ def test_retain_graph_twice_and_loss_scale(fused):
     # With a loss scale s the Gram and task-specific gradients come back unscaled, fused is s·Σ w_i g_i.
     s = 1024.0
     res = source.collect(
-        losses, list(model.parameters()), shared_ids=None, retain_graph=True, gram_dtype=torch.float64, loss_scale=s
+        losses,
+        list(model.parameters()),
+        shared_ids=None,
+        retain_graph=True,
+        gram_dtype=torch.float64,
+        loss_scale=s,
     )
     torch.testing.assert_close(res.gram, first.gram, rtol=1e-12, atol=0)
     w = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
     fused = res.fused(w)
-    ref = torch.autograd.grad(sum(wi * loss for wi, loss in zip(w, losses)), [p for p, _ in fused], retain_graph=True)
-    for (_, g), r in zip(fused, ref):
+    ref = torch.autograd.grad(
+        sum(wi * loss for wi, loss in zip(w, losses, strict=True)), [p for p, _ in fused], retain_graph=True
+    )
+    for (_, g), r in zip(fused, ref, strict=True):
         torch.testing.assert_close(g, s * r, rtol=1e-12, atol=1e-12)
     head_grads = {id(p): e for p, e in res.task_specific}
     want = torch.autograd.grad(losses[0], model.heads[0].weight, retain_graph=True)[0]
@@ -548,7 +568,7 @@ def test_checkpointed_block_and_no_grad_forward():
     run_case(Trunk, 3, randn(5, 4), torch.float64, "auto")
 
 
-# -- Errors: nothing written, nothing left behind ------------------------------------------------------------------
+# -- Errors: nothing written, nothing left behind ------------------------------------------------------------
 def _error_setup():
     torch.manual_seed(0)
     model = Heads(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)), 3).double()
@@ -556,7 +576,9 @@ def _error_setup():
 
 
 def _collect(source, losses, model):
-    return source.collect(losses, list(model.parameters()), shared_ids=None, retain_graph=True, gram_dtype=torch.float64)
+    return source.collect(
+        losses, list(model.parameters()), shared_ids=None, retain_graph=True, gram_dtype=torch.float64
+    )
 
 
 def _assert_untouched(model, before):
@@ -660,7 +682,9 @@ def test_small_transformer(form, dtype, fused):
             b, s = idx.shape
             h = self.emb(idx) + self.pos(torch.arange(s))
             q, k, v = self.qkv(self.ln1(h)).view(b, s, 3, heads, dim // heads).unbind(2)
-            att = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+            att = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+            )
             h = h + self.proj(att.transpose(1, 2).reshape(b, s, dim))
             h = h + self.fc2(F.relu(self.fc(self.ln2(h)), inplace=True))
             return self.head(self.ln_f(h)).log_softmax(-1)
@@ -720,8 +744,12 @@ def test_fused_from_activations_frees_the_graph():
     losses = mse_losses(model(torch.randn(7, 5, dtype=torch.float64)))
     w = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
     shared = list(model.trunk.parameters())
-    want = torch.autograd.grad(sum(wi * loss for wi, loss in zip(w, losses)), shared, retain_graph=True)
-    res = source.collect(losses, list(model.parameters()), shared_ids=None, retain_graph=False, gram_dtype=torch.float64)
+    want = torch.autograd.grad(
+        sum(wi * loss for wi, loss in zip(w, losses, strict=True)), shared, retain_graph=True
+    )
+    res = source.collect(
+        losses, list(model.parameters()), shared_ids=None, retain_graph=False, gram_dtype=torch.float64
+    )
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
         torch.autograd.grad(losses[0], shared)
     for (_, g), r in zip(res.fused(w), want, strict=True):

@@ -69,7 +69,11 @@ def run(rank, form, fused="backward"):
     mine = slice(rank * BATCH, (rank + 1) * BATCH)
     losses = losses_of(model(idx[mine], x[mine]), y[mine])
     res = source.collect(
-        losses, list(model.parameters()), shared_ids=None, retain_graph=False, gram_dtype=torch.float64,
+        losses,
+        list(model.parameters()),
+        shared_ids=None,
+        retain_graph=False,
+        gram_dtype=torch.float64,
         group=dist.group.WORLD,
     )
     names = {id(p): n for n, p in model.named_parameters()}
@@ -92,7 +96,11 @@ def mismatch(rank):
         losses[2] = (out[0] - y[:BATCH, 2]).pow(2).mean()
     try:
         source.collect(
-            losses, list(model.parameters()), shared_ids=None, retain_graph=False, gram_dtype=torch.float64,
+            losses,
+            list(model.parameters()),
+            shared_ids=None,
+            retain_graph=False,
+            gram_dtype=torch.float64,
             group=dist.group.WORLD,
         )
     except ValueError as err:
