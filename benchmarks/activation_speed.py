@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.activation_speed --out results/activation_speed.json`` (one thread by default).
 
-Two workloads, each step = forward + gradients written to ``.grad`` (no optimizer step, so every member sees
+Three workloads, each step = forward + gradients written to ``.grad`` (no optimizer step, so every member sees
 the same parameters):
 
 (a) **mlp**: the issue's prototype target, an MLP 512-1024-1024-1024-1024-512 (ReLU) with T = 8 linear heads,
@@ -10,9 +10,11 @@ the same parameters):
     ``GradientCollector`` + ``gram_matrix`` + u = Jᵀw written to ``.grad``), ``activation``
     (``ActivationSource.collect`` + ``fused`` written to ``.grad``) in the forms auto / materialize, each
     with ``fused="backward"`` (one backward of Σ w_i L_i, the default) and ``fused="activations"``.
-(b) **sparse**: 8 fields of ``Embedding(1_000_000, 64, sparse=True)``, batch 512, a shared bottom MLP
-    512-256-128 and one tower 128-64-1 per task, T = 2 and 4. Members: ``plain``, ``activation``; ``full``
-    is tried and its error reported (full mode cannot take sparse gradients).
+(b) **sparse**: 8 fields of ``Embedding(1_000_000, 64, sparse=True)``, batch 512, one small MLP tower
+    512-64-1 per task on the concatenated fields, T = 2 and 4 (the shared parameters are the tables).
+    **sparse+bottom**: the same with a shared dense bottom 512-256-128 before towers 128-64-1 (the exact
+    Gram of a dense 512×256 layer at 512 rows costs T weight-gradient GEMMs, whichever form). Members:
+    ``plain``, ``activation``; ``full`` is tried and its error reported (it cannot take sparse gradients).
 
 Timing: interleaved repetitions, each timing every member once in a fresh random order; the medians of
 the per-repetition ratios (member / plain, activation / full) with their 25th-75th percentiles, and the
@@ -67,17 +69,24 @@ class MLP(nn.Module):
 
 
 class SparseRanker(nn.Module):
-    def __init__(self, fields: int, rows: int, dim: int, num_tasks: int) -> None:
+    """Sparse tables → (optionally a shared dense bottom) → one small MLP tower per task."""
+
+    def __init__(self, fields: int, rows: int, dim: int, num_tasks: int, bottom: bool) -> None:
         super().__init__()
         self.tables = nn.ModuleList(nn.Embedding(rows, dim, sparse=True) for _ in range(fields))
-        self.bottom = nn.Sequential(nn.Linear(fields * dim, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU())
+        width = fields * dim
+        self.bottom = None
+        if bottom:
+            self.bottom = nn.Sequential(nn.Linear(width, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU())
+            width = 128
         self.towers = nn.ModuleList(
-            nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 1)) for _ in range(num_tasks)
+            nn.Sequential(nn.Linear(width, 64), nn.ReLU(), nn.Linear(64, 1)) for _ in range(num_tasks)
         )
 
     def forward(self, idx: torch.Tensor) -> list[torch.Tensor]:
-        h = torch.cat([table(idx[:, f]) for f, table in enumerate(self.tables)], dim=1)
-        z = self.bottom(h)
+        z = torch.cat([table(idx[:, f]) for f, table in enumerate(self.tables)], dim=1)
+        if self.bottom is not None:
+            z = self.bottom(z)
         return [tower(z).squeeze(1) for tower in self.towers]
 
 
@@ -113,6 +122,7 @@ def mlp_workload(device: torch.device, batch: int = 128, num_tasks: int = 8, wid
 def sparse_workload(
     device: torch.device,
     num_tasks: int,
+    bottom: bool = False,
     batch: int = 512,
     fields: int = 8,
     rows: int = 1_000_000,
@@ -120,10 +130,11 @@ def sparse_workload(
 ) -> Workload:
     gen = torch.Generator().manual_seed(1)
     torch.manual_seed(1)
-    model = SparseRanker(fields, rows, dim, num_tasks).to(device)
+    model = SparseRanker(fields, rows, dim, num_tasks, bottom).to(device)
     idx = torch.randint(0, rows, (batch, fields), generator=gen).to(device)
     y = torch.randint(0, 2, (batch, num_tasks), generator=gen).float().to(device)
-    return Workload(f"sparse T={num_tasks}", model, idx, y, bce=True)
+    name = "sparse+bottom" if bottom else "sparse"
+    return Workload(f"{name} T={num_tasks}", model, idx, y, bce=True)
 
 
 # -- the members: each writes the step's gradients to .grad --------------------------------------------------
@@ -388,7 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--workloads", default="mlp,sparse", help="comma-separated: mlp, sparse")
+    parser.add_argument(
+        "--workloads", default="mlp,sparse,sparse+bottom", help="comma-separated: mlp, sparse, sparse+bottom"
+    )
     parser.add_argument("--forms", default="auto,materialize", help="activation forms for the MLP workload")
     parser.add_argument(
         "--fused", default="backward,activations", help="ActivationSource(fused=...) modes to time"
@@ -405,9 +418,11 @@ def main(argv: list[str] | None = None) -> int:
     plan = []
     if "mlp" in wanted:
         plan.append((lambda: mlp_workload(device), args.forms.split(","), True))
-    if "sparse" in wanted:
-        for t in (2, 4):
-            plan.append((lambda t=t: sparse_workload(device, t, rows=args.sparse_rows), ["auto"], False))
+    for name, bottom in (("sparse", False), ("sparse+bottom", True)):
+        if name in wanted:
+            for t in (2, 4):
+                make = lambda t=t, b=bottom: sparse_workload(device, t, b, rows=args.sparse_rows)  # noqa: E731
+                plan.append((make, ["auto"], False))
     results = []
     # Every timing first, with the allocator as training sees it; the memory passes change it (below).
     for build, forms, with_full in plan:

@@ -34,6 +34,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from ..gram import gram_matrix
+
 #: elements of one chunk's work buffer (T × rows × cols, or a kernel block): 16 MiB in float32
 CHUNK_ELEMENTS = 1 << 22
 
@@ -90,6 +92,10 @@ class Group:
     def kernel_gram(self, gram_dtype: torch.dtype) -> torch.Tensor:
         raise NotImplementedError
 
+    def direct_gram(self, gram_dtype: torch.dtype) -> torch.Tensor | None:
+        """The materialised form's result by a cheaper exact route, where one applies (else None)."""
+        return None
+
     def fused(self, w: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Σ_i w_i g_i for each member (``fused="activations"``): the same contraction as one task's
         gradient, applied once to the combined output gradient Σ_i w_i δ_i."""
@@ -135,6 +141,8 @@ def materialize_gram(
         ids = group.touched()
     if ids is None:
         chunks = _row_chunks(group.rows, size, group.row_align)
+    elif ids.numel() <= size:
+        chunks = [Rows(ids=ids)]  # the very tensor: groups recognise their own touched rows
     else:
         chunks = (Rows(ids=ids[s : s + size]) for s in range(0, ids.numel(), size))
     for rows in chunks:
@@ -329,28 +337,64 @@ class LookupGroup(Group):
         self.d = torch.cat(ds, dim=1) if len(ds) > 1 else ds[0]  # T × bags × dim
         self.num_tasks = self.d.shape[0]
         rows_all, bags_all, coef_all = torch.cat(rows), torch.cat(bags), torch.cat(coefs)
-        order = torch.argsort(rows_all, stable=True)
-        self.e_rows, self.e_bags, self.e_coef = rows_all[order], bags_all[order], coef_all[order]
+        # In call order (for the whole-table fast paths) and sorted by row (for chunks of rows).
+        self.b_bags = bags_all
+        self.b_coef = None if all(lk.coef is None for lk in lookups) else coef_all
+        # An Embedding without dropped (padding) entries: entry a is output row a, δ needs no gather.
+        self.identity = rows_all.numel() == offset and bool(
+            (bags_all == torch.arange(offset, device=bags_all.device)).all()
+        )
+        self.b_rows, self.b_coef_all = rows_all, coef_all
         self.has_max = bool(mrows)
+        mr = torch.cat(mrows) if self.has_max else rows_all[:0]
+        self.mu_rows = mr
         if self.has_max:
-            mr, mb, mc = torch.cat(mrows), torch.cat(mbags), torch.cat(mcoords)
-            order = torch.argsort(mr, stable=True)
-            self.m_rows, self.m_bags, self.m_coords = mr[order], mb[order], mc[order]
-        else:
-            self.m_rows = self.e_rows[:0]
-        self._touched = torch.unique(torch.cat([self.e_rows, self.m_rows]))
+            self.mu_bags, self.mu_coords = torch.cat(mbags), torch.cat(mcoords)
+        self._by_row: tuple | None = None  # row-sorted copies, made only for chunks of rows
+        self._touched, inverse = torch.unique(torch.cat([rows_all, mr]), return_inverse=True)
+        self.b_inv, self.m_inv = inverse[: rows_all.numel()], inverse[rows_all.numel() :]
         self.has_kernel = not self.has_max
 
     def touched(self) -> torch.Tensor:
         return self._touched
 
+    def _entry_values(self) -> torch.Tensor:
+        """coef_a · δ_i[bag_a] for every (sum/mean) entry, in call order: T × entries × dim."""
+        vals = self.d if self.identity else self.d.index_select(1, self.b_bags)
+        vals = vals.to(self.dtype)
+        return vals if self.b_coef is None else vals * self.b_coef.view(1, -1, 1)
+
+    def direct_gram(self, gram_dtype: torch.dtype) -> torch.Tensor | None:
+        """When no row is looked up twice (a batch of a few hundred ids in a large table), g_i restricted to
+        the touched rows is a permutation of the entries' values, so G = V Vᵀ with V the T × (entries·dim)
+        values: no scatter and no row buffer."""
+        if self.has_max or self._touched.numel() != self.b_inv.numel():
+            return None
+        return gram_matrix(self._entry_values().reshape(self.num_tasks, -1), gram_dtype)
+
     def add_rows(self, buf: torch.Tensor, rows: Rows) -> None:
         t = self.num_tasks
+        if rows.ids is self._touched:  # every touched row in one chunk: scatter by the unique() inverse
+            buf.index_add_(1, self.b_inv, self._entry_values())
+            if self.has_max:
+                vals = self.d[:, self.mu_bags, self.mu_coords].to(self.dtype)
+                buf.view(t, -1).index_add_(1, self.m_inv * self.cols + self.mu_coords, vals)
+            return
         ids = rows.ids if rows.ids is not None else torch.arange(rows.start, rows.stop, device=self.device)
         if ids.numel() == 0:
             return
         lo, hi = ids[0], ids[-1]
-        for sorted_rows, fill in ((self.e_rows, self._fill_entries), (self.m_rows, self._fill_max)):
+        if self._by_row is None:
+            order = torch.argsort(self.b_rows, stable=True)
+            by_row = [self.b_rows[order], self.b_bags[order], self.b_coef_all[order]]
+            if self.has_max:
+                order = torch.argsort(self.mu_rows, stable=True)
+                by_row += [self.mu_rows[order], self.mu_bags[order], self.mu_coords[order]]
+            else:
+                by_row += [self.mu_rows, None, None]
+            self._by_row = tuple(by_row)
+        e_rows, _, _, m_rows, _, _ = self._by_row
+        for sorted_rows, fill in ((e_rows, self._fill_entries), (m_rows, self._fill_max)):
             if sorted_rows.numel() == 0:
                 continue
             s = int(torch.searchsorted(sorted_rows, lo))
@@ -363,19 +407,21 @@ class LookupGroup(Group):
             fill(buf, s, e, pos, hit, t)
 
     def _fill_entries(self, buf, s, e, pos, hit, t) -> None:
-        bags, coef = self.e_bags[s:e][hit], self.e_coef[s:e][hit]
+        _, e_bags, e_coef = self._by_row[:3]
+        bags, coef = e_bags[s:e][hit], e_coef[s:e][hit]
         vals = self.d.index_select(1, bags).to(self.dtype) * coef.view(1, -1, 1)
         buf.index_add_(1, pos[hit], vals)
 
     def _fill_max(self, buf, s, e, pos, hit, t) -> None:
-        bags, coords = self.m_bags[s:e][hit], self.m_coords[s:e][hit]
+        _, m_bags, m_coords = self._by_row[3:]
+        bags, coords = m_bags[s:e][hit], m_coords[s:e][hit]
         flat = buf.view(t, -1)
         vals = self.d[:, bags, coords].to(self.dtype)
         flat.index_add_(1, pos[hit] * self.cols + coords, vals)
 
     def materialize_flops(self) -> float:
         t, u = self.num_tasks, self._touched.numel()
-        nnz = self.e_rows.numel() + self.m_rows.numel() / max(1, self.cols)
+        nnz = self.b_rows.numel() + self.mu_rows.numel() / max(1, self.cols)
         return 2.0 * t * nnz * self.cols + 2.0 * t * t * u * self.cols
 
     def fused(self, w: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -383,47 +429,45 @@ class LookupGroup(Group):
         else a dense table-sized gradient."""
         u = _combine(self.d, w, self.dtype)  # bags × dim
         shape = tuple(self.weight.shape)
-        vals = u.index_select(0, self.e_bags) * self.e_coef.view(-1, 1)
+        vals = u.index_select(0, self.b_bags) * self.b_coef_all.view(-1, 1)
         if self.sparse and not self.has_max:
             grad = torch.sparse_coo_tensor(
-                self.e_rows.view(1, -1), vals.view(-1, *shape[1:]), shape, check_invariants=False
+                self.b_rows.view(1, -1), vals.view(-1, *shape[1:]), shape, check_invariants=False
             ).coalesce()
             return [(self.weight, grad.to(self.weight.dtype))]
         grad = torch.zeros(shape, dtype=self.dtype, device=self.device)
         flat = grad.view(shape[0], -1)
-        flat.index_add_(0, self.e_rows, vals)
+        flat.index_add_(0, self.b_rows, vals)
         if self.has_max:
             flat.view(-1).index_add_(
-                0, self.m_rows * self.cols + self.m_coords, u[self.m_bags, self.m_coords]
+                0, self.mu_rows * self.cols + self.mu_coords, u[self.mu_bags, self.mu_coords]
             )
         return [(self.weight, grad.to(self.weight.dtype))]
 
     def kernel_flops(self) -> float:
-        t, b, nnz = self.num_tasks, self.num_bags, self.e_rows.numel()
+        t, b, nnz = self.num_tasks, self.num_bags, self.b_rows.numel()
         return 2.0 * nnz * b + 2.0 * b * b * t * self.cols + 2.0 * b * t * t * self.cols
 
     def kernel_gram(self, gram_dtype: torch.dtype) -> torch.Tensor:
         """K = S Sᵀ over the bags, S (bags × touched rows) sparse with the entries' coefficients."""
         t, b = self.num_tasks, self.num_bags
         gram = torch.zeros(t, t, dtype=gram_dtype, device=self.device)
-        if self.e_rows.numel() == 0:
+        if self.b_rows.numel() == 0:
             return gram
         u = self._touched.numel()
-        col = torch.searchsorted(self._touched, self.e_rows)
-        s = torch.sparse_coo_tensor(
-            torch.stack([self.e_bags, col]), self.e_coef, (b, u), check_invariants=False
-        ).coalesce()
+        col, bags, coef = self.b_inv, self.b_bags, self.b_coef_all
+        s = torch.sparse_coo_tensor(torch.stack([bags, col]), coef, (b, u), check_invariants=False).coalesce()
         dflat = _stack_rows([self.d], self.dtype)
         block = max(1, CHUNK_ELEMENTS // (u + b + t * self.cols))
-        by_bag = torch.argsort(self.e_bags, stable=True)
-        bag_sorted = self.e_bags[by_bag]
+        by_bag = torch.argsort(bags, stable=True)
+        bag_sorted = bags[by_bag]
         for start in range(0, b, block):
             stop = min(b, start + block)
             lo = int(torch.searchsorted(bag_sorted, start))
             hi = int(torch.searchsorted(bag_sorted, stop))
             sel = by_bag[lo:hi]
             s_block_t = torch.zeros(u, stop - start, dtype=self.dtype, device=self.device)
-            s_block_t.index_put_((col[sel], self.e_bags[sel] - start), self.e_coef[sel], accumulate=True)
+            s_block_t.index_put_((col[sel], bags[sel] - start), coef[sel], accumulate=True)
             k = torch.sparse.mm(s, s_block_t).T  # (stop-start) × bags
             gram += _kernel_contract(dflat[start:stop], k @ dflat, t).to(gram_dtype)
         return gram

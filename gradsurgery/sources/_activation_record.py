@@ -24,6 +24,7 @@ node, so the edge of the base is recorded instead and the gradient reshaped to `
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,10 +80,11 @@ class Record:
     def family(self) -> str:
         return FAMILY[self.kind]
 
-    def check_versions(self, name: str) -> None:
+    def check_versions(self, name_of: Callable[[nn.Module], str]) -> None:
         """Refuse inputs changed in place after the forward (the Gram contribution reads them)."""
         for key, tensor in self.inputs.items():
             if tensor._version != self.input_versions[key]:
+                name = name_of(self.module)
                 raise ValueError(
                     f"the {key} recorded in the forward of module {name!r} was modified in place before "
                     f"backward (version {self.input_versions[key]} -> {tensor._version}); the activation "

@@ -222,16 +222,14 @@ class ActivationSource:
         # The graph must survive the last pass only when a backward will run on it again.
         keep_graph = retain_graph or (bool(shared) and not from_activations)
         deltas, grads = self._task_passes(task_losses, graph, used, direct, trainable, reach, keep_graph)
-        forms: dict[str, set[str]] = {}
+        form_of: list[tuple[torch.Tensor, str]] = []  # (parameter, form): named when ``forms`` is read
         device = _device(trainable)
         gram = torch.zeros(num_tasks, num_tasks, dtype=gram_dtype, device=device)
         plans = self._plans(cov, deltas, grads, trainable, shared, reach, num_tasks)
         for grp in _build(plans, None if from_activations else deltas):
             form = "materialize" if group is not None else choose_form(grp, self.form)
-            for p in grp.params:
-                forms.setdefault(names.owner(p), set()).add(
-                    form if not isinstance(grp, DirectGroup) else "per-parameter"
-                )
+            label = "per-parameter" if isinstance(grp, DirectGroup) else form
+            form_of += [(p, label) for p in grp.params]
             if form == "kernel":
                 part = grp.kernel_gram(gram_dtype)
             elif group is not None:
@@ -240,7 +238,9 @@ class ActivationSource:
                     ids = adist.union_rows(ids.to(device), group)
                 part = materialize_gram(grp, gram_dtype, ids=ids, reduce=lambda b: adist.mean_(b, group))
             else:
-                part = materialize_gram(grp, gram_dtype)
+                part = grp.direct_gram(gram_dtype)
+                if part is None:
+                    part = materialize_gram(grp, gram_dtype)
             gram += part.to(device)
             del grp
         del deltas
@@ -272,7 +272,8 @@ class ActivationSource:
             shared=[trainable[k] for k in shared],
             task_specific=specific,
             reached=reached,
-            forms={name: "+".join(sorted(f)) for name, f in forms.items()},
+            _form_of=form_of,
+            _names=names,
             _source=self,
             _losses=task_losses,
             _retain=retain_graph,
@@ -300,18 +301,18 @@ class ActivationSource:
                     "through a call that the activation source did not record: the forward ran before the "
                     "source was attached. Run the forward again after creating the source."
                 )
-        latest: dict[int, tuple[int, str]] = {}
+        latest: dict[int, tuple[int, nn.Module]] = {}
         for pos, uses in cov.uses.items():
             for rec, _, role in uses:
-                name = names.module(rec.module)
-                rec.check_versions(name)
+                rec.check_versions(names.module)
                 version = rec.param_versions[role]
                 if id(params[pos]) not in latest or version > latest[id(params[pos])][0]:
-                    latest[id(params[pos])] = (version, name)
+                    latest[id(params[pos])] = (version, rec.module)
         for pos in cov.uses:
             p = params[pos]
-            version, name = latest[id(p)]
+            version, module = latest[id(p)]
             if p._version != version:
+                name = names.module(module)
                 raise ValueError(
                     f"parameter {names.param(p)!r} of module {name!r} changed after the forward that the "
                     "losses "
@@ -455,7 +456,6 @@ class ActivationGradients:
     shared: list[torch.Tensor]
     task_specific: list[tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]]
     reached: list[int]
-    forms: dict[str, str]  # module (or parameter) name → "kernel" / "materialize" / "per-parameter"
     _source: ActivationSource = field(repr=False)
     _losses: list[torch.Tensor] | None = field(repr=False)
     _retain: bool = field(repr=False)
@@ -463,6 +463,17 @@ class ActivationGradients:
     _sparse_owner: set[int] = field(repr=False)  # ids of unreached shared tables with sparse gradients
     _entries: list[tuple[Any, Record]] = field(repr=False)
     _plans: list | None = field(default=None, repr=False)  # fused="activations": the groups' builders
+    _form_of: list = field(default_factory=list, repr=False)
+    _names: Any = field(default=None, repr=False)
+
+    @property
+    def forms(self) -> dict[str, str]:
+        """Module (or bare parameter) name → the form its shared parameters' contribution took:
+        "kernel", "materialize", "per-parameter" (joined by "+" when its parameters differ)."""
+        out: dict[str, set[str]] = {}
+        for p, form in self._form_of:
+            out.setdefault(self._names.owner(p), set()).add(form)
+        return {name: "+".join(sorted(f)) for name, f in out.items()}
 
     def fused(self, weights: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The gradient of Σ_i w_i L_i (times the loss scale) for each shared parameter: by default from one
@@ -538,9 +549,19 @@ class ActivationGradients:
 
 # -- helpers -------------------------------------------------------------------------------------------------
 class _Names:
-    """Names for messages and ``forms``: modules by their path in the model, parameters by theirs."""
+    """Names for messages and ``forms``: modules by their path in the model, parameters by theirs. Built on
+    first use (a walk over the model's modules), which most steps never need: ``forms`` is read on demand,
+    and the checks ask only when something is wrong."""
 
     def __init__(self, model: nn.Module, hooked: list[tuple[str, nn.Module]]) -> None:
+        self._model, self._hooked_modules = model, hooked
+        self._built = False
+
+    def _build(self) -> None:
+        if self._built:
+            return
+        model, hooked = self._model, self._hooked_modules
+        self._built = True
         self._modules = {id(m): name or type(m).__name__ for name, m in model.named_modules()}
         self._params: dict[int, str] = {}
         self._owner: dict[int, str] = {}
@@ -561,18 +582,23 @@ class _Names:
                     self._hooked.setdefault(id(p), []).append(name)
 
     def module(self, m: nn.Module) -> str:
+        self._build()
         return self._modules.get(id(m), type(m).__name__)
 
     def param(self, p: torch.Tensor) -> str:
+        self._build()
         return self._params.get(id(p), f"<parameter of shape {tuple(p.shape)}>")
 
     def owner(self, p: torch.Tensor) -> str:
+        self._build()
         return self._owner.get(id(p), self.param(p))
 
     def hooked_owners(self, p: torch.Tensor) -> list[str]:
+        self._build()
         return self._hooked.get(id(p), [])
 
     def sparse(self, p: torch.Tensor) -> bool:
+        self._build()
         return self._sparse.get(id(p), False)
 
 

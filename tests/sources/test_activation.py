@@ -758,3 +758,53 @@ def test_fused_from_activations_frees_the_graph():
         res.fused(w)
     with pytest.raises(ValueError, match="unknown fused"):
         ActivationSource(model, fused="twice")
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_embedding_rows_looked_up_once(sparse, monkeypatch):
+    """Distinct ids in a large table: G from the entries' values directly (no row buffer)."""
+    import gradsurgery.sources._activation_gram as gram_mod
+
+    taken = []
+    original = gram_mod.LookupGroup.direct_gram
+
+    def spy(self, gram_dtype):
+        out = original(self, gram_dtype)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(gram_mod.LookupGroup, "direct_gram", spy)
+
+    class Trunk(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10_000, 4, sparse=sparse)
+            self.bag = nn.EmbeddingBag(10_000, 4, mode="mean", sparse=sparse)
+
+        def forward(self, idx):
+            return torch.tanh(self.emb(idx).sum(1) + self.bag(idx + 1))
+
+    def distinct(dtype):
+        return (torch.randperm(10_000 - 1, generator=torch.Generator().manual_seed(2))[:24].view(6, 4),)
+
+    run_case(Trunk, 4, distinct, torch.float64, "materialize")
+    assert taken and all(taken)
+
+
+@pytest.mark.parametrize("mode", ["sum", "max"])
+def test_lookup_row_chunks(mode, monkeypatch):
+    """Tables whose touched rows span several chunks (the row-sorted path)."""
+    import gradsurgery.sources._activation_gram as gram_mod
+
+    monkeypatch.setattr(gram_mod, "CHUNK_ELEMENTS", 3 * 4 * 3)  # 3 rows per chunk (T = 3, dim 4)
+
+    class Trunk(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(30, 4, padding_idx=5)
+            self.bag = nn.EmbeddingBag(30, 4, mode=mode)
+
+        def forward(self, idx):
+            return torch.tanh(self.emb(idx).sum(1) + self.bag(idx))
+
+    run_case(Trunk, 4, indices(8, 5, high=30), torch.float64, "materialize")
