@@ -19,6 +19,16 @@ from gradsurgery.collect import GradientCollector
 from gradsurgery.gram import gram_matrix
 from gradsurgery.sources.activation import ActivationSource
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only add hand-off latency (tens of ms per op on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 FORMS = ["auto", "kernel", "materialize"]
 #: the CUDA cases run where a GPU is present (the same comparisons, on the device)
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
