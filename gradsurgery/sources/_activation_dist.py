@@ -1,0 +1,108 @@
+"""Data parallelism for the activation source: the exact G of the rank-averaged Jacobian.
+
+With J_r the T×d Jacobian of rank r and n ranks, the batch-mean Jacobian is J = (1/n) Σ_r J_r and G = J Jᵀ
+has cross-rank terms J_r J_sᵀ: the local kernels X_r X_rᵀ cannot give them without gathering every rank's
+activations. So each group is materialised chunk by chunk (identical chunks on every rank), every chunk is
+all-reduced (sum, ÷ n) before its T×T Gram: memory stays one chunk, communication is T·d values per step in
+total (as ``dist_strategy="allreduce"`` of the dense path, but in chunks). Sparse tables: the ranks touch
+different rows, so the union of touched rows is gathered first (one all-gather of the row numbers).
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import torch
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist
+
+
+def world(group: Any) -> int:
+    return _dist().get_world_size(group)
+
+
+def agree(group: Any, device: torch.device, signature: str) -> None:
+    """Raise on every rank together when the ranks' layouts differ (the collectives that follow would
+    otherwise pair different tensors, or hang)."""
+    dist = _dist()
+    sig = zlib.crc32(signature.encode()) & 0x7FFFFFFF
+    vec = torch.tensor([sig, -sig], dtype=torch.int64, device=device)
+    dist.all_reduce(vec, op=dist.ReduceOp.MAX, group=group)
+    hi, lo = int(vec[0]), -int(vec[1])
+    if hi != lo:
+        raise ValueError(
+            "ranks reached different parameters or recorded different module calls with their tasks "
+            "(the activation source's layout differs between ranks); every rank must compute every task "
+            "loss through the same modules"
+        )
+
+
+def mean_(buf: torch.Tensor, group: Any) -> None:
+    """In-place mean over the ranks."""
+    _dist().all_reduce(buf, group=group)
+    buf.div_(world(group))
+
+
+def union_rows(ids: torch.Tensor, group: Any) -> torch.Tensor:
+    """The sorted union over the ranks of sorted unique row numbers."""
+    dist = _dist()
+    n = world(group)
+    size = torch.tensor([ids.numel()], dtype=torch.int64, device=ids.device)
+    sizes = [torch.zeros_like(size) for _ in range(n)]
+    dist.all_gather(sizes, size, group=group)
+    longest = max(int(s) for s in sizes)
+    padded = torch.full((longest,), -1, dtype=torch.int64, device=ids.device)
+    padded[: ids.numel()] = ids
+    gathered = [torch.empty_like(padded) for _ in range(n)]
+    dist.all_gather(gathered, padded, group=group)
+    rows = torch.cat([g[: int(s)] for g, s in zip(gathered, sizes, strict=True)])
+    return torch.unique(rows)
+
+
+def mean_gradients(grads: list[torch.Tensor], group: Any) -> list[torch.Tensor]:
+    """The rank mean of each gradient (new tensors): dense ones in one all-reduce per dtype, sparse COO ones
+    by gathering every rank's (row, values) entries (ranks touch different rows)."""
+    n = world(group)
+    out: list[torch.Tensor | None] = [None] * len(grads)
+    buckets: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for k, g in enumerate(grads):
+        if g.is_sparse:
+            out[k] = _mean_sparse(g, group, n)
+        else:
+            buckets.setdefault((g.dtype, g.device), []).append(k)
+    for _, members in sorted(buckets.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))):
+        flat = torch.cat([grads[k].reshape(-1) for k in members])
+        _dist().all_reduce(flat, group=group)
+        flat.div_(n)
+        offset = 0
+        for k in members:
+            numel = grads[k].numel()
+            out[k] = flat[offset : offset + numel].view_as(grads[k])
+            offset += numel
+    return out
+
+
+def _mean_sparse(g: torch.Tensor, group: Any, n: int) -> torch.Tensor:
+    dist = _dist()
+    g = g.coalesce()
+    idx, vals = g.indices(), g.values()
+    size = torch.tensor([vals.shape[0]], dtype=torch.int64, device=vals.device)
+    sizes = [torch.zeros_like(size) for _ in range(n)]
+    dist.all_gather(sizes, size, group=group)
+    longest = max(int(s) for s in sizes)
+    pidx = idx.new_zeros(idx.shape[0], longest)
+    pidx[:, : idx.shape[1]] = idx
+    pvals = vals.new_zeros((longest, *vals.shape[1:]))
+    pvals[: vals.shape[0]] = vals
+    gi = [torch.empty_like(pidx) for _ in range(n)]
+    gv = [torch.empty_like(pvals) for _ in range(n)]
+    dist.all_gather(gi, pidx, group=group)
+    dist.all_gather(gv, pvals, group=group)
+    all_idx = torch.cat([t[:, : int(s)] for t, s in zip(gi, sizes, strict=True)], dim=1)
+    all_vals = torch.cat([t[: int(s)] for t, s in zip(gv, sizes, strict=True)])
+    return torch.sparse_coo_tensor(all_idx, all_vals / n, g.shape, check_invariants=False).coalesce()

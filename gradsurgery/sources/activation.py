@@ -1,0 +1,622 @@
+"""Activation gradient source: the exact Gram matrix G = J Jᵀ with memory that follows the activations.
+
+Full mode materialises J (T × d, every shared parameter, one ``autograd.grad`` per task), then G = J Jᵀ and
+u = Jᵀw. Every method reads only G and the losses, and Σ_i w_i g_i is the gradient of Σ_i w_i L_i, so J
+itself is never needed:
+
+1. **forward**: a hook on each supported module (Linear, Embedding, EmbeddingBag, Conv1d/2d/3d, LayerNorm,
+   BatchNorm1d/2d/3d; exact types) records the call's input and the gradient edge of its output
+   (``_activation_record``);
+2. **per task**: one ``autograd.grad(L_i, [output edges] + [other parameters])``: the gradients δ_i with
+   respect to the recorded outputs (activation-sized; autograd skips the weight-gradient GEMMs of those
+   layers), plus the parameter gradients of whatever is not covered by a recorded call and of the
+   parameters only one task reaches;
+3. **Gram**: each shared parameter's contribution from the recorded inputs and the δ_i, one group of
+   parameters at a time, materialised chunk by chunk or in kernel form, whichever costs fewer flops
+   (``_activation_gram``); the per-parameter gradients add theirs. Memory: T × (recorded activations) plus
+   one chunk, instead of T × d;
+4. **fuse**: ``ActivationGradients.fused(w)`` runs ONE backward of Σ_i w_i L_i restricted to the shared
+   parameters; its gradient is sparse where the parameter's gradient is (``Embedding(sparse=True)``).
+
+Which parameter uses are covered is read from the autograd graph (``_activation_graph``): a parameter with
+any use outside a recorded call (weight tying through ``F.linear(h, embedding.weight)``, an unsupported
+module, a functional call) takes the exact per-parameter path. Errors (``ValueError``, naming the module):
+a supported module's parameter reached through a call made before the source was attached; a recorded
+input changed in place after its forward; a parameter changed between forward and ``collect`` (an optimizer
+step in between). No ``.grad`` is ever written here, and ``collect`` registers no hooks.
+
+Cost per step, against full mode: T backward passes without the covered layers' weight-gradient GEMMs
+(about half of a backward's work in an MLP), the Gram contributions (kernel form: n²(in + T·out) per
+Linear of n rows; materialised: T·n·out·in), and one fused backward, against T full backward passes, the
+T²·d Gram and the T·d fusion. Measured in ``benchmarks/activation_speed.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
+
+from . import _activation_dist as adist
+from ._activation_gram import (
+    ConvGroup,
+    DirectGroup,
+    Group,
+    LinearGroup,
+    LookupGroup,
+    MixedGroup,
+    NormGroup,
+    choose_form,
+    conv_input,
+    lookup_entries,
+    materialize_gram,
+    norm_delta,
+    normalized_input,
+)
+from ._activation_graph import Coverage, Graph, coverage, walk
+from ._activation_record import (
+    METADATA_KEY,
+    SUPPORTED,
+    Record,
+    Registry,
+    build_record,
+    input_stops,
+    output_edge,
+)
+
+FORMS = ("auto", "kernel", "materialize")
+FUSED = ("backward", "activations")
+
+
+def _current_sequence_nr() -> int:
+    """The next autograd node's sequence number on this thread (a throw-away node's)."""
+    with torch.enable_grad():
+        probe = torch.empty(0, requires_grad=True).view(0)
+    return probe.grad_fn._sequence_nr()
+
+
+class ActivationSource:
+    """Records supported modules' calls in ``model`` and turns T losses into G, per-task gradients of the
+    task-specific parameters, and a fused gradient (see the module docstring).
+
+    Args:
+        model: the module whose supported submodules are hooked (a DDP wrapper works: its ``.module`` is a
+            submodule).
+        form: ``"auto"`` (per group, the form with fewer flops), ``"kernel"`` (the kernel form wherever one
+            exists: Linear weights, Embedding/EmbeddingBag sum/mean) or ``"materialize"``.
+        fused: how ``ActivationGradients.fused(w)`` forms Σ_i w_i g_i. ``"backward"`` (default): one backward
+            pass of Σ_i w_i L_i restricted to the shared parameters (autograd's own gradient, sparse where
+            the parameter's is). ``"activations"``: from the δ_i already collected, each group's contraction
+            applied once to Σ_i w_i δ_i (one weight-gradient GEMM per Linear instead of a backward through the
+            whole model; the graph is freed after the last task's pass unless ``retain_graph``; the δ_i stay
+            until ``fused``). Both are exact; ``test_activation.py`` checks both against autograd.
+    """
+
+    def __init__(self, model: nn.Module, *, form: str = "auto", fused: str = "backward") -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if form not in FORMS:
+            raise ValueError(f"unknown form {form!r}; choose one of {FORMS}")
+        if fused not in FUSED:
+            raise ValueError(f"unknown fused {fused!r}; choose one of {FUSED}")
+        self.model = model
+        self.form = form
+        self.fused = fused
+        self._registry = Registry()
+        self._busy = False
+        self._handles: list[Any] = []
+        self._hooked: list[tuple[str, nn.Module]] = []
+        # Nodes created before the hooks existed belong to calls nobody recorded (same-thread numbering).
+        self._attach_seq = _current_sequence_nr()
+        self._attach_thread = threading.get_ident()
+        try:
+            for name, module in model.named_modules():
+                kind = SUPPORTED.get(type(module))
+                if kind is None:
+                    continue
+                hook = functools.partial(self._hook, kind)
+                self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+                self._hooked.append((name, module))
+        except BaseException:
+            self.remove()
+            raise
+        self._removed = False
+
+    # -- recording ----------------------------------------------------------------------------------------
+    def _hook(self, kind: str, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        # Cheap exits first: no graph is being built (eval, no_grad) or it is our own backward pass
+        # (activation checkpointing recomputes forwards inside it).
+        if self._busy or not torch.is_grad_enabled():
+            return None
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return None
+        record = build_record(module, kind, args, kwargs)
+        if record is None:
+            return None
+        edge = output_edge(output)
+        record.out_shape = output.shape
+        record.output_nr = edge.output_nr
+        record.stops = input_stops([*args, *kwargs.values()])
+        node = edge.node
+        node.metadata.setdefault(METADATA_KEY, []).append(record)
+        self._registry.add(node._sequence_nr(), record)
+        return None
+
+    def remove(self) -> None:
+        """Remove every hook this source installed (idempotent); pending records die with their graphs."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._removed = True
+
+    @property
+    def hooked_modules(self) -> list[str]:
+        return [name for name, _ in self._hooked]
+
+    # -- one backward -------------------------------------------------------------------------------------
+    def collect(
+        self,
+        losses: list[torch.Tensor],
+        params: list[torch.Tensor],
+        *,
+        shared_ids: set[int] | None,
+        retain_graph: bool,
+        gram_dtype: torch.dtype,
+        loss_scale: float | None = None,
+        group: Any = None,
+    ) -> ActivationGradients:
+        """G over the shared parameters, the task-specific gradients and what ``fused`` needs.
+
+        ``params``: the trainable parameters (frozen ones are ignored). ``shared_ids``: ids of the parameters
+        that receive the fused gradient (default: those reached by two or more tasks). ``loss_scale`` s: the
+        losses are scaled by s for the per-task passes; G is returned ÷ s², the task-specific gradients ÷ s,
+        and ``fused`` returns the gradient of s·Σ w_i L_i. ``group``: a process group: G is that of the
+        rank-averaged Jacobian (every group materialised and all-reduced chunk by chunk), the task-specific
+        and fused gradients are rank means.
+        """
+        if self._removed:
+            raise ValueError("this ActivationSource was removed; create a new one for the model")
+        losses = list(losses)
+        if not losses:
+            raise ValueError("collect needs at least one loss")
+        for i, loss in enumerate(losses):
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise ValueError(f"loss {i} must be a scalar tensor")
+            if not loss.requires_grad:
+                raise ValueError(f"loss {i} does not require grad")
+        scale = None if loss_scale is None else float(loss_scale)
+        task_losses = [loss.reshape(()) if scale is None else loss.reshape(()) * scale for loss in losses]
+        num_tasks = len(task_losses)
+        trainable: list[torch.Tensor] = []
+        position: dict[int, int] = {}
+        for p in params:
+            if p.requires_grad and id(p) not in position:
+                position[id(p)] = len(trainable)
+                trainable.append(p)
+        roots = [get_gradient_edge(loss).node for loss in task_losses]
+        graph = walk(roots, position, self._registry)
+        reach = [
+            graph.masks[graph.param_node[k]] if k in graph.param_node else 0 for k in range(len(trainable))
+        ]
+        reached = [sum((m >> i) & 1 for m in reach) for i in range(num_tasks)]
+        if shared_ids is None:
+            shared = [k for k, m in enumerate(reach) if m.bit_count() >= 2]
+        else:
+            shared = [k for k, p in enumerate(trainable) if id(p) in shared_ids]
+        shared_set = set(shared)
+        cov = coverage(graph, {k for k in shared if reach[k]}, trainable)
+        names = self._names()
+        self._check(graph, cov, trainable, names)
+        direct = sorted(k for k, m in enumerate(reach) if m and (k not in shared_set or k in cov.uncovered))
+        used = _used_records(cov)
+        if group is not None:
+            adist.agree(group, _device(trainable), _signature(num_tasks, reach, shared, cov, used))
+
+        from_activations = self.fused == "activations"
+        # The graph must survive the last pass only when a backward will run on it again.
+        keep_graph = retain_graph or (bool(shared) and not from_activations)
+        deltas, grads = self._task_passes(task_losses, graph, used, direct, trainable, reach, keep_graph)
+        form_of: list[tuple[torch.Tensor, str]] = []  # (parameter, form): named when ``forms`` is read
+        device = _device(trainable)
+        gram = torch.zeros(num_tasks, num_tasks, dtype=gram_dtype, device=device)
+        plans = self._plans(cov, deltas, grads, trainable, shared, reach, num_tasks)
+        for grp in _build(plans, None if from_activations else deltas):
+            form = "materialize" if group is not None else choose_form(grp, self.form)
+            label = "per-parameter" if isinstance(grp, DirectGroup) else form
+            form_of += [(p, label) for p in grp.params]
+            if form == "kernel":
+                part = grp.kernel_gram(gram_dtype)
+            elif group is not None:
+                ids = grp.touched()
+                if ids is not None:
+                    ids = adist.union_rows(ids.to(device), group)
+                part = materialize_gram(grp, gram_dtype, ids=ids, reduce=lambda b: adist.mean_(b, group))
+            else:
+                part = grp.direct_gram(gram_dtype)
+                if part is None:
+                    part = materialize_gram(grp, gram_dtype)
+            gram += part.to(device)
+            del grp
+        del deltas
+        gram = (gram + gram.T) / 2  # the kernel form's two products round differently
+        if scale is not None:
+            gram /= scale * scale
+
+        specific: list[tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]] = []
+        flat: list[torch.Tensor] = []
+        for k in direct:
+            if k in shared_set:
+                continue
+            entries = []
+            for i in range(num_tasks):
+                if (reach[k] >> i) & 1:
+                    g = grads[i].get(k)
+                    if g is None:
+                        g = torch.zeros_like(trainable[k])
+                    if scale is not None:
+                        g = g / scale
+                    entries.append((i, g))
+                    flat.append(g)
+            specific.append((trainable[k], entries))
+        if group is not None and flat:
+            averaged = iter(adist.mean_gradients(flat, group))
+            specific = [(p, [(i, next(averaged)) for i, _ in entries]) for p, entries in specific]
+        return ActivationGradients(
+            gram=gram,
+            shared=[trainable[k] for k in shared],
+            task_specific=specific,
+            reached=reached,
+            _form_of=form_of,
+            _names=names,
+            _source=self,
+            _losses=task_losses,
+            _retain=retain_graph,
+            _group=group,
+            _sparse_owner={id(trainable[k]) for k in shared if not reach[k] and names.sparse(trainable[k])},
+            _entries=[(graph.nodes[entry], rec) for rec, entry in used],
+            _plans=plans if from_activations else None,
+        )
+
+    # -- the pieces of collect ----------------------------------------------------------------------------
+    def _names(self) -> _Names:
+        return _Names(self.model, self._hooked)
+
+    def _check(self, graph: Graph, cov: Coverage, params: list[torch.Tensor], names: _Names) -> None:
+        """Refuse what would make G wrong or silently lose the memory saving (see the module docstring)."""
+        same_thread = threading.get_ident() == self._attach_thread
+        for pos, consumers in cov.uncovered.items():
+            owners = names.hooked_owners(params[pos])
+            if not owners or not same_thread:
+                continue
+            if any(graph.nodes[c]._sequence_nr() < self._attach_seq for c in consumers):
+                raise ValueError(
+                    f"parameter {names.param(params[pos])!r} of module {owners[0]!r} is reached by the "
+                    "losses "
+                    "through a call that the activation source did not record: the forward ran before the "
+                    "source was attached. Run the forward again after creating the source."
+                )
+        latest: dict[int, tuple[int, nn.Module]] = {}
+        for pos, uses in cov.uses.items():
+            for rec, _, role in uses:
+                rec.check_versions(names.module)
+                version = rec.param_versions[role]
+                if id(params[pos]) not in latest or version > latest[id(params[pos])][0]:
+                    latest[id(params[pos])] = (version, rec.module)
+        for pos in cov.uses:
+            p = params[pos]
+            version, module = latest[id(p)]
+            if p._version != version:
+                name = names.module(module)
+                raise ValueError(
+                    f"parameter {names.param(p)!r} of module {name!r} changed after the forward that the "
+                    "losses "
+                    f"come from (version {version} -> {p._version}: an optimizer step between forward and "
+                    "backward?); compute the losses again with the current parameters"
+                )
+
+    def _task_passes(self, task_losses, graph, used, direct, trainable, reach, keep_last):
+        """One ``autograd.grad`` per task: δ_i for the used records, gradients of the direct parameters."""
+        num_tasks = len(task_losses)
+        deltas: dict[int, torch.Tensor] = {}  # id(record) → T × output shape
+        grads: list[dict[int, torch.Tensor]] = [{} for _ in range(num_tasks)]
+        filled: dict[int, set[int]] = {}
+        self._busy = True
+        try:
+            for i, loss in enumerate(task_losses):
+                recs = [(rec, entry) for rec, entry in used if (graph.masks[entry] >> i) & 1]
+                mine = [k for k in direct if (reach[k] >> i) & 1]
+                inputs = [GradientEdge(graph.nodes[entry], rec.output_nr) for rec, entry in recs]
+                inputs += [trainable[k] for k in mine]
+                if not inputs:
+                    continue
+                out = torch.autograd.grad(
+                    loss, inputs, retain_graph=keep_last or i < num_tasks - 1, allow_unused=True
+                )
+                for (rec, _), g in zip(recs, out[: len(recs)], strict=True):
+                    if g is None:
+                        continue
+                    buf = deltas.get(id(rec))
+                    if buf is None:
+                        # Uninitialised (zero-filling T × activation costs a pass over fresh pages); the
+                        # slots of tasks that pass no gradient are zeroed below.
+                        buf = deltas[id(rec)] = g.new_empty((num_tasks, *rec.out_shape))
+                        filled[id(rec)] = set()
+                    buf[i] = g.reshape(rec.out_shape)
+                    filled[id(rec)].add(i)
+                for k, g in zip(mine, out[len(recs) :], strict=True):
+                    if g is not None:
+                        grads[i][k] = g
+                del out
+        finally:
+            self._busy = False
+        for key, tasks in filled.items():
+            for i in range(num_tasks):
+                if i not in tasks:
+                    deltas[key][i].zero_()
+        return deltas, grads
+
+    def _plans(
+        self, cov, deltas, grads, trainable, shared, reach, num_tasks
+    ) -> list[tuple[list[Record], Callable[[], Group]]]:
+        """The Gram groups (see ``_activation_gram``) in the order of their first parameter, as
+        (records whose δ they read, builder): each is built right before its contribution."""
+
+        def delta(rec: Record) -> torch.Tensor:
+            d = deltas.get(id(rec))
+            if d is None:  # reached in the graph, but autograd passed no gradient to it
+                p = next(iter(rec.params.values()))
+                d = deltas[id(rec)] = torch.zeros((num_tasks, *rec.out_shape), dtype=p.dtype, device=p.device)
+            return d
+
+        def build(family: str, recs: list[Record], members: dict[str, torch.Tensor]) -> Group:
+            w, b = members.get("weight"), members.get("bias")
+            if family == "linear":
+                xs = [r.inputs["input"].detach().reshape(-1, r.inputs["input"].shape[-1]) for r in recs]
+                ds = [delta(r).reshape(num_tasks, -1, r.out_shape[-1]) for r in recs]
+                return LinearGroup(w, b, xs, ds)
+            if family == "lookup":
+                lookups = []
+                for r in recs:
+                    d = delta(r)
+                    lookups.append(lookup_entries(r, d.reshape(num_tasks, -1, d.shape[-1])))
+                return LookupGroup(w, lookups, sparse=all(r.config["sparse"] for r in recs))
+            if family == "conv":
+                calls = []
+                for r in recs:
+                    x, padding, unbatched = conv_input(r)
+                    d = delta(r)
+                    calls.append((x, d.unsqueeze(1) if unbatched else d, r.config, padding))
+                return ConvGroup(w, b, calls)
+            xh = [normalized_input(r) for r in recs]
+            return NormGroup(w, b, xh, [norm_delta(r, delta(r)) for r in recs])
+
+        plans: list[tuple[int, list[Record], Callable[[], Group]]] = []
+        regular: dict[tuple, dict[str, Any]] = {}
+        for pos in sorted(cov.uses):
+            uses = cov.uses[pos]
+            families = {rec.family for rec, _, _ in uses}
+            roles = {role for _, _, role in uses}
+            if len(families) == 1 and len(roles) == 1:
+                key = (families.pop(), tuple(id(rec) for rec, _, _ in uses))
+                slot = regular.setdefault(
+                    key, {"pos": pos, "recs": [rec for rec, _, _ in uses], "members": {}}
+                )
+                slot["members"][roles.pop()] = trainable[pos]
+                continue
+            by_kind: dict[tuple[str, str], list[Record]] = {}
+            for rec, _, role in uses:
+                by_kind.setdefault((rec.family, role), []).append(rec)
+
+            def mixed(pos=pos, by_kind=by_kind) -> Group:
+                parts = [build(f, recs, {role: trainable[pos]}) for (f, role), recs in by_kind.items()]
+                return MixedGroup(trainable[pos], parts)
+
+            plans.append((pos, [rec for rec, _, _ in uses], mixed))
+        for (family, _), slot in regular.items():
+            plans.append(
+                (slot["pos"], slot["recs"], functools.partial(build, family, slot["recs"], slot["members"]))
+            )
+        shared_set = set(shared)
+        for pos in sorted(cov.uncovered):
+            if pos in shared_set and reach[pos]:
+                per_task = [grads[i].get(pos) for i in range(num_tasks)]
+                plans.append((pos, [], functools.partial(DirectGroup, trainable[pos], per_task)))
+        plans.sort(key=lambda plan: plan[0])
+        return [(recs, make) for _, recs, make in plans]
+
+
+def _build(plans, deltas: dict[int, torch.Tensor] | None) -> Iterator[Group]:
+    """The groups one at a time. With ``deltas``, each δ buffer is dropped after its last group, so
+    temporaries (x̂, padded conv inputs, concatenated rows) never pile up on top of all the δ."""
+    remaining: dict[int, int] = {}
+    for recs, _ in plans:
+        for rec in recs:
+            remaining[id(rec)] = remaining.get(id(rec), 0) + 1
+    for recs, make in plans:
+        yield make()
+        if deltas is None:
+            continue
+        for rec in recs:
+            remaining[id(rec)] -= 1
+            if remaining[id(rec)] == 0:
+                deltas.pop(id(rec), None)
+
+
+@dataclass
+class ActivationGradients:
+    """What ``ActivationSource.collect`` returns (see ``collect``)."""
+
+    gram: torch.Tensor
+    shared: list[torch.Tensor]
+    task_specific: list[tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]]
+    reached: list[int]
+    _source: ActivationSource = field(repr=False)
+    _losses: list[torch.Tensor] | None = field(repr=False)
+    _retain: bool = field(repr=False)
+    _group: Any = field(repr=False)
+    _sparse_owner: set[int] = field(repr=False)  # ids of unreached shared tables with sparse gradients
+    _entries: list[tuple[Any, Record]] = field(repr=False)
+    _plans: list | None = field(default=None, repr=False)  # fused="activations": the groups' builders
+    _form_of: list = field(default_factory=list, repr=False)
+    _names: Any = field(default=None, repr=False)
+
+    @property
+    def forms(self) -> dict[str, str]:
+        """Module (or bare parameter) name → the form its shared parameters' contribution took:
+        "kernel", "materialize", "per-parameter" (joined by "+" when its parameters differ)."""
+        out: dict[str, set[str]] = {}
+        for p, form in self._form_of:
+            out.setdefault(self._names.owner(p), set()).add(form)
+        return {name: "+".join(sorted(f)) for name, f in out.items()}
+
+    def fused(self, weights: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The gradient of Σ_i w_i L_i (times the loss scale) for each shared parameter: by default from one
+        backward pass restricted to them (the graph is kept only with ``retain_graph=True``), or, with
+        ``ActivationSource(fused="activations")``, from the collected δ_i. Under data parallelism the rank
+        mean. A shared parameter no task reaches gets zeros."""
+        if self._losses is None:
+            raise RuntimeError("fused() already ran without retain_graph: the graph was freed")
+        if not self.shared:
+            self._release()
+            return []
+        losses = self._losses
+        w = weights.detach().to(device=losses[0].device, dtype=losses[0].dtype).reshape(-1)
+        if w.numel() != len(losses):
+            raise ValueError(f"expected {len(losses)} weights, got {w.numel()}")
+        if self._plans is not None:
+            grads = self._from_activations(w)
+        else:
+            total = (torch.stack(losses) * w).sum()
+            source = self._source
+            source._busy = True
+            try:
+                grads = torch.autograd.grad(total, self.shared, retain_graph=self._retain, allow_unused=True)
+            finally:
+                source._busy = False
+        out = []
+        for p, g in zip(self.shared, grads, strict=True):
+            if g is None:  # no task reaches it (shared by ``shared_ids``): a zero gradient, as full mode
+                if id(p) in self._sparse_owner:
+                    g = torch.sparse_coo_tensor(
+                        torch.zeros(1, 0, dtype=torch.long, device=p.device),
+                        p.new_zeros((0, *p.shape[1:])),
+                        p.shape,
+                        check_invariants=False,
+                    )
+                else:
+                    g = torch.zeros_like(p)
+            out.append(g)
+        if self._group is not None:
+            out = adist.mean_gradients(out, self._group)
+        if not self._retain:
+            self._release()
+        return list(zip(self.shared, out, strict=True))
+
+    def _from_activations(self, w: torch.Tensor) -> list[torch.Tensor | None]:
+        """Σ_i w_i g_i per shared parameter from the collected δ_i (``fused="activations"``); the δ_i carry
+        the loss scale already."""
+        total: dict[int, torch.Tensor] = {}
+        for group in _build(self._plans, None):
+            for p, g in group.fused(w):
+                total[id(p)] = g if id(p) not in total else total[id(p)] + g
+        return [total.get(id(p)) for p in self.shared]
+
+    def finite_checks(self) -> list[torch.Tensor]:
+        """Squared norms (float64) of the task-specific gradients; G's diagonal covers the shared ones."""
+        checks = []
+        for _, entries in self.task_specific:
+            for _, g in entries:
+                v = g._values() if g.is_sparse else g
+                checks.append(v.detach().double().pow(2).sum())
+        return checks
+
+    def _release(self) -> None:
+        """Drop the losses and the records of this step (their inputs) once the graph is spent."""
+        self._losses = None
+        self._plans = None
+        for node, rec in self._entries:
+            stored = node.metadata.get(METADATA_KEY)
+            if stored is not None:
+                stored[:] = [r for r in stored if r is not rec]
+        self._entries = []
+
+
+# -- helpers -------------------------------------------------------------------------------------------------
+class _Names:
+    """Names for messages and ``forms``: modules by their path in the model, parameters by theirs. Built on
+    first use (a walk over the model's modules), which most steps never need: ``forms`` is read on demand,
+    and the checks ask only when something is wrong."""
+
+    def __init__(self, model: nn.Module, hooked: list[tuple[str, nn.Module]]) -> None:
+        self._model, self._hooked_modules = model, hooked
+        self._built = False
+
+    def _build(self) -> None:
+        if self._built:
+            return
+        model, hooked = self._model, self._hooked_modules
+        self._built = True
+        self._modules = {id(m): name or type(m).__name__ for name, m in model.named_modules()}
+        self._params: dict[int, str] = {}
+        self._owner: dict[int, str] = {}
+        self._hooked: dict[int, list[str]] = {}
+        self._sparse: dict[int, bool] = {}
+        for mname, m in model.named_modules(remove_duplicate=False):
+            for pname, p in m._parameters.items():
+                if p is None:
+                    continue
+                full = f"{mname}.{pname}" if mname else pname
+                self._params.setdefault(id(p), full)
+                self._owner.setdefault(id(p), mname or full)  # a bare parameter of the root: its own name
+                if getattr(m, "sparse", False) is True:
+                    self._sparse[id(p)] = True
+        for name, m in hooked:
+            for p in m._parameters.values():
+                if p is not None:
+                    self._hooked.setdefault(id(p), []).append(name)
+
+    def module(self, m: nn.Module) -> str:
+        self._build()
+        return self._modules.get(id(m), type(m).__name__)
+
+    def param(self, p: torch.Tensor) -> str:
+        self._build()
+        return self._params.get(id(p), f"<parameter of shape {tuple(p.shape)}>")
+
+    def owner(self, p: torch.Tensor) -> str:
+        self._build()
+        return self._owner.get(id(p), self.param(p))
+
+    def hooked_owners(self, p: torch.Tensor) -> list[str]:
+        self._build()
+        return self._hooked.get(id(p), [])
+
+    def sparse(self, p: torch.Tensor) -> bool:
+        self._build()
+        return self._sparse.get(id(p), False)
+
+
+def _used_records(cov: Coverage) -> list[tuple[Record, int]]:
+    seen: dict[int, tuple[Record, int]] = {}
+    for pos in sorted(cov.uses):
+        for rec, entry, _ in cov.uses[pos]:
+            seen.setdefault(id(rec), (rec, entry))
+    return sorted(seen.values(), key=lambda u: u[1])
+
+
+def _device(params: list[torch.Tensor]) -> torch.device:
+    return params[0].device if params else torch.device("cpu")
+
+
+def _signature(num_tasks, reach, shared, cov, used) -> str:
+    """The layout every rank must share before the collectives (what is shared, covered, reached)."""
+    covered = sorted(
+        (pos, tuple((rec.kind, role) for rec, _, role in uses)) for pos, uses in cov.uses.items()
+    )
+    return repr((num_tasks, reach, shared, covered, sorted(cov.uncovered), len(used)))
