@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradsurgery.collect import GradientCollector
+from gradsurgery.sources.jacobian import GradientCollector
 from gradsurgery.gram import gram_matrix
 from gradsurgery.sources.activation import ActivationSource
 
@@ -180,7 +180,7 @@ def activation_step(w: Workload, form: str, fused: str = "backward") -> Callable
 
     def step() -> None:
         w.zero_grad()
-        res = source.collect(
+        res = source.gradients(
             w.losses(), w.params, shared_ids=None, retain_graph=False, gram_dtype=torch.float64
         )
         for p, g in res.fused(weights):
@@ -283,7 +283,7 @@ def accuracy(w: Workload) -> dict[str, float]:
     source = ActivationSource(w.model)
     weights = weights_for(w)
     losses = w.losses()
-    res = source.collect(losses, w.params, shared_ids=None, retain_graph=True, gram_dtype=torch.float64)
+    res = source.gradients(losses, w.params, shared_ids=None, retain_graph=True, gram_dtype=torch.float64)
     grads = GradientCollector().collect(losses, w.params, retain_graph=True)
     g_full = gram_matrix(grads.jacobian)
     scale = torch.sqrt(torch.outer(g_full.diagonal(), g_full.diagonal()))

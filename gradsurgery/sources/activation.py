@@ -35,15 +35,19 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable, Iterator
+import weakref
+import zlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
+from .._validation import check_choice
 from . import _activation_dist as adist
+from . import check_finite, loss_values
 from ._activation_gram import (
     ConvGroup,
     DirectGroup,
@@ -69,6 +73,11 @@ from ._activation_record import (
     input_stops,
     output_edge,
 )
+from .jacobian import check_reached
+
+if TYPE_CHECKING:
+    from ..amp import LossScaling
+    from ..distributed import Reduction
 
 FORMS = ("auto", "kernel", "materialize")
 FUSED = ("backward", "activations")
@@ -98,16 +107,29 @@ class ActivationSource:
             until ``fused``). Both are exact; ``test_activation.py`` checks both against autograd.
     """
 
-    def __init__(self, model: nn.Module, *, form: str = "auto", fused: str = "backward") -> None:
+    mode = "full"
+    name = "activations"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        form: str = "auto",
+        fused: str = "backward",
+        shared_params: Sequence[torch.Tensor] | None = None,
+        gram_dtype: torch.dtype = torch.float64,
+        scales_task_specific: bool = False,
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if form not in FORMS:
-            raise ValueError(f"unknown form {form!r}; choose one of {FORMS}")
-        if fused not in FUSED:
-            raise ValueError(f"unknown fused {fused!r}; choose one of {FUSED}")
+        check_choice(form, FORMS, "form")
+        check_choice(fused, FUSED, "fused")
         self.model = model
         self.form = form
         self.fused = fused
+        self.shared_ids = None if shared_params is None else {id(p) for p in shared_params}
+        self.gram_dtype = gram_dtype
+        self.scales_task_specific = scales_task_specific
         self._registry = Registry()
         self._busy = False
         self._handles: list[Any] = []
@@ -115,18 +137,34 @@ class ActivationSource:
         # Nodes created before the hooks existed belong to calls nobody recorded (same-thread numbering).
         self._attach_seq = _current_sequence_nr()
         self._attach_thread = threading.get_ident()
+        # The hooks hold the source weakly, and its finalizer removes them: a source (an optimizer) that is
+        # dropped leaves no hook on the model it recorded.
+        this = weakref.ref(self)
         try:
             for name, module in model.named_modules():
                 kind = SUPPORTED.get(type(module))
                 if kind is None:
                     continue
-                hook = functools.partial(self._hook, kind)
+                hook = functools.partial(_weak_hook, this, kind)
                 self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
                 self._hooked.append((name, module))
         except BaseException:
             self.remove()
             raise
+        self._finalizer = weakref.finalize(self, _remove_handles, self._handles)
         self._removed = False
+
+    def __deepcopy__(self, memo: dict) -> ActivationSource:
+        # The model and its hooks are not copied (a deep copy of an optimizer shares its model): the copy
+        # shares this source.
+        memo[id(self)] = self
+        return self
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            "an optimizer that records a model's activations (gradient_source='activations') cannot be "
+            "pickled: save its state_dict() and build a new one around the model instead"
+        )
 
     # -- recording ----------------------------------------------------------------------------------------
     def _hook(self, kind: str, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -150,9 +188,7 @@ class ActivationSource:
 
     def remove(self) -> None:
         """Remove every hook this source installed (idempotent); pending records die with their graphs."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        _remove_handles(self._handles)
         self._removed = True
 
     @property
@@ -164,6 +200,31 @@ class ActivationSource:
         self,
         losses: list[torch.Tensor],
         params: list[torch.Tensor],
+        scaling: LossScaling | None,
+        retain_graph: bool,
+        no_sync: Callable[[], Any],
+    ) -> ActivationCollection:
+        """The engine's entry (``gradsurgery.sources``): the local part of one ``GradSurgery.backward``."""
+        factor = None
+        if scaling is not None:
+            scaling.scale(losses)  # reads (and creates, on first use) the scaler's scale
+            factor = scaling.factor
+        with no_sync():
+            result = self.prepare(
+                losses,
+                params,
+                shared_ids=self.shared_ids,
+                retain_graph=retain_graph,
+                gram_dtype=self.gram_dtype,
+                loss_scale=factor,
+            )
+        check_reached(result.reached)
+        return ActivationCollection(result, loss_values(losses, self.gram_dtype), factor, self, no_sync)
+
+    def gradients(
+        self,
+        losses: list[torch.Tensor],
+        params: list[torch.Tensor],
         *,
         shared_ids: set[int] | None,
         retain_graph: bool,
@@ -171,14 +232,39 @@ class ActivationSource:
         loss_scale: float | None = None,
         group: Any = None,
     ) -> ActivationGradients:
-        """G over the shared parameters, the task-specific gradients and what ``fused`` needs.
+        """G over the shared parameters, the task-specific gradients and what ``fused`` needs: ``prepare``
+        (local), the ranks' agreement on the layout, then ``ActivationGradients.reduce`` (see both). The
+        engine (``GradSurgery``) runs the same steps through ``collect``."""
+        result = self.prepare(
+            losses,
+            params,
+            shared_ids=shared_ids,
+            retain_graph=retain_graph,
+            gram_dtype=gram_dtype,
+            loss_scale=loss_scale,
+        )
+        if group is not None:
+            adist.agree(group, _device(result._trainable), result._layout)
+        result.reduce(group)
+        return result
+
+    def prepare(
+        self,
+        losses: list[torch.Tensor],
+        params: list[torch.Tensor],
+        *,
+        shared_ids: set[int] | None,
+        retain_graph: bool,
+        gram_dtype: torch.dtype,
+        loss_scale: float | None = None,
+    ) -> ActivationGradients:
+        """The local part of ``collect``: the graph walk, the checks and the T task passes; no communication.
+        ``reduce`` then forms G and the task-specific gradients.
 
         ``params``: the trainable parameters (frozen ones are ignored). ``shared_ids``: ids of the parameters
         that receive the fused gradient (default: those reached by two or more tasks). ``loss_scale`` s: the
         losses are scaled by s for the per-task passes; G is returned ÷ s², the task-specific gradients ÷ s,
-        and ``fused`` returns the gradient of s·Σ w_i L_i. ``group``: a process group: G is that of the
-        rank-averaged Jacobian (every group materialised and all-reduced chunk by chunk), the task-specific
-        and fused gradients are rank means.
+        and ``fused`` returns the gradient of s·Σ w_i L_i.
         """
         if self._removed:
             raise ValueError("this ActivationSource was removed; create a new one for the model")
@@ -215,72 +301,28 @@ class ActivationSource:
         self._check(graph, cov, trainable, names)
         direct = sorted(k for k, m in enumerate(reach) if m and (k not in shared_set or k in cov.uncovered))
         used = _used_records(cov)
-        if group is not None:
-            adist.agree(group, _device(trainable), _signature(num_tasks, reach, shared, cov, used))
-
         from_activations = self.fused == "activations"
         # The graph must survive the last pass only when a backward will run on it again.
         keep_graph = retain_graph or (bool(shared) and not from_activations)
         deltas, grads = self._task_passes(task_losses, graph, used, direct, trainable, reach, keep_graph)
-        form_of: list[tuple[torch.Tensor, str]] = []  # (parameter, form): named when ``forms`` is read
-        device = _device(trainable)
-        gram = torch.zeros(num_tasks, num_tasks, dtype=gram_dtype, device=device)
         plans = self._plans(cov, deltas, grads, trainable, shared, reach, num_tasks)
-        for grp in _build(plans, None if from_activations else deltas):
-            form = "materialize" if group is not None else choose_form(grp, self.form)
-            label = "per-parameter" if isinstance(grp, DirectGroup) else form
-            form_of += [(p, label) for p in grp.params]
-            if form == "kernel":
-                part = grp.kernel_gram(gram_dtype)
-            elif group is not None:
-                ids = grp.touched()
-                if ids is not None:
-                    ids = adist.union_rows(ids.to(device), group)
-                part = materialize_gram(grp, gram_dtype, ids=ids, reduce=lambda b: adist.mean_(b, group))
-            else:
-                part = grp.direct_gram(gram_dtype)
-                if part is None:
-                    part = materialize_gram(grp, gram_dtype)
-            gram += part.to(device)
-            del grp
-        del deltas
-        gram = (gram + gram.T) / 2  # the kernel form's two products round differently
-        if scale is not None:
-            gram /= scale * scale
-
-        specific: list[tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]] = []
-        flat: list[torch.Tensor] = []
-        for k in direct:
-            if k in shared_set:
-                continue
-            entries = []
-            for i in range(num_tasks):
-                if (reach[k] >> i) & 1:
-                    g = grads[i].get(k)
-                    if g is None:
-                        g = torch.zeros_like(trainable[k])
-                    if scale is not None:
-                        g = g / scale
-                    entries.append((i, g))
-                    flat.append(g)
-            specific.append((trainable[k], entries))
-        if group is not None and flat:
-            averaged = iter(adist.mean_gradients(flat, group))
-            specific = [(p, [(i, next(averaged)) for i, _ in entries]) for p, entries in specific]
         return ActivationGradients(
-            gram=gram,
+            gram=None,
             shared=[trainable[k] for k in shared],
-            task_specific=specific,
+            task_specific=[],
             reached=reached,
-            _form_of=form_of,
+            _form_of=[],
             _names=names,
             _source=self,
             _losses=task_losses,
             _retain=retain_graph,
-            _group=group,
+            _group=None,
             _sparse_owner={id(trainable[k]) for k in shared if not reach[k] and names.sparse(trainable[k])},
             _entries=[(graph.nodes[entry], rec) for rec, entry in used],
-            _plans=plans if from_activations else None,
+            _plans=plans,
+            _trainable=trainable,
+            _layout=_signature(num_tasks, reach, shared, cov, used),
+            _pending=(deltas, grads, direct, reach, scale, gram_dtype, from_activations),
         )
 
     # -- the pieces of collect ----------------------------------------------------------------------------
@@ -450,9 +492,10 @@ def _build(plans, deltas: dict[int, torch.Tensor] | None) -> Iterator[Group]:
 
 @dataclass
 class ActivationGradients:
-    """What ``ActivationSource.collect`` returns (see ``collect``)."""
+    """What ``ActivationSource.collect`` returns (see ``collect``); ``prepare`` returns it before ``reduce``,
+    with ``gram`` None."""
 
-    gram: torch.Tensor
+    gram: torch.Tensor | None
     shared: list[torch.Tensor]
     task_specific: list[tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]]
     reached: list[int]
@@ -465,6 +508,71 @@ class ActivationGradients:
     _plans: list | None = field(default=None, repr=False)  # fused="activations": the groups' builders
     _form_of: list = field(default_factory=list, repr=False)
     _names: Any = field(default=None, repr=False)
+    _trainable: list[torch.Tensor] = field(default_factory=list, repr=False)
+    _layout: str = field(default="", repr=False)  # what every rank must share before ``reduce``
+    _pending: Any = field(default=None, repr=False)  # what ``reduce`` consumes
+
+    def signature(self) -> int:
+        """A 31-bit fingerprint of the layout (what is shared, covered and reached, by which tasks)."""
+        return zlib.crc32(self._layout.encode()) & 0x7FFFFFFF
+
+    def reduce(self, group: Any = None) -> None:
+        """G from the groups' contributions and the task-specific gradients. With a process group ``group``
+        (the ranks must have agreed on the layout), G is that of the rank-averaged Jacobian: every group
+        materialised chunk by chunk and each chunk all-reduced; the task-specific gradients are rank means."""
+        deltas, grads, direct, reach, scale, gram_dtype, from_activations = self._pending
+        self._pending = None
+        self._group = group
+        trainable = self._trainable
+        num_tasks = len(self.reached)
+        plans = self._plans
+        device = _device(trainable)
+        gram = torch.zeros(num_tasks, num_tasks, dtype=gram_dtype, device=device)
+        for grp in _build(plans, None if from_activations else deltas):
+            form = "materialize" if group is not None else choose_form(grp, self._source.form)
+            label = "per-parameter" if isinstance(grp, DirectGroup) else form
+            self._form_of += [(p, label) for p in grp.params]
+            if form == "kernel":
+                part = grp.kernel_gram(gram_dtype)
+            elif group is not None:
+                ids = grp.touched()
+                if ids is not None:
+                    ids = adist.union_rows(ids.to(device), group)
+                part = materialize_gram(grp, gram_dtype, ids=ids, reduce=lambda b: adist.mean_(b, group))
+            else:
+                part = grp.direct_gram(gram_dtype)
+                if part is None:
+                    part = materialize_gram(grp, gram_dtype)
+            gram += part.to(device)
+            del grp
+        del deltas
+        gram = (gram + gram.T) / 2  # the kernel form's two products round differently
+        if scale is not None:
+            gram /= scale * scale
+        shared_ids = {id(p) for p in self.shared}
+        specific: list[tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]] = []
+        flat: list[torch.Tensor] = []
+        for k in direct:
+            if id(trainable[k]) in shared_ids:
+                continue
+            entries = []
+            for i in range(num_tasks):
+                if (reach[k] >> i) & 1:
+                    g = grads[i].get(k)
+                    if g is None:
+                        g = torch.zeros_like(trainable[k])
+                    if scale is not None:
+                        g = g / scale
+                    entries.append((i, g))
+                    flat.append(g)
+            specific.append((trainable[k], entries))
+        if group is not None and flat:
+            averaged = iter(adist.mean_gradients(flat, group))
+            specific = [(p, [(i, next(averaged)) for i, _ in entries]) for p, entries in specific]
+        self.gram = gram
+        self.task_specific = specific
+        if not from_activations:
+            self._plans = None
 
     @property
     def forms(self) -> dict[str, str]:
@@ -548,6 +656,20 @@ class ActivationGradients:
 
 
 # -- helpers -------------------------------------------------------------------------------------------------
+def _weak_hook(
+    source: weakref.ref, kind: str, module: nn.Module, args: tuple, kwargs: dict, output: Any
+) -> None:
+    live = source()
+    if live is not None:
+        live._hook(kind, module, args, kwargs, output)
+
+
+def _remove_handles(handles: list[Any]) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+
+
 class _Names:
     """Names for messages and ``forms``: modules by their path in the model, parameters by theirs. Built on
     first use (a walk over the model's modules), which most steps never need: ``forms`` is read on demand,
@@ -620,3 +742,60 @@ def _signature(num_tasks, reach, shared, cov, used) -> str:
         (pos, tuple((rec.kind, role) for rec, _, role in uses)) for pos, uses in cov.uses.items()
     )
     return repr((num_tasks, reach, shared, covered, sorted(cov.uncovered), len(used)))
+
+
+class ActivationCollection:
+    """One ``backward`` through the activation source, in the engine's terms (``gradsurgery.sources``)."""
+
+    mode = "full"
+    source = "activations"
+
+    def __init__(
+        self, result: ActivationGradients, values, factor, source: ActivationSource, no_sync
+    ) -> None:
+        self.result = result
+        self.loss_values = values
+        self.factor = factor
+        self.scales_task_specific = source.scales_task_specific
+        self.no_sync = no_sync
+        self.gram: torch.Tensor | None = None
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.result.reached)
+
+    @property
+    def forms(self) -> dict[str, str]:
+        return self.result.forms
+
+    def signature(self) -> int:
+        return self.result.signature()
+
+    def reduce(self, reduction: Reduction) -> None:
+        self.result.reduce(reduction.group)
+        self.gram = self.result.gram
+        self.loss_values = reduction.average(self.loss_values).to(self.gram.device)
+
+    def _task_grads(self) -> list[tuple[int, torch.Tensor]]:
+        return [(i, g) for _, entries in self.result.task_specific for i, g in entries]
+
+    def check_finite(self) -> None:
+        check_finite(self.loss_values, self.gram, self._task_grads(), params=self.reached_params())
+
+    def gradients(self, weights: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Σ_i w_i g_i for the shared parameters (one backward of Σ w_i L_i, sparse where their gradient
+        is), Σ_i s_i g_i for the task-specific ones (s_i = 1, or w_i for loss weightings)."""
+        with self.no_sync():
+            out = self.result.fused(weights)
+        if self.factor is not None:
+            out = [(p, g / self.factor) for p, g in out]
+        for p, entries in self.result.task_specific:
+            total = None
+            for i, g in entries:
+                g = g * weights[i].to(device=g.device, dtype=g.dtype) if self.scales_task_specific else g
+                total = g if total is None else total + g
+            out.append((p, total))
+        return out
+
+    def reached_params(self) -> list[torch.Tensor]:
+        return self.result.shared + [p for p, _ in self.result.task_specific]

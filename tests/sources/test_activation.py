@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradsurgery.collect import GradientCollector
+from gradsurgery.sources.jacobian import GradientCollector
 from gradsurgery.gram import gram_matrix
 from gradsurgery.sources.activation import ActivationSource
 
@@ -101,7 +101,7 @@ def check(
     if weights is None:
         weights = torch.linspace(0.5, 1.5, len(losses), dtype=torch.float64)
     ref = reference(losses, params, [float(w) for w in weights], shared_ids)
-    res = source.collect(
+    res = source.gradients(
         losses,
         params,
         shared_ids=shared_ids,
@@ -269,7 +269,7 @@ def test_sparse_embedding_fused_is_sparse_and_sparse_adam_steps(fused):
     idx = torch.randint(0, 1000, (16,))
     h = emb(idx)
     losses = [heads[0](h).pow(2).mean(), (heads[1](h) - 1).pow(2).mean()]
-    res = source.collect(
+    res = source.gradients(
         losses, list(model.parameters()), shared_ids=None, retain_graph=False, gram_dtype=torch.float64
     )
     ((p, g),) = res.fused(torch.tensor([0.5, 0.5]))
@@ -514,7 +514,7 @@ def test_retain_graph_twice_and_loss_scale(fused):
     torch.testing.assert_close(first.gram, second.gram, rtol=0, atol=0)
     # With a loss scale s the Gram and task-specific gradients come back unscaled, fused is s·Σ w_i g_i.
     s = 1024.0
-    res = source.collect(
+    res = source.gradients(
         losses,
         list(model.parameters()),
         shared_ids=None,
@@ -543,7 +543,7 @@ def test_matches_full_mode_collector():
     losses = mse_losses(model(torch.randn(10, 16)))
     params = list(model.parameters())
     grads = GradientCollector().collect(losses, params, retain_graph=True)
-    res = source.collect(losses, params, shared_ids=None, retain_graph=True, gram_dtype=torch.float64)
+    res = source.gradients(losses, params, shared_ids=None, retain_graph=True, gram_dtype=torch.float64)
     assert_gram_close(res.gram, gram_matrix(grads.jacobian), 1e-5)
     assert [id(p) for p in res.shared] == [id(params[k]) for k in grads.layout.shared]
 
@@ -586,7 +586,7 @@ def _error_setup():
 
 
 def _collect(source, losses, model):
-    return source.collect(
+    return source.gradients(
         losses, list(model.parameters()), shared_ids=None, retain_graph=True, gram_dtype=torch.float64
     )
 
@@ -757,7 +757,7 @@ def test_fused_from_activations_frees_the_graph():
     want = torch.autograd.grad(
         sum(wi * loss for wi, loss in zip(w, losses, strict=True)), shared, retain_graph=True
     )
-    res = source.collect(
+    res = source.gradients(
         losses, list(model.parameters()), shared_ids=None, retain_graph=False, gram_dtype=torch.float64
     )
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):

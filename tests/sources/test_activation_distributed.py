@@ -68,7 +68,7 @@ def run(rank, form, fused="backward"):
     idx, x, y = make_data()
     mine = slice(rank * BATCH, (rank + 1) * BATCH)
     losses = losses_of(model(idx[mine], x[mine]), y[mine])
-    res = source.collect(
+    res = source.gradients(
         losses,
         list(model.parameters()),
         shared_ids=None,
@@ -95,7 +95,7 @@ def mismatch(rank):
     if rank == 1:  # task 2 through head 0: another layout
         losses[2] = (out[0] - y[:BATCH, 2]).pow(2).mean()
     try:
-        source.collect(
+        source.gradients(
             losses,
             list(model.parameters()),
             shared_ids=None,
