@@ -9,6 +9,7 @@ from .errors import SolverError, SolverFallbackWarning
 from .gram import gram_matrix
 from .info import StepInfo
 from .methods import METHODS, Method, make_method, register
+from .multi import MultiOptimizer
 from .optimizer import GradSurgery
 
 __version__ = "0.1.0"
@@ -18,6 +19,7 @@ __all__ = [
     "CleanBatches",
     "GradSurgery",
     "Method",
+    "MultiOptimizer",
     "SolverError",
     "SolverFallbackWarning",
     "StepInfo",

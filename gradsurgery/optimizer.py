@@ -19,9 +19,9 @@ from typing import Any
 import torch
 
 from . import checkpoint
-from ._validation import check_bool, check_tensors
+from ._validation import check_bool, check_choice, check_tensors
 from .amp import LossScaling, mark_overflow
-from .distributed import DistributedSync, check_not_sharded
+from .distributed import DistributedSync, check_not_sharded, is_ddp
 from .info import StepInfo
 from .l2 import L2Rule
 from .losses import MaskedLosses, PlainLosses, align, check_scalars
@@ -30,6 +30,7 @@ from .sources import NonFiniteError
 from .sources.features import FeatureSource
 from .sources.jacobian import JacobianSource
 from .sources.weighted import WeightedSource
+from .sparse import check_sparse_support, sparse_tables
 from .writeback import accumulate
 
 STATE_KEY = checkpoint.STATE_KEY
@@ -60,8 +61,19 @@ class GradSurgery(torch.optim.Optimizer):
             two or more tasks reach it; a parameter reached by one task receives that task's gradient.
         num_tasks: the number of losses; taken from the first ``backward`` when omitted.
         gram_dtype: dtype in which the Gram matrix is accumulated and the method solved.
-        model: the ``DistributedDataParallel`` module (optional): gradients are averaged over its process
-            group and the task gradients are taken inside its ``no_sync()``.
+        model: the model (or its ``DistributedDataParallel`` wrapper), optional. With it the exact full mode
+            can take the gradients from the layers' activations instead of materialising every task's
+            gradient (``gradient_source``); a DDP module also sets the process group to average over, and
+            the task gradients are taken inside its ``no_sync()``.
+        gradient_source: where full mode gets the task gradients: ``"jacobian"`` (one backward per task
+            over the parameters, the T×d Jacobian of the shared ones), ``"activations"`` (the Gram matrix
+            from each supported layer's inputs and output gradients; memory follows the activations, sparse
+            embedding tables work; needs ``model``; see ``gradsurgery.sources.activation``) or ``"auto"``
+            (the activations when ``model`` is given and they pay off: sparse tables, or a model that is not
+            mostly convolutions and not data-parallel; see ``activations_pay_off``). ``info.source`` says
+            which ran.
+        activation_form: ``"auto"``, ``"kernel"`` or ``"materialize"``: how the activation source forms
+            each layer's contribution to G (``"auto"``: the one with fewer flops, per layer).
         process_group: the ``torch.distributed`` group to average over (default: the DDP module's group,
             else the default group).
         distributed: ``None`` (auto: average over the ranks whenever ``torch.distributed`` is initialised with
@@ -92,6 +104,8 @@ class GradSurgery(torch.optim.Optimizer):
         process_group: Any = None,
         distributed: bool | None = None,
         dist_strategy: str = "allreduce",
+        gradient_source: str = "auto",
+        activation_form: str = "auto",
         l2: bool = False,
         l2_params: Sequence[torch.Tensor] | None = None,
         l2_per_tensor: bool | None = None,
@@ -136,11 +150,8 @@ class GradSurgery(torch.optim.Optimizer):
         self.sync = sync
         self.shared_ids = None if shared_params is None else {id(p) for p in shared_params}
         self.transforms = transforms
-        scales = self.method.scales_task_specific
-        self.source = (
-            JacobianSource(shared_params, gram_dtype, scales)
-            if self.method.needs_gram
-            else WeightedSource(gram_dtype)
+        self.source = _full_mode_source(
+            self.method, model, gradient_source, activation_form, shared_params, gram_dtype, optimizer
         )
         main = self.method.per_sample_task
         self.prepare = PlainLosses() if main is None else MaskedLosses(main, self.shared_ids)
@@ -342,6 +353,60 @@ class GradSurgery(torch.optim.Optimizer):
 
     def _trainable_params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+
+
+def _full_mode_source(
+    method: Method,
+    model: torch.nn.Module | None,
+    gradient_source: str,
+    activation_form: str,
+    shared_params: Sequence[torch.Tensor] | None,
+    gram_dtype: torch.dtype,
+    optimizer: torch.optim.Optimizer,
+) -> Any:
+    """The gradient source of full mode, chosen once: one weighted backward for methods that need no Gram
+    matrix, else the Jacobian or the activation source (``gradient_source``)."""
+    check_choice(gradient_source, ("auto", "jacobian", "activations"), "gradient_source")
+    if gradient_source == "activations" and model is None:
+        raise ValueError("gradient_source='activations' needs the model: GradSurgery(..., model=model)")
+    scales = method.scales_task_specific
+    if not method.needs_gram:
+        return WeightedSource(gram_dtype)
+    auto = gradient_source == "auto"
+    if gradient_source == "jacobian" or (auto and (model is None or not activations_pay_off(model))):
+        return JacobianSource(shared_params, gram_dtype, scales)
+    from .sources.activation import ActivationSource
+
+    check_sparse_support(model, optimizer)
+    return ActivationSource(
+        model,
+        form=activation_form,
+        shared_params=shared_params,
+        gram_dtype=gram_dtype,
+        scales_task_specific=scales,
+    )
+
+
+def activations_pay_off(model: torch.nn.Module) -> bool:
+    """Whether the activation source is the cheaper exact source for ``model``: always with sparse tables
+    (the Jacobian cannot hold their gradients); not under DDP (every layer is then materialised and
+    all-reduced, the Jacobian's cost plus a backward); not when convolutions hold most of the parameters
+    (their contribution is materialised: the Jacobian's weight-gradient work plus a backward). Otherwise yes:
+    linear layers and embeddings get the cheaper of the kernel and the materialised form, and memory follows
+    the activations instead of T × the parameters."""
+    if sparse_tables(model):
+        return True
+    if is_ddp(model):
+        return False
+    conv = sum(
+        p.numel()
+        for m in model.modules()
+        if isinstance(m, torch.nn.modules.conv._ConvNd)
+        for p in m.parameters(recurse=False)
+        if p.requires_grad
+    )
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return 2 * conv <= total
 
 
 def _l2_option(

@@ -28,7 +28,9 @@ STEPS = 3
 
 METHODS = registered(2)
 CLOSED_FORM = ["sum", "mgda", "pcgrad", "main_aux", "gradvac"]
-STRATEGIES = ["allreduce", "sharded"]
+# How the rank-averaged task gradients are formed: the Jacobian all-reduced or sharded, or the activation
+# source (every layer's contribution materialised and all-reduced chunk by chunk).
+STRATEGIES = ["allreduce", "sharded", "activations"]
 
 
 class Net(nn.Module):
@@ -78,12 +80,9 @@ def run_method(rank, method, options, strategy, num_tasks=2, rank_options=None):
     model, ref = make_net(num_tasks), make_net(num_tasks)
     ddp = nn.parallel.DistributedDataParallel(model)
     opts = dict(options, **(rank_options or {}))
+    source = {"gradient_source": "activations"} if strategy == "activations" else {"dist_strategy": strategy}
     opt = GradSurgery(
-        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-        method,
-        model=ddp,
-        dist_strategy=strategy,
-        **opts,
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), method, model=ddp, **source, **opts
     )
     ref_opt = GradSurgery(
         torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9), method, distributed=False, **options

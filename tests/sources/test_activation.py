@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradsurgery.sources.jacobian import GradientCollector
 from gradsurgery.gram import gram_matrix
 from gradsurgery.sources.activation import ActivationSource
+from gradsurgery.sources.jacobian import GradientCollector
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,0 +1,187 @@
+"""The activation source through ``GradSurgery``: the same weights and ``.grad`` as the Jacobian source for
+every method, sparse tables with ``MultiOptimizer``, checkpoints, and the errors a user can run into."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from method_checks import registered
+from state_checks import same_state, snapshot
+from torch import nn
+
+from gradsurgery import GradSurgery, MultiOptimizer
+from gradsurgery.optimizer import activations_pay_off
+
+
+class Ranker(nn.Module):
+    """Two embedding tables (one sparse), a shared bottom with a LayerNorm, one tower per task."""
+
+    def __init__(self, num_tasks: int = 3, sparse: bool = False, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.user = nn.Embedding(50, 6, sparse=sparse)
+        self.item = nn.EmbeddingBag(40, 6, mode="mean")
+        self.bottom = nn.Sequential(
+            nn.Linear(12, 16), nn.LayerNorm(16), nn.ReLU(inplace=True), nn.Linear(16, 8)
+        )
+        self.towers = nn.ModuleList(
+            nn.Sequential(nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 1)) for _ in range(num_tasks)
+        )
+
+    def forward(self, users, items):
+        h = torch.relu(self.bottom(torch.cat([self.user(users), self.item(items)], dim=1)))
+        return [tower(h).squeeze(-1) for tower in self.towers]
+
+
+def batch(step: int, n: int = 16):
+    gen = torch.Generator().manual_seed(step)
+    users = torch.randint(0, 50, (n,), generator=gen)
+    items = torch.randint(0, 40, (n, 3), generator=gen)
+    targets = torch.randn(3, n, generator=gen)
+    return users, items, targets
+
+
+def task_losses(model, step, num_tasks=3):
+    users, items, targets = batch(step)
+    out = model(users, items)
+    losses = [(o - targets[i]).pow(2).mean() + 0.1 for i, o in enumerate(out)]
+    losses[1] = (out[1] + out[0] - targets[1]).pow(2).mean() + 0.1  # conflicts with task 0
+    return losses[:num_tasks]
+
+
+def train(source: str, method: str, options: dict, steps: int = 3, **extra):
+    model = Ranker().double()
+    opt = GradSurgery(
+        torch.optim.SGD(model.parameters(), lr=0.05),
+        method,
+        model=model,
+        gradient_source=source,
+        **options,
+        **extra,
+    )
+    infos, grads = [], []
+    for step in range(steps):
+        opt.zero_grad()
+        infos.append(opt.backward(task_losses(model, step)))
+        grads.append([None if p.grad is None else p.grad.clone() for p in model.parameters()])
+        opt.step()
+    return infos, grads, model
+
+
+@pytest.mark.parametrize("method,options", registered(3), ids=[m for m, _ in registered(3)])
+def test_every_method_gets_what_the_jacobian_source_gives(method, options):
+    infos_a, grads_a, _ = train("activations", method, options)
+    infos_j, grads_j, _ = train("jacobian", method, options)
+    for a, j, ga, gj in zip(infos_a, infos_j, grads_a, grads_j, strict=True):
+        if a.gram is not None:
+            assert a.source == "activations" and j.source == "jacobian"
+            torch.testing.assert_close(a.gram, j.gram, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(a.weights, j.weights, rtol=1e-7, atol=1e-10)
+        for x, y in zip(ga, gj, strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-8, atol=1e-11)
+
+
+def test_the_loss_scale_is_undone_exactly():
+    """A GradScaler (here on float64, so no overflow): G, weights and .grad/s as without it."""
+    plain, grads_plain, _ = train("activations", "mgda", {}, steps=1)
+    model = Ranker().double()
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.05), "mgda", model=model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    info = opt.backward(task_losses(model, 0), grad_scaler=scaler)
+    torch.testing.assert_close(info.gram, plain[0].gram, rtol=1e-12, atol=0)
+    for p, g in zip(model.parameters(), grads_plain[0], strict=True):
+        torch.testing.assert_close(p.grad / 2.0**10, g, rtol=1e-12, atol=0)
+
+
+def sparse_setup(seed=0):
+    model = Ranker(sparse=True, seed=seed)
+    tables = [model.user.weight]
+    dense = [p for p in model.parameters() if p is not model.user.weight]
+    inner = MultiOptimizer(torch.optim.SparseAdam(tables, lr=0.01), torch.optim.Adam(dense, lr=0.01))
+    return model, GradSurgery(inner, "nash_mtl", model=model)
+
+
+def test_sparse_tables_train_with_multi_optimizer_and_resume_bit_identically():
+    model, opt = sparse_setup()
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    for step in range(3):
+        opt.zero_grad()
+        info = opt.backward(task_losses(model, step))
+        assert model.user.weight.grad.is_sparse and info.source == "activations"
+        opt.step()
+        scheduler.step()
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    for step in range(3, 6):
+        opt.zero_grad()
+        opt.backward(task_losses(model, step))
+        opt.step()
+    resumed, resumed_opt = sparse_setup(seed=1)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed.load_state_dict(saved["model"])
+    resumed_opt.load_state_dict(saved["opt"])
+    assert resumed_opt.param_groups[0]["lr"] == pytest.approx(0.005)  # the scheduler's decay came along
+    for step in range(3, 6):
+        resumed_opt.zero_grad()
+        resumed_opt.backward(task_losses(resumed, step))
+        resumed_opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), resumed.parameters(), strict=True))
+
+
+def test_a_sparse_table_with_an_optimizer_that_refuses_sparse_gradients_is_refused():
+    model = Ranker(sparse=True)
+    with pytest.raises(ValueError, match=r"module 'user' has sparse=True.*\(Adam\)"):
+        GradSurgery(torch.optim.Adam(model.parameters()), "mgda", model=model)
+
+
+def test_activations_need_the_model():
+    model = Ranker()
+    with pytest.raises(ValueError, match="needs the model"):
+        GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "mgda", gradient_source="activations")
+    with pytest.raises(ValueError, match="unknown gradient_source 'tape'"):
+        GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "mgda", model=model, gradient_source="tape")
+
+
+def test_a_forward_before_the_optimizer_existed_is_refused_and_changes_nothing():
+    model = Ranker()
+    losses = task_losses(model, 0)  # no hooks yet: these calls were not recorded
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "pcgrad", model=model, seed=0)
+    before = snapshot(opt.state_dict())
+    with pytest.raises(ValueError, match="did not record"):
+        opt.backward(losses)
+    assert all(p.grad is None for p in model.parameters())
+    assert same_state(opt.state_dict(), before) and opt.method.num_tasks is None
+
+
+def test_a_dropped_optimizer_leaves_no_hook_on_the_model():
+    model = Ranker()
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "mgda", model=model)
+    assert model.bottom[0]._forward_hooks
+    twin = copy.deepcopy(opt)  # a copy shares the recorder and the model
+    assert twin.source is opt.source
+    del opt, twin
+    import gc
+
+    gc.collect()
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_auto_takes_the_activations_where_they_pay_off():
+    assert activations_pay_off(Ranker())
+    assert activations_pay_off(Ranker(sparse=True))
+    assert not activations_pay_off(nn.Sequential(nn.Conv2d(3, 32, 3), nn.Conv2d(32, 32, 3), nn.Linear(4, 2)))
+    model = Ranker()
+    info = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "mgda", model=model).backward(
+        task_losses(model, 0)
+    )
+    assert info.source == "activations"
+    assert (
+        GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "mgda")
+        .backward(task_losses(model, 0))
+        .source
+        == "jacobian"
+    )
