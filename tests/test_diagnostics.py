@@ -220,21 +220,3 @@ def test_plot_history_draws_weights_and_cosines(tmp_path):
         assert (tmp_path / "diag.png").stat().st_size > 0
     with pytest.raises(ValueError, match="weight"):
         plot_history({"loss/0": [1.0]})
-
-
-def test_readme_weighting_example_runs(tmp_path, monkeypatch):
-    pytest.importorskip("matplotlib")
-    import pathlib
-    import re
-
-    text = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = text[text.index("## Loss weighting, representation mode, diagnostics") :]
-    block = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
-    monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    exec(compile(block, "README weighting example", "exec"), namespace)
-    info = namespace["info"]
-    assert info.mode == "representation" and info.method == "gradnorm"
-    torch.testing.assert_close(float(namespace["opt"].method.weights.sum()), 2.0)
-    assert read_csv(tmp_path / "results" / "diagnostics.csv")["step"] == [0, 1, 2, 3, 4]
-    assert (tmp_path / "results" / "diagnostics.png").stat().st_size > 0
