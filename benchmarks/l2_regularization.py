@@ -167,7 +167,9 @@ def summarize(rows: list[dict], optimizers: list[str], grids: dict[str, list[flo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.l2_regularization", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/l2"))
     D.add_size_options(parser, full=(80, 512), quick=(4, 64))

@@ -149,7 +149,9 @@ def summarize(rows: list[dict], rates: list[float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.noisy_labels", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/noisy"))
     D.add_size_options(parser, full=(40, 256), quick=(2, 64))

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .console import counted_warnings
 from .runner import RunResult, train, train_single_task
 
 TOY_TOLERANCE = 0.05  # a run "reaches" the Pareto set when it ends this close to it (parameter space)
@@ -272,7 +273,9 @@ def _toy_tracker(problem: Any, every: int) -> tuple[Callable, dict[str, Any]]:
 def run_job(job: Job, raise_errors: bool = False) -> RunResult:
     """Execute one job (in a worker process or in-process)."""
     cfg = job.config
-    problem = _problem(cfg.module, job.kwargs_json, job.seed)
+    setup_warnings: dict[str, int] = {}  # building the data; the runs count their own (runner.train)
+    with counted_warnings(setup_warnings):
+        problem = _problem(cfg.module, job.kwargs_json, job.seed)
     common = {"steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "raise_errors": raise_errors}
     if job.method.startswith("single:"):
         result = train_single_task(problem, int(job.method.split(":", 1)[1]), job.seed, **common)
@@ -298,6 +301,10 @@ def run_job(job: Job, raise_errors: bool = False) -> RunResult:
     )
     if job.mode == "representation":
         result.method = f"{job.method} [repr]"
+    if setup_warnings:
+        counts = result.extra.setdefault("warnings", {})
+        for name, n in setup_warnings.items():
+            counts[name] = counts.get(name, 0) + n
     return result
 
 

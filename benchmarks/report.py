@@ -567,34 +567,87 @@ def plot_toy(path: Path, results: Sequence[RunResult]) -> bool:
     return True
 
 
+def metric_range(metric: str) -> tuple[float, float]:
+    """The values a metric can take, from its name: AUCs and accuracies lie in [0, 1], errors and losses
+    are ≥ 0, anything else is unbounded. The plots never show an axis beyond it."""
+    name = metric.lower()
+    if "auc" in name or name.endswith("acc") or "accuracy" in name:
+        return 0.0, 1.0
+    if any(key in name for key in ("mse", "mae", "loss", "error", "distance")):
+        return 0.0, math.inf
+    return -math.inf, math.inf
+
+
+def single_task_reference(summary: ProblemSummary, metric: str) -> float | None:
+    """The mean of ``metric`` for the model trained on the metric's own task alone, if it was run."""
+    owner = metric_tasks(summary.metric_names, summary.task_names).get(metric)
+    if owner is None:
+        return None
+    for s in summary.singles:
+        if s.method == f"single:{summary.task_names[owner]}" and math.isfinite(s.metrics[metric][0]):
+            return s.metrics[metric][0]
+    return None
+
+
+def axis_limits(values: Sequence[float], domain: tuple[float, float]) -> tuple[float, float] | None:
+    """Limits around the finite ``values`` with a margin, clipped to the metric's ``domain``."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return None
+    lo, hi = min(finite), max(finite)
+    pad = 0.08 * (hi - lo) or 0.05 * max(abs(hi), 1e-12)
+    return max(domain[0], lo - pad), min(domain[1], hi + pad)
+
+
 def plot_problem(path: Path, summaries: Sequence[ProblemSummary]) -> bool:
-    """Bar charts, mean ± std per method, one panel per (variant, metric)."""
+    """One panel per (variant, metric): mean ± std per method as a point with an error bar, equal weights in
+    grey; the single-task model of the metric's task as a dashed line, chance (0.5) as a dotted line on AUC
+    panels. The y axis covers the points, their error bars and those lines, clipped to the metric's range
+    (no negative MSE or AUC)."""
     plt = _pyplot()
     if plt is None or not summaries:
         return False
     panels = [(s, m) for s in summaries for m in s.metric_names]
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
     for ax, (s, metric) in zip(axes.flat, panels, strict=False):
         names = [m.method for m in s.methods]
         means = [m.metrics[metric][0] for m in s.methods]
-        stds = [m.metrics[metric][1] for m in s.methods]
-        colors = ["#888888" if n == BASELINE else "#3b75af" for n in names]
-        ax.bar(range(len(names)), means, yerr=stds, color=colors, capsize=2)
-        finite = [v for v in means if math.isfinite(v)]
-        if finite:
-            lo, hi = min(finite), max(finite)
-            pad = (hi - lo) * 0.6 + max(stds + [0]) + 1e-12
-            ax.set_ylim(lo - pad, hi + pad)
+        stds = [m.metrics[metric][1] if math.isfinite(m.metrics[metric][1]) else 0.0 for m in s.methods]
+        for x, (name, mean, std) in enumerate(zip(names, means, stds, strict=True)):
+            if math.isfinite(mean):
+                color = "#888888" if name == BASELINE else "#3b75af"
+                ax.errorbar([x], [mean], yerr=[std], fmt="o", color=color, markersize=4, capsize=2)
+        shown = [v for mean, std in zip(means, stds, strict=True) for v in (mean - std, mean + std)]
+        reference = single_task_reference(s, metric)
+        if reference is not None:
+            ax.axhline(reference, color="#c44e52", linestyle="--", linewidth=1, label="single-task model")
+            shown.append(reference)
+        if "auc" in metric.lower():
+            ax.axhline(0.5, color="black", linestyle=":", linewidth=1, label="chance (AUC 0.5)")
+            shown.append(0.5)
+        limits = axis_limits(shown, metric_range(metric))
+        if limits is not None and limits[0] < limits[1]:
+            ax.set_ylim(*limits)
+        ax.set_xlim(-0.7, len(names) - 0.3)
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
         arrow = "↑" if s.higher_is_better[metric] else "↓"
         ax.set_title(f"{s.label}: {metric} {arrow}", fontsize=9)
         ax.tick_params(axis="y", labelsize=7)
+        ax.grid(axis="y", linewidth=0.3, alpha=0.5)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
-    fig.tight_layout()
+    legend: dict[str, Any] = {}  # the reference lines, once for the figure, under the panels
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    bottom = 0.0
+    if legend:
+        bottom = min(0.25, 0.3 / fig.get_figheight())
+        fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=len(legend), fontsize=7)
+    fig.tight_layout(rect=(0.0, bottom, 1.0, 1.0))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True

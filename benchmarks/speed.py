@@ -48,6 +48,7 @@ from torch import nn
 
 from gradsurgery import GradSurgery
 
+from .console import count_text, counted_warnings
 from .runner import method_options, supports_features
 
 #: name → (input width, hidden width, representation width); shared parameters ≈ 0.53M and ≈ 5.05M
@@ -295,7 +296,11 @@ def step_benchmark(
     device: torch.device,
     progress: Any,
     memory: bool = True,
+    warning_counts: dict[str, dict[str, int]] | None = None,
 ) -> list[StepRow]:
+    """Step time (and peak memory) of every method against a plain step; the warnings each method's steps
+    raise are counted into ``warning_counts[method]`` instead of printed."""
+    counts: dict[str, dict[str, int]] = {} if warning_counts is None else warning_counts
     rows: list[StepRow] = []
     rng = random.Random(0)
     jd = torchjd_available()
@@ -305,63 +310,8 @@ def step_benchmark(
             case = make_case(size, dims, t, device, batch)
             cases.append(case)
             for method in methods:
-                members: dict[str, Callable[[], None]] = {"plain": plain_step(case)}
-                failed: dict[str, str] = {}
-                for variant in ("full", "representation"):
-                    try:
-                        members[variant] = method_step(case, method, variant)
-                        members[variant]()  # fail here, not in the middle of the timing
-                    except Exception as err:
-                        members.pop(variant, None)
-                        failed[variant] = f"{type(err).__name__}: {err}"
-                if jd and method in TORCHJD:
-                    try:
-                        members["torchjd"] = torchjd_step(case, method)
-                        members["torchjd"]()
-                    except Exception as err:
-                        members.pop("torchjd", None)
-                        failed["torchjd"] = f"{type(err).__name__}: {err}"
-                times = time_group(case, members, reps[size], warmup=2, rng=rng)
-                plain = times["plain"]
-                for variant, ts in times.items():
-                    ratios = [a / b for a, b in zip(ts, plain, strict=True)]
-                    row = StepRow(
-                        size,
-                        case.shared_params,
-                        t,
-                        "plain" if variant == "plain" else method,
-                        variant,
-                        ms=1e3 * statistics.median(ts),
-                        ratio=statistics.median(ratios),
-                        ratio_p25=quantile(ratios, 0.25),
-                        ratio_p75=quantile(ratios, 0.75),
-                        times=ts,
-                    )
-                    if variant == "torchjd" and "full" in times:
-                        vs = [a / b for a, b in zip(ts, times["full"], strict=True)]
-                        row.vs_full, row.vs_full_p25, row.vs_full_p75 = (
-                            statistics.median(vs),
-                            quantile(vs, 0.25),
-                            quantile(vs, 0.75),
-                        )
-                    rows.append(row)
-                for variant, message in failed.items():
-                    # not offered by this version (representation mode) or an optional dependency missing
-                    unavailable = message.startswith(
-                        ("NotImplementedError", "ModuleNotFoundError", "ImportError")
-                    )
-                    rows.append(
-                        StepRow(
-                            size,
-                            case.shared_params,
-                            t,
-                            method,
-                            variant,
-                            status="n/a" if unavailable else "error",
-                            message=message,
-                        )
-                    )
-                del members
+                with counted_warnings(counts.setdefault(method, {})):
+                    rows += _time_method(case, method, reps[size], rng, jd)
                 gc.collect()
                 progress.update(1)
     if memory and memory_supported(device):
@@ -381,8 +331,71 @@ def step_benchmark(
                         factory = lambda c=case, m=row.method, v=row.variant: method_step(c, m, v)  # noqa: E731
                     else:
                         factory = lambda c=case, m=row.method: torchjd_step(c, m)  # noqa: E731
-                    measured[key] = peak_memory_mb(case, factory, libc)
+                    with counted_warnings(counts.setdefault(row.method, {})):
+                        measured[key] = peak_memory_mb(case, factory, libc)
                 row.peak_mb = measured[key]
+    return rows
+
+
+def _time_method(case: Case, method: str, reps: int, rng: random.Random, jd: bool) -> list[StepRow]:
+    """One method's rows for one case: plain, full, representation (and torchjd), timed interleaved."""
+    rows: list[StepRow] = []
+    size, t = case.size, case.num_tasks
+    members: dict[str, Callable[[], None]] = {"plain": plain_step(case)}
+    failed: dict[str, str] = {}
+    for variant in ("full", "representation"):
+        try:
+            members[variant] = method_step(case, method, variant)
+            members[variant]()  # fail here, not in the middle of the timing
+        except Exception as err:
+            members.pop(variant, None)
+            failed[variant] = f"{type(err).__name__}: {err}"
+    if jd and method in TORCHJD:
+        try:
+            members["torchjd"] = torchjd_step(case, method)
+            members["torchjd"]()
+        except Exception as err:
+            members.pop("torchjd", None)
+            failed["torchjd"] = f"{type(err).__name__}: {err}"
+    times = time_group(case, members, reps, warmup=2, rng=rng)
+    plain = times["plain"]
+    for variant, ts in times.items():
+        ratios = [a / b for a, b in zip(ts, plain, strict=True)]
+        row = StepRow(
+            size,
+            case.shared_params,
+            t,
+            "plain" if variant == "plain" else method,
+            variant,
+            ms=1e3 * statistics.median(ts),
+            ratio=statistics.median(ratios),
+            ratio_p25=quantile(ratios, 0.25),
+            ratio_p75=quantile(ratios, 0.75),
+            times=ts,
+        )
+        if variant == "torchjd" and "full" in times:
+            vs = [a / b for a, b in zip(ts, times["full"], strict=True)]
+            row.vs_full, row.vs_full_p25, row.vs_full_p75 = (
+                statistics.median(vs),
+                quantile(vs, 0.25),
+                quantile(vs, 0.75),
+            )
+        rows.append(row)
+    for variant, message in failed.items():
+        # not offered by this version (representation mode) or an optional dependency missing
+        unavailable = message.startswith(("NotImplementedError", "ModuleNotFoundError", "ImportError"))
+        rows.append(
+            StepRow(
+                size,
+                case.shared_params,
+                t,
+                method,
+                variant,
+                status="n/a" if unavailable else "error",
+                message=message,
+            )
+        )
+    del members
     return rows
 
 
@@ -427,10 +440,17 @@ def _time_calls(fn: Callable[[np.ndarray], Any], grams: list[np.ndarray], calls:
 
 
 def solver_benchmark(
-    methods: list[str], task_counts: tuple[int, ...], calls: int, progress: Any
+    methods: list[str],
+    task_counts: tuple[int, ...],
+    calls: int,
+    progress: Any,
+    warning_counts: dict[str, dict[str, int]] | None = None,
 ) -> list[SolverRow]:
-    """Per-call time of the Gram-based solvers and of each method's ``compute_weights``."""
+    """Per-call time of the Gram-based solvers and of each method's ``compute_weights``; the warnings of
+    each entry are counted into ``warning_counts[label]`` instead of printed."""
     from gradsurgery import make_method, solvers
+
+    counts: dict[str, dict[str, int]] = {} if warning_counts is None else warning_counts
 
     rows: list[SolverRow] = []
     for t in task_counts:
@@ -458,11 +478,12 @@ def solver_benchmark(
         for label, factory in entries:
             row = SolverRow(label, t)
             try:
-                start = time.perf_counter()
-                fn = factory()
-                fn(grams[0])  # the first call builds (cvxpy: canonicalises) the problem
-                row.first_ms = 1e3 * (time.perf_counter() - start)
-                row.us, row.us_p90 = _time_calls(fn, grams, calls)
+                with counted_warnings(counts.setdefault(label, {})):
+                    start = time.perf_counter()
+                    fn = factory()
+                    fn(grams[0])  # the first call builds (cvxpy: canonicalises) the problem
+                    row.first_ms = 1e3 * (time.perf_counter() - start)
+                    row.us, row.us_p90 = _time_calls(fn, grams, calls)
             except Exception as err:
                 row.status, row.message = "error", f"{type(err).__name__}: {err}"
             rows.append(row)
@@ -726,7 +747,7 @@ def plot(out: Path, step_rows: list[StepRow], solver_rows: list[SolverRow]) -> l
 
 def run(args: argparse.Namespace, out: Path, meta: dict[str, Any]) -> list[str]:
     """``--suite speed``: returns the report's Markdown lines."""
-    from .suite import progress_bar, say
+    from .console import progress_bar, say
 
     device = torch.device(getattr(args, "device", "cpu"))
     if args.tiny:
@@ -748,9 +769,13 @@ def run(args: argparse.Namespace, out: Path, meta: dict[str, Any]) -> list[str]:
         len(sizes) * len(task_counts) * len(methods) + len(solver_counts), "speed", not args.no_progress
     )
     start = time.perf_counter()
+    solver_warnings: dict[str, dict[str, int]] = {}
+    step_warnings: dict[str, dict[str, int]] = {}
     try:
-        solver_rows = solver_benchmark(methods, solver_counts, calls, bar)
-        step_rows = step_benchmark(methods, sizes, task_counts, reps, batch, device, bar)
+        solver_rows = solver_benchmark(methods, solver_counts, calls, bar, warning_counts=solver_warnings)
+        step_rows = step_benchmark(
+            methods, sizes, task_counts, reps, batch, device, bar, warning_counts=step_warnings
+        )
     finally:
         bar.close()
     meta["speed_seconds"] = time.perf_counter() - start
@@ -777,9 +802,20 @@ def run(args: argparse.Namespace, out: Path, meta: dict[str, Any]) -> list[str]:
         "",
         "Plots: " + (", ".join(f"`{p}`" for p in plots) or "none (matplotlib missing)"),
         "",
+        *warning_lines(step_warnings, solver_warnings),
     ]
     say("\n".join(lines))
     return lines
+
+
+def warning_lines(step: dict[str, dict[str, int]], solver: dict[str, dict[str, int]]) -> list[str]:
+    """The warnings counted during the measurements (solver fallbacks, cvxpy's inaccurate-solution notices),
+    per method: a note after the tables, never printed raw."""
+    items = [f"steps of `{name}`: {count_text(c)}" for name, c in step.items() if c]
+    items += [f"solver timing of {name}: {count_text(c)}" for name, c in solver.items() if c]
+    if not items:
+        return []
+    return ["### Warnings counted during the measurements", "", *(f"- {item}" for item in items), ""]
 
 
 def _torchjd_version() -> str | None:

@@ -1,4 +1,4 @@
-"""Command line of the benchmark suite: ``python -m benchmarks`` (console script ``gradsurgery-bench``).
+"""Command line of the benchmark suite: ``python -m benchmarks``, run from the repository root.
 
     python -m benchmarks --suite quick --out results            # < 5 min on 2 CPU cores
     python -m benchmarks --suite full --seeds 5 --out results    # about 30 min (measured: 31 min)
@@ -21,6 +21,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from .console import count_text, counted_warnings, progress_bar, say
 
 QUALITY_PROBLEMS = ("toy", "synthetic", "recsys", "multidigit")
 #: item 5 of the suite: benchmarks of the "modes" feature, each a module with ``main(argv)``
@@ -164,38 +166,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix_str(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def progress_bar(total: int, desc: str, enabled: bool) -> Any:
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _NoBar()
-    return tqdm(total=total, desc=desc, unit="run", dynamic_ncols=True, file=sys.stderr)
-
-
-def say(text: str, enabled_bar: bool = True) -> None:
-    """Print without breaking a tqdm bar."""
-    try:
-        from tqdm import tqdm
-
-        tqdm.write(text)
-    except ImportError:
-        print(text)
-    sys.stdout.flush()
-
-
 def run_quality(args: argparse.Namespace, out: Path, meta: dict[str, Any]) -> list[str]:
     """The quality problems; returns the Markdown sections of the report."""
     from . import quality, report
@@ -226,7 +196,7 @@ def run_quality(args: argparse.Namespace, out: Path, meta: dict[str, Any]) -> li
                 "(the "
                 "constant makes them positive for dwa, gradnorm and famo and changes no gradient).\n"
             )
-            return head + "\n" + note + "\n" + report.toy_tables(report.summarize_toy(results)) + "\n"
+            return head + "\n" + report.toy_tables(report.summarize_toy(results)) + "\n\n" + note
         parts = [head]
         for s in report.summarize(results):
             parts.append(f"#### {s.label}\n\n{report.problem_table(s)}\n")
@@ -336,6 +306,23 @@ def run_modes(args: argparse.Namespace, out: Path) -> list[str]:
     return ["## L2 and noisy labels", "", *lines] if lines else []
 
 
+def suite_notes(left_out: dict[str, str], outside: dict[str, int], first: dict[str, str]) -> list[str]:
+    """What the reader should know about the run as a whole, printed after the tables: the registered methods
+    left out of the default list (with the reason they give) and the warnings counted outside the runs."""
+    notes = []
+    for name, reason in left_out.items():
+        notes.append(
+            f"method {name!r} is not part of the default method list, which holds the multi-task methods: "
+            f"it refuses a problem with several losses ({reason}). Name it in --methods to run it anyway."
+        )
+    if outside:
+        notes.append(
+            f"warnings outside the runs (counted, not printed): {count_text(outside)}; first of each: "
+            + "; ".join(f"{name} ({msg!r})" for name, msg in first.items())
+        )
+    return notes
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
@@ -357,23 +344,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
     )
     start = time.perf_counter()
-    from .runner import single_loss_methods
-
-    for name, reason in single_loss_methods().items():
-        if name not in args.methods:
-            say(f"method {name!r} is not in the default list: it refuses a multi-task problem ({reason})")
     say(
         f"gradsurgery benchmarks: suite={args.suite}{' (tiny)' if args.tiny else ''}, "
         f"methods={args.methods}, "
         f"seeds={args.seeds}, out={out}"
     )
-    if args.suite == "speed":
-        from . import speed
+    # Warnings raised outside the runs (which count their own into the tables' note column) are counted
+    # here too and reported after the tables: never printed raw in the middle of the output.
+    outside: dict[str, int] = {}
+    first: dict[str, str] = {}
+    with counted_warnings(outside, first):
+        from .runner import single_loss_methods
 
-        lines = speed.run(args, out, meta)
-    else:
-        lines = run_quality(args, out, meta)
-        lines += run_modes(args, out)
+        left_out = {name: why for name, why in single_loss_methods().items() if name not in args.methods}
+        if args.suite == "speed":
+            from . import speed
+
+            lines = speed.run(args, out, meta)
+        else:
+            lines = run_quality(args, out, meta)
+            lines += run_modes(args, out)
+    notes = suite_notes(left_out, outside, first)
+    if notes:
+        lines += ["## Notes", "", *(f"- {n}" for n in notes), ""]
+        say("\nNotes:\n" + "\n".join(f"- {n}" for n in notes))
     meta["total_seconds"] = time.perf_counter() - start
     header = [
         f"# gradsurgery benchmarks: `{meta['command']}`",

@@ -7,7 +7,7 @@ of ``accelerator.accumulate`` that do not sync), and ``GradSurgery.backward`` re
 
 * gradient accumulation: each ``opt.backward(losses)`` adds its micro-batch's fused gradient to ``.grad``;
 * multi-process (``accelerate launch``): pass the prepared (DDP) model as ``GradSurgery(..., model=model)``;
-  GradSurgery averages the task gradients over the ranks itself (see the README);
+  GradSurgery averages the task gradients over the ranks itself (see docs/howto/ddp.md);
 * fp16 mixed precision: pass ``grad_scaler=accelerator.scaler`` to ``opt.backward``; the accelerated
   optimizer's step unscales and skips overflowed steps as usual.
 

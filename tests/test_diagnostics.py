@@ -226,24 +226,6 @@ def test_plot_history_draws_weights_shares_and_cosines(tmp_path):
         plot_history({"loss/0": [1.0]})
 
 
-def test_readme_weighting_example_runs(tmp_path, monkeypatch):
-    pytest.importorskip("matplotlib")
-    import pathlib
-    import re
-
-    text = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = text[text.index("## Loss weighting, representation mode, diagnostics") :]
-    block = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
-    monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    exec(compile(block, "README weighting example", "exec"), namespace)
-    info = namespace["info"]
-    assert info.mode == "representation" and info.method == "gradnorm"
-    torch.testing.assert_close(float(namespace["opt"].method.weights.sum()), 2.0)
-    assert read_csv(tmp_path / "results" / "diagnostics.csv")["step"] == [0, 1, 2, 3, 4]
-    assert (tmp_path / "results" / "diagnostics.png").stat().st_size > 0
-
-
 def test_shares_sum_to_one_and_match_the_explicit_vectors():
     """s_i = ⟨w_i g_i, u⟩ / ‖u‖², computed from the explicit gradients; Σ s_i = 1."""
     gen = torch.Generator().manual_seed(3)
