@@ -10,8 +10,6 @@ import ast
 import pathlib
 import sys
 
-import pytest
-
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -109,11 +107,6 @@ def test_benchmarks_have_no_import_circle():
     assert not cycles(graph), "\n".join(describe(graph, c) for c in cycles(graph))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known circles in the engine: l2.py ↔ methods/l2.py and optimizer.py ↔ representation.py; the "
-    "engine refactor (issue 11) removes them",
-)
 def test_gradsurgery_has_no_import_circle():
     graph = import_graph("gradsurgery")
     assert not cycles(graph), "\n".join(describe(graph, c) for c in cycles(graph))

@@ -19,8 +19,8 @@ import importlib.util
 import os
 import pathlib
 import re
-import socket
-import traceback
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -124,50 +124,32 @@ def run_script(block: Block) -> dict:
     return namespace
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, port: int, code: str, name: str, outdir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        LOCAL_WORLD_SIZE=str(WORLD),
-    )
-    torch.set_num_threads(1)
-    os.chdir(outdir)
-    try:
-        exec(compile(code, name, "exec"), {"__name__": "__main__"})
-    except BaseException:
-        pathlib.Path(outdir, f"rank{rank}.error").write_text(traceback.format_exc())
-        raise
-    pathlib.Path(outdir, f"rank{rank}.done").write_text("")
-
-
 def run_ddp(block: Block, outdir: pathlib.Path) -> None:
-    import importlib
-
-    import torch.multiprocessing as mp
-
-    for name in _imported_modules(block):  # imported once here, not by both forked ranks at once
-        importlib.import_module(name)
-    try:
-        mp.start_processes(
-            _rank_main,
-            args=(_free_port(), block.code, block.name, str(outdir)),
-            nprocs=WORLD,
-            join=True,
-            start_method="fork",
-        )
-    except Exception:
-        errors = "\n".join(p.read_text() for p in sorted(outdir.glob("rank*.error")))
-        raise AssertionError(f"{block.name} failed on a rank:\n{errors}") from None
-    assert sorted(p.name for p in outdir.glob("rank*.done")) == [f"rank{r}.done" for r in range(WORLD)]
+    """As the how-to says: ``torchrun --nproc_per_node=2 script.py`` (fresh processes: forking this one,
+    which has imported and run everything before, can deadlock in a thread pool the child inherits)."""
+    script = outdir / "script.py"
+    script.write_text(block.code)
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={WORLD}",
+            str(script),
+        ],
+        cwd=outdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, f"{block.name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
 
 
 @pytest.mark.parametrize("block", PYTHON, ids=lambda b: b.name)
