@@ -11,6 +11,7 @@ from .info import StepInfo
 from .methods import METHODS, Method, make_method, register
 from .multi import MultiOptimizer
 from .optimizer import GradSurgery
+from .sources.features import task_views
 
 __version__ = "0.1.0"
 
@@ -27,4 +28,5 @@ __all__ = [
     "make_method",
     "mask_noisy_samples",
     "register",
+    "task_views",
 ]

@@ -124,6 +124,7 @@ class DistributedSync:
         self.enabled = enabled
         self.strategy = strategy
         self.rng_shared = False
+        self._local = LocalReduction(self.no_sync)
 
     def group(self) -> Any | None:
         """The process group to average over, or None when this step is not distributed."""
@@ -151,7 +152,7 @@ class DistributedSync:
         """The reduction of this ``backward``: local, or over the group with the configured strategy."""
         group = self.group()
         if group is None:
-            return LocalReduction(self.no_sync)
+            return self._local
         kind = ShardedReduction if self.strategy == "sharded" else AllReduceReduction
         return kind(self, group, device)
 

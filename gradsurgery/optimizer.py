@@ -173,7 +173,7 @@ class GradSurgery(torch.optim.Optimizer):
         """The wrapped optimizer's step on the gradients ``backward`` wrote; then the step corrections of the
         post-transforms (the decoupled L2 rule, ``gradsurgery/l2.py``); then the method's own update
         (learnable task weights), which therefore happens only when the model really steps."""
-        params = self._trainable_params()
+        params = self._trainable_params() if self.transforms else []
         before = [t.before_step(params) for t in self.transforms]
         out = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
         for transform, token in zip(self.transforms, before, strict=True):

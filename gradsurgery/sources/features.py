@@ -17,6 +17,13 @@ chain rule gives ∇_θ L_i = (∂z/∂θ)ᵀ ∇_z L_i, hence for any weights w
 
 Cost: T backward passes through the heads, O(T² D) for G_z, one full backward pass.
 
+**Task views** (``task_views(z, T)``): when each head reads its own view of z (a leaf sharing z's memory),
+one backward pass of Σ_i L_i through the heads gives every ∇_z L_i (each lands in its task's view) and the
+heads' own gradients at once; after the weights, one backward of u_z through the trunk finishes the step.
+The heads are then traversed once instead of T + 1 times, with the same result: that each loss reads only
+its own view is checked on the graph. Loss weightings, whose heads get w_i g_i, take a second pass through
+the heads with those seeds.
+
 This is an approximation of the full mode: the weights are exact for the method's objective posed on z
 (for MGDA: the min-norm combination of the ∇_z L_i), which for the parameters is an upper bound (above),
 not the problem itself. Methods that read only the losses (``"uncertainty"``, ``"dwa"``) give the same
@@ -35,12 +42,34 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .._validation import check_int
 from ..gram import gram_matrix
 from . import check_finite, loss_values
 
 if TYPE_CHECKING:
     from ..amp import LossScaling
     from ..distributed import Reduction
+
+
+class TaskViews(list):
+    """What ``task_views`` returns: ``views[i]`` is task i's view of the features (a tensor, or a list of
+    tensors for several features); pass the whole object as ``backward(losses, features=views)``."""
+
+    def __init__(self, features: list[torch.Tensor], views: list[list[torch.Tensor]], single: bool) -> None:
+        super().__init__(v[0] if single else v for v in views)
+        self.features = features
+        self.leaves = views
+
+
+def task_views(features: torch.Tensor | Sequence[torch.Tensor], num_tasks: int) -> TaskViews:
+    """One view of the shared features per task, for representation mode with a single pass through the heads:
+    ``views = task_views(z, T)``; head i reads ``views[i]``; ``opt.backward(losses, features=views)``. Each
+    view is a leaf that shares z's memory (no copy)."""
+    single = isinstance(features, torch.Tensor)
+    tensors = check_features(features)
+    count = check_int(num_tasks, "num_tasks", minimum=1)
+    views = [[z.detach().requires_grad_(True) for z in tensors] for _ in range(count)]
+    return TaskViews(tensors, views, single)
 
 
 def check_features(features: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -121,7 +150,8 @@ class FeatureSource:
         gram_dtype: torch.dtype,
         scales_task_specific: bool,
     ) -> None:
-        self.features = check_features(features)
+        self.views = features if isinstance(features, TaskViews) else None
+        self.features = self.views.features if self.views is not None else check_features(features)
         self.gram_dtype = gram_dtype
         self.scales_task_specific = scales_task_specific
 
@@ -141,8 +171,10 @@ class FeatureSource:
         retain_graph: bool,
         no_sync: Callable[[], Any],
     ) -> FeatureCollection:
-        jac, spans = feature_jacobian(losses, self.features)
         values = loss_values(losses, self.gram_dtype)
+        if self.views is not None:
+            return ViewCollection(self, losses, params, values, retain_graph)
+        jac, spans = feature_jacobian(losses, self.features)
         return FeatureCollection(self, losses, params, jac, spans, values, retain_graph)
 
 
@@ -212,3 +244,85 @@ class FeatureCollection:
 
     def reached_params(self) -> list[torch.Tensor]:
         return self.params
+
+
+class ViewCollection(FeatureCollection):
+    """Representation mode over task views: one pass through the heads, one through the trunk."""
+
+    def __init__(self, source: FeatureSource, losses, params, values, retain_graph) -> None:
+        views = source.views
+        if len(views.leaves) != len(losses):
+            raise ValueError(f"{len(views.leaves)} task views for {len(losses)} losses")
+        check_own_views(losses, views.leaves)
+        leaves = [z for view in views.leaves for z in view]
+        # Heads once: Σ_i L_i lands ∇_z L_i in task i's view, and gives the heads' gradients (seeds 1).
+        keep = retain_graph or source.scales_task_specific
+        grads = torch.autograd.grad(sum(losses), leaves + params, retain_graph=keep, allow_unused=True)
+        per_view = len(views.features)
+        rows = []
+        for i in range(len(losses)):
+            parts = zip(grads[i * per_view : (i + 1) * per_view], views.features, strict=True)
+            rows.append(torch.cat([(torch.zeros_like(z) if g is None else g).reshape(-1) for g, z in parts]))
+        spans, total = [], 0
+        for z in views.features:
+            spans.append((total, total + z.numel()))
+            total += z.numel()
+        super().__init__(source, losses, params, torch.stack(rows), spans, values, retain_graph)
+        self.head_grads = grads[len(leaves) :]
+
+    def gradients(self, weights: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The trunk through z with u_z; the heads from the first pass, or again with seeds w_i for a loss
+        weighting."""
+        if not self.params:
+            return []
+        fused = weights.to(device=self.jac.device, dtype=self.jac.dtype) @ self.jac
+        spans = zip(self.features, self.spans, strict=True)
+        targets = [fused[start:end].view_as(z).to(z.dtype) for z, (start, end) in spans]
+        trunk = torch.autograd.grad(
+            self.features,
+            self.params,
+            grad_outputs=targets,
+            retain_graph=self.retain_graph,
+            allow_unused=True,
+        )
+        heads = self.head_grads
+        if self.scales_task_specific:
+            seeds = [
+                weights[i].to(device=loss.device, dtype=loss.dtype) for i, loss in enumerate(self.losses)
+            ]
+            heads = torch.autograd.grad(
+                self.losses,
+                self.params,
+                grad_outputs=seeds,
+                retain_graph=self.retain_graph,
+                allow_unused=True,
+            )
+        out = []
+        for p, a, b in zip(self.params, trunk, heads, strict=True):
+            if a is not None or b is not None:
+                out.append((p, b if a is None else a if b is None else a + b))
+        return out
+
+
+def check_own_views(losses: list[torch.Tensor], views: list[list[torch.Tensor]]) -> None:
+    """ValueError unless loss i reaches task i's view and no other's (read on the autograd graph)."""
+    owner = {id(z): i for i, view in enumerate(views) for z in view}
+    for i, loss in enumerate(losses):
+        reached: set[int] = set()
+        stack, seen = [loss.grad_fn], set()
+        while stack:
+            node = stack.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf
+            if variable is not None:
+                if id(variable) in owner:
+                    reached.add(owner[id(variable)])
+                continue
+            stack.extend(next_node for next_node, _ in node.next_functions)
+        if reached != {i}:
+            what = f"the views of tasks {sorted(reached)}" if reached else "no task view"
+            raise ValueError(
+                f"loss {i} reads {what}: with task_views, the head of task i must read views[i] only"
+            )

@@ -5,6 +5,7 @@ import torch
 from method_checks import registered
 from weighting_helpers import CountBackward, TwoHeads, make_data
 
+import gradsurgery
 from gradsurgery import GradSurgery
 
 
@@ -250,3 +251,71 @@ def test_non_finite_loss_writes_nothing():
     with pytest.raises(ValueError, match="non-finite"):
         opt.backward([losses[0], losses[1] * float("inf")], features=z)
     assert_untouched(model, opt)
+
+
+# -- task views: one pass through the heads -----------------------------------------------------------------
+
+
+class CountedHeads(torch.nn.Module):
+    """A tanh trunk and T two-layer heads whose backward passes are counted."""
+
+    def __init__(self, num_tasks=3, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.trunk = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh())
+        self.heads = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(6, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+            for _ in range(num_tasks)
+        )
+
+    def losses(self, x, ys, views):
+        return [
+            (head(CountBackward.apply(v)).squeeze(-1) - ys[i]).pow(2).mean()
+            for i, (head, v) in enumerate(zip(self.heads, views, strict=True))
+        ]
+
+
+@pytest.mark.parametrize("method,options", METHODS, ids=[m for m, _ in METHODS])
+def test_task_views_give_what_representation_mode_gives(method, options):
+    xs, ys = make_data(3, 3)
+    with_views, plain = CountedHeads(), CountedHeads()
+    opt_v = GradSurgery(torch.optim.SGD(with_views.parameters(), lr=0.1), method=method, **options)
+    opt_p = GradSurgery(torch.optim.SGD(plain.parameters(), lr=0.1), method=method, **options)
+    for t in range(3):
+        z = with_views.trunk(xs[t])
+        views = gradsurgery.task_views(z, 3)
+        CountBackward.calls = 0
+        info_v = opt_v.backward(with_views.losses(xs[t], ys[t], views), features=views)
+        head_passes = CountBackward.calls
+        z_plain = plain.trunk(xs[t])
+        info_p = opt_p.backward(plain.losses(xs[t], ys[t], [z_plain] * 3), features=z_plain)
+        # One gradient reaches each view: one pass through each head for G (without views, T + 1). (A loss
+        # weighting goes through its heads once more for their w_i-seeded gradients, not to the views.)
+        assert head_passes == 3
+        torch.testing.assert_close(info_v.gram, info_p.gram, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(info_v.weights, info_p.weights, rtol=1e-9, atol=1e-12)
+        for a, b in zip(grads(with_views), grads(plain), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        opt_v.step()
+        opt_p.step()
+        opt_v.zero_grad()
+        opt_p.zero_grad()
+        with torch.no_grad():
+            for pv, pp in zip(with_views.parameters(), plain.parameters(), strict=True):
+                pv.copy_(pp)
+
+
+def test_a_head_reading_another_tasks_view_is_refused():
+    xs, ys = make_data(3, 1)
+    model = CountedHeads()
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method="mgda")
+    views = gradsurgery.task_views(model.trunk(xs[0]), 3)
+    losses = model.losses(xs[0], ys[0], [views[0], views[0], views[2]])
+    with pytest.raises(
+        ValueError, match=r"loss 0 reads the views of tasks \[0, 1\]|loss 1 reads the views of tasks \[0\]"
+    ):
+        opt.backward(losses, features=views)
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(ValueError, match="2 task views for 3 losses"):
+        two = gradsurgery.task_views(model.trunk(xs[0]), 2)
+        opt.backward(model.losses(xs[0], ys[0], [two[0], two[1], two[1]]), features=two)
