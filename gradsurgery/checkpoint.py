@@ -52,6 +52,8 @@ def check_compatible(method: Method, ours: Any) -> dict[str, Any]:
     free = {"seed", *method.interchangeable_options}
     theirs = {k: v for k, v in dict(ours.get("options", {})).items() if k not in free}
     mine = {k: v for k, v in method.options.items() if k not in free}
+    if ours["version"] == 1:  # options added since 0.1.0: an old checkpoint ran with their defaults
+        theirs = {**{k: v for k, v in method.option_defaults().items() if k in mine}, **theirs}
     differ = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
     if differ:
         detail = ", ".join(f"{k}: saved {theirs.get(k)!r} vs {mine.get(k)!r}" for k in differ)

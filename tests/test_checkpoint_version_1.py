@@ -18,8 +18,15 @@ recipe = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(recipe)
 
 
-# The solvers 0.1.0 used where today's default is another (exact, faster) one.
-SOLVERS_OF_0_1_0 = {"cagrad": "slsqp", "mixed": "cvxpy", "nash_mtl": "cvxpy", "pareto": "cvxpy"}
+# How 0.1.0 computed where today's default differs: another solver (exact, faster), or one backward of the
+# summed loss instead of the sum of the per-task gradients (the same gradient, summed in another order).
+OPTIONS_OF_0_1_0 = {
+    "cagrad": {"solver": "slsqp"},
+    "mixed": {"solver": "cvxpy"},
+    "nash_mtl": {"solver": "cvxpy"},
+    "pareto": {"solver": "cvxpy"},
+    "sum": {"diagnostics": True},
+}
 
 
 def resume(method: str, **options):
@@ -35,18 +42,17 @@ def resume(method: str, **options):
 
 @pytest.mark.parametrize("method", sorted(FIXTURES))
 def test_version_1_checkpoint_resumes_as_0_1_0_did(method):
-    options = {"solver": SOLVERS_OF_0_1_0[method]} if method in SOLVERS_OF_0_1_0 else {}
-    net, weights = resume(method, **options)
+    net, weights = resume(method, **OPTIONS_OF_0_1_0.get(method, {}))
     assert torch.equal(weights, FIXTURES[method]["weights_after"])
     assert all(
         torch.equal(p, q) for p, q in zip(net.parameters(), FIXTURES[method]["params_after"], strict=True)
     )
 
 
-@pytest.mark.parametrize("method", sorted(SOLVERS_OF_0_1_0))
-def test_version_1_checkpoint_resumes_under_todays_solver(method):
-    """The solver is not part of the state: today's default continues the run to the old solver's accuracy
-    (Nash-MTL's sequence of convex problems stopped at a residual of 1e-6)."""
+@pytest.mark.parametrize("method", sorted(OPTIONS_OF_0_1_0))
+def test_version_1_checkpoint_resumes_under_todays_defaults(method):
+    """Solvers and the summed backward are not part of the state: today's defaults continue the run to the
+    old solver's accuracy (Nash-MTL's sequence of convex problems stopped at a residual of 1e-6)."""
     net, weights = resume(method)
     torch.testing.assert_close(weights, FIXTURES[method]["weights_after"], rtol=1e-5, atol=1e-7)
     for p, q in zip(net.parameters(), FIXTURES[method]["params_after"], strict=True):

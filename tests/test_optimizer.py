@@ -56,9 +56,11 @@ def test_fused_gradient_matches_reference(method, options, seed):
     assert float((got - expected).norm()) <= 1e-6 * scale
     # info.weights reproduce the fused gradient on the shared parameters
     assert torch.allclose(info.weights.to(a.dtype) @ a, got, atol=1e-9 * scale)
-    # task-specific parameters get their own task's plain gradient, unscaled
+    # task-specific parameters get their own task's plain gradient, unscaled; for the fixed weights of
+    # "sum" (the weighted loss Σ w_i L_i) w_i times it
     for i in range(T):
-        torch.testing.assert_close(model.heads[i].grad, b[i])
+        scale_i = float(w_ref[i]) if opt.method.scales_task_specific else 1.0
+        torch.testing.assert_close(model.heads[i].grad, scale_i * b[i])
 
 
 @pytest.mark.parametrize("seed", [0, 3])

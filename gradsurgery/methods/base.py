@@ -7,7 +7,8 @@ sees only G, its cost does not grow with the model size. The maths of every meth
 What a method declares (class attributes), and the engine reads nothing else:
 
 - ``needs_gram``: False for loss weightings whose weights come from the loss values alone; the engine then
-  takes one backward pass of Σ w_i L_i instead of T per-task ones (``compute_weights`` gets ``gram=None``);
+  takes one backward pass of Σ w_i L_i instead of T per-task ones (``compute_weights`` gets ``gram=None``).
+  An instance may set it from its options (``"sum"`` measures G only with ``diagnostics=True``);
 - ``scales_task_specific``: True for loss weightings: a task's own parameters receive w_i g_i, not g_i;
 - ``per_sample_task`` (a property): the index of a loss given per sample (a 1-D tensor) that the engine's
   masking stage reduces before anything else, or None;
@@ -81,6 +82,15 @@ class Method:
         """The method's options: the keyword-only arguments of its ``__init__``."""
         params = inspect.signature(cls.__init__).parameters.values()
         return [p.name for p in params if p.kind is p.KEYWORD_ONLY]
+
+    @classmethod
+    def option_defaults(cls) -> dict[str, Any]:
+        parameters = inspect.signature(cls.__init__).parameters
+        return {
+            n: parameters[n].default
+            for n in cls.option_names()
+            if parameters[n].default is not parameters[n].empty
+        }
 
     @property
     def options(self) -> dict[str, Any]:

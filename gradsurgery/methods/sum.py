@@ -1,4 +1,11 @@
-"""Fixed task weights: u = Σ_i w_i g_i (all ones by default, the plain summed loss)."""
+"""Fixed task weights: the plain weighted loss Σ_i w_i L_i (all ones by default, the summed loss).
+
+Its gradient is Σ_i w_i g_i for every parameter, task-specific ones included (w_i g_i), exactly what
+``(w * losses).sum().backward()`` gives, so by default ``GradSurgery`` takes that one backward pass: no
+per-task gradient, no Gram matrix (the Gram diagnostics of ``StepInfo`` read NaN). ``diagnostics=True``
+takes the T per-task backward passes instead, for the same gradients plus G (norms, cosines, conflicts,
+shares) in ``StepInfo``.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .._validation import check_per_task_numbers, resolve_per_task
+from .._validation import check_bool, check_per_task_numbers, resolve_per_task
 from .base import Method
 
 
@@ -15,10 +22,17 @@ class Sum(Method):
     name), ``None`` meaning all 1."""
 
     name = "sum"
+    scales_task_specific = True
+    interchangeable_options = ("diagnostics",)  # the same gradients either way, and no state
 
-    def __init__(self, *, weights: Sequence[float] | Mapping[str, float] | None = None) -> None:
+    def __init__(
+        self, *, weights: Sequence[float] | Mapping[str, float] | None = None, diagnostics: bool = False
+    ) -> None:
         super().__init__()
         self.weights = None if weights is None else check_per_task_numbers(weights, "weights")
+        self.diagnostics = check_bool(diagnostics, "diagnostics")
+        # The weights need no gradient: one backward of Σ w_i L_i unless the Gram matrix is asked for.
+        self.needs_gram = self.diagnostics
         self._weights: list[float] | None = None
 
     def _check_num_tasks(self, num_tasks: int, task_names: Sequence[str] | None) -> None:
@@ -29,7 +43,8 @@ class Sum(Method):
         if self.weights is not None:
             self._weights = resolve_per_task(self.weights, num_tasks, self.task_names, "weights")
 
-    def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    def compute_weights(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
+        like = gram if gram is not None else losses
         if self._weights is None:
-            return torch.ones(gram.shape[0], dtype=gram.dtype, device=gram.device)
-        return torch.tensor(self._weights, dtype=gram.dtype, device=gram.device)
+            return torch.ones(like.shape[0], dtype=like.dtype, device=like.device)
+        return torch.tensor(self._weights, dtype=like.dtype, device=like.device)
