@@ -234,7 +234,7 @@ def test_gram_accumulated_in_float64_keeps_small_inner_products():
     # Three entries in three different column chunks of the Gram product: 2²⁴, 1 and −2²⁴ against ones.
     d = 2 * CHUNK + 1
     w = nn.Parameter(torch.zeros(d))
-    opt = GradSurgery(torch.optim.SGD([w], lr=0.1), "sum")
+    opt = GradSurgery(torch.optim.SGD([w], lr=0.1), "sum", diagnostics=True)
     c1 = torch.zeros(d)
     c1[0], c1[CHUNK], c1[2 * CHUNK] = 2.0**24, 1.0, -(2.0**24)
     c2 = torch.zeros(d)
