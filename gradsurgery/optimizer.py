@@ -151,7 +151,14 @@ class GradSurgery(torch.optim.Optimizer):
         self.shared_ids = None if shared_params is None else {id(p) for p in shared_params}
         self.transforms = transforms
         self.source = _full_mode_source(
-            self.method, model, gradient_source, activation_form, shared_params, gram_dtype, optimizer
+            self.method,
+            model,
+            gradient_source,
+            activation_form,
+            shared_params,
+            gram_dtype,
+            optimizer,
+            dist_strategy,
         )
         main = self.method.per_sample_task
         self.prepare = PlainLosses() if main is None else MaskedLosses(main, self.shared_ids)
@@ -363,6 +370,7 @@ def _full_mode_source(
     shared_params: Sequence[torch.Tensor] | None,
     gram_dtype: torch.dtype,
     optimizer: torch.optim.Optimizer,
+    dist_strategy: str,
 ) -> Any:
     """The gradient source of full mode, chosen once: one weighted backward for methods that need no Gram
     matrix, else the Jacobian or the activation source (``gradient_source``)."""
@@ -377,6 +385,11 @@ def _full_mode_source(
         return JacobianSource(shared_params, gram_dtype, scales)
     from .sources.activation import ActivationSource
 
+    if dist_strategy != "allreduce":
+        raise ValueError(
+            f"dist_strategy={dist_strategy!r} shards the Jacobian, which the activation source never forms: use "
+            "gradient_source='jacobian' with it"
+        )
     check_sparse_support(model, optimizer)
     return ActivationSource(
         model,
