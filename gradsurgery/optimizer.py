@@ -387,8 +387,8 @@ def _full_mode_source(
 
     if dist_strategy != "allreduce":
         raise ValueError(
-            f"dist_strategy={dist_strategy!r} shards the Jacobian, which the activation source never forms: use "
-            "gradient_source='jacobian' with it"
+            f"dist_strategy={dist_strategy!r} shards the Jacobian, which the activation source never forms: "
+            "use gradient_source='jacobian' with it"
         )
     check_sparse_support(model, optimizer)
     return ActivationSource(
