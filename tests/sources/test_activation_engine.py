@@ -185,3 +185,16 @@ def test_auto_takes_the_activations_where_they_pay_off():
         .source
         == "jacobian"
     )
+
+
+def test_the_sharded_strategy_is_for_the_jacobian():
+    model = Ranker()
+    with pytest.raises(ValueError, match="shards the Jacobian"):
+        GradSurgery(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            "mgda",
+            model=model,
+            gradient_source="activations",
+            dist_strategy="sharded",
+        )
+    assert not any(m._forward_hooks for m in model.modules())
