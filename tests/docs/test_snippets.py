@@ -2,8 +2,9 @@
 
 Each block runs on its own, as a user would paste it into a file: ``exec`` in a fresh namespace with
 ``__name__ == "__main__"``, in a fresh temporary folder, after ``torch.manual_seed(0)``. A block preceded by
-the marker ``<!-- snippet: ddp -->`` is a ``torchrun`` script: it runs in 2 gloo processes on 127.0.0.1
-(forked, as ``tests/test_distributed.py`` starts its ranks), with the environment torchrun would give it.
+the marker ``<!-- snippet: ddp -->`` is a ``torchrun`` script: it runs in 2 gloo processes on 127.0.0.1,
+with the environment torchrun would give it, forked (as ``tests/test_distributed.py`` starts its ranks) by
+a fresh launcher process, ``_ddp_launcher.py``, under a timeout.
 A block that imports an optional package which is not installed (Lightning, Accelerate, ...) is skipped;
 CI installs them all.
 
@@ -19,8 +20,9 @@ import importlib.util
 import os
 import pathlib
 import re
-import socket
-import traceback
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -124,49 +126,30 @@ def run_script(block: Block) -> dict:
     return namespace
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, port: int, code: str, name: str, outdir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        LOCAL_WORLD_SIZE=str(WORLD),
-    )
-    torch.set_num_threads(1)
-    os.chdir(outdir)
-    try:
-        exec(compile(code, name, "exec"), {"__name__": "__main__"})
-    except BaseException:
-        pathlib.Path(outdir, f"rank{rank}.error").write_text(traceback.format_exc())
-        raise
-    pathlib.Path(outdir, f"rank{rank}.done").write_text("")
+LAUNCHER = pathlib.Path(__file__).with_name("_ddp_launcher.py")
+DDP_TIMEOUT = 300  # seconds: a hung rank fails the test instead of stalling the run
 
 
 def run_ddp(block: Block, outdir: pathlib.Path) -> None:
-    import importlib
-
-    import torch.multiprocessing as mp
-
-    for name in _imported_modules(block):  # imported once here, not by both forked ranks at once
-        importlib.import_module(name)
+    """The block as a torchrun script on 2 gloo ranks, forked by a fresh launcher (``_ddp_launcher.py``)."""
+    script = outdir / "script.py"
+    script.write_text(block.code)
+    proc = subprocess.Popen(
+        [sys.executable, str(LAUNCHER), str(script), str(outdir)],
+        cwd=outdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: a timeout stops the ranks too
+    )
     try:
-        mp.start_processes(
-            _rank_main,
-            args=(_free_port(), block.code, block.name, str(outdir)),
-            nprocs=WORLD,
-            join=True,
-            start_method="fork",
-        )
-    except Exception:
-        errors = "\n".join(p.read_text() for p in sorted(outdir.glob("rank*.error")))
-        raise AssertionError(f"{block.name} failed on a rank:\n{errors}") from None
+        output, _ = proc.communicate(timeout=DDP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError(f"{block.name}: the 2-rank run did not finish in {DDP_TIMEOUT} s") from None
+    errors = "\n".join(p.read_text() for p in sorted(outdir.glob("rank*.error")))
+    assert proc.returncode == 0, f"{block.name} failed on a rank:\n{errors}\n{output}"
     assert sorted(p.name for p in outdir.glob("rank*.done")) == [f"rank{r}.done" for r in range(WORLD)]
 
 
