@@ -1,10 +1,10 @@
 """Run a ``torchrun`` script on 2 gloo ranks: ``python _ddp_launcher.py SCRIPT OUTDIR``.
 
 A fresh interpreter imports what the script imports once, then forks the ranks (as tests/test_distributed.py
-starts its ranks), each with the environment torchrun would give it: forking from this small process, not
-from the test session, keeps the ranks clear of the session's threads (a fork copies a lock held by another
-thread as held, and the rank then waits for ever). Each rank leaves ``rank<r>.done`` or ``rank<r>.error``
-(the traceback) in OUTDIR; the exit status is non-zero when a rank failed.
+starts its ranks), each with the environment torchrun would give it. Forking from this small process rather
+than from the test session keeps the ranks clear of whatever the session has started (threads, process
+groups), and lets the test stop the whole process group on a timeout. Each rank leaves ``rank<r>.done`` or
+``rank<r>.error`` (the traceback) in OUTDIR; the exit status is non-zero when a rank failed.
 """
 
 from __future__ import annotations
