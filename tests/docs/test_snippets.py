@@ -2,8 +2,9 @@
 
 Each block runs on its own, as a user would paste it into a file: ``exec`` in a fresh namespace with
 ``__name__ == "__main__"``, in a fresh temporary folder, after ``torch.manual_seed(0)``. A block preceded by
-the marker ``<!-- snippet: ddp -->`` is a ``torchrun`` script: it runs in 2 gloo processes on 127.0.0.1
-(forked, as ``tests/test_distributed.py`` starts its ranks), with the environment torchrun would give it.
+the marker ``<!-- snippet: ddp -->`` is a ``torchrun`` script: it runs in 2 gloo processes on 127.0.0.1,
+with the environment torchrun would give it, forked (as ``tests/test_distributed.py`` starts its ranks) by
+a fresh launcher process, ``_ddp_launcher.py``, under a timeout.
 A block that imports an optional package which is not installed (Lightning, Accelerate, ...) is skipped;
 CI installs them all.
 
@@ -19,6 +20,7 @@ import importlib.util
 import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
 
@@ -124,32 +126,31 @@ def run_script(block: Block) -> dict:
     return namespace
 
 
+LAUNCHER = pathlib.Path(__file__).with_name("_ddp_launcher.py")
+DDP_TIMEOUT = 300  # seconds: a hung rank fails the test instead of stalling the run
+
+
 def run_ddp(block: Block, outdir: pathlib.Path) -> None:
-    """As the how-to says: ``torchrun --nproc_per_node=2 script.py`` (fresh processes: forking this one,
-    which has imported and run everything before, can deadlock in a thread pool the child inherits)."""
+    """The block as a torchrun script on 2 gloo ranks, forked by a fresh launcher (``_ddp_launcher.py``)."""
     script = outdir / "script.py"
     script.write_text(block.code)
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    )
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={WORLD}",
-            str(script),
-        ],
+    proc = subprocess.Popen(
+        [sys.executable, str(LAUNCHER), str(script), str(outdir)],
         cwd=outdir,
-        env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-        timeout=300,
+        start_new_session=True,  # its own process group: a timeout stops the ranks too
     )
-    assert done.returncode == 0, f"{block.name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    try:
+        output, _ = proc.communicate(timeout=DDP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError(f"{block.name}: the 2-rank run did not finish in {DDP_TIMEOUT} s") from None
+    errors = "\n".join(p.read_text() for p in sorted(outdir.glob("rank*.error")))
+    assert proc.returncode == 0, f"{block.name} failed on a rank:\n{errors}\n{output}"
+    assert sorted(p.name for p in outdir.glob("rank*.done")) == [f"rank{r}.done" for r in range(WORLD)]
 
 
 @pytest.mark.parametrize("block", PYTHON, ids=lambda b: b.name)
