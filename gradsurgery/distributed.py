@@ -79,8 +79,7 @@ def check_not_sharded(params: Iterable[torch.Tensor]) -> None:
                 "GradSurgery does not support FSDP2 (fully_shard) / DTensor parameters: autograd.grad "
                 "returns "
                 f"None for sharded parameters (found a DTensor of global shape {tuple(p.shape)}). "
-                "Wrap the model in DistributedDataParallel instead; see the README section on distributed "
-                "training."
+                "Wrap the model in DistributedDataParallel instead (docs/howto/ddp.md)."
             )
 
 

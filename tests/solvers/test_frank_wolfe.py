@@ -205,7 +205,7 @@ def test_main_aux_kkt_property(jac, main):
 
 
 def test_main_aux_l2_without_lambda():
-    # DESIGN.md: the auxiliary is ½‖θ‖² with gradient θ: u = g + relu(−⟨g, θ⟩)/‖θ‖² θ.
+    # The λ-free L2 rule (docs/maths.md): the auxiliary ½‖θ‖² has gradient θ: u = g + relu(−⟨g, θ⟩)/‖θ‖² θ.
     g, theta = np.array([1.0, -2.0, 0.5]), np.array([0.3, 1.0, -0.2])
     jac = np.stack([g, theta])
     w = main_aux_min_norm(jac @ jac.T, 0)
