@@ -25,8 +25,8 @@ dependency on the benchmark scripts. Two families:
 - ``l2_balanced_direction(grads, thetas, per_tensor)``: u = g + λθ with
   λ = max(relu(−⟨g, θ⟩)/‖θ‖², ‖g‖/‖θ‖) — today's rule (never let the data gradient grow ‖θ‖) plus a decay
   whose step is as long as the data step (‖λθ‖ = ‖g‖), per tensor with ``per_tensor``.
-- ``l2_minnorm_coefficients(grads, thetas, per_tensor)``: λ from the min-norm point of the convex hull of
-  {g, θ} (MGDA between the data loss and ½‖θ‖²), λ = (1 − α)/α.
+- ``l2_minnorm_direction(grads, thetas, per_tensor)``: the min-norm point u = αg + (1 − α)θ of the convex
+  hull of {g, θ} (MGDA between the data loss and ½‖θ‖²); ``decoupled_minnorm_shrink`` its step-space form.
 - ``decoupled_balanced_shrink(news, olds, per_tensor)``: the decoupled (step-based) form of the balanced
   rule for Adam-like optimizers: after the step Δ, θ_new ← θ_new − ‖Δ‖·θ_old/‖θ_old‖ on top of today's
   projection.
@@ -175,22 +175,51 @@ def l2_balanced_coefficients(grads: Sequence[torch.Tensor], thetas: Sequence[tor
     return out
 
 
-def l2_minnorm_coefficients(grads: Sequence[torch.Tensor], thetas: Sequence[torch.Tensor],
-                            per_tensor: bool = False) -> list[float]:
-    """λ = (1 − α)/α with α = argmin_{α∈[0,1]} ‖α g + (1 − α) θ‖ (MGDA on {g, θ}); inf if α = 0 is capped
-    at the value that makes ⟨u, θ⟩ … (α = 0 only when ⟨g, θ⟩ ≥ ‖g‖²… then λ is large: returned as 1/eps)."""
+def l2_minnorm_alphas(grads: Sequence[torch.Tensor], thetas: Sequence[torch.Tensor],
+                      per_tensor: bool = False) -> list[float]:
+    """α = argmin_{α∈[0,1]} ‖α g + (1 − α) θ‖ per group (MGDA between the data loss and ½‖θ‖²):
+    α = clip((‖θ‖² − ⟨g, θ⟩)/‖g − θ‖², 0, 1); α = 1 (the data gradient alone) where θ = 0 or g = θ.
+
+    For ‖θ‖ ≫ ‖g‖, u/α = g + λθ with λ = (1 − α)/α = (‖g‖² − ⟨g, θ⟩)/(‖θ‖² − ⟨g, θ⟩): today's λ
+    (relu(−⟨g, θ⟩)/‖θ‖²) plus about ‖g‖²/‖θ‖², a decay that fades as the data gradient is resolved."""
     out = []
     for group in _groups(len(grads), per_tensor):
         gg = sum(_d(grads[k], grads[k]) for k in group)
         tt = sum(_d(thetas[k], thetas[k]) for k in group)
         gt = sum(_d(grads[k], thetas[k]) for k in group)
         den = gg + tt - 2 * gt
-        if tt <= 0 or den <= 0:
-            out.append(0.0)
-            continue
-        alpha = min(max((tt - gt) / den, 0.0), 1.0)
-        out.append((1 - alpha) / alpha if alpha > 0 else 1e12)
+        out.append(1.0 if tt <= 0 or den <= 0 else min(max((tt - gt) / den, 0.0), 1.0))
     return out
+
+
+def l2_minnorm_direction(grads: Sequence[torch.Tensor], thetas: Sequence[torch.Tensor],
+                         per_tensor: bool = False) -> tuple[list[torch.Tensor], list[float]]:
+    """u_k = α g_k + (1 − α) θ_k (the min-norm point itself, MGDA's common descent direction)."""
+    alphas = l2_minnorm_alphas(grads, thetas, per_tensor)
+    out = list(grads)
+    for a, group in zip(alphas, _groups(len(grads), per_tensor), strict=True):
+        for k in group:
+            out[k] = a * grads[k] + (1 - a) * thetas[k].detach()
+    return out, alphas
+
+
+@torch.no_grad()
+def decoupled_minnorm_shrink(news: Sequence[torch.Tensor], olds: Sequence[torch.Tensor],
+                             per_tensor: bool = False) -> list[float]:
+    """The step-space form for Adam-like optimizers. With the step's descent direction d = θ_old − θ_new:
+    α from the min-norm point of {d, θ_old} (``l2_minnorm_alphas``), λ = min((1 − α)/α, 1); then today's
+    decoupled correction (the growing part of the step removed, back onto the ball of radius ‖θ_old‖), and
+    finally θ_new ← θ_new − λ θ_old. Returns the λ per group. In place."""
+    from gradsurgery.l2 import decoupled_correction
+
+    ds = [o - n for n, o in zip(news, olds, strict=True)]
+    alphas = l2_minnorm_alphas(ds, olds, per_tensor)
+    lams = [min((1 - a) / a, 1.0) if a > 0 else 1.0 for a in alphas]
+    decoupled_correction(news, olds, per_tensor)
+    for lam, group in zip(lams, _groups(len(news), per_tensor), strict=True):
+        for k in group:
+            news[k].sub_(lam * olds[k])
+    return lams
 
 
 def apply_coefficients(grads: Sequence[torch.Tensor], thetas: Sequence[torch.Tensor], lams: Sequence[float],
