@@ -103,15 +103,18 @@ class CleanSetCorrection:
     - afterwards: ``variant`` = ``"forward"``: mean forward-corrected NLL + mean trusted CE;
       ``"posterior"``: CE against ``noisy_posterior`` targets + trusted CE;
       ``"forward_small_loss"``: forward-corrected NLL over the ``keep`` smallest-loss samples, keep = the
-      trusted estimate of the clean-label rate.
+      trusted estimate of the clean-label rate; ``"distill"``: CE against q ∝ p_teacher(y | x)·T̂[y, ỹ], the
+      posterior of the true label combining a *fixed* teacher trained on the trusted set alone (``teacher``,
+      a callable x → logits) with the noisy label through T̂ (forward correction is the same with the
+      current network as the teacher: its gradient p − q equals the posterior CE's).
 
     ``info`` after each ``loss``: ``mask`` (the samples trained on, or None), ``transition``.
     """
 
-    VARIANTS = ("forward", "posterior", "forward_small_loss")
+    VARIANTS = ("forward", "posterior", "forward_small_loss", "distill")
 
     def __init__(self, x_clean: torch.Tensor, y_clean: torch.Tensor, num_classes: int, warmup: int = 3,
-                 variant: str = "forward") -> None:
+                 variant: str = "forward", teacher=None) -> None:
         if variant not in self.VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; choose one of {self.VARIANTS}")
         if warmup < 1:
@@ -123,6 +126,9 @@ class CleanSetCorrection:
         self.transition: torch.Tensor | None = None
         self.keep: float | None = None
         self.mask: torch.Tensor | None = None
+        if variant == "distill" and teacher is None:
+            raise ValueError("variant='distill' needs teacher=: a callable x -> logits trained on the trusted set")
+        self.teacher = teacher
 
     @property
     def warming_up(self) -> bool:
@@ -135,7 +141,7 @@ class CleanSetCorrection:
             self.transition = estimate_transition(probs, self.y_clean, self.num_classes)
             self.keep = transition_keep_rate(self.transition, torch.bincount(self.y_clean, minlength=self.num_classes))
 
-    def loss(self, logits_noisy, y_noisy, logits_clean, y_clean) -> torch.Tensor:
+    def loss(self, logits_noisy, y_noisy, logits_clean, y_clean, x_noisy=None) -> torch.Tensor:
         self.mask = None
         if self.transition is None:
             return F.cross_entropy(logits_noisy, y_noisy)
@@ -145,9 +151,30 @@ class CleanSetCorrection:
         if self.variant == "posterior":
             q = noisy_posterior(logits_noisy, y_noisy, self.transition)
             return -(q * F.log_softmax(logits_noisy, 1)).sum(1).mean() + clean
+        if self.variant == "distill":
+            if x_noisy is None:
+                raise ValueError("variant='distill' needs x_noisy= (the teacher reads the inputs)")
+            with torch.no_grad():
+                q = noisy_posterior(self.teacher(x_noisy), y_noisy, self.transition)
+            return -(q * F.log_softmax(logits_noisy, 1)).sum(1).mean() + clean
         per = forward_corrected_nll(logits_noisy, y_noisy, self.transition)
         self.mask = small_loss_mask(per, self.keep)
         return per[self.mask].mean() + clean
+
+
+def train_clean_teacher(model: torch.nn.Module, x_clean: torch.Tensor, y_clean: torch.Tensor, *, steps: int,
+                        lr: float = 0.01, batch: int = 32, generator: torch.Generator | None = None):
+    """Train ``model`` (in place) on the trusted set alone for ``steps`` SGD steps (momentum 0.9); returns it in
+    eval mode, as the ``teacher`` of ``CleanSetCorrection(variant="distill")``."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    n = len(y_clean)
+    model.train()
+    for step in range(steps):
+        idx = torch.randint(n, (min(batch, n),), generator=generator)
+        opt.zero_grad()
+        F.cross_entropy(model(x_clean[idx]), y_clean[idx]).backward()
+        opt.step()
+    return model.eval()
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ except ImportError:  # run as a script
 
 C = 10
 BASELINES = ["noisy", "clean", "sum", "guard", "mask", "l2rw", "mwnet", "glc"]
-PROTOTYPES = ["fwd-warm", "post-warm", "sel-warm", "glc-sel"]
+PROTOTYPES = ["fwd-warm", "fwd-mask", "distill", "post-warm", "sel-warm", "glc-sel", "fwd-oracle"]
 LABELS = {
     "noisy": "noisy only",
     "clean": "clean only",
@@ -73,9 +73,12 @@ LABELS = {
     "mwnet": "meta-weight net (Shu 2019)",
     "glc": "gold loss correction (Hendrycks 2018)",
     "fwd-warm": "**proto: warm-up T̂ + forward correction**",
+    "fwd-mask": "proto: warm-up T̂ + forward correction, masked (`mode=\"mask\"`)",
+    "distill": "proto: warm-up T̂ + clean-teacher posterior targets",
     "post-warm": "proto: warm-up T̂ + posterior targets",
     "sel-warm": "proto: warm-up T̂ + forward + small-loss",
     "glc-sel": "proto: GLC + small-loss",
+    "fwd-oracle": "(information: forward correction with the true T)",
 }
 
 
@@ -99,7 +102,7 @@ def prepare(seed: int, kind: str, rate: float, clean_frac: float, n_train: int):
     gen = torch.Generator().manual_seed(40_000 + seed + round(1000 * rate) + (0 if kind == "sym" else 7))
     return {
         "x_noisy": x[ni], "y_noisy": corrupt(y[ni], kind, rate, gen), "y_true": y[ni],
-        "x_clean": x[ci], "y_clean": y[ci], "x_test": xt, "y_test": yt,
+        "x_clean": x[ci], "y_clean": y[ci], "x_test": xt, "y_test": yt, "kind": kind, "rate": rate,
     }
 
 
@@ -122,7 +125,7 @@ class MetaWeightNet(torch.nn.Module):
 
 
 def train(seed: int, method: str, data: dict, *, epochs: int, width: int, warmup: int, lr=0.01,
-          batch=64, clean_batch=32, transition=None) -> dict:
+          batch=64, clean_batch=32, transition=None, teacher_steps=1000) -> dict:
     """One run; returns end-of-training metrics (and ``transition`` for GLC's first phase)."""
     torch.manual_seed(seed)
     model = new_model(seed, width)
@@ -130,7 +133,7 @@ def train(seed: int, method: str, data: dict, *, epochs: int, width: int, warmup
     opt = inner
     if method == "guard":
         opt = GradSurgery(inner, method="main_aux", main=0)
-    elif method == "mask":
+    elif method in ("mask", "fwd-mask"):
         opt = GradSurgery(inner, method="main_aux", main=0, mode="mask")
     gen = torch.Generator().manual_seed(2000 + seed)
     loader = torch.utils.data.DataLoader(
@@ -140,9 +143,21 @@ def train(seed: int, method: str, data: dict, *, epochs: int, width: int, warmup
     clean = CleanBatches(loader)
     xn, yn, ytrue = data["x_noisy"], data["y_noisy"], data["y_true"]
     corr = None
-    if method in ("fwd-warm", "post-warm", "sel-warm"):
-        variant = {"fwd-warm": "forward", "post-warm": "posterior", "sel-warm": "forward_small_loss"}[method]
-        corr = P.CleanSetCorrection(data["x_clean"], data["y_clean"], C, warmup=warmup, variant=variant)
+    if method == "fwd-mask":
+        corr = P.CleanSetCorrection(data["x_clean"], data["y_clean"], C, warmup=warmup, variant="forward")
+    if method in ("fwd-warm", "post-warm", "sel-warm", "distill"):
+        variant = {"fwd-warm": "forward", "post-warm": "posterior", "sel-warm": "forward_small_loss",
+                   "distill": "distill"}[method]
+        teacher = None
+        if method == "distill":  # same architecture, trained on the trusted set for one epoch's steps
+            teacher = P.train_clean_teacher(new_model(seed + 500, width), data["x_clean"], data["y_clean"],
+                                            steps=teacher_steps, lr=lr, batch=clean_batch,
+                                            generator=torch.Generator().manual_seed(3000 + seed))
+        corr = P.CleanSetCorrection(data["x_clean"], data["y_clean"], C, warmup=warmup, variant=variant,
+                                    teacher=teacher)
+    elif method == "fwd-oracle":  # information only: forward correction with the true T from the first step
+        corr = P.CleanSetCorrection(data["x_clean"], data["y_clean"], C, warmup=1, variant="forward")
+        corr.transition = true_transition(data["kind"], data["rate"])
     elif method in ("glc2", "glc-sel2"):  # GLC's second phase, T given
         corr = P.CleanSetCorrection(data["x_clean"], data["y_clean"], C, warmup=1,
                                     variant="forward" if method == "glc2" else "forward_small_loss")
@@ -175,6 +190,14 @@ def train(seed: int, method: str, data: dict, *, epochs: int, width: int, warmup
                                      F.cross_entropy(model(xc), yc)])
                 m = info.sample_mask
                 kept += int(m.sum()); kept_true += int((m & (yb == ytrue[idx])).sum()); seen += len(idx)  # noqa: E702
+            elif method == "fwd-mask":
+                if corr.warming_up:
+                    F.cross_entropy(model(xb), yb).backward()
+                else:
+                    per = P.forward_corrected_nll(model(xb), yb, corr.transition)
+                    info = opt.backward([per, F.cross_entropy(model(xc), yc)])
+                    m = info.sample_mask
+                    kept += int(m.sum()); kept_true += int((m & (yb == ytrue[idx])).sum()); seen += len(idx)  # noqa: E702
             elif method in ("l2rw", "mwnet"):
                 params = dict(model.named_parameters())
                 if method == "l2rw":
@@ -202,7 +225,7 @@ def train(seed: int, method: str, data: dict, *, epochs: int, width: int, warmup
                 loss.backward()
                 wsum += float(w.sum()); wsum_true += float(w[yb == ytrue[idx]].sum())  # noqa: E702
             else:  # CleanSetCorrection-based
-                loss = corr.loss(model(xb), yb, model(xc), yc)
+                loss = corr.loss(model(xb), yb, model(xc), yc, x_noisy=xb)
                 loss.backward()
                 if corr.mask is not None:
                     m = corr.mask
@@ -242,6 +265,13 @@ def run_method(seed, method, data, **kw) -> dict:
         res["T_diag_mean"] = float(torch.diagonal(first["transition"]).mean())
         return res
     return train(seed, method, data, **kw)
+
+
+def true_transition(kind: str, rate: float) -> torch.Tensor:
+    eye = torch.eye(C, dtype=torch.float64)
+    if kind == "sym":
+        return (1 - rate) * eye + rate / (C - 1) * (1 - eye)
+    return (1 - rate) * eye + rate * eye.roll(1, dims=1)
 
 
 def true_diag(kind: str, rate: float) -> float:
@@ -312,7 +342,7 @@ def verdict(rows: list[dict], method: str) -> str:
 
 def read_rows(folder: pathlib.Path) -> list[dict]:
     rows = []
-    for path in sorted(folder.glob("rows*.csv")):
+    for path in sorted(folder.glob("rows-*.csv")):
         with path.open() as f:
             rows += list(csv.DictReader(f))
     return rows
@@ -338,13 +368,16 @@ def main(argv: list[str] | None = None) -> int:
     cmd = D.command_line("benchmarks.noisy_labels_hard", argv)
     if args.summarize:
         rows = read_rows(args.summarize)
+        D.write_csv(args.summarize / "all_rows.csv", rows)
         methods = [m for m in BASELINES + PROTOTYPES if any(r["method"] == m for r in rows)]
         text = f"# Noisy labels, hard digits\n\n{summarize(rows, methods)}\n\n{verdict(rows, args.verdict)}\n"
         (args.summarize / "noisy_labels_hard.md").write_text(text)
         print(text)
         return 0
     i, n = (int(v) for v in args.shard.split("/"))
-    jobs = list(itertools.product(args.kinds, args.noise, args.clean, args.seeds, args.methods))
+    # seed-major: a run cut short still has every point for its first seeds
+    jobs = [(k, r, c, sd, m) for sd, c, k, r, m in itertools.product(args.seeds, args.clean, args.kinds,
+                                                                     args.noise, args.methods)]
     jobs = jobs[i::n]
     rows, start = [], time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
