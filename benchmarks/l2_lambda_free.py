@@ -10,15 +10,18 @@ linear (128 → 10) on the 8×8 images (≈ 150k weights). Every mode regularize
 Modes (``--modes``), all applied by hand in the training loop (no ``GradSurgery``), using the package's own
 functions for today's rule so that the comparison runs the same maths:
 
-- ``none``; ``wd``: SGD ``weight_decay`` / AdamW over the grid of ``l2_regularization.WD_GRID``; the tuned λ is
-  the one with the best mean validation accuracy (reported on test);
+- ``none``; ``wd``: SGD ``weight_decay`` / AdamW over the grid of ``l2_regularization.WD_GRID``; the tuned
+  λ is   the one with the best mean validation accuracy (reported on test);
 - today's rule: ``l2`` (global, direct: u = g + relu(−⟨g,θ⟩)/‖θ‖²·θ), ``l2-pt`` (per tensor), ``l2-dec``
   (global, decoupled: the step's growing component removed, then back onto the ball), ``l2-pt-dec``;
 - prototypes (``modes_prototypes``): ``bal`` / ``bal-pt`` (direct: λ = max(today's λ, ‖g‖/‖θ‖), the decay
   step as long as the data step), ``bal-dec`` / ``bal-pt-dec`` (decoupled: today's projection of the step Δ,
-  then θ moved ‖Δ‖ towards 0), ``mn`` / ``mn-pt`` (direct: the step along the min-norm point αg + (1 − α)θ of {g, θ}), ``mn-dec`` /
+  then θ moved ‖Δ‖ towards 0), ``mn`` / ``mn-pt`` (direct: the step along the min-norm point
+  αg + (1 − α)θ of {g, θ}), ``mn-dec`` /
   ``mn-pt-dec`` (decoupled: λ = (1 − α)/α from the min-norm point of {step, θ}, on top of today's decoupled
-  correction).
+  correction); ``val`` / ``val-pt`` (direct) and ``val-dec`` / ``val-pt-dec`` (decoupled): the radial part of
+  the step (grow or shrink ‖θ‖, globally or per tensor) decided by the gradient of a batch of the validation
+  split, the data that tunes λ (``heldout_radial_direction``, ``decoupled_heldout_radial``).
 
     python -m benchmarks.l2_lambda_free --arch mlp cnn --seeds 0 1 2 3 4 --out results/l2_free
     python -m benchmarks.l2_lambda_free --summarize results/l2_free
@@ -49,17 +52,35 @@ except ImportError:  # run as a script
     from l2_regularization import LR, WD_GRID, prepare  # type: ignore[no-redef]
 
 TODAY = ["l2", "l2-pt", "l2-dec", "l2-pt-dec"]
-PROTO = ["bal", "bal-pt", "bal-dec", "bal-pt-dec", "mn", "mn-pt", "mn-dec", "mn-pt-dec"]
+PROTO = [
+    "bal",
+    "bal-pt",
+    "bal-dec",
+    "bal-pt-dec",
+    "mn",
+    "mn-pt",
+    "mn-dec",
+    "mn-pt-dec",
+    "val",
+    "val-pt",
+    "val-dec",
+    "val-pt-dec",
+]
 
 
 def cnn(seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(
         torch.nn.Unflatten(1, (1, 8, 8)),
-        torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.ReLU(),
-        torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(),
-        torch.nn.MaxPool2d(2), torch.nn.Flatten(),
-        torch.nn.Linear(64 * 16, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10),
+        torch.nn.Conv2d(1, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 64, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(64 * 16, 128),
+        torch.nn.ReLU(),
+        torch.nn.Linear(128, 10),
     )
 
 
@@ -84,6 +105,7 @@ def train_one(seed, arch, opt_name, mode, lam, data, *, epochs, width, batch_siz
     with torch.no_grad():
         init_norm = float(torch.sqrt(sum((p.double() ** 2).sum() for p in weights)))
     gen = torch.Generator().manual_seed(1000 + seed)
+    vgen = torch.Generator().manual_seed(5000 + seed)
     lam_sum = lam_n = 0.0
     for _ in range(epochs):
         for idx in D.batches(len(ytr), batch_size, gen):
@@ -91,31 +113,45 @@ def train_one(seed, arch, opt_name, mode, lam, data, *, epochs, width, batch_siz
             opt.zero_grad()
             loss.backward()
             grads = [p.grad for p in weights]
-            if mode in ("l2", "l2-pt"):
+            vgrads = None
+            if mode.startswith("val"):  # a held-out batch of the validation split (the data that tunes λ)
+                vidx = torch.randint(len(yva), (batch_size,), generator=vgen)
+                vgrads = torch.autograd.grad(F.cross_entropy(model(xva[vidx]), yva[vidx]), weights)
+            if mode in ("val", "val-pt"):
+                new = P.heldout_radial_direction(grads, weights, vgrads, per_tensor)
+                for p, u in zip(weights, new, strict=True):
+                    p.grad = u
+            elif mode in ("l2", "l2-pt"):
                 new, lam_t = l2_direction(grads, weights, per_tensor)
                 for p, u in zip(weights, new, strict=True):
                     p.grad = u
-                lam_sum += float(lam_t.mean()); lam_n += 1  # noqa: E702
+                lam_sum += float(lam_t.mean())
+                lam_n += 1  # noqa: E702
             elif mode in ("bal", "bal-pt"):
                 lams = P.l2_balanced_coefficients(grads, weights, per_tensor)
                 new = P.apply_coefficients(grads, weights, lams, per_tensor)
                 for p, u in zip(weights, new, strict=True):
                     p.grad = u
-                lam_sum += sum(lams) / len(lams); lam_n += 1  # noqa: E702
+                lam_sum += sum(lams) / len(lams)
+                lam_n += 1  # noqa: E702
             elif mode in ("mn", "mn-pt"):
                 new, alphas = P.l2_minnorm_direction(grads, weights, per_tensor)
                 for p, u in zip(weights, new, strict=True):
                     p.grad = u
-                lam_sum += sum((1 - a) / max(a, 1e-12) for a in alphas) / len(alphas); lam_n += 1  # noqa: E702
+                lam_sum += sum((1 - a) / max(a, 1e-12) for a in alphas) / len(alphas)
+                lam_n += 1  # noqa: E702
             olds = [p.detach().clone() for p in weights] if decoupled else None
             opt.step()
             if decoupled:
                 news = [p.data for p in weights]
                 if mode.startswith("l2"):
                     decoupled_correction(news, olds, per_tensor)
+                elif mode.startswith("val"):
+                    P.decoupled_heldout_radial(news, olds, vgrads, per_tensor)
                 elif mode.startswith("mn"):
                     lams = P.decoupled_minnorm_shrink(news, olds, per_tensor)
-                    lam_sum += sum(lams) / len(lams); lam_n += 1  # noqa: E702
+                    lam_sum += sum(lams) / len(lams)
+                    lam_n += 1  # noqa: E702
                 else:
                     P.decoupled_balanced_shrink(news, olds, per_tensor)
     with torch.no_grad():
@@ -134,11 +170,17 @@ def summarize(rows: list[dict]) -> str:
     out = []
     keyset = sorted({(r["arch"], float(r["label_noise"]), r["optimizer"]) for r in rows})
     for arch, noise, opt_name in keyset:
-        sel = [r for r in rows if r["arch"] == arch and float(r["label_noise"]) == noise and r["optimizer"] == opt_name]
+        sel = [
+            r
+            for r in rows
+            if r["arch"] == arch and float(r["label_noise"]) == noise and r["optimizer"] == opt_name
+        ]
 
-        def pick(mode, lam=""):
-            return sorted([r for r in sel if r["mode"] == mode and (lam == "" or float(r["lambda"]) == lam)],
-                          key=lambda r: int(r["seed"]))
+        def pick(mode, lam="", sel=sel):
+            return sorted(
+                [r for r in sel if r["mode"] == mode and (lam == "" or float(r["lambda"]) == lam)],
+                key=lambda r: int(r["seed"]),
+            )
 
         def col(s, k):
             return [float(r[k]) for r in s]
@@ -151,21 +193,38 @@ def summarize(rows: list[dict]) -> str:
         tuned = col(best[1], "test_acc")
         none = col(pick("none"), "test_acc")
         gain = D.mean_std(tuned)[0] - D.mean_std(none)[0]
-        header = ["mode", "test acc %", "‖W‖ end", "gap to tuned λ (pts, paired)", "recovered of the tuned gain"]
+        header = [
+            "mode",
+            "test acc %",
+            "‖W‖ end",
+            "gap to tuned λ (pts, paired)",
+            "recovered of the tuned gain",
+        ]
         table = []
-        for name, s in [("no regularization", pick("none")), (f"weight decay λ={best[0]:g} (tuned on val)", best[1])] + [
-            (m, pick(m)) for m in TODAY + PROTO
-        ]:
+        for name, s in [
+            ("no regularization", pick("none")),
+            (f"weight decay λ={best[0]:g} (tuned on val)", best[1]),
+        ] + [(m, pick(m)) for m in TODAY + PROTO]:
             if not s:
                 continue
             acc = col(s, "test_acc")
             gaps = [a - b for a, b in zip(acc, tuned, strict=True)]
             rec = (D.mean_std(acc)[0] - D.mean_std(none)[0]) / gain if abs(gain) > 1e-9 else float("nan")
-            table.append([name, D.pm(acc), D.pm(col(s, "weight_norm"), scale=1.0),
-                          D.pm(gaps, digits=2), f"{100 * rec:.0f} %" if rec == rec else "—"])
+            table.append(
+                [
+                    name,
+                    D.pm(acc),
+                    D.pm(col(s, "weight_norm"), scale=1.0),
+                    D.pm(gaps, digits=2),
+                    f"{100 * rec:.0f} %" if rec == rec else "—",
+                ]
+            )
         wd_curve = ", ".join(f"{lam:g}: {100 * D.mean_std(col(s, 'test_acc'))[0]:.1f}" for lam, s in curve)
-        title = (f"**{arch.upper()}, {opt_name.upper()}, {'clean labels' if not noise else f'{round(100 * noise)} % label noise'}**"
-                 f" — tuned gain {100 * gain:+.2f} pts; weight-decay curve (test %): {wd_curve}")
+        scenario = "clean labels" if not noise else f"{round(100 * noise)} % label noise"
+        title = (
+            f"**{arch.upper()}, {opt_name.upper()}, {scenario}**"
+            f" — tuned gain {100 * gain:+.2f} pts; weight-decay curve (test %): {wd_curve}"
+        )
         out.append(title + "\n\n" + D.markdown_table(header, table))
     return "\n\n".join(out)
 
@@ -188,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=80)
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--shard", default="0/1")
+    parser.add_argument("--sgd-only", nargs="*", default=[], help="modes run with SGD only")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/l2_free"))
     parser.add_argument("--summarize", type=pathlib.Path)
     args = parser.parse_args(argv)
@@ -198,9 +258,11 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         return 0
     jobs = []
-    for arch, noise, seed, opt_name, mode in itertools.product(
-        args.arch, args.label_noise, args.seeds, args.optimizers, args.modes
+    for seed, arch, noise, opt_name, mode in itertools.product(
+        args.seeds, args.arch, args.label_noise, args.optimizers, args.modes
     ):
+        if opt_name == "adam" and mode in args.sgd_only:
+            continue
         for lam in WD_GRID[opt_name] if mode == "wd" else [None]:
             jobs.append((arch, noise, seed, opt_name, mode, lam))
     i, n = (int(v) for v in args.shard.split("/"))
@@ -211,12 +273,24 @@ def main(argv: list[str] | None = None) -> int:
         data = prepare(seed, 200, 300, noise)
         t0 = time.perf_counter()
         res = train_one(seed, arch, opt_name, mode, lam, data, epochs=args.epochs, width=args.width)
-        rows.append({"arch": arch, "label_noise": noise, "optimizer": opt_name, "mode": mode,
-                     "lambda": "" if lam is None else lam, "seed": seed, **res,
-                     "seconds": time.perf_counter() - t0})
-        print(f"{arch} noise {noise} seed {seed} {opt_name} {mode} {'' if lam is None else lam}: "
-              f"test {res['test_acc']:.4f} val {res['val_acc']:.4f} ‖W‖ {res['weight_norm']:.2f} "
-              f"λ̄ {res['mean_lambda']:.2g} ({rows[-1]['seconds']:.1f}s)", flush=True)
+        rows.append(
+            {
+                "arch": arch,
+                "label_noise": noise,
+                "optimizer": opt_name,
+                "mode": mode,
+                "lambda": "" if lam is None else lam,
+                "seed": seed,
+                **res,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+        print(
+            f"{arch} noise {noise} seed {seed} {opt_name} {mode} {'' if lam is None else lam}: "
+            f"test {res['test_acc']:.4f} val {res['val_acc']:.4f} ‖W‖ {res['weight_norm']:.2f} "
+            f"λ̄ {res['mean_lambda']:.2g} ({rows[-1]['seconds']:.1f}s)",
+            flush=True,
+        )
         D.write_csv(args.out / f"rows-{i}-of-{n}.csv", rows)
     if n == 1:
         text = "# λ-free L2 rules\n\n" + summarize(rows) + "\n"

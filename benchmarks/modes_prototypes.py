@@ -27,6 +27,9 @@ dependency on the benchmark scripts. Two families:
   whose step is as long as the data step (‖λθ‖ = ‖g‖), per tensor with ``per_tensor``.
 - ``l2_minnorm_direction(grads, thetas, per_tensor)``: the min-norm point u = αg + (1 − α)θ of the convex
   hull of {g, θ} (MGDA between the data loss and ½‖θ‖²); ``decoupled_minnorm_shrink`` its step-space form.
+- ``heldout_radial_direction`` / ``decoupled_heldout_radial``: the norm's direction of travel (grow or
+  shrink, per tensor) chosen by a held-out batch's gradient (the clean-set machinery: ``CleanBatches``),
+  the rest of the step untouched; no λ.
 - ``decoupled_balanced_shrink(news, olds, per_tensor)``: the decoupled (step-based) form of the balanced
   rule for Adam-like optimizers: after the step Δ, θ_new ← θ_new − ‖Δ‖·θ_old/‖θ_old‖ on top of today's
   projection.
@@ -44,14 +47,18 @@ import torch.nn.functional as F
 # --------------------------------------------------------------------------------------------------------
 
 
-def estimate_transition(probs: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
+def estimate_transition(
+    probs: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None
+) -> torch.Tensor:
     """GLC's T̂ (C×C, rows sum to 1): T̂[i] = mean of ``probs[s]`` over the samples s with ``labels[s] == i``.
 
     ``probs`` (n, C) are p(ỹ | x) of a model trained on noisy labels, on trusted samples it did not train on;
     ``labels`` (n,) their true labels. A class with no trusted sample gets the identity row.
     """
     if probs.dim() != 2 or labels.shape != probs.shape[:1]:
-        raise ValueError(f"probs (n, C) and labels (n,) expected, got {tuple(probs.shape)}, {tuple(labels.shape)}")
+        raise ValueError(
+            f"probs (n, C) and labels (n,) expected, got {tuple(probs.shape)}, {tuple(labels.shape)}"
+        )
     c = probs.shape[1] if num_classes is None else num_classes
     probs = probs.detach().to(torch.float64)
     sums = torch.zeros(c, probs.shape[1], dtype=torch.float64).index_add_(0, labels, probs)
@@ -61,7 +68,9 @@ def estimate_transition(probs: torch.Tensor, labels: torch.Tensor, num_classes: 
     return t / t.sum(1, keepdim=True)
 
 
-def forward_corrected_nll(logits: torch.Tensor, noisy: torch.Tensor, transition: torch.Tensor) -> torch.Tensor:
+def forward_corrected_nll(
+    logits: torch.Tensor, noisy: torch.Tensor, transition: torch.Tensor
+) -> torch.Tensor:
     """−log Σ_y softmax(logits)[y]·T[y, ỹ] per sample (shape (B,)), computed in log space."""
     log_p = F.log_softmax(logits, dim=1)
     log_t = transition.to(logits.dtype).clamp_min(1e-12).log()  # (C, C)
@@ -71,7 +80,9 @@ def forward_corrected_nll(logits: torch.Tensor, noisy: torch.Tensor, transition:
 
 def noisy_posterior(logits: torch.Tensor, noisy: torch.Tensor, transition: torch.Tensor) -> torch.Tensor:
     """q[b, y] ∝ softmax(logits)[b, y]·T[y, ỹ_b] (rows sum to 1), detached."""
-    log_q = F.log_softmax(logits.detach(), dim=1) + transition.to(logits.dtype).clamp_min(1e-12).log()[:, noisy].T
+    log_q = (
+        F.log_softmax(logits.detach(), dim=1) + transition.to(logits.dtype).clamp_min(1e-12).log()[:, noisy].T
+    )
     return torch.softmax(log_q, dim=1)
 
 
@@ -113,8 +124,15 @@ class CleanSetCorrection:
 
     VARIANTS = ("forward", "posterior", "forward_small_loss", "distill")
 
-    def __init__(self, x_clean: torch.Tensor, y_clean: torch.Tensor, num_classes: int, warmup: int = 3,
-                 variant: str = "forward", teacher=None) -> None:
+    def __init__(
+        self,
+        x_clean: torch.Tensor,
+        y_clean: torch.Tensor,
+        num_classes: int,
+        warmup: int = 3,
+        variant: str = "forward",
+        teacher=None,
+    ) -> None:
         if variant not in self.VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; choose one of {self.VARIANTS}")
         if warmup < 1:
@@ -127,7 +145,9 @@ class CleanSetCorrection:
         self.keep: float | None = None
         self.mask: torch.Tensor | None = None
         if variant == "distill" and teacher is None:
-            raise ValueError("variant='distill' needs teacher=: a callable x -> logits trained on the trusted set")
+            raise ValueError(
+                "variant='distill' needs teacher=: a callable x -> logits trained on the trusted set"
+            )
         self.teacher = teacher
 
     @property
@@ -139,7 +159,9 @@ class CleanSetCorrection:
         if self.transition is None and epoch + 1 >= self.warmup:
             probs = torch.softmax(predict(self.x_clean), dim=1)
             self.transition = estimate_transition(probs, self.y_clean, self.num_classes)
-            self.keep = transition_keep_rate(self.transition, torch.bincount(self.y_clean, minlength=self.num_classes))
+            self.keep = transition_keep_rate(
+                self.transition, torch.bincount(self.y_clean, minlength=self.num_classes)
+            )
 
     def loss(self, logits_noisy, y_noisy, logits_clean, y_clean, x_noisy=None) -> torch.Tensor:
         self.mask = None
@@ -162,14 +184,22 @@ class CleanSetCorrection:
         return per[self.mask].mean() + clean
 
 
-def train_clean_teacher(model: torch.nn.Module, x_clean: torch.Tensor, y_clean: torch.Tensor, *, steps: int,
-                        lr: float = 0.01, batch: int = 32, generator: torch.Generator | None = None):
-    """Train ``model`` (in place) on the trusted set alone for ``steps`` SGD steps (momentum 0.9); returns it in
-    eval mode, as the ``teacher`` of ``CleanSetCorrection(variant="distill")``."""
+def train_clean_teacher(
+    model: torch.nn.Module,
+    x_clean: torch.Tensor,
+    y_clean: torch.Tensor,
+    *,
+    steps: int,
+    lr: float = 0.01,
+    batch: int = 32,
+    generator: torch.Generator | None = None,
+):
+    """Train ``model`` (in place) on the trusted set alone for ``steps`` SGD steps (momentum 0.9); returns it
+    in eval mode, as the ``teacher`` of ``CleanSetCorrection(variant="distill")``."""
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     n = len(y_clean)
     model.train()
-    for step in range(steps):
+    for _ in range(steps):
         idx = torch.randint(n, (min(batch, n),), generator=generator)
         opt.zero_grad()
         F.cross_entropy(model(x_clean[idx]), y_clean[idx]).backward()
@@ -190,9 +220,14 @@ def _d(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.dot(a.detach().reshape(-1).double(), b.detach().reshape(-1).double()))
 
 
-def l2_balanced_coefficients(grads: Sequence[torch.Tensor], thetas: Sequence[torch.Tensor],
-                             per_tensor: bool = False, scale: float = 1.0) -> list[float]:
-    """λ_k = max(relu(−⟨g, θ⟩)/‖θ‖², scale·‖g‖/‖θ‖) per group (one group, or one per tensor); 0 where θ = 0."""
+def l2_balanced_coefficients(
+    grads: Sequence[torch.Tensor],
+    thetas: Sequence[torch.Tensor],
+    per_tensor: bool = False,
+    scale: float = 1.0,
+) -> list[float]:
+    """λ_k = max(relu(−⟨g, θ⟩)/‖θ‖², scale·‖g‖/‖θ‖) per group (one group, or one per tensor); 0 where
+    θ = 0."""
     out = []
     for group in _groups(len(grads), per_tensor):
         dot = sum(_d(grads[k], thetas[k]) for k in group)
@@ -202,8 +237,9 @@ def l2_balanced_coefficients(grads: Sequence[torch.Tensor], thetas: Sequence[tor
     return out
 
 
-def l2_minnorm_alphas(grads: Sequence[torch.Tensor], thetas: Sequence[torch.Tensor],
-                      per_tensor: bool = False) -> list[float]:
+def l2_minnorm_alphas(
+    grads: Sequence[torch.Tensor], thetas: Sequence[torch.Tensor], per_tensor: bool = False
+) -> list[float]:
     """α = argmin_{α∈[0,1]} ‖α g + (1 − α) θ‖ per group (MGDA between the data loss and ½‖θ‖²):
     α = clip((‖θ‖² − ⟨g, θ⟩)/‖g − θ‖², 0, 1); α = 1 (the data gradient alone) where θ = 0 or g = θ.
 
@@ -219,8 +255,9 @@ def l2_minnorm_alphas(grads: Sequence[torch.Tensor], thetas: Sequence[torch.Tens
     return out
 
 
-def l2_minnorm_direction(grads: Sequence[torch.Tensor], thetas: Sequence[torch.Tensor],
-                         per_tensor: bool = False) -> tuple[list[torch.Tensor], list[float]]:
+def l2_minnorm_direction(
+    grads: Sequence[torch.Tensor], thetas: Sequence[torch.Tensor], per_tensor: bool = False
+) -> tuple[list[torch.Tensor], list[float]]:
     """u_k = α g_k + (1 − α) θ_k (the min-norm point itself, MGDA's common descent direction)."""
     alphas = l2_minnorm_alphas(grads, thetas, per_tensor)
     out = list(grads)
@@ -231,8 +268,9 @@ def l2_minnorm_direction(grads: Sequence[torch.Tensor], thetas: Sequence[torch.T
 
 
 @torch.no_grad()
-def decoupled_minnorm_shrink(news: Sequence[torch.Tensor], olds: Sequence[torch.Tensor],
-                             per_tensor: bool = False) -> list[float]:
+def decoupled_minnorm_shrink(
+    news: Sequence[torch.Tensor], olds: Sequence[torch.Tensor], per_tensor: bool = False
+) -> list[float]:
     """The step-space form for Adam-like optimizers. With the step's descent direction d = θ_old − θ_new:
     α from the min-norm point of {d, θ_old} (``l2_minnorm_alphas``), λ = min((1 − α)/α, 1); then today's
     decoupled correction (the growing part of the step removed, back onto the ball of radius ‖θ_old‖), and
@@ -249,8 +287,12 @@ def decoupled_minnorm_shrink(news: Sequence[torch.Tensor], olds: Sequence[torch.
     return lams
 
 
-def apply_coefficients(grads: Sequence[torch.Tensor], thetas: Sequence[torch.Tensor], lams: Sequence[float],
-                       per_tensor: bool = False) -> list[torch.Tensor]:
+def apply_coefficients(
+    grads: Sequence[torch.Tensor],
+    thetas: Sequence[torch.Tensor],
+    lams: Sequence[float],
+    per_tensor: bool = False,
+) -> list[torch.Tensor]:
     """u_k = g_k + λ_(group of k)·θ_k."""
     out = list(grads)
     for lam, group in zip(lams, _groups(len(grads), per_tensor), strict=True):
@@ -260,8 +302,9 @@ def apply_coefficients(grads: Sequence[torch.Tensor], thetas: Sequence[torch.Ten
 
 
 @torch.no_grad()
-def decoupled_balanced_shrink(news: Sequence[torch.Tensor], olds: Sequence[torch.Tensor],
-                              per_tensor: bool = False, scale: float = 1.0) -> list[float]:
+def decoupled_balanced_shrink(
+    news: Sequence[torch.Tensor], olds: Sequence[torch.Tensor], per_tensor: bool = False, scale: float = 1.0
+) -> list[float]:
     """After a step θ_old → θ_new (Δ = θ_new − θ_old), per group: remove the growing component of Δ along
     θ_old (as today's decoupled rule), then move θ_new by ``scale``·‖Δ‖ towards 0 along θ_old
     (θ_new ← θ_new − scale·‖Δ‖·θ_old/‖θ_old‖). Returns the per-group shrink lengths. In place."""
@@ -280,3 +323,61 @@ def decoupled_balanced_shrink(news: Sequence[torch.Tensor], olds: Sequence[torch
             news[k].sub_(coef * olds[k])
         lengths.append(length)
     return lengths
+
+
+def heldout_radial_direction(
+    grads: Sequence[torch.Tensor],
+    thetas: Sequence[torch.Tensor],
+    heldout: Sequence[torch.Tensor],
+    per_tensor: bool = False,
+) -> list[torch.Tensor]:
+    """Direct form (plain SGD): the radial component of the update (along θ, per group) is taken from the
+    held-out gradient v instead of the training gradient g; the tangential part stays g's:
+
+        u = g − (⟨g, θ⟩/‖θ‖²)·θ + (⟨v, θ⟩/‖θ‖²)·θ.
+
+    The norm of each group then moves (to first order) the way that lowers the held-out loss, by the held-out
+    gradient's own amount, and stops moving when the held-out loss no longer cares (⟨v, θ⟩ = 0). No λ.
+    A group with θ = 0 keeps u = g."""
+    out = list(grads)
+    for group in _groups(len(grads), per_tensor):
+        tt = sum(_d(thetas[k], thetas[k]) for k in group)
+        if tt <= 0:
+            continue
+        coef = (
+            sum(_d(heldout[k], thetas[k]) for k in group) - sum(_d(grads[k], thetas[k]) for k in group)
+        ) / tt
+        for k in group:
+            out[k] = grads[k] + coef * thetas[k].detach()
+    return out
+
+
+@torch.no_grad()
+def decoupled_heldout_radial(
+    news: Sequence[torch.Tensor],
+    olds: Sequence[torch.Tensor],
+    heldout: Sequence[torch.Tensor],
+    per_tensor: bool = False,
+) -> list[float]:
+    """Step-space form (Adam, momentum): keep the optimizer's step Δ = θ_new − θ_old except its radial
+    component a = ⟨Δ, θ̂_old⟩, whose length |a| is kept and whose sign is chosen by the held-out gradient v:
+    the norm shrinks by |a| when ⟨v, θ_old⟩ > 0 (shrinking lowers the held-out loss), grows by |a| when
+    ⟨v, θ_old⟩ < 0, and the radial move is 0 when ⟨v, θ_old⟩ = 0:
+
+        θ_new ← θ_old + (Δ − a θ̂_old) − sign(⟨v, θ_old⟩)·|a|·θ̂_old.
+
+    Returns the signed radial move per group (negative = shrink). In place."""
+    moves = []
+    for group in _groups(len(news), per_tensor):
+        tt = sum(_d(olds[k], olds[k]) for k in group)
+        if tt <= 0:
+            moves.append(0.0)
+            continue
+        a = sum(_d(news[k] - olds[k], olds[k]) for k in group) / tt**0.5
+        vt = sum(_d(heldout[k], olds[k]) for k in group)
+        move = -abs(a) if vt > 0 else (abs(a) if vt < 0 else 0.0)
+        coef = (move - a) / tt**0.5
+        for k in group:
+            news[k].add_(coef * olds[k])
+        moves.append(move)
+    return moves

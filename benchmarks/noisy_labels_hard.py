@@ -73,7 +73,7 @@ LABELS = {
     "mwnet": "meta-weight net (Shu 2019)",
     "glc": "gold loss correction (Hendrycks 2018)",
     "fwd-warm": "**proto: warm-up T̂ + forward correction**",
-    "fwd-mask": "proto: warm-up T̂ + forward correction, masked (`mode=\"mask\"`)",
+    "fwd-mask": 'proto: warm-up T̂ + forward correction, masked (`mode="mask"`)',
     "distill": "proto: warm-up T̂ + clean-teacher posterior targets",
     "post-warm": "proto: warm-up T̂ + posterior targets",
     "sel-warm": "proto: warm-up T̂ + forward + small-loss",
@@ -101,8 +101,15 @@ def prepare(seed: int, kind: str, rate: float, clean_frac: float, n_train: int):
     ci, ni = perm[:n_clean], perm[n_clean:]
     gen = torch.Generator().manual_seed(40_000 + seed + round(1000 * rate) + (0 if kind == "sym" else 7))
     return {
-        "x_noisy": x[ni], "y_noisy": corrupt(y[ni], kind, rate, gen), "y_true": y[ni],
-        "x_clean": x[ci], "y_clean": y[ci], "x_test": xt, "y_test": yt, "kind": kind, "rate": rate,
+        "x_noisy": x[ni],
+        "y_noisy": corrupt(y[ni], kind, rate, gen),
+        "y_true": y[ni],
+        "x_clean": x[ci],
+        "y_clean": y[ci],
+        "x_test": xt,
+        "y_test": yt,
+        "kind": kind,
+        "rate": rate,
     }
 
 
@@ -118,14 +125,28 @@ def _virtual_step(model, params, loss, lr):
 class MetaWeightNet(torch.nn.Module):
     def __init__(self, hidden: int = 100) -> None:
         super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(1, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(1, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1)
+        )
 
     def forward(self, losses: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.net(losses.reshape(-1, 1))).reshape(-1)
 
 
-def train(seed: int, method: str, data: dict, *, epochs: int, width: int, warmup: int, lr=0.01,
-          batch=64, clean_batch=32, transition=None, teacher_steps=1000) -> dict:
+def train(
+    seed: int,
+    method: str,
+    data: dict,
+    *,
+    epochs: int,
+    width: int,
+    warmup: int,
+    lr=0.01,
+    batch=64,
+    clean_batch=32,
+    transition=None,
+    teacher_steps=1000,
+) -> dict:
     """One run; returns end-of-training metrics (and ``transition`` for GLC's first phase)."""
     torch.manual_seed(seed)
     model = new_model(seed, width)
@@ -138,7 +159,9 @@ def train(seed: int, method: str, data: dict, *, epochs: int, width: int, warmup
     gen = torch.Generator().manual_seed(2000 + seed)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(data["x_clean"], data["y_clean"]),
-        batch_size=min(clean_batch, len(data["y_clean"])), shuffle=True, generator=gen,
+        batch_size=min(clean_batch, len(data["y_clean"])),
+        shuffle=True,
+        generator=gen,
     )
     clean = CleanBatches(loader)
     xn, yn, ytrue = data["x_noisy"], data["y_noisy"], data["y_true"]
@@ -146,21 +169,37 @@ def train(seed: int, method: str, data: dict, *, epochs: int, width: int, warmup
     if method == "fwd-mask":
         corr = P.CleanSetCorrection(data["x_clean"], data["y_clean"], C, warmup=warmup, variant="forward")
     if method in ("fwd-warm", "post-warm", "sel-warm", "distill"):
-        variant = {"fwd-warm": "forward", "post-warm": "posterior", "sel-warm": "forward_small_loss",
-                   "distill": "distill"}[method]
+        variant = {
+            "fwd-warm": "forward",
+            "post-warm": "posterior",
+            "sel-warm": "forward_small_loss",
+            "distill": "distill",
+        }[method]
         teacher = None
         if method == "distill":  # same architecture, trained on the trusted set for one epoch's steps
-            teacher = P.train_clean_teacher(new_model(seed + 500, width), data["x_clean"], data["y_clean"],
-                                            steps=teacher_steps, lr=lr, batch=clean_batch,
-                                            generator=torch.Generator().manual_seed(3000 + seed))
-        corr = P.CleanSetCorrection(data["x_clean"], data["y_clean"], C, warmup=warmup, variant=variant,
-                                    teacher=teacher)
+            teacher = P.train_clean_teacher(
+                new_model(seed + 500, width),
+                data["x_clean"],
+                data["y_clean"],
+                steps=teacher_steps,
+                lr=lr,
+                batch=clean_batch,
+                generator=torch.Generator().manual_seed(3000 + seed),
+            )
+        corr = P.CleanSetCorrection(
+            data["x_clean"], data["y_clean"], C, warmup=warmup, variant=variant, teacher=teacher
+        )
     elif method == "fwd-oracle":  # information only: forward correction with the true T from the first step
         corr = P.CleanSetCorrection(data["x_clean"], data["y_clean"], C, warmup=1, variant="forward")
         corr.transition = true_transition(data["kind"], data["rate"])
     elif method in ("glc2", "glc-sel2"):  # GLC's second phase, T given
-        corr = P.CleanSetCorrection(data["x_clean"], data["y_clean"], C, warmup=1,
-                                    variant="forward" if method == "glc2" else "forward_small_loss")
+        corr = P.CleanSetCorrection(
+            data["x_clean"],
+            data["y_clean"],
+            C,
+            warmup=1,
+            variant="forward" if method == "glc2" else "forward_small_loss",
+        )
         corr.transition = transition
         corr.keep = P.transition_keep_rate(transition, torch.bincount(data["y_clean"], minlength=C))
     vnet = vopt = None
@@ -186,10 +225,13 @@ def train(seed: int, method: str, data: dict, *, epochs: int, width: int, warmup
             elif method == "guard":
                 opt.backward([F.cross_entropy(model(xb), yb), F.cross_entropy(model(xc), yc)])
             elif method == "mask":
-                info = opt.backward([F.cross_entropy(model(xb), yb, reduction="none"),
-                                     F.cross_entropy(model(xc), yc)])
+                info = opt.backward(
+                    [F.cross_entropy(model(xb), yb, reduction="none"), F.cross_entropy(model(xc), yc)]
+                )
                 m = info.sample_mask
-                kept += int(m.sum()); kept_true += int((m & (yb == ytrue[idx])).sum()); seen += len(idx)  # noqa: E702
+                kept += int(m.sum())
+                kept_true += int((m & (yb == ytrue[idx])).sum())
+                seen += len(idx)  # noqa: E702
             elif method == "fwd-mask":
                 if corr.warming_up:
                     F.cross_entropy(model(xb), yb).backward()
@@ -197,7 +239,9 @@ def train(seed: int, method: str, data: dict, *, epochs: int, width: int, warmup
                     per = P.forward_corrected_nll(model(xb), yb, corr.transition)
                     info = opt.backward([per, F.cross_entropy(model(xc), yc)])
                     m = info.sample_mask
-                    kept += int(m.sum()); kept_true += int((m & (yb == ytrue[idx])).sum()); seen += len(idx)  # noqa: E702
+                    kept += int(m.sum())
+                    kept_true += int((m & (yb == ytrue[idx])).sum())
+                    seen += len(idx)  # noqa: E702
             elif method in ("l2rw", "mwnet"):
                 params = dict(model.named_parameters())
                 if method == "l2rw":
@@ -223,13 +267,16 @@ def train(seed: int, method: str, data: dict, *, epochs: int, width: int, warmup
                 per = F.cross_entropy(model(xb), yb, reduction="none")
                 loss = (w * per).sum() if method == "l2rw" else (w * per).mean()
                 loss.backward()
-                wsum += float(w.sum()); wsum_true += float(w[yb == ytrue[idx]].sum())  # noqa: E702
+                wsum += float(w.sum())
+                wsum_true += float(w[yb == ytrue[idx]].sum())  # noqa: E702
             else:  # CleanSetCorrection-based
                 loss = corr.loss(model(xb), yb, model(xc), yc, x_noisy=xb)
                 loss.backward()
                 if corr.mask is not None:
                     m = corr.mask
-                    kept += int(m.sum()); kept_true += int((m & (yb == ytrue[idx])).sum()); seen += len(idx)  # noqa: E702
+                    kept += int(m.sum())
+                    kept_true += int((m & (yb == ytrue[idx])).sum())
+                    seen += len(idx)  # noqa: E702
             opt.step()
         if corr is not None:
             model.eval()
@@ -254,14 +301,18 @@ def train(seed: int, method: str, data: dict, *, epochs: int, width: int, warmup
     if method == "glc1":
         with torch.no_grad():
             model.eval()
-            out["transition"] = P.estimate_transition(torch.softmax(model(data["x_clean"]), 1), data["y_clean"], C)
+            out["transition"] = P.estimate_transition(
+                torch.softmax(model(data["x_clean"]), 1), data["y_clean"], C
+            )
     return out
 
 
 def run_method(seed, method, data, **kw) -> dict:
     if method in ("glc", "glc-sel"):
         first = train(seed, "glc1", data, **kw)
-        res = train(seed, "glc2" if method == "glc" else "glc-sel2", data, transition=first["transition"], **kw)
+        res = train(
+            seed, "glc2" if method == "glc" else "glc-sel2", data, transition=first["transition"], **kw
+        )
         res["T_diag_mean"] = float(torch.diagonal(first["transition"]).mean())
         return res
     return train(seed, method, data, **kw)
@@ -282,10 +333,21 @@ def summarize(rows: list[dict], methods: list[str]) -> str:
     points = sorted({(r["noise_kind"], float(r["noise"]), float(r["clean_frac"])) for r in rows})
     parts = []
     for kind, rate, cf in points:
-        sel_all = [r for r in rows if r["noise_kind"] == kind and float(r["noise"]) == rate
-                   and float(r["clean_frac"]) == cf]
-        header = ["method", "test acc % (end)", "peak % (oracle, info)", "fits noisy labels %",
-                  "kept % / weight on true %", "kept precision %", "mean T̂_ii", "s/run"]
+        sel_all = [
+            r
+            for r in rows
+            if r["noise_kind"] == kind and float(r["noise"]) == rate and float(r["clean_frac"]) == cf
+        ]
+        header = [
+            "method",
+            "test acc % (end)",
+            "peak % (oracle, info)",
+            "fits noisy labels %",
+            "kept % / weight on true %",
+            "kept precision %",
+            "mean T̂_ii",
+            "s/run",
+        ]
         table = []
         base = {}
         for m in methods:
@@ -297,16 +359,30 @@ def summarize(rows: list[dict], methods: list[str]) -> str:
             extra = "—"
             if m in ("l2rw", "mwnet"):
                 extra = "w on true: " + D.pm(col("weight_on_true"))
-            elif col("kept_fraction") and D.mean_std(col("kept_fraction"))[0] == D.mean_std(col("kept_fraction"))[0]:
+            elif (
+                col("kept_fraction")
+                and D.mean_std(col("kept_fraction"))[0] == D.mean_std(col("kept_fraction"))[0]
+            ):
                 extra = D.pm(col("kept_fraction"))
             prec = D.pm(col("kept_precision")) if m not in ("l2rw", "mwnet") else "—"
             tdiag = D.pm(col("T_diag_mean"), scale=1.0, digits=2) if col("T_diag_mean") else "—"
-            table.append([LABELS.get(m, m), D.pm(col("test_acc")), D.pm(col("peak_test_acc")),
-                          D.pm(col("noisy_train_acc")), extra if "nan" not in extra else "—",
-                          prec if "nan" not in prec else "—", tdiag, f"{D.mean_std(col('seconds'))[0]:.0f}"])
+            table.append(
+                [
+                    LABELS.get(m, m),
+                    D.pm(col("test_acc")),
+                    D.pm(col("peak_test_acc")),
+                    D.pm(col("noisy_train_acc")),
+                    extra if "nan" not in extra else "—",
+                    prec if "nan" not in prec else "—",
+                    tdiag,
+                    f"{D.mean_std(col('seconds'))[0]:.0f}",
+                ]
+            )
         n = len(base.get("noisy", []))
-        title = (f"**{kind} noise {round(100 * rate)} %, {round(100 * cf)} % clean** ({n} seeds; true mean "
-                 f"T_ii = {true_diag(kind, rate):.2f})")
+        title = (
+            f"**{kind} noise {round(100 * rate)} %, {round(100 * cf)} % clean** ({n} seeds; true mean "
+            f"T_ii = {true_diag(kind, rate):.2f})"
+        )
         parts.append(title + "\n\n" + D.markdown_table(header, table))
     return "\n\n".join(parts)
 
@@ -317,10 +393,21 @@ def verdict(rows: list[dict], method: str) -> str:
     points = sorted({(r["noise_kind"], float(r["noise"]), float(r["clean_frac"])) for r in rows})
     out = []
     for kind, rate, cf in points:
+
         def get(m, key="test_acc", kind=kind, rate=rate, cf=cf):
-            sel = sorted([r for r in rows if r["noise_kind"] == kind and float(r["noise"]) == rate
-                          and float(r["clean_frac"]) == cf and r["method"] == m], key=lambda r: int(r["seed"]))
+            sel = sorted(
+                [
+                    r
+                    for r in rows
+                    if r["noise_kind"] == kind
+                    and float(r["noise"]) == rate
+                    and float(r["clean_frac"]) == cf
+                    and r["method"] == m
+                ],
+                key=lambda r: int(r["seed"]),
+            )
             return [float(r[key]) for r in sel]
+
         mine = get(method)
         if not mine:
             continue
@@ -336,8 +423,15 @@ def verdict(rows: list[dict], method: str) -> str:
         peak = get("noisy", "peak_test_acc")
         cells.append(f"{100 * D.mean_std(mine)[0]:.1f} vs {100 * D.mean_std(peak)[0]:.1f}" if peak else "—")
         out.append(cells)
-    return D.markdown_table([f"point ({LABELS.get(method, method)})", "vs clean only (paired)",
-                             "vs noisy only (paired)", "end vs noisy-only peak"], out)
+    return D.markdown_table(
+        [
+            f"point ({LABELS.get(method, method)})",
+            "vs clean only (paired)",
+            "vs noisy only (paired)",
+            "end vs noisy-only peak",
+        ],
+        out,
+    )
 
 
 def read_rows(folder: pathlib.Path) -> list[dict]:
@@ -376,8 +470,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     i, n = (int(v) for v in args.shard.split("/"))
     # seed-major: a run cut short still has every point for its first seeds
-    jobs = [(k, r, c, sd, m) for sd, c, k, r, m in itertools.product(args.seeds, args.clean, args.kinds,
-                                                                     args.noise, args.methods)]
+    jobs = [
+        (k, r, c, sd, m)
+        for sd, c, k, r, m in itertools.product(args.seeds, args.clean, args.kinds, args.noise, args.methods)
+    ]
     jobs = jobs[i::n]
     rows, start = [], time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -387,16 +483,30 @@ def main(argv: list[str] | None = None) -> int:
         res = run_method(seed, method, data, epochs=args.epochs, width=args.width, warmup=args.warmup)
         res.pop("transition", None)
         sec = time.perf_counter() - t0
-        rows.append({"noise_kind": kind, "noise": rate, "clean_frac": cf, "seed": seed, "method": method,
-                     **res, "seconds": sec})
-        print(f"{kind} {rate} clean {cf} seed {seed} {method}: end {res['test_acc']:.4f} "
-              f"peak {res['peak_test_acc']:.4f}@{res['peak_epoch']} fits {res['noisy_train_acc']:.3f} "
-              f"({sec:.1f}s)", flush=True)
+        rows.append(
+            {
+                "noise_kind": kind,
+                "noise": rate,
+                "clean_frac": cf,
+                "seed": seed,
+                "method": method,
+                **res,
+                "seconds": sec,
+            }
+        )
+        print(
+            f"{kind} {rate} clean {cf} seed {seed} {method}: end {res['test_acc']:.4f} "
+            f"peak {res['peak_test_acc']:.4f}@{res['peak_epoch']} fits {res['noisy_train_acc']:.3f} "
+            f"({sec:.1f}s)",
+            flush=True,
+        )
         D.write_csv(args.out / f"rows-{i}-of-{n}.csv", rows)
     if n == 1:
         methods = [m for m in args.methods]
-        text = (f"# Noisy labels, hard digits\n\n`{cmd}` — {time.perf_counter() - start:.0f} s\n\n"
-                f"{summarize(rows, methods)}\n\n{verdict(rows, args.verdict)}\n")
+        text = (
+            f"# Noisy labels, hard digits\n\n`{cmd}` — {time.perf_counter() - start:.0f} s\n\n"
+            f"{summarize(rows, methods)}\n\n{verdict(rows, args.verdict)}\n"
+        )
         (args.out / "noisy_labels_hard.md").write_text(text)
         print(text)
     return 0
