@@ -229,9 +229,58 @@ def summarize(rows: list[dict]) -> str:
     return "\n\n".join(out)
 
 
+def overview(rows: list[dict]) -> str:
+    """One table: a row per mode, a column per (architecture, optimizer, scenario), each cell the paired gap
+    to the tuned λ (mean ± std, points) and, under noise, the share of the tuned gain recovered."""
+    keys = sorted({(r["arch"], r["optimizer"], float(r["label_noise"])) for r in rows})
+    modes = [m for m in ["none", *TODAY, *PROTO] if any(r["mode"] == m for r in rows)]
+    header = ["mode"] + [
+        f"{a.upper()} {o.upper()} {'clean' if not n else f'{round(100 * n)} % noise'}" for a, o, n in keys
+    ]
+    cells = {m: [m if m != "none" else "no regularization"] for m in modes}
+    tuned_row = ["tuned λ (test %, λ)"]
+    for arch, opt_name, noise in keys:
+        sel = [
+            r
+            for r in rows
+            if r["arch"] == arch and r["optimizer"] == opt_name and float(r["label_noise"]) == noise
+        ]
+
+        def accs(mode, lam=None, sel=sel):
+            picked = [r for r in sel if r["mode"] == mode and (lam is None or float(r["lambda"]) == lam)]
+            return [float(r["test_acc"]) for r in sorted(picked, key=lambda r: int(r["seed"]))]
+
+        lams = sorted({float(r["lambda"]) for r in sel if r["mode"] == "wd"})
+        if not lams:
+            for m in modes:
+                cells[m].append("—")
+            tuned_row.append("—")
+            continue
+        best = max(
+            lams,
+            key=lambda lam: D.mean_std(
+                [float(r["val_acc"]) for r in sel if r["mode"] == "wd" and float(r["lambda"]) == lam]
+            )[0],
+        )
+        tuned, none = accs("wd", best), accs("none")
+        gain = D.mean_std(tuned)[0] - D.mean_std(none)[0]
+        tuned_row.append(f"{D.pm(tuned)} (λ={best:g}; gain {100 * gain:+.1f})")
+        for m in modes:
+            a = accs(m)
+            if len(a) != len(tuned):
+                cells[m].append("—")
+                continue
+            gaps = [x - y for x, y in zip(a, tuned, strict=True)]
+            cell = D.pm(gaps, digits=2)
+            if noise and gain > 0.005:
+                cell += f" ({100 * (D.mean_std(a)[0] - D.mean_std(none)[0]) / gain:.0f} %)"
+            cells[m].append(cell)
+    return D.markdown_table(header, [tuned_row] + [cells[m] for m in modes])
+
+
 def read_rows(folder: pathlib.Path) -> list[dict]:
     rows = []
-    for path in sorted(folder.glob("rows*.csv")):
+    for path in sorted(folder.glob("rows-*.csv")):
         with path.open() as f:
             rows += list(csv.DictReader(f))
     return rows
@@ -253,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.summarize:
-        text = "# λ-free L2 rules\n\n" + summarize(read_rows(args.summarize)) + "\n"
+        rows = read_rows(args.summarize)
+        text = f"# λ-free L2 rules\n\n{overview(rows)}\n\n{summarize(rows)}\n"
         (args.summarize / "l2_lambda_free.md").write_text(text)
         print(text)
         return 0

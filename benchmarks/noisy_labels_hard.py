@@ -407,6 +407,27 @@ def summarize(rows: list[dict], methods: list[str]) -> str:
     return "\n\n".join(parts)
 
 
+def compact(rows: list[dict], methods: list[str], key: str = "test_acc") -> str:
+    """One table: a row per method, a column per (noise kind, rate, clean fraction), mean ± std of ``key``."""
+    points = sorted({(r["noise_kind"], float(r["noise"]), float(r["clean_frac"])) for r in rows})
+    header = ["method"] + [f"{k} {round(100 * p)} % ({round(100 * c)} % clean)" for k, p, c in points]
+    table = []
+    for m in methods:
+        line = [LABELS.get(m, m)]
+        for k, p, c in points:
+            vals = [
+                float(r[key])
+                for r in rows
+                if r["method"] == m
+                and r["noise_kind"] == k
+                and float(r["noise"]) == p
+                and float(r["clean_frac"]) == c
+            ]
+            line.append(D.pm(vals) if vals else "—")
+        table.append(line)
+    return D.markdown_table(header, table)
+
+
 def verdict(rows: list[dict], method: str) -> str:
     """Per point: does ``method`` beat clean-only and noisy-only beyond the seed spread (mean − std of the
     paired difference > 0), and how far is it from noisy-only's peak."""
@@ -486,7 +507,12 @@ def main(argv: list[str] | None = None) -> int:
         rows = read_rows(args.summarize)
         D.write_csv(args.summarize / "all_rows.csv", rows)
         methods = [m for m in BASELINES + PROTOTYPES if any(r["method"] == m for r in rows)]
-        text = f"# Noisy labels, hard digits\n\n{summarize(rows, methods)}\n\n{verdict(rows, args.verdict)}\n"
+        text = (
+            f"# Noisy labels, hard digits\n\nTest accuracy % at the end of training:\n\n"
+            f"{compact(rows, methods)}\n\nPeak over epochs (oracle, information only):\n\n"
+            f"{compact(rows, methods, 'peak_test_acc')}\n\n{verdict(rows, args.verdict)}\n\n"
+            f"{summarize(rows, methods)}\n"
+        )
         (args.summarize / "noisy_labels_hard.md").write_text(text)
         print(text)
         return 0
