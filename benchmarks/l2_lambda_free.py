@@ -208,7 +208,7 @@ def summarize(rows: list[dict]) -> str:
             if not s:
                 continue
             acc = col(s, "test_acc")
-            gaps = [a - b for a, b in zip(acc, tuned, strict=True)]
+            gaps = [a - b for a, b in zip(acc, tuned, strict=True)] if len(acc) == len(tuned) else []
             rec = (D.mean_std(acc)[0] - D.mean_std(none)[0]) / gain if abs(gain) > 1e-9 else float("nan")
             table.append(
                 [
