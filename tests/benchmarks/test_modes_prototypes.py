@@ -168,3 +168,16 @@ def test_balanced_coefficients_formula():
     (lam,) = P.l2_balanced_coefficients(g, th)
     dot, sq = float(g[0] @ th[0]), float(th[0] @ th[0])
     assert lam == pytest.approx(max(max(-dot, 0) / sq, float(g[0].norm() / th[0].norm())))
+
+
+def test_hard_digits_are_seeded_and_standardised():
+    spec = importlib.util.spec_from_file_location("_hard_digits", ROOT / "benchmarks" / "_hard_digits.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    x, y, xt, yt = module.hard_digits(3, n_train=300, n_test=100)
+    assert x.shape == (300, 1, 16, 16) and xt.shape == (100, 1, 16, 16)
+    assert y.shape == (300,) and int(y.min()) >= 0 and int(y.max()) <= 9
+    assert abs(float(x.mean())) < 1e-5 and abs(float(x.std()) - 1) < 1e-4
+    x2, y2, _, _ = module.hard_digits(3, n_train=300, n_test=100)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert not torch.equal(x, module.hard_digits(4, n_train=300, n_test=100)[0])
