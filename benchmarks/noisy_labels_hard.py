@@ -85,6 +85,7 @@ LABELS = {
     "mwnet": "meta-weight net (Shu 2019)",
     "glc": "gold loss correction (Hendrycks 2018)",
     "fwd-warm": "**proto: warm-up T̂ + forward correction**",
+    "fwd-guard": "proto: warm-up T̂ + forward correction under the guard (`main_aux`)",
     "fwd-mask": 'proto: warm-up T̂ + forward correction, masked (`mode="mask"`)',
     "distill": "proto: warm-up T̂ + clean-teacher posterior targets",
     "post-warm": "proto: warm-up T̂ + posterior targets",
