@@ -96,12 +96,15 @@ class CleanBatches:
 def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
+    # The container's own type rebuilds it (a Mapping subclass, a namedtuple): its constructor is not
+    # the abstract one the isinstance checks narrow to.
+    rebuild: Callable[..., Any] = type(batch)
     if isinstance(batch, Mapping):
-        return type(batch)({k: _to_device(v, device) for k, v in batch.items()})
+        return rebuild({k: _to_device(v, device) for k, v in batch.items()})
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(_to_device(v, device) for v in batch))
+        return rebuild(*(_to_device(v, device) for v in batch))
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
+        return rebuild(_to_device(v, device) for v in batch)
     return batch
 
 
@@ -131,12 +134,12 @@ def sample_clean_products(
     if how not in ("auto", "double_backward", "batched"):
         raise ValueError(f"unknown how={how!r}; choose 'auto', 'double_backward' or 'batched'")
     candidates = [p for p in params if shared_ids is None or id(p) in shared_ids]
-    g_clean = torch.autograd.grad(clean_loss, candidates, retain_graph=True, allow_unused=True)
-    reached = [k for k, g in enumerate(g_clean) if g is not None]
+    grads = torch.autograd.grad(clean_loss, candidates, retain_graph=True, allow_unused=True)
+    reached = [k for k, g in enumerate(grads) if g is not None]
     if not reached:
         raise ValueError("the clean loss reaches none of the (shared) parameters: nothing to guard")
     theta = [candidates[k] for k in reached]
-    g_clean = [g_clean[k].detach() for k in reached]
+    g_clean = [grads[k].detach() for k in reached]
     flat = per_sample_losses.reshape(-1)
     if how != "batched":
         try:
@@ -178,7 +181,7 @@ def _products_batched(
     per_sample = torch.autograd.grad(
         flat, theta, grad_outputs=eye, retain_graph=True, allow_unused=True, is_grads_batched=True
     )
-    products = None
+    products: torch.Tensor | None = None
     for g, c in zip(per_sample, g_clean, strict=True):
         if g is None:
             continue
@@ -245,7 +248,8 @@ def masked_main_loss(
 def _select_params(
     model: torch.nn.Module, params: Iterable[str | torch.Tensor] | None
 ) -> dict[str, torch.Tensor]:
-    named = dict(model.named_parameters())
+    named: dict[str, torch.Tensor] = dict(model.named_parameters())
+    chosen: dict[str, torch.Tensor]
     if params is None:
         chosen = {n: p for n, p in named.items() if p.requires_grad}
     else:
@@ -343,8 +347,9 @@ def per_sample_clean_products(
         return out
 
     if backend == "jvp":
-        _, products = jvp(lambda p: losses_of(p, inputs, targets), (detached,), (tangents,))
-        return products.detach().to(torch.float64)
+        # jvp returns (outputs, their derivative along the tangents).
+        jvp_products: torch.Tensor = jvp(lambda p: losses_of(p, inputs, targets), (detached,), (tangents,))[1]
+        return jvp_products.detach().to(torch.float64)
 
     def one(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return losses_of(p, x.unsqueeze(0), y.unsqueeze(0)).sum()
