@@ -16,7 +16,7 @@ import torch
 
 from .._validation import check_bool
 from ..l2 import L2Rule
-from .base import Method
+from .base import Method, Transform, require_gram
 
 
 class L2(Method):
@@ -41,7 +41,7 @@ class L2(Method):
         self.rule = L2Rule(params, per_tensor=self.per_tensor, decoupled=self.decoupled, what="method 'l2'")
         self.params = self.rule.params
 
-    def transforms(self) -> list[L2Rule]:
+    def transforms(self) -> list[Transform]:
         return [self.rule]
 
     def check_num_tasks(self, num_tasks: int, task_names: Sequence[str] | None = None) -> None:
@@ -51,7 +51,8 @@ class L2(Method):
                 "multi-task method with the rule, e.g. GradSurgery(opt, method='mgda', l2=True)"
             )
 
-    def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    def compute_weights(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
+        gram = require_gram(gram, self.name)
         return torch.ones(1, dtype=gram.dtype, device=gram.device)
 
     def extra_repr(self) -> str:
