@@ -345,7 +345,9 @@ class GradSurgery(torch.optim.Optimizer):
             **fields,
         )
 
-    def _post_transform(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[list, dict[str, Any]]:
+    def _post_transform(
+        self, pairs: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
         fields: dict[str, Any] = {}
         for transform in self.transforms:
             pairs, more = transform.apply(pairs)
@@ -355,7 +357,8 @@ class GradSurgery(torch.optim.Optimizer):
     def _device(self) -> torch.device:
         for group in self.param_groups:
             for p in group["params"]:
-                return p.device
+                device: torch.device = p.device
+                return device
         return torch.device("cpu")
 
     def _trainable_params(self) -> list[torch.Tensor]:
@@ -381,7 +384,8 @@ def _full_mode_source(
     if not method.needs_gram:
         return WeightedSource(gram_dtype)
     auto = gradient_source == "auto"
-    if gradient_source == "jacobian" or (auto and (model is None or not activations_pay_off(model))):
+    # model is None only with gradient_source "jacobian" or "auto" here ("activations" refused it above).
+    if gradient_source == "jacobian" or model is None or (auto and not activations_pay_off(model)):
         return JacobianSource(shared_params, gram_dtype, scales)
     from .sources.activation import ActivationSource
 

@@ -154,7 +154,7 @@ class GradientCollector:
                     reached[i] += 1
                     if layout is None or k not in layout.slot:
                         kept[i][k] = g
-            if layout is not None:
+            if layout is not None and jac is not None:  # jac is None exactly when layout is
                 pieces = [
                     grads[k].reshape(-1) if grads[k] is not None else params[k].new_zeros(params[k].numel())
                     for k in layout.shared
@@ -163,7 +163,7 @@ class GradientCollector:
                     torch.cat([p.to(layout.dtype) for p in pieces], out=jac[i])
             del grads
         shared = self._shared_indices(params, [len(t) for t in touched])
-        if layout is None or shared != layout.shared:
+        if layout is None or jac is None or shared != layout.shared:
             layout, jac = self._relayout(params, shared, layout, jac, kept, touched)
         other: list[list[tuple[int, torch.Tensor]]] = [[] for _ in params]
         for i in range(num_tasks):
@@ -172,7 +172,15 @@ class GradientCollector:
                     other[k].append((i, g))
         return TaskGradients(layout, jac, other, reached)
 
-    def _relayout(self, params, shared, old_layout, old_jac, kept, touched):
+    def _relayout(
+        self,
+        params: list[torch.Tensor],
+        shared: list[int],
+        old_layout: Layout | None,
+        old_jac: torch.Tensor | None,
+        kept: list[dict[int, torch.Tensor]],
+        touched: list[set[int]],
+    ) -> tuple[Layout, torch.Tensor]:
         """The shared set changed (or this is the first step): lay the Jacobian out anew."""
         layout = Layout.build(params, shared)
         num_tasks = len(kept)
@@ -182,11 +190,11 @@ class GradientCollector:
                 dest = layout.segment(new_jac[i], slot)
                 if k in kept[i]:
                     dest.copy_(kept[i][k].reshape(-1))
-                elif old_layout is not None and k in old_layout.slot:
+                elif old_layout is not None and old_jac is not None and k in old_layout.slot:
                     dest.copy_(old_layout.segment(old_jac[i], old_layout.slot[k]))
                 else:
                     dest.zero_()
-            if old_layout is not None:
+            if old_layout is not None and old_jac is not None:
                 # Parameters that stopped being shared keep their gradient as a task-specific one.
                 for k, slot in old_layout.slot.items():
                     if k not in layout.slot and i in touched[k]:
@@ -269,17 +277,20 @@ class JacobianCollection:
         layout = self.grads.layout
         out: list[tuple[torch.Tensor, torch.Tensor]] = []
         if layout.shared:
+            if self._fuse is None:
+                raise RuntimeError("the Jacobian collection's gradients are taken after reduce()")
             fused = self._fuse(weights)
             for slot, k in enumerate(layout.shared):
                 out.append((layout.params[k], layout.segment(fused, slot).view_as(layout.params[k])))
         for k, entries in enumerate(self.grads.other):
             if not entries:
                 continue
-            total = None
+            total: torch.Tensor | None = None
             for i, g in entries:
                 g = g * weights[i].to(device=g.device, dtype=g.dtype) if self.scales_task_specific else g
                 total = g if total is None else total + g
-            out.append((layout.params[k], total))
+            if total is not None:  # entries is not empty
+                out.append((layout.params[k], total))
         return out
 
     def reached_params(self) -> list[torch.Tensor]:
