@@ -372,9 +372,8 @@ class LookupGroup(Group):
         self.mu_rows = mr
         if self.has_max:
             self.mu_bags, self.mu_coords = torch.cat(mbags), torch.cat(mcoords)
-        self._by_row: tuple[torch.Tensor, ...] | None = (
-            None  # row-sorted copies, made only for chunks of rows
-        )
+        # Row-sorted copies, made only for chunks of rows (``_row_sorted``).
+        self._by_row: tuple[torch.Tensor, ...] | None = None
         self._touched: torch.Tensor
         self._touched, inverse = torch.unique(torch.cat([rows_all, mr]), return_inverse=True)
         self.b_inv, self.m_inv = inverse[: rows_all.numel()], inverse[rows_all.numel() :]

@@ -75,9 +75,8 @@ class Record:
     config: dict[str, Any]
     out_shape: torch.Size = torch.Size()
     output_nr: int = 0
-    stops: tuple[
-        Node, ...
-    ] = ()  # autograd nodes of the call's differentiable inputs: the call's graph ends there
+    # autograd nodes of the call's differentiable inputs: the call's graph ends there
+    stops: tuple[Node, ...] = ()
     __weakref__: Any = field(default=None, init=False, repr=False)
 
     @property
