@@ -21,8 +21,8 @@ from .base import Method, Transform, require_gram
 
 class L2(Method):
     """Options: ``params`` (the regularized tensors; default every parameter with dim ≥ 2), ``per_tensor``
-    (the rule per tensor instead of one global inner product), ``decoupled`` (correct the optimizer's
-    step instead of the gradient)."""
+    (the rule per tensor instead of one global inner product; default: per tensor for adaptive optimizers,
+    global for SGD), ``decoupled`` (correct the optimizer's step instead of the gradient; default True)."""
 
     name = "l2"
     max_tasks = 1
@@ -32,11 +32,13 @@ class L2(Method):
         self,
         *,
         params: Iterable[torch.Tensor] | None = None,
-        per_tensor: bool = False,
-        decoupled: bool = False,
+        per_tensor: bool | None = None,
+        decoupled: bool = True,
     ) -> None:
         super().__init__()
-        self.per_tensor = check_bool(per_tensor, "method 'l2' option per_tensor")
+        self.per_tensor = (
+            None if per_tensor is None else check_bool(per_tensor, "method 'l2' option per_tensor")
+        )
         self.decoupled = check_bool(decoupled, "method 'l2' option decoupled")
         self.rule = L2Rule(params, per_tensor=self.per_tensor, decoupled=self.decoupled, what="method 'l2'")
         self.params = self.rule.params
