@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from gradsurgery import GradSurgery
-from gradsurgery.clean_guard import CleanBatches
+from gradsurgery.clean_guard import CleanBatches, NoiseCorrection
 
 try:
     from . import _digits as D
@@ -130,6 +130,29 @@ def new_model(seed: int, width: int) -> torch.nn.Module:
     return D.mlp([256, width, width, C], seed)
 
 
+class PackageCorrection:
+    """``gradsurgery.NoiseCorrection`` in this loop's terms (the prototypes' ``loss``/``end_epoch``): the
+    clean set held out for ``warmup`` epochs, then the transition estimated from the network on all of it."""
+
+    mask = None
+
+    def __init__(self, x_clean, y_clean, num_classes, warmup):
+        self.correction = NoiseCorrection(num_classes)
+        self.x_clean, self.y_clean, self.warmup = x_clean, y_clean, warmup
+
+    @property
+    def transition(self):
+        return self.correction.transition
+
+    def loss(self, logits_noisy, y_noisy, logits_clean, y_clean, x_noisy=None):
+        return self.correction.loss(logits_noisy, y_noisy, logits_clean, y_clean)
+
+    @torch.no_grad()
+    def end_epoch(self, epoch, predict):
+        if self.correction.warming_up and epoch + 1 >= self.warmup:
+            self.correction.estimate(predict(self.x_clean), self.y_clean)
+
+
 def _virtual_step(model, params, loss, lr):
     grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
     return {k: v - lr * g for (k, v), g in zip(params.items(), grads, strict=True)}
@@ -183,9 +206,10 @@ def train(
     corr = None
     if method in ("fwd-mask", "fwd-guard"):
         corr = P.CleanSetCorrection(data["x_clean"], data["y_clean"], C, warmup=warmup, variant="forward")
-    if method in ("fwd-warm", "post-warm", "sel-warm", "distill"):
+    if method == "fwd-warm":  # the package's mode: gradsurgery.NoiseCorrection
+        corr = PackageCorrection(data["x_clean"], data["y_clean"], C, warmup)
+    elif method in ("post-warm", "sel-warm", "distill"):
         variant = {
-            "fwd-warm": "forward",
             "post-warm": "posterior",
             "sel-warm": "forward_small_loss",
             "distill": "distill",
