@@ -4,9 +4,9 @@
     python -m benchmarks --suite full --seeds 5 --out results    # about 30 min (measured: 31 min)
     python -m benchmarks --suite speed --out results             # step time, memory, solver time
 
-``quick`` and ``full`` run the quality problems (toy, synthetic, recsys, multidigit) and then the L2 and
-noisy-label benchmarks of ``benchmarks.l2_regularization`` / ``benchmarks.noisy_labels`` (skipped with a
-note when those modules are not installed). Results go to ``--out``: ``report.md`` (every table),
+``quick`` and ``full`` run the quality problems (toy, synthetic, recsys, multidigit, ranking) and then the
+L2 and noisy-label benchmarks of ``benchmarks.l2_regularization`` / ``benchmarks.noisy_labels`` (skipped
+with a note when those modules are not installed). Results go to ``--out``: ``report.md`` (every table),
 ``runs.csv`` / ``runs.json`` (every run), ``summary.json`` (aggregates) and PNG plots.
 """
 
@@ -24,7 +24,7 @@ from typing import Any
 
 from .console import count_text, counted_warnings, progress_bar, say
 
-QUALITY_PROBLEMS = ("toy", "synthetic", "recsys", "multidigit")
+QUALITY_PROBLEMS = ("toy", "synthetic", "recsys", "multidigit", "ranking")
 #: item 5 of the suite: benchmarks of the "modes" feature, each a module with ``main(argv)``
 MODE_BENCHMARKS = {"l2": "benchmarks.l2_regularization", "noisy": "benchmarks.noisy_labels"}
 ALL_PROBLEMS = (*QUALITY_PROBLEMS, *MODE_BENCHMARKS)

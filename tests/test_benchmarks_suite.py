@@ -156,7 +156,7 @@ def test_every_problem_runs_with_two_methods():
         assert set(res.metrics) == set(res.extra["higher_is_better"])
         assert all(math.isfinite(v) for v in res.metrics.values())
     singles = [r for r in results if r.method.startswith("single:")]
-    assert len(singles) == 2 + 3 + 2  # one per task of synthetic, recsys, multidigit
+    assert len(singles) == 2 + 3 + 2 + 3  # one per task of synthetic, recsys, multidigit, ranking
     toy_runs = [r for r in results if r.extra["problem_key"] == "toy"]
     assert len(toy_runs) == 2 * len(toy.START_POINTS)
     for r in toy_runs:
