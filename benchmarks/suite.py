@@ -73,6 +73,18 @@ def _problems(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _speed_rows(text: str) -> list[str]:
+    from .speed import SPEED_ROWS
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SPEED_ROWS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown speed row(s) {unknown or text!r}; choose from {list(SPEED_ROWS)}"
+        )
+    return list(dict.fromkeys(names))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .quality import default_jobs
 
@@ -127,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="speed suite: where the step-time models run, cpu (default) or cuda[:N]",
     )
     p.add_argument(
+        "--speed-rows",
+        type=_speed_rows,
+        default=None,
+        help="speed suite: comma-separated subset of solvers, the step-table sizes (small, 0.5M, 5M) and the "
+        "exact-mode workloads (sparse-1e5, sparse-1e6, mlp-5M, transformer, transformer-nn); default: all",
+    )
+    p.add_argument(
         "--tiny",
         action="store_true",
         help="a few steps of everything, on tiny data: a smoke test of the whole pipeline",
@@ -148,6 +167,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.seeds = list(range(5 if args.suite == "full" else 3))
     if args.problems is None:
         args.problems = list(ALL_PROBLEMS)
+    if args.speed_rows is not None and args.suite != "speed":
+        parser.error("argument --speed-rows: only for --suite speed")
     if args.suite == "speed" and args.mode != "full":
         parser.error("argument --mode: the speed suite always measures both modes; --mode is for quick/full")
     if args.device != "cpu":
