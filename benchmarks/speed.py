@@ -405,7 +405,14 @@ def _time_method(case: Case, method: str, reps: int, rng: random.Random, jd: boo
 #: the method of the exact rows: the gradient source's cost does not depend on it (the solve is T×T)
 EXACT_METHOD = "mgda"
 EXACT_VARIANTS = ("plain", "activations", "jacobian", "autogram", "autojac")
-EXACT_REPS = {"sparse-1e5": 9, "sparse-1e6": 9, "mlp-5M": 9, "transformer": 7, "transformer-nn": 7}
+EXACT_REPS = {
+    "sparse-1e5": 9,
+    "sparse-1e6": 9,
+    "mlp-5M": 9,
+    "transformer": 7,
+    "transformer-nn": 7,
+    "transformer-b1": 9,
+}
 
 
 @dataclass
@@ -424,7 +431,8 @@ class ExactRow:
     vs_jacobian: float = float("nan")  # median of the per-repetition ratios to the Jacobian full mode
     vs_jacobian_p25: float = float("nan")
     vs_jacobian_p75: float = float("nan")
-    peak_mb: float = float("nan")
+    peak_mb: float = float("nan")  # the median of the memory pass's repeats
+    peak_mb_range: tuple[float, float] = (float("nan"), float("nan"))
     gram_rel_err: float = float("nan")  # max |G − G_ref| / max diag(G_ref), G_ref from plain autograd
     times: list[float] = field(default_factory=list)
 
@@ -652,10 +660,11 @@ def exact_memory(
     device: torch.device,
     tiny: bool,
     warning_counts: dict[str, int] | None = None,
+    repeats: int = 3,
 ) -> None:
-    """Peak memory of each variant that ran, workload by workload (rebuilt: the timings freed them), after
-    every timing of the suite: forcing large blocks to ``mmap`` (so that the peak is seen) slows
-    allocation."""
+    """Peak memory of each variant that ran (the median of ``repeats`` measurements, their range kept in
+    ``peak_mb_range``), workload by workload (rebuilt: the timings freed them), after every timing of the
+    suite: forcing large blocks to ``mmap`` (so that the peak is seen) slows allocation."""
     if not memory_supported(device):
         return
     counts: dict[str, int] = {} if warning_counts is None else warning_counts
@@ -672,8 +681,12 @@ def exact_memory(
                 exact_member(w, "plain")()  # the optimizer's state exists before the first measurement
                 w.inner.zero_grad(set_to_none=True)
                 for row in mine:
-                    row.peak_mb = peak_memory_mb(w, lambda v=row.variant, w=w: exact_member(w, v), libc)
-                    w.inner.zero_grad(set_to_none=True)
+                    peaks = []
+                    for _ in range(repeats):
+                        peaks.append(peak_memory_mb(w, lambda v=row.variant, w=w: exact_member(w, v), libc))
+                        w.inner.zero_grad(set_to_none=True)
+                    row.peak_mb = statistics.median(peaks)
+                    row.peak_mb_range = (min(peaks), max(peaks))
             del w
             gc.collect()
 
@@ -928,7 +941,9 @@ def exact_tables(rows: list[ExactRow]) -> str:
             ],
             time_rows,
         ),
-        "#### Peak memory of a step above the model and optimizer state (MiB)\n\n"
+        "#### Peak memory of a step above the model and optimizer state (MiB)\n\nThe median of three "
+        "measurements (each: a fresh variant, two steps, the peak resident memory above the memory just "
+        "before); their ranges are in `speed.json` (`peak_mb_range`).\n\n"
         + md_table(
             [
                 "workload",
@@ -999,7 +1014,7 @@ def exact_targets(rows: list[ExactRow]) -> str:
                 f"- mlp-5M T=8: peak memory above plain ≤ 1/4 of the Jacobian's: {verdict(frac <= 0.25)} "
                 f"({act.peak_mb - plain.peak_mb:.1f} vs {jac.peak_mb - plain.peak_mb:.1f} MiB, {frac:.2f})"
             )
-    for workload in ("transformer", "transformer-nn"):
+    for workload in ("transformer", "transformer-nn", "transformer-b1"):
         act, jac, plain = (get(workload, 4, v) for v in ("activations", "jacobian", "plain"))
         if None in (act, jac, plain) or not all(math.isfinite(r.peak_mb) for r in (act, jac, plain)):
             continue
@@ -1288,7 +1303,7 @@ def run(args: argparse.Namespace, out: Path, meta: dict[str, Any]) -> list[str]:
         step_rows = step_benchmark(
             methods, sizes, task_counts, reps, batch, device, bar, warning_counts=step_warnings
         )
-        exact_memory(workloads, exact_rows, device, args.tiny, exact_warnings)
+        exact_memory(workloads, exact_rows, device, args.tiny, exact_warnings, repeats=1 if args.tiny else 3)
     finally:
         bar.close()
     if exact_warnings:
@@ -1357,6 +1372,7 @@ SPEED_ROWS = (
     "mlp-5M",
     "transformer",
     "transformer-nn",
+    "transformer-b1",
 )
 
 __all__ = [

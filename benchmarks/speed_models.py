@@ -17,6 +17,9 @@ autogram engine):
 - ``transformer-nn``: the same shapes with ``nn.TransformerEncoder`` (``batch_first``, ``norm_first``,
   dropout 0): its attention keeps a bare ``in_proj_weight``, which the activation source handles per
   parameter.
+- ``transformer-b1``: ``transformer`` with batch 1 (128 tokens instead of 512): the activation source keeps
+  T output gradients of every layer, T × (tokens × Σ layer widths) numbers, against T × (parameters) for the
+  Jacobian; 512 tokens hold more numbers than the parameters, 128 fewer.
 """
 
 from __future__ import annotations
@@ -282,13 +285,16 @@ def _mlp(t: int, device: torch.device, tiny: bool) -> Workload:
     return mlp_workload(t, device, (16, 32, 16), 8) if tiny else mlp_workload(t, device)
 
 
-def _transformer(torch_layers: bool) -> Callable[[int, torch.device, bool], Workload]:
+def _transformer(torch_layers: bool, batch: int = 4) -> Callable[[int, torch.device, bool], Workload]:
     def build(t: int, device: torch.device, tiny: bool) -> Workload:
         if tiny:
             return transformer_workload(
                 device, torch_layers=torch_layers, batch=2, seq=8, d=16, heads=2, ff=32, layers=1, vocab=50
             )
-        return transformer_workload(device, torch_layers=torch_layers)
+        workload = transformer_workload(device, torch_layers=torch_layers, batch=batch)
+        if batch != 4:
+            workload.name = f"transformer-b{batch}"
+        return workload
 
     return build
 
@@ -299,4 +305,5 @@ WORKLOADS: dict[str, tuple[tuple[int, ...], Callable[[int, torch.device, bool], 
     "mlp-5M": ((8,), _mlp),
     "transformer": ((4,), _transformer(False)),
     "transformer-nn": ((4,), _transformer(True)),
+    "transformer-b1": ((4,), _transformer(False, batch=1)),
 }

@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_speed_rows,
         default=None,
         help="speed suite: comma-separated subset of solvers, the step-table sizes (small, 0.5M, 5M) and the "
-        "exact-mode workloads (sparse-1e5, sparse-1e6, mlp-5M, transformer, transformer-nn); default: all",
+        "exact-mode workloads (sparse-1e5, sparse-1e6, mlp-5M, transformer, transformer-nn, transformer-b1); "
+        "default: all",
     )
     p.add_argument(
         "--tiny",
