@@ -28,7 +28,8 @@ step in between). No ``.grad`` is ever written here, and ``collect`` registers n
 Cost per step, against full mode: T backward passes without the covered layers' weight-gradient GEMMs
 (about half of a backward's work in an MLP), the Gram contributions (kernel form: n²(in + T·out) per
 Linear of n rows; materialised: T·n·out·in), and one fused backward, against T full backward passes, the
-T²·d Gram and the T·d fusion. Measured in ``benchmarks/activation_speed.py``.
+T²·d Gram and the T·d fusion. Measured by the speed suite's exact rows (``python -m benchmarks --suite speed
+--speed-rows mlp-5M,sparse-1e6,transformer``).
 """
 
 from __future__ import annotations

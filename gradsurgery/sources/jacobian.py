@@ -100,6 +100,21 @@ class TaskGradients:
         return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
 
 
+def check_dense(
+    params: list[torch.Tensor], shared: Sequence[int], grads: Sequence[torch.Tensor | None]
+) -> None:
+    """A shared parameter with a sparse gradient (an ``nn.Embedding(sparse=True)`` table) has no row in a
+    dense Jacobian: ValueError pointing to the activation source, which handles it."""
+    for k in shared:
+        g = grads[k]
+        if g is not None and g.is_sparse:
+            raise ValueError(
+                f"a shared parameter of shape {tuple(params[k].shape)} gets a sparse gradient (an embedding "
+                "table with sparse=True?), which the per-task Jacobian cannot hold: pass the model, "
+                "GradSurgery(opt, method, model=model), to take the gradients from the activations instead"
+            )
+
+
 def check_reached(reached: Sequence[int]) -> None:
     lost = [i for i, n in enumerate(reached) if n == 0]
     if lost:
@@ -155,6 +170,7 @@ class GradientCollector:
                     if layout is None or k not in layout.slot:
                         kept[i][k] = g
             if layout is not None and jac is not None:  # jac is None exactly when layout is
+                check_dense(params, layout.shared, grads)
                 pieces = [
                     grads[k].reshape(-1) if grads[k] is not None else params[k].new_zeros(params[k].numel())
                     for k in layout.shared
@@ -182,6 +198,8 @@ class GradientCollector:
         touched: list[set[int]],
     ) -> tuple[Layout, torch.Tensor]:
         """The shared set changed (or this is the first step): lay the Jacobian out anew."""
+        for got in kept:
+            check_dense(params, shared, [got.get(k) for k in range(len(params))])
         layout = Layout.build(params, shared)
         num_tasks = len(kept)
         new_jac = torch.empty(num_tasks, layout.dim, dtype=layout.dtype, device=layout.device)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from . import NonFiniteError, check_finite, loss_values
+from . import NonFiniteError, all_finite, check_finite, loss_values
 
 if TYPE_CHECKING:
     from ..amp import LossScaling
@@ -95,7 +95,7 @@ class WeightedCollection:
         reached = [(p, g) for p, g in zip(self.params, averaged, strict=True) if g is not None]
         if not reached:
             raise ValueError("the losses reach none of the optimizer's parameters")
-        if not bool(torch.stack([torch.isfinite(g).all() for _, g in reached]).all()):
+        if not all_finite(g for _, g in reached):
             raise NonFiniteError(
                 "non-finite (NaN/inf) gradient of the weighted loss; nothing was written",
                 (p for p, _ in reached),
