@@ -50,6 +50,7 @@ from gradsurgery import GradSurgery
 
 from .console import count_text, counted_warnings
 from .runner import method_options, supports_features
+from .speed_models import WORKLOADS, SpeedModel
 
 #: name → (input width, hidden width, representation width); shared parameters ≈ 0.28M, 0.53M and 5.05M.
 #: "small" is issue 15's model (trunk 128→384→384→256), where the fixed per-step cost of a method shows most.
@@ -66,26 +67,6 @@ TORCHJD = {
     "upgrad": lambda A, T: A.UPGrad(),
     "imtl": lambda A, T: A.IMTLG(),
 }
-
-
-class SpeedModel(nn.Module):
-    """Trunk Linear-ReLU-Linear-ReLU-Linear-ReLU, then T single-output heads; returns (z, outputs)."""
-
-    def __init__(self, d_in: int, hidden: int, d_z: int, num_tasks: int) -> None:
-        super().__init__()
-        self.trunk = nn.Sequential(
-            nn.Linear(d_in, hidden),
-            nn.ReLU(),
-            nn.Linear(hidden, hidden),
-            nn.ReLU(),
-            nn.Linear(hidden, d_z),
-            nn.ReLU(),
-        )
-        self.heads = nn.ModuleList(nn.Linear(d_z, 1) for _ in range(num_tasks))
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        z = self.trunk(x)
-        return z, [head(z).squeeze(1) for head in self.heads]
 
 
 @dataclass
@@ -1253,7 +1234,6 @@ def plot(out: Path, step_rows: list[StepRow], solver_rows: list[SolverRow]) -> l
 def run(args: argparse.Namespace, out: Path, meta: dict[str, Any]) -> list[str]:
     """``--suite speed``: returns the report's Markdown lines."""
     from .console import progress_bar, say
-    from .speed_models import WORKLOADS
 
     device = torch.device(getattr(args, "device", "cpu"))
     selected = getattr(args, "speed_rows", None) or list(SPEED_ROWS)

@@ -51,7 +51,9 @@ class SparseTowers(nn.Module):
         return z, [tower(z).squeeze(1) for tower in self.towers]
 
 
-class MLP(nn.Module):
+class SpeedModel(nn.Module):
+    """Trunk Linear-ReLU-Linear-ReLU-Linear-ReLU, then T single-output heads; returns (z, outputs)."""
+
     def __init__(self, d_in: int, hidden: int, d_z: int, num_tasks: int) -> None:
         super().__init__()
         self.trunk = nn.Sequential(
@@ -215,7 +217,7 @@ def mlp_workload(
     gen = torch.Generator().manual_seed(1000 * num_tasks + dims[1])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(num_tasks)
-        model = MLP(*dims, num_tasks).to(device)
+        model = SpeedModel(*dims, num_tasks).to(device)
     x = torch.randn(batch, dims[0], generator=gen).to(device)
     y = [torch.randn(batch, generator=gen).to(device) for _ in range(num_tasks)]
     return Workload(

@@ -44,14 +44,12 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gradsurgery import MultiOptimizer
 
-from . import Problem, iterate_minibatches, numpy_rng
-from .metrics import mse, roc_auc
-from .recsys import _calibrate_bias, _sigmoid, _standardize
+from . import numpy_rng
+from .recsys import ClickConversionWatch, _calibrate_bias, _sigmoid, _standardize
 
 __all__ = [
     "ARCHS",
@@ -238,11 +236,9 @@ def sparse_optimizer(model: nn.Module, lr: float, table_lr: float | None = None)
     return MultiOptimizer(*members)
 
 
-class RankingProblem(Problem):
+class RankingProblem(ClickConversionWatch):
     name = "ranking"
-    task_names = ("click", "conversion", "watch")
-    metric_names = ("click_auc", "cvr_auc", "watch_mse")
-    higher_is_better = {"click_auc": True, "cvr_auc": True, "watch_mse": False}
+    default_batch_size = 512
 
     def __init__(
         self,
@@ -341,31 +337,6 @@ class RankingProblem(Problem):
     def surgery_options(self, model: nn.Module) -> dict:
         """``GradSurgery(..., model=model)``: the exact full mode from the activations (sparse tables)."""
         return {"model": model}
-
-    def train_batches(self, batch_size: int = 512, generator=None, num_steps: int | None = None):
-        """``x = (cat (B, F) int64, dense (B, D) float32)``, targets ``(click, conversion, watch)``."""
-        y = self.y_train
-        return iterate_minibatches(
-            self.x_train, (y[:, 0], y[:, 1], y[:, 2]), len(y), batch_size, generator, num_steps
-        )
-
-    def losses(self, outputs, targets) -> list[torch.Tensor]:
-        click_logit, conv_logit, watch = outputs
-        click, conv, watch_target = targets
-        return [
-            F.binary_cross_entropy_with_logits(click_logit, click),
-            F.binary_cross_entropy_with_logits(conv_logit, conv),
-            F.mse_loss(watch, watch_target),
-        ]
-
-    def _evaluate(self, model: nn.Module) -> dict[str, float]:
-        click_logit, conv_logit, watch = model(self.x_test)
-        y = self.y_test
-        return {
-            "click_auc": roc_auc(y[:, 0], click_logit),
-            "cvr_auc": roc_auc(y[:, 1], conv_logit),
-            "watch_mse": mse(watch, y[:, 2]),
-        }
 
 
 def make(seed: int = 0, **options) -> RankingProblem:

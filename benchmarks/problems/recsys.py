@@ -81,11 +81,45 @@ class RecsysTrunk(nn.Module):
         return self.mlp(torch.cat([*embs, dense], dim=1))
 
 
-class RecsysProblem(Problem):
-    name = "recsys"
+class ClickConversionWatch(Problem):
+    """The three recommendation tasks (click, conversion after a click, watch time): their batches, losses
+    (two BCEs and an MSE) and metrics (two AUCs and the MSE). Subclasses hold ``x_train``/``y_train`` and
+    ``x_test``/``y_test`` (targets as columns in that order) and a model returning the three outputs."""
+
     task_names = ("click", "conversion", "watch")
     metric_names = ("click_auc", "cvr_auc", "watch_mse")
     higher_is_better = {"click_auc": True, "cvr_auc": True, "watch_mse": False}
+    default_batch_size = 256
+
+    def train_batches(self, batch_size: int | None = None, generator=None, num_steps: int | None = None):
+        """``x = (cat (B, F) int64, dense (B, D) float32)``, targets ``(click, conversion, watch)``."""
+        y = self.y_train
+        batch_size = self.default_batch_size if batch_size is None else batch_size
+        return iterate_minibatches(
+            self.x_train, (y[:, 0], y[:, 1], y[:, 2]), len(y), batch_size, generator, num_steps
+        )
+
+    def losses(self, outputs, targets) -> list[torch.Tensor]:
+        click_logit, conv_logit, watch = outputs
+        click, conv, watch_target = targets
+        return [
+            F.binary_cross_entropy_with_logits(click_logit, click),
+            F.binary_cross_entropy_with_logits(conv_logit, conv),
+            F.mse_loss(watch, watch_target),
+        ]
+
+    def _evaluate(self, model: nn.Module) -> dict[str, float]:
+        click_logit, conv_logit, watch = model(self.x_test)
+        y = self.y_test
+        return {
+            "click_auc": roc_auc(y[:, 0], click_logit),
+            "cvr_auc": roc_auc(y[:, 1], conv_logit),
+            "watch_mse": mse(watch, y[:, 2]),
+        }
+
+
+class RecsysProblem(ClickConversionWatch):
+    name = "recsys"
 
     def __init__(
         self,
@@ -151,31 +185,6 @@ class RecsysProblem(Problem):
         trunk = RecsysTrunk(self.vocab_sizes, self.num_dense, self.emb_dim, self.hidden)
         heads = [nn.Linear(trunk.out_dim, 1) for _ in range(3)]
         return MultiHeadModel(trunk, heads)
-
-    def train_batches(self, batch_size: int = 256, generator=None, num_steps: int | None = None):
-        """``x = (cat (B, F) int64, dense (B, D) float32)``, targets ``(click, conversion, watch)``."""
-        y = self.y_train
-        return iterate_minibatches(
-            self.x_train, (y[:, 0], y[:, 1], y[:, 2]), len(y), batch_size, generator, num_steps
-        )
-
-    def losses(self, outputs, targets) -> list[torch.Tensor]:
-        click_logit, conv_logit, watch = outputs
-        click, conv, watch_target = targets
-        return [
-            F.binary_cross_entropy_with_logits(click_logit, click),
-            F.binary_cross_entropy_with_logits(conv_logit, conv),
-            F.mse_loss(watch, watch_target),
-        ]
-
-    def _evaluate(self, model: nn.Module) -> dict[str, float]:
-        click_logit, conv_logit, watch = model(self.x_test)
-        y = self.y_test
-        return {
-            "click_auc": roc_auc(y[:, 0], click_logit),
-            "cvr_auc": roc_auc(y[:, 1], conv_logit),
-            "watch_mse": mse(watch, y[:, 2]),
-        }
 
 
 def make(
