@@ -7,13 +7,9 @@ what each rank saw; the tests below compare it with closed-form d-space referenc
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from dist_harness import WORLD, run_on_ranks
 from method_checks import registered
 from torch import nn
 
@@ -21,7 +17,6 @@ from gradsurgery import GradSurgery
 
 pytestmark = pytest.mark.distributed
 
-WORLD = 2
 BATCH = 4  # per rank
 STEPS = 3
 
@@ -186,45 +181,29 @@ def bad_input_scenarios(rank):
     return res
 
 
-def worker(rank: int, port: int, outdir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        results = {}
-        for method, options in METHODS:
-            for strategy in STRATEGIES:
-                results[(method, strategy)] = run_method(rank, method, options, strategy)
-        # Three tasks, PCGrad: rank r is seeded r; rank 0's generator (seed 0) must win everywhere.
-        results[("pcgrad3", "allreduce")] = run_method(
-            rank, "pcgrad", {"seed": 0}, "allreduce", num_tasks=3, rank_options={"seed": rank}
-        )
-        # Three tasks, main_aux with two auxiliaries (iterative solver) on the sharded path.
-        results[("main_aux3", "sharded")] = run_method(rank, "main_aux", {}, "sharded", num_tasks=3)
-        results["pcgrad3_seed1"] = local_run("pcgrad", {"seed": 1}, 3)
-        # Random loss weights: rank r seeded r, rank 0's generator must win (single-backward path).
-        results[("rlw_rank_seeds", "allreduce")] = run_method(
-            rank, "rlw", {"seed": 0}, "allreduce", rank_options={"seed": rank}
-        )
-        results["bad"] = bad_input_scenarios(rank)
-        torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def scenarios(rank: int) -> dict:
+    results = {}
+    for method, options in METHODS:
+        for strategy in STRATEGIES:
+            results[(method, strategy)] = run_method(rank, method, options, strategy)
+    # Three tasks, PCGrad: rank r is seeded r; rank 0's generator (seed 0) must win everywhere.
+    results[("pcgrad3", "allreduce")] = run_method(
+        rank, "pcgrad", {"seed": 0}, "allreduce", num_tasks=3, rank_options={"seed": rank}
+    )
+    # Three tasks, main_aux with two auxiliaries (iterative solver) on the sharded path.
+    results[("main_aux3", "sharded")] = run_method(rank, "main_aux", {}, "sharded", num_tasks=3)
+    results["pcgrad3_seed1"] = local_run("pcgrad", {"seed": 1}, 3)
+    # Random loss weights: rank r seeded r, rank 0's generator must win (single-backward path).
+    results[("rlw_rank_seeds", "allreduce")] = run_method(
+        rank, "rlw", {"seed": 0}, "allreduce", rank_options={"seed": rank}
+    )
+    results["bad"] = bad_input_scenarios(rank)
+    return results
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    outdir = str(tmp_path_factory.mktemp("dist"))
-    # fork: the workers inherit the imported torch instead of importing it again (seconds on a busy machine).
-    mp.start_processes(worker, args=(free_port(), outdir), nprocs=WORLD, join=True, start_method="fork")
-    return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    return run_on_ranks(scenarios, str(tmp_path_factory.mktemp("dist")))
 
 
 def closed_form(method: str, g0: torch.Tensor, g1: torch.Tensor) -> torch.Tensor:

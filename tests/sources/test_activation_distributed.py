@@ -4,20 +4,16 @@ rank-averaged Jacobian), with a sparse table whose touched rows differ between t
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from dist_harness import WORLD, run_on_ranks
 from torch import nn
 
 from gradsurgery.sources.activation import ActivationSource
 
 pytestmark = pytest.mark.distributed
 
-WORLD = 2
 BATCH = 6  # per rank
 TASKS = 3
 
@@ -108,31 +104,16 @@ def mismatch(rank):
     return None, None
 
 
-def worker(rank: int, port: int, outdir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        results = {form: run(rank, form) for form in ("auto", "kernel")}
-        results["activations"] = run(rank, "auto", fused="activations")
-        results["mismatch"] = mismatch(rank)
-        torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def scenarios(rank: int) -> dict:
+    results = {form: run(rank, form) for form in ("auto", "kernel")}
+    results["activations"] = run(rank, "auto", fused="activations")
+    results["mismatch"] = mismatch(rank)
+    return results
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    outdir = str(tmp_path_factory.mktemp("activation_dist"))
-    mp.start_processes(worker, args=(free_port(), outdir), nprocs=WORLD, join=True, start_method="fork")
-    return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    return run_on_ranks(scenarios, str(tmp_path_factory.mktemp("activation_dist")))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,41 @@
+"""Two gloo processes on 127.0.0.1 for the data-parallel tests: each runs a scenario function and saves
+what it saw; the test process reads both ranks' results back."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+WORLD = 2
+
+
+def _worker(rank: int, port: int, outdir: str, scenarios: Callable[[int], dict[Any, Any]]) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        torch.save(scenarios(rank), os.path.join(outdir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_on_ranks(scenarios: Callable[[int], dict[Any, Any]], outdir: str) -> list[dict[Any, Any]]:
+    """``scenarios(rank)`` on each of the ``WORLD`` ranks; returns their results by rank. Fork: the workers
+    inherit the imported torch instead of importing it again (seconds on a busy machine)."""
+    mp.start_processes(
+        _worker, args=(free_port(), outdir, scenarios), nprocs=WORLD, join=True, start_method="fork"
+    )
+    return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
