@@ -328,12 +328,14 @@ def check_own_views(losses: list[torch.Tensor], views: list[list[torch.Tensor]])
     owner = {id(z): i for i, view in enumerate(views) for z in view}
     for i, loss in enumerate(losses):
         reached: set[int] = set()
-        stack, seen = [loss.grad_fn], set()
+        # Visited nodes are kept alive: some torch versions hand out a fresh Python object per visit of a
+        # node, whose id() could otherwise be reused by the next one.
+        stack, seen = [loss.grad_fn], {}
         while stack:
             node = stack.pop()
             if node is None or id(node) in seen:
                 continue
-            seen.add(id(node))
+            seen[id(node)] = node
             variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf
             if variable is not None:
                 if id(variable) in owner:
