@@ -33,9 +33,13 @@ def free_port() -> int:
 
 
 def run_on_ranks(scenarios: Callable[[int], dict[Any, Any]], outdir: str) -> list[dict[Any, Any]]:
-    """``scenarios(rank)`` on each of the ``WORLD`` ranks; returns their results by rank. Fork: the workers
-    inherit the imported torch instead of importing it again (seconds on a busy machine)."""
+    """``scenarios(rank)`` on each of the ``WORLD`` ranks; returns their results by rank.
+
+    Fork where it is safe: the workers inherit the imported torch instead of importing it again (seconds on a
+    busy machine). Where CUDA is present, autograd has started a thread per device by the first backward in
+    this process, and a forked child cannot run autograd: spawn there."""
+    method = "spawn" if torch.cuda.is_available() else "fork"
     mp.start_processes(
-        _worker, args=(free_port(), outdir, scenarios), nprocs=WORLD, join=True, start_method="fork"
+        _worker, args=(free_port(), outdir, scenarios), nprocs=WORLD, join=True, start_method=method
     )
     return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]

@@ -134,7 +134,8 @@ def test_per_group_learning_rates_frozen_and_unreached_parameters():
     opt.backward(losses)
     # Shared trunk: MGDA's fused gradient; heads: their own task's gradient.
     fused = mgda_two(torch.cat([g.reshape(-1) for g in ga[:2]]), torch.cat([g.reshape(-1) for g in gb[:2]]))
-    torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in trunk]), fused, rtol=1e-5, atol=1e-7)
+    # float32 on both sides, summed in different orders (1.7e-5 relative on some CPUs)
+    torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in trunk]), fused, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(model.head_a.weight.grad, ga[2])
     torch.testing.assert_close(model.head_b.weight.grad, gb[4])
     assert model.frozen.grad is None and model.unused.grad is None

@@ -1,7 +1,8 @@
 """Writes ``checkpoints_v1.pt``: a version-1 checkpoint of every method, and what gradsurgery 0.1.0 computed
 when training went on from it. Run once with gradsurgery 0.1.0 (commit 6c4b84f) from the repository root:
-``python tests/data/make_checkpoints_v1.py``. ``tests/test_checkpoint_compat.py`` loads these checkpoints into
-today's version and requires the same continuation, bit for bit."""
+``python tests/data/make_checkpoints_v1.py``. ``tests/test_checkpoint_version_1.py`` loads these checkpoints
+into today's version and requires the same continuation, bit for bit on a machine whose CPU kernels
+reproduce ``platform_probe.pt``."""
 
 import copy
 

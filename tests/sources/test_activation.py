@@ -82,9 +82,13 @@ def assert_gram_close(got: torch.Tensor, want: torch.Tensor, tol: float) -> None
     assert err <= tol, f"Gram relative error {err:.3g} > {tol}"
 
 
-def assert_close_rel(got: torch.Tensor, want: torch.Tensor, tol: float, what: str) -> None:
+def assert_close_rel(
+    got: torch.Tensor, want: torch.Tensor, tol: float, what: str, scale: float = 0.0
+) -> None:
+    """Relative to ``want``, or to ``scale`` (the whole gradient's norm) where ``want`` is far smaller: a
+    gradient that cancels to rounding level (a bias before batch norm) has no relative digits to compare."""
     got, want = got.double(), want.double()
-    denom = float(want.norm()) or 1.0
+    denom = max(float(want.norm()), 1e-3 * scale) or 1.0
     err = float((got - want).norm()) / denom
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol}"
 
@@ -123,9 +127,10 @@ def check(
             assert_close_rel(dense(g, w), w, tol, "task-specific gradient")
     fused = res.fused(weights)
     assert [id(p) for p, _ in fused] == [id(p) for p in ref["shared"]]
+    whole = float(torch.cat([w.reshape(-1).double() for w in ref["fused"]]).norm()) if ref["fused"] else 0.0
     for (p, g), w, sparse in zip(fused, ref["fused"], ref["fused_sparse"], strict=True):
         assert g.is_sparse == sparse, "the fused gradient's layout differs from autograd's"
-        assert_close_rel(dense(g, p), w, tol, "fused gradient")
+        assert_close_rel(dense(g, p), w, tol, "fused gradient", scale=whole)
     return res
 
 
@@ -171,7 +176,10 @@ def run_case(trunk_fn, features, inputs_fn, dtype, form, seed=0, device="cpu", *
     losses = mse_losses(model(*inputs))
     results = [check(source, losses, list(model.parameters()), **kw) for source in sources]
     assert results[0].forms == results[1].forms
-    torch.testing.assert_close(results[0].gram, results[1].gram, rtol=0, atol=0)
+    if device == "cpu":
+        torch.testing.assert_close(results[0].gram, results[1].gram, rtol=0, atol=0)
+    else:  # CUDA's atomic adds (embedding, index_add backward) sum in no fixed order
+        assert_gram_close(results[0].gram, results[1].gram, TOL[dtype])
     for source in sources:
         source.remove()
     assert no_hooks(model)
@@ -720,9 +728,13 @@ def test_small_transformer(form, dtype, fused):
 @CUDA
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_cuda_all_kinds(form, dtype):
+def test_cuda_all_kinds(form, dtype, monkeypatch):
     """One model with every supported kind (sparse tables, max bags, conv, batch norm, 3-D Linear with an
     in-place ReLU) on the GPU."""
+    # TF32 (cuDNN's default for convolutions) rounds float32 products to 10 mantissa bits: the comparison
+    # with the float64 reference is then about TF32, not about the source.
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
 
     class Trunk(nn.Module):
         def __init__(self):
