@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import configparser
 import json
+import os
 import pathlib
 import re
 import shutil
@@ -113,11 +114,13 @@ def _fake_env(root: pathlib.Path, installed: dict[str, str]) -> pathlib.Path:
 
 
 def _dry_run(python: pathlib.Path, wheel: pathlib.Path, quiet: bool = True) -> subprocess.CompletedProcess:
-    # --isolated: no pip configuration (extra indexes, find-links, constraints) of this machine takes part.
+    # --isolated: no pip configuration (extra indexes, find-links, constraints) of this machine takes part;
+    # without PYTHONPATH, no package outside the fake environment does either.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     cmd = [sys.executable, "-m", "pip", "--isolated", "--python", str(python), "install", "--dry-run",
            "--no-index", "--find-links", str(wheel.parent), str(wheel)]  # fmt: skip
     cmd += ["--report", "-", "-q"] if quiet else []
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
 
 DEPENDENCIES = {"numpy": "1.24.0", "scipy": "1.10.0", "cvxpy": "1.4.0"}

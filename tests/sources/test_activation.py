@@ -33,6 +33,9 @@ FORMS = ["auto", "kernel", "materialize"]
 #: the CUDA cases run where a GPU is present (the same comparisons, on the device)
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 TOL = {torch.float64: 1e-9, torch.float32: 1e-5}
+#: float32 on a GPU: cuBLAS and the atomic adds of embedding backward sum in other orders than the float64
+#: reference's (3.3e-5 measured for the fused gradient on an H200 with TF32 off)
+CUDA_TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
 
 
 # -- the reference ------------------------------------------------------------------------------------------
@@ -179,7 +182,7 @@ def run_case(trunk_fn, features, inputs_fn, dtype, form, seed=0, device="cpu", *
     if device == "cpu":
         torch.testing.assert_close(results[0].gram, results[1].gram, rtol=0, atol=0)
     else:  # CUDA's atomic adds (embedding, index_add backward) sum in no fixed order
-        assert_gram_close(results[0].gram, results[1].gram, TOL[dtype])
+        assert_gram_close(results[0].gram, results[1].gram, kw.get("tol") or TOL[dtype])
     for source in sources:
         source.remove()
     assert no_hooks(model)
@@ -754,7 +757,7 @@ def test_cuda_all_kinds(form, dtype, monkeypatch):
             tokens = img.permute(0, 2, 1, 3).reshape(e.shape[0], e.shape[1], 12)
             return self.ln(self.act(self.lin(tokens))).mean(1)
 
-    run_case(Trunk, 6, indices(5, 7, high=50), dtype, form, device="cuda")
+    run_case(Trunk, 6, indices(5, 7, high=50), dtype, form, device="cuda", tol=CUDA_TOL[dtype])
 
 
 def test_fused_from_activations_frees_the_graph():
