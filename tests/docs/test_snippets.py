@@ -192,8 +192,12 @@ def _clean_set(ns):
 
 
 def _shares(ns):
+    info = ns["info"]
+    w, gram = info.weights, info.gram
+    torch.testing.assert_close(ns["shares"], w * (gram @ w) / (w @ gram @ w))  # the formula on the page
     assert abs(float(ns["shares"].sum()) - 1.0) < 1e-9
-    assert float(ns["info"].weights.max()) > 10  # the projection weights that need the share to read
+    assert float(info.weights.max()) > 10  # the projection weights that need the share to read
+    assert info.task_names == ["click", "watch"] and "share/click" in info.as_dict()
 
 
 def _checkpoint(ns):
