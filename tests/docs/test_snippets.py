@@ -177,8 +177,9 @@ def test_block_runs(block, sandbox):
 # -- results of a few blocks --------------------------------------------------------------------------------
 def _quick_start(ns):
     info = ns["info"]
-    assert info.weights.shape == (2,)
+    assert info.weights.shape == (2,) and info.task_names == ["click", "conversion"]
     assert abs(float(info.weights.sum()) - 1.0) < 1e-9  # MGDA weights lie on the simplex
+    assert abs(float(info.shares.sum()) - 1.0) < 1e-9
 
 
 def _l2(ns):
