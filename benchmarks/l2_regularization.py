@@ -37,10 +37,13 @@ WD_GRID = {
     "sgd": [1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
     "adam": [1e-3, 1e-2, 1e-1, 3e-1, 1.0, 3.0],
 }
+# Every variant spelled out (the labels name what 0.1.0 called them), and the package's default beside them:
+# decoupled, per tensor for Adam, global for SGD.
 L2_MODES = {
-    "l2": dict(),
-    "l2 per-tensor": dict(per_tensor=True),
-    "l2 decoupled": dict(decoupled=True),
+    "l2": dict(per_tensor=False, decoupled=False),
+    "l2 per-tensor": dict(per_tensor=True, decoupled=False),
+    "l2 decoupled": dict(per_tensor=False, decoupled=True),
+    "l2 default": dict(),
 }
 
 
@@ -144,8 +147,9 @@ def summarize(rows: list[dict], optimizers: list[str], grids: dict[str, list[flo
         line("no regularization", pick(opt_name, "none"))
         line(f"{wd}, λ={best_val[0]:g} (best on val: the tuned λ)", best_val[1])
         line(f"{wd}, λ={best_test[0]:g} (best on test: oracle)", best_test[1])
-        for mode in L2_MODES:
-            line('`method="l2"`' + ("" if mode == "l2" else f", {mode[3:]}"), pick(opt_name, mode))
+        for mode, options in L2_MODES.items():
+            spelled = ", ".join(f"{k}={v}" for k, v in options.items()) or "the defaults"
+            line(f'`method="l2"`, {spelled}', pick(opt_name, mode))
         init = D.mean_std(col(pick(opt_name, "none"), "init_norm"))[0]
         scenario = "clean training labels" if not noise else f"{round(100 * noise)} % training label noise"
         title = f"**{opt_name.upper()}, {scenario}** (lr {LR[opt_name]:g}; ‖W‖ at initialisation {init:.1f})"

@@ -8,6 +8,8 @@ Problems (generators in ``benchmarks.problems``):
 - ``recsys``: click / conversion (rare, only after a click) / watch time (an MSE 4-5 orders of magnitude above
   the BCEs); AUCs and MSE.
 - ``multidigit``: two overlaid digits (scikit-learn's shipped 8×8 digits), two 10-way heads; accuracies.
+- ``ranking``: shared-bottom, MMoE and PLE over sparse embedding tables of 10⁵-10⁶ rows (SparseAdam + Adam,
+  ``GradSurgery(..., model=model)``), click / conversion / watch time; AUCs and MSE.
 
 Every non-toy problem also trains one single-task model per task (same initial weights, batches and Adam, the
 loss of that task alone) for the Δm% of Maninis et al. (2019).
@@ -76,6 +78,9 @@ def _toy(steps: int, seeds_limit: int | None) -> ProblemConfig:
 
 
 _RHOS = tuple((f"rho={r}", {"rho": r}) for r in (0.0, 0.5, 0.9))
+_ARCHS = tuple((arch, {"arch": arch}) for arch in ("shared_bottom", "mmoe", "ple"))
+#: the quick suite's ranking tables: five fields, the largest a tenth of the full suite's (10⁵ rows)
+_QUICK_VOCABS = (100_000, 20_000, 1000, 100, 10)
 
 
 def suite_configs(suite: str) -> dict[str, ProblemConfig]:
@@ -109,6 +114,16 @@ def suite_configs(suite: str) -> dict[str, ProblemConfig]:
                 lr=1e-2,
                 size={"trunk": "mlp"},
             ),
+            "ranking": ProblemConfig(
+                "ranking",
+                "benchmarks.problems.ranking",
+                "Ranking over sparse tables (SparseAdam + Adam, activation source): MMoE",
+                steps=100,
+                batch_size=256,
+                lr=3e-3,
+                variants=_ARCHS[1:2],
+                size={"n_train": 16384, "n_test": 8192, "vocab_sizes": _QUICK_VOCABS},
+            ),
         }
     if suite == "full":
         return {
@@ -141,6 +156,17 @@ def suite_configs(suite: str) -> dict[str, ProblemConfig]:
                 lr=3e-3,
                 size={"trunk": "conv", "n_train": 8192},
             ),
+            "ranking": ProblemConfig(
+                "ranking",
+                "benchmarks.problems.ranking",
+                "Ranking over sparse tables of 10⁵-10⁶ rows (SparseAdam + Adam, activation source)",
+                steps=600,
+                batch_size=512,
+                lr=3e-3,
+                variants=_ARCHS,
+                size={"n_train": 65536, "n_test": 16384},
+                seeds_limit=3,
+            ),
         }
     if suite == "tiny":
         return {
@@ -172,6 +198,22 @@ def suite_configs(suite: str) -> dict[str, ProblemConfig]:
                 batch_size=32,
                 lr=1e-2,
                 size={"trunk": "mlp", "n_train": 64, "n_test": 64, "width": 2},
+            ),
+            "ranking": ProblemConfig(
+                "ranking",
+                "benchmarks.problems.ranking",
+                "Ranking over sparse tables (tiny)",
+                steps=3,
+                batch_size=64,
+                lr=3e-3,
+                variants=_ARCHS[1:2],
+                size={
+                    "n_train": 512,
+                    "n_test": 512,
+                    "vocab_sizes": [50, 40, 30, 20],
+                    "emb_dim": 4,
+                    "model_options": {"expert": [8], "tower": 4, "num_experts": 2},
+                },
             ),
         }
     raise ValueError(f"unknown quality suite {suite!r}; choose 'quick', 'full' or 'tiny'")

@@ -7,7 +7,8 @@ records the error message instead of numbers.
 
 Fairness between methods: for a given seed every method starts from the same initial weights
 (``problem.build_model(seed=seed)``), sees the same batches in the same order (a
-``torch.Generator`` seeded with ``seed``), and uses the same inner optimizer (Adam) and learning rate.
+``torch.Generator`` seeded with ``seed``), and uses the same inner optimizer (Adam, or what the problem's
+``make_optimizer`` builds: SparseAdam + Adam for sparse tables) and learning rate.
 """
 
 from __future__ import annotations
@@ -167,6 +168,9 @@ def forward_with_features(
     representation every head reads, which representation mode needs. Outputs are shaped as ``model(x)``
     shapes them (single-unit heads squeezed to (B,) when the model squeezes)."""
     trunk, heads = getattr(model, "trunk", None), getattr(model, "heads", None)
+    own = getattr(model, "forward_with_features", None)
+    if own is not None:  # models without one trunk (MMoE, PLE) say themselves what the heads read
+        return own(inputs)
     if trunk is None or heads is None:
         raise TypeError(
             f"representation mode needs a model with .trunk and .heads, got {type(model).__name__}"
@@ -180,6 +184,19 @@ def forward_with_features(
             out = out[:, 0]
         outputs.append(out)
     return z, tuple(outputs)
+
+
+def inner_optimizer(problem: Any, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    """The optimizer every run of ``problem`` steps: ``problem.make_optimizer(model, lr)`` where the problem
+    has one (sparse embedding tables: ``MultiOptimizer(SparseAdam(tables), Adam(rest))``), else Adam."""
+    make = getattr(problem, "make_optimizer", None)
+    return make(model, lr) if make is not None else torch.optim.Adam(model.parameters(), lr=lr)
+
+
+def surgery_options(problem: Any, model: torch.nn.Module) -> dict[str, Any]:
+    """Extra ``GradSurgery`` arguments a problem asks for (``model=model`` for the activation source)."""
+    options = getattr(problem, "surgery_options", None)
+    return dict(options(model)) if options is not None else {}
 
 
 def evaluate(problem: Any, model: torch.nn.Module) -> dict[str, float]:
@@ -234,7 +251,13 @@ def _train(
     tail_start = steps - max(1, steps // 5)  # weights are averaged over the last fifth of training
     start = time.perf_counter()
     try:
-        opt = GradSurgery(torch.optim.Adam(model.parameters(), lr=lr), method, num_tasks=num_tasks, **opts)
+        opt = GradSurgery(
+            inner_optimizer(problem, model, lr),
+            method,
+            num_tasks=num_tasks,
+            **surgery_options(problem, model),
+            **opts,
+        )
         if mode == "representation" and not supports_features(opt):
             raise NotImplementedError("representation mode is not available in this gradsurgery version")
         for step, batch in enumerate(
@@ -287,7 +310,7 @@ def _train_single_task(
     model = problem.build_model(seed=seed)
     start = time.perf_counter()
     try:
-        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        opt = inner_optimizer(problem, model, lr)
         for step, batch in enumerate(
             batches(problem, batch_size, torch.Generator().manual_seed(seed), steps)
         ):

@@ -51,8 +51,9 @@ from gradsurgery import GradSurgery
 from .console import count_text, counted_warnings
 from .runner import method_options, supports_features
 
-#: name → (input width, hidden width, representation width); shared parameters ≈ 0.53M and ≈ 5.05M
-SIZES = {"0.5M": (256, 512, 256), "5M": (512, 1792, 512)}
+#: name → (input width, hidden width, representation width); shared parameters ≈ 0.28M, 0.53M and 5.05M.
+#: "small" is issue 15's model (trunk 128→384→384→256), where the fixed per-step cost of a method shows most.
+SIZES = {"small": (128, 384, 256), "0.5M": (256, 512, 256), "5M": (512, 1792, 512)}
 TINY_SIZES = {"tiny": (16, 32, 16)}
 TASK_COUNTS = (2, 4, 8)
 SOLVER_TASK_COUNTS = (2, 4, 8, 16, 32)
@@ -281,6 +282,7 @@ def peak_memory_mb(case: Case, factory: Callable[[], Callable[[], None]], libc: 
         step()
         step()
         peak = (_status_kb("VmHWM") - base) * 1024
+    _close(step)  # a step that hooked the model (the activation source, torchjd's autogram) unhooks it
     del step
     gc.collect()
     return peak / 2**20
@@ -397,6 +399,296 @@ def _time_method(case: Case, method: str, reps: int, rng: random.Random, jd: boo
         )
     del members
     return rows
+
+
+# -- exact full mode at scale: the activation source against the Jacobian, a plain step and torchjd ---------
+#: the method of the exact rows: the gradient source's cost does not depend on it (the solve is T×T)
+EXACT_METHOD = "mgda"
+EXACT_VARIANTS = ("plain", "activations", "jacobian", "autogram", "autojac")
+EXACT_REPS = {
+    "sparse-1e5": 9,
+    "sparse-1e6": 9,
+    "mlp-5M": 9,
+    "transformer": 7,
+    "transformer-nn": 7,
+    "transformer-b1": 9,
+}
+
+
+@dataclass
+class ExactRow:
+    workload: str
+    description: str
+    shared_params: int
+    num_tasks: int
+    variant: str  # one of EXACT_VARIANTS
+    status: str = "ok"
+    message: str = ""
+    ms: float = float("nan")
+    ratio: float = float("nan")  # median of the per-repetition ratios to the plain step
+    ratio_p25: float = float("nan")
+    ratio_p75: float = float("nan")
+    vs_jacobian: float = float("nan")  # median of the per-repetition ratios to the Jacobian full mode
+    vs_jacobian_p25: float = float("nan")
+    vs_jacobian_p75: float = float("nan")
+    peak_mb: float = float("nan")  # the median of the memory pass's repeats
+    peak_mb_range: tuple[float, float] = (float("nan"), float("nan"))
+    gram_rel_err: float = float("nan")  # max |G − G_ref| / max diag(G_ref), G_ref from plain autograd
+    times: list[float] = field(default_factory=list)
+
+
+def _close(step: Callable[[], None]) -> None:
+    close = getattr(step, "close", None)
+    if close is not None:
+        close()
+
+
+def _remove_engine_hooks(engine: Any) -> None:
+    """torchjd's autogram engine removes its module hooks when it is garbage-collected (a ``weakref.finalize``
+    of its hook manager); run that finalizer now, so that no hook outlives its member's measurement."""
+    manager = getattr(engine, "_module_hook_manager", None)
+    finalizer = getattr(manager, "_finalizer", None)
+    if finalizer is not None:
+        finalizer()
+
+
+def exact_member(w: Any, variant: str) -> Callable[[], None]:
+    """A fresh step closure of ``variant`` on workload ``w`` (all wrap ``w.inner``); ``step.close()`` removes
+    whatever hooks it installed on the model."""
+    inner = w.inner
+    if variant == "plain":
+
+        def step() -> None:
+            inner.zero_grad(set_to_none=True)
+            torch.stack(w.losses()).sum().backward()
+            inner.step()
+
+        return step
+    if variant in ("activations", "jacobian"):
+        extra = {"model": w.model} if variant == "activations" else {}
+        opt = GradSurgery(inner, EXACT_METHOD, gradient_source=variant, **extra)
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            opt.backward(w.losses())
+            opt.step()
+
+        if variant == "activations":
+            step.close = opt.source.remove  # type: ignore[attr-defined]
+        return step
+    if variant == "autogram":
+        from torchjd.aggregation import MGDAWeighting
+        from torchjd.autogram import Engine
+
+        engine = Engine(*w.shared_modules, batch_dim=None)
+        weighting = MGDAWeighting()
+
+        def step() -> None:
+            inner.zero_grad(set_to_none=True)
+            losses = torch.stack(w.losses())
+            losses.backward(weighting(engine.compute_gramian(losses)))
+            inner.step()
+
+        step.close = lambda: _remove_engine_hooks(engine)  # type: ignore[attr-defined]
+        return step
+    if variant == "autojac":
+        import torchjd.aggregation as A
+        from torchjd import autojac
+
+        aggregator = A.MGDA()
+        shared = [p for m in w.shared_modules for p in m.parameters()]
+
+        def step() -> None:
+            inner.zero_grad(set_to_none=True)
+            z, losses = w.forward()
+            autojac.mtl_backward(losses, features=z)
+            autojac.jac_to_grad(shared, aggregator)
+            inner.step()
+
+        return step
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+def reference_gram(w: Any) -> torch.Tensor:
+    """G over the shared parameters from one plain ``autograd.grad`` per task (sparse table gradients
+    multiplied as sparse tensors), in float64: the reference every source is compared with."""
+    params = [p for m in w.shared_modules for p in m.parameters()]
+    losses = w.losses()
+    grads = [torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) for loss in losses]
+    t = len(losses)
+    gram = torch.zeros(t, t, dtype=torch.float64)
+    for k in range(len(params)):
+        gs = [g[k] for g in grads]
+        for i in range(t):
+            for j in range(i, t):
+                a, b = gs[i], gs[j]
+                if a is None or b is None:
+                    continue
+                if a.is_sparse:
+                    value = torch.sparse.sum(a.coalesce().double() * b.coalesce().double())
+                    value = value.to_dense() if value.is_sparse else value
+                else:
+                    value = (a.double() * b.double()).sum()
+                gram[i, j] += float(value)
+                gram[j, i] = gram[i, j]
+    return gram
+
+
+def exact_grams(w: Any, variants: list[str]) -> dict[str, torch.Tensor]:
+    """G of each Gram-producing variant on one forward (no step), to compare with ``reference_gram``."""
+    out: dict[str, torch.Tensor] = {}
+    act = GradSurgery(w.inner, EXACT_METHOD, model=w.model, gradient_source="activations")
+    engine = None
+    if "autogram" in variants:
+        from torchjd.autogram import Engine
+
+        engine = Engine(*w.shared_modules, batch_dim=None)
+    try:
+        losses = w.losses()
+        out["activations"] = act.backward(losses, retain_graph=True).gram.double().cpu()
+        if "jacobian" in variants:
+            jac = GradSurgery(w.inner, EXACT_METHOD, gradient_source="jacobian")
+            out["jacobian"] = jac.backward(losses, retain_graph=True).gram.double().cpu()
+        if engine is not None:
+            out["autogram"] = engine.compute_gramian(torch.stack(losses)).detach().double().cpu()
+    finally:
+        act.source.remove()
+        if engine is not None:
+            _remove_engine_hooks(engine)
+        w.inner.zero_grad(set_to_none=True)
+    return out
+
+
+def exact_variants(w: Any, jd: bool) -> tuple[list[str], dict[str, str]]:
+    """The variants that run on ``w`` (each tried once) and the error message of those that do not."""
+    wanted = [v for v in EXACT_VARIANTS if jd or v not in ("autogram", "autojac")]
+    ok, failed = [], {}
+    for variant in wanted:
+        step = None
+        try:
+            step = exact_member(w, variant)
+            step()
+            ok.append(variant)
+        except Exception as err:  # reported in the table: e.g. the Jacobian cannot hold sparse gradients
+            failed[variant] = f"{type(err).__name__}: {err}"
+        finally:
+            if step is not None:
+                _close(step)
+            w.inner.zero_grad(set_to_none=True)
+    return ok, failed
+
+
+def time_exact(w: Any, variants: list[str], reps: int, rng: random.Random) -> dict[str, list[float]]:
+    """Interleaved repetitions: each repetition builds every variant afresh (hooks exist only while their own
+    variant is measured), takes one untimed step, then times it, in a freshly shuffled order."""
+    probe = []
+    for _ in range(2):
+        step = exact_member(w, "plain")
+        step()
+        probe.append(time_once(step, 1, w.device))
+    inner_steps = max(1, min(20, math.ceil(0.02 / max(min(probe), 1e-6))))
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    order = list(variants)
+    for _ in range(reps):
+        rng.shuffle(order)
+        for variant in order:
+            step = exact_member(w, variant)
+            try:
+                step()
+                times[variant].append(time_once(step, inner_steps, w.device))
+            finally:
+                _close(step)
+    return times
+
+
+def exact_timings(
+    workloads: dict[str, tuple[tuple[int, ...], Callable[..., Any]]],
+    device: torch.device,
+    tiny: bool,
+    reps: dict[str, int],
+    progress: Any,
+    warning_counts: dict[str, int] | None = None,
+) -> list[ExactRow]:
+    """Step time of every variant on every workload (built, timed and freed one at a time) and each Gram
+    source's error against ``reference_gram``. Peak memory is measured later (``exact_memory``)."""
+    counts: dict[str, int] = {} if warning_counts is None else warning_counts
+    rows: list[ExactRow] = []
+    rng = random.Random(1)
+    jd = torchjd_available()
+    for name, (task_counts, build) in workloads.items():
+        for t in task_counts:
+            with counted_warnings(counts):
+                w = build(t, device, tiny)
+                w.name = name
+                variants, failed = exact_variants(w, jd)
+                errors = {}
+                if "activations" in variants:
+                    reference = reference_gram(w)
+                    w.inner.zero_grad(set_to_none=True)
+                    scale = float(reference.diagonal().max())
+                    for variant, gram in exact_grams(w, variants).items():
+                        errors[variant] = float((gram - reference).abs().max()) / scale
+                times = time_exact(w, variants, reps.get(name, 7), rng)
+            plain = times.get("plain", [])
+            for variant in EXACT_VARIANTS:
+                row = ExactRow(name, w.description, w.shared_params, t, variant)
+                if variant in failed:
+                    row.status, row.message = "error", failed[variant]
+                elif variant not in times:
+                    row.status, row.message = "n/a", "torchjd is not installed"
+                else:
+                    ts = times[variant]
+                    ratios = [a / b for a, b in zip(ts, plain, strict=True)]
+                    row.ms, row.times = 1e3 * statistics.median(ts), ts
+                    row.ratio = statistics.median(ratios)
+                    row.ratio_p25, row.ratio_p75 = quantile(ratios, 0.25), quantile(ratios, 0.75)
+                    if "jacobian" in times:
+                        vs = [a / b for a, b in zip(ts, times["jacobian"], strict=True)]
+                        row.vs_jacobian = statistics.median(vs)
+                        row.vs_jacobian_p25, row.vs_jacobian_p75 = quantile(vs, 0.25), quantile(vs, 0.75)
+                    row.gram_rel_err = errors.get(variant, float("nan"))
+                rows.append(row)
+            del w
+            gc.collect()
+            progress.update(1)
+    return rows
+
+
+def exact_memory(
+    workloads: dict[str, tuple[tuple[int, ...], Callable[..., Any]]],
+    rows: list[ExactRow],
+    device: torch.device,
+    tiny: bool,
+    warning_counts: dict[str, int] | None = None,
+    repeats: int = 3,
+) -> None:
+    """Peak memory of each variant that ran (the median of ``repeats`` measurements, their range kept in
+    ``peak_mb_range``), workload by workload (rebuilt: the timings freed them), after every timing of the
+    suite: forcing large blocks to ``mmap`` (so that the peak is seen) slows allocation."""
+    if not memory_supported(device):
+        return
+    counts: dict[str, int] = {} if warning_counts is None else warning_counts
+    libc = _libc() if device.type == "cpu" else None
+    if libc is not None:
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: large blocks are mmap-ed and returned on free
+    for name, (task_counts, build) in workloads.items():
+        for t in task_counts:
+            mine = [r for r in rows if r.workload == name and r.num_tasks == t and r.status == "ok"]
+            if not mine:
+                continue
+            with counted_warnings(counts):
+                w = build(t, device, tiny)
+                exact_member(w, "plain")()  # the optimizer's state exists before the first measurement
+                w.inner.zero_grad(set_to_none=True)
+                for row in mine:
+                    peaks = []
+                    for _ in range(repeats):
+                        peaks.append(peak_memory_mb(w, lambda v=row.variant, w=w: exact_member(w, v), libc))
+                        w.inner.zero_grad(set_to_none=True)
+                    row.peak_mb = statistics.median(peaks)
+                    row.peak_mb_range = (min(peaks), max(peaks))
+            del w
+            gc.collect()
 
 
 # -- the solver benchmark -----------------------------------------------------------------------------------
@@ -558,6 +850,182 @@ def step_tables(rows: list[StepRow]) -> str:
     return "\n\n".join(parts)
 
 
+def _exact_ratio(row: ExactRow | None) -> str:
+    if row is None:
+        return "—"
+    if row.status == "n/a":
+        return "n/a"
+    if row.status != "ok":
+        return "error (below)"
+    return f"{row.ratio:.2f}× ({row.ratio_p25:.2f}–{row.ratio_p75:.2f})"
+
+
+def exact_tables(rows: list[ExactRow]) -> str:
+    """Step time (× the plain step, and the activation source × the Jacobian), peak memory and G's error."""
+    from .report import fmt_value, md_table
+
+    keys = list(dict.fromkeys((r.workload, r.num_tasks) for r in rows))
+
+    def get(key: tuple[str, int], variant: str) -> ExactRow | None:
+        return next((r for r in rows if (r.workload, r.num_tasks) == key and r.variant == variant), None)
+
+    time_rows, mem_rows, err_rows = [], [], []
+    for key in keys:
+        plain, act, jac = get(key, "plain"), get(key, "activations"), get(key, "jacobian")
+        head = [key[0], str(key[1]), f"{plain.shared_params:,}" if plain else "—"]
+        vs = (
+            f"{act.vs_jacobian:.2f}× ({act.vs_jacobian_p25:.2f}–{act.vs_jacobian_p75:.2f})"
+            if act and math.isfinite(act.vs_jacobian)
+            else "—"
+        )
+        time_rows.append(
+            [
+                *head,
+                f"{plain.ms:.1f}" if plain and plain.status == "ok" else "—",
+                *(_exact_ratio(get(key, v)) for v in EXACT_VARIANTS[1:]),
+                vs,
+            ]
+        )
+        peaks = {v: get(key, v) for v in EXACT_VARIANTS}
+        cells = [fmt_value(r.peak_mb, 3) if r and r.status == "ok" else "—" for r in peaks.values()]
+        extra = "—"
+        if act and jac and plain and all(math.isfinite(r.peak_mb) for r in (act, jac, plain)):
+            extra = f"{(act.peak_mb - plain.peak_mb) / (jac.peak_mb - plain.peak_mb):.2f}"
+        vs_plain = "—"
+        if (
+            act
+            and plain
+            and math.isfinite(act.peak_mb)
+            and math.isfinite(plain.peak_mb)
+            and plain.peak_mb > 0
+        ):
+            vs_plain = f"{act.peak_mb / plain.peak_mb:.2f}"
+        mem_rows.append([*head[:2], *cells, vs_plain, extra])
+        err_rows.append(
+            [
+                *head[:2],
+                *(
+                    f"{r.gram_rel_err:.1e}" if r and math.isfinite(r.gram_rel_err) else "—"
+                    for r in (act, jac, get(key, "autogram"))
+                ),
+            ]
+        )
+    descriptions = "\n".join(
+        f"- `{name}`: {next(r.description for r in rows if r.workload == name)}"
+        for name in dict.fromkeys(r.workload for r in rows)
+    )
+    errors = "\n".join(
+        f"- {r.workload} T={r.num_tasks}, {r.variant}: {r.message[:300]}" for r in rows if r.status == "error"
+    )
+    parts = [
+        f"Method `{EXACT_METHOD}` throughout (the sources' cost does not depend on it). Variants: `plain` "
+        "(`sum(losses).backward()` and the step), `activations` (`GradSurgery(..., model=model, "
+        "gradient_source='activations')`), `jacobian` (`gradient_source='jacobian'`, today's full mode), "
+        "`autogram` (torchjd: `Engine(*shared modules, batch_dim=None)`, `compute_gramian`, `MGDAWeighting`, "
+        "one backward of the weighted losses), `autojac` (torchjd: `mtl_backward` on the shared features, "
+        "`jac_to_grad` with `MGDA()`).\n\n" + descriptions,
+        "#### Step time relative to a plain step\n\nCells: median ratio to the plain step of the same "
+        "repetition (25th–75th percentile); every repetition builds each variant afresh, takes one untimed "
+        "step and times it, in a shuffled order.\n\n"
+        + md_table(
+            [
+                "workload",
+                "T",
+                "shared params",
+                "plain ms",
+                "activations",
+                "jacobian",
+                "autogram",
+                "autojac",
+                "activations / jacobian",
+            ],
+            time_rows,
+        ),
+        "#### Peak memory of a step above the model and optimizer state (MiB)\n\nThe median of three "
+        "measurements (each: a fresh variant, two steps, the peak resident memory above the memory just "
+        "before); their ranges are in `speed.json` (`peak_mb_range`).\n\n"
+        + md_table(
+            [
+                "workload",
+                "T",
+                *EXACT_VARIANTS,
+                "activations / plain",
+                "(activations − plain) / (jacobian − plain)",
+            ],
+            mem_rows,
+        ),
+        "#### The Gram matrix against plain autograd\n\nmax |G − G_ref| / max diag(G_ref), G_ref from one "
+        "`autograd.grad` per task over the shared parameters (float64 products).\n\n"
+        + md_table(["workload", "T", "activations", "jacobian", "autogram"], err_rows),
+    ]
+    if errors:
+        parts.append("Errors:\n\n" + errors)
+    return "\n\n".join(parts)
+
+
+def exact_targets(rows: list[ExactRow]) -> str:
+    """Issue 12's targets on the exact rows, met or missed, with the measured values."""
+
+    def get(workload: str, t: int, variant: str) -> ExactRow | None:
+        return next(
+            (
+                r
+                for r in rows
+                if r.workload == workload and r.num_tasks == t and r.variant == variant and r.status == "ok"
+            ),
+            None,
+        )
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    lines = []
+    sparse_extra: dict[int, dict[str, float]] = {}
+    for workload in ("sparse-1e5", "sparse-1e6"):
+        for t in sorted({r.num_tasks for r in rows if r.workload == workload}):
+            act, plain = get(workload, t, "activations"), get(workload, t, "plain")
+            if act is None:
+                continue
+            lines.append(
+                f"- {workload} T={t}: activation source ≤ 2× a plain step: {verdict(act.ratio <= 2.0)} "
+                f"({act.ratio:.2f}×, {act.ratio_p25:.2f}–{act.ratio_p75:.2f})"
+            )
+            if plain is not None and math.isfinite(act.peak_mb) and math.isfinite(plain.peak_mb):
+                sparse_extra.setdefault(t, {})[workload] = act.peak_mb - plain.peak_mb
+    # The memory the source adds must follow the batch, not the table: the same above plain for both sizes.
+    for t, extra in sorted(sparse_extra.items()):
+        if len(extra) == 2:
+            small, large = extra["sparse-1e5"], extra["sparse-1e6"]
+            rel = (large - small) / abs(small) if small else float("inf")
+            lines.append(
+                f"- sparse T={t}: peak memory above plain the same (within 10 %) for 10⁵ and 10⁶ rows: "
+                f"{verdict(abs(rel) <= 0.10)} ({small:.2f} and {large:.2f} MiB, {rel:+.0%})"
+            )
+    act, jac, plain = (get("mlp-5M", 8, v) for v in ("activations", "jacobian", "plain"))
+    if act is not None and jac is not None:
+        lines.append(
+            f"- mlp-5M T=8: activation source ≤ 0.7× the Jacobian full mode's step time: "
+            f"{verdict(act.vs_jacobian <= 0.7)} ({act.vs_jacobian:.2f}×, "
+            f"{act.vs_jacobian_p25:.2f}–{act.vs_jacobian_p75:.2f})"
+        )
+        if plain is not None and all(math.isfinite(r.peak_mb) for r in (act, jac, plain)):
+            frac = (act.peak_mb - plain.peak_mb) / (jac.peak_mb - plain.peak_mb)
+            lines.append(
+                f"- mlp-5M T=8: peak memory above plain ≤ 1/4 of the Jacobian's: {verdict(frac <= 0.25)} "
+                f"({act.peak_mb - plain.peak_mb:.1f} vs {jac.peak_mb - plain.peak_mb:.1f} MiB, {frac:.2f})"
+            )
+    for workload in ("transformer", "transformer-nn", "transformer-b1"):
+        act, jac, plain = (get(workload, 4, v) for v in ("activations", "jacobian", "plain"))
+        if None in (act, jac, plain) or not all(math.isfinite(r.peak_mb) for r in (act, jac, plain)):
+            continue
+        frac = (act.peak_mb - plain.peak_mb) / (jac.peak_mb - plain.peak_mb)
+        lines.append(
+            f"- {workload} T=4: peak memory above plain ≤ 1/2 of the Jacobian's: {verdict(frac <= 0.5)} "
+            f"({act.peak_mb - plain.peak_mb:.1f} vs {jac.peak_mb - plain.peak_mb:.1f} MiB, {frac:.2f})"
+        )
+    return "\n".join(lines)
+
+
 def solver_table(rows: list[SolverRow]) -> str:
     from .report import fmt_value, md_table
 
@@ -590,9 +1058,21 @@ def _missed_line(miss: list) -> str:
     )
 
 
+def _needs_gram(method: str) -> bool:
+    """Whether ``method`` reads the Gram matrix (not a pure loss weighting)."""
+    from gradsurgery import make_method
+
+    try:
+        return bool(make_method(method, **method_options(method, 2, 0)).needs_gram)
+    except Exception:
+        return True
+
+
 def targets(step_rows: list[StepRow], solver_rows: list[SolverRow]) -> str:
     """The issue's targets, met or missed, with the measured values."""
-    lines = []
+    lines: list[str] = []
+    if not step_rows and not solver_rows:
+        return ""
     rep = [r for r in step_rows if r.variant == "representation" and r.status == "ok"]
     full = [r for r in step_rows if r.variant == "full" and r.status == "ok"]
     if rep:
@@ -604,7 +1084,16 @@ def targets(step_rows: list[StepRow], solver_rows: list[SolverRow]) -> str:
         )
         if miss:
             lines.append(_missed_line(miss))
-    else:
+        small = [r for r in rep if r.size == "small" and _needs_gram(r.method)]
+        if small:
+            miss = [r for r in small if r.ratio > 1.2]
+            lines.append(
+                f"- small model (issue 15), Gram-based methods, representation mode ≤ 1.2× plain: "
+                f"{len(small) - len(miss)}/{len(small)} configurations meet it"
+            )
+            if miss:
+                lines.append(_missed_line(miss))
+    elif step_rows:
         lines.append("- representation mode: n/a (not available in this gradsurgery version)")
     if full:
         miss = [r for r in full if r.ratio > r.num_tasks + 1]
@@ -632,15 +1121,25 @@ def targets(step_rows: list[StepRow], solver_rows: list[SolverRow]) -> str:
 
 
 def write_outputs(
-    out: Path, step_rows: list[StepRow], solver_rows: list[SolverRow], meta: dict[str, Any]
+    out: Path,
+    step_rows: list[StepRow],
+    solver_rows: list[SolverRow],
+    meta: dict[str, Any],
+    exact_rows: list[ExactRow] | None = None,
 ) -> None:
     import csv
 
     from .report import write_json
 
+    exact_rows = exact_rows or []
     write_json(
         out / "speed.json",
-        {"meta": meta, "steps": [vars(r) for r in step_rows], "solvers": [vars(r) for r in solver_rows]},
+        {
+            "meta": meta,
+            "steps": [vars(r) for r in step_rows],
+            "solvers": [vars(r) for r in solver_rows],
+            "exact": [vars(r) for r in exact_rows],
+        },
     )
     with open(out / "speed.csv", "w", newline="") as f:
         fields = [
@@ -663,6 +1162,10 @@ def write_outputs(
             "us",
             "us_p90",
             "first_ms",
+            "vs_jacobian",
+            "vs_jacobian_p25",
+            "vs_jacobian_p75",
+            "gram_rel_err",
         ]
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
@@ -670,6 +1173,8 @@ def write_outputs(
             writer.writerow({"kind": "step", **vars(r)})
         for r in solver_rows:
             writer.writerow({"kind": "solver", "method": r.solver, **vars(r)})
+        for r in exact_rows:
+            writer.writerow({"kind": "exact", "size": r.workload, "method": EXACT_METHOD, **vars(r)})
 
 
 def plot(out: Path, step_rows: list[StepRow], solver_rows: list[SolverRow]) -> list[str]:
@@ -748,38 +1253,63 @@ def plot(out: Path, step_rows: list[StepRow], solver_rows: list[SolverRow]) -> l
 def run(args: argparse.Namespace, out: Path, meta: dict[str, Any]) -> list[str]:
     """``--suite speed``: returns the report's Markdown lines."""
     from .console import progress_bar, say
+    from .speed_models import WORKLOADS
 
     device = torch.device(getattr(args, "device", "cpu"))
+    selected = getattr(args, "speed_rows", None) or list(SPEED_ROWS)
     if args.tiny:
         sizes, task_counts, solver_counts, reps, calls, batch = TINY_SIZES, (2,), (2, 4), {"tiny": 2}, 5, 8
+        if not any(size in selected for size in SIZES):
+            sizes = {}
+        exact_reps = dict.fromkeys(WORKLOADS, 2)
     else:
         sizes, task_counts, solver_counts, calls, batch = SIZES, TASK_COUNTS, SOLVER_TASK_COUNTS, 200, BATCH
-        reps = {"0.5M": 15, "5M": 7}
+        sizes = {k: v for k, v in SIZES.items() if k in selected}
+        reps = {"small": 15, "0.5M": 15, "5M": 7}
+        exact_reps = EXACT_REPS
+    if "solvers" not in selected:
+        solver_counts = ()
+    workloads = {k: v for k, v in WORKLOADS.items() if k in selected}
     methods = args.methods
     meta.update(
         {
+            "speed_rows": selected,
             "speed_sizes": sizes,
             "speed_task_counts": task_counts,
             "speed_batch": batch,
             "speed_reps": reps,
+            "exact_workloads": {k: list(v[0]) for k, v in workloads.items()},
+            "exact_reps": {k: exact_reps.get(k) for k in workloads},
+            "exact_method": EXACT_METHOD,
             "torchjd": _torchjd_version(),
         }
     )
     bar = progress_bar(
-        len(sizes) * len(task_counts) * len(methods) + len(solver_counts), "speed", not args.no_progress
+        len(sizes) * len(task_counts) * len(methods)
+        + len(solver_counts)
+        + sum(len(v[0]) for v in workloads.values()),
+        "speed",
+        not args.no_progress,
     )
     start = time.perf_counter()
     solver_warnings: dict[str, dict[str, int]] = {}
     step_warnings: dict[str, dict[str, int]] = {}
+    exact_warnings: dict[str, int] = {}
     try:
         solver_rows = solver_benchmark(methods, solver_counts, calls, bar, warning_counts=solver_warnings)
+        # Every timing before any memory pass: the memory passes force large blocks to mmap (see
+        # ``peak_memory_mb``), which slows allocation for the rest of the process.
+        exact_rows = exact_timings(workloads, device, args.tiny, exact_reps, bar, exact_warnings)
         step_rows = step_benchmark(
             methods, sizes, task_counts, reps, batch, device, bar, warning_counts=step_warnings
         )
+        exact_memory(workloads, exact_rows, device, args.tiny, exact_warnings, repeats=1 if args.tiny else 3)
     finally:
         bar.close()
+    if exact_warnings:
+        step_warnings[f"{EXACT_METHOD} (exact rows)"] = exact_warnings
     meta["speed_seconds"] = time.perf_counter() - start
-    write_outputs(out, step_rows, solver_rows, meta)
+    write_outputs(out, step_rows, solver_rows, meta, exact_rows)
     plots = plot(out, step_rows, solver_rows)
     jd = meta["torchjd"]
     lines = [
@@ -790,15 +1320,19 @@ def run(args: argparse.Namespace, out: Path, meta: dict[str, Any]) -> list[str]:
         "",
         "### Step time and peak memory",
         "",
-        step_tables(step_rows),
+        step_tables(step_rows) if step_rows else "(not selected: --speed-rows)",
+        "",
+        "### Exact full mode at scale: the activation source, the Jacobian and torchjd",
+        "",
+        exact_tables(exact_rows) if exact_rows else "(not selected: --speed-rows)",
         "",
         "### Solver time per call (after the first call; µs, median and 90th percentile)",
         "",
-        solver_table(solver_rows),
+        solver_table(solver_rows) if solver_rows else "(not selected: --speed-rows)",
         "",
         "### Targets",
         "",
-        targets(step_rows, solver_rows),
+        "\n".join(t for t in (targets(step_rows, solver_rows), exact_targets(exact_rows)) if t),
         "",
         "Plots: " + (", ".join(f"`{p}`" for p in plots) or "none (matplotlib missing)"),
         "",
@@ -829,4 +1363,25 @@ def _torchjd_version() -> str | None:
         return "installed"
 
 
-__all__ = ["SpeedModel", "random_grams", "run", "solver_benchmark", "step_benchmark"]
+#: what ``--speed-rows`` selects from: the solver timings, the sizes of the step-time table, the exact rows
+SPEED_ROWS = (
+    "solvers",
+    *SIZES,
+    "sparse-1e5",
+    "sparse-1e6",
+    "mlp-5M",
+    "transformer",
+    "transformer-nn",
+    "transformer-b1",
+)
+
+__all__ = [
+    "SPEED_ROWS",
+    "SpeedModel",
+    "exact_memory",
+    "exact_timings",
+    "random_grams",
+    "run",
+    "solver_benchmark",
+    "step_benchmark",
+]

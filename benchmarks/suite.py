@@ -4,9 +4,9 @@
     python -m benchmarks --suite full --seeds 5 --out results    # about 30 min (measured: 31 min)
     python -m benchmarks --suite speed --out results             # step time, memory, solver time
 
-``quick`` and ``full`` run the quality problems (toy, synthetic, recsys, multidigit) and then the L2 and
-noisy-label benchmarks of ``benchmarks.l2_regularization`` / ``benchmarks.noisy_labels`` (skipped with a
-note when those modules are not installed). Results go to ``--out``: ``report.md`` (every table),
+``quick`` and ``full`` run the quality problems (toy, synthetic, recsys, multidigit, ranking) and then the
+L2 and noisy-label benchmarks of ``benchmarks.l2_regularization`` / ``benchmarks.noisy_labels`` (skipped
+with a note when those modules are not installed). Results go to ``--out``: ``report.md`` (every table),
 ``runs.csv`` / ``runs.json`` (every run), ``summary.json`` (aggregates) and PNG plots.
 """
 
@@ -24,7 +24,7 @@ from typing import Any
 
 from .console import count_text, counted_warnings, progress_bar, say
 
-QUALITY_PROBLEMS = ("toy", "synthetic", "recsys", "multidigit")
+QUALITY_PROBLEMS = ("toy", "synthetic", "recsys", "multidigit", "ranking")
 #: item 5 of the suite: benchmarks of the "modes" feature, each a module with ``main(argv)``
 MODE_BENCHMARKS = {"l2": "benchmarks.l2_regularization", "noisy": "benchmarks.noisy_labels"}
 ALL_PROBLEMS = (*QUALITY_PROBLEMS, *MODE_BENCHMARKS)
@@ -69,6 +69,18 @@ def _problems(text: str) -> list[str]:
     if unknown or not names:
         raise argparse.ArgumentTypeError(
             f"unknown problem(s) {unknown or text!r}; choose from {list(ALL_PROBLEMS)}"
+        )
+    return list(dict.fromkeys(names))
+
+
+def _speed_rows(text: str) -> list[str]:
+    from .speed import SPEED_ROWS
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SPEED_ROWS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown speed row(s) {unknown or text!r}; choose from {list(SPEED_ROWS)}"
         )
     return list(dict.fromkeys(names))
 
@@ -127,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="speed suite: where the step-time models run, cpu (default) or cuda[:N]",
     )
     p.add_argument(
+        "--speed-rows",
+        type=_speed_rows,
+        default=None,
+        help="speed suite: comma-separated subset of solvers, the step-table sizes (small, 0.5M, 5M) and the "
+        "exact-mode workloads (sparse-1e5, sparse-1e6, mlp-5M, transformer, transformer-nn, transformer-b1); "
+        "default: all",
+    )
+    p.add_argument(
         "--tiny",
         action="store_true",
         help="a few steps of everything, on tiny data: a smoke test of the whole pipeline",
@@ -148,6 +168,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.seeds = list(range(5 if args.suite == "full" else 3))
     if args.problems is None:
         args.problems = list(ALL_PROBLEMS)
+    if args.speed_rows is not None and args.suite != "speed":
+        parser.error("argument --speed-rows: only for --suite speed")
     if args.suite == "speed" and args.mode != "full":
         parser.error("argument --mode: the speed suite always measures both modes; --mode is for quick/full")
     if args.device != "cpu":

@@ -4,7 +4,7 @@ opt = GradSurgery(torch.optim.Adam(model.parameters(), lr=1e-3), method="mgda")
 opt.zero_grad(); info = opt.backward([loss_a, loss_b]); opt.step()
 """
 
-from .clean_guard import CleanBatches, mask_noisy_samples
+from .clean_guard import CleanBatches, NoiseCorrection, mask_noisy_samples
 from .errors import SolverError, SolverFallbackWarning
 from .gram import gram_matrix
 from .info import StepInfo
@@ -21,6 +21,7 @@ __all__ = [
     "GradSurgery",
     "Method",
     "MultiOptimizer",
+    "NoiseCorrection",
     "SolverError",
     "SolverFallbackWarning",
     "StepInfo",

@@ -21,10 +21,10 @@ def check_int(value: Any, what: str, *, minimum: int | None = None) -> int:
     """An int (not a bool; numpy integers accepted), at least ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{what} must be an int, got {value!r}")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{what} must be >= {minimum}, got {value}")
-    return value
+    number = int(value)
+    if minimum is not None and number < minimum:
+        raise ValueError(f"{what} must be >= {minimum}, got {number}")
+    return number
 
 
 def check_number(
@@ -39,10 +39,10 @@ def check_number(
     """A finite real number (not a bool) within the given bounds, as a float."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{what} must be a number, got {value!r}")
-    value = float(value)
-    low_ok = minimum is None or (value > minimum if exclusive_minimum else value >= minimum)
-    high_ok = maximum is None or (value < maximum if exclusive_maximum else value <= maximum)
-    if not (math.isfinite(value) and low_ok and high_ok):
+    number = float(value)
+    low_ok = minimum is None or (number > minimum if exclusive_minimum else number >= minimum)
+    high_ok = maximum is None or (number < maximum if exclusive_maximum else number <= maximum)
+    if not (math.isfinite(number) and low_ok and high_ok):
         if minimum is not None and maximum is not None:
             left, right = "(" if exclusive_minimum else "[", ")" if exclusive_maximum else "]"
             bound = f" in {left}{minimum:g}, {maximum:g}{right}"
@@ -52,8 +52,8 @@ def check_number(
             bound = f" {'<' if exclusive_maximum else '<='} {maximum:g}"
         else:
             bound = ""
-        raise ValueError(f"{what} must be a finite number{bound}, got {value}")
-    return value
+        raise ValueError(f"{what} must be a finite number{bound}, got {number}")
+    return number
 
 
 def check_choice(value: Any, choices: Sequence[str], what: str, where: str = "") -> str:
@@ -89,10 +89,10 @@ def check_task_index(value: Any, num_tasks: int | None, what: str) -> int:
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{what} must be an int task index, got {value!r}")
-    value = int(value)
-    if num_tasks is not None and not 0 <= value < num_tasks:
-        raise ValueError(f"{what}={value} is out of range for {num_tasks} tasks")
-    return value
+    index = int(value)
+    if num_tasks is not None and not 0 <= index < num_tasks:
+        raise ValueError(f"{what}={index} is out of range for {num_tasks} tasks")
+    return index
 
 
 def check_task_ref(value: Any, what: str) -> int | str:
@@ -144,15 +144,15 @@ def check_tensors(params: Any, what: str) -> list[torch.Tensor]:
     if isinstance(params, torch.Tensor):
         params = [params]
     try:
-        params = list(params)
+        tensors: list[torch.Tensor] = list(params)
     except TypeError:
         raise TypeError(f"{what} must be an iterable of tensors, got {type(params).__name__}") from None
-    bad = [type(p).__name__ for p in params if not isinstance(p, torch.Tensor)]
+    bad = [type(p).__name__ for p in tensors if not isinstance(p, torch.Tensor)]
     if bad:
         raise TypeError(f"{what} must hold tensors only, got {bad}")
-    if not params:
+    if not tensors:
         raise ValueError(f"{what} is empty")
-    return params
+    return tensors
 
 
 def non_finite(values: Sequence[float]) -> list[int]:

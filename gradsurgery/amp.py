@@ -62,15 +62,21 @@ class LossScaling:
             raise ValueError(f"the GradScaler's scale must be finite and positive, got {factor}")
         self.factor = factor
 
+    def scale_factor(self) -> float:
+        """s, as read when the losses were scaled."""
+        if self.factor is None:
+            raise RuntimeError("the loss scale is read when the losses are scaled: scale them first")
+        return self.factor
+
     def unscale(self, jacobian: torch.Tensor, others: Iterable[torch.Tensor]) -> None:
         """Divide the task gradients by s in place (exact when s is a power of two)."""
-        inv = 1.0 / self.factor
+        inv = 1.0 / self.scale_factor()
         jacobian.mul_(inv)
         for g in others:
             g.mul_(inv)
 
     def rescale(self, grad: torch.Tensor) -> torch.Tensor:
-        return grad * self.factor
+        return grad * self.scale_factor()
 
 
 def mark_overflow(params: Iterable[torch.Tensor]) -> None:

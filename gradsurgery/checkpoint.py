@@ -30,7 +30,7 @@ def method_entry(method: Method) -> dict[str, Any]:
     }
 
 
-def check_compatible(method: Method, ours: Any) -> dict[str, Any]:
+def check_compatible(method: Method, ours: object) -> dict[str, Any]:
     """The entry in the current version's layout; ValueError (before anything changes) when it belongs to
     another method, task count or option set."""
     if not isinstance(ours, dict) or ours.get("version") not in READABLE_VERSIONS:

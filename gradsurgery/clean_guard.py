@@ -13,6 +13,15 @@ its gradient does not conflict with the clean-set gradient,
 with g_clean, so their mean does too and the main/auxiliary rule then adds nothing (λ = 0): the clean set
 only chooses which noisy samples are trained on. If every sample is dropped the step is zero.
 
+**Noise correction** (``NoiseCorrection``; gold loss correction, Hendrycks et al. 2018, in one run): the clean
+set is held out for a short warm-up on the noisy loss alone; then the noise of the labels is estimated once,
+T̂[i, j] = mean over the clean samples of class i of the network's p(ỹ = j | x), and training goes on with the
+forward-corrected noisy loss −log Σ_y p(y | x) T̂[y, ỹ] plus the clean loss. It acts on the loss (it needs
+logits and labels), not on gradients, and is the mode the benchmarks support at high noise
+(``docs/howto/clean-set-guard.md``): at 40-80 % label noise with a 1-5 % clean set it ended above both
+training on the clean set alone and on the noisy set alone at every point measured, where the guard ends with
+the noisy-only model and masking below the clean set alone.
+
 ``CleanBatches`` draws clean batches from a DataLoader for ever, so a training loop needs no second loop.
 """
 
@@ -22,6 +31,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+
+from ._validation import check_int
 
 
 class CleanBatches:
@@ -96,13 +108,139 @@ class CleanBatches:
 def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
+    # The container's own type rebuilds it (a Mapping subclass, a namedtuple): its constructor is not
+    # the abstract one the isinstance checks narrow to.
+    rebuild: Callable[..., Any] = type(batch)
     if isinstance(batch, Mapping):
-        return type(batch)({k: _to_device(v, device) for k, v in batch.items()})
+        return rebuild({k: _to_device(v, device) for k, v in batch.items()})
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(_to_device(v, device) for v in batch))
+        return rebuild(*(_to_device(v, device) for v in batch))
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
+        return rebuild(_to_device(v, device) for v in batch)
     return batch
+
+
+# -- noise correction ----------------------------------------------------------------------------------------
+
+
+def estimate_transition(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """T̂ (C×C, float64, rows summing to 1): T̂[i] = the mean of ``probs[s]`` over the samples s of true class
+    ``labels[s] == i``; a class with no sample gets the identity row.
+
+    ``probs`` (n, C): p(ỹ | x) of a network trained on the noisy labels only, on clean samples it did not
+    train on; ``labels`` (n,): their true classes."""
+    check_int(num_classes, "num_classes", minimum=2)
+    if not isinstance(probs, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise TypeError("probs and labels must be tensors")
+    if probs.dim() != 2 or probs.shape[1] != num_classes or labels.shape != probs.shape[:1]:
+        raise ValueError(
+            f"probs (n, {num_classes}) and labels (n,) expected, got {tuple(probs.shape)} and "
+            f"{tuple(labels.shape)}"
+        )
+    _check_labels(labels, num_classes, "labels")
+    probs = probs.detach().to(torch.float64)
+    sums = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=probs.device)
+    sums.index_add_(0, labels, probs)
+    counts = torch.bincount(labels, minlength=num_classes).to(torch.float64)
+    eye = torch.eye(num_classes, dtype=torch.float64, device=probs.device)
+    t = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], eye)
+    return t / t.sum(1, keepdim=True)
+
+
+def forward_corrected_nll(
+    logits: torch.Tensor, noisy_labels: torch.Tensor, transition: torch.Tensor
+) -> torch.Tensor:
+    """−log Σ_y softmax(logits)[y] · T[y, ỹ] per sample (shape (B,)), in log space (no underflow when the
+    network is confident). Its gradient with respect to the logits is p − q, q ∝ p(y | x) T[y, ỹ] the
+    posterior of the true class given the noisy label."""
+    log_p = F.log_softmax(logits, dim=1)
+    log_t = transition.to(device=logits.device, dtype=logits.dtype).clamp_min(1e-12).log()
+    return -torch.logsumexp(log_p + log_t[:, noisy_labels].T, dim=1)
+
+
+class NoiseCorrection:
+    """Gold loss correction in one training run (module docstring):
+
+        correction = NoiseCorrection(num_classes=10)
+        for epoch in range(epochs):
+            if epoch == warmup:  # e.g. 3 of 15 epochs: the noisy loss alone until then
+                correction.estimate(model(x_clean_all), y_clean_all)
+            for (x, y), (xc, yc) in zip(noisy_loader, clean_batches):
+                loss = correction.loss(model(x), y, model(xc), yc)
+                ...
+
+    ``loss`` is the mean cross-entropy of the noisy batch while no transition has been estimated (the clean
+    batch is held out: the estimate must come from clean samples the network never trained on), then the
+    mean forward-corrected noisy loss plus the mean clean cross-entropy. The transition is in
+    ``state_dict()``, so a resumed run continues with it.
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = check_int(num_classes, "num_classes", minimum=2)
+        self.transition: torch.Tensor | None = None
+
+    @property
+    def warming_up(self) -> bool:
+        return self.transition is None
+
+    @torch.no_grad()
+    def estimate(self, clean_logits: torch.Tensor, clean_labels: torch.Tensor) -> torch.Tensor:
+        """Estimate T̂ from the network's logits on the clean set (every clean sample, none trained on yet)."""
+        self.transition = estimate_transition(
+            torch.softmax(clean_logits.float(), 1), clean_labels, self.num_classes
+        )
+        return self.transition
+
+    def loss(
+        self,
+        noisy_logits: torch.Tensor,
+        noisy_labels: torch.Tensor,
+        clean_logits: torch.Tensor | None = None,
+        clean_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        self._check_batch(noisy_logits, noisy_labels, "noisy")
+        if self.transition is None:
+            return F.cross_entropy(noisy_logits, noisy_labels)
+        corrected = forward_corrected_nll(noisy_logits, noisy_labels, self.transition).mean()
+        if clean_logits is None or clean_labels is None:
+            raise ValueError(
+                "after the estimate, loss() takes the clean batch too: loss(logits, y, clean_logits, clean_y)"
+            )
+        self._check_batch(clean_logits, clean_labels, "clean")
+        return corrected + F.cross_entropy(clean_logits, clean_labels)
+
+    def _check_batch(self, logits: torch.Tensor, labels: torch.Tensor, what: str) -> None:
+        if not isinstance(logits, torch.Tensor) or not isinstance(labels, torch.Tensor):
+            raise TypeError(f"{what} logits and labels must be tensors")
+        if logits.dim() != 2 or logits.shape[1] != self.num_classes or labels.shape != logits.shape[:1]:
+            raise ValueError(
+                f"{what} logits (B, {self.num_classes}) and labels (B,) expected, got "
+                f"{tuple(logits.shape)} and {tuple(labels.shape)}"
+            )
+        _check_labels(labels, self.num_classes, f"{what} labels")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"num_classes": self.num_classes, "transition": self.transition}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("num_classes") != self.num_classes:
+            raise ValueError(
+                f"state is for {state.get('num_classes')} classes, this correction has {self.num_classes}"
+            )
+        transition = state.get("transition")
+        if transition is not None and tuple(transition.shape) != (self.num_classes, self.num_classes):
+            raise ValueError(f"state has a transition of shape {tuple(transition.shape)}")
+        self.transition = None if transition is None else transition.detach().to(torch.float64).clone()
+
+
+def _check_labels(labels: torch.Tensor, num_classes: int, what: str) -> None:
+    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"{what} must be integer class indices, got dtype {labels.dtype}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(
+            f"{what} must lie in [0, {num_classes}), got values from {int(labels.min())} to "
+            f"{int(labels.max())}"
+        )
 
 
 # -- masking inside GradSurgery.backward (mode="mask") -------------------------------------------------------
@@ -131,12 +269,12 @@ def sample_clean_products(
     if how not in ("auto", "double_backward", "batched"):
         raise ValueError(f"unknown how={how!r}; choose 'auto', 'double_backward' or 'batched'")
     candidates = [p for p in params if shared_ids is None or id(p) in shared_ids]
-    g_clean = torch.autograd.grad(clean_loss, candidates, retain_graph=True, allow_unused=True)
-    reached = [k for k, g in enumerate(g_clean) if g is not None]
+    grads = torch.autograd.grad(clean_loss, candidates, retain_graph=True, allow_unused=True)
+    reached = [k for k, g in enumerate(grads) if g is not None]
     if not reached:
         raise ValueError("the clean loss reaches none of the (shared) parameters: nothing to guard")
     theta = [candidates[k] for k in reached]
-    g_clean = [g_clean[k].detach() for k in reached]
+    g_clean = [grads[k].detach() for k in reached]
     flat = per_sample_losses.reshape(-1)
     if how != "batched":
         try:
@@ -178,7 +316,7 @@ def _products_batched(
     per_sample = torch.autograd.grad(
         flat, theta, grad_outputs=eye, retain_graph=True, allow_unused=True, is_grads_batched=True
     )
-    products = None
+    products: torch.Tensor | None = None
     for g, c in zip(per_sample, g_clean, strict=True):
         if g is None:
             continue
@@ -245,7 +383,8 @@ def masked_main_loss(
 def _select_params(
     model: torch.nn.Module, params: Iterable[str | torch.Tensor] | None
 ) -> dict[str, torch.Tensor]:
-    named = dict(model.named_parameters())
+    named: dict[str, torch.Tensor] = dict(model.named_parameters())
+    chosen: dict[str, torch.Tensor]
     if params is None:
         chosen = {n: p for n, p in named.items() if p.requires_grad}
     else:
@@ -343,8 +482,9 @@ def per_sample_clean_products(
         return out
 
     if backend == "jvp":
-        _, products = jvp(lambda p: losses_of(p, inputs, targets), (detached,), (tangents,))
-        return products.detach().to(torch.float64)
+        # jvp returns (outputs, their derivative along the tangents).
+        jvp_products: torch.Tensor = jvp(lambda p: losses_of(p, inputs, targets), (detached,), (tangents,))[1]
+        return jvp_products.detach().to(torch.float64)
 
     def one(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return losses_of(p, x.unsqueeze(0), y.unsqueeze(0)).sum()

@@ -23,14 +23,22 @@ import csv
 import math
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .info import StepInfo
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from torch.utils.tensorboard import SummaryWriter
 
 STEP = "step"
 # What ``history_columns`` and ``plot_history`` read: a CSVLogger file, columns, StepInfos or logged rows.
 History = (
-    str | os.PathLike | Mapping[str, Sequence[float]] | Sequence[StepInfo] | Sequence[Mapping[str, float]]
+    str
+    | os.PathLike[str]
+    | Mapping[str, Sequence[float]]
+    | Sequence[StepInfo]
+    | Sequence[Mapping[str, float]]
 )
 
 
@@ -69,7 +77,7 @@ class CSVLogger:
 
     def __init__(
         self,
-        path: str | os.PathLike,
+        path: str | os.PathLike[str],
         task_names: Sequence[str] | None = None,
         *,
         append: bool = False,
@@ -89,7 +97,7 @@ class CSVLogger:
         if directory:
             os.makedirs(directory, exist_ok=True)
         self._file = open(self.path, "a" if append else "w", newline="")  # noqa: SIM115 (closed by close())
-        self._writer: csv.DictWriter | None = None
+        self._writer: csv.DictWriter[str] | None = None
         if self._columns is not None:
             self._writer = csv.DictWriter(self._file, fieldnames=self._columns)
 
@@ -98,16 +106,17 @@ class CSVLogger:
         if self._file.closed:
             raise ValueError(f"CSVLogger for {self.path!r} is closed")
         row = info_row(info, self.rows if step is None else step, self.task_names, **extra)
-        if self._columns is None:
+        writer = self._writer  # None exactly while self._columns is: no header yet
+        if writer is None:
             self._columns = list(row)
-            self._writer = csv.DictWriter(self._file, fieldnames=self._columns)
-            self._writer.writeheader()
+            writer = self._writer = csv.DictWriter(self._file, fieldnames=self._columns)
+            writer.writeheader()
         elif list(row) != self._columns:
             raise ValueError(
-                f"row columns {sorted(set(row) ^ set(self._columns))} differ from the file's header; "
+                f"row columns {sorted(set(row) ^ set(writer.fieldnames))} differ from the file's header; "
                 "log the same tasks and extras every step"
             )
-        self._writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
+        writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
         self.rows += 1
         if self.rows % self.flush_every == 0:
             self._file.flush()
@@ -124,7 +133,7 @@ class CSVLogger:
         self.close()
 
 
-def read_csv(path: str | os.PathLike) -> dict[str, list[float]]:
+def read_csv(path: str | os.PathLike[str]) -> dict[str, list[float]]:
     """The columns of a file written by ``CSVLogger``: name → values (floats; ``step`` as ints)."""
     with open(os.fspath(path), newline="") as f:
         reader = csv.DictReader(f)
@@ -135,7 +144,7 @@ def read_csv(path: str | os.PathLike) -> dict[str, list[float]]:
     return columns
 
 
-def _tensorboard_writer_class():
+def _tensorboard_writer_class() -> type[SummaryWriter]:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as err:
@@ -159,7 +168,7 @@ class TensorBoardLogger:
 
     def __init__(
         self,
-        log_dir: str | os.PathLike | None = None,
+        log_dir: str | os.PathLike[str] | None = None,
         task_names: Sequence[str] | None = None,
         *,
         prefix: str = "gradsurgery",
@@ -235,8 +244,8 @@ def plot_history(
     history: History,
     task_names: Sequence[str] | None = None,
     *,
-    path: str | os.PathLike | None = None,
-):
+    path: str | os.PathLike[str] | None = None,
+) -> Figure:
     """A matplotlib ``Figure`` with the task weights, each task's share of the fused step (comparable across
     methods, summing to 1; when logged) and the pairwise cosines over training.
 

@@ -42,7 +42,8 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 
@@ -55,13 +56,14 @@ if TYPE_CHECKING:
 STRATEGIES = ("allreduce", "sharded")
 
 
-def _dist():
+def _dist() -> ModuleType:
+    # torch.distributed, typed as a module: its functions are called through it untyped.
     import torch.distributed as dist
 
     return dist
 
 
-def is_ddp(module: Any) -> bool:
+def is_ddp(module: Any) -> TypeGuard[torch.nn.parallel.DistributedDataParallel]:
     return torch.distributed.is_available() and isinstance(module, torch.nn.parallel.DistributedDataParallel)
 
 
@@ -130,8 +132,7 @@ class DistributedSync:
         if self.enabled is False:
             return None
         dist = _dist() if torch.distributed.is_available() else None
-        initialized = dist is not None and dist.is_initialized()
-        if not initialized:
+        if dist is None or not dist.is_initialized():
             if self.enabled or self.process_group is not None or is_ddp(self.model):
                 raise RuntimeError(
                     "GradSurgery was asked to synchronise gradients (distributed=True, a process_group or a "
@@ -155,12 +156,12 @@ class DistributedSync:
         kind = ShardedReduction if self.strategy == "sharded" else AllReduceReduction
         return kind(self, group, device)
 
-    def no_sync(self) -> contextlib.AbstractContextManager:
+    def no_sync(self) -> contextlib.AbstractContextManager[Any]:
         """DDP's ``no_sync()`` when the DDP module is known: its gradient hooks must not fire on task
         gradients."""
         return self.model.no_sync() if is_ddp(self.model) else contextlib.nullcontext()
 
-    def __deepcopy__(self, memo: dict) -> DistributedSync:
+    def __deepcopy__(self, memo: dict[int, Any]) -> DistributedSync:
         # A process group and the live DDP module cannot (and need not) be copied: the copy shares them.
         twin = DistributedSync.__new__(DistributedSync)
         twin.__dict__.update(self.__dict__)
@@ -180,9 +181,9 @@ class DistributedSync:
 class LocalReduction:
     """One process: nothing to average, nothing to agree on."""
 
-    group = None
+    group: Any = None
 
-    def __init__(self, no_sync: Callable[[], contextlib.AbstractContextManager]) -> None:
+    def __init__(self, no_sync: Callable[[], contextlib.AbstractContextManager[Any]]) -> None:
         self.no_sync = no_sync
 
     def fail(self, error: BaseException) -> None:
@@ -295,7 +296,13 @@ class _GroupReduction(LocalReduction):
 
 
 class AllReduceReduction(_GroupReduction):
-    def jacobian(self, jac, values, task_specific, gram_dtype):
+    def jacobian(
+        self,
+        jac: torch.Tensor,
+        values: torch.Tensor,
+        task_specific: list[torch.Tensor],
+        gram_dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
         """Average J in place (one all-reduce of the T×d buffer), then the task-specific gradients and the
         losses (one small all-reduce per dtype)."""
         dist = _dist()
@@ -311,7 +318,13 @@ class AllReduceReduction(_GroupReduction):
 
 
 class ShardedReduction(_GroupReduction):
-    def jacobian(self, jac, values, task_specific, gram_dtype):
+    def jacobian(
+        self,
+        jac: torch.Tensor,
+        values: torch.Tensor,
+        task_specific: list[torch.Tensor],
+        gram_dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
         """Reduce-scatter J by columns, all-reduce the Gram of the shards; u is fused per shard and
         all-gathered."""
         dist = _dist()

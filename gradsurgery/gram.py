@@ -27,7 +27,7 @@ def gram_matrix(
     work = torch.promote_types(jacobian.dtype, torch.float32)
     num_tasks = jacobian.shape[0]
     gram = torch.zeros(num_tasks, num_tasks, dtype=dtype, device=jacobian.device)
-    for block in jacobian.split(chunk, dim=1):
+    for block in torch.split(jacobian, chunk, dim=1):
         block = block.to(work)
         gram += (block @ block.T).to(dtype)
     return gram

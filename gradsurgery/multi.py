@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -78,7 +78,8 @@ class MultiOptimizer(torch.optim.Optimizer):
             opt.load_state_dict(member)
         # The members' loaders replace their group lists: refill ours in place, so holders keep seeing them.
         self.param_groups[:] = [g for opt in self.optimizers for g in opt.param_groups]
-        self.state.maps[:] = [opt.state for opt in self.optimizers]
+        chain = cast(collections.ChainMap[torch.Tensor, Any], self.state)  # as __init__ set it
+        chain.maps[:] = [opt.state for opt in self.optimizers]
 
     def __repr__(self) -> str:
         return "MultiOptimizer(" + ", ".join(type(opt).__name__ for opt in self.optimizers) + ")"

@@ -83,9 +83,9 @@ class GradSurgery(torch.optim.Optimizer):
             see ``gradsurgery.distributed`` for their communication cost.
         l2: add the λ-free L2 auxiliary (``gradsurgery/l2.py``) to the fused gradient of any method:
             u ← u + relu(−⟨u, θ⟩)/‖θ‖² · θ. ``l2_params`` (default: every parameter with dim ≥ 2),
-            ``l2_per_tensor`` (default False) and ``l2_decoupled`` (default False; True corrects the
-            optimizer's step instead of the gradient) are its options; ``method="l2"`` is the same rule for
-            a single loss.
+            ``l2_per_tensor`` (default: per tensor for adaptive optimizers, one global rule for SGD) and
+            ``l2_decoupled`` (default True: the rule corrects the optimizer's step; False: the gradient) are
+            its options; ``method="l2"`` is the same rule for a single loss.
         **options: the method's options, e.g. ``solver="cvxpy"`` for ``"mgda"``.
 
     ``param_groups``, ``state`` and ``defaults`` are the wrapped optimizer's own objects, so LR schedulers,
@@ -132,7 +132,7 @@ class GradSurgery(torch.optim.Optimizer):
             self.method, l2, l2_params, l2_per_tensor, l2_decoupled
         )
         for transform in transforms:
-            transform.check(held)
+            transform.setup(optimizer)
         if shared_params is not None:
             shared_params = check_tensors(shared_params, "shared_params")
             known = {id(p) for p in held}
@@ -345,7 +345,9 @@ class GradSurgery(torch.optim.Optimizer):
             **fields,
         )
 
-    def _post_transform(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[list, dict[str, Any]]:
+    def _post_transform(
+        self, pairs: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
         fields: dict[str, Any] = {}
         for transform in self.transforms:
             pairs, more = transform.apply(pairs)
@@ -355,7 +357,8 @@ class GradSurgery(torch.optim.Optimizer):
     def _device(self) -> torch.device:
         for group in self.param_groups:
             for p in group["params"]:
-                return p.device
+                device: torch.device = p.device
+                return device
         return torch.device("cpu")
 
     def _trainable_params(self) -> list[torch.Tensor]:
@@ -381,7 +384,8 @@ def _full_mode_source(
     if not method.needs_gram:
         return WeightedSource(gram_dtype)
     auto = gradient_source == "auto"
-    if gradient_source == "jacobian" or (auto and (model is None or not activations_pay_off(model))):
+    # model is None only with gradient_source "jacobian" or "auto" here ("activations" refused it above).
+    if gradient_source == "jacobian" or model is None or (auto and not activations_pay_off(model)):
         return JacobianSource(shared_params, gram_dtype, scales)
     from .sources.activation import ActivationSource
 
@@ -444,4 +448,4 @@ def _l2_option(
         if given:
             raise TypeError(f"{', '.join(given)} given without l2=True")
         return []
-    return [L2Rule(l2_params, bool(l2_per_tensor), bool(l2_decoupled))]
+    return [L2Rule(l2_params, l2_per_tensor, True if l2_decoupled is None else l2_decoupled)]

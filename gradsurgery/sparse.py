@@ -33,7 +33,10 @@ def holder_of(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> torch.op
     members = getattr(optimizer, "optimizers", None)
     if members is None:
         return optimizer
-    return next(m for m in members if any(p is param for g in m.param_groups for p in g["params"]))
+    holder: torch.optim.Optimizer = next(
+        m for m in members if any(p is param for g in m.param_groups for p in g["params"])
+    )
+    return holder
 
 
 def check_sparse_support(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -52,7 +52,9 @@ def test_l2_benchmark_quick(tmp_path):
     assert "python -m benchmarks.l2_regularization --quick" in md
     lines = table_rows(md)
     assert any("(best on val: the tuned λ)" in r[0] for r in lines)
-    assert sum(r[0] == '`method="l2"`' for r in lines) == 4  # one per optimizer and scenario
+    # one row per variant, optimizer and scenario
+    assert sum(r[0] == '`method="l2"`, the defaults' for r in lines) == 4
+    assert sum(r[0] == '`method="l2"`, per_tensor=True, decoupled=False' for r in lines) == 4
     assert "**SGD, 30 % training label noise**" in md and "**ADAM, clean training labels**" in md
 
 

@@ -23,6 +23,7 @@ SMALL = {
     "recsys": {"n_train": 1024, "n_test": 2048},
     "multidigit": {"n_train": 256, "n_test": 128},
     "tabular": {"n_train": 120, "n_test": 200, "noise_rate": 0.2, "clean_fraction": 0.05},
+    "ranking": {"n_train": 512, "n_test": 512, "vocab_sizes": (300, 200, 10), "emb_dim": 4},
 }
 PROBLEM_PARAMS = [
     pytest.param(name, marks=needs_sklearn) if name in ("multidigit", "tabular") else name for name in SMALL
@@ -119,7 +120,9 @@ def test_shapes_losses_evaluate_and_one_adam_step(name):
     for loss in losses:
         assert loss.dim() == 0 and torch.isfinite(loss) and loss.requires_grad
     before = [q.detach().clone() for q in model.parameters()]
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    # the problem's own optimizer where it has one (sparse tables: SparseAdam + Adam), else Adam
+    make_optimizer = getattr(p, "make_optimizer", None)
+    opt = make_optimizer(model, 1e-2) if make_optimizer else torch.optim.Adam(model.parameters(), lr=1e-2)
     opt.zero_grad()
     sum(losses).backward()
     opt.step()

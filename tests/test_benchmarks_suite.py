@@ -156,7 +156,7 @@ def test_every_problem_runs_with_two_methods():
         assert set(res.metrics) == set(res.extra["higher_is_better"])
         assert all(math.isfinite(v) for v in res.metrics.values())
     singles = [r for r in results if r.method.startswith("single:")]
-    assert len(singles) == 2 + 3 + 2  # one per task of synthetic, recsys, multidigit
+    assert len(singles) == 2 + 3 + 2 + 3  # one per task of synthetic, recsys, multidigit, ranking
     toy_runs = [r for r in results if r.extra["problem_key"] == "toy"]
     assert len(toy_runs) == 2 * len(toy.START_POINTS)
     for r in toy_runs:
@@ -341,10 +341,9 @@ def test_quick_tiny_writes_files_that_parse(tmp_path, capsys):
 
 def test_speed_tiny(tmp_path):
     out = tmp_path / "speed"
-    assert (
-        suite.main(["--suite", "speed", "--tiny", "--methods", "mgda", "--no-progress", "--out", str(out)])
-        == 0
-    )
+    rows = "solvers,small,sparse-1e5"
+    argv = ["--suite", "speed", "--tiny", "--methods", "mgda", "--speed-rows", rows, "--no-progress"]
+    assert suite.main([*argv, "--out", str(out)]) == 0
     rows = list(csv.DictReader(open(out / "speed.csv")))
     steps = {(r["method"], r["variant"]): r for r in rows if r["kind"] == "step"}
     assert {("plain", "plain"), ("sum", "full"), ("mgda", "full"), ("mgda", "representation")} <= set(steps)
@@ -359,6 +358,43 @@ def test_speed_tiny(tmp_path):
     data = json.loads((out / "speed.json").read_text())
     assert data["steps"] and data["solvers"]
     assert "### Targets" in (out / "report.md").read_text()
+    # the exact rows: the activation source runs everywhere, with the Gram matrix of plain autograd
+    exact = {(r["size"], r["variant"]): r for r in rows if r["kind"] == "exact"}
+    for workload in ("sparse-1e5",):
+        act = exact[(workload, "activations")]
+        assert act["status"] == "ok" and float(act["ratio"]) > 0, act
+        assert float(act["gram_rel_err"]) < 1e-5
+    assert exact[("sparse-1e5", "jacobian")]["status"] == "error"  # no Jacobian of sparse tables
+    assert "Exact full mode at scale" in (out / "report.md").read_text()
+
+
+def test_speed_rows_are_validated(capsys):
+    with pytest.raises(SystemExit):
+        suite.parse_args(["--suite", "speed", "--speed-rows", "sparse-1e7"])
+    assert "unknown speed row(s) ['sparse-1e7']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        suite.parse_args(["--suite", "quick", "--speed-rows", "solvers"])
+    assert suite.parse_args(["--suite", "speed", "--speed-rows", "5M,solvers"]).speed_rows == [
+        "5M",
+        "solvers",
+    ]
+
+
+@pytest.mark.parametrize("name", ["mlp-5M", "transformer", "transformer-nn"])
+def test_exact_members_agree_and_leave_no_hook_behind(name):
+    from benchmarks.speed_models import WORKLOADS
+
+    task_counts, build = WORKLOADS[name]
+    w = build(task_counts[0], torch.device("cpu"), True)
+    reference = speed.reference_gram(w)
+    grams = speed.exact_grams(w, ["activations", "jacobian"])
+    for gram in grams.values():
+        assert torch.allclose(gram, reference, rtol=0, atol=1e-5 * float(reference.diagonal().max()))
+    for variant in ("plain", "activations", "jacobian"):
+        step = speed.exact_member(w, variant)
+        step()
+        speed._close(step)
+    assert sum(len(m._forward_hooks) for m in w.model.modules()) == 0
 
 
 def test_mode_benchmarks_are_called_by_module_path(tmp_path, monkeypatch):

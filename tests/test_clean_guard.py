@@ -10,6 +10,9 @@ import torch.nn.functional as F
 from gradsurgery import GradSurgery
 from gradsurgery.clean_guard import (
     CleanBatches,
+    NoiseCorrection,
+    estimate_transition,
+    forward_corrected_nll,
     mask_noisy_samples,
     per_sample_clean_products,
     sample_clean_products,
@@ -342,3 +345,72 @@ def test_mask_function_input_errors():
         mask_noisy_samples(model, lambda out, t: (out * t).sum(), x, y, [c], backend="jvp")
     with pytest.raises(TypeError, match="clean must be"):
         mask_noisy_samples(model, linear_loss, x, y, c)  # a bare tensor that is not a loss
+
+
+# -- noise correction (gold loss correction in one run) ----------------------------------------------------
+
+
+def test_estimate_transition_is_the_per_class_mean_of_the_predictions():
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(40, 4, generator=gen), 1)
+    labels = torch.randint(0, 3, (40,), generator=gen)  # class 3 has no clean sample: identity row
+    t = estimate_transition(probs, labels, 4)
+    for i in range(3):
+        mean = probs[labels == i].double().mean(0)
+        torch.testing.assert_close(
+            t[i], mean / mean.sum(), rtol=1e-12, atol=1e-15
+        )  # float32 rows sum to 1 ± ulp
+    torch.testing.assert_close(t[3], torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(t.sum(1), torch.ones(4, dtype=torch.float64))
+
+
+def test_forward_corrected_nll_and_its_gradient():
+    """−log (softmax(z) T)[ỹ] written out directly; its gradient is p − q with q ∝ p(y) T[y, ỹ]."""
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    noisy = torch.tensor([0, 1, 2, 2, 1, 0])
+    t = torch.softmax(torch.randn(3, 3, generator=gen, dtype=torch.float64), 1)
+    got = forward_corrected_nll(logits, noisy, t)
+    p = torch.softmax(logits, 1)
+    expected = -torch.log((p @ t)[torch.arange(6), noisy])
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+    (grad,) = torch.autograd.grad(got.sum(), logits)
+    q = p.detach() * t[:, noisy].T
+    q = q / q.sum(1, keepdim=True)
+    torch.testing.assert_close(grad, p.detach() - q, rtol=1e-10, atol=1e-12)
+
+
+def test_noise_correction_holds_the_clean_set_out_until_the_estimate():
+    gen = torch.Generator().manual_seed(2)
+    logits, labels = torch.randn(8, 5, generator=gen), torch.randint(0, 5, (8,), generator=gen)
+    clean_logits, clean_labels = torch.randn(4, 5, generator=gen), torch.randint(0, 5, (4,), generator=gen)
+    correction = NoiseCorrection(5)
+    assert correction.warming_up
+    torch.testing.assert_close(
+        correction.loss(logits, labels, clean_logits, clean_labels), F.cross_entropy(logits, labels)
+    )
+    all_clean, all_labels = torch.randn(30, 5, generator=gen), torch.arange(30) % 5
+    t = correction.estimate(all_clean, all_labels)
+    torch.testing.assert_close(t, estimate_transition(torch.softmax(all_clean, 1), all_labels, 5))
+    expected = forward_corrected_nll(logits, labels, t).mean() + F.cross_entropy(clean_logits, clean_labels)
+    torch.testing.assert_close(correction.loss(logits, labels, clean_logits, clean_labels), expected)
+    with pytest.raises(ValueError, match="takes the clean batch too"):
+        correction.loss(logits, labels)
+    resumed = NoiseCorrection(5)
+    resumed.load_state_dict(correction.state_dict())
+    torch.testing.assert_close(resumed.loss(logits, labels, clean_logits, clean_labels), expected)
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda c: c.loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.long)), ValueError, r"\(B, 5\)"),
+        (lambda c: c.loss(torch.randn(4, 5), torch.full((4,), 5)), ValueError, r"lie in \[0, 5\)"),
+        (lambda c: c.loss(torch.randn(4, 5), torch.zeros(4)), TypeError, "integer class indices"),
+        (lambda c: c.load_state_dict({"num_classes": 3, "transition": None}), ValueError, "3 classes"),
+        (lambda c: NoiseCorrection(1), ValueError, "num_classes must be >= 2"),
+    ],
+)
+def test_noise_correction_refuses_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call(NoiseCorrection(5))

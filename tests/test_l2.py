@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from gradsurgery import GradSurgery
-from gradsurgery.l2 import decoupled_correction, l2_coefficients, l2_direction
+from gradsurgery import GradSurgery, MultiOptimizer
+from gradsurgery.l2 import L2Rule, decoupled_correction, l2_coefficients, l2_direction
 
 
 def ref_rule(g: np.ndarray, theta: np.ndarray) -> np.ndarray:
@@ -115,7 +115,7 @@ class LinearModel(torch.nn.Module):
 
 def test_method_l2_writes_the_rule_on_weight_matrices_only():
     model = LinearModel()
-    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method="l2")
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method="l2", decoupled=False)
     info = opt.backward(model())
     g = np.concatenate([model.a.numpy().ravel(), model.b.numpy().ravel()])
     theta = np.concatenate([model.w1.detach().numpy().ravel(), model.w2.detach().numpy().ravel()])
@@ -145,7 +145,9 @@ def test_method_l2_per_tensor_and_explicit_params():
 
 def test_rule_applies_to_each_backwards_contribution():
     model = LinearModel(2)
-    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method="l2", params=[model.w1])
+    opt = GradSurgery(
+        torch.optim.SGD(model.parameters(), lr=0.1), method="l2", params=[model.w1], decoupled=False
+    )
     theta = model.w1.detach().numpy().ravel()
     a = model.a.numpy().ravel()
     opt.backward(model())  # g = a (⟨a, θ⟩ < 0: corrected)
@@ -201,7 +203,7 @@ class TwoTasks(torch.nn.Module):
 
 def test_l2_true_applies_the_rule_to_the_fused_gradient():
     model = TwoTasks()
-    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method="mgda", l2=True)
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method="mgda", l2=True, l2_decoupled=False)
     info = opt.backward(model())
     # MGDA for T = 2 in closed form on the shared (W, b) gradients.
     g1 = np.concatenate([model.a[0].numpy().ravel(), model.c[0].numpy()])
@@ -224,7 +226,9 @@ def test_l2_true_on_the_one_backward_path_of_loss_weightings():
     """rlw takes one backward of Σ w_i L_i; the rule then acts on that gradient, with the weights it
     reports."""
     model = TwoTasks()
-    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method="rlw", seed=3, l2=True)
+    opt = GradSurgery(
+        torch.optim.SGD(model.parameters(), lr=0.1), method="rlw", seed=3, l2=True, l2_decoupled=False
+    )
     info = opt.backward(model())
     w = info.weights.numpy()
     g_shared = w[0] * np.concatenate([model.a[0].numpy().ravel(), model.c[0].numpy()]) + w[
@@ -240,7 +244,7 @@ def test_l2_true_on_the_one_backward_path_of_loss_weightings():
 
 def test_representation_mode_refuses_the_direct_rule():
     model = TwoTasks()
-    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method="mgda", l2=True)
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method="mgda", l2=True, l2_decoupled=False)
     z = model.w * 1.0
     losses = [(z * model.a[0]).sum(), (z * model.a[1]).sum()]
     with pytest.raises(ValueError, match="direct l2 rule"):
@@ -402,7 +406,7 @@ def test_state_dict_holds_no_tensors_from_params():
     opt.backward(model())
     opt.step()
     sd = opt.state_dict()
-    assert sd["gradsurgery"]["options"] == {"per_tensor": True, "decoupled": False}
+    assert sd["gradsurgery"]["options"] == {"per_tensor": True, "decoupled": True}
     buf = io.BytesIO()
     torch.save(sd, buf)
     buf.seek(0)
@@ -410,3 +414,42 @@ def test_state_dict_holds_no_tensors_from_params():
     opt2 = make()
     opt2.load_state_dict(loaded)
     assert "params=<1 tensors>" in repr(opt2)
+
+
+@pytest.mark.parametrize(
+    "make_optimizer,per_tensor",
+    [
+        (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), False),
+        (lambda ps: torch.optim.Adam(ps, lr=0.1), True),
+        (lambda ps: torch.optim.RMSprop(ps, lr=0.1), True),
+        (lambda ps: MultiOptimizer(torch.optim.SGD(ps[:1], lr=0.1), torch.optim.Adam(ps[1:], lr=0.1)), True),
+    ],
+)
+def test_defaults_follow_the_optimizer(make_optimizer, per_tensor):
+    """Decoupled by default; per tensor for adaptive optimizers, one global rule for SGD (the benchmarks'
+    evidence, docs/howto/l2-without-lambda.md). Explicit options win."""
+    model = LinearModel()
+    for opt in (
+        GradSurgery(make_optimizer(list(model.parameters())), method="l2"),
+        GradSurgery(make_optimizer(list(model.parameters())), method="mgda", l2=True),
+    ):
+        assert opt.l2.decoupled and opt.l2.per_tensor is per_tensor
+    explicit = GradSurgery(make_optimizer(list(model.parameters())), method="l2", per_tensor=not per_tensor)
+    assert explicit.l2.per_tensor is (not per_tensor)
+    assert explicit.method.options["per_tensor"] is (not per_tensor)
+    assert GradSurgery(make_optimizer(list(model.parameters())), method="l2").method.options == {
+        "per_tensor": None,
+        "decoupled": True,
+    }
+
+
+def test_a_rule_that_was_not_set_up_says_so():
+    theta = torch.ones(2, 2)
+    with pytest.raises(RuntimeError, match="setup"):
+        L2Rule(decoupled=False).apply([(theta, -torch.ones(2, 2))])
+    with pytest.raises(RuntimeError, match="setup"):
+        L2Rule().after_step([(theta, theta.clone())])
+    assert (
+        L2Rule(per_tensor=False, decoupled=False).apply([(theta, -torch.ones(2, 2))])[1]["l2_coefficient"]
+        == 1.0
+    )

@@ -1,7 +1,7 @@
 """Seeded, offline multi-task benchmark problems.
 
-Every problem module (``toy``, ``synthetic``, ``recsys``, ``multidigit``, ``tabular``) has a function
-``make(seed: int, **size_options) -> Problem``.  A :class:`Problem` gives
+Every problem module (``toy``, ``synthetic``, ``recsys``, ``multidigit``, ``tabular``, ``ranking``) has a
+function ``make(seed: int, **size_options) -> Problem``.  A :class:`Problem` gives
 
 ``name``, ``num_tasks``, ``task_names``
     identification; ``task_names[i]`` names the i-th loss.
@@ -41,6 +41,7 @@ PROBLEMS = {
     "recsys": "recsys",
     "multidigit": "multidigit",
     "tabular": "tabular",
+    "ranking": "ranking",
 }
 
 

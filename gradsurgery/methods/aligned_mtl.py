@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import Method, gram_to_numpy
+from .base import Method, gram_to_numpy, require_gram
 
 
 def aligned_matrix(gram: np.ndarray, eps: float | None = None) -> np.ndarray:
@@ -38,7 +38,8 @@ def aligned_matrix(gram: np.ndarray, eps: float | None = None) -> np.ndarray:
         return np.zeros((t, t))
     keep = eigenvalues > top * t * eps
     lam, vec = eigenvalues[keep], vectors[:, keep]
-    return np.sqrt(lam.min()) * (vec / np.sqrt(lam)) @ vec.T
+    matrix: np.ndarray = np.sqrt(lam.min()) * (vec / np.sqrt(lam)) @ vec.T
+    return matrix
 
 
 class AlignedMTL(Method):
@@ -46,6 +47,7 @@ class AlignedMTL(Method):
 
     name = "aligned_mtl"
 
-    def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    def compute_weights(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
+        gram = require_gram(gram, self.name)
         eps = torch.finfo(gram.dtype).eps
         return torch.from_numpy(aligned_matrix(gram_to_numpy(gram), eps).sum(axis=1))

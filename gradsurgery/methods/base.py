@@ -32,16 +32,32 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 import torch
 
 from .._validation import check_choice
 
-if TYPE_CHECKING:
-    from ..transforms import Transform
+_T = TypeVar("_T")
+
+
+class Transform(Protocol):
+    """What the engine calls on a post-transform of the fused gradient (``gradsurgery.l2.L2Rule``)."""
+
+    @property
+    def acts_on_gradient(self) -> bool: ...
+
+    def setup(self, optimizer: torch.optim.Optimizer) -> None: ...
+
+    def apply(
+        self, pairs: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]: ...
+
+    def before_step(self, params: Iterable[torch.Tensor]) -> Any: ...
+
+    def after_step(self, token: Any) -> None: ...
 
 
 class Method:
@@ -49,7 +65,7 @@ class Method:
 
     name: ClassVar[str] = ""
     scales_task_specific: ClassVar[bool] = False
-    needs_gram: ClassVar[bool] = True
+    needs_gram: bool = True  # a class attribute that an instance may override from its options
     min_tasks: ClassVar[int] = 1
     max_tasks: ClassVar[int | None] = None
     no_conflict: ClassVar[bool] = False
@@ -104,7 +120,7 @@ class Method:
         return {}
 
     @property
-    def per_sample_task(self) -> int | None:
+    def per_sample_task(self) -> int | str | None:
         return None
 
     def transforms(self) -> list[Transform]:
@@ -162,11 +178,11 @@ class Method:
         """Everything inside either succeeds or leaves the method as it was: its state, its task count
         (a first call that fails leaves it unbound) and its generators."""
         generators = {n: g.get_state() for n, g in self._generators.items()}
+        unbound: dict[str, Any] | None = None
+        saved: dict[str, Any] | None = None
         if self.num_tasks is None:
             unbound = dict(self.__dict__)
-            saved = None
         else:
-            unbound = None
             saved = copy.deepcopy(self.state_dict())
         try:
             yield
@@ -174,7 +190,7 @@ class Method:
             if unbound is not None:
                 self.__dict__.clear()
                 self.__dict__.update(unbound)
-            else:
+            elif saved is not None:
                 self.load_state_dict(saved)
             for n, state in generators.items():
                 self._generators[n].set_state(state)
@@ -230,6 +246,22 @@ class Method:
 
 def check_solver(solver: Any, allowed: tuple[str, ...], method: str) -> str:
     return check_choice(solver, allowed, "solver", f" for method {method!r}")
+
+
+def require_gram(gram: torch.Tensor | None, method: str) -> torch.Tensor:
+    """The Gram matrix of a method that needs it (``needs_gram``): the engine always passes it to those."""
+    if gram is None:
+        raise TypeError(f"method {method!r} needs the Gram matrix of the task gradients, got gram=None")
+    return gram
+
+
+def bound_state(state: _T | None, method: str) -> _T:
+    """State that ``bind`` creates (``_init_state``): RuntimeError when the method is not bound yet."""
+    if state is None:
+        raise RuntimeError(
+            f"method {method!r} is not bound to its tasks yet: its state is created by the first backward"
+        )
+    return state
 
 
 def gram_to_numpy(gram: torch.Tensor) -> np.ndarray:

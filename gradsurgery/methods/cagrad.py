@@ -42,7 +42,7 @@ import torch
 from .._validation import check_bool, check_number
 from ..errors import SolverError
 from ..solvers.cagrad import cagrad_weights
-from .base import Method, check_solver, gram_to_numpy
+from .base import Method, check_solver, gram_to_numpy, require_gram
 
 # ‖g_w*‖ below this fraction of the largest gradient norm counts as the degenerate case g_w* = 0: SLSQP's
 # weights are accurate to about 1e-8, so a direction computed from a smaller vector would be noise.
@@ -127,7 +127,8 @@ def _polish(g: np.ndarray, q: np.ndarray, radius: float, w: np.ndarray) -> np.nd
         return None
     if np.any(q + g @ v < nu - 1e-9 * (abs(nu) + radius**2)):
         return None
-    return v / v.sum()
+    polished: np.ndarray = v / v.sum()
+    return polished
 
 
 def _fused_weights(g: np.ndarray, w: np.ndarray, c: float) -> np.ndarray:
@@ -155,7 +156,8 @@ class CAGrad(Method):
         self.rescale = check_bool(rescale, "rescale")
         self.solver = check_solver(solver, ("active_set", "slsqp"), self.name)
 
-    def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    def compute_weights(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
+        gram = require_gram(gram, self.name)
         g = gram_to_numpy(gram)
         if self.solver == "active_set":
             solution = cagrad_weights(g, self.c)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .._validation import check_int, check_number
-from .base import Method, non_negative_losses
+from .base import Method, bound_state, non_negative_losses
 
 
 class DWA(Method):
@@ -41,17 +41,17 @@ class DWA(Method):
 
     def current_weights(self) -> torch.Tensor:
         """λ from the last two complete periods (ones before there are two)."""
-        num_tasks = self.block_sum.shape[0]
-        if self.before_last_mean is None:
-            return torch.ones(num_tasks, dtype=torch.float64)
+        num_tasks = bound_state(self.block_sum, self.name).shape[0]
         prev, prev2 = self.last_mean, self.before_last_mean
+        if prev is None or prev2 is None:  # L̄(t−2) is set only after L̄(t−1)
+            return torch.ones(num_tasks, dtype=torch.float64)
         rate = torch.where(prev2 > 0, prev / torch.where(prev2 > 0, prev2, 1.0), 1.0)
         return num_tasks * torch.softmax(rate / self.temperature, dim=0)
 
-    def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    def compute_weights(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
         values = non_negative_losses(losses, self.name, "it compares loss ratios")
         weights = self.current_weights()
-        block_sum, calls = self.block_sum + values, self.calls + 1
+        block_sum, calls = bound_state(self.block_sum, self.name) + values, self.calls + 1
         if calls % self.period == 0:
             self.before_last_mean, self.last_mean = self.last_mean, block_sum / self.period
             block_sum = torch.zeros_like(block_sum)
@@ -74,15 +74,15 @@ class DWA(Method):
         calls = state["calls"]
         if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
             raise ValueError(f"state has an invalid call count {calls!r}")
-        tensors = {}
+        expected = bound_state(self.block_sum, self.name).shape
+        tensors: dict[str, torch.Tensor | None] = {}
         for key in ("block_sum", "last_mean", "before_last_mean"):
             value = state[key]
             if value is not None:
                 value = value.detach().to("cpu", torch.float64).clone()
-                if value.shape != self.block_sum.shape:
+                if value.shape != expected:
                     raise ValueError(
-                        f"state has {key} of shape {tuple(value.shape)}, "
-                        f"expected {tuple(self.block_sum.shape)}"
+                        f"state has {key} of shape {tuple(value.shape)}, expected {tuple(expected)}"
                     )
             tensors[key] = value
         self.calls = calls

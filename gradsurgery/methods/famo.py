@@ -27,11 +27,13 @@ weighting, task-specific parameters receive w_i g_i. Losses must be ≥ 0 (they 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .._validation import check_number
 from ._learned import LearnedVector
-from .base import Method, non_negative_losses
+from .base import Method, bound_state, non_negative_losses
 
 _LOSS_EPS = 1e-8
 
@@ -57,12 +59,13 @@ class FAMO(Method):
         losses = non_negative_losses(
             losses, self.name, "it takes their logarithm; subtract a lower bound of the loss first"
         )
+        learned = bound_state(self.learned, self.name)
         if self.prev_losses is not None:
             delta = torch.log(self.prev_losses + _LOSS_EPS) - torch.log(losses + _LOSS_EPS)
-            z = torch.softmax(self.learned.value, dim=0)
-            self.learned.accumulate(z * (delta - z @ delta))
-            self.learned.step()
-        z = torch.softmax(self.learned.value, dim=0)
+            z = torch.softmax(learned.value, dim=0)
+            learned.accumulate(z * (delta - z @ delta))
+            learned.step()
+        z = torch.softmax(learned.value, dim=0)
         inverse = z / (losses + _LOSS_EPS)
         self.prev_losses = losses.clone()
         return inverse / inverse.sum()
@@ -70,14 +73,14 @@ class FAMO(Method):
     @property
     def logits(self) -> torch.Tensor:
         """The current logits ξ (a copy)."""
-        return self.learned.value.clone()
+        return bound_state(self.learned, self.name).value.clone()
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         if self.learned is None:
             return {}
         return {"logits": self.learned.state_dict(), "prev_losses": self.prev_losses}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         if "logits" not in state:
             return
         logits = state["logits"]
@@ -88,12 +91,12 @@ class FAMO(Method):
             raise ValueError(
                 f"famo state 'logits' has shape {tuple(value.shape)}, expected ({self.num_tasks},)"
             )
-        self.learned.load_state_dict(logits)
+        bound_state(self.learned, self.name).load_state_dict(logits)
         prev = state["prev_losses"]
         self.prev_losses = None if prev is None else prev.detach().to("cpu", torch.float64).clone()
 
 
-def _from_version_1(state: dict, lr: float, weight_decay: float) -> dict:
+def _from_version_1(state: dict[str, Any], lr: float, weight_decay: float) -> dict[str, Any]:
     """gradsurgery 0.1.0 saved FAMO's hand-written Adam as logits, exp_avg, exp_avg_sq, adam_steps: the same
     quantities in ``torch.optim.Adam``'s state."""
     vector = LearnedVector(state["logits"], "adam", lr, weight_decay=weight_decay)

@@ -30,7 +30,7 @@ import torch
 
 from .._validation import check_int, check_number
 from ._learned import LearnedVector, check_lr, check_optimizer
-from .base import Method, non_negative_losses
+from .base import Method, bound_state, non_negative_losses, require_gram
 
 
 class GradNorm(Method):
@@ -69,22 +69,26 @@ class GradNorm(Method):
     @property
     def weights(self) -> torch.Tensor:
         """The current task weights w (a copy); they sum to T."""
-        return self.learned.value.clone()
+        return bound_state(self.learned, self.name).value.clone()
 
     @property
     def initial_losses(self) -> torch.Tensor | None:
         """L_i(0) as far as it is known (None before the first step)."""
-        return None if self.initial_count == 0 else self.initial_sum / self.initial_count
+        if self.initial_count == 0:
+            return None
+        return bound_state(self.initial_sum, self.name) / self.initial_count
 
     @property
     def pending_grad(self) -> torch.Tensor | None:
         """∂L_grad/∂w summed over the ``backward`` calls since the last step (None when there were none)."""
-        pending = self.learned.pending
+        pending = bound_state(self.learned, self.name).pending
         return None if pending is None else pending.clone()
 
-    def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    def compute_weights(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
+        gram = require_gram(gram, self.name)
         values = non_negative_losses(losses, self.name, "it compares L_i(t)/L_i(0)")
-        initial_sum, initial_count = self.initial_sum, self.initial_count
+        learned = bound_state(self.learned, self.name)
+        initial_sum, initial_count = bound_state(self.initial_sum, self.name), self.initial_count
         if initial_count < self.initial_steps:
             initial_sum, initial_count = initial_sum + values, initial_count + 1
         initial = initial_sum / initial_count
@@ -100,13 +104,13 @@ class GradNorm(Method):
         # All losses at 0: every task is done, none is slower than the others.
         rate = ratio / mean_ratio if mean_ratio > 0 else torch.ones_like(ratio)
         norms = gram.detach().diagonal().to("cpu", torch.float64).clamp_min(0).sqrt()
-        weights = self.learned.value
+        weights = learned.value
         grad_norms = weights * norms
         target = grad_norms.mean() * rate.pow(self.alpha)
         grad = torch.sign(grad_norms - target) * norms
 
         self.initial_sum, self.initial_count = initial_sum, initial_count
-        self.learned.accumulate(grad)
+        learned.accumulate(grad)
         return weights.clone()
 
     def after_step(self) -> None:
@@ -126,21 +130,21 @@ class GradNorm(Method):
             return {}
         return {
             "weights": self.learned.state_dict(),
-            "initial_sum": self.initial_sum.clone(),
+            "initial_sum": bound_state(self.initial_sum, self.name).clone(),
             "initial_count": self.initial_count,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "weights" not in state:
             return
+        expected = bound_state(self.initial_sum, self.name).shape
         initial_sum = state["initial_sum"].detach().to("cpu", torch.float64).clone()
-        if initial_sum.shape != self.initial_sum.shape:
+        if initial_sum.shape != expected:
             raise ValueError(
-                f"state has initial losses of shape {tuple(initial_sum.shape)}, "
-                f"expected {tuple(self.initial_sum.shape)}"
+                f"state has initial losses of shape {tuple(initial_sum.shape)}, expected {tuple(expected)}"
             )
         count = state["initial_count"]
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise ValueError(f"state has an invalid initial_count {count!r}")
-        self.learned.load_state_dict(state["weights"])
+        bound_state(self.learned, self.name).load_state_dict(state["weights"])
         self.initial_sum, self.initial_count = initial_sum, count

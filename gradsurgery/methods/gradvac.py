@@ -15,13 +15,14 @@ A pair with a zero gradient has no cosine: it is neither adjusted nor counted in
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
 
 from .._validation import check_number
 from ._projection import draw_orders
-from .base import Method, gram_to_numpy
+from .base import Method, bound_state, gram_to_numpy, require_gram
 
 # A target of exactly ±1 would ask for an infinite adjustment; keep it strictly inside (−1, 1).
 _MAX_TARGET = 1.0 - 1e-6
@@ -40,10 +41,11 @@ class GradVac(Method):
     def _init_state(self, num_tasks: int) -> None:
         self.targets = torch.zeros(num_tasks, num_tasks, dtype=torch.float64)
 
-    def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    def compute_weights(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
+        gram = require_gram(gram, self.name)
         g = gram_to_numpy(gram)
         num_tasks = g.shape[0]
-        targets = self.targets.numpy()
+        targets = bound_state(self.targets, self.name).numpy()
         orders = draw_orders(num_tasks, self.generator)
         coef = np.eye(num_tasks)
         for i, order in enumerate(orders):
@@ -64,9 +66,9 @@ class GradVac(Method):
                 targets[i, j] = (1.0 - self.beta) * targets[i, j] + self.beta * phi
         return torch.from_numpy(coef.sum(axis=0))
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {"targets": None if self.targets is None else self.targets.clone()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("targets") is not None:
             self.targets = state["targets"].detach().to(torch.float64).clone()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import Method, gram_to_numpy
+from .base import Method, gram_to_numpy, require_gram
 
 
 def imtl_weights(gram: np.ndarray) -> np.ndarray:
@@ -54,5 +54,6 @@ class IMTL(Method):
     name = "imtl"
     task_scale_invariant = True  # equal projections on the unit gradients: only the directions matter
 
-    def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    def compute_weights(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
+        gram = require_gram(gram, self.name)
         return torch.from_numpy(imtl_weights(gram_to_numpy(gram)))

@@ -16,13 +16,13 @@ import torch
 
 from .._validation import check_bool
 from ..l2 import L2Rule
-from .base import Method
+from .base import Method, Transform, require_gram
 
 
 class L2(Method):
     """Options: ``params`` (the regularized tensors; default every parameter with dim ≥ 2), ``per_tensor``
-    (the rule per tensor instead of one global inner product), ``decoupled`` (correct the optimizer's
-    step instead of the gradient)."""
+    (the rule per tensor instead of one global inner product; default: per tensor for adaptive optimizers,
+    global for SGD), ``decoupled`` (correct the optimizer's step instead of the gradient; default True)."""
 
     name = "l2"
     max_tasks = 1
@@ -32,16 +32,18 @@ class L2(Method):
         self,
         *,
         params: Iterable[torch.Tensor] | None = None,
-        per_tensor: bool = False,
-        decoupled: bool = False,
+        per_tensor: bool | None = None,
+        decoupled: bool = True,
     ) -> None:
         super().__init__()
-        self.per_tensor = check_bool(per_tensor, "method 'l2' option per_tensor")
+        self.per_tensor = (
+            None if per_tensor is None else check_bool(per_tensor, "method 'l2' option per_tensor")
+        )
         self.decoupled = check_bool(decoupled, "method 'l2' option decoupled")
         self.rule = L2Rule(params, per_tensor=self.per_tensor, decoupled=self.decoupled, what="method 'l2'")
         self.params = self.rule.params
 
-    def transforms(self) -> list[L2Rule]:
+    def transforms(self) -> list[Transform]:
         return [self.rule]
 
     def check_num_tasks(self, num_tasks: int, task_names: Sequence[str] | None = None) -> None:
@@ -51,7 +53,8 @@ class L2(Method):
                 "multi-task method with the rule, e.g. GradSurgery(opt, method='mgda', l2=True)"
             )
 
-    def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    def compute_weights(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
+        gram = require_gram(gram, self.name)
         return torch.ones(1, dtype=gram.dtype, device=gram.device)
 
     def extra_repr(self) -> str:

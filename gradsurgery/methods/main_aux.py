@@ -20,7 +20,7 @@ import torch
 
 from .._validation import check_choice, check_task_ref, resolve_task
 from ..solvers import MainAuxQP, main_aux_min_norm, main_aux_one_weights
-from .base import Method, check_solver, gram_to_numpy
+from .base import Method, bound_state, check_solver, gram_to_numpy, require_gram
 
 
 class MainAux(Method):
@@ -63,12 +63,13 @@ class MainAux(Method):
         if self._solver == "cvxpy":
             self._qp = MainAuxQP(num_tasks, self._main)
 
-    def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    def compute_weights(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
+        gram = require_gram(gram, self.name)
         g = gram_to_numpy(gram)
         if self._solver == "closed_form":
             w = main_aux_one_weights(g, self._main)
         elif self._solver == "cvxpy":
-            w = self._qp.solve(g)
+            w = bound_state(self._qp, self.name).solve(g)
         else:
             w = main_aux_min_norm(g, self._main)
         return torch.from_numpy(w)

@@ -19,7 +19,7 @@ import torch
 
 from .._validation import check_choice
 from ..solvers import SimplexQP, min_norm_two_weights, simplex_min_norm
-from .base import Method, check_solver, gram_to_numpy
+from .base import Method, bound_state, check_solver, gram_to_numpy, require_gram
 
 _NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
@@ -57,14 +57,15 @@ class MGDA(Method):
         if self.solver == "cvxpy":
             self._qp = SimplexQP(num_tasks)
 
-    def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    def compute_weights(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
+        gram = require_gram(gram, self.name)
         g = gram_to_numpy(gram)
         scales = normalization_scales(g, losses.detach().cpu().double().numpy(), self.normalization)
         g = g / np.outer(scales, scales)
         if self.solver == "closed_form":
             alpha = min_norm_two_weights(g)
         elif self.solver == "cvxpy":
-            alpha = self._qp.solve(g)
+            alpha = bound_state(self._qp, self.name).solve(g)
         else:
             alpha = simplex_min_norm(g)
         return torch.from_numpy(alpha / scales)

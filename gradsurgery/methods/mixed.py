@@ -18,7 +18,7 @@ import torch
 
 from .._validation import check_task_ref, resolve_task
 from ..solvers import MixedQP, mixed_min_norm
-from .base import Method, check_solver, gram_to_numpy
+from .base import Method, bound_state, check_solver, gram_to_numpy, require_gram
 
 
 class Mixed(Method):
@@ -54,7 +54,12 @@ class Mixed(Method):
         if self.solver == "cvxpy":
             self._qp = MixedQP(num_tasks, self._main)
 
-    def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    def compute_weights(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
+        gram = require_gram(gram, self.name)
         g = gram_to_numpy(gram)
-        w = self._qp.solve(g) if self.solver == "cvxpy" else mixed_min_norm(g, self._main)
+        w = (
+            bound_state(self._qp, self.name).solve(g)
+            if self.solver == "cvxpy"
+            else mixed_min_norm(g, self._main)
+        )
         return torch.from_numpy(w)

@@ -60,7 +60,7 @@ from .._validation import check_int
 from ..errors import SolverError, SolverFallbackWarning
 from ..solvers import simplex_min_norm
 from ..solvers.nash import nash_bargaining_weights
-from .base import Method, check_solver, gram_to_numpy
+from .base import Method, check_solver, gram_to_numpy, require_gram
 
 _RESIDUAL_TOL = 1e-6
 _STEP_TOL = 1e-9
@@ -68,6 +68,8 @@ _STEP_TOL = 1e-9
 
 class _NoSolution(Exception):
     """Raised inside a solve; the message says why, the fallback is chosen by the caller."""
+
+    iterate: np.ndarray | None  # set by _solve: its best completed iterate (None before the first)
 
 
 def nash_residual(gram: np.ndarray, alpha: np.ndarray) -> float:
@@ -107,7 +109,7 @@ class NashMTL(Method):
 
     # -- one solve ---------------------------------------------------------------------------------------
     def _start(self, g: np.ndarray) -> np.ndarray:
-        t = g.shape[0]
+        t: int = g.shape[0]
         floor = 1e-12 * float(np.abs(g).max())
         for candidate in (self.alpha, np.ones(t)):
             if candidate is not None and np.all(g @ candidate > floor):
@@ -153,7 +155,8 @@ class NashMTL(Method):
         that iterate attached (None before the first one completed)."""
         self._gram.value = g
         alpha = self._start(g)
-        best, best_residual = None, math.inf
+        best: np.ndarray | None = None
+        best_residual = math.inf
         iteration = 0
         for iteration in range(1, self.max_iter + 1):  # noqa: B007 (returned below)
             try:
@@ -168,10 +171,13 @@ class NashMTL(Method):
                 best, best_residual = alpha, residual
             if residual < _RESIDUAL_TOL or moved < _STEP_TOL * float(alpha.max()):
                 break
+        if best is None:  # no residual compared below inf: NaN in every iterate
+            raise _NoSolution("no iterate has a finite residual")
         return best, iteration
 
     # -- the method --------------------------------------------------------------------------------------
-    def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    def compute_weights(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
+        gram = require_gram(gram, self.name)
         if self.steps % self.update_every != 0 and self.weights is not None:
             self.steps += 1
             self.last_iterations = 0
@@ -214,10 +220,10 @@ class NashMTL(Method):
         self.steps += 1
         return torch.from_numpy(weights.copy())
 
-    def info_extras(self) -> dict:
+    def info_extras(self) -> dict[str, Any]:
         return {"solver_failures": self.solver_failures, "solver_iterations": self.last_iterations}
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {
             "steps": self.steps,
             "solver_failures": self.solver_failures,
@@ -225,14 +231,14 @@ class NashMTL(Method):
             "weights": None if self.weights is None else torch.from_numpy(self.weights.copy()),
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        def array(value):
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        def array(value: torch.Tensor | None) -> np.ndarray | None:
             if value is None:
                 return None
-            value = value.detach().to("cpu", torch.float64).numpy().copy()
-            if value.shape != (self.num_tasks,):
-                raise ValueError(f"nash_mtl state has shape {value.shape}, expected ({self.num_tasks},)")
-            return value
+            out = value.detach().to("cpu", torch.float64).numpy().copy()
+            if out.shape != (self.num_tasks,):
+                raise ValueError(f"nash_mtl state has shape {out.shape}, expected ({self.num_tasks},)")
+            return out
 
         self.steps = int(state["steps"])
         self.solver_failures = int(state["solver_failures"])

@@ -19,7 +19,7 @@ import torch
 
 from .._validation import check_per_task_numbers, resolve_per_task
 from ..solvers import SimplexQP, pareto_min_norm
-from .base import Method, check_solver, gram_to_numpy
+from .base import Method, bound_state, check_solver, gram_to_numpy, require_gram
 
 
 class Pareto(Method):
@@ -54,7 +54,12 @@ class Pareto(Method):
         if self.solver == "cvxpy":
             self._qp = SimplexQP(num_tasks, min_weights=self._bounds)
 
-    def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    def compute_weights(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
+        gram = require_gram(gram, self.name)
         g = gram_to_numpy(gram)
-        alpha = self._qp.solve(g) if self.solver == "cvxpy" else pareto_min_norm(g, self._bounds)
+        alpha = (
+            bound_state(self._qp, self.name).solve(g)
+            if self.solver == "cvxpy"
+            else pareto_min_norm(g, self._bounds)
+        )
         return torch.from_numpy(alpha)

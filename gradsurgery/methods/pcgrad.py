@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ._projection import draw_orders
-from .base import Method, gram_to_numpy
+from .base import Method, gram_to_numpy, require_gram
 
 
 class PCGrad(Method):
@@ -22,7 +22,8 @@ class PCGrad(Method):
         self.seed = seed
         self.generator = self.new_generator(seed)
 
-    def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    def compute_weights(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
+        gram = require_gram(gram, self.name)
         g = gram_to_numpy(gram)
         num_tasks = g.shape[0]
         orders = draw_orders(num_tasks, self.generator)

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from ._learned import LearnedVector, check_lr, check_optimizer, check_vector_option, expand
-from .base import Method
+from .base import Method, bound_state
 
 
 class Uncertainty(Method):
@@ -70,18 +70,19 @@ class Uncertainty(Method):
     @property
     def log_vars(self) -> torch.Tensor:
         """The current s_i = log σ_i² (a copy)."""
-        return self.learned.value.clone()
+        return bound_state(self.learned, self.name).value.clone()
 
     @property
     def pending_grad(self) -> torch.Tensor | None:
         """∂total/∂s summed over the ``backward`` calls since the last step (None when there were none)."""
-        pending = self.learned.pending
+        pending = bound_state(self.learned, self.name).pending
         return None if pending is None else pending.clone()
 
-    def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
-        weights = torch.exp(-self.learned.value)
+    def compute_weights(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
+        learned = bound_state(self.learned, self.name)
+        weights = torch.exp(-learned.value)
         grad = 1.0 - weights * losses.detach().to("cpu", torch.float64)
-        self.learned.accumulate(grad)
+        learned.accumulate(grad)
         return weights.clone()
 
     def after_step(self) -> None:
@@ -97,4 +98,4 @@ class Uncertainty(Method):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "log_vars" in state:
-            self.learned.load_state_dict(state["log_vars"])
+            bound_state(self.learned, self.name).load_state_dict(state["log_vars"])

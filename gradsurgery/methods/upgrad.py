@@ -28,7 +28,7 @@ import torch
 
 from ..errors import SolverError
 from ..solvers.closed_form import gram_factor
-from .base import Method, gram_to_numpy
+from .base import Method, gram_to_numpy, require_gram
 
 
 def upgrad_weights(gram: np.ndarray) -> np.ndarray:
@@ -48,7 +48,8 @@ def upgrad_weights(gram: np.ndarray) -> np.ndarray:
             raise SolverError(f"upgrad: NNLS projection of task {i} failed: {err}") from err
         total += lam
         total[i] += 1.0
-    return total / t
+    weights: np.ndarray = total / t
+    return weights
 
 
 class UPGrad(Method):
@@ -57,5 +58,6 @@ class UPGrad(Method):
     name = "upgrad"
     no_conflict = True
 
-    def compute_weights(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    def compute_weights(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
+        gram = require_gram(gram, self.name)
         return torch.from_numpy(upgrad_weights(gram_to_numpy(gram)))

@@ -16,5 +16,6 @@ def lapack(name: str) -> Callable[..., Any]:
     """The float64 LAPACK routine ``name`` (e.g. ``"potrf"``, ``"posv"``, ``"gelsy"``)."""
     import scipy.linalg
 
+    routine: Callable[..., Any]
     (routine,) = scipy.linalg.get_lapack_funcs((name,), (np.zeros((1, 1)),))
     return routine

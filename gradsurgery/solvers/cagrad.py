@@ -73,8 +73,10 @@ import math
 from typing import NamedTuple
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from .._validation import check_number
+from ..errors import SolverError
 from ._lapack import lapack
 from .closed_form import EPS, TINY, check_gram, psd_projection
 from .frank_wolfe import main_aux_min_norm, simplex_min_norm
@@ -118,7 +120,7 @@ def cagrad_objective(gram: np.ndarray, w: np.ndarray, c: float) -> float:
     return float(w @ gram @ mean) + c * g0_norm * math.sqrt(max(float(w @ gram @ w), 0.0))
 
 
-def cagrad_weights(gram, c: float, *, tol: float = 1e-12) -> CAGradSolution:
+def cagrad_weights(gram: ArrayLike, c: float, *, tol: float = 1e-12) -> CAGradSolution:
     """The CAGrad dual minimiser w* = argmin_{w∈Δ} qᵀw + c‖g_0‖‖g_w‖ and the update's weights (module
     docstring). ``tol``: the duality gap to certify, relative to max_i ‖g_i‖ (‖g_0‖ + r), on top of the
     gap's own rounding bound. Never returns an uncertified point without saying so: ``certified`` is False
@@ -186,7 +188,17 @@ class _Check(NamedTuple):
     quad_w: float  # wᵀGw
 
 
-def _result(g, c, r, scale, perturb, w, check: _Check, method, iterations) -> CAGradSolution:
+def _result(
+    g: np.ndarray,
+    c: float,
+    r: float,
+    scale: float,
+    perturb: float,
+    w: np.ndarray,
+    check: _Check,
+    method: str,
+    iterations: int,
+) -> CAGradSolution:
     mean = np.full(g.shape[0], 1.0 / g.shape[0])
     gw = math.sqrt(max(check.quad_w, 0.0))
     degenerate = gw <= DEGENERATE
@@ -258,6 +270,7 @@ class _Problem:
     def _factor(self, face: list[int]) -> np.ndarray | None:
         """Cholesky factor of G_SS, or None when G_SS is (numerically) singular."""
         sub = self.g[np.ix_(face, face)]
+        chol: np.ndarray
         chol, info = lapack("potrf")(sub, lower=1, clean=1)
         if info != 0:
             return None
@@ -418,9 +431,9 @@ class _Problem:
         the best (smallest gap) pair found; it is certified unless round-off defeats every candidate."""
         g, q, r, n0 = self.g, self.q, self.r, self.n0
         ones = np.ones(self.t)
-        best = None
+        best: tuple[float, np.ndarray, np.ndarray] | None = None
 
-        def consider(w, v):
+        def consider(w: np.ndarray, v: np.ndarray) -> bool:
             nonlocal best
             check = self.gap(w, v)
             if best is None or check.gap - check.bound < best[0]:
@@ -429,7 +442,7 @@ class _Problem:
 
         degenerate = self._degenerate()
         if degenerate is not None and consider(*degenerate):
-            return best[1], best[2]
+            return degenerate  # the first pair considered: best holds exactly it
         lo, hi = 0.0, 1.0 / r  # ‖g_w‖ ≤ max_i ‖g_i‖ = 1, so ‖g_w(1/r)‖ ≤ r · (1/r)
         for step in range(_FALLBACK_STEPS):
             mu = hi if step == 0 else 0.5 * (lo + hi)
@@ -449,6 +462,8 @@ class _Problem:
                 lo = mu
             if hi - lo <= 4.0 * EPS * hi:
                 break
+        if best is None:  # cannot happen: the first step (μ = 1/r) always considers its pair
+            raise SolverError("cagrad: the fallback considered no candidate")
         return best[1], best[2]
 
 

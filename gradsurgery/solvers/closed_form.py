@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from .._validation import check_task_index as _check_task_index
 from ..errors import SolverError
@@ -22,7 +24,7 @@ SYMMETRY_RTOL = 1e-5
 SUM_SLACK = 1e-12
 
 
-def check_gram(gram, name: str = "G") -> np.ndarray:
+def check_gram(gram: ArrayLike, name: str = "G") -> np.ndarray:
     """A validated, symmetrised float64 copy of a Gram matrix: square, non-empty, finite, symmetric
     within ``SYMMETRY_RTOL`` of its largest entry, non-negative diagonal. Raises ValueError otherwise."""
     try:
@@ -88,10 +90,11 @@ def gram_factor(gram: np.ndarray) -> np.ndarray:
     """A square F = diag(√e) Vᵀ from G = V diag(e) Vᵀ (symmetrised first), negative round-off eigenvalues
     clipped to 0: FᵀF = G for a PSD G."""
     e, v = np.linalg.eigh((gram + gram.T) / 2)
-    return np.sqrt(np.maximum(e, 0.0))[:, None] * v.T
+    factor: np.ndarray = np.sqrt(np.maximum(e, 0.0))[:, None] * v.T
+    return factor
 
 
-def check_task_index(value, num_tasks: int, what: str = "main") -> int:
+def check_task_index(value: Any, num_tasks: int, what: str = "main") -> int:
     """A task index in [0, T): TypeError for a non-integer, ValueError out of range."""
     return _check_task_index(value, num_tasks, what)
 
@@ -111,7 +114,7 @@ def check_main_indices(main: Sequence[int], num_tasks: int) -> np.ndarray:
     return np.asarray(idx, dtype=np.intp)
 
 
-def check_min_weights(min_weights, num_tasks: int) -> np.ndarray:
+def check_min_weights(min_weights: ArrayLike, num_tasks: int) -> np.ndarray:
     """PE-LTR lower bounds c: T finite entries, each ≥ 0, Σc ≤ 1 (+``SUM_SLACK``)."""
     try:
         c = np.array(min_weights, dtype=np.float64)
@@ -172,7 +175,7 @@ def main_aux_one(g00: float, g01: float, g11: float) -> float:
     return float(lam)
 
 
-def min_norm_two_weights(gram) -> np.ndarray:
+def min_norm_two_weights(gram: ArrayLike) -> np.ndarray:
     """MGDA weights (α, 1 − α) for T = 2 from the 2×2 Gram matrix; see ``min_norm_two``."""
     g = check_gram(gram)
     if g.shape != (2, 2):
@@ -181,7 +184,7 @@ def min_norm_two_weights(gram) -> np.ndarray:
     return np.array([a, 1.0 - a])
 
 
-def main_aux_one_weights(gram, main: int) -> np.ndarray:
+def main_aux_one_weights(gram: ArrayLike, main: int) -> np.ndarray:
     """Main/auxiliary weights for T = 2: weights[main] = 1, the other λ from ``main_aux_one``."""
     g = check_gram(gram)
     if g.shape != (2, 2):

@@ -48,9 +48,10 @@ projection (``psd_projection``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from ..errors import SolverError
 from ._lapack import lapack
@@ -92,7 +93,7 @@ class _Blocks(NamedTuple):
     aux: np.ndarray  # indices with free non-negative coefficients
 
 
-def simplex_min_norm(gram, *, tol: float = 1e-12, max_iter: int = 2000) -> np.ndarray:
+def simplex_min_norm(gram: ArrayLike, *, tol: float = 1e-12, max_iter: int = 2000) -> np.ndarray:
     """MGDA weights (Sener & Koltun 2018): α ∈ Δ minimising ‖Σ α_i g_i‖² = αᵀGα.
 
     Wolfe's min-norm-point active set on G (Frank-Wolfe with away steps where a face is degenerate; module
@@ -104,7 +105,9 @@ def simplex_min_norm(gram, *, tol: float = 1e-12, max_iter: int = 2000) -> np.nd
     return _solve(g, _Blocks(np.arange(t), np.arange(0)), tol, max_iter, "simplex_min_norm")
 
 
-def pareto_min_norm(gram, min_weights, *, tol: float = 1e-12, max_iter: int = 2000) -> np.ndarray:
+def pareto_min_norm(
+    gram: ArrayLike, min_weights: ArrayLike, *, tol: float = 1e-12, max_iter: int = 2000
+) -> np.ndarray:
     """PE-LTR weights (Lin et al. 2019): min αᵀGα s.t. Σα = 1, α_i ≥ c_i (Σc ≤ 1).
 
     With s = 1 − Σc and α = c + sβ, β ∈ Δ, the objective is βᵀG'β with the shifted Gram matrix
@@ -125,7 +128,7 @@ def pareto_min_norm(gram, min_weights, *, tol: float = 1e-12, max_iter: int = 20
     return c + s * beta
 
 
-def main_aux_min_norm(gram, main: int, *, tol: float = 1e-12, max_iter: int = 2000) -> np.ndarray:
+def main_aux_min_norm(gram: ArrayLike, main: int, *, tol: float = 1e-12, max_iter: int = 2000) -> np.ndarray:
     """Main/auxiliary weights (``docs/maths.md``): w[main] = 1, w_j = λ_j ≥ 0 minimising
     ‖g_main + Σ λ_j g_j‖².
 
@@ -141,7 +144,9 @@ def main_aux_min_norm(gram, main: int, *, tol: float = 1e-12, max_iter: int = 20
     return _solve(g, _Blocks(np.array([m]), aux), tol, max_iter, "main_aux_min_norm")
 
 
-def mixed_min_norm(gram, main: Sequence[int], *, tol: float = 1e-12, max_iter: int = 2000) -> np.ndarray:
+def mixed_min_norm(
+    gram: ArrayLike, main: Sequence[int], *, tol: float = 1e-12, max_iter: int = 2000
+) -> np.ndarray:
     """Mixed n main + m auxiliary weights (``docs/maths.md``): min ‖Σ_{i∈main} α_i g_i + Σ_j λ_j g_j‖² over
     α ∈ Δ^n, λ ≥ 0. One main task is ``main_aux_min_norm``; all tasks main is ``simplex_min_norm``.
 
@@ -283,6 +288,7 @@ def _face_solve(g: np.ndarray, p: np.ndarray, mp: np.ndarray) -> np.ndarray | No
     bordered KKT system goes to lstsq (``_face_lstsq``).
     """
     sub = g.take(p, 0).take(p, 1)
+    x: np.ndarray
     chol, x, info = lapack("posv")(sub, mp.astype(np.float64), lower=1)
     if info == 0:
         piv = chol.diagonal()
@@ -327,6 +333,7 @@ def _lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         if info != 0:
             raise SolverError(f"gelsy workspace query failed (info={info})")
         lwork = _GELSY_WORK[n] = int(work)
+    x: np.ndarray
     x, info = lapack("gelsy")(a, b, np.zeros(n, dtype=np.int32), EPS, lwork, 0, 0)[1::3]
     if info < 0:
         raise SolverError(f"illegal value in argument {-info} of gelsy")
@@ -371,7 +378,8 @@ def _noise(g: np.ndarray, w: np.ndarray) -> float:
 
 def _rounding(g: np.ndarray, w: np.ndarray) -> np.ndarray:
     """A bound on the float64 rounding error of each (Gw)_i: the stopping test cannot ask for less."""
-    return 4.0 * g.shape[0] * EPS * (np.abs(g) @ np.abs(w)) + TINY
+    bound: np.ndarray = 4.0 * g.shape[0] * EPS * (np.abs(g) @ np.abs(w)) + TINY
+    return bound
 
 
 def _kkt_holds(g: np.ndarray, w: np.ndarray, blocks: _Blocks, tol: float) -> bool:
@@ -414,7 +422,14 @@ def _main_step(g: np.ndarray, w: np.ndarray, main: np.ndarray) -> np.ndarray:
     return w
 
 
-def _line_step(g, w, v, d, gamma_max: float, drop) -> np.ndarray:
+def _line_step(
+    g: np.ndarray,
+    w: np.ndarray,
+    v: np.ndarray,
+    d: np.ndarray,
+    gamma_max: float,
+    drop: int | np.integer[Any] | None,
+) -> np.ndarray:
     """Exact line search of ‖J(w + γd)‖² for γ ∈ [0, γ_max]: γ = −dᵀGw / dᵀGd, the closed form of
     ``min_norm_two`` written along the direction (no cancellation between two nearly equal endpoints)."""
     slope = float(d @ v)
@@ -472,7 +487,7 @@ def _polish(g: np.ndarray, w: np.ndarray, blocks: _Blocks) -> np.ndarray | None:
     for _ in range(w.size):
         if not w[blocks.main].sum() > 0.0:
             return None
-        y = _face_minimiser(g, w > 0.0, blocks)
+        y: np.ndarray | None = _face_minimiser(g, w > 0.0, blocks)
         if y is None:
             return None
         clip = -_NEG_CLIP * max(1.0, float(np.abs(y).max()))
@@ -490,7 +505,7 @@ def _ratio_step(w: np.ndarray, y: np.ndarray) -> np.ndarray:
     falling = (y < 0.0) & (w > 0.0)
     ratios = w[falling] / (w[falling] - y[falling])
     k = np.flatnonzero(falling)[np.argmin(ratios)]
-    out = np.maximum(w + float(ratios.min()) * (y - w), 0.0)
+    out: np.ndarray = np.maximum(w + float(ratios.min()) * (y - w), 0.0)
     out[k] = 0.0
     return out
 

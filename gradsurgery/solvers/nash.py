@@ -55,6 +55,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from .._validation import check_int, check_number
 from ..errors import SolverError
@@ -99,7 +100,7 @@ class NashSolution(NamedTuple):
     iterations: int  # Newton iterations used
 
 
-def nash_residual(gram, alpha) -> float:
+def nash_residual(gram: ArrayLike, alpha: ArrayLike) -> float:
     """max_i |α_i (Gα)_i − 1|: zero exactly at the Nash bargaining weights of G."""
     g = np.asarray(gram, dtype=np.float64)
     a = np.asarray(alpha, dtype=np.float64)
@@ -107,8 +108,8 @@ def nash_residual(gram, alpha) -> float:
 
 
 def nash_bargaining_weights(
-    gram,
-    start=None,
+    gram: ArrayLike,
+    start: ArrayLike | None = None,
     *,
     tol: float = 1e-12,
     max_iter: int = 100,
@@ -158,7 +159,7 @@ def nash_bargaining_weights(
     return NashSolution(alpha, nash_residual(g, alpha), iterations)
 
 
-def _check_start(start, t: int) -> np.ndarray:
+def _check_start(start: ArrayLike, t: int) -> np.ndarray:
     try:
         s = np.array(start, dtype=np.float64)
     except (TypeError, ValueError) as exc:
@@ -180,13 +181,15 @@ def _no_solution(w: np.ndarray, rho2: float, stationary_tol: float) -> NashNoSol
     )
 
 
-def _start(corr, starts, stationary_tol) -> tuple[np.ndarray, np.ndarray]:
+def _start(
+    corr: np.ndarray, starts: list[np.ndarray], stationary_tol: float
+) -> tuple[np.ndarray, np.ndarray]:
     """The start with the lowest potential, each rescaled to the exact minimiser of f along its ray:
     f(τβ) = ½τ²βᵀCβ − T log τ − Σ log β_i is least at τ² = T/βᵀCβ, where it is T/2 + (T/2) log(βᵀCβ/T)
     − Σ log β_i. A warm start is thus used only when it is better than the cold one (for T = 2 the cold one
     is exact: β_1 = β_2 by symmetry)."""
     t = corr.shape[0]
-    best = None
+    best: tuple[float, np.ndarray, np.ndarray] | None = None
     for beta in starts:
         cb = corr @ beta
         quad = float(beta @ cb)
@@ -198,17 +201,22 @@ def _start(corr, starts, stationary_tol) -> tuple[np.ndarray, np.ndarray]:
         if best is None or potential < best[0]:
             tau = np.sqrt(t / quad)
             best = (potential, beta * tau, cb * tau)
+    if best is None:
+        raise ValueError("nash: no start point given")
     return best[1], best[2]
 
 
-def _newton(corr, starts, tol, max_iter, stationary_tol) -> tuple[np.ndarray, int]:
+def _newton(
+    corr: np.ndarray, starts: list[np.ndarray], tol: float, max_iter: int, stationary_tol: float
+) -> tuple[np.ndarray, int]:
     t = corr.shape[0]
     eye = np.eye(t)
     beta, cb = _start(corr, starts, stationary_tol)
     abs_corr = None
     projected = False
     iterations = 0
-    previous, best = np.inf, None
+    # best is read only once previous is finite, i.e. after an iteration has set it.
+    previous, best = np.inf, (beta, cb)
     while True:
         s = beta * cb
         res_vec = 1.0 - s
@@ -258,7 +266,7 @@ def _newton(corr, starts, tol, max_iter, stationary_tol) -> tuple[np.ndarray, in
     return beta, iterations
 
 
-def _line_search(z, s, bcb, lam2) -> float:
+def _line_search(z: np.ndarray, s: np.ndarray, bcb: np.ndarray, lam2: float) -> float:
     low = float(z.min())
     step = 1.0 if low >= -_BOUNDARY else _BOUNDARY / -low
     sz = float(s @ z)
@@ -270,10 +278,11 @@ def _line_search(z, s, bcb, lam2) -> float:
         step *= _BACKTRACK
     # Self-concordance guarantees the Armijo condition at t = 1/(1 + λ); if round-off still defeats the
     # test, that step is safe (β stays positive and f does not increase beyond round-off).
-    return 1.0 / (1.0 + np.sqrt(lam2))
+    safe: float = 1.0 / (1.0 + np.sqrt(lam2))
+    return safe
 
 
-def _check_stationary(corr, beta, cb, stationary_tol) -> None:
+def _check_stationary(corr: np.ndarray, beta: np.ndarray, cb: np.ndarray, stationary_tol: float) -> None:
     """At the solution, decide whether zero is within ``stationary_tol`` of the hull (module docstring)."""
     s = beta * cb
     total = float(beta.sum())
@@ -290,7 +299,7 @@ def _check_stationary(corr, beta, cb, stationary_tol) -> None:
         raise _no_solution(w, rho2, stationary_tol)
 
 
-def _raise_unconverged(corr, res, iterations, stationary_tol) -> None:
+def _raise_unconverged(corr: np.ndarray, res: float, iterations: int, stationary_tol: float) -> None:
     w = simplex_min_norm(corr)
     rho2 = max(float(w @ corr @ w), 0.0)
     if rho2 <= stationary_tol:

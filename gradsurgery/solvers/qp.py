@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from ..errors import SolverError
 from .closed_form import (
@@ -78,7 +80,7 @@ class _MinNormQP:
     def _lower(self) -> np.ndarray:
         return np.zeros(self.num_tasks)
 
-    def solve(self, gram) -> np.ndarray:
+    def solve(self, gram: ArrayLike) -> np.ndarray:
         """The optimal weights for this Gram matrix (see the class docstring for the problem)."""
         g = check_gram(gram)
         if g.shape != (self.num_tasks, self.num_tasks):
@@ -94,10 +96,10 @@ class _MinNormQP:
         for per_task in (True, False):
             self._set_units(g, diag, per_task)
             for options in CLARABEL_ATTEMPTS:
-                x, why = self._attempt(g, options)
-                if why is None:
-                    return self._drop_null_auxiliaries(diag, x)
-                failures.append(why)
+                attempt = self._attempt(g, options)  # (x, None) or (None, why)
+                if attempt[1] is None:
+                    return self._drop_null_auxiliaries(diag, attempt[0])
+                failures.append(attempt[1])
         raise SolverError(f"{self.problem_name}: Clarabel failed: " + "; then ".join(failures))
 
     def _set_units(self, g: np.ndarray, diag: np.ndarray, per_task: bool) -> None:
@@ -129,7 +131,7 @@ class _MinNormQP:
         x[aux[diag[aux] <= 0.0]] = 0.0
         return x
 
-    def _attempt(self, g: np.ndarray, options: dict) -> tuple[np.ndarray | None, str | None]:
+    def _attempt(self, g: np.ndarray, options: dict[str, Any]) -> tuple[np.ndarray, None] | tuple[None, str]:
         """One Clarabel solve: (weights, None), or (None, why it is not acceptable)."""
         import cvxpy as cp
 
@@ -202,7 +204,7 @@ class SimplexQP(_MinNormQP):
         return self._bounds.copy()
 
     @min_weights.setter
-    def min_weights(self, value) -> None:
+    def min_weights(self, value: ArrayLike) -> None:
         self._bounds = check_min_weights(value, self.num_tasks)
 
     def _lower(self) -> np.ndarray:
@@ -232,7 +234,7 @@ class MixedQP(_MinNormQP):
         super().__init__(t, np.array(self.main))
 
 
-def check_task_count(num_tasks) -> int:
+def check_task_count(num_tasks: Any) -> int:
     if isinstance(num_tasks, bool) or not isinstance(num_tasks, int | np.integer) or num_tasks < 1:
         raise ValueError(f"num_tasks must be an int ≥ 1, got {num_tasks!r}")
     return int(num_tasks)

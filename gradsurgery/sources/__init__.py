@@ -35,6 +35,13 @@ class NonFiniteError(ValueError):
         self.params = list(params)
 
 
+def all_finite(grads: Iterable[torch.Tensor]) -> bool:
+    """No NaN or inf in any of ``grads``, dense or sparse (a sparse gradient's stored values); one host
+    synchronisation."""
+    flags = [torch.isfinite(g._values() if g.is_sparse else g).all() for g in grads]
+    return not flags or bool(torch.stack(flags).all())
+
+
 def loss_values(losses: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """The detached losses as one (T,) tensor in ``dtype``."""
     return torch.stack([loss.detach().reshape(()) for loss in losses]).to(dtype)
@@ -65,7 +72,7 @@ def check_finite(
     if bad:
         raise NonFiniteError(f"non-finite loss value(s) for task(s) {bad}: {listed}", params)
     tasks = set(non_finite(gram.diagonal().tolist())) if gram is not None else set()
-    tasks |= {i for i, g in task_grads if not bool(torch.isfinite(g).all())}
+    tasks |= {i for i, g in task_grads if not all_finite([g])}
     raise NonFiniteError(
         f"non-finite (NaN/inf) {gradient} for task(s) {sorted(tasks)}; nothing was written", params
     )

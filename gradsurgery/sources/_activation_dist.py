@@ -11,19 +11,22 @@ different rows, so the union of touched rows is gathered first (one all-gather o
 from __future__ import annotations
 
 import zlib
+from types import ModuleType
 from typing import Any
 
 import torch
 
 
-def _dist():
+def _dist() -> ModuleType:
+    # torch.distributed, typed as a module: its functions are called through it untyped.
     import torch.distributed as dist
 
     return dist
 
 
 def world(group: Any) -> int:
-    return _dist().get_world_size(group)
+    size: int = _dist().get_world_size(group)
+    return size
 
 
 def agree(group: Any, device: torch.device, signature: str) -> None:
@@ -61,14 +64,15 @@ def union_rows(ids: torch.Tensor, group: Any) -> torch.Tensor:
     gathered = [torch.empty_like(padded) for _ in range(n)]
     dist.all_gather(gathered, padded, group=group)
     rows = torch.cat([g[: int(s)] for g, s in zip(gathered, sizes, strict=True)])
-    return torch.unique(rows)
+    union: torch.Tensor = torch.unique(rows)
+    return union
 
 
 def mean_gradients(grads: list[torch.Tensor], group: Any) -> list[torch.Tensor]:
     """The rank mean of each gradient (new tensors): dense ones in one all-reduce per dtype, sparse COO ones
     by gathering every rank's (row, values) entries (ranks touch different rows)."""
     n = world(group)
-    out: list[torch.Tensor | None] = [None] * len(grads)
+    out: dict[int, torch.Tensor] = {}  # every position is filled: sparse, or by its dense bucket
     buckets: dict[tuple[torch.dtype, torch.device], list[int]] = {}
     for k, g in enumerate(grads):
         if g.is_sparse:
@@ -84,7 +88,7 @@ def mean_gradients(grads: list[torch.Tensor], group: Any) -> list[torch.Tensor]:
             numel = grads[k].numel()
             out[k] = flat[offset : offset + numel].view_as(grads[k])
             offset += numel
-    return out
+    return [out[k] for k in range(len(grads))]
 
 
 def _mean_sparse(g: torch.Tensor, group: Any, n: int) -> torch.Tensor:

@@ -29,12 +29,16 @@ in the parameters' precision (float32 at least) and are summed per chunk in ``gr
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from ..gram import gram_matrix
+
+if TYPE_CHECKING:
+    from ._activation_record import Record
 
 #: elements of one chunk's work buffer (T × rows × cols, or a kernel block): 16 MiB in float32
 CHUNK_ELEMENTS = 1 << 22
@@ -104,7 +108,8 @@ class Group:
 
 def _combine(d: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Σ_i w_i d_i over the leading task axis of d, in ``dtype``."""
-    return torch.tensordot(w.to(device=d.device, dtype=dtype), d.to(dtype), dims=1)
+    combined: torch.Tensor = torch.tensordot(w.to(device=d.device, dtype=dtype), d.to(dtype), dims=1)
+    return combined
 
 
 def choose_form(group: Group, form: str) -> str:
@@ -116,7 +121,7 @@ def choose_form(group: Group, form: str) -> str:
     return "kernel" if group.kernel_flops() < group.materialize_flops() else "materialize"
 
 
-def _row_chunks(total: int, size: int, align: int):
+def _row_chunks(total: int, size: int, align: int) -> Iterator[Rows]:
     size = max(align, size - size % align)
     for start in range(0, total, size):
         yield Rows(start, min(total, start + size))
@@ -139,6 +144,7 @@ def materialize_gram(
     size = max(1, CHUNK_ELEMENTS // per_row)
     if ids is None:
         ids = group.touched()
+    chunks: Iterable[Rows]
     if ids is None:
         chunks = _row_chunks(group.rows, size, group.row_align)
     elif ids.numel() <= size:
@@ -175,7 +181,13 @@ class LinearGroup(Group):
 
     has_kernel = True
 
-    def __init__(self, weight, bias, xs: list[torch.Tensor], ds: list[torch.Tensor]) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        xs: list[torch.Tensor],
+        ds: list[torch.Tensor],
+    ) -> None:
         self.weight, self.bias = weight, bias
         self.params = [p for p in (weight, bias) if p is not None]
         self.dtype = work_dtype(self.params[0].dtype)
@@ -232,12 +244,22 @@ class Lookup:
     table[``rows[e]``] for each entry e (sum/mean/Embedding), or, for max bags, output[b, k] = table[m, k]
     for the triples (``mbag``, ``mcoord``, ``mrow``)."""
 
-    def __init__(self, rows, bags, coef, num_bags, d, mbag=None, mcoord=None, mrow=None) -> None:
+    def __init__(
+        self,
+        rows: torch.Tensor,
+        bags: torch.Tensor,
+        coef: torch.Tensor | None,
+        num_bags: int,
+        d: torch.Tensor,
+        mbag: torch.Tensor | None = None,
+        mcoord: torch.Tensor | None = None,
+        mrow: torch.Tensor | None = None,
+    ) -> None:
         self.rows, self.bags, self.coef, self.num_bags, self.d = rows, bags, coef, num_bags, d
         self.mbag, self.mcoord, self.mrow = mbag, mcoord, mrow
 
 
-def lookup_entries(rec, d: torch.Tensor) -> Lookup:
+def lookup_entries(rec: Record, d: torch.Tensor) -> Lookup:
     """The lookup map of a recorded Embedding/EmbeddingBag call; ``d`` is T × bags × dim."""
     cfg = rec.config
     idx = rec.inputs["indices"]
@@ -327,7 +349,7 @@ class LookupGroup(Group):
                 if lk.coef is not None
                 else torch.ones(lk.rows.numel(), dtype=self.dtype, device=self.device)
             )
-            if lk.mrow is not None:
+            if lk.mrow is not None and lk.mbag is not None and lk.mcoord is not None:  # set together
                 mrows.append(lk.mrow)
                 mbags.append(lk.mbag + offset)
                 mcoords.append(lk.mcoord)
@@ -350,7 +372,9 @@ class LookupGroup(Group):
         self.mu_rows = mr
         if self.has_max:
             self.mu_bags, self.mu_coords = torch.cat(mbags), torch.cat(mcoords)
-        self._by_row: tuple | None = None  # row-sorted copies, made only for chunks of rows
+        # Row-sorted copies, made only for chunks of rows (``_row_sorted``).
+        self._by_row: tuple[torch.Tensor, ...] | None = None
+        self._touched: torch.Tensor
         self._touched, inverse = torch.unique(torch.cat([rows_all, mr]), return_inverse=True)
         self.b_inv, self.m_inv = inverse[: rows_all.numel()], inverse[rows_all.numel() :]
         self.has_kernel = not self.has_max
@@ -384,16 +408,7 @@ class LookupGroup(Group):
         if ids.numel() == 0:
             return
         lo, hi = ids[0], ids[-1]
-        if self._by_row is None:
-            order = torch.argsort(self.b_rows, stable=True)
-            by_row = [self.b_rows[order], self.b_bags[order], self.b_coef_all[order]]
-            if self.has_max:
-                order = torch.argsort(self.mu_rows, stable=True)
-                by_row += [self.mu_rows[order], self.mu_bags[order], self.mu_coords[order]]
-            else:
-                by_row += [self.mu_rows, None, None]
-            self._by_row = tuple(by_row)
-        e_rows, _, _, m_rows, _, _ = self._by_row
+        e_rows, _, _, m_rows, _, _ = self._row_sorted()
         for sorted_rows, fill in ((e_rows, self._fill_entries), (m_rows, self._fill_max)):
             if sorted_rows.numel() == 0:
                 continue
@@ -406,14 +421,32 @@ class LookupGroup(Group):
             hit = ids[pos.clamp(max=ids.numel() - 1)] == sel
             fill(buf, s, e, pos, hit, t)
 
-    def _fill_entries(self, buf, s, e, pos, hit, t) -> None:
-        _, e_bags, e_coef = self._by_row[:3]
+    def _row_sorted(self) -> tuple[torch.Tensor, ...]:
+        """(entry rows, bags, coefficients, max-entry rows, bags, coordinates) sorted by row, made on first
+        use."""
+        if self._by_row is None:
+            order = torch.argsort(self.b_rows, stable=True)
+            by_row = [self.b_rows[order], self.b_bags[order], self.b_coef_all[order]]
+            if self.has_max:
+                order = torch.argsort(self.mu_rows, stable=True)
+                by_row += [self.mu_rows[order], self.mu_bags[order], self.mu_coords[order]]
+            else:
+                by_row += [self.mu_rows, self.mu_rows, self.mu_rows]  # empty: there is no max entry
+            self._by_row = tuple(by_row)
+        return self._by_row
+
+    def _fill_entries(
+        self, buf: torch.Tensor, s: int, e: int, pos: torch.Tensor, hit: torch.Tensor, t: int
+    ) -> None:
+        _, e_bags, e_coef = self._row_sorted()[:3]
         bags, coef = e_bags[s:e][hit], e_coef[s:e][hit]
         vals = self.d.index_select(1, bags).to(self.dtype) * coef.view(1, -1, 1)
         buf.index_add_(1, pos[hit], vals)
 
-    def _fill_max(self, buf, s, e, pos, hit, t) -> None:
-        _, m_bags, m_coords = self._by_row[3:]
+    def _fill_max(
+        self, buf: torch.Tensor, s: int, e: int, pos: torch.Tensor, hit: torch.Tensor, t: int
+    ) -> None:
+        _, m_bags, m_coords = self._row_sorted()[3:]
         bags, coords = m_bags[s:e][hit], m_coords[s:e][hit]
         flat = buf.view(t, -1)
         vals = self.d[:, bags, coords].to(self.dtype)
@@ -474,7 +507,7 @@ class LookupGroup(Group):
 
 
 # -- Convolution ---------------------------------------------------------------------------------------------
-def conv_input(rec) -> tuple[torch.Tensor, tuple, bool]:
+def conv_input(rec: Record) -> tuple[torch.Tensor, tuple[int, ...], bool]:
     """(the input as the convolution saw it, its padding argument, whether the input was unbatched)."""
     cfg = rec.config
     x = rec.inputs["input"].detach()
@@ -496,8 +529,15 @@ class ConvGroup(Group):
     """Conv weight (out × in/groups × k…) and/or bias over one or more calls; materialised with the
     weight-gradient convolution per task. Row chunks are whole channel groups."""
 
-    def __init__(self, weight, bias, calls: list[tuple[torch.Tensor, torch.Tensor, dict, tuple]]) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        calls: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any], tuple[int, ...]]],
+    ) -> None:
         ref = weight if weight is not None else bias
+        if ref is None:
+            raise ValueError("a convolution group needs its weight, its bias or both")
         self.weight, self.bias = weight, bias
         self.params = [p for p in (weight, bias) if p is not None]
         self.dtype = work_dtype(ref.dtype)
@@ -571,10 +611,10 @@ class ConvGroup(Group):
             if self.bias is not None:
                 g = u.sum([0] + list(range(2, u.dim())))
                 gb = g if gb is None else gb + g
-        out = []
-        if self.weight is not None:
+        out = []  # gw and gb are set: there is at least one call
+        if self.weight is not None and gw is not None:
             out.append((self.weight, gw.to(self.weight.dtype)))
-        if self.bias is not None:
+        if self.bias is not None and gb is not None:
             out.append((self.bias, gb.to(self.bias.dtype)))
         return out
 
@@ -588,7 +628,7 @@ class ConvGroup(Group):
 
 
 # -- LayerNorm / BatchNorm affine ----------------------------------------------------------------------------
-def normalized_input(rec) -> torch.Tensor:
+def normalized_input(rec: Record) -> torch.Tensor:
     """x̂ of a recorded norm call, as (rows, features) with the affine parameters' layout on the last axis."""
     cfg = rec.config
     x = rec.inputs["input"].detach()
@@ -611,7 +651,7 @@ def normalized_input(rec) -> torch.Tensor:
     return xhat.movedim(1, -1).reshape(-1, x.shape[1])
 
 
-def norm_delta(rec, d: torch.Tensor) -> torch.Tensor:
+def norm_delta(rec: Record, d: torch.Tensor) -> torch.Tensor:
     """T × rows × features, matching ``normalized_input``."""
     t = d.shape[0]
     if rec.config["layer"]:
@@ -622,8 +662,16 @@ def norm_delta(rec, d: torch.Tensor) -> torch.Tensor:
 class NormGroup(Group):
     """Affine weight and/or bias of LayerNorm/BatchNorm calls: g_w = Σ_a δ_a ∘ x̂_a, g_b = Σ_a δ_a."""
 
-    def __init__(self, weight, bias, xhats: list[torch.Tensor], ds: list[torch.Tensor]) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        xhats: list[torch.Tensor],
+        ds: list[torch.Tensor],
+    ) -> None:
         ref = weight if weight is not None else bias
+        if ref is None:
+            raise ValueError("a norm group needs its weight, its bias or both")
         self.weight, self.bias = weight, bias
         self.params = [p for p in (weight, bias) if p is not None]
         self.dtype = work_dtype(ref.dtype)
@@ -684,9 +732,11 @@ class MixedGroup(Group):
 
     def touched(self) -> torch.Tensor | None:
         ids = [p.touched() for p in self.parts]
-        if any(i is None for i in ids):
+        present = [i for i in ids if i is not None]
+        if len(present) < len(ids):  # some part touches every row
             return None
-        return torch.unique(torch.cat(ids))
+        union: torch.Tensor = torch.unique(torch.cat(present))
+        return union
 
     def add_rows(self, buf: torch.Tensor, rows: Rows) -> None:
         for part in self.parts:
@@ -701,6 +751,8 @@ class MixedGroup(Group):
             for _, g in part.fused(w):
                 g = g.to_dense() if g.is_sparse else g
                 total = g if total is None else total + g
+        if total is None:  # cannot happen: every part has this parameter as a member
+            total = torch.zeros_like(self.params[0])
         return [(self.params[0], total)]
 
 
@@ -718,7 +770,7 @@ class DirectGroup(Group):
         self.cols = int(param.numel() // self.rows)
         self.sparse = any(g is not None and g.is_sparse for g in grads)
         if self.sparse:
-            self.entries = []
+            self.entries: list[tuple[int, torch.Tensor, torch.Tensor]] = []
             for i, g in enumerate(grads):
                 if g is None:
                     continue
@@ -726,7 +778,9 @@ class DirectGroup(Group):
                 if g.sparse_dim() != 1:
                     g = g.to_dense().to_sparse(1).coalesce()
                 self.entries.append((i, g.indices()[0], g.values().reshape(-1, self.cols)))
-            self._touched = torch.unique(torch.cat([e[1] for e in self.entries])) if self.entries else None
+            self._touched: torch.Tensor | None = (
+                torch.unique(torch.cat([e[1] for e in self.entries])) if self.entries else None
+            )
         else:
             self.grads = grads
 

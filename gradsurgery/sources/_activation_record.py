@@ -26,18 +26,20 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
-from torch.autograd.graph import get_gradient_edge
+from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
+from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.modules.conv import _ConvNd
 
 #: key of the list of records in an autograd node's ``metadata`` dict
 METADATA_KEY = "gradsurgery.activation"
 
 #: exact module types (subclasses may change ``forward``: e.g. MultiheadAttention's out_proj is a Linear
 #: subclass whose weight is used functionally) → the kind of Gram contribution
-SUPPORTED: dict[type, str] = {
+SUPPORTED: dict[type[nn.Module], str] = {
     nn.Linear: "linear",
     nn.Embedding: "embedding",
     nn.EmbeddingBag: "embedding_bag",
@@ -73,7 +75,8 @@ class Record:
     config: dict[str, Any]
     out_shape: torch.Size = torch.Size()
     output_nr: int = 0
-    stops: tuple = ()  # autograd nodes of the call's differentiable inputs: the call's graph ends there
+    # autograd nodes of the call's differentiable inputs: the call's graph ends there
+    stops: tuple[Node, ...] = ()
     __weakref__: Any = field(default=None, init=False, repr=False)
 
     @property
@@ -93,14 +96,14 @@ class Record:
                 )
 
 
-def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
+def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str, default: Any = None) -> Any:
     if len(args) > index:
         return args[index]
     return kwargs.get(name, default)
 
 
 def _trainable(module: nn.Module, roles: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    out = {}
+    out: dict[str, torch.Tensor] = {}
     for role in roles:
         p = module._parameters.get(role)
         if p is not None and p.requires_grad:
@@ -108,9 +111,13 @@ def _trainable(module: nn.Module, roles: tuple[str, ...]) -> dict[str, torch.Ten
     return out
 
 
-def build_record(module: nn.Module, kind: str, args: tuple, kwargs: dict) -> Record | None:
+def build_record(
+    module: nn.Module, kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Record | None:
     """The record of one call, or None when the call needs none (no trainable parameter) or is a variant
-    the activation source does not support (its parameters then take the exact per-parameter path)."""
+    the activation source does not support (its parameters then take the exact per-parameter path).
+
+    ``kind`` is ``SUPPORTED[type(module)]``: the module is of the class the kind names."""
     params = _trainable(module, ("weight", "bias"))
     if not params:
         return None
@@ -153,19 +160,20 @@ def build_record(module: nn.Module, kind: str, args: tuple, kwargs: dict) -> Rec
             sparse=module.sparse,
         )
     elif kind == "conv":
+        conv = cast(_ConvNd, module)
         x = _arg(args, kwargs, 0, "input")
-        if not isinstance(x, torch.Tensor) or module.transposed:
+        if not isinstance(x, torch.Tensor) or conv.transposed:
             return None
         inputs = {"input": x}
         config.update(
-            dims=len(module.kernel_size),
-            stride=tuple(module.stride),
-            padding=module.padding,
-            dilation=tuple(module.dilation),
-            groups=module.groups,
-            padding_mode=module.padding_mode,
-            reversed_padding=tuple(module._reversed_padding_repeated_twice),
-            kernel_size=tuple(module.kernel_size),
+            dims=len(conv.kernel_size),
+            stride=tuple(conv.stride),
+            padding=conv.padding,
+            dilation=tuple(conv.dilation),
+            groups=conv.groups,
+            padding_mode=conv.padding_mode,
+            reversed_padding=tuple(conv._reversed_padding_repeated_twice),
+            kernel_size=tuple(conv.kernel_size),
         )
     else:  # norm
         x = _arg(args, kwargs, 0, "input")
@@ -175,14 +183,18 @@ def build_record(module: nn.Module, kind: str, args: tuple, kwargs: dict) -> Rec
         if isinstance(module, nn.LayerNorm):
             config.update(layer=True, normalized_shape=tuple(module.normalized_shape), eps=module.eps)
         else:
+            norm = cast(_NormBase, module)
+            running_mean, running_var = norm.running_mean, norm.running_var
             # BatchNorm.forward: batch statistics in training mode or without running statistics.
-            batch_stats = module.training or (module.running_mean is None and module.running_var is None)
-            config.update(layer=False, eps=module.eps, batch_stats=batch_stats)
+            batch_stats = norm.training or (running_mean is None and running_var is None)
+            config.update(layer=False, eps=norm.eps, batch_stats=batch_stats)
             if not batch_stats:
+                if running_mean is None or running_var is None:
+                    return None  # one running statistic without the other: no state BatchNorm creates
                 # Eval mode normalises with the running statistics of this moment; a later training-mode
                 # forward would change them before backward, so a copy (C values) is kept.
-                config["running_mean"] = module.running_mean.detach().clone()
-                config["running_var"] = module.running_var.detach().clone()
+                config["running_mean"] = running_mean.detach().clone()
+                config["running_var"] = running_var.detach().clone()
     return Record(
         module=module,
         kind=kind,
@@ -194,7 +206,7 @@ def build_record(module: nn.Module, kind: str, args: tuple, kwargs: dict) -> Rec
     )
 
 
-def output_edge(output: torch.Tensor):
+def output_edge(output: torch.Tensor) -> GradientEdge:
     """(gradient edge of the call's output, whether it is the edge of ``output``'s base) — see above."""
     base = output._base
     if (
@@ -209,10 +221,10 @@ def output_edge(output: torch.Tensor):
     return get_gradient_edge(output)
 
 
-def input_stops(tensors: list[Any]) -> tuple:
+def input_stops(tensors: list[Any]) -> tuple[Node, ...]:
     """The autograd nodes of the differentiable inputs: the graph of the call is what lies between its
     output edge and these nodes (and the parameters' AccumulateGrad nodes)."""
-    stops = []
+    stops: list[Node] = []
     for t in tensors:
         if isinstance(t, torch.Tensor) and t.requires_grad:
             stops.append(get_gradient_edge(t).node)
@@ -230,7 +242,7 @@ class Registry:
     PRUNE_EVERY = 4096
 
     def __init__(self) -> None:
-        self._by_seq: dict[int, list[weakref.ref]] = {}
+        self._by_seq: dict[int, list[weakref.ref[Record]]] = {}
         self._inserts = 0
 
     def add(self, seq: int, record: Record) -> None:
@@ -253,8 +265,7 @@ class Registry:
         refs = self._by_seq.get(node._sequence_nr())
         if not refs:
             return []
-        candidates = [r() for r in refs]
-        candidates = [r for r in candidates if r is not None]
+        candidates = [record for r in refs if (record := r()) is not None]
         if not candidates:
             return []
         stored = node.metadata.get(METADATA_KEY, ())

@@ -28,7 +28,8 @@ step in between). No ``.grad`` is ever written here, and ``collect`` registers n
 Cost per step, against full mode: T backward passes without the covered layers' weight-gradient GEMMs
 (about half of a backward's work in an MLP), the Gram contributions (kernel form: n²(in + T·out) per
 Linear of n rows; materialised: T·n·out·in), and one fused backward, against T full backward passes, the
-T²·d Gram and the T·d fusion. Measured in ``benchmarks/activation_speed.py``.
+T²·d Gram and the T·d fusion. Measured by the speed suite's exact rows (``python -m benchmarks --suite speed
+--speed-rows mlp-5M,sparse-1e6,transformer``).
 """
 
 from __future__ import annotations
@@ -87,7 +88,10 @@ def _current_sequence_nr() -> int:
     """The next autograd node's sequence number on this thread (a throw-away node's)."""
     with torch.enable_grad():
         probe = torch.empty(0, requires_grad=True).view(0)
-    return probe.grad_fn._sequence_nr()
+    node = probe.grad_fn
+    if node is None:  # a view of a tensor that requires grad always has one
+        raise RuntimeError("autograd recorded no node for a view of a tensor that requires grad")
+    return node._sequence_nr()
 
 
 class ActivationSource:
@@ -154,7 +158,7 @@ class ActivationSource:
         self._finalizer = weakref.finalize(self, _remove_handles, self._handles)
         self._removed = False
 
-    def __deepcopy__(self, memo: dict) -> ActivationSource:
+    def __deepcopy__(self, memo: dict[int, Any]) -> ActivationSource:
         # The model and its hooks are not copied (a deep copy of an optimizer shares its model): the copy
         # shares this source.
         memo[id(self)] = self
@@ -167,7 +171,9 @@ class ActivationSource:
         )
 
     # -- recording ----------------------------------------------------------------------------------------
-    def _hook(self, kind: str, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def _hook(
+        self, kind: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
         # Cheap exits first: no graph is being built (eval, no_grad) or it is our own backward pass
         # (activation checkpointing recomputes forwards inside it).
         if self._busy or not torch.is_grad_enabled():
@@ -182,7 +188,8 @@ class ActivationSource:
         record.output_nr = edge.output_nr
         record.stops = input_stops([*args, *kwargs.values()])
         node = edge.node
-        node.metadata.setdefault(METADATA_KEY, []).append(record)
+        # torch's Node stub declares ``metadata`` as a method; on a real node it is a dict attribute.
+        node.metadata.setdefault(METADATA_KEY, []).append(record)  # type: ignore[attr-defined]
         self._registry.add(node._sequence_nr(), record)
         return None
 
@@ -362,7 +369,16 @@ class ActivationSource:
                     "backward?); compute the losses again with the current parameters"
                 )
 
-    def _task_passes(self, task_losses, graph, used, direct, trainable, reach, keep_last):
+    def _task_passes(
+        self,
+        task_losses: list[torch.Tensor],
+        graph: Graph,
+        used: list[tuple[Record, int]],
+        direct: list[int],
+        trainable: list[torch.Tensor],
+        reach: list[int],
+        keep_last: bool,
+    ) -> tuple[dict[int, torch.Tensor], list[dict[int, torch.Tensor]]]:
         """One ``autograd.grad`` per task: δ_i for the used records, gradients of the direct parameters."""
         num_tasks = len(task_losses)
         deltas: dict[int, torch.Tensor] = {}  # id(record) → T × output shape
@@ -373,12 +389,18 @@ class ActivationSource:
             for i, loss in enumerate(task_losses):
                 recs = [(rec, entry) for rec, entry in used if (graph.masks[entry] >> i) & 1]
                 mine = [k for k in direct if (reach[k] >> i) & 1]
-                inputs = [GradientEdge(graph.nodes[entry], rec.output_nr) for rec, entry in recs]
+                inputs: list[GradientEdge | torch.Tensor] = [
+                    GradientEdge(graph.nodes[entry], rec.output_nr) for rec, entry in recs
+                ]
                 inputs += [trainable[k] for k in mine]
                 if not inputs:
                     continue
+                # autograd.grad takes edges and tensors mixed; its annotation lists only pure sequences.
                 out = torch.autograd.grad(
-                    loss, inputs, retain_graph=keep_last or i < num_tasks - 1, allow_unused=True
+                    loss,
+                    inputs,  # type: ignore[arg-type]
+                    retain_graph=keep_last or i < num_tasks - 1,
+                    allow_unused=True,
                 )
                 for (rec, _), g in zip(recs, out[: len(recs)], strict=True):
                     if g is None:
@@ -404,7 +426,14 @@ class ActivationSource:
         return deltas, grads
 
     def _plans(
-        self, cov, deltas, grads, trainable, shared, reach, num_tasks
+        self,
+        cov: Coverage,
+        deltas: dict[int, torch.Tensor],
+        grads: list[dict[int, torch.Tensor]],
+        trainable: list[torch.Tensor],
+        shared: list[int],
+        reach: list[int],
+        num_tasks: int,
     ) -> list[tuple[list[Record], Callable[[], Group]]]:
         """The Gram groups (see ``_activation_gram``) in the order of their first parameter, as
         (records whose δ they read, builder): each is built right before its contribution."""
@@ -423,6 +452,8 @@ class ActivationSource:
                 ds = [delta(r).reshape(num_tasks, -1, r.out_shape[-1]) for r in recs]
                 return LinearGroup(w, b, xs, ds)
             if family == "lookup":
+                if w is None:  # an Embedding/EmbeddingBag's only member
+                    raise ValueError("a lookup group needs the table's weight")
                 lookups = []
                 for r in recs:
                     d = delta(r)
@@ -439,7 +470,7 @@ class ActivationSource:
             return NormGroup(w, b, xh, [norm_delta(r, delta(r)) for r in recs])
 
         plans: list[tuple[int, list[Record], Callable[[], Group]]] = []
-        regular: dict[tuple, dict[str, Any]] = {}
+        regular: dict[tuple[str, tuple[int, ...]], dict[str, Any]] = {}
         for pos in sorted(cov.uses):
             uses = cov.uses[pos]
             families = {rec.family for rec, _, _ in uses}
@@ -455,7 +486,7 @@ class ActivationSource:
             for rec, _, role in uses:
                 by_kind.setdefault((rec.family, role), []).append(rec)
 
-            def mixed(pos=pos, by_kind=by_kind) -> Group:
+            def mixed(pos: int = pos, by_kind: dict[tuple[str, str], list[Record]] = by_kind) -> Group:
                 parts = [build(f, recs, {role: trainable[pos]}) for (f, role), recs in by_kind.items()]
                 return MixedGroup(trainable[pos], parts)
 
@@ -473,7 +504,9 @@ class ActivationSource:
         return [(recs, make) for _, recs, make in plans]
 
 
-def _build(plans, deltas: dict[int, torch.Tensor] | None) -> Iterator[Group]:
+def _build(
+    plans: list[tuple[list[Record], Callable[[], Group]]], deltas: dict[int, torch.Tensor] | None
+) -> Iterator[Group]:
     """The groups one at a time. With ``deltas``, each δ buffer is dropped after its last group, so
     temporaries (x̂, padded conv inputs, concatenated rows) never pile up on top of all the δ."""
     remaining: dict[int, int] = {}
@@ -505,8 +538,9 @@ class ActivationGradients:
     _group: Any = field(repr=False)
     _sparse_owner: set[int] = field(repr=False)  # ids of unreached shared tables with sparse gradients
     _entries: list[tuple[Any, Record]] = field(repr=False)
-    _plans: list | None = field(default=None, repr=False)  # fused="activations": the groups' builders
-    _form_of: list = field(default_factory=list, repr=False)
+    # fused="activations": the groups' builders
+    _plans: list[tuple[list[Record], Callable[[], Group]]] | None = field(default=None, repr=False)
+    _form_of: list[tuple[torch.Tensor, str]] = field(default_factory=list, repr=False)
     _names: Any = field(default=None, repr=False)
     _trainable: list[torch.Tensor] = field(default_factory=list, repr=False)
     _layout: str = field(default="", repr=False)  # what every rank must share before ``reduce``
@@ -526,12 +560,15 @@ class ActivationGradients:
         trainable = self._trainable
         num_tasks = len(self.reached)
         plans = self._plans
+        if plans is None:
+            raise RuntimeError("reduce() runs once, on what prepare() returned")
         device = _device(trainable)
         gram = torch.zeros(num_tasks, num_tasks, dtype=gram_dtype, device=device)
         for grp in _build(plans, None if from_activations else deltas):
             form = "materialize" if group is not None else choose_form(grp, self._source.form)
             label = "per-parameter" if isinstance(grp, DirectGroup) else form
             self._form_of += [(p, label) for p in grp.params]
+            part: torch.Tensor | None
             if form == "kernel":
                 part = grp.kernel_gram(gram_dtype)
             elif group is not None:
@@ -597,8 +634,9 @@ class ActivationGradients:
         w = weights.detach().to(device=losses[0].device, dtype=losses[0].dtype).reshape(-1)
         if w.numel() != len(losses):
             raise ValueError(f"expected {len(losses)} weights, got {w.numel()}")
+        grads: Sequence[torch.Tensor | None]
         if self._plans is not None:
-            grads = self._from_activations(w)
+            grads = self._from_activations(self._plans, w)
         else:
             total = (torch.stack(losses) * w).sum()
             source = self._source
@@ -626,11 +664,13 @@ class ActivationGradients:
             self._release()
         return list(zip(self.shared, out, strict=True))
 
-    def _from_activations(self, w: torch.Tensor) -> list[torch.Tensor | None]:
+    def _from_activations(
+        self, plans: list[tuple[list[Record], Callable[[], Group]]], w: torch.Tensor
+    ) -> list[torch.Tensor | None]:
         """Σ_i w_i g_i per shared parameter from the collected δ_i (``fused="activations"``); the δ_i carry
         the loss scale already."""
         total: dict[int, torch.Tensor] = {}
-        for group in _build(self._plans, None):
+        for group in _build(plans, None):
             for p, g in group.fused(w):
                 total[id(p)] = g if id(p) not in total else total[id(p)] + g
         return [total.get(id(p)) for p in self.shared]
@@ -657,7 +697,12 @@ class ActivationGradients:
 
 # -- helpers -------------------------------------------------------------------------------------------------
 def _weak_hook(
-    source: weakref.ref, kind: str, module: nn.Module, args: tuple, kwargs: dict, output: Any
+    source: weakref.ref[ActivationSource],
+    kind: str,
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    output: Any,
 ) -> None:
     live = source()
     if live is not None:
@@ -736,7 +781,9 @@ def _device(params: list[torch.Tensor]) -> torch.device:
     return params[0].device if params else torch.device("cpu")
 
 
-def _signature(num_tasks, reach, shared, cov, used) -> str:
+def _signature(
+    num_tasks: int, reach: list[int], shared: list[int], cov: Coverage, used: list[tuple[Record, int]]
+) -> str:
     """The layout every rank must share before the collectives (what is shared, covered, reached)."""
     covered = sorted(
         (pos, tuple((rec.kind, role) for rec, _, role in uses)) for pos, uses in cov.uses.items()
@@ -751,7 +798,12 @@ class ActivationCollection:
     source = "activations"
 
     def __init__(
-        self, result: ActivationGradients, values, factor, source: ActivationSource, no_sync
+        self,
+        result: ActivationGradients,
+        values: torch.Tensor,
+        factor: float | None,
+        source: ActivationSource,
+        no_sync: Callable[[], Any],
     ) -> None:
         self.result = result
         self.loss_values = values
@@ -773,8 +825,11 @@ class ActivationCollection:
 
     def reduce(self, reduction: Reduction) -> None:
         self.result.reduce(reduction.group)
-        self.gram = self.result.gram
-        self.loss_values = reduction.average(self.loss_values).to(self.gram.device)
+        gram = self.result.gram
+        if gram is None:
+            raise RuntimeError("the activation source's reduce() formed no Gram matrix")
+        self.gram = gram
+        self.loss_values = reduction.average(self.loss_values).to(gram.device)
 
     def _task_grads(self) -> list[tuple[int, torch.Tensor]]:
         return [(i, g) for _, entries in self.result.task_specific for i, g in entries]
@@ -794,7 +849,8 @@ class ActivationCollection:
             for i, g in entries:
                 g = g * weights[i].to(device=g.device, dtype=g.dtype) if self.scales_task_specific else g
                 total = g if total is None else total + g
-            out.append((p, total))
+            if total is not None:  # entries is not empty
+                out.append((p, total))
         return out
 
     def reached_params(self) -> list[torch.Tensor]:

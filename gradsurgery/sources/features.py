@@ -38,7 +38,7 @@ gradient, not w_i times.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from ..distributed import Reduction
 
 
-class TaskViews(list):
+class TaskViews(list[torch.Tensor | list[torch.Tensor]]):
     """What ``task_views`` returns: ``views[i]`` is task i's view of the features (a tensor, or a list of
     tensors for several features); pass the whole object as ``backward(losses, features=views)``."""
 
@@ -182,7 +182,16 @@ class FeatureCollection:
     mode = "representation"
     source = "features"
 
-    def __init__(self, source, losses, params, jac, spans, values, retain_graph) -> None:
+    def __init__(
+        self,
+        source: FeatureSource,
+        losses: list[torch.Tensor],
+        params: list[torch.Tensor],
+        jac: torch.Tensor,
+        spans: list[tuple[int, int]],
+        values: torch.Tensor,
+        retain_graph: bool,
+    ) -> None:
         self.features = source.features
         self.gram_dtype = source.gram_dtype
         self.losses = losses
@@ -249,15 +258,25 @@ class FeatureCollection:
 class ViewCollection(FeatureCollection):
     """Representation mode over task views: one pass through the heads, one through the trunk."""
 
-    def __init__(self, source: FeatureSource, losses, params, values, retain_graph) -> None:
+    def __init__(
+        self,
+        source: FeatureSource,
+        losses: list[torch.Tensor],
+        params: list[torch.Tensor],
+        values: torch.Tensor,
+        retain_graph: bool,
+    ) -> None:
         views = source.views
+        if views is None:
+            raise TypeError("ViewCollection needs a FeatureSource over task_views(...)")
         if len(views.leaves) != len(losses):
             raise ValueError(f"{len(views.leaves)} task views for {len(losses)} losses")
         check_own_views(losses, views.leaves)
         leaves = [z for view in views.leaves for z in view]
         # Heads once: Σ_i L_i lands ∇_z L_i in task i's view, and gives the heads' gradients (seeds 1).
         keep = retain_graph or source.scales_task_specific
-        grads = torch.autograd.grad(sum(losses), leaves + params, retain_graph=keep, allow_unused=True)
+        summed = cast(torch.Tensor, sum(losses))  # at least one loss: a tensor, never the start value 0
+        grads = torch.autograd.grad(summed, leaves + params, retain_graph=keep, allow_unused=True)
         per_view = len(views.features)
         rows = []
         for i in range(len(losses)):

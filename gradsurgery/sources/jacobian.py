@@ -100,6 +100,21 @@ class TaskGradients:
         return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
 
 
+def check_dense(
+    params: list[torch.Tensor], shared: Sequence[int], grads: Sequence[torch.Tensor | None]
+) -> None:
+    """A shared parameter with a sparse gradient (an ``nn.Embedding(sparse=True)`` table) has no row in a
+    dense Jacobian: ValueError pointing to the activation source, which handles it."""
+    for k in shared:
+        g = grads[k]
+        if g is not None and g.is_sparse:
+            raise ValueError(
+                f"a shared parameter of shape {tuple(params[k].shape)} gets a sparse gradient (an embedding "
+                "table with sparse=True?), which the per-task Jacobian cannot hold: pass the model, "
+                "GradSurgery(opt, method, model=model), to take the gradients from the activations instead"
+            )
+
+
 def check_reached(reached: Sequence[int]) -> None:
     lost = [i for i, n in enumerate(reached) if n == 0]
     if lost:
@@ -154,7 +169,8 @@ class GradientCollector:
                     reached[i] += 1
                     if layout is None or k not in layout.slot:
                         kept[i][k] = g
-            if layout is not None:
+            if layout is not None and jac is not None:  # jac is None exactly when layout is
+                check_dense(params, layout.shared, grads)
                 pieces = [
                     grads[k].reshape(-1) if grads[k] is not None else params[k].new_zeros(params[k].numel())
                     for k in layout.shared
@@ -163,7 +179,7 @@ class GradientCollector:
                     torch.cat([p.to(layout.dtype) for p in pieces], out=jac[i])
             del grads
         shared = self._shared_indices(params, [len(t) for t in touched])
-        if layout is None or shared != layout.shared:
+        if layout is None or jac is None or shared != layout.shared:
             layout, jac = self._relayout(params, shared, layout, jac, kept, touched)
         other: list[list[tuple[int, torch.Tensor]]] = [[] for _ in params]
         for i in range(num_tasks):
@@ -172,8 +188,18 @@ class GradientCollector:
                     other[k].append((i, g))
         return TaskGradients(layout, jac, other, reached)
 
-    def _relayout(self, params, shared, old_layout, old_jac, kept, touched):
+    def _relayout(
+        self,
+        params: list[torch.Tensor],
+        shared: list[int],
+        old_layout: Layout | None,
+        old_jac: torch.Tensor | None,
+        kept: list[dict[int, torch.Tensor]],
+        touched: list[set[int]],
+    ) -> tuple[Layout, torch.Tensor]:
         """The shared set changed (or this is the first step): lay the Jacobian out anew."""
+        for got in kept:
+            check_dense(params, shared, [got.get(k) for k in range(len(params))])
         layout = Layout.build(params, shared)
         num_tasks = len(kept)
         new_jac = torch.empty(num_tasks, layout.dim, dtype=layout.dtype, device=layout.device)
@@ -182,11 +208,11 @@ class GradientCollector:
                 dest = layout.segment(new_jac[i], slot)
                 if k in kept[i]:
                     dest.copy_(kept[i][k].reshape(-1))
-                elif old_layout is not None and k in old_layout.slot:
+                elif old_layout is not None and old_jac is not None and k in old_layout.slot:
                     dest.copy_(old_layout.segment(old_jac[i], old_layout.slot[k]))
                 else:
                     dest.zero_()
-            if old_layout is not None:
+            if old_layout is not None and old_jac is not None:
                 # Parameters that stopped being shared keep their gradient as a task-specific one.
                 for k, slot in old_layout.slot.items():
                     if k not in layout.slot and i in touched[k]:
@@ -269,17 +295,20 @@ class JacobianCollection:
         layout = self.grads.layout
         out: list[tuple[torch.Tensor, torch.Tensor]] = []
         if layout.shared:
+            if self._fuse is None:
+                raise RuntimeError("the Jacobian collection's gradients are taken after reduce()")
             fused = self._fuse(weights)
             for slot, k in enumerate(layout.shared):
                 out.append((layout.params[k], layout.segment(fused, slot).view_as(layout.params[k])))
         for k, entries in enumerate(self.grads.other):
             if not entries:
                 continue
-            total = None
+            total: torch.Tensor | None = None
             for i, g in entries:
                 g = g * weights[i].to(device=g.device, dtype=g.dtype) if self.scales_task_specific else g
                 total = g if total is None else total + g
-            out.append((layout.params[k], total))
+            if total is not None:  # entries is not empty
+                out.append((layout.params[k], total))
         return out
 
     def reached_params(self) -> list[torch.Tensor]:

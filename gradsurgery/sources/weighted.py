@@ -12,11 +12,11 @@ ranks before the weights are computed, and the gradient after.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from . import NonFiniteError, check_finite, loss_values
+from . import NonFiniteError, all_finite, check_finite, loss_values
 
 if TYPE_CHECKING:
     from ..amp import LossScaling
@@ -48,7 +48,15 @@ class WeightedCollection:
     source = "weighted"
     gram = None
 
-    def __init__(self, losses, params, values, scaling, retain_graph, no_sync) -> None:
+    def __init__(
+        self,
+        losses: list[torch.Tensor],
+        params: list[torch.Tensor],
+        values: torch.Tensor,
+        scaling: LossScaling | None,
+        retain_graph: bool,
+        no_sync: Callable[[], Any],
+    ) -> None:
         self.losses = losses
         self.params = params
         self.loss_values = values
@@ -72,23 +80,29 @@ class WeightedCollection:
         check_finite(self.loss_values, params=self.params)
 
     def gradients(self, weights: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        total = sum(w.to(loss.dtype) * loss for w, loss in zip(weights.unbind(), self.losses, strict=True))
+        # At least one loss, so the sum is a tensor (never its start value 0).
+        total = cast(
+            torch.Tensor,
+            sum(w.to(loss.dtype) * loss for w, loss in zip(weights.unbind(), self.losses, strict=True)),
+        )
         if self.scaling is not None:
             total = self.scaling.scale_one(total)
         with self.no_sync():
             grads = torch.autograd.grad(total, self.params, retain_graph=self.retain_graph, allow_unused=True)
-        grads = self.reduction.average_gradients(self.params, grads)
-        reached = [(p, g) for p, g in zip(self.params, grads, strict=True) if g is not None]
+        if self.reduction is None:
+            raise RuntimeError("the weighted collection's gradients are taken after reduce()")
+        averaged = self.reduction.average_gradients(self.params, grads)
+        reached = [(p, g) for p, g in zip(self.params, averaged, strict=True) if g is not None]
         if not reached:
             raise ValueError("the losses reach none of the optimizer's parameters")
-        if not bool(torch.stack([torch.isfinite(g).all() for _, g in reached]).all()):
+        if not all_finite(g for _, g in reached):
             raise NonFiniteError(
                 "non-finite (NaN/inf) gradient of the weighted loss; nothing was written",
                 (p for p, _ in reached),
             )
         if self.scaling is not None:
             # Back to true units for the post-transforms; the write-back scales again (exact for 2^k).
-            reached = [(p, g / self.scaling.factor) for p, g in reached]
+            reached = [(p, g / self.scaling.scale_factor()) for p, g in reached]
         return reached
 
     def reached_params(self) -> list[torch.Tensor]:

@@ -198,3 +198,31 @@ def test_the_sharded_strategy_is_for_the_jacobian():
             dist_strategy="sharded",
         )
     assert not any(m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("method", ["famo", "rlw", "sum"])
+def test_one_backward_methods_step_sparse_tables(method):
+    """The loss weightings' single backward writes the sparse table gradient as it is."""
+    model = Ranker(sparse=True)
+    tables = [model.user.weight]
+    dense = [p for p in model.parameters() if p is not model.user.weight]
+    opt = GradSurgery(
+        MultiOptimizer(torch.optim.SparseAdam(tables), torch.optim.Adam(dense)), method, model=model
+    )
+    info = opt.backward(task_losses(model, 0))
+    assert info.source == "weighted" and model.user.weight.grad.is_sparse
+    reference = Ranker(sparse=True)
+    (info.weights.float() * torch.stack(task_losses(reference, 0))).sum().backward()
+    torch.testing.assert_close(model.user.weight.grad.to_dense(), reference.user.weight.grad.to_dense())
+    opt.step()
+
+
+def test_a_shared_sparse_table_without_the_model_names_the_fix():
+    model = Ranker(sparse=True)
+    tables = [model.user.weight]
+    dense = [p for p in model.parameters() if p is not model.user.weight]
+    opt = GradSurgery(MultiOptimizer(torch.optim.SparseAdam(tables), torch.optim.Adam(dense)), "mgda")
+    with pytest.raises(ValueError, match=r"sparse gradient .* model=model"):
+        opt.backward(task_losses(model, 0))
+    assert all(p.grad is None for p in model.parameters())
+    assert opt.method.num_tasks is None

@@ -1,0 +1,353 @@
+"""Benchmark: λ-free L2 rules (today's four variants and the prototypes) against weight decay tuned on a
+validation split, on the MLP of ``l2_regularization.py`` and on a small convolutional network (issue 14).
+
+Same data as ``l2_regularization.py`` (scikit-learn digits, per seed 200 training / 300 validation / 1297
+test images, 0 or 30 % symmetric noise on the training labels only), same optimizers (SGD lr 0.05, Adam lr
+1e-3), batch 32, ``--epochs`` epochs. Architectures (``--arch``): ``mlp`` 64 → 512 → 512 → 10 (as today) and
+``cnn``: conv 3×3 (1 → 32) – ReLU – conv 3×3 (32 → 64) – ReLU – max-pool 2 – linear (1024 → 128) – ReLU –
+linear (128 → 10) on the 8×8 images (≈ 150k weights). Every mode regularizes the tensors with dim ≥ 2.
+
+Modes (``--modes``), all applied by hand in the training loop (no ``GradSurgery``), using the package's own
+functions for today's rule so that the comparison runs the same maths:
+
+- ``none``; ``wd``: SGD ``weight_decay`` / AdamW over the grid of ``l2_regularization.WD_GRID``; the tuned
+  λ is   the one with the best mean validation accuracy (reported on test);
+- today's rule: ``l2`` (global, direct: u = g + relu(−⟨g,θ⟩)/‖θ‖²·θ), ``l2-pt`` (per tensor), ``l2-dec``
+  (global, decoupled: the step's growing component removed, then back onto the ball), ``l2-pt-dec``;
+- prototypes (``modes_prototypes``): ``bal`` / ``bal-pt`` (direct: λ = max(today's λ, ‖g‖/‖θ‖), the decay
+  step as long as the data step), ``bal-dec`` / ``bal-pt-dec`` (decoupled: today's projection of the step Δ,
+  then θ moved ‖Δ‖ towards 0), ``mn`` / ``mn-pt`` (direct: the step along the min-norm point
+  αg + (1 − α)θ of {g, θ}), ``mn-dec`` /
+  ``mn-pt-dec`` (decoupled: λ = (1 − α)/α from the min-norm point of {step, θ}, on top of today's decoupled
+  correction); ``val`` / ``val-pt`` (direct) and ``val-dec`` / ``val-pt-dec`` (decoupled): the radial part of
+  the step (grow or shrink ‖θ‖, globally or per tensor) decided by the gradient of a batch of the validation
+  split, the data that tunes λ (``heldout_radial_direction``, ``decoupled_heldout_radial``).
+
+    python -m benchmarks.l2_lambda_free --arch mlp cnn --seeds 0 1 2 3 4 --out results/l2_free
+    python -m benchmarks.l2_lambda_free --summarize results/l2_free
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import pathlib
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from gradsurgery.l2 import decoupled_correction, l2_direction
+
+try:
+    from . import _digits as D
+    from . import modes_prototypes as P
+    from .l2_regularization import LR, WD_GRID, prepare
+except ImportError:  # run as a script
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    import _digits as D  # type: ignore[no-redef]
+    import modes_prototypes as P  # type: ignore[no-redef]
+    from l2_regularization import LR, WD_GRID, prepare  # type: ignore[no-redef]
+
+TODAY = ["l2", "l2-pt", "l2-dec", "l2-pt-dec"]
+PROTO = [
+    "bal",
+    "bal-pt",
+    "bal-dec",
+    "bal-pt-dec",
+    "mn",
+    "mn-pt",
+    "mn-dec",
+    "mn-pt-dec",
+    "val",
+    "val-pt",
+    "val-dec",
+    "val-pt-dec",
+]
+
+
+def cnn(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Unflatten(1, (1, 8, 8)),
+        torch.nn.Conv2d(1, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 64, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(64 * 16, 128),
+        torch.nn.ReLU(),
+        torch.nn.Linear(128, 10),
+    )
+
+
+def build(arch: str, seed: int, width: int) -> torch.nn.Module:
+    return D.mlp([64, width, width, 10], seed) if arch == "mlp" else cnn(seed)
+
+
+def train_one(seed, arch, opt_name, mode, lam, data, *, epochs, width, batch_size=32):
+    (xtr, ytr), (xva, yva), (xte, yte) = data
+    model = build(arch, seed, width)
+    weights = [p for p in model.parameters() if p.dim() >= 2]
+    others = [p for p in model.parameters() if p.dim() < 2]
+    lr = LR[opt_name]
+    if mode == "wd":
+        groups = [{"params": weights, "weight_decay": lam}, {"params": others, "weight_decay": 0.0}]
+        opt = torch.optim.SGD(groups, lr=lr) if opt_name == "sgd" else torch.optim.AdamW(groups, lr=lr)
+    else:
+        params = list(model.parameters())
+        opt = torch.optim.SGD(params, lr=lr) if opt_name == "sgd" else torch.optim.Adam(params, lr=lr)
+    per_tensor = "-pt" in mode
+    decoupled = mode.endswith("-dec")
+    with torch.no_grad():
+        init_norm = float(torch.sqrt(sum((p.double() ** 2).sum() for p in weights)))
+    gen = torch.Generator().manual_seed(1000 + seed)
+    vgen = torch.Generator().manual_seed(5000 + seed)
+    lam_sum = lam_n = 0.0
+    for _ in range(epochs):
+        for idx in D.batches(len(ytr), batch_size, gen):
+            loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
+            opt.zero_grad()
+            loss.backward()
+            grads = [p.grad for p in weights]
+            vgrads = None
+            if mode.startswith("val"):  # a held-out batch of the validation split (the data that tunes λ)
+                vidx = torch.randint(len(yva), (batch_size,), generator=vgen)
+                vgrads = torch.autograd.grad(F.cross_entropy(model(xva[vidx]), yva[vidx]), weights)
+            if mode in ("val", "val-pt"):
+                new = P.heldout_radial_direction(grads, weights, vgrads, per_tensor)
+                for p, u in zip(weights, new, strict=True):
+                    p.grad = u
+            elif mode in ("l2", "l2-pt"):
+                new, lam_t = l2_direction(grads, weights, per_tensor)
+                for p, u in zip(weights, new, strict=True):
+                    p.grad = u
+                lam_sum += float(lam_t.mean())
+                lam_n += 1  # noqa: E702
+            elif mode in ("bal", "bal-pt"):
+                lams = P.l2_balanced_coefficients(grads, weights, per_tensor)
+                new = P.apply_coefficients(grads, weights, lams, per_tensor)
+                for p, u in zip(weights, new, strict=True):
+                    p.grad = u
+                lam_sum += sum(lams) / len(lams)
+                lam_n += 1  # noqa: E702
+            elif mode in ("mn", "mn-pt"):
+                new, alphas = P.l2_minnorm_direction(grads, weights, per_tensor)
+                for p, u in zip(weights, new, strict=True):
+                    p.grad = u
+                lam_sum += sum((1 - a) / max(a, 1e-12) for a in alphas) / len(alphas)
+                lam_n += 1  # noqa: E702
+            olds = [p.detach().clone() for p in weights] if decoupled else None
+            opt.step()
+            if decoupled:
+                news = [p.data for p in weights]
+                if mode.startswith("l2"):
+                    decoupled_correction(news, olds, per_tensor)
+                elif mode.startswith("val"):
+                    P.decoupled_heldout_radial(news, olds, vgrads, per_tensor)
+                elif mode.startswith("mn"):
+                    lams = P.decoupled_minnorm_shrink(news, olds, per_tensor)
+                    lam_sum += sum(lams) / len(lams)
+                    lam_n += 1  # noqa: E702
+                else:
+                    P.decoupled_balanced_shrink(news, olds, per_tensor)
+    with torch.no_grad():
+        norm = float(torch.sqrt(sum((p.double() ** 2).sum() for p in weights)))
+    return {
+        "train_acc": D.accuracy(model, xtr, ytr),
+        "val_acc": D.accuracy(model, xva, yva),
+        "test_acc": D.accuracy(model, xte, yte),
+        "weight_norm": norm,
+        "init_norm": init_norm,
+        "mean_lambda": lam_sum / lam_n if lam_n else float("nan"),
+    }
+
+
+def summarize(rows: list[dict]) -> str:
+    out = []
+    keyset = sorted({(r["arch"], float(r["label_noise"]), r["optimizer"]) for r in rows})
+    for arch, noise, opt_name in keyset:
+        sel = [
+            r
+            for r in rows
+            if r["arch"] == arch and float(r["label_noise"]) == noise and r["optimizer"] == opt_name
+        ]
+
+        def pick(mode, lam="", sel=sel):
+            return sorted(
+                [r for r in sel if r["mode"] == mode and (lam == "" or float(r["lambda"]) == lam)],
+                key=lambda r: int(r["seed"]),
+            )
+
+        def col(s, k):
+            return [float(r[k]) for r in s]
+
+        lams = sorted({float(r["lambda"]) for r in sel if r["mode"] == "wd"})
+        if not lams:
+            continue
+        curve = [(lam, pick("wd", lam)) for lam in lams]
+        best = max(curve, key=lambda c: D.mean_std(col(c[1], "val_acc"))[0])
+        tuned = col(best[1], "test_acc")
+        none = col(pick("none"), "test_acc")
+        gain = D.mean_std(tuned)[0] - D.mean_std(none)[0]
+        header = [
+            "mode",
+            "test acc %",
+            "‖W‖ end",
+            "gap to tuned λ (pts, paired)",
+            "recovered of the tuned gain",
+        ]
+        table = []
+        for name, s in [
+            ("no regularization", pick("none")),
+            (f"weight decay λ={best[0]:g} (tuned on val)", best[1]),
+        ] + [(m, pick(m)) for m in TODAY + PROTO]:
+            if not s:
+                continue
+            acc = col(s, "test_acc")
+            gaps = [a - b for a, b in zip(acc, tuned, strict=True)] if len(acc) == len(tuned) else []
+            rec = (D.mean_std(acc)[0] - D.mean_std(none)[0]) / gain if abs(gain) > 1e-9 else float("nan")
+            table.append(
+                [
+                    name,
+                    D.pm(acc),
+                    D.pm(col(s, "weight_norm"), scale=1.0),
+                    D.pm(gaps, digits=2),
+                    f"{100 * rec:.0f} %" if rec == rec else "—",
+                ]
+            )
+        wd_curve = ", ".join(f"{lam:g}: {100 * D.mean_std(col(s, 'test_acc'))[0]:.1f}" for lam, s in curve)
+        scenario = "clean labels" if not noise else f"{round(100 * noise)} % label noise"
+        title = (
+            f"**{arch.upper()}, {opt_name.upper()}, {scenario}**"
+            f" — tuned gain {100 * gain:+.2f} pts; weight-decay curve (test %): {wd_curve}"
+        )
+        out.append(title + "\n\n" + D.markdown_table(header, table))
+    return "\n\n".join(out)
+
+
+def overview(rows: list[dict]) -> str:
+    """One table: a row per mode, a column per (architecture, optimizer, scenario), each cell the paired gap
+    to the tuned λ (mean ± std, points) and, under noise, the share of the tuned gain recovered."""
+    keys = sorted({(r["arch"], r["optimizer"], float(r["label_noise"])) for r in rows})
+    modes = [m for m in ["none", *TODAY, *PROTO] if any(r["mode"] == m for r in rows)]
+    header = ["mode"] + [
+        f"{a.upper()} {o.upper()} {'clean' if not n else f'{round(100 * n)} % noise'}" for a, o, n in keys
+    ]
+    cells = {m: [m if m != "none" else "no regularization"] for m in modes}
+    tuned_row = ["tuned λ (test %, λ)"]
+    for arch, opt_name, noise in keys:
+        sel = [
+            r
+            for r in rows
+            if r["arch"] == arch and r["optimizer"] == opt_name and float(r["label_noise"]) == noise
+        ]
+
+        def accs(mode, lam=None, sel=sel):
+            picked = [r for r in sel if r["mode"] == mode and (lam is None or float(r["lambda"]) == lam)]
+            return [float(r["test_acc"]) for r in sorted(picked, key=lambda r: int(r["seed"]))]
+
+        lams = sorted({float(r["lambda"]) for r in sel if r["mode"] == "wd"})
+        if not lams:
+            for m in modes:
+                cells[m].append("—")
+            tuned_row.append("—")
+            continue
+        best = max(
+            lams,
+            key=lambda lam: D.mean_std(
+                [float(r["val_acc"]) for r in sel if r["mode"] == "wd" and float(r["lambda"]) == lam]
+            )[0],
+        )
+        tuned, none = accs("wd", best), accs("none")
+        gain = D.mean_std(tuned)[0] - D.mean_std(none)[0]
+        tuned_row.append(f"{D.pm(tuned)} (λ={best:g}; gain {100 * gain:+.1f})")
+        for m in modes:
+            a = accs(m)
+            if len(a) != len(tuned):
+                cells[m].append("—")
+                continue
+            gaps = [x - y for x, y in zip(a, tuned, strict=True)]
+            cell = D.pm(gaps, digits=2)
+            if noise and gain > 0.005:
+                cell += f" ({100 * (D.mean_std(a)[0] - D.mean_std(none)[0]) / gain:.0f} %)"
+            cells[m].append(cell)
+    return D.markdown_table(header, [tuned_row] + [cells[m] for m in modes])
+
+
+def read_rows(folder: pathlib.Path) -> list[dict]:
+    rows = []
+    for path in sorted(folder.glob("rows-*.csv")):
+        with path.open() as f:
+            rows += list(csv.DictReader(f))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--arch", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
+    parser.add_argument("--optimizers", nargs="+", default=["sgd", "adam"], choices=["sgd", "adam"])
+    parser.add_argument("--label-noise", type=float, nargs="+", default=[0.0, 0.3])
+    parser.add_argument("--modes", nargs="+", default=["none", "wd"] + TODAY + PROTO)
+    parser.add_argument("--epochs", type=int, default=80)
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--shard", default="0/1")
+    parser.add_argument("--sgd-only", nargs="*", default=[], help="modes run with SGD only")
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/l2_free"))
+    parser.add_argument("--summarize", type=pathlib.Path)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.summarize:
+        rows = read_rows(args.summarize)
+        text = f"# λ-free L2 rules\n\n{overview(rows)}\n\n{summarize(rows)}\n"
+        (args.summarize / "l2_lambda_free.md").write_text(text)
+        print(text)
+        return 0
+    jobs = []
+    for seed, arch, noise, opt_name, mode in itertools.product(
+        args.seeds, args.arch, args.label_noise, args.optimizers, args.modes
+    ):
+        if opt_name == "adam" and mode in args.sgd_only:
+            continue
+        for lam in WD_GRID[opt_name] if mode == "wd" else [None]:
+            jobs.append((arch, noise, seed, opt_name, mode, lam))
+    i, n = (int(v) for v in args.shard.split("/"))
+    jobs = jobs[i::n]
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for arch, noise, seed, opt_name, mode, lam in jobs:
+        data = prepare(seed, 200, 300, noise)
+        t0 = time.perf_counter()
+        res = train_one(seed, arch, opt_name, mode, lam, data, epochs=args.epochs, width=args.width)
+        rows.append(
+            {
+                "arch": arch,
+                "label_noise": noise,
+                "optimizer": opt_name,
+                "mode": mode,
+                "lambda": "" if lam is None else lam,
+                "seed": seed,
+                **res,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+        print(
+            f"{arch} noise {noise} seed {seed} {opt_name} {mode} {'' if lam is None else lam}: "
+            f"test {res['test_acc']:.4f} val {res['val_acc']:.4f} ‖W‖ {res['weight_norm']:.2f} "
+            f"λ̄ {res['mean_lambda']:.2g} ({rows[-1]['seconds']:.1f}s)",
+            flush=True,
+        )
+        D.write_csv(args.out / f"rows-{i}-of-{n}.csv", rows)
+    if n == 1:
+        text = "# λ-free L2 rules\n\n" + summarize(rows) + "\n"
+        (args.out / "l2_lambda_free.md").write_text(text)
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,183 @@
+"""The maths of the issue-14 prototypes (``benchmarks/modes_prototypes.py``) against independent references:
+loops, explicit formulas, brute force. No accuracy thresholds."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location(
+        "modes_prototypes", ROOT / "benchmarks" / "modes_prototypes.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+P = _load()
+
+
+def test_estimate_transition_matches_a_loop():
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(40, 4, generator=gen), 1)
+    labels = torch.randint(0, 3, (40,), generator=gen)  # class 3 absent
+    t = P.estimate_transition(probs, labels, 4).numpy()
+    for i in range(4):
+        rows = [probs[s].double().numpy() for s in range(40) if int(labels[s]) == i]
+        ref = np.mean(rows, axis=0) if rows else np.eye(4)[i]
+        np.testing.assert_allclose(t[i], ref / ref.sum(), atol=1e-12)
+
+
+def test_forward_corrected_nll_is_minus_log_of_the_noisy_probability():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    t = torch.softmax(torch.randn(5, 5, generator=gen, dtype=torch.float64), 1)
+    noisy = torch.randint(0, 5, (6,), generator=gen)
+    ref = -torch.log((torch.softmax(logits, 1) @ t)[torch.arange(6), noisy])
+    torch.testing.assert_close(P.forward_corrected_nll(logits, noisy, t), ref)
+
+
+def test_forward_correction_gradient_is_p_minus_the_noisy_posterior():
+    """d/dz −log Σ_y softmax(z)_y T[y, ỹ] = softmax(z) − q, q ∝ softmax(z)·T[:, ỹ]: forward correction and
+    the posterior-target CE take the same step (the reason the benchmark's two rows coincide)."""
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(7, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    t = torch.softmax(torch.randn(4, 4, generator=gen, dtype=torch.float64), 1)
+    noisy = torch.randint(0, 4, (7,), generator=gen)
+    (grad,) = torch.autograd.grad(P.forward_corrected_nll(logits, noisy, t).sum(), logits)
+    p = torch.softmax(logits.detach(), 1)
+    q = p * t[:, noisy].T
+    q = q / q.sum(1, keepdim=True)
+    torch.testing.assert_close(P.noisy_posterior(logits, noisy, t), q)
+    torch.testing.assert_close(grad, p - q)
+
+
+def test_keep_rate_and_small_loss_mask():
+    rate, c = 0.6, 10
+    eye = torch.eye(c, dtype=torch.float64)
+    t = (1 - rate) * eye + rate / (c - 1) * (1 - eye)
+    assert P.transition_keep_rate(t) == pytest.approx(0.4)
+    assert P.transition_keep_rate(t, torch.arange(1.0, c + 1)) == pytest.approx(0.4)
+    losses = torch.tensor([3.0, 0.1, 2.0, 0.5, 9.0])
+    assert P.small_loss_mask(losses, 0.4).tolist() == [False, True, False, True, False]
+    assert P.small_loss_mask(losses, 0.0).sum() == 1  # at least one sample
+
+
+def test_clean_set_correction_holds_the_trusted_set_out_until_the_estimate():
+    gen = torch.Generator().manual_seed(3)
+    xc, yc = torch.randn(12, 3, generator=gen), torch.arange(12) % 3
+    model = torch.nn.Linear(3, 3)
+    mode = P.CleanSetCorrection(xc, yc, 3, warmup=2)
+    ln, yn = torch.randn(5, 3, generator=gen), torch.randint(0, 3, (5,), generator=gen)
+    lc = torch.randn(4, 3, generator=gen)
+    torch.testing.assert_close(mode.loss(ln, yn, lc, yc[:4]), F.cross_entropy(ln, yn))
+    mode.end_epoch(0, model)
+    assert mode.warming_up
+    mode.end_epoch(1, model)
+    with torch.no_grad():
+        ref = P.estimate_transition(torch.softmax(model(xc), 1), yc, 3)
+    torch.testing.assert_close(mode.transition, ref)
+    expected = P.forward_corrected_nll(ln, yn, ref).mean() + F.cross_entropy(lc, yc[:4])
+    torch.testing.assert_close(mode.loss(ln, yn, lc, yc[:4]), expected)
+
+
+def _vecs(seed, shapes):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_minnorm_alpha_is_the_brute_force_minimum(per_tensor):
+    shapes = [(3, 4), (5,), (2, 2)]
+    g, th = _vecs(4, shapes), _vecs(5, shapes)
+    g = [0.3 * x for x in g]
+    alphas = P.l2_minnorm_alphas(g, th, per_tensor)
+    groups = [[k] for k in range(3)] if per_tensor else [[0, 1, 2]]
+    grid = np.linspace(0, 1, 100_001)
+    for a, group in zip(alphas, groups, strict=True):
+        gv = np.concatenate([g[k].reshape(-1).numpy() for k in group])
+        tv = np.concatenate([th[k].reshape(-1).numpy() for k in group])
+        norms = [np.linalg.norm(x * gv + (1 - x) * tv) for x in grid]
+        assert a == pytest.approx(grid[int(np.argmin(norms))], abs=2e-5)
+    u, _ = P.l2_minnorm_direction(g, th, per_tensor)
+    for a, group in zip(alphas, groups, strict=True):
+        for k in group:
+            torch.testing.assert_close(u[k], a * g[k] + (1 - a) * th[k])
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_heldout_radial_direction_swaps_the_radial_component(per_tensor):
+    shapes = [(3, 4), (6,)]
+    g, th, v = _vecs(6, shapes), _vecs(7, shapes), _vecs(8, shapes)
+    u = P.heldout_radial_direction(g, th, v, per_tensor)
+    groups = [[0], [1]] if per_tensor else [[0, 1]]
+    for group in groups:
+        cat = lambda xs, group=group: torch.cat([xs[k].reshape(-1) for k in group])  # noqa: E731
+        t_hat = cat(th) / cat(th).norm()
+        tangential = lambda x, t_hat=t_hat: x - (x @ t_hat) * t_hat  # noqa: E731
+        torch.testing.assert_close(tangential(cat(u)), tangential(cat(g)))
+        torch.testing.assert_close(cat(u) @ t_hat, cat(v) @ t_hat)
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_decoupled_heldout_radial_keeps_the_length_and_takes_the_sign(per_tensor, sign):
+    shapes = [(3, 4), (6,)]
+    olds, delta = _vecs(9, shapes), [0.1 * d for d in _vecs(10, shapes)]
+    news = [o + d for o, d in zip(olds, delta, strict=True)]
+    v = [sign * o for o in olds]  # ⟨v, θ⟩ has the sign of `sign` in every group
+    P.decoupled_heldout_radial(news, olds, v, per_tensor)
+    groups = [[0], [1]] if per_tensor else [[0, 1]]
+    for group in groups:
+        cat = lambda xs, group=group: torch.cat([xs[k].reshape(-1) for k in group])  # noqa: E731
+        t_hat = cat(olds) / cat(olds).norm()
+        step, d = cat(news) - cat(olds), cat(delta)
+        torch.testing.assert_close(step - (step @ t_hat) * t_hat, d - (d @ t_hat) * t_hat)
+        torch.testing.assert_close(step @ t_hat, -sign * abs(d @ t_hat))
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_decoupled_minnorm_shrink_is_todays_correction_then_a_decay(per_tensor):
+    from gradsurgery.l2 import decoupled_correction
+
+    shapes = [(3, 4), (6,)]
+    olds, delta = _vecs(11, shapes), [0.2 * d for d in _vecs(12, shapes)]
+    news = [o + d for o, d in zip(olds, delta, strict=True)]
+    ref = [n.clone() for n in news]
+    alphas = P.l2_minnorm_alphas([-d for d in delta], olds, per_tensor)
+    lams = P.decoupled_minnorm_shrink(news, olds, per_tensor)
+    decoupled_correction(ref, olds, per_tensor)
+    groups = [[0], [1]] if per_tensor else [[0, 1]]
+    for a, lam, group in zip(alphas, lams, groups, strict=True):
+        assert lam == pytest.approx(min((1 - a) / a, 1.0) if a > 0 else 1.0)
+        for k in group:
+            torch.testing.assert_close(news[k], ref[k] - lam * olds[k])
+
+
+def test_balanced_coefficients_formula():
+    g, th = _vecs(13, [(4,)]), _vecs(14, [(4,)])
+    (lam,) = P.l2_balanced_coefficients(g, th)
+    dot, sq = float(g[0] @ th[0]), float(th[0] @ th[0])
+    assert lam == pytest.approx(max(max(-dot, 0) / sq, float(g[0].norm() / th[0].norm())))
+
+
+def test_hard_digits_are_seeded_and_standardised():
+    spec = importlib.util.spec_from_file_location("_hard_digits", ROOT / "benchmarks" / "_hard_digits.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    x, y, xt, yt = module.hard_digits(3, n_train=300, n_test=100)
+    assert x.shape == (300, 1, 16, 16) and xt.shape == (100, 1, 16, 16)
+    assert y.shape == (300,) and int(y.min()) >= 0 and int(y.max()) <= 9
+    assert abs(float(x.mean())) < 1e-5 and abs(float(x.std()) - 1) < 1e-4
+    x2, y2, _, _ = module.hard_digits(3, n_train=300, n_test=100)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert not torch.equal(x, module.hard_digits(4, n_train=300, n_test=100)[0])
