@@ -1,7 +1,8 @@
 """Every ```python block of README.md and docs/**/*.md is a complete script, and runs.
 
 Each block runs on its own, as a user would paste it into a file: ``exec`` in a fresh namespace with
-``__name__ == "__main__"``, in a fresh temporary folder, after ``torch.manual_seed(0)``. A block preceded by
+``__name__ == "__main__"``, in a fresh temporary folder, after ``torch.manual_seed(0)``; the method
+registry is restored after each block (a page registers a method of its own). A block preceded by
 the marker ``<!-- snippet: ddp -->`` is a ``torchrun`` script: it runs in 2 gloo processes on 127.0.0.1,
 with the environment torchrun would give it, forked (as ``tests/test_distributed.py`` starts its ranks) by
 a fresh launcher process, ``_ddp_launcher.py``, under a timeout.
@@ -26,6 +27,8 @@ import sys
 
 import pytest
 import torch
+
+import gradsurgery
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -114,10 +117,13 @@ def sandbox(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MPLBACKEND", "Agg")
     threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+    registry = dict(gradsurgery.METHODS)  # a page may register a method of its own (How it works)
     torch.manual_seed(0)
     yield tmp_path
     torch.set_num_threads(threads)
     torch.set_default_dtype(dtype)
+    gradsurgery.METHODS.clear()
+    gradsurgery.METHODS.update(registry)
 
 
 def run_script(block: Block) -> dict:
@@ -171,8 +177,9 @@ def test_block_runs(block, sandbox):
 # -- results of a few blocks --------------------------------------------------------------------------------
 def _quick_start(ns):
     info = ns["info"]
-    assert info.weights.shape == (2,)
+    assert info.weights.shape == (2,) and info.task_names == ["click", "conversion"]
     assert abs(float(info.weights.sum()) - 1.0) < 1e-9  # MGDA weights lie on the simplex
+    assert abs(float(info.shares.sum()) - 1.0) < 1e-9
 
 
 def _l2(ns):
@@ -186,8 +193,12 @@ def _clean_set(ns):
 
 
 def _shares(ns):
+    info = ns["info"]
+    w, gram = info.weights, info.gram
+    torch.testing.assert_close(ns["shares"], w * (gram @ w) / (w @ gram @ w))  # the formula on the page
     assert abs(float(ns["shares"].sum()) - 1.0) < 1e-9
-    assert float(ns["info"].weights.max()) > 10  # the projection weights that need the share to read
+    assert float(info.weights.max()) > 10  # the projection weights that need the share to read
+    assert info.task_names == ["click", "watch"] and "share/click" in info.as_dict()
 
 
 def _checkpoint(ns):
