@@ -1,5 +1,5 @@
 """Benchmark: λ-free L2 rules (today's four variants and the prototypes) against weight decay tuned on a
-validation split, on the MLP of ``l2_regularization.py`` and on a small convolutional network (issue 14).
+validation split, on the MLP of ``l2_regularization.py`` and on a small convolutional network.
 
 Same data as ``l2_regularization.py`` (scikit-learn digits, per seed 200 training / 300 validation / 1297
 test images, 0 or 30 % symmetric noise on the training labels only), same optimizers (SGD lr 0.05, Adam lr

@@ -1,16 +1,14 @@
-"""Prototypes for the two λ-free modes of issue 14, written to move into the package later.
+"""Prototypes of the two λ-free card modes (the clean-set guard, L2 without λ) for the research benchmarks.
 
 Every function here is a pure function on tensors (or a small class with an explicit state), with no
 dependency on the benchmark scripts. Two families:
 
-**Clean-set noise models** (for ``main_aux`` with a small trusted set, ``CleanBatches``):
+**Clean-set noise models** (for ``main_aux`` with a small trusted set, ``CleanBatches``), built on
+``gradsurgery.clean_guard``'s ``estimate_transition`` (the gold-loss-correction estimate of the label-noise
+transition matrix, Hendrycks et al. 2018: ``T[i, j]`` = the mean of p(ỹ = j | x) over the trusted x of true
+class i, p(ỹ | x) from a model trained on the noisy labels only) and ``forward_corrected_nll``
+(−log (softmax(logits) T)[ỹ] per sample: forward correction, Patrini et al. 2017):
 
-- ``estimate_transition(probs, labels)``: the gold-loss-correction estimate of the label-noise transition
-  matrix (Hendrycks et al. 2018): ``T[i, j] = mean of p(ỹ = j | x) over the trusted x of true class i``, where
-  ``p(ỹ | x)`` is the softmax of a model trained on the *noisy* labels only, evaluated on trusted samples it
-  never trained on. Rows of classes absent from the trusted set are the identity.
-- ``forward_corrected_nll(logits, noisy, T)``: −log (softmax(logits) T)[ỹ] per sample (forward correction,
-  Patrini et al. 2017; the GLC loss): the network's softmax is read as p(y | x), the clean posterior.
 - ``noisy_posterior(logits, noisy, T)``: q(y) ∝ p(y | x)·T[y, ỹ], the posterior of the true label given the
   network's belief and the noisy label (the E-step of an EM on the noise model).
 - ``small_loss_mask(losses, keep)``: the ``keep`` fraction of samples with the smallest loss
@@ -42,40 +40,12 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+# The proposed clean-set mode moved into the package; the variants below build on its two functions.
+from gradsurgery.clean_guard import estimate_transition, forward_corrected_nll
+
 # --------------------------------------------------------------------------------------------------------
 # clean-set noise models
 # --------------------------------------------------------------------------------------------------------
-
-
-def estimate_transition(
-    probs: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None
-) -> torch.Tensor:
-    """GLC's T̂ (C×C, rows sum to 1): T̂[i] = mean of ``probs[s]`` over the samples s with ``labels[s] == i``.
-
-    ``probs`` (n, C) are p(ỹ | x) of a model trained on noisy labels, on trusted samples it did not train on;
-    ``labels`` (n,) their true labels. A class with no trusted sample gets the identity row.
-    """
-    if probs.dim() != 2 or labels.shape != probs.shape[:1]:
-        raise ValueError(
-            f"probs (n, C) and labels (n,) expected, got {tuple(probs.shape)}, {tuple(labels.shape)}"
-        )
-    c = probs.shape[1] if num_classes is None else num_classes
-    probs = probs.detach().to(torch.float64)
-    sums = torch.zeros(c, probs.shape[1], dtype=torch.float64).index_add_(0, labels, probs)
-    counts = torch.bincount(labels, minlength=c).to(torch.float64)
-    eye = torch.eye(c, probs.shape[1], dtype=torch.float64)
-    t = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], eye)
-    return t / t.sum(1, keepdim=True)
-
-
-def forward_corrected_nll(
-    logits: torch.Tensor, noisy: torch.Tensor, transition: torch.Tensor
-) -> torch.Tensor:
-    """−log Σ_y softmax(logits)[y]·T[y, ỹ] per sample (shape (B,)), computed in log space."""
-    log_p = F.log_softmax(logits, dim=1)
-    log_t = transition.to(logits.dtype).clamp_min(1e-12).log()  # (C, C)
-    # log Σ_y exp(log p[b, y] + log T[y, ỹ_b])
-    return -torch.logsumexp(log_p + log_t[:, noisy].T, dim=1)
 
 
 def noisy_posterior(logits: torch.Tensor, noisy: torch.Tensor, transition: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Benchmark: noisy labels with a small trusted set on a larger, harder digit task (issue 14).
+"""Benchmark: noisy labels with a small trusted set on a larger, harder digit task.
 
 Data (``_hard_digits``): 16×16 distorted renderings of scikit-learn's digits, ``--n-train`` training images
 (default 10 000) from a pool of source images disjoint from the 3 000 test images' pool. Per seed, a

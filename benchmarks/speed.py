@@ -53,7 +53,7 @@ from .runner import method_options, supports_features
 from .speed_models import WORKLOADS, SpeedModel
 
 #: name → (input width, hidden width, representation width); shared parameters ≈ 0.28M, 0.53M and 5.05M.
-#: "small" is issue 15's model (trunk 128→384→384→256), where the fixed per-step cost of a method shows most.
+#: "small" is the small model (trunk 128→384→384→256), where the fixed per-step cost of a method shows most.
 SIZES = {"small": (128, 384, 256), "0.5M": (256, 512, 256), "5M": (512, 1792, 512)}
 TINY_SIZES = {"tiny": (16, 32, 16)}
 TASK_COUNTS = (2, 4, 8)
@@ -1050,7 +1050,7 @@ def _needs_gram(method: str) -> bool:
 
 
 def targets(step_rows: list[StepRow], solver_rows: list[SolverRow]) -> str:
-    """The issue's targets, met or missed, with the measured values."""
+    """The speed targets, met or missed, with the measured values."""
     lines: list[str] = []
     if not step_rows and not solver_rows:
         return ""
@@ -1069,7 +1069,7 @@ def targets(step_rows: list[StepRow], solver_rows: list[SolverRow]) -> str:
         if small:
             miss = [r for r in small if r.ratio > 1.2]
             lines.append(
-                f"- small model (issue 15), Gram-based methods, representation mode ≤ 1.2× plain: "
+                f"- small model, Gram-based methods, representation mode ≤ 1.2× plain: "
                 f"{len(small) - len(miss)}/{len(small)} configurations meet it"
             )
             if miss:

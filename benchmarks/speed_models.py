@@ -1,4 +1,4 @@
-"""The models of the speed suite's "exact full mode at scale" rows (``benchmarks.speed``, issue 12).
+"""The models of the speed suite's "exact full mode at scale" rows (``benchmarks.speed``).
 
 Each workload is a model whose ``forward(inputs)`` returns ``(features, outputs)`` (features: the shared
 representation every head reads, for torchjd's ``mtl_backward``), its fixed batch, the T losses, the

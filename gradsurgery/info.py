@@ -28,8 +28,10 @@ class StepInfo:
     #: passed as ``backward(..., features=z)`` (then ``grad_norms``, ``cosines`` and ``fused_norm`` are
     #: those of the gradients with respect to z).
     mode: str = "full"
-    #: Where the gradients came from: ``"jacobian"`` (per-task gradients of the parameters), ``"weighted"``
-    #: (one backward of Σ w_i L_i, no Gram matrix), ``"features"`` (representation mode).
+    #: Where the gradients came from: ``"jacobian"`` (per-task gradients of the parameters),
+    #: ``"activations"`` (per-task gradients of the recorded layers' outputs, G from them and the layers'
+    #: inputs), ``"weighted"`` (one backward of Σ w_i L_i, no Gram matrix), ``"features"`` (representation
+    #: mode).
     source: str = "jacobian"
     extras: dict[str, Any] = field(default_factory=dict)  # method-specific, from ``Method.info_extras()``
     #: True when a GradScaler step overflowed: nothing was fused, ``weights`` are NaN, ``.grad`` holds inf.

@@ -254,6 +254,9 @@ def test_nan_in_task_specific_gradient_names_the_task():
         ({"method": "mixed", "main": [], "num_tasks": 2}, ValueError, "at least one main"),
         ({"method": "mgda", "solver": "closed_form", "num_tasks": 3}, ValueError, "exactly 2 tasks"),
         ({"method": "gradvac", "beta": 0.0}, ValueError, "beta"),
+        ({"method": "mgda", "num_tasks": 2.0}, TypeError, "num_tasks must be an int, got 2.0"),
+        ({"method": "mgda", "num_tasks": True}, TypeError, "num_tasks must be an int, got True"),
+        ({"method": "mgda", "num_tasks": 0}, ValueError, "num_tasks must be >= 1, got 0"),
         (
             {"method": "pareto", "min_weights": [0.1, 0.1], "num_tasks": 3},
             ValueError,
