@@ -98,6 +98,15 @@ def write_csv(path: pathlib.Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def read_rows(folder: pathlib.Path) -> list[dict]:
+    """The rows of every ``rows-*.csv`` under ``folder`` (the per-process files ``write_csv`` wrote)."""
+    rows = []
+    for path in sorted(folder.glob("rows-*.csv")):
+        with path.open() as f:
+            rows += list(csv.DictReader(f))
+    return rows
+
+
 def write_report(out: pathlib.Path, stem: str, rows: list[dict], text: str) -> None:
     """``out/<stem>.csv`` (one row per run) and ``out/<stem>.md`` (``text``), which is also printed."""
     write_csv(out / f"{stem}.csv", rows)

@@ -30,7 +30,6 @@ functions for today's rule so that the comparison runs the same maths:
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import pathlib
 import sys
@@ -278,14 +277,6 @@ def overview(rows: list[dict]) -> str:
     return D.markdown_table(header, [tuned_row] + [cells[m] for m in modes])
 
 
-def read_rows(folder: pathlib.Path) -> list[dict]:
-    rows = []
-    for path in sorted(folder.glob("rows-*.csv")):
-        with path.open() as f:
-            rows += list(csv.DictReader(f))
-    return rows
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -302,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.summarize:
-        rows = read_rows(args.summarize)
+        rows = D.read_rows(args.summarize)
         text = f"# λ-free L2 rules\n\n{overview(rows)}\n\n{summarize(rows)}\n"
         (args.summarize / "l2_lambda_free.md").write_text(text)
         print(text)

@@ -40,7 +40,6 @@ Methods (``--methods``; names below):
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import pathlib
 import sys
@@ -500,14 +499,6 @@ def verdict(rows: list[dict], method: str) -> str:
     )
 
 
-def read_rows(folder: pathlib.Path) -> list[dict]:
-    rows = []
-    for path in sorted(folder.glob("rows-*.csv")):
-        with path.open() as f:
-            rows += list(csv.DictReader(f))
-    return rows
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -529,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     cmd = D.command_line("benchmarks.noisy_labels_hard", argv)
     if args.summarize:
-        rows = read_rows(args.summarize)
+        rows = D.read_rows(args.summarize)
         D.write_csv(args.summarize / "all_rows.csv", rows)
         methods = [m for m in BASELINES + PROTOTYPES if any(r["method"] == m for r in rows)]
         text = (

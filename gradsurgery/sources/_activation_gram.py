@@ -175,7 +175,25 @@ def _stack_rows(deltas: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
 
 
 # -- Linear --------------------------------------------------------------------------------------------------
-class LinearGroup(Group):
+class WeightBiasGroup(Group):
+    """A layer's weight and bias, either of which may be absent."""
+
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+
+    def _take_params(self, weight: torch.Tensor | None, bias: torch.Tensor | None, kind: str) -> torch.Tensor:
+        """Keep a layer's weight and bias (either may be None) as the members; returns the first one."""
+        ref = weight if weight is not None else bias
+        if ref is None:
+            raise ValueError(f"a {kind} group needs its weight, its bias or both")
+        self.weight, self.bias = weight, bias
+        self.params = [p for p in (weight, bias) if p is not None]
+        self.dtype = work_dtype(ref.dtype)
+        self.device = ref.device
+        return ref
+
+
+class LinearGroup(WeightBiasGroup):
     """Weight (out × in) and/or bias (out) of the calls ``xs[r]`` (n_r × in) with gradients ``ds[r]``
     (T × n_r × out). Columns: the weight's ``in``, then the bias."""
 
@@ -188,10 +206,7 @@ class LinearGroup(Group):
         xs: list[torch.Tensor],
         ds: list[torch.Tensor],
     ) -> None:
-        self.weight, self.bias = weight, bias
-        self.params = [p for p in (weight, bias) if p is not None]
-        self.dtype = work_dtype(self.params[0].dtype)
-        self.device = self.params[0].device
+        self._take_params(weight, bias, "linear")
         self.x = (torch.cat(xs) if len(xs) > 1 else xs[0]).to(self.dtype)
         self.d = torch.cat(ds, dim=1) if len(ds) > 1 else ds[0]  # T × n × out
         self.num_tasks, self.n, self.out = self.d.shape
@@ -525,7 +540,7 @@ def conv_input(rec: Record) -> tuple[torch.Tensor, tuple[int, ...], bool]:
     return x, tuple(padding), unbatched
 
 
-class ConvGroup(Group):
+class ConvGroup(WeightBiasGroup):
     """Conv weight (out × in/groups × k…) and/or bias over one or more calls; materialised with the
     weight-gradient convolution per task. Row chunks are whole channel groups."""
 
@@ -535,13 +550,7 @@ class ConvGroup(Group):
         bias: torch.Tensor | None,
         calls: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any], tuple[int, ...]]],
     ) -> None:
-        ref = weight if weight is not None else bias
-        if ref is None:
-            raise ValueError("a convolution group needs its weight, its bias or both")
-        self.weight, self.bias = weight, bias
-        self.params = [p for p in (weight, bias) if p is not None]
-        self.dtype = work_dtype(ref.dtype)
-        self.device = ref.device
+        self._take_params(weight, bias, "convolution")
         self.calls = calls  # (x, d: T × N × out × spatial, config, padding)
         cfg = calls[0][2]
         self.out = calls[0][1].shape[2]
@@ -659,7 +668,7 @@ def norm_delta(rec: Record, d: torch.Tensor) -> torch.Tensor:
     return d.movedim(2, -1).reshape(t, -1, d.shape[2])
 
 
-class NormGroup(Group):
+class NormGroup(WeightBiasGroup):
     """Affine weight and/or bias of LayerNorm/BatchNorm calls: g_w = Σ_a δ_a ∘ x̂_a, g_b = Σ_a δ_a."""
 
     def __init__(
@@ -669,13 +678,7 @@ class NormGroup(Group):
         xhats: list[torch.Tensor],
         ds: list[torch.Tensor],
     ) -> None:
-        ref = weight if weight is not None else bias
-        if ref is None:
-            raise ValueError("a norm group needs its weight, its bias or both")
-        self.weight, self.bias = weight, bias
-        self.params = [p for p in (weight, bias) if p is not None]
-        self.dtype = work_dtype(ref.dtype)
-        self.device = ref.device
+        ref = self._take_params(weight, bias, "norm")
         self.xhat = torch.cat(xhats) if len(xhats) > 1 else xhats[0]
         self.d = torch.cat(ds, dim=1) if len(ds) > 1 else ds[0]
         self.num_tasks = self.d.shape[0]
