@@ -328,8 +328,9 @@ def check_own_views(losses: list[torch.Tensor], views: list[list[torch.Tensor]])
     owner = {id(z): i for i, view in enumerate(views) for z in view}
     for i, loss in enumerate(losses):
         reached: set[int] = set()
-        # Visited nodes are kept alive: some torch versions hand out a fresh Python object per visit of a
-        # node, whose id() could otherwise be reused by the next one.
+        # Visited nodes are kept alive: a node's Python object lives only while something refers to it, and
+        # once freed its id() can be handed to another node's object (seen on torch 2.11); alive, a node
+        # keeps its one object, and its id names it.
         stack, seen = [loss.grad_fn], {}
         while stack:
             node = stack.pop()
