@@ -65,6 +65,27 @@ def mlp(widths: list[int], seed: int) -> torch.nn.Sequential:
     return torch.nn.Sequential(*layers)
 
 
+def weight_matrices(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters that weight decay and the L2 rules act on: those with two or more dimensions."""
+    return [p for p in model.parameters() if p.dim() >= 2]
+
+
+def optimizer(
+    model: torch.nn.Module, name: str, lr: float, weight_decay: float | None = None
+) -> torch.optim.Optimizer:
+    """``torch.optim.SGD`` (``name="sgd"``) or Adam over the model. With ``weight_decay``, the decay acts on
+    the weight matrices only, and Adam becomes AdamW."""
+    if weight_decay is None:
+        params = list(model.parameters())
+        return torch.optim.SGD(params, lr=lr) if name == "sgd" else torch.optim.Adam(params, lr=lr)
+    others = [p for p in model.parameters() if p.dim() < 2]
+    groups = [
+        {"params": weight_matrices(model), "weight_decay": weight_decay},
+        {"params": others, "weight_decay": 0.0},
+    ]
+    return torch.optim.SGD(groups, lr=lr) if name == "sgd" else torch.optim.AdamW(groups, lr=lr)
+
+
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((model(x).argmax(1) == y).float().mean())

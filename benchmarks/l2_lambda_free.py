@@ -90,15 +90,8 @@ def build(arch: str, seed: int, width: int) -> torch.nn.Module:
 def train_one(seed, arch, opt_name, mode, lam, data, *, epochs, width, batch_size=32):
     (xtr, ytr), (xva, yva), (xte, yte) = data
     model = build(arch, seed, width)
-    weights = [p for p in model.parameters() if p.dim() >= 2]
-    others = [p for p in model.parameters() if p.dim() < 2]
-    lr = LR[opt_name]
-    if mode == "wd":
-        groups = [{"params": weights, "weight_decay": lam}, {"params": others, "weight_decay": 0.0}]
-        opt = torch.optim.SGD(groups, lr=lr) if opt_name == "sgd" else torch.optim.AdamW(groups, lr=lr)
-    else:
-        params = list(model.parameters())
-        opt = torch.optim.SGD(params, lr=lr) if opt_name == "sgd" else torch.optim.Adam(params, lr=lr)
+    weights = D.weight_matrices(model)
+    opt = D.optimizer(model, opt_name, LR[opt_name], lam if mode == "wd" else None)
     per_tensor = "-pt" in mode
     decoupled = mode.endswith("-dec")
     with torch.no_grad():

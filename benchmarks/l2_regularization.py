@@ -60,15 +60,8 @@ def prepare(seed: int, n_train: int, n_val: int, label_noise: float = 0.0):
 def train_one(seed, opt_name, mode, lam, data, *, epochs, width, batch_size=32):
     (xtr, ytr), (xva, yva), (xte, yte) = data
     model = D.mlp([xtr.shape[1], width, width, 10], seed)
-    weights = [p for p in model.parameters() if p.dim() >= 2]
-    others = [p for p in model.parameters() if p.dim() < 2]
-    lr = LR[opt_name]
-    if mode == "weight decay":
-        groups = [{"params": weights, "weight_decay": lam}, {"params": others, "weight_decay": 0.0}]
-        inner = torch.optim.SGD(groups, lr=lr) if opt_name == "sgd" else torch.optim.AdamW(groups, lr=lr)
-    else:
-        params = list(model.parameters())
-        inner = torch.optim.SGD(params, lr=lr) if opt_name == "sgd" else torch.optim.Adam(params, lr=lr)
+    weights = D.weight_matrices(model)
+    inner = D.optimizer(model, opt_name, LR[opt_name], lam if mode == "weight decay" else None)
     opt = GradSurgery(inner, method="l2", **L2_MODES[mode]) if mode in L2_MODES else inner
     with torch.no_grad():
         init_norm = float(torch.sqrt(sum((p.double() ** 2).sum() for p in weights)))

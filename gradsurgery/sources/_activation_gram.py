@@ -48,6 +48,12 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def concat(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """``torch.cat`` that returns a single part itself: a module called once is the common case, and its
+    recorded tensors are not copied."""
+    return torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0]
+
+
 class Rows:
     """A chunk of a group's rows: ``ids`` (sorted row numbers) or the range [start, stop)."""
 
@@ -169,7 +175,7 @@ def _kernel_contract(d_rows: torch.Tensor, p_rows: torch.Tensor, t: int) -> torc
 
 def _stack_rows(deltas: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """(T, n, c) per-task gradients → D (n, T·c): row a holds every task's δ_a side by side."""
-    d = torch.cat(deltas, dim=1) if len(deltas) > 1 else deltas[0]
+    d = concat(deltas, dim=1)
     t, n, c = d.shape
     return d.to(dtype).permute(1, 0, 2).reshape(n, t * c)
 
@@ -207,8 +213,8 @@ class LinearGroup(WeightBiasGroup):
         ds: list[torch.Tensor],
     ) -> None:
         self._take_params(weight, bias, "linear")
-        self.x = (torch.cat(xs) if len(xs) > 1 else xs[0]).to(self.dtype)
-        self.d = torch.cat(ds, dim=1) if len(ds) > 1 else ds[0]  # T × n × out
+        self.x = concat(xs).to(self.dtype)
+        self.d = concat(ds, dim=1)  # T × n × out
         self.num_tasks, self.n, self.out = self.d.shape
         self.inp = self.x.shape[1] if weight is not None else 0
         self.rows = self.out
@@ -371,7 +377,7 @@ class LookupGroup(Group):
             ds.append(lk.d)
             offset += lk.num_bags
         self.num_bags = offset
-        self.d = torch.cat(ds, dim=1) if len(ds) > 1 else ds[0]  # T × bags × dim
+        self.d = concat(ds, dim=1)  # T × bags × dim
         self.num_tasks = self.d.shape[0]
         rows_all, bags_all, coef_all = torch.cat(rows), torch.cat(bags), torch.cat(coefs)
         # In call order (for the whole-table fast paths) and sorted by row (for chunks of rows).
@@ -679,8 +685,8 @@ class NormGroup(WeightBiasGroup):
         ds: list[torch.Tensor],
     ) -> None:
         ref = self._take_params(weight, bias, "norm")
-        self.xhat = torch.cat(xhats) if len(xhats) > 1 else xhats[0]
-        self.d = torch.cat(ds, dim=1) if len(ds) > 1 else ds[0]
+        self.xhat = concat(xhats)
+        self.d = concat(ds, dim=1)
         self.num_tasks = self.d.shape[0]
         self.rows = int(ref.shape[0]) if ref.dim() else 1
         self.inner = int(ref.numel() // self.rows)
