@@ -32,9 +32,9 @@ Methods that draw random numbers (PCGrad, GradVac, RLW) get rank 0's generator s
 call, so all ranks visit the tasks in the same order (different seeds would make the ranks drift apart
 silently). The collectives run on the parameters' device (CPU tensors for gloo, CUDA tensors for NCCL).
 
-FSDP2 (``fully_shard``) is refused: its parameters are DTensor shards, ``autograd.grad`` returns None for
-them, and the exact alternative (one ``backward`` per task reading the sharded ``.grad``, plus an all-reduced
-T×T Gram of the shards) is not implemented.
+FSDP2 (``fully_shard``) parameters are DTensor shards: FSDP itself reduce-scatters each task's gradient, and
+the Gram matrix is summed over the ranks' shards (``gradsurgery.sources.fsdp``); the reduction then only
+sums, averages the losses and checks that the ranks agree. The group is the FSDP mesh's (a 1-D mesh).
 """
 
 from __future__ import annotations
@@ -67,22 +67,37 @@ def is_ddp(module: Any) -> TypeGuard[torch.nn.parallel.DistributedDataParallel]:
     return torch.distributed.is_available() and isinstance(module, torch.nn.parallel.DistributedDataParallel)
 
 
-def check_not_sharded(params: Iterable[torch.Tensor]) -> None:
-    """Refuse FSDP2/DTensor parameters with a clear error (``autograd.grad`` gives None for them)."""
-    if not torch.distributed.is_available():
-        return
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - very old torch
-        return
-    for p in params:
-        if isinstance(p, DTensor):
-            raise TypeError(
-                "GradSurgery does not support FSDP2 (fully_shard) / DTensor parameters: autograd.grad "
-                "returns "
-                f"None for sharded parameters (found a DTensor of global shape {tuple(p.shape)}). "
-                "Wrap the model in DistributedDataParallel instead (docs/howto/ddp.md)."
+def fsdp_mesh(params: Iterable[torch.Tensor]) -> Any | None:
+    """The device mesh of FSDP2 (``fully_shard``) parameters, or None when no parameter is a DTensor.
+
+    ValueError when the parameters are only partly sharded, live on several meshes, or are not sharded
+    the way plain FSDP2 shards them (dim 0 over a 1-D mesh: HSDP's 2-D mesh and tensor parallelism are not
+    supported)."""
+    params = list(params)
+    if not params or not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor, Shard
+
+    sharded = [p for p in params if isinstance(p, DTensor)]
+    if not sharded:
+        return None
+    if len(sharded) != len(params):
+        plain = next(p for p in params if not isinstance(p, DTensor))
+        raise ValueError(
+            "the optimizer holds FSDP2 (fully_shard) parameters and plain tensors (one of shape "
+            f"{tuple(plain.shape)}): apply fully_shard to the whole model (its root module too)"
+        )
+    mesh = sharded[0].device_mesh
+    for p in sharded:
+        if p.device_mesh != mesh:
+            raise ValueError("FSDP2 parameters on different device meshes are not supported")
+        if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+            raise ValueError(
+                "only plain FSDP2 sharding is supported (dim 0 over a 1-D mesh); found placements "
+                f"{tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh (HSDP or tensor parallelism) for a "
+                f"parameter of shape {tuple(p.shape)}"
             )
+    return mesh
 
 
 class DistributedSync:
@@ -126,6 +141,27 @@ class DistributedSync:
         self.strategy = strategy
         self.rng_shared = False
         self._local = LocalReduction(self.no_sync)
+
+    def use_mesh(self, mesh: Any) -> None:
+        """Sum over the ranks of an FSDP2 mesh: its group, unless the same ranks were given as
+        ``process_group``; ValueError when the ranks would not be summed over (``distributed=False`` or
+        another group)."""
+        dist = _dist()
+        group = mesh.get_group()
+        ranks = dist.get_process_group_ranks(group)
+        if self.enabled is False and len(ranks) > 1:
+            raise ValueError(
+                f"the parameters are FSDP2 shards over {len(ranks)} ranks: the Gram matrix must be summed "
+                "over them, so distributed=False is not possible"
+            )
+        if self.process_group is not None:
+            given = dist.get_process_group_ranks(self.process_group)
+            if given != ranks:
+                raise ValueError(
+                    f"process_group has ranks {given} but the FSDP2 parameters are sharded over ranks {ranks}"
+                )
+        else:
+            self.process_group = group
 
     def group(self) -> Any | None:
         """The process group to average over, or None when this step is not distributed."""
@@ -208,6 +244,9 @@ class LocalReduction:
     def average(self, values: torch.Tensor) -> torch.Tensor:
         return values
 
+    def sum_in_place(self, tensors: list[torch.Tensor]) -> None:
+        """Sum each tensor over the ranks, in place (one rank: nothing to add)."""
+
     def average_gradients(
         self, params: list[torch.Tensor], grads: Sequence[torch.Tensor | None]
     ) -> Sequence[torch.Tensor | None]:
@@ -272,6 +311,9 @@ class _GroupReduction(LocalReduction):
             dist.broadcast(state, group=self.group, group_src=0)
             gen.set_state(state.cpu())
         self.sync.rng_shared = True
+
+    def sum_in_place(self, tensors: list[torch.Tensor]) -> None:
+        _sum_in_place(tensors, self.group)
 
     def average(self, values: torch.Tensor) -> torch.Tensor:
         """The mean of ``values`` over the ranks (a new tensor)."""

@@ -21,13 +21,14 @@ import torch
 from . import checkpoint
 from ._validation import check_bool, check_choice, check_int, check_tensors
 from .amp import LossScaling, mark_overflow
-from .distributed import DistributedSync, check_not_sharded, is_ddp
+from .distributed import DistributedSync, fsdp_mesh, is_ddp
 from .info import StepInfo
 from .l2 import L2Rule
 from .losses import MaskedLosses, PlainLosses, align, check_scalars
 from .methods import Method, make_method
 from .sources import NonFiniteError
 from .sources.features import FeatureSource
+from .sources.fsdp import FSDPSource
 from .sources.jacobian import JacobianSource
 from .sources.weighted import WeightedSource
 from .sparse import check_sparse_support, sparse_tables
@@ -78,7 +79,7 @@ class GradSurgery(torch.optim.Optimizer):
         activation_form: ``"auto"``, ``"kernel"`` or ``"materialize"``: how the activation source forms
             each layer's contribution to G (``"auto"``: the one with fewer flops, per layer).
         process_group: the ``torch.distributed`` group to average over (default: the DDP module's group,
-            else the default group).
+            the FSDP2 mesh's group for ``fully_shard`` parameters, else the default group).
         distributed: ``None`` (auto: average over the ranks whenever ``torch.distributed`` is initialised with
             more than one rank), ``True`` (require it) or ``False`` (each rank fuses its local gradients).
         dist_strategy: ``"allreduce"`` (all-reduce the T×d task-gradient matrix) or ``"sharded"``
@@ -90,6 +91,9 @@ class GradSurgery(torch.optim.Optimizer):
             ``l2_decoupled`` (default True: the rule corrects the optimizer's step; False: the gradient) are
             its options; ``method="l2"`` is the same rule for a single loss.
         **options: the method's options, e.g. ``solver="cvxpy"`` for ``"mgda"``.
+
+    FSDP2 (``fully_shard``) parameters are recognised by themselves: each task's gradient is read from the
+    shards FSDP reduce-scatters and G is summed over the ranks (``gradsurgery.sources.fsdp``).
 
     ``param_groups``, ``state`` and ``defaults`` are the wrapped optimizer's own objects, so LR schedulers,
     ``GradScaler`` and gradient clipping see one optimizer.
@@ -127,11 +131,18 @@ class GradSurgery(torch.optim.Optimizer):
             model=model, process_group=process_group, enabled=distributed, strategy=dist_strategy
         )
         held = [p for g in optimizer.param_groups for p in g["params"]]
-        check_not_sharded(held)
+        mesh = fsdp_mesh(held)
+        if mesh is not None:
+            sync.use_mesh(mesh)
         self.method = make_method(method, **options)
         transforms = self.method.transforms() + _l2_option(
             self.method, l2, l2_params, l2_per_tensor, l2_decoupled
         )
+        if mesh is not None and transforms:
+            raise ValueError(
+                "the λ-free L2 rule (method='l2' or l2=True) does not support FSDP2 (fully_shard) "
+                "parameters yet"
+            )
         for transform in transforms:
             transform.setup(optimizer)
         if shared_params is not None:
@@ -160,6 +171,7 @@ class GradSurgery(torch.optim.Optimizer):
             gram_dtype,
             optimizer,
             dist_strategy,
+            sharded=mesh is not None,
         )
         main = self.method.per_sample_task
         self.prepare = PlainLosses() if main is None else MaskedLosses(main, self.shared_ids)
@@ -198,7 +210,10 @@ class GradSurgery(torch.optim.Optimizer):
         if "optimizer" in self.__dict__:
             params = param_group.get("params") if isinstance(param_group, dict) else None
             if params is not None:
-                check_not_sharded([params] if isinstance(params, torch.Tensor) else list(params))
+                # Refuses a group that mixes FSDP2 shards with plain tensors or brings another mesh.
+                fsdp_mesh(
+                    self._all_params() + ([params] if isinstance(params, torch.Tensor) else list(params))
+                )
             self.optimizer.add_param_group(param_group)
 
     def state_dict(self) -> dict[str, Any]:
@@ -287,6 +302,8 @@ class GradSurgery(torch.optim.Optimizer):
         try:
             tasks, names, sample_mask = self._prepare_losses(losses, params)
             source = self._source_for(features, scaling, reduction)
+            if source.collectives_in_collect:
+                reduction.agree(len(tasks), signature=0)
             step = source.collect(tasks, params, scaling, retain_graph, reduction.no_sync)
         except (TypeError, ValueError) as err:
             reduction.fail(err)  # the other ranks stop too
@@ -321,6 +338,10 @@ class GradSurgery(torch.optim.Optimizer):
     def _source_for(self, features: Any, scaling: LossScaling | None, reduction: Any) -> Any:
         if features is None:
             return self.source
+        if isinstance(self.source, FSDPSource):
+            raise ValueError(
+                "representation mode (features=) does not support FSDP2 (fully_shard) parameters yet"
+            )
         gradient_transforms = any(t.acts_on_gradient for t in self.transforms)
         FeatureSource.check_supported(scaling, reduction, gradient_transforms)
         return FeatureSource(features, self.gram_dtype, self.method.scales_task_specific)
@@ -362,6 +383,9 @@ class GradSurgery(torch.optim.Optimizer):
                 return device
         return torch.device("cpu")
 
+    def _all_params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
     def _trainable_params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
 
@@ -375,13 +399,23 @@ def _full_mode_source(
     gram_dtype: torch.dtype,
     optimizer: torch.optim.Optimizer,
     dist_strategy: str,
+    *,
+    sharded: bool,
 ) -> Any:
-    """The gradient source of full mode, chosen once: one weighted backward for methods that need no Gram
-    matrix, else the Jacobian or the activation source (``gradient_source``)."""
+    """The gradient source of full mode, chosen once: the FSDP2 source for sharded parameters; one weighted
+    backward for methods that need no Gram matrix; else the Jacobian or the activation source
+    (``gradient_source``)."""
     check_choice(gradient_source, ("auto", "jacobian", "activations"), "gradient_source")
+    scales = method.scales_task_specific
+    if sharded:
+        if gradient_source == "activations":
+            raise ValueError(
+                "gradient_source='activations' does not support FSDP2 (fully_shard) parameters: use 'auto' "
+                "(the task gradients are then read from FSDP's gradient shards)"
+            )
+        return FSDPSource(shared_params, gram_dtype, scales, method.needs_gram)
     if gradient_source == "activations" and model is None:
         raise ValueError("gradient_source='activations' needs the model: GradSurgery(..., model=model)")
-    scales = method.scales_task_specific
     if not method.needs_gram:
         return WeightedSource(gram_dtype)
     auto = gradient_source == "auto"

@@ -171,13 +171,6 @@ def bad_input_scenarios(rank):
     res["untouched"] = all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     res["grads_none"] = all(p.grad is None for p in model.parameters())
 
-    # FSDP2 is refused with a clear error.
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    sharded = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
-    fully_shard(sharded, mesh=init_device_mesh("cpu", (WORLD,)))
-    res["fsdp2"] = catch(lambda: GradSurgery(torch.optim.SGD(sharded.parameters(), lr=0.1), "mgda"))
     return res
 
 
@@ -315,9 +308,3 @@ def test_different_layouts_fail_on_every_rank(ranks):
         name, msg = res["bad"]["layout"]
         assert name == "ValueError" and "different parameters" in msg
         assert res["bad"]["untouched"] and res["bad"]["grads_none"]
-
-
-def test_fsdp2_is_refused(ranks):
-    for res in ranks:
-        name, msg = res["bad"]["fsdp2"]
-        assert name == "TypeError" and "FSDP2" in msg and "DTensor" in msg

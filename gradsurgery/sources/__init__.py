@@ -12,9 +12,14 @@ it reaches. Each ``collect`` returns a *collection* for that one call:
 - ``check_finite()``: raises ``NonFiniteError`` naming the tasks with a NaN/inf loss or gradient;
 - ``gradients(w)``: the (parameter, new gradient) pairs, in true units (not loss-scaled).
 
+A source whose ``collect`` itself runs collectives (``collectives_in_collect``: FSDP2's backward passes
+all-gather and reduce-scatter) has the ranks agree on the task count before it, so that a rank whose losses
+failed their checks cannot leave the others waiting in a collective.
+
 The sources: ``jacobian`` (one ``autograd.grad`` per task over the parameters, the exact full mode),
 ``features`` (gradients with respect to a shared representation: representation mode) and ``weighted``
-(one backward pass of Σ w_i L_i, for loss weightings whose weights need no gradient).
+(one backward pass of Σ w_i L_i, for loss weightings whose weights need no gradient); ``fsdp`` (FSDP2's
+gradient shards, one backward per task, the Gram matrix summed over the ranks).
 """
 
 from __future__ import annotations

@@ -112,6 +112,7 @@ class ActivationSource:
     """
 
     mode = "full"
+    collectives_in_collect = False
     name = "activations"
 
     def __init__(

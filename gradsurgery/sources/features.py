@@ -142,6 +142,7 @@ class FeatureSource:
     """Representation mode: weights from the task gradients with respect to the shared features."""
 
     mode = "representation"
+    collectives_in_collect = False
     name = "features"
 
     def __init__(

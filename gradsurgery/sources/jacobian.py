@@ -226,6 +226,7 @@ class JacobianSource:
     """Full mode: the per-task gradients of every parameter, the exact Gram matrix of the shared ones."""
 
     mode = "full"
+    collectives_in_collect = False
     name = "jacobian"
 
     def __init__(

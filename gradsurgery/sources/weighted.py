@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 class WeightedSource:
     mode = "full"
+    collectives_in_collect = False
     name = "weighted"
 
     def __init__(self, gram_dtype: torch.dtype) -> None:

@@ -1,0 +1,300 @@
+"""FSDP2 (``fully_shard``): the exact task gradients read from the shards that FSDP reduce-scatters.
+
+Under FSDP2 each of the n ranks holds a dim-0 shard of every parameter (a ``DTensor``). ``autograd.grad``
+cannot reach them (the graph holds the unsharded copies FSDP all-gathers for the forward), but ``backward``
+does: FSDP's post-backward hook reduce-scatters the gradient, averaged over the ranks, into the sharded
+``.grad``. With J_k the T×d_k block of the task gradients over rank k's shards (the shards partition the
+columns of J), G = J Jᵀ = Σ_k J_k J_kᵀ. So, per step:
+
+1. the ``.grad`` already there (gradient accumulation) is set aside and put back after step 2, also when
+   it fails;
+2. per task, ``L_i.backward()``: rank k copies its shard of the rank-averaged g_i (``.grad.to_local()``)
+   and clears ``.grad``;
+3. G = Σ_k J_k J_kᵀ: each rank's T×T Gram of its shards, summed over the ranks (one all-reduce of T²
+   numbers, exact); the losses are averaged over the ranks;
+4. u_k = J_kᵀ w on each rank, written back as a ``DTensor`` with the parameter's placement.
+
+A parameter reached by one task gets that task's gradient (times w_i for loss weightings), as in the
+Jacobian source. Loss weightings that need no Gram matrix take one backward of Σ_i w_i L_i instead of T.
+
+Cost per step: T backward passes, each with FSDP's all-gathers and reduce-scatter (T times the communication
+of a plain step), T²·d/n for the Gram and T·d/n for u on each rank; memory T·d/n per rank for the task
+gradients (each parameter's T shards are stacked one parameter at a time). Supported: a 1-D mesh (plain
+FSDP; HSDP's 2-D mesh is refused) on any backend, with FSDP's gradient sync on (the default).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, cast
+
+import torch
+
+from ..gram import gram_matrix
+from . import NonFiniteError, check_finite, loss_values
+
+if TYPE_CHECKING:
+    from ..amp import LossScaling
+    from ..distributed import Reduction
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor."""
+    return cast(torch.Tensor, t.to_local())  # type: ignore[attr-defined]
+
+
+def sharded_like(param: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
+    """A DTensor with ``param``'s global shape, mesh and placement whose local shard is ``shard``."""
+    from torch.distributed.tensor import DTensor
+
+    p = cast(Any, param)
+    return DTensor.from_local(
+        shard.reshape(local(param).shape),
+        device_mesh=p.device_mesh,
+        placements=p.placements,
+        run_check=False,
+        shape=param.shape,
+        stride=param.stride(),
+    )
+
+
+@contextmanager
+def grads_set_aside(params: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Clear ``.grad`` for the duration and put the original objects back afterwards (also on error)."""
+    kept = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        yield
+    finally:
+        for p, g in zip(params, kept, strict=True):
+            p.grad = g
+
+
+def reaches_nothing(tasks: Sequence[int]) -> ValueError:
+    return ValueError(
+        f"loss(es) {list(tasks)} reach none of the optimizer's parameters (under FSDP2 the gradients are "
+        "read from the shards FSDP reduce-scatters: keep its gradient sync on, set_requires_gradient_sync"
+        "(True))"
+    )
+
+
+class FSDPSource:
+    """Full mode for FSDP2 parameters: the per-task gradient shards, the exact Gram matrix summed over the
+    ranks."""
+
+    mode = "full"
+    collectives_in_collect = True
+    name = "fsdp"
+
+    def __init__(
+        self,
+        shared_params: Sequence[torch.Tensor] | None,
+        gram_dtype: torch.dtype,
+        scales_task_specific: bool,
+        needs_gram: bool,
+    ) -> None:
+        self.shared_override = None if shared_params is None else {id(p) for p in shared_params}
+        self.gram_dtype = gram_dtype
+        self.scales_task_specific = scales_task_specific
+        self.needs_gram = needs_gram
+
+    def collect(
+        self,
+        losses: list[torch.Tensor],
+        params: list[torch.Tensor],
+        scaling: LossScaling | None,
+        retain_graph: bool,
+        no_sync: Callable[[], Any],
+    ) -> FSDPCollection | FSDPWeightedCollection:
+        values = loss_values(losses, self.gram_dtype)
+        if not self.needs_gram:
+            return FSDPWeightedCollection(losses, params, values, scaling, retain_graph)
+        grad_losses = losses if scaling is None else scaling.scale(losses)
+        shards: list[dict[int, torch.Tensor]] = []  # per task: param index -> this rank's gradient shard
+        with grads_set_aside(params):
+            for i, loss in enumerate(grad_losses):
+                torch.autograd.backward(loss, retain_graph=retain_graph or i < len(losses) - 1)
+                got = {k: local(p.grad).clone() for k, p in enumerate(params) if p.grad is not None}
+                for p in params:
+                    p.grad = None
+                shards.append(got)
+        lost = [i for i, got in enumerate(shards) if not got]
+        if lost:
+            raise reaches_nothing(lost)
+        if scaling is not None:
+            factor = scaling.scale_factor()
+            for got in shards:
+                for g in got.values():
+                    g.div_(factor)
+        return FSDPCollection(self, params, shards, values)
+
+    def is_shared(self, param: torch.Tensor, reached_by: int) -> bool:
+        if self.shared_override is not None:
+            return id(param) in self.shared_override
+        return reached_by >= 2
+
+
+class FSDPCollection:
+    mode = "full"
+    source = "fsdp"
+
+    def __init__(
+        self,
+        owner: FSDPSource,
+        params: list[torch.Tensor],
+        shards: list[dict[int, torch.Tensor]],
+        values: torch.Tensor,
+    ) -> None:
+        self.params = params
+        self.shards = shards
+        self.loss_values = values
+        self.gram_dtype = owner.gram_dtype
+        self.scales_task_specific = owner.scales_task_specific
+        reached_by = [[i for i, got in enumerate(shards) if k in got] for k in range(len(params))]
+        self.reached_by = reached_by
+        self.shared = [
+            k for k, p in enumerate(params) if reached_by[k] and owner.is_shared(p, len(reached_by[k]))
+        ]
+        shared = set(self.shared)
+        self.specific = [k for k in range(len(params)) if reached_by[k] and k not in shared]
+        self.gram: torch.Tensor | None = None
+        self._specific_norms: torch.Tensor | None = None
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.shards)
+
+    def signature(self) -> int:
+        """A 31-bit fingerprint of the global shapes, which tasks reach each parameter and which are shared
+        (the same on every rank whatever the size of its shards)."""
+        parts = [
+            self.num_tasks,
+            [(tuple(p.shape), tuple(by)) for p, by in zip(self.params, self.reached_by, strict=True)],
+            self.shared,
+        ]
+        return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
+
+    def _stacked(self, k: int) -> torch.Tensor:
+        """Parameter k's T task-gradient shards as a (T, local numel) matrix (zeros for the tasks that do
+        not reach it)."""
+        shard = local(self.params[k])
+        rows = [got.get(k) for got in self.shards]
+        like = next(g for g in rows if g is not None)
+        return torch.stack([(g if g is not None else torch.zeros_like(like)).reshape(-1) for g in rows]).view(
+            self.num_tasks, shard.numel()
+        )
+
+    def reduce(self, reduction: Reduction) -> None:
+        """G and the squared norms of the task-specific gradients, summed over the shards of all ranks (one
+        all-reduce); the losses averaged."""
+        t = self.num_tasks
+        device = self.loss_values.device
+        partial = torch.zeros(t, t, dtype=self.gram_dtype, device=device)
+        for k in self.shared:
+            partial += gram_matrix(self._stacked(k), self.gram_dtype).to(device)
+        norms = torch.zeros(t, dtype=self.gram_dtype, device=device)
+        for k in self.specific:
+            for i in self.reached_by[k]:
+                norms[i] += self.shards[i][k].to(self.gram_dtype).pow(2).sum().to(device)
+        packed = torch.cat([partial.reshape(-1), norms])
+        reduction.sum_in_place([packed])
+        self.gram = packed[: t * t].view(t, t)
+        self._specific_norms = packed[t * t :]
+        self.loss_values = reduction.average(self.loss_values)
+
+    def check_finite(self) -> None:
+        norms = self._specific_norms
+        reached = sorted({i for k in self.specific for i in self.reached_by[k]})
+        task_norms = [(i, norms[i]) for i in reached] if norms is not None else []
+        check_finite(self.loss_values, self.gram, task_norms, params=self.reached_params())
+
+    def gradients(self, weights: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """u_k = J_kᵀw for the shared parameters, Σ_i s_i g_i for the others (s_i = 1, or w_i for loss
+        weightings), each as a sharded DTensor."""
+        out: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for k in self.shared:
+            stacked = self._stacked(k)
+            fused = weights.to(device=stacked.device, dtype=stacked.dtype) @ stacked
+            out.append((self.params[k], sharded_like(self.params[k], fused)))
+        for k in self.specific:
+            total: torch.Tensor | None = None
+            for i in self.reached_by[k]:
+                g = self.shards[i][k]
+                if self.scales_task_specific:
+                    g = g * weights[i].to(device=g.device, dtype=g.dtype)
+                total = g if total is None else total + g
+            if total is not None:  # every task-specific parameter is reached by some task
+                out.append((self.params[k], sharded_like(self.params[k], total)))
+        return out
+
+    def reached_params(self) -> list[torch.Tensor]:
+        return [self.params[k] for k in self.shared + self.specific]
+
+
+class FSDPWeightedCollection:
+    """A loss weighting without Gram matrix under FSDP2: the losses averaged over the ranks, then one
+    ``backward`` of Σ_i w_i L_i whose gradient FSDP reduce-scatters."""
+
+    mode = "full"
+    source = "fsdp"
+    gram = None
+
+    def __init__(
+        self,
+        losses: list[torch.Tensor],
+        params: list[torch.Tensor],
+        values: torch.Tensor,
+        scaling: LossScaling | None,
+        retain_graph: bool,
+    ) -> None:
+        self.losses = losses
+        self.params = params
+        self.loss_values = values
+        self.scaling = scaling
+        self.retain_graph = retain_graph
+        self.reduction: Reduction | None = None
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.losses)
+
+    def signature(self) -> int:
+        return 0
+
+    def reduce(self, reduction: Reduction) -> None:
+        self.loss_values = reduction.average(self.loss_values)
+        self.reduction = reduction
+
+    def check_finite(self) -> None:
+        check_finite(self.loss_values, params=self.params)
+
+    def gradients(self, weights: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self.reduction is None:
+            raise RuntimeError("the weighted collection's gradients are taken after reduce()")
+        total = cast(
+            torch.Tensor,
+            sum(w.to(loss.dtype) * loss for w, loss in zip(weights.unbind(), self.losses, strict=True)),
+        )
+        if self.scaling is not None:
+            total = self.scaling.scale_one(total)
+        with grads_set_aside(self.params):
+            torch.autograd.backward(total, retain_graph=self.retain_graph)
+            got = [(p, local(p.grad).clone()) for p in self.params if p.grad is not None]
+        if not got:
+            raise reaches_nothing(range(self.num_tasks))
+        square = torch.zeros(1, dtype=torch.float64, device=got[0][1].device)
+        for _, g in got:
+            square += g.double().pow(2).sum()
+        self.reduction.sum_in_place([square])  # a NaN on one rank's shard stops every rank
+        if not torch.isfinite(square).all():
+            raise NonFiniteError(
+                "non-finite (NaN/inf) gradient of the weighted loss; nothing was written", (p for p, _ in got)
+            )
+        factor = 1.0 if self.scaling is None else self.scaling.scale_factor()
+        return [(p, sharded_like(p, g / factor if factor != 1.0 else g)) for p, g in got]
+
+    def reached_params(self) -> list[torch.Tensor]:
+        return self.params

@@ -1,0 +1,366 @@
+"""FSDP2 (``fully_shard``): 2 gloo ranks, each with half of the batch and a dim-0 shard of every parameter,
+must fuse exactly what one process fuses on the concatenated batch with plain parameters, for every method,
+and refuse what is not supported with a clear error that leaves ``.grad`` and the method state untouched.
+
+One pair of workers runs every scenario and saves what each rank saw (the full gradients, gathered from the
+shards); the tests compare it with the single-process run of the same method on the same data.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from dist_harness import WORLD, run_on_ranks
+from method_checks import registered
+from torch import nn
+
+from gradsurgery import GradSurgery
+
+pytestmark = pytest.mark.distributed
+
+BATCH = 4  # per rank
+STEPS = 3
+METHODS = registered(2)
+
+
+class Net(nn.Module):
+    """A trunk of odd widths (uneven shards; a 1-row head weight leaves rank 1 an empty shard), a scalar
+    gain and one head per task."""
+
+    def __init__(self, num_tasks: int) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3), nn.Tanh())
+        self.gain = nn.Parameter(torch.ones(1))
+        self.heads = nn.ModuleList(nn.Linear(3, 1) for _ in range(num_tasks))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        h = self.trunk(x) * self.gain
+        return [head(h).squeeze(1) for head in self.heads]
+
+
+def make_net(num_tasks: int) -> Net:
+    torch.manual_seed(0)
+    net = Net(num_tasks).double()
+    with torch.no_grad():  # all heads alike and targets opposed: the trunk gradients conflict
+        for head in net.heads[1:]:
+            head.load_state_dict(net.heads[0].state_dict())
+    return net
+
+
+def shard(net: Net) -> Net:
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(net.trunk)
+    for head in net.heads:
+        fully_shard(head)
+    fully_shard(net)
+    return net
+
+
+def make_data(num_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(WORLD * BATCH, 5, generator=gen, dtype=torch.float64)
+    y = torch.randn(WORLD * BATCH, num_tasks, generator=gen, dtype=torch.float64)
+    y[:, 1] = -2 * y[:, 0] + 0.3 * y[:, 1]
+    if num_tasks == 3:
+        y[:, 2] = -1.5 * y[:, 0] + 0.3 * y[:, 2]
+    return x, y
+
+
+def task_losses(out: list[torch.Tensor], y: torch.Tensor) -> list[torch.Tensor]:
+    return [(o - y[:, i]).pow(2).mean() for i, o in enumerate(out)]
+
+
+def full_grads(model: nn.Module) -> list[torch.Tensor | None]:
+    # full_tensor() is a collective: every rank calls it for the same parameters in the same order.
+    return [None if p.grad is None else p.grad.full_tensor().clone() for p in model.parameters()]
+
+
+def full_params(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().full_tensor().clone() for p in model.parameters()]
+
+
+def run_method(rank, method, options, num_tasks=2, rank_options=None, micro_batches=1):
+    """The sharded model on this rank's half, the plain reference on the whole batch, side by side. With
+    ``micro_batches`` = 2 each step accumulates two ``backward`` calls (the two halves of the batch)."""
+    model, ref = shard(make_net(num_tasks)), make_net(num_tasks)
+    opt = GradSurgery(
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        method,
+        **dict(options, **(rank_options or {})),
+    )
+    ref_opt = GradSurgery(
+        torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9), method, distributed=False, **options
+    )
+    x, y = make_data(num_tasks)
+    mine = torch.arange(rank * BATCH, (rank + 1) * BATCH)
+    out: dict = {"grads": [], "ref_grads": [], "weights": [], "ref_weights": [], "sources": []}
+    for _ in range(STEPS):
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        for part in mine.chunk(micro_batches):
+            info = opt.backward(task_losses(model(x[part]), y[part]))
+        whole = torch.arange(WORLD * BATCH).view(WORLD, BATCH)
+        for part in whole.chunk(micro_batches, dim=1):
+            ref_info = ref_opt.backward(task_losses(ref(x[part.reshape(-1)]), y[part.reshape(-1)]))
+        out["grads"].append(full_grads(model))
+        out["ref_grads"].append([None if p.grad is None else p.grad.clone() for p in ref.parameters()])
+        out["weights"].append(info.weights.clone())
+        out["ref_weights"].append(ref_info.weights.clone())
+        out["sources"].append(info.source)
+        opt.step()
+        ref_opt.step()
+    out["params"] = full_params(model)
+    out["ref_params"] = [p.detach().clone() for p in ref.parameters()]
+    return out
+
+
+def catch(fn):
+    try:
+        fn()
+    except Exception as err:  # noqa: BLE001 - recorded for the assertions in the parent process
+        return type(err).__name__, str(err)
+    return None, ""
+
+
+def scaler_scenario(rank):
+    """A GradScaler with scale 2^10: the fused gradient is written scaled; ``scaler.step`` unscales it."""
+    model, ref = shard(make_net(2)), make_net(2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "mgda")
+    ref_opt = GradSurgery(torch.optim.SGD(ref.parameters(), lr=0.1), "mgda", distributed=False)
+    x, y = make_data(2)
+    mine = slice(rank * BATCH, (rank + 1) * BATCH)
+    info = opt.backward(task_losses(model(x[mine]), y[mine]), grad_scaler=scaler)
+    ref_opt.backward(task_losses(ref(x), y))
+    res = {"scaled": full_grads(model), "ref": [p.grad.clone() for p in ref.parameters()]}
+    res["overflow"] = info.overflow
+    res["step"] = catch(lambda: scaler.step(opt))
+    res["after_step"] = full_params(model)
+    ref_opt.step()
+    res["ref_after_step"] = [p.detach().clone() for p in ref.parameters()]
+
+    # A NaN loss on rank 1 only: every rank sees the overflow, .grad becomes inf, the method is not called.
+    opt.zero_grad()
+    losses = task_losses(model(x[mine]), y[mine])
+    if rank == 1:
+        losses[0] = losses[0] * math.nan
+    info = opt.backward(losses, grad_scaler=scaler)
+    res["nan_overflow"] = info.overflow
+    res["nan_grads_inf"] = all(
+        bool(torch.isinf(p.grad.to_local()).all()) for p in model.parameters() if p.grad is not None
+    )
+    return res
+
+
+def retain_scenario(rank):
+    """``retain_graph=True`` keeps the graph for another backward; False frees it."""
+    model = shard(make_net(2))
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "upgrad")
+    x, y = make_data(2)
+    mine = slice(rank * BATCH, (rank + 1) * BATCH)
+    losses = task_losses(model(x[mine]), y[mine])
+    opt.backward(losses, retain_graph=True)
+    first = full_grads(model)
+    opt.backward(losses)
+    res = {"first": first, "twice": full_grads(model)}
+    res["freed"] = catch(lambda: opt.backward(losses))
+    return res
+
+
+def bad_input_scenarios(rank):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    res = {}
+    model = shard(make_net(2))
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    res["no_distributed"] = catch(lambda: GradSurgery(sgd, "mgda", distributed=False))
+    res["l2"] = catch(lambda: GradSurgery(sgd, "mgda", l2=True))
+    res["activations"] = catch(lambda: GradSurgery(sgd, "mgda", model=model, gradient_source="activations"))
+    plain = nn.Linear(2, 2).double()
+    res["mixed"] = catch(lambda: GradSurgery(torch.optim.SGD([*model.parameters(), plain.weight], lr=0.1)))
+    opt = GradSurgery(sgd, "nash_mtl")  # its state (the last solution) must survive a failed call
+    res["add_plain_group"] = catch(lambda: opt.add_param_group({"params": [plain.bias]}))
+
+    hybrid = nn.Linear(3, 4).double()
+    fully_shard(hybrid, mesh=init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("replicate", "shard")))
+    res["hsdp"] = catch(lambda: GradSurgery(torch.optim.SGD(hybrid.parameters(), lr=0.1), "mgda"))
+
+    x, y = make_data(2)
+    mine = slice(rank * BATCH, (rank + 1) * BATCH)
+    res["features"] = catch(lambda: opt.backward(task_losses(model(x[mine]), y[mine]), features=x[mine]))
+
+    # A gradient already in .grad (accumulation) must survive a failed call unchanged.
+    opt.zero_grad()
+    opt.backward(task_losses(model(x[mine]), y[mine]))
+    # The optimizer's parameters are the shards (after a forward without backward, model.parameters() of
+    # the root module are FSDP's unsharded copies).
+    held = opt.param_groups[0]["params"]
+    before = [p.grad.to_local().clone() for p in held]
+    state = dict(opt.method.state_dict())
+    res["state_nonempty"] = bool(state)
+
+    def nan_on_rank_one():
+        losses = task_losses(model(x[mine]), y[mine])
+        if rank == 1:
+            losses[1] = losses[1] * math.nan
+        opt.backward(losses)
+
+    res["nan"] = catch(nan_on_rank_one)
+    fresh = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "mgda")  # not bound to a task count
+
+    def one_more_on_rank_one():
+        losses = task_losses(model(x[mine]), y[mine])
+        fresh.backward(losses + [2 * losses[0]] * rank)
+
+    res["task_count"] = catch(one_more_on_rank_one)
+    res["detached"] = catch(
+        lambda: opt.backward(
+            [loss.detach() if rank == 0 else loss for loss in task_losses(model(x[mine]), y[mine])]
+        )
+    )
+    after = [None if p.grad is None else p.grad.to_local() for p in held]
+    res["grads_untouched"] = all(
+        a is not None and torch.equal(a, b) for a, b in zip(before, after, strict=True)
+    )
+    res["state_untouched"] = repr(state) == repr(dict(opt.method.state_dict()))
+    return res
+
+
+def scenarios(rank: int) -> dict:
+    results = {}
+    for method, options in METHODS:
+        results[method] = run_method(rank, method, options)
+    results["main_aux3"] = run_method(rank, "main_aux", {}, num_tasks=3)
+    # Rank r is seeded r: rank 0's generator must win everywhere (the reference is seeded 0).
+    results["pcgrad3"] = run_method(rank, "pcgrad", {"seed": 0}, num_tasks=3, rank_options={"seed": rank})
+    results["accumulate"] = run_method(rank, "nash_mtl", {}, micro_batches=2)
+    results["accumulate_weighted"] = run_method(rank, "famo", {}, micro_batches=2)
+    results["shared_override"] = run_method_shared(rank)
+    results["scaler"] = scaler_scenario(rank)
+    results["retain"] = retain_scenario(rank)
+    results["bad"] = bad_input_scenarios(rank)
+    return results
+
+
+def run_method_shared(rank):
+    """``shared_params`` = the trunk only: the gain, reached by both tasks, gets the plain sum Σ_i g_i."""
+    model, ref = shard(make_net(2)), make_net(2)
+    opt = GradSurgery(
+        torch.optim.SGD(model.parameters(), lr=0.1), "mgda", shared_params=model.trunk.parameters()
+    )
+    ref_opt = GradSurgery(
+        torch.optim.SGD(ref.parameters(), lr=0.1),
+        "mgda",
+        shared_params=ref.trunk.parameters(),
+        distributed=False,
+    )
+    x, y = make_data(2)
+    mine = slice(rank * BATCH, (rank + 1) * BATCH)
+    opt.backward(task_losses(model(x[mine]), y[mine]))
+    ref_opt.backward(task_losses(ref(x), y))
+    return {"grads": full_grads(model), "ref_grads": [p.grad.clone() for p in ref.parameters()]}
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    return run_on_ranks(scenarios, str(tmp_path_factory.mktemp("fsdp")))
+
+
+def assert_grads_close(got, want, rtol=1e-10, atol=1e-12):
+    assert [g is None for g in got] == [g is None for g in want]
+    for a, b in zip(got, want, strict=True):
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize(
+    "key", [m for m, _ in METHODS] + ["main_aux3", "pcgrad3", "accumulate", "accumulate_weighted"]
+)
+def test_matches_single_process_on_concatenated_batch(ranks, key):
+    for res in ranks:
+        run = res[key]
+        assert set(run["sources"]) == {"fsdp"}
+        for step in range(STEPS):
+            assert_grads_close(run["grads"][step], run["ref_grads"][step])
+            torch.testing.assert_close(run["weights"][step], run["ref_weights"][step], rtol=1e-9, atol=1e-12)
+        assert_grads_close(run["params"], run["ref_params"])
+
+
+@pytest.mark.parametrize("key", [m for m, _ in METHODS] + ["pcgrad3"])
+def test_ranks_stay_bit_identical(ranks, key):
+    a, b = ranks[0][key], ranks[1][key]
+    assert all(torch.equal(p, q) for p, q in zip(a["params"], b["params"], strict=True))
+    for step in range(STEPS):
+        assert torch.equal(a["weights"][step], b["weights"][step])
+
+
+def test_methods_fuse_differently_here(ranks):
+    # The data make the tasks conflict, so the methods' gradients differ: the comparison above has teeth.
+    grads = {
+        m: torch.cat([g.reshape(-1) for g in ranks[0][m]["grads"][0]]) for m in ("sum", "mgda", "pcgrad")
+    }
+    assert float((grads["sum"] - grads["mgda"]).abs().max()) > 1e-3
+    assert float((grads["sum"] - grads["pcgrad"]).abs().max()) > 1e-3
+
+
+def test_shared_params_override(ranks):
+    for res in ranks:
+        assert_grads_close(res["shared_override"]["grads"], res["shared_override"]["ref_grads"])
+
+
+def test_grad_scaler_scales_and_steps(ranks):
+    for res in ranks:
+        run = res["scaler"]
+        assert run["overflow"] is False
+        assert_grads_close(run["scaled"], [g * 2.0**10 for g in run["ref"]])
+        assert run["step"] == (None, "")
+        assert_grads_close(run["after_step"], run["ref_after_step"])
+        assert run["nan_overflow"] is True and run["nan_grads_inf"]
+
+
+def test_retain_graph(ranks):
+    for res in ranks:
+        run = res["retain"]
+        assert_grads_close(run["twice"], [2 * g for g in run["first"]])
+        name, msg = run["freed"]
+        assert name == "RuntimeError" and "second time" in msg
+
+
+def test_unsupported_combinations_are_refused(ranks):
+    for res in ranks:
+        bad = res["bad"]
+        for key, words in [
+            ("no_distributed", "distributed=False"),
+            ("l2", "L2"),
+            ("activations", "gradient_source='activations'"),
+            ("mixed", "plain tensors"),
+            ("add_plain_group", "plain tensors"),
+            ("hsdp", "2-D mesh"),
+            ("features", "representation mode"),
+        ]:
+            name, msg = bad[key]
+            assert name == "ValueError" and words in msg and "FSDP2" in msg or "fully_shard" in msg, (
+                key,
+                msg,
+            )
+
+
+def test_failures_stop_every_rank_and_leave_everything_untouched(ranks):
+    for rank, res in enumerate(ranks):
+        bad = res["bad"]
+        name, msg = bad["nan"]
+        assert name == "NonFiniteError" and "task(s) [1]" in msg
+        name, msg = bad["task_count"]
+        assert (
+            name == "ValueError" and "different task counts" in msg and f"this rank passed {2 + rank}" in msg
+        )
+        name, msg = bad["detached"]
+        if rank == 0:
+            assert name == "ValueError" and "does not require grad" in msg
+        else:
+            assert name == "RuntimeError" and "rank 0" in msg
+        assert bad["grads_untouched"] and bad["state_untouched"] and bad["state_nonempty"]
