@@ -1,0 +1,188 @@
+"""FSDP2 step time: GradSurgery's exact full mode on ``fully_shard`` parameters against a plain FSDP step.
+
+Two gloo ranks on 127.0.0.1 (one thread each) train the speed suite's MLP (trunk and T linear heads, every
+Linear and the root wrapped by ``fully_shard``) on their own batch of 128. Variants, timed interleaved (every
+repetition times each variant once, in an order shuffled the same way on both ranks, and divides by the plain
+step of the same repetition):
+
+- ``plain``: ``sum(losses).backward()`` and the Adam step (one backward, FSDP's own reduce-scatter);
+- each method: ``GradSurgery(adam, method).backward(losses)`` and ``step()`` (T backward passes, each
+  reduce-scattered by FSDP, and one all-reduce of the T×T Gram matrix).
+
+Rank 0 writes ``report.md`` and ``rows.json`` under ``--out``: the median ratio to the plain step and its
+25th-75th percentiles.
+
+    python -m benchmarks.fsdp_speed --out results/fsdp
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from gradsurgery import GradSurgery
+
+try:
+    from .speed import SIZES, TINY_SIZES, quantile
+    from .speed_models import SpeedModel
+except ImportError:  # run as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from speed import SIZES, TINY_SIZES, quantile  # type: ignore[no-redef]
+    from speed_models import SpeedModel  # type: ignore[no-redef]
+
+WORLD = 2
+BATCH = 128
+
+
+def sharded_model(dims: tuple[int, int, int], num_tasks: int) -> SpeedModel:
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(num_tasks)
+    model = SpeedModel(*dims, num_tasks)
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            fully_shard(module)
+    fully_shard(model)
+    return model
+
+
+def variant_step(
+    dims: tuple[int, int, int], num_tasks: int, method: str | None, rank: int
+) -> Callable[[], None]:
+    model = sharded_model(dims, num_tasks)
+    gen = torch.Generator().manual_seed(1000 * num_tasks + rank)
+    x, y = torch.randn(BATCH, dims[0], generator=gen), torch.randn(BATCH, num_tasks, generator=gen)
+    inner = torch.optim.Adam(model.parameters(), lr=1e-5)
+    opt = GradSurgery(inner, method) if method is not None else None
+
+    def losses() -> list[torch.Tensor]:
+        _, outs = model(x)
+        return [nn.functional.mse_loss(o, y[:, i]) for i, o in enumerate(outs)]
+
+    def step() -> None:
+        if opt is None:
+            inner.zero_grad(set_to_none=True)
+            torch.stack(losses()).sum().backward()
+            inner.step()
+        else:
+            opt.zero_grad(set_to_none=True)
+            opt.backward(losses())
+            opt.step()
+
+    return step
+
+
+def time_variants(
+    members: dict[str, Callable[[], None]], reps: int, inner_steps: int
+) -> dict[str, list[float]]:
+    for step in members.values():
+        for _ in range(3):
+            step()
+    rng = random.Random(0)  # the same order on every rank: the steps run collectives
+    times: dict[str, list[float]] = {name: [] for name in members}
+    names = list(members)
+    for _ in range(reps):
+        rng.shuffle(names)
+        for name in names:
+            dist.barrier()
+            start = time.perf_counter()
+            for _ in range(inner_steps):
+                members[name]()
+            dist.barrier()
+            times[name].append((time.perf_counter() - start) / inner_steps)
+    return times
+
+
+def worker(rank: int, port: int, args: argparse.Namespace) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    # The model returns its heads' squeezed outputs, views: FSDP warns about in-place ops on them; none run.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module")
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        dims = {**SIZES, **TINY_SIZES}[args.size]
+        rows = []
+        for num_tasks in args.tasks:
+            members = {"plain": variant_step(dims, num_tasks, None, rank)}
+            for method in args.methods:
+                members[method] = variant_step(dims, num_tasks, method, rank)
+            times = time_variants(members, args.reps, args.inner_steps)
+            plain = times["plain"]
+            for name, values in times.items():
+                ratios = [v / p for v, p in zip(values, plain, strict=True)]
+                rows.append(
+                    {
+                        "size": args.size,
+                        "num_tasks": num_tasks,
+                        "variant": name,
+                        "ms": 1e3 * statistics.median(values),
+                        "ratio": statistics.median(ratios),
+                        "ratio_p25": quantile(ratios, 0.25),
+                        "ratio_p75": quantile(ratios, 0.75),
+                    }
+                )
+        if rank == 0:
+            write(rows, Path(args.out), args)
+    finally:
+        dist.destroy_process_group()
+
+
+def write(rows: list[dict], out: Path, args: argparse.Namespace) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rows.json").write_text(json.dumps(rows, indent=1))
+    lines = [
+        f"# FSDP2 step time ({WORLD} gloo ranks, one thread each, model {args.size}, batch {BATCH} per rank, "
+        f"{args.reps} repetitions × {args.inner_steps} steps, torch {torch.__version__})",
+        "",
+        "| T | plain ms | " + " | ".join(args.methods) + " |",
+        "|---|---|" + "---|" * len(args.methods),
+    ]
+    for num_tasks in args.tasks:
+        sub = {r["variant"]: r for r in rows if r["num_tasks"] == num_tasks}
+        cells = [
+            f"{sub[m]['ratio']:.2f} ({sub[m]['ratio_p25']:.2f}-{sub[m]['ratio_p75']:.2f})"
+            for m in args.methods
+        ]
+        lines.append(f"| {num_tasks} | {sub['plain']['ms']:.1f} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Cells: step time / plain FSDP step, median (25th-75th percentile) over the repetitions.")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="results/fsdp")
+    parser.add_argument("--size", default="0.5M", choices=sorted({**SIZES, **TINY_SIZES}))
+    parser.add_argument("--tasks", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--methods", nargs="+", default=["mgda", "nash_mtl", "cagrad"])
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--inner-steps", type=int, default=5)
+    args = parser.parse_args(argv)
+    mp.start_processes(worker, args=(free_port(), args), nprocs=WORLD, join=True, start_method="spawn")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
