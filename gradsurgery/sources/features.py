@@ -282,7 +282,8 @@ class ViewCollection(FeatureCollection):
         rows = []
         for i in range(len(losses)):
             parts = zip(grads[i * per_view : (i + 1) * per_view], views.features, strict=True)
-            rows.append(torch.cat([(torch.zeros_like(z) if g is None else g).reshape(-1) for g, z in parts]))
+            flat = [(torch.zeros_like(z) if g is None else g).reshape(-1) for g, z in parts]
+            rows.append(flat[0] if per_view == 1 else torch.cat(flat))  # one copy, by the stack below
         spans, total = [], 0
         for z in views.features:
             spans.append((total, total + z.numel()))

@@ -1,0 +1,231 @@
+"""Representation mode on small models: each method's step with task views against a plain step and against
+the same algorithm written by hand (the floor any implementation of it pays).
+
+The speed suite's MLP (``small``: trunk 128→384→384→256, ``0.5M``: 256→512→512→256; T linear heads, batch
+128, Adam, one thread). Variants, timed interleaved (every repetition times each variant once in a shuffled
+order and divides by the plain step of the same repetition):
+
+- ``plain``: ``sum(losses).backward()`` and the Adam step;
+- ``floor``: representation mode with task views written directly in torch, without gradsurgery: the heads
+  on T detached copies of z, one ``autograd.grad`` of Σ_i L_i to the copies and the heads' parameters, the
+  T×(n·d_z) matrix of the copies' gradients, G in float64, MGDA's weights (``simplex_min_norm``), one
+  ``autograd.grad`` of z with the fused gradient to the trunk's parameters, ``.grad`` set, the Adam step;
+- ``z``: ``GradSurgery(adam, method).backward(losses, features=z)`` (T + 1 passes through the heads);
+- each method: ``backward(losses, features=task_views(z, T))`` (the heads once, the trunk once).
+
+Rank statistics: the median ratio and its 25th-75th percentiles. Writes ``report.md`` and ``rows.json``.
+
+    python -m benchmarks.representation_overhead --out results/representation
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import gradsurgery
+from gradsurgery import GradSurgery
+from gradsurgery.solvers import simplex_min_norm
+
+try:
+    from .runner import method_options
+    from .speed import SIZES, TINY_SIZES, quantile
+    from .speed_models import SpeedModel
+except ImportError:  # run as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from runner import method_options  # type: ignore[no-redef]
+    from speed import SIZES, TINY_SIZES, quantile  # type: ignore[no-redef]
+    from speed_models import SpeedModel  # type: ignore[no-redef]
+
+BATCH = 128
+
+
+def gram_methods(num_tasks: int) -> list[str]:
+    """The registered methods that read the Gram matrix and run ``num_tasks`` tasks."""
+    out = []
+    for name, cls in sorted(gradsurgery.METHODS.items()):
+        runs = cls.min_tasks <= num_tasks and (cls.max_tasks is None or num_tasks <= cls.max_tasks)
+        if runs and cls.needs_gram and name != "sum":
+            out.append(name)
+    return out
+
+
+class Case:
+    def __init__(self, dims: tuple[int, int, int], num_tasks: int) -> None:
+        gen = torch.Generator().manual_seed(1000 * num_tasks + dims[1])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(num_tasks)
+            self.model = SpeedModel(*dims, num_tasks)
+        self.x = torch.randn(BATCH, dims[0], generator=gen)
+        self.y = torch.randn(BATCH, num_tasks, generator=gen)
+        self.num_tasks = num_tasks
+        # A small learning rate keeps hundreds of steps on random targets far from divergence.
+        self.inner = torch.optim.Adam(self.model.parameters(), lr=1e-5)
+
+    def head_losses(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        heads = self.model.heads
+        return [
+            nn.functional.mse_loss(head(z).squeeze(1), self.y[:, i])
+            for i, (head, z) in enumerate(zip(heads, inputs, strict=True))
+        ]
+
+
+def plain_step(case: Case) -> Callable[[], None]:
+    def step() -> None:
+        case.inner.zero_grad(set_to_none=True)
+        z = case.model.trunk(case.x)
+        torch.stack(case.head_losses([z] * case.num_tasks)).sum().backward()
+        case.inner.step()
+
+    return step
+
+
+def floor_step(case: Case) -> Callable[[], None]:
+    trunk = list(case.model.trunk.parameters())
+    heads = list(case.model.heads.parameters())
+    t = case.num_tasks
+
+    def step() -> None:
+        case.inner.zero_grad(set_to_none=True)
+        z = case.model.trunk(case.x)
+        copies = [z.detach().requires_grad_() for _ in range(t)]
+        grads = torch.autograd.grad(torch.stack(case.head_losses(copies)).sum(), copies + heads)
+        jac = torch.stack([g.reshape(-1) for g in grads[:t]])
+        weights = torch.from_numpy(simplex_min_norm((jac @ jac.T).double().numpy()))
+        fused = (weights.to(jac.dtype) @ jac).view_as(z)
+        for p, g in zip(trunk + heads, torch.autograd.grad(z, trunk, fused) + grads[t:], strict=True):
+            p.grad = g
+        case.inner.step()
+
+    return step
+
+
+def method_step(case: Case, method: str, views: bool) -> Callable[[], None]:
+    t = case.num_tasks
+    opt = GradSurgery(case.inner, method, num_tasks=t, **method_options(method, t, 0))
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        z = case.model.trunk(case.x)
+        if views:
+            features = gradsurgery.task_views(z, t)
+            opt.backward(case.head_losses(list(features)), features=features)
+        else:
+            opt.backward(case.head_losses([z] * t), features=z)
+        opt.step()
+
+    return step
+
+
+def time_members(
+    members: dict[str, Callable[[], None]], reps: int, inner_steps: int
+) -> dict[str, list[float]]:
+    for step in members.values():
+        for _ in range(5):
+            step()
+    rng = random.Random(0)
+    times: dict[str, list[float]] = {name: [] for name in members}
+    names = list(members)
+    for _ in range(reps):
+        rng.shuffle(names)
+        for name in names:
+            start = time.perf_counter()
+            for _ in range(inner_steps):
+                members[name]()
+            times[name].append((time.perf_counter() - start) / inner_steps)
+    return times
+
+
+def measure(size: str, num_tasks: int, methods: list[str], reps: int, inner_steps: int) -> list[dict]:
+    dims = {**SIZES, **TINY_SIZES}[size]
+    case = Case(dims, num_tasks)
+    members = {"plain": plain_step(case), "floor": floor_step(case)}
+    for method in methods:
+        members[method] = method_step(case, method, views=True)
+    members["z"] = method_step(case, "mgda", views=False)
+    times = time_members(members, reps, inner_steps)
+    rows = []
+    for name, values in times.items():
+        ratios = [v / p for v, p in zip(values, times["plain"], strict=True)]
+        rows.append(
+            {
+                "size": size,
+                "num_tasks": num_tasks,
+                "variant": name,
+                "ms": 1e3 * statistics.median(values),
+                "ratio": statistics.median(ratios),
+                "ratio_p25": quantile(ratios, 0.25),
+                "ratio_p75": quantile(ratios, 0.75),
+            }
+        )
+    return rows
+
+
+def report(rows: list[dict], args: argparse.Namespace) -> str:
+    configs = sorted(
+        {(r["size"], r["num_tasks"]) for r in rows}, key=lambda c: (args.sizes.index(c[0]), c[1])
+    )
+    variants = list(dict.fromkeys(r["variant"] for r in rows if r["variant"] != "plain"))
+    cell = {(r["size"], r["num_tasks"], r["variant"]): r for r in rows}
+    lines = [
+        f"# Representation mode on small models (one thread, batch {BATCH}, {args.reps} repetitions × "
+        f"{args.inner_steps} steps, torch {torch.__version__})",
+        "",
+        "Step time / plain step, median (25th-75th percentile). `floor`: the task-views algorithm written "
+        "directly in torch with MGDA's solver; `z`: `mgda` with `features=z` (T + 1 passes through the "
+        "heads); every other row: that method with `features=task_views(z, T)`.",
+        "",
+        "| variant | " + " | ".join(f"{s} T={t}" for s, t in configs) + " |",
+        "|---|" + "---|" * len(configs),
+        "| plain ms | " + " | ".join(f"{cell[(s, t, 'plain')]['ms']:.2f}" for s, t in configs) + " |",
+    ]
+    for variant in variants:
+        cells = []
+        for s, t in configs:
+            r = cell.get((s, t, variant))
+            cells.append(
+                "—" if r is None else f"{r['ratio']:.2f} ({r['ratio_p25']:.2f}-{r['ratio_p75']:.2f})"
+            )
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="results/representation")
+    parser.add_argument(
+        "--sizes", nargs="+", default=["small", "0.5M"], choices=sorted({**SIZES, **TINY_SIZES})
+    )
+    parser.add_argument("--tasks", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--methods", nargs="+", default=None, help="default: every Gram-based method")
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--inner-steps", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = []
+    for size in args.sizes:
+        for num_tasks in args.tasks:
+            methods = args.methods or gram_methods(num_tasks)
+            rows += measure(size, num_tasks, methods, args.reps, args.inner_steps)
+            print(f"{size} T={num_tasks} done", file=sys.stderr)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rows.json").write_text(json.dumps(rows, indent=1))
+    text = report(rows, args)
+    (out / "report.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
