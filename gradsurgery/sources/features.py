@@ -272,10 +272,15 @@ class ViewCollection(FeatureCollection):
             raise TypeError("ViewCollection needs a FeatureSource over task_views(...)")
         if len(views.leaves) != len(losses):
             raise ValueError(f"{len(views.leaves)} task views for {len(losses)} losses")
-        check_own_views(losses, views.leaves)
+        reached = check_own_views(losses, views.leaves)
         leaves = [z for view in views.leaves for z in view]
+        # The tasks reaching each parameter through the heads: a loss weighting scales the head gradient of a
+        # parameter one task reaches by that task's weight, and needs a second pass through the heads only
+        # for a parameter several tasks reach there.
+        self.head_owners = [[i for i, ids in enumerate(reached) if id(p) in ids] for p in params]
+        self.second_pass = source.scales_task_specific and any(len(o) > 1 for o in self.head_owners)
         # Heads once: Σ_i L_i lands ∇_z L_i in task i's view, and gives the heads' gradients (seeds 1).
-        keep = retain_graph or source.scales_task_specific
+        keep = retain_graph or self.second_pass
         summed = cast(torch.Tensor, sum(losses))  # at least one loss: a tensor, never the start value 0
         grads = torch.autograd.grad(summed, leaves + params, retain_graph=keep, allow_unused=True)
         per_view = len(views.features)
@@ -306,8 +311,8 @@ class ViewCollection(FeatureCollection):
             retain_graph=self.retain_graph,
             allow_unused=True,
         )
-        heads = self.head_grads
-        if self.scales_task_specific:
+        heads: Sequence[torch.Tensor | None] = self.head_grads
+        if self.second_pass:
             seeds = [
                 weights[i].to(device=loss.device, dtype=loss.dtype) for i, loss in enumerate(self.losses)
             ]
@@ -318,6 +323,11 @@ class ViewCollection(FeatureCollection):
                 retain_graph=self.retain_graph,
                 allow_unused=True,
             )
+        elif self.scales_task_specific:
+            heads = [
+                g if g is None else g * weights[owners[0]].to(device=g.device, dtype=g.dtype)
+                for g, owners in zip(heads, self.head_owners, strict=True)
+            ]
         out = []
         for p, a, b in zip(self.params, trunk, heads, strict=True):
             if a is not None or b is not None:
@@ -325,11 +335,14 @@ class ViewCollection(FeatureCollection):
         return out
 
 
-def check_own_views(losses: list[torch.Tensor], views: list[list[torch.Tensor]]) -> None:
-    """ValueError unless loss i reaches task i's view and no other's (read on the autograd graph)."""
+def check_own_views(losses: list[torch.Tensor], views: list[list[torch.Tensor]]) -> list[set[int]]:
+    """ValueError unless loss i reaches task i's view and no other's (read on the autograd graph); returns,
+    per loss, the ids of the other leaves it reaches (the heads' parameters)."""
     owner = {id(z): i for i, view in enumerate(views) for z in view}
+    leaves: list[set[int]] = []
     for i, loss in enumerate(losses):
         reached: set[int] = set()
+        others: set[int] = set()
         # Visited nodes are kept alive: a node's Python object lives only while something refers to it, and
         # once freed its id() can be handed to another node's object (seen on torch 2.11); alive, a node
         # keeps its one object, and its id names it.
@@ -343,6 +356,8 @@ def check_own_views(losses: list[torch.Tensor], views: list[list[torch.Tensor]])
             if variable is not None:
                 if id(variable) in owner:
                     reached.add(owner[id(variable)])
+                else:
+                    others.add(id(variable))
                 continue
             stack.extend(next_node for next_node, _ in node.next_functions)
         if reached != {i}:
@@ -350,3 +365,5 @@ def check_own_views(losses: list[torch.Tensor], views: list[list[torch.Tensor]])
             raise ValueError(
                 f"loss {i} reads {what}: with task_views, the head of task i must read views[i] only"
             )
+        leaves.append(others)
+    return leaves
