@@ -8,6 +8,7 @@ shards); the tests compare it with the single-process run of the same method on 
 
 from __future__ import annotations
 
+import io
 import math
 
 import pytest
@@ -170,6 +171,43 @@ def retain_scenario(rank):
     return res
 
 
+def checkpoint_scenario(rank):
+    """One sharded run trains 4 steps straight; another trains 2, its state dict goes through torch.save and
+    torch.load into a fresh wrapper around a fresh Adam (the parameters copied over), and trains 2 more."""
+    x, y = make_data(2)
+    mine = slice(rank * BATCH, (rank + 1) * BATCH)
+
+    def fresh():
+        model = shard(make_net(2))
+        return model, GradSurgery(torch.optim.Adam(model.parameters(), lr=0.01), "nash_mtl")
+
+    def train(model, opt, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            opt.backward(task_losses(model(x[mine]), y[mine]))
+            opt.step()
+
+    straight, straight_opt = fresh()
+    train(straight, straight_opt, 4)
+    first, first_opt = fresh()
+    train(first, first_opt, 2)
+    buffer = io.BytesIO()
+    torch.save(first_opt.state_dict(), buffer)
+    resumed, resumed_opt = fresh()
+    with torch.no_grad():
+        for p, q in zip(resumed.parameters(), first.parameters(), strict=True):
+            p.copy_(q)
+    buffer.seek(0)
+    resumed_opt.load_state_dict(torch.load(buffer, weights_only=False))
+    train(resumed, resumed_opt, 2)
+    return {
+        "straight": full_params(straight),
+        "resumed": full_params(resumed),
+        "after_two": full_params(first),
+        "state": [straight_opt.method.state_dict(), resumed_opt.method.state_dict()],
+    }
+
+
 def bad_input_scenarios(rank):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -242,6 +280,7 @@ def scenarios(rank: int) -> dict:
     results["shared_override"] = run_method_shared(rank)
     results["scaler"] = scaler_scenario(rank)
     results["retain"] = retain_scenario(rank)
+    results["checkpoint"] = checkpoint_scenario(rank)
     results["bad"] = bad_input_scenarios(rank)
     return results
 
@@ -320,6 +359,20 @@ def test_grad_scaler_scales_and_steps(ranks):
         assert run["step"] == (None, "")
         assert_grads_close(run["after_step"], run["ref_after_step"])
         assert run["nan_overflow"] is True and run["nan_grads_inf"]
+
+
+def test_checkpoint_resumes_bit_for_bit(ranks):
+    for res in ranks:
+        run = res["checkpoint"]
+        assert all(torch.equal(a, b) for a, b in zip(run["straight"], run["resumed"], strict=True))
+        assert not all(torch.equal(a, b) for a, b in zip(run["straight"], run["after_two"], strict=True))
+        straight, resumed = run["state"]
+        assert straight.keys() == resumed.keys() and straight
+        for key, value in straight.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, resumed[key]), key
+            else:
+                assert value == resumed[key], key
 
 
 def test_retain_graph(ranks):
