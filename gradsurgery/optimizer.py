@@ -74,8 +74,9 @@ class GradSurgery(torch.optim.Optimizer):
             from each supported layer's inputs and output gradients; memory follows the activations, sparse
             embedding tables work; needs ``model``; see ``gradsurgery.sources.activation``) or ``"auto"``
             (the activations when ``model`` is given and they pay off: sparse tables, or a model that is not
-            mostly convolutions and not data-parallel; see ``activations_pay_off``). ``info.source`` says
-            which ran.
+            mostly convolutions and not data-parallel; see ``activations_pay_off``; and then, step by step,
+            the Jacobian when the layer outputs the activations need hold more numbers than the shared
+            parameters, as in a transformer at many tokens per batch). ``info.source`` says which ran.
         activation_form: ``"auto"``, ``"kernel"`` or ``"materialize"``: how the activation source forms
             each layer's contribution to G (``"auto"``: the one with fewer flops, per layer).
         process_group: the ``torch.distributed`` group to average over (default: the DDP module's group,
@@ -436,6 +437,7 @@ def _full_mode_source(
         shared_params=shared_params,
         gram_dtype=gram_dtype,
         scales_task_specific=scales,
+        fallback=JacobianSource(shared_params, gram_dtype, scales) if auto else None,
     )
 
 

@@ -74,7 +74,7 @@ from ._activation_record import (
     input_stops,
     output_edge,
 )
-from .jacobian import check_reached
+from .jacobian import JacobianCollection, JacobianSource, check_reached
 
 if TYPE_CHECKING:
     from ..amp import LossScaling
@@ -109,6 +109,11 @@ class ActivationSource:
             applied once to Σ_i w_i δ_i (one weight-gradient GEMM per Linear instead of a backward through the
             whole model; the graph is freed after the last task's pass unless ``retain_graph``; the δ_i stay
             until ``fused``). Both are exact; ``test_activation.py`` checks both against autograd.
+        fallback: a ``JacobianSource`` that ``collect`` runs instead, for one step, when the recorded layer
+            outputs that G needs hold more numbers than the shared parameters (T δ_i of them against T rows
+            of the Jacobian: a transformer at many tokens per batch), unless a shared parameter is a sparse
+            table or ``torch.distributed`` runs several ranks (whose batches may differ while their sources
+            must not). ``GradSurgery``'s ``gradient_source="auto"`` passes one.
     """
 
     mode = "full"
@@ -124,6 +129,7 @@ class ActivationSource:
         shared_params: Sequence[torch.Tensor] | None = None,
         gram_dtype: torch.dtype = torch.float64,
         scales_task_specific: bool = False,
+        fallback: JacobianSource | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -135,6 +141,7 @@ class ActivationSource:
         self.shared_ids = None if shared_params is None else {id(p) for p in shared_params}
         self.gram_dtype = gram_dtype
         self.scales_task_specific = scales_task_specific
+        self.fallback = fallback
         self._registry = Registry()
         self._busy = False
         self._handles: list[Any] = []
@@ -211,21 +218,26 @@ class ActivationSource:
         scaling: LossScaling | None,
         retain_graph: bool,
         no_sync: Callable[[], Any],
-    ) -> ActivationCollection:
+    ) -> ActivationCollection | JacobianCollection:
         """The engine's entry (``gradsurgery.sources``): the local part of one ``GradSurgery.backward``."""
         factor = None
         if scaling is not None:
             scaling.scale(losses)  # reads (and creates, on first use) the scaler's scale
             factor = scaling.factor
         with no_sync():
-            result = self.prepare(
+            result = self._prepare(
                 losses,
                 params,
                 shared_ids=self.shared_ids,
                 retain_graph=retain_graph,
                 gram_dtype=self.gram_dtype,
                 loss_scale=factor,
+                may_fall_back=self.fallback is not None,
             )
+        if result is None:
+            if self.fallback is None:  # prepare falls back only when allowed
+                raise RuntimeError("the activation source fell back without a Jacobian source")
+            return self.fallback.collect(losses, params, scaling, retain_graph, no_sync)
         check_reached(result.reached)
         return ActivationCollection(result, loss_values(losses, self.gram_dtype), factor, self, no_sync)
 
@@ -274,6 +286,32 @@ class ActivationSource:
         losses are scaled by s for the per-task passes; G is returned ÷ s², the task-specific gradients ÷ s,
         and ``fused`` returns the gradient of s·Σ w_i L_i.
         """
+        result = self._prepare(
+            losses,
+            params,
+            shared_ids=shared_ids,
+            retain_graph=retain_graph,
+            gram_dtype=gram_dtype,
+            loss_scale=loss_scale,
+            may_fall_back=False,
+        )
+        if result is None:  # only with may_fall_back
+            raise RuntimeError("the activation source fell back to the Jacobian unasked")
+        return result
+
+    def _prepare(
+        self,
+        losses: list[torch.Tensor],
+        params: list[torch.Tensor],
+        *,
+        shared_ids: set[int] | None,
+        retain_graph: bool,
+        gram_dtype: torch.dtype,
+        loss_scale: float | None,
+        may_fall_back: bool,
+    ) -> ActivationGradients | None:
+        """``prepare``; with ``may_fall_back``, None (before any task pass) when the Jacobian would hold
+        fewer numbers (see ``fallback``)."""
         if self._removed:
             raise ValueError("this ActivationSource was removed; create a new one for the model")
         losses = list(losses)
@@ -309,6 +347,8 @@ class ActivationSource:
         self._check(graph, cov, trainable, names)
         direct = sorted(k for k, m in enumerate(reach) if m and (k not in shared_set or k in cov.uncovered))
         used = _used_records(cov)
+        if may_fall_back and not _activations_hold_less(used, [trainable[k] for k in shared], names):
+            return None
         from_activations = self.fused == "activations"
         # The graph must survive the last pass only when a backward will run on it again.
         keep_graph = retain_graph or (bool(shared) and not from_activations)
@@ -768,6 +808,19 @@ class _Names:
     def sparse(self, p: torch.Tensor) -> bool:
         self._build()
         return self._sparse.get(id(p), False)
+
+
+def _activations_hold_less(used: list[tuple[Record, int]], shared: list[torch.Tensor], names: _Names) -> bool:
+    """Whether the δ_i that G needs (one per used record and task) hold no more numbers than the Jacobian's
+    rows over the shared parameters; always with a shared sparse table (the Jacobian cannot hold it) or
+    several data-parallel ranks (the choice must not differ between them)."""
+    if any(names.sparse(p) for p in shared):
+        return True
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_world_size() > 1:
+            return True
+    held = sum(rec.out_shape.numel() for rec, _ in used)
+    return held <= sum(p.numel() for p in shared)
 
 
 def _used_records(cov: Coverage) -> list[tuple[Record, int]]:

@@ -44,8 +44,8 @@ def batch(step: int, n: int = 16):
     return users, items, targets
 
 
-def task_losses(model, step, num_tasks=3):
-    users, items, targets = batch(step)
+def task_losses(model, step, num_tasks=3, n=16):
+    users, items, targets = batch(step, n)
     out = model(users, items)
     losses = [(o - targets[i]).pow(2).mean() + 0.1 for i, o in enumerate(out)]
     losses[1] = (out[1] + out[0] - targets[1]).pow(2).mean() + 0.1  # conflicts with task 0
@@ -185,6 +185,36 @@ def test_auto_takes_the_activations_where_they_pay_off():
         .source
         == "jacobian"
     )
+
+
+def test_auto_takes_the_jacobian_for_a_step_whose_activations_outnumber_the_parameters():
+    # Batch 16: the layer outputs G needs hold 16 × 52 = 832 numbers per task, the shared parameters 916;
+    # batch 200: 10400 against 916, so the Jacobian is the smaller (and here the faster) exact source.
+    model, reference = Ranker().double(), Ranker().double()
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "mgda", model=model)
+    ref = GradSurgery(torch.optim.SGD(reference.parameters(), lr=0.1), "mgda", gradient_source="jacobian")
+    forced = GradSurgery(
+        torch.optim.SGD(model.parameters(), lr=0.1), "mgda", model=model, gradient_source="activations"
+    )
+    for step, n, source in [(0, 16, "activations"), (1, 200, "jacobian"), (2, 16, "activations")]:
+        opt.zero_grad()
+        ref.zero_grad()
+        info = opt.backward(task_losses(model, step, n=n))
+        assert info.source == source
+        ref_info = ref.backward(task_losses(reference, step, n=n))
+        torch.testing.assert_close(info.weights, ref_info.weights, rtol=1e-9, atol=1e-12)
+        for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12)
+        opt.step()
+        ref.step()
+    assert forced.backward(task_losses(model, 3, n=200)).source == "activations"
+    sparse = Ranker(sparse=True)
+    tables = [sparse.user.weight]
+    dense = [p for p in sparse.parameters() if p is not sparse.user.weight]
+    on_tables = GradSurgery(
+        MultiOptimizer(torch.optim.SparseAdam(tables), torch.optim.SGD(dense, lr=0.1)), "mgda", model=sparse
+    )
+    assert on_tables.backward(task_losses(sparse, 0, n=200)).source == "activations"
 
 
 def test_the_sharded_strategy_is_for_the_jacobian():
