@@ -409,6 +409,11 @@ def _full_mode_source(
     check_choice(gradient_source, ("auto", "jacobian", "activations"), "gradient_source")
     scales = method.scales_task_specific
     if sharded:
+        if dist_strategy != "allreduce":
+            raise ValueError(
+                f"dist_strategy={dist_strategy!r} chooses how the Jacobian is reduced under DDP; FSDP2 "
+                "(fully_shard) reduce-scatters the gradients itself: leave dist_strategy at its default"
+            )
         if gradient_source == "activations":
             raise ValueError(
                 "gradient_source='activations' does not support FSDP2 (fully_shard) parameters: use 'auto' "

@@ -217,6 +217,7 @@ def bad_input_scenarios(rank):
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
     res["no_distributed"] = catch(lambda: GradSurgery(sgd, "mgda", distributed=False))
     res["l2"] = catch(lambda: GradSurgery(sgd, "mgda", l2=True))
+    res["dist_strategy"] = catch(lambda: GradSurgery(sgd, "mgda", dist_strategy="sharded"))
     res["activations"] = catch(lambda: GradSurgery(sgd, "mgda", model=model, gradient_source="activations"))
     plain = nn.Linear(2, 2).double()
     res["mixed"] = catch(lambda: GradSurgery(torch.optim.SGD([*model.parameters(), plain.weight], lr=0.1)))
@@ -389,6 +390,7 @@ def test_unsupported_combinations_are_refused(ranks):
         for key, words in [
             ("no_distributed", "distributed=False"),
             ("l2", "L2"),
+            ("dist_strategy", "dist_strategy='sharded'"),
             ("activations", "gradient_source='activations'"),
             ("mixed", "plain tensors"),
             ("add_plain_group", "plain tensors"),
