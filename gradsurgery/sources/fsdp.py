@@ -19,8 +19,8 @@ Jacobian source. Loss weightings that need no Gram matrix take one backward of �
 
 Cost per step: T backward passes, each with FSDP's all-gathers and reduce-scatter (T times the communication
 of a plain step), T²·d/n for the Gram and T·d/n for u on each rank; memory T·d/n per rank for the task
-gradients (each parameter's T shards are stacked one parameter at a time). Supported: a 1-D mesh (plain
-FSDP; HSDP's 2-D mesh is refused) on any backend, with FSDP's gradient sync on (the default).
+gradients (each parameter's T shards, stacked into one matrix that replaces them). Supported: a 1-D mesh
+(plain FSDP; HSDP's 2-D mesh is refused) on any backend, with FSDP's gradient sync on (the default).
 """
 
 from __future__ import annotations
@@ -162,6 +162,7 @@ class FSDPCollection:
         self.specific = [k for k in range(len(params)) if reached_by[k] and k not in shared]
         self.gram: torch.Tensor | None = None
         self._specific_norms: torch.Tensor | None = None
+        self._stacks: dict[int, torch.Tensor] = {}  # shared parameter index -> (T, local numel), by reduce
 
     @property
     def num_tasks(self) -> int:
@@ -177,11 +178,11 @@ class FSDPCollection:
         ]
         return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
 
-    def _stacked(self, k: int) -> torch.Tensor:
+    def _stack(self, k: int) -> torch.Tensor:
         """Parameter k's T task-gradient shards as a (T, local numel) matrix (zeros for the tasks that do
-        not reach it)."""
+        not reach it); the separate shards are dropped, so the memory stays T shards."""
         shard = local(self.params[k])
-        rows = [got.get(k) for got in self.shards]
+        rows = [got.pop(k, None) for got in self.shards]
         like = next(g for g in rows if g is not None)
         return torch.stack([(g if g is not None else torch.zeros_like(like)).reshape(-1) for g in rows]).view(
             self.num_tasks, shard.numel()
@@ -194,7 +195,8 @@ class FSDPCollection:
         device = self.loss_values.device
         partial = torch.zeros(t, t, dtype=self.gram_dtype, device=device)
         for k in self.shared:
-            partial += gram_matrix(self._stacked(k), self.gram_dtype).to(device)
+            self._stacks[k] = self._stack(k)
+            partial += gram_matrix(self._stacks[k], self.gram_dtype).to(device)
         norms = torch.zeros(t, dtype=self.gram_dtype, device=device)
         for k in self.specific:
             for i in self.reached_by[k]:
@@ -214,9 +216,11 @@ class FSDPCollection:
     def gradients(self, weights: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """u_k = J_kᵀw for the shared parameters, Σ_i s_i g_i for the others (s_i = 1, or w_i for loss
         weightings), each as a sharded DTensor."""
+        if len(self._stacks) != len(self.shared):
+            raise RuntimeError("the FSDP collection's gradients are taken after reduce()")
         out: list[tuple[torch.Tensor, torch.Tensor]] = []
         for k in self.shared:
-            stacked = self._stacked(k)
+            stacked = self._stacks[k]
             fused = weights.to(device=stacked.device, dtype=stacked.dtype) @ stacked
             out.append((self.params[k], sharded_like(self.params[k], fused)))
         for k in self.specific:
