@@ -43,3 +43,13 @@ def run_on_ranks(scenarios: Callable[[int], dict[Any, Any]], outdir: str) -> lis
         _worker, args=(free_port(), outdir, scenarios), nprocs=WORLD, join=True, start_method=method
     )
     return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+
+
+def catch(fn: Callable[[], Any]) -> tuple[str | None, str]:
+    """Run ``fn`` on a rank and record its exception as (class name, message), (None, "") without one: the
+    parent process asserts on what each rank raised."""
+    try:
+        fn()
+    except Exception as err:  # noqa: BLE001 - recorded for the assertions in the parent process
+        return type(err).__name__, str(err)
+    return None, ""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dist_harness import WORLD, run_on_ranks
+from dist_harness import WORLD, catch, run_on_ranks
 from method_checks import registered
 from torch import nn
 
@@ -127,14 +127,6 @@ def local_run(method, options, num_tasks):
         grads.append([p.grad.clone() for p in ref.parameters()])
         opt.step()
     return grads
-
-
-def catch(fn):
-    try:
-        fn()
-    except Exception as err:  # noqa: BLE001 - recorded for the assertions in the parent process
-        return type(err).__name__, str(err)
-    return None, ""
 
 
 def bad_input_scenarios(rank):

@@ -34,6 +34,7 @@ import torch
 
 from ..gram import gram_matrix
 from . import NonFiniteError, check_finite, loss_values
+from .weighted import WeightedCollection
 
 if TYPE_CHECKING:
     from ..amp import LossScaling
@@ -111,7 +112,7 @@ class FSDPSource:
     ) -> FSDPCollection | FSDPWeightedCollection:
         values = loss_values(losses, self.gram_dtype)
         if not self.needs_gram:
-            return FSDPWeightedCollection(losses, params, values, scaling, retain_graph)
+            return FSDPWeightedCollection(losses, params, values, scaling, retain_graph, no_sync)
         grad_losses = losses if scaling is None else scaling.scale(losses)
         shards: list[dict[int, torch.Tensor]] = []  # per task: param index -> this rank's gradient shard
         with grads_set_aside(params):
@@ -238,52 +239,16 @@ class FSDPCollection:
         return [self.params[k] for k in self.shared + self.specific]
 
 
-class FSDPWeightedCollection:
+class FSDPWeightedCollection(WeightedCollection):
     """A loss weighting without Gram matrix under FSDP2: the losses averaged over the ranks, then one
     ``backward`` of Σ_i w_i L_i whose gradient FSDP reduce-scatters."""
 
-    mode = "full"
     source = "fsdp"
-    gram = None
-
-    def __init__(
-        self,
-        losses: list[torch.Tensor],
-        params: list[torch.Tensor],
-        values: torch.Tensor,
-        scaling: LossScaling | None,
-        retain_graph: bool,
-    ) -> None:
-        self.losses = losses
-        self.params = params
-        self.loss_values = values
-        self.scaling = scaling
-        self.retain_graph = retain_graph
-        self.reduction: Reduction | None = None
-
-    @property
-    def num_tasks(self) -> int:
-        return len(self.losses)
-
-    def signature(self) -> int:
-        return 0
-
-    def reduce(self, reduction: Reduction) -> None:
-        self.loss_values = reduction.average(self.loss_values)
-        self.reduction = reduction
-
-    def check_finite(self) -> None:
-        check_finite(self.loss_values, params=self.params)
 
     def gradients(self, weights: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if self.reduction is None:
             raise RuntimeError("the weighted collection's gradients are taken after reduce()")
-        total = cast(
-            torch.Tensor,
-            sum(w.to(loss.dtype) * loss for w, loss in zip(weights.unbind(), self.losses, strict=True)),
-        )
-        if self.scaling is not None:
-            total = self.scaling.scale_one(total)
+        total = self.weighted_loss(weights)
         with grads_set_aside(self.params):
             torch.autograd.backward(total, retain_graph=self.retain_graph)
             got = [(p, local(p.grad).clone()) for p in self.params if p.grad is not None]
@@ -299,6 +264,3 @@ class FSDPWeightedCollection:
             )
         factor = 1.0 if self.scaling is None else self.scaling.scale_factor()
         return [(p, sharded_like(p, g / factor if factor != 1.0 else g)) for p, g in got]
-
-    def reached_params(self) -> list[torch.Tensor]:
-        return self.params

@@ -80,14 +80,17 @@ class WeightedCollection:
     def check_finite(self) -> None:
         check_finite(self.loss_values, params=self.params)
 
-    def gradients(self, weights: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def weighted_loss(self, weights: torch.Tensor) -> torch.Tensor:
+        """Σ_i w_i L_i, times the loss scale under a GradScaler."""
         # At least one loss, so the sum is a tensor (never its start value 0).
         total = cast(
             torch.Tensor,
             sum(w.to(loss.dtype) * loss for w, loss in zip(weights.unbind(), self.losses, strict=True)),
         )
-        if self.scaling is not None:
-            total = self.scaling.scale_one(total)
+        return total if self.scaling is None else self.scaling.scale_one(total)
+
+    def gradients(self, weights: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        total = self.weighted_loss(weights)
         with self.no_sync():
             grads = torch.autograd.grad(total, self.params, retain_graph=self.retain_graph, allow_unused=True)
         if self.reduction is None:

@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from dist_harness import WORLD, run_on_ranks
+from dist_harness import WORLD, catch, run_on_ranks
 from method_checks import registered
 from torch import nn
 
@@ -116,14 +116,6 @@ def run_method(rank, method, options, num_tasks=2, rank_options=None, micro_batc
     out["params"] = full_params(model)
     out["ref_params"] = [p.detach().clone() for p in ref.parameters()]
     return out
-
-
-def catch(fn):
-    try:
-        fn()
-    except Exception as err:  # noqa: BLE001 - recorded for the assertions in the parent process
-        return type(err).__name__, str(err)
-    return None, ""
 
 
 def scaler_scenario(rank):
