@@ -445,16 +445,20 @@ def exact_member(w: Any, variant: str) -> Callable[[], None]:
             inner.step()
 
         return step
-    if variant in ("activations", "jacobian"):
-        extra = {"model": w.model} if variant == "activations" else {}
-        opt = GradSurgery(inner, EXACT_METHOD, gradient_source=variant, **extra)
+    if variant in ("activations", "jacobian") or variant.startswith("activations@"):
+        # "activations@16" is the activation source with a 16 MiB budget for the δ_i (activation_memory).
+        source, _, budget = variant.partition("@")
+        extra: dict[str, Any] = {"model": w.model} if source == "activations" else {}
+        if budget:
+            extra["activation_memory"] = int(float(budget) * 2**20)
+        opt = GradSurgery(inner, EXACT_METHOD, gradient_source=source, **extra)
 
         def step() -> None:
             opt.zero_grad(set_to_none=True)
             opt.backward(w.losses())
             opt.step()
 
-        if variant == "activations":
+        if source == "activations":
             step.close = opt.source.remove  # type: ignore[attr-defined]
         return step
     if variant == "autogram":

@@ -79,6 +79,10 @@ class GradSurgery(torch.optim.Optimizer):
             parameters, as in a transformer at many tokens per batch). ``info.source`` says which ran.
         activation_form: ``"auto"``, ``"kernel"`` or ``"materialize"``: how the activation source forms
             each layer's contribution to G (``"auto"``: the one with fewer flops, per layer).
+        activation_memory: bytes of per-task layer-output gradients the activation source holds at once
+            (default None: all of them, one backward pass per task). A budget splits the per-task passes
+            into chunks of layers, taken right before their contributions to G: memory near the budget,
+            more backward passes, the same G. Implies the activation source at every step.
         process_group: the ``torch.distributed`` group to average over (default: the DDP module's group,
             the FSDP2 mesh's group for ``fully_shard`` parameters, else the default group).
         distributed: ``None`` (auto: average over the ranks whenever ``torch.distributed`` is initialised with
@@ -114,6 +118,7 @@ class GradSurgery(torch.optim.Optimizer):
         dist_strategy: str = "allreduce",
         gradient_source: str = "auto",
         activation_form: str = "auto",
+        activation_memory: int | None = None,
         l2: bool = False,
         l2_params: Sequence[torch.Tensor] | None = None,
         l2_per_tensor: bool | None = None,
@@ -173,6 +178,7 @@ class GradSurgery(torch.optim.Optimizer):
             optimizer,
             dist_strategy,
             sharded=mesh is not None,
+            activation_memory=activation_memory,
         )
         main = self.method.per_sample_task
         self.prepare = PlainLosses() if main is None else MaskedLosses(main, self.shared_ids)
@@ -402,12 +408,17 @@ def _full_mode_source(
     dist_strategy: str,
     *,
     sharded: bool,
+    activation_memory: int | None = None,
 ) -> Any:
     """The gradient source of full mode, chosen once: the FSDP2 source for sharded parameters; one weighted
     backward for methods that need no Gram matrix; else the Jacobian or the activation source
     (``gradient_source``)."""
     check_choice(gradient_source, ("auto", "jacobian", "activations"), "gradient_source")
+    if activation_memory is not None:
+        activation_memory = check_int(activation_memory, "activation_memory", minimum=1)
     scales = method.scales_task_specific
+    if sharded or (activation_memory is not None and method.needs_gram):
+        _check_budget_applies(activation_memory, model, gradient_source, sharded)
     if sharded:
         if dist_strategy != "allreduce":
             raise ValueError(
@@ -442,8 +453,36 @@ def _full_mode_source(
         shared_params=shared_params,
         gram_dtype=gram_dtype,
         scales_task_specific=scales,
-        fallback=JacobianSource(shared_params, gram_dtype, scales) if auto else None,
+        memory=activation_memory,
+        # A memory budget is a request for the activations: no step falls back to the Jacobian then.
+        fallback=JacobianSource(shared_params, gram_dtype, scales)
+        if auto and activation_memory is None
+        else None,
     )
+
+
+def _check_budget_applies(
+    activation_memory: int | None, model: torch.nn.Module | None, gradient_source: str, sharded: bool
+) -> None:
+    """ValueError when ``activation_memory`` is given but the activation source will not run."""
+    if activation_memory is None:
+        return
+    why = (
+        "the parameters are FSDP2 shards"
+        if sharded
+        else "gradient_source='jacobian'"
+        if gradient_source == "jacobian"
+        else "no model was given"
+        if model is None
+        else "gradient_source='auto' takes the Jacobian for this model (activations_pay_off)"
+        if gradient_source == "auto" and not activations_pay_off(model)
+        else None
+    )
+    if why is not None:
+        raise ValueError(
+            f"activation_memory bounds the activation source, which does not run here ({why}); pass "
+            "model=model and gradient_source='activations', or drop activation_memory"
+        )
 
 
 def activations_pay_off(model: torch.nn.Module) -> bool:

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from .._validation import check_choice
+from .._validation import check_choice, check_int
 from . import _activation_dist as adist
 from . import check_finite, loss_values
 from ._activation_gram import (
@@ -109,6 +109,11 @@ class ActivationSource:
             applied once to Σ_i w_i δ_i (one weight-gradient GEMM per Linear instead of a backward through the
             whole model; the graph is freed after the last task's pass unless ``retain_graph``; the δ_i stay
             until ``fused``). Both are exact; ``test_activation.py`` checks both against autograd.
+        memory: the bytes of δ_i (all tasks together) held at once, or None (default) to take every δ_i in
+            one backward pass per task. With a budget the per-task passes are split: the groups' δ_i are
+            taken a budget's worth at a time, right before their contributions to G, and dropped after
+            them, so that memory stays near the budget at the cost of more (each one shorter or as long)
+            backward passes; G is the same. Not with ``fused="activations"``, which needs every δ_i.
         fallback: a ``JacobianSource`` that ``collect`` runs instead, for one step, when the recorded layer
             outputs that G needs hold more numbers than the shared parameters (T δ_i of them against T rows
             of the Jacobian: a transformer at many tokens per batch), unless a shared parameter is a sparse
@@ -129,12 +134,20 @@ class ActivationSource:
         shared_params: Sequence[torch.Tensor] | None = None,
         gram_dtype: torch.dtype = torch.float64,
         scales_task_specific: bool = False,
+        memory: int | None = None,
         fallback: JacobianSource | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         check_choice(form, FORMS, "form")
         check_choice(fused, FUSED, "fused")
+        if memory is not None:
+            memory = check_int(memory, "activation_memory", minimum=1)
+            if fused == "activations":
+                raise ValueError(
+                    "a memory budget drops the δ_i that fused='activations' needs; use one or the other"
+                )
+        self.memory = memory
         self.model = model
         self.form = form
         self.fused = fused
@@ -352,8 +365,18 @@ class ActivationSource:
         from_activations = self.fused == "activations"
         # The graph must survive the last pass only when a backward will run on it again.
         keep_graph = retain_graph or (bool(shared) and not from_activations)
-        deltas, grads = self._task_passes(task_losses, graph, used, direct, trainable, reach, keep_graph)
-        plans = self._plans(cov, deltas, grads, trainable, shared, reach, num_tasks)
+        # With a memory budget, the first passes take only the direct parameters; the δ_i follow in chunks.
+        budget = self.memory
+        first = used if budget is None else []
+        deltas, grads = self._task_passes(task_losses, graph, first, direct, trainable, reach, keep_graph)
+        fill = (
+            None
+            if budget is None
+            else _ChunkedDeltas(self, task_losses, graph, used, trainable, reach, deltas)
+        )
+        plans = self._plans(cov, deltas, grads, trainable, shared, reach, num_tasks, fill)
+        if fill is not None and budget is not None:
+            fill.plan([recs for recs, _ in plans], budget)
         return ActivationGradients(
             gram=None,
             shared=[trainable[k] for k in shared],
@@ -475,12 +498,17 @@ class ActivationSource:
         shared: list[int],
         reach: list[int],
         num_tasks: int,
+        fill: _ChunkedDeltas | None = None,
     ) -> list[tuple[list[Record], Callable[[], Group]]]:
         """The Gram groups (see ``_activation_gram``) in the order of their first parameter, as
-        (records whose δ they read, builder): each is built right before its contribution."""
+        (records whose δ they read, builder): each is built right before its contribution. With ``fill``
+        (a memory budget) a missing δ is taken then, with the rest of its chunk."""
 
         def delta(rec: Record) -> torch.Tensor:
             d = deltas.get(id(rec))
+            if d is None and fill is not None:
+                fill.take(rec)
+                d = deltas.get(id(rec))
             if d is None:  # reached in the graph, but autograd passed no gradient to it
                 p = next(iter(rec.params.values()))
                 d = deltas[id(rec)] = torch.zeros((num_tasks, *rec.out_shape), dtype=p.dtype, device=p.device)
@@ -543,6 +571,66 @@ class ActivationSource:
                 plans.append((pos, [], functools.partial(DirectGroup, trainable[pos], per_task)))
         plans.sort(key=lambda plan: plan[0])
         return [(recs, make) for _, recs, make in plans]
+
+
+class _ChunkedDeltas:
+    """The δ_i of the used records under a memory budget: the records in the order the groups read them,
+    cut into chunks of at most the budget's bytes (a record larger than the budget is a chunk of its own);
+    a chunk's T passes run when a group first reads one of its records."""
+
+    def __init__(
+        self,
+        source: ActivationSource,
+        task_losses: list[torch.Tensor],
+        graph: Graph,
+        used: list[tuple[Record, int]],
+        trainable: list[torch.Tensor],
+        reach: list[int],
+        deltas: dict[int, torch.Tensor],
+    ) -> None:
+        self.source = source
+        self.task_losses = task_losses
+        self.graph = graph
+        self.entry = {id(rec): (rec, entry) for rec, entry in used}
+        self.trainable = trainable
+        self.reach = reach
+        self.deltas = deltas
+        self.chunk_of: dict[int, int] = {}
+        self.chunks: list[list[tuple[Record, int]]] = []
+        self.passes = 0
+
+    def plan(self, reads: list[list[Record]], budget: int) -> None:
+        num_tasks = len(self.task_losses)
+        chunk: list[tuple[Record, int]] = []
+        size = 0
+        for recs in reads:
+            for rec in recs:
+                if id(rec) in self.chunk_of or id(rec) not in self.entry:
+                    continue
+                param = next(iter(rec.params.values()))
+                need = num_tasks * rec.out_shape.numel() * param.element_size()
+                if chunk and size + need > budget:
+                    self.chunks.append(chunk)
+                    chunk, size = [], 0
+                self.chunk_of[id(rec)] = len(self.chunks)
+                chunk.append(self.entry[id(rec)])
+                size += need
+        if chunk:
+            self.chunks.append(chunk)
+
+    def take(self, rec: Record) -> None:
+        index = self.chunk_of.pop(id(rec), None)
+        if index is None:
+            return
+        chunk = self.chunks[index]
+        for other, _ in chunk:
+            self.chunk_of.pop(id(other), None)
+        # The graph stays for the next chunks and the fused backward, which frees it.
+        got, _ = self.source._task_passes(
+            self.task_losses, self.graph, chunk, [], self.trainable, self.reach, True
+        )
+        self.deltas.update(got)
+        self.passes += 1
 
 
 def _build(

@@ -217,6 +217,89 @@ def test_auto_takes_the_jacobian_for_a_step_whose_activations_outnumber_the_para
     assert on_tables.backward(task_losses(sparse, 0, n=200)).source == "activations"
 
 
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense tables", "a sparse table"])
+@pytest.mark.parametrize(
+    "budget", [1, 3000, 10**9], ids=["a record per chunk", "a few per chunk", "one chunk"]
+)
+def test_a_memory_budget_gives_the_jacobian_answer(budget, sparse):
+    # Against the Jacobian source (an independent path): G, the weights and every .grad, over three steps;
+    # budget 1 takes each layer's δ_i in passes of their own.
+    model, reference = Ranker(sparse=sparse).double(), Ranker(sparse=sparse).double()
+
+    def optimizer(net, **extra):
+        tables = [net.user.weight]
+        dense = [p for p in net.parameters() if p is not net.user.weight]
+        inner = MultiOptimizer(torch.optim.SGD(tables, lr=0.1), torch.optim.SGD(dense, lr=0.1, momentum=0.9))
+        return GradSurgery(inner, "upgrad", **extra)
+
+    opt = optimizer(model, model=model, gradient_source="activations", activation_memory=budget)
+    if (
+        sparse
+    ):  # the Jacobian cannot hold a sparse table's gradient: the budget-free activations are the reference
+        ref = optimizer(reference, model=reference, gradient_source="activations")
+    else:
+        ref = optimizer(reference, gradient_source="jacobian")
+    for step in range(3):
+        opt.zero_grad()
+        ref.zero_grad()
+        info = opt.backward(task_losses(model, step, n=40))
+        ref_info = ref.backward(task_losses(reference, step, n=40))
+        assert info.source == "activations"
+        torch.testing.assert_close(info.gram, ref_info.gram, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(info.weights, ref_info.weights, rtol=1e-9, atol=1e-12)
+        for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(dense_grad(p), dense_grad(q), rtol=1e-9, atol=1e-12)
+        opt.step()
+        ref.step()
+
+
+def dense_grad(p):
+    return p.grad.to_dense() if p.grad.is_sparse else p.grad
+
+
+def test_a_memory_budget_takes_more_shorter_passes():
+    from gradsurgery.sources.activation import ActivationSource
+
+    model = Ranker().double()
+    counts = {}
+    for budget in (None, 1):
+        source = ActivationSource(model, memory=budget)
+        calls = []
+        original = source._task_passes
+        source._task_passes = lambda *args, calls=calls, original=original: (
+            calls.append(len(args[2])) or original(*args)
+        )
+        params = list(model.parameters())
+        result = source.prepare(
+            task_losses(model, 0, n=40), params, shared_ids=None, retain_graph=False, gram_dtype=torch.float64
+        )
+        result.reduce()
+        counts[budget] = calls
+        source.remove()
+    # Without a budget one call takes every used record's δ_i: the two tables, the bottom's Linear, LayerNorm
+    # and Linear, and tower 0's two Linear layers (task 1 reads tower 0 too, so they are shared).
+    assert counts[None] == [7]
+    assert counts[1] == [0] + [1] * 7  # the direct parameters only, then one record per call
+
+
+def test_a_memory_budget_is_checked():
+    model = Ranker()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="activation_memory must be an int"):
+        GradSurgery(sgd, "mgda", model=model, activation_memory=1.5)
+    with pytest.raises(ValueError, match="activation_memory must be >= 1"):
+        GradSurgery(sgd, "mgda", model=model, activation_memory=0)
+    with pytest.raises(ValueError, match="gradient_source='jacobian'"):
+        GradSurgery(sgd, "mgda", model=model, gradient_source="jacobian", activation_memory=10**6)
+    with pytest.raises(ValueError, match="no model was given"):
+        GradSurgery(sgd, "mgda", activation_memory=10**6)
+    from gradsurgery.sources.activation import ActivationSource
+
+    with pytest.raises(ValueError, match="fused='activations'"):
+        ActivationSource(model, fused="activations", memory=10**6)
+    assert not any(m._forward_hooks for m in model.modules())
+
+
 def test_the_sharded_strategy_is_for_the_jacobian():
     model = Ranker()
     with pytest.raises(ValueError, match="shards the Jacobian"):
