@@ -58,9 +58,9 @@ def dense(g):
     return g.to_dense() if g.is_sparse else g
 
 
-def run(rank, form, fused="backward"):
+def run(rank, form, fused="backward", memory=None):
     model = make_net()
-    source = ActivationSource(model, form=form, fused=fused)
+    source = ActivationSource(model, form=form, fused=fused, memory=memory)
     idx, x, y = make_data()
     mine = slice(rank * BATCH, (rank + 1) * BATCH)
     losses = losses_of(model(idx[mine], x[mine]), y[mine])
@@ -107,6 +107,7 @@ def mismatch(rank):
 def scenarios(rank: int) -> dict:
     results = {form: run(rank, form) for form in ("auto", "kernel")}
     results["activations"] = run(rank, "auto", fused="activations")
+    results["budget"] = run(rank, "auto", memory=1)  # every record's δ_i in passes of its own
     results["mismatch"] = mismatch(rank)
     return results
 
@@ -143,7 +144,8 @@ def single():
     }
 
 
-@pytest.mark.parametrize("form", ["auto", "kernel", "activations"])  # the last: auto, fused="activations"
+# "activations": auto with fused="activations"; "budget": auto with a 1-byte memory budget.
+@pytest.mark.parametrize("form", ["auto", "kernel", "activations", "budget"])
 def test_equals_one_process_on_the_concatenated_batch(ranks, single, form):
     for res in ranks:
         run_ = res[form]
