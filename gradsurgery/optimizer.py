@@ -82,7 +82,9 @@ class GradSurgery(torch.optim.Optimizer):
         activation_memory: bytes of per-task layer-output gradients the activation source holds at once
             (default None: all of them, one backward pass per task). A budget splits the per-task passes
             into chunks of layers, taken right before their contributions to G: memory near the budget,
-            more backward passes, the same G. Implies the activation source at every step.
+            more backward passes, the same G. Implies the activation source at every step (a ValueError
+            where it cannot run); the methods that take one backward of Σ w_i L_i (``rlw``, ``famo``,
+            ``sum``) run no per-task pass, so it has nothing to bound there.
         process_group: the ``torch.distributed`` group to average over (default: the DDP module's group,
             the FSDP2 mesh's group for ``fully_shard`` parameters, else the default group).
         distributed: ``None`` (auto: average over the ranks whenever ``torch.distributed`` is initialised with
