@@ -142,7 +142,7 @@ class ActivationSource:
         check_choice(form, FORMS, "form")
         check_choice(fused, FUSED, "fused")
         if memory is not None:
-            memory = check_int(memory, "activation_memory", minimum=1)
+            memory = check_int(memory, "memory", minimum=1)
             if fused == "activations":
                 raise ValueError(
                     "a memory budget drops the δ_i that fused='activations' needs; use one or the other"
@@ -597,7 +597,6 @@ class _ChunkedDeltas:
         self.deltas = deltas
         self.chunk_of: dict[int, int] = {}
         self.chunks: list[list[tuple[Record, int]]] = []
-        self.passes = 0
 
     def plan(self, reads: list[list[Record]], budget: int) -> None:
         num_tasks = len(self.task_losses)
@@ -630,7 +629,6 @@ class _ChunkedDeltas:
             self.task_losses, self.graph, chunk, [], self.trainable, self.reach, True
         )
         self.deltas.update(got)
-        self.passes += 1
 
 
 def _build(
