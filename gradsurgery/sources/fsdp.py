@@ -16,6 +16,8 @@ columns of J), G = J Jᵀ = Σ_k J_k J_kᵀ. So, per step:
 
 A parameter reached by one task gets that task's gradient (times w_i for loss weightings), as in the
 Jacobian source. Loss weightings that need no Gram matrix take one backward of Σ_i w_i L_i instead of T.
+Parameters that require grad but are not the optimizer's receive, through the T backward passes, Σ_i g_i
+in their ``.grad``: what ``sum(losses).backward()`` would give them.
 
 Cost per step: T backward passes, each with FSDP's all-gathers and reduce-scatter (T times the communication
 of a plain step), T²·d/n for the Gram and T·d/n for u on each rank; memory T·d/n per rank for the task
