@@ -163,6 +163,18 @@ def retain_scenario(rank):
     return res
 
 
+def outside_scenario(rank):
+    """A parameter FSDP manages but the optimizer does not hold: the T backward passes leave Σ_i g_i."""
+    model, ref = shard(make_net(2)), make_net(2)
+    held = [p for p in model.parameters() if p is not model.trunk[0].bias]
+    opt = GradSurgery(torch.optim.SGD(held, lr=0.1), "mgda")
+    x, y = make_data(2)
+    mine = slice(rank * BATCH, (rank + 1) * BATCH)
+    opt.backward(task_losses(model(x[mine]), y[mine]))
+    sum(task_losses(ref(x), y)).backward()
+    return {"outside": model.trunk[0].bias.grad.full_tensor(), "summed": ref.trunk[0].bias.grad.clone()}
+
+
 def checkpoint_scenario(rank):
     """One sharded run trains 4 steps straight; another trains 2, its state dict goes through torch.save and
     torch.load into a fresh wrapper around a fresh Adam (the parameters copied over), and trains 2 more."""
@@ -274,6 +286,7 @@ def scenarios(rank: int) -> dict:
     results["scaler"] = scaler_scenario(rank)
     results["retain"] = retain_scenario(rank)
     results["checkpoint"] = checkpoint_scenario(rank)
+    results["outside"] = outside_scenario(rank)
     results["bad"] = bad_input_scenarios(rank)
     return results
 
@@ -366,6 +379,13 @@ def test_checkpoint_resumes_bit_for_bit(ranks):
                 assert torch.equal(value, resumed[key]), key
             else:
                 assert value == resumed[key], key
+
+
+def test_a_parameter_outside_the_optimizer_gets_the_summed_gradient(ranks):
+    for res in ranks:
+        torch.testing.assert_close(
+            res["outside"]["outside"], res["outside"]["summed"], rtol=1e-10, atol=1e-12
+        )
 
 
 def test_retain_graph(ranks):
