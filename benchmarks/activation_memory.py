@@ -15,7 +15,6 @@ median of three). Writes ``report.md`` and ``rows.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -85,12 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
         print(f"{name} done", file=sys.stderr)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "rows.json").write_text(json.dumps(rows, indent=1))
-    text = report(rows, args)
-    (out / "report.md").write_text(text)
-    print(text)
+    speed.write_rows_and_report(Path(args.out), rows, report(rows, args))
     return 0
 
 

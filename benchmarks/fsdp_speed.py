@@ -18,13 +18,10 @@ Rank 0 writes ``report.md`` and ``rows.json`` under ``--out``: the median ratio 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import random
 import socket
 import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -37,11 +34,17 @@ from torch import nn
 from gradsurgery import GradSurgery
 
 try:
-    from .speed import SIZES, TINY_SIZES, quantile
+    from .speed import SIZES, TINY_SIZES, interleaved_times, quantile, write_rows_and_report
     from .speed_models import SpeedModel
 except ImportError:  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from speed import SIZES, TINY_SIZES, quantile  # type: ignore[no-redef]
+    from speed import (  # type: ignore[no-redef]
+        SIZES,
+        TINY_SIZES,
+        interleaved_times,
+        quantile,
+        write_rows_and_report,
+    )
     from speed_models import SpeedModel  # type: ignore[no-redef]
 
 WORLD = 2
@@ -86,27 +89,6 @@ def variant_step(
     return step
 
 
-def time_variants(
-    members: dict[str, Callable[[], None]], reps: int, inner_steps: int
-) -> dict[str, list[float]]:
-    for step in members.values():
-        for _ in range(3):
-            step()
-    rng = random.Random(0)  # the same order on every rank: the steps run collectives
-    times: dict[str, list[float]] = {name: [] for name in members}
-    names = list(members)
-    for _ in range(reps):
-        rng.shuffle(names)
-        for name in names:
-            dist.barrier()
-            start = time.perf_counter()
-            for _ in range(inner_steps):
-                members[name]()
-            dist.barrier()
-            times[name].append((time.perf_counter() - start) / inner_steps)
-    return times
-
-
 def worker(rank: int, port: int, args: argparse.Namespace) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -121,7 +103,7 @@ def worker(rank: int, port: int, args: argparse.Namespace) -> None:
             members = {"plain": variant_step(dims, num_tasks, None, rank)}
             for method in args.methods:
                 members[method] = variant_step(dims, num_tasks, method, rank)
-            times = time_variants(members, args.reps, args.inner_steps)
+            times = interleaved_times(members, args.reps, args.inner_steps, around=dist.barrier)
             plain = times["plain"]
             for name, values in times.items():
                 ratios = [v / p for v, p in zip(values, plain, strict=True)]
@@ -143,8 +125,6 @@ def worker(rank: int, port: int, args: argparse.Namespace) -> None:
 
 
 def write(rows: list[dict], out: Path, args: argparse.Namespace) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "rows.json").write_text(json.dumps(rows, indent=1))
     lines = [
         f"# FSDP2 step time ({WORLD} gloo ranks, one thread each, model {args.size}, batch {BATCH} per rank, "
         f"{args.reps} repetitions × {args.inner_steps} steps, torch {torch.__version__})",
@@ -161,8 +141,7 @@ def write(rows: list[dict], out: Path, args: argparse.Namespace) -> None:
         lines.append(f"| {num_tasks} | {sub['plain']['ms']:.1f} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Cells: step time / plain FSDP step, median (25th-75th percentile) over the repetitions.")
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_rows_and_report(out, rows, "\n".join(lines) + "\n")
 
 
 def free_port() -> int:

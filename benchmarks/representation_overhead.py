@@ -21,11 +21,8 @@ Rank statistics: the median ratio and its 25th-75th percentiles. Writes ``report
 from __future__ import annotations
 
 import argparse
-import json
-import random
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,12 +35,18 @@ from gradsurgery.solvers import simplex_min_norm
 
 try:
     from .runner import method_options
-    from .speed import SIZES, TINY_SIZES, quantile
+    from .speed import SIZES, TINY_SIZES, interleaved_times, quantile, write_rows_and_report
     from .speed_models import SpeedModel
 except ImportError:  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from runner import method_options  # type: ignore[no-redef]
-    from speed import SIZES, TINY_SIZES, quantile  # type: ignore[no-redef]
+    from speed import (  # type: ignore[no-redef]
+        SIZES,
+        TINY_SIZES,
+        interleaved_times,
+        quantile,
+        write_rows_and_report,
+    )
     from speed_models import SpeedModel  # type: ignore[no-redef]
 
 BATCH = 128
@@ -126,25 +129,6 @@ def method_step(case: Case, method: str, views: bool) -> Callable[[], None]:
     return step
 
 
-def time_members(
-    members: dict[str, Callable[[], None]], reps: int, inner_steps: int
-) -> dict[str, list[float]]:
-    for step in members.values():
-        for _ in range(5):
-            step()
-    rng = random.Random(0)
-    times: dict[str, list[float]] = {name: [] for name in members}
-    names = list(members)
-    for _ in range(reps):
-        rng.shuffle(names)
-        for name in names:
-            start = time.perf_counter()
-            for _ in range(inner_steps):
-                members[name]()
-            times[name].append((time.perf_counter() - start) / inner_steps)
-    return times
-
-
 def measure(size: str, num_tasks: int, methods: list[str], reps: int, inner_steps: int) -> list[dict]:
     dims = {**SIZES, **TINY_SIZES}[size]
     case = Case(dims, num_tasks)
@@ -152,7 +136,7 @@ def measure(size: str, num_tasks: int, methods: list[str], reps: int, inner_step
     for method in methods:
         members[method] = method_step(case, method, views=True)
     members["z"] = method_step(case, "mgda", views=False)
-    times = time_members(members, reps, inner_steps)
+    times = interleaved_times(members, reps, inner_steps, warmup=5)
     rows = []
     for name, values in times.items():
         ratios = [v / p for v, p in zip(values, times["plain"], strict=True)]
@@ -218,12 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             methods = args.methods or gram_methods(num_tasks)
             rows += measure(size, num_tasks, methods, args.reps, args.inner_steps)
             print(f"{size} T={num_tasks} done", file=sys.stderr)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "rows.json").write_text(json.dumps(rows, indent=1))
-    text = report(rows, args)
-    (out / "report.md").write_text(text)
-    print(text)
+    write_rows_and_report(Path(args.out), rows, report(rows, args))
     return 0
 
 

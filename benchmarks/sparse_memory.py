@@ -18,7 +18,6 @@ on 8 ``Embedding(rows, 64, sparse=True)`` tables, batch 512, T = 2 and 4, for 10
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import weakref
 from pathlib import Path
@@ -121,9 +120,6 @@ def main(argv: list[str] | None = None) -> int:
             peaks = measure(rows, num_tasks, args.tiny)
             results.append({"rows": rows, "num_tasks": num_tasks, **peaks})
             print(f"rows {rows} T={num_tasks} done", file=sys.stderr)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "rows.json").write_text(json.dumps(results, indent=1))
     lines = [
         f"# Peak tensor memory of a step, counted exactly (MiB; torch {torch.__version__})",
         "",
@@ -133,9 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         plain, act = r["plain"] / 2**20, r["activations"] / 2**20
         lines.append(f"| {r['num_tasks']} | {r['rows']:,} | {plain:.3f} | {act:.3f} | {act - plain:.3f} |")
-    text = "\n".join(lines) + "\n"
-    (out / "report.md").write_text(text)
-    print(text)
+    speed.write_rows_and_report(Path(args.out), results, "\n".join(lines) + "\n")
     return 0
 
 

@@ -31,6 +31,7 @@ import argparse
 import ctypes
 import gc
 import importlib.util
+import json
 import math
 import random
 import re
@@ -174,6 +175,45 @@ def time_once(step: Callable[[], None], inner_steps: int, device: torch.device) 
         step()
     _sync(device)
     return (time.perf_counter() - start) / inner_steps
+
+
+def interleaved_times(
+    members: dict[str, Callable[[], None]],
+    reps: int,
+    inner_steps: int,
+    *,
+    warmup: int = 3,
+    around: Callable[[], None] | None = None,
+) -> dict[str, list[float]]:
+    """Seconds per step of each member: every repetition times each member once (``inner_steps`` steps), in
+    an order shuffled by a fixed seed (the same on every rank of a distributed run); ``around`` runs before
+    and after each measurement (a barrier)."""
+    for step in members.values():
+        for _ in range(warmup):
+            step()
+    rng = random.Random(0)
+    times: dict[str, list[float]] = {name: [] for name in members}
+    names = list(members)
+    for _ in range(reps):
+        rng.shuffle(names)
+        for name in names:
+            if around is not None:
+                around()
+            start = time.perf_counter()
+            for _ in range(inner_steps):
+                members[name]()
+            if around is not None:
+                around()
+            times[name].append((time.perf_counter() - start) / inner_steps)
+    return times
+
+
+def write_rows_and_report(out: Path, rows: list[dict[str, Any]], text: str) -> None:
+    """``rows.json`` and ``report.md`` under ``out`` (created), and the report on stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rows.json").write_text(json.dumps(rows, indent=1))
+    (out / "report.md").write_text(text)
+    print(text)
 
 
 def quantile(values: list[float], q: float) -> float:
