@@ -8,19 +8,12 @@ import re
 import warnings
 
 import pytest
-import torch
 
 pytest.importorskip("sklearn")  # the bench extra
 
 from benchmarks import l2_regularization, noisy_labels, report, runner, speed, suite  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_tables_come_first_and_notes_after_them(tmp_path, capsys):

@@ -20,12 +20,7 @@ SMALL = {"n_train": 1024, "n_test": 1024, "vocab_sizes": (400, 300, 50, 7), "emb
 TINY_NET = {"bottom": (16, 8), "expert": (8,), "tower": 4, "num_experts": 3}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(arch="mmoe", seed=0, **extra):

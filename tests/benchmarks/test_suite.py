@@ -28,12 +28,7 @@ from benchmarks.problems import synthetic, toy  # noqa: E402
 TINY = quality.suite_configs("tiny")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- methods and their options ------------------------------------------------------------------------------
