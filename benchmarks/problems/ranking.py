@@ -310,13 +310,7 @@ class RankingProblem(ClickConversionWatch):
         watch = raw_watch * (watch_mean - 0.67 * click_rate) / raw_watch.mean() + bonus
         watch = watch * WATCH_UNITS[watch_unit]
 
-        self.p_click = torch.from_numpy(p_click).float()
-        cat_t = torch.from_numpy(cat).long()
-        dense_t = torch.from_numpy(dense).float()
-        y = torch.from_numpy(np.stack([click, conv, watch], axis=1)).float()
-        tr, te = slice(0, int(n_train)), slice(int(n_train), n)
-        self.x_train, self.y_train = (cat_t[tr], dense_t[tr]), y[tr]
-        self.x_test, self.y_test = (cat_t[te], dense_t[te]), y[te]
+        self._set_data(cat, dense, p_click, click, conv, watch, int(n_train))
 
     # -- what the benchmark runner asks of a problem with sparse tables ------------------------------------
     def _build_model(self) -> nn.Module:

@@ -108,6 +108,25 @@ class ClickConversionWatch(Problem):
             F.mse_loss(watch, watch_target),
         ]
 
+    def _set_data(
+        self,
+        cat: np.ndarray,
+        dense: np.ndarray,
+        p_click: np.ndarray,
+        click: np.ndarray,
+        conv: np.ndarray,
+        watch: np.ndarray,
+        n_train: int,
+    ) -> None:
+        """The generated impressions as tensors: the first ``n_train`` for training, the rest for testing."""
+        self.p_click = torch.from_numpy(p_click).float()
+        cat_t = torch.from_numpy(cat).long()
+        dense_t = torch.from_numpy(dense).float()
+        y = torch.from_numpy(np.stack([click, conv, watch], axis=1)).float()
+        tr, te = slice(0, n_train), slice(n_train, len(y))
+        self.x_train, self.y_train = (cat_t[tr], dense_t[tr]), y[tr]
+        self.x_test, self.y_test = (cat_t[te], dense_t[te]), y[te]
+
     def _evaluate(self, model: nn.Module) -> dict[str, float]:
         click_logit, conv_logit, watch = model(self.x_test)
         y = self.y_test
@@ -173,13 +192,7 @@ class RecsysProblem(ClickConversionWatch):
         raw_watch = np.exp(0.5 * _standardize(z @ a_watch) + 0.3 * rng.standard_normal(n))
         watch = raw_watch * (watch_mean - 40.0 * click_rate) / raw_watch.mean() + 40.0 * click
 
-        self.p_click = torch.from_numpy(p_click).float()
-        cat_t = torch.from_numpy(cat).long()
-        dense_t = torch.from_numpy(dense).float()
-        y = torch.from_numpy(np.stack([click, conv, watch], axis=1)).float()
-        tr, te = slice(0, int(n_train)), slice(int(n_train), n)
-        self.x_train, self.y_train = (cat_t[tr], dense_t[tr]), y[tr]
-        self.x_test, self.y_test = (cat_t[te], dense_t[te]), y[te]
+        self._set_data(cat, dense, p_click, click, conv, watch, int(n_train))
 
     def _build_model(self) -> nn.Module:
         trunk = RecsysTrunk(self.vocab_sizes, self.num_dense, self.emb_dim, self.hidden)
