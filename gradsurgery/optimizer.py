@@ -396,7 +396,7 @@ class GradSurgery(torch.optim.Optimizer):
         return [p for group in self.param_groups for p in group["params"]]
 
     def _trainable_params(self) -> list[torch.Tensor]:
-        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        return [p for p in self._all_params() if p.requires_grad]
 
 
 def _full_mode_source(
@@ -469,22 +469,20 @@ def _check_budget_applies(
     """ValueError when ``activation_memory`` is given but the activation source will not run."""
     if activation_memory is None:
         return
-    why = (
-        "the parameters are FSDP2 shards"
-        if sharded
-        else "gradient_source='jacobian'"
-        if gradient_source == "jacobian"
-        else "no model was given"
-        if model is None
-        else "gradient_source='auto' takes the Jacobian for this model (activations_pay_off)"
-        if gradient_source == "auto" and not activations_pay_off(model)
-        else None
+    if sharded:
+        why = "the parameters are FSDP2 shards"
+    elif gradient_source == "jacobian":
+        why = "gradient_source='jacobian'"
+    elif model is None:
+        why = "no model was given"
+    elif gradient_source == "auto" and not activations_pay_off(model):
+        why = "gradient_source='auto' takes the Jacobian for this model (activations_pay_off)"
+    else:
+        return
+    raise ValueError(
+        f"activation_memory bounds the activation source, which does not run here ({why}); pass "
+        "model=model and gradient_source='activations', or drop activation_memory"
     )
-    if why is not None:
-        raise ValueError(
-            f"activation_memory bounds the activation source, which does not run here ({why}); pass "
-            "model=model and gradient_source='activations', or drop activation_memory"
-        )
 
 
 def activations_pay_off(model: torch.nn.Module) -> bool:
