@@ -12,13 +12,13 @@ that is skipped applies nothing, so the vector never moves on a failed step.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from .._validation import check_choice, check_number, check_per_task_numbers, resolve_per_task
+from .base import clone_state
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -94,7 +94,7 @@ class LearnedVector:
             "optimizer_kind": self.kind,
             "value": self.param.detach().clone(),
             "pending": None if self.param.grad is None else self.param.grad.clone(),
-            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "optimizer": clone_state(self.optimizer.state_dict()),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -114,7 +114,7 @@ class LearnedVector:
                 f"state has a pending gradient of shape {tuple(pending.shape)}, "
                 f"expected {tuple(self.param.shape)}"
             )
-        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        self.optimizer.load_state_dict(clone_state(state["optimizer"]))
         with torch.no_grad():
             self.param.copy_(value)
         self.param.grad = None if pending is None else pending.detach().to("cpu", torch.float64).clone()

@@ -60,12 +60,14 @@ class MGDA(Method):
     def compute_weights(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
         gram = require_gram(gram, self.name)
         g = gram_to_numpy(gram)
+        if self.normalization == "none":
+            return torch.from_numpy(self._solve(g))
         scales = normalization_scales(g, losses.detach().cpu().double().numpy(), self.normalization)
-        g = g / np.outer(scales, scales)
+        return torch.from_numpy(self._solve(g / np.outer(scales, scales)) / scales)
+
+    def _solve(self, g: np.ndarray) -> np.ndarray:
         if self.solver == "closed_form":
-            alpha = min_norm_two_weights(g)
-        elif self.solver == "cvxpy":
-            alpha = bound_state(self._qp, self.name).solve(g)
-        else:
-            alpha = simplex_min_norm(g)
-        return torch.from_numpy(alpha / scales)
+            return min_norm_two_weights(g)
+        if self.solver == "cvxpy":
+            return bound_state(self._qp, self.name).solve(g)
+        return simplex_min_norm(g)

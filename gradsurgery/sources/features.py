@@ -277,7 +277,11 @@ class ViewCollection(FeatureCollection):
         # The tasks reaching each parameter through the heads: a loss weighting scales the head gradient of a
         # parameter one task reaches by that task's weight, and needs a second pass through the heads only
         # for a parameter several tasks reach there.
-        self.head_owners = [[i for i, ids in enumerate(reached) if id(p) in ids] for p in params]
+        owners: dict[int, list[int]] = {}
+        for i, ids in enumerate(reached):
+            for key in ids:
+                owners.setdefault(key, []).append(i)
+        self.head_owners = [owners.get(id(p), []) for p in params]
         self.second_pass = source.scales_task_specific and any(len(o) > 1 for o in self.head_owners)
         # Heads once: Σ_i L_i lands ∇_z L_i in task i's view, and gives the heads' gradients (seeds 1).
         keep = retain_graph or self.second_pass
@@ -324,15 +328,30 @@ class ViewCollection(FeatureCollection):
                 allow_unused=True,
             )
         elif self.scales_task_specific:
-            heads = [
-                g if g is None else g * weights[owners[0]].to(device=g.device, dtype=g.dtype)
-                for g, owners in zip(heads, self.head_owners, strict=True)
-            ]
+            heads = scale_by_owner(heads, self.head_owners, weights)
         out = []
         for p, a, b in zip(self.params, trunk, heads, strict=True):
             if a is not None or b is not None:
                 out.append((p, b if a is None else a if b is None else a + b))
         return out
+
+
+def scale_by_owner(
+    grads: Sequence[torch.Tensor | None], owners: list[list[int]], weights: torch.Tensor
+) -> list[torch.Tensor | None]:
+    """w_i g for each gradient g of a parameter that task i alone reaches, w cast once per device and dtype
+    (the weight's cast and indexing cost as much as the product on a small head)."""
+    cast: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, ...]] = {}
+    out: list[torch.Tensor | None] = []
+    for g, ids in zip(grads, owners, strict=True):
+        if g is None:
+            out.append(None)
+            continue
+        key = (g.device, g.dtype)
+        if key not in cast:
+            cast[key] = weights.to(device=g.device, dtype=g.dtype).unbind()
+        out.append(g * cast[key][ids[0]])
+    return out
 
 
 def check_own_views(losses: list[torch.Tensor], views: list[list[torch.Tensor]]) -> list[set[int]]:

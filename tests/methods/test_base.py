@@ -3,14 +3,17 @@ declare, and what an extension gets from the base class."""
 
 from __future__ import annotations
 
+import copy
 import numbers
 
 import pytest
 import torch
 from method_checks import make_linear_problem, shared_grad
+from state_checks import same_state
 
 from gradsurgery import METHODS, GradSurgery, Method, make_method, register
 from gradsurgery.methods import option_names
+from gradsurgery.methods.base import clone_state
 
 
 def primitive(value) -> bool:
@@ -97,3 +100,52 @@ def test_an_extension_gets_options_registry_and_transactions_from_the_base_class
             make_method("halves_for_tests", stop=1.0)
     finally:
         METHODS.pop("halves_for_tests")
+
+
+# -- clone_state: the transaction's snapshot ---------------------------------------------------------------
+
+
+def tensors_in(state) -> list[torch.Tensor]:
+    if isinstance(state, dict):
+        return [t for v in state.values() for t in tensors_in(v)]
+    if isinstance(state, list | tuple):
+        return [t for v in state for t in tensors_in(v)]
+    return [state] if isinstance(state, torch.Tensor) else []
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_clone_state_copies_what_deepcopy_copies_and_shares_nothing_mutable(name):
+    cls = METHODS[name]
+    num_tasks = max(cls.min_tasks, 3) if cls.max_tasks is None else cls.max_tasks
+    method = make_method(name, **cls.example_options(num_tasks))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):  # the moving averages, histories and learned vectors exist after a few steps
+        jac = torch.randn(num_tasks, 7, generator=gen, dtype=torch.float64)
+        with method.transaction():
+            method(jac @ jac.T, torch.rand(num_tasks, generator=gen, dtype=torch.float64) + 0.5)
+        method.after_step()
+    state = method.state_dict()
+    reference, clone = copy.deepcopy(state), clone_state(state)
+    assert same_state(clone, reference)
+    originals = {id(t) for t in tensors_in(state)}
+    assert not any(id(t) in originals for t in tensors_in(clone))
+    for t in tensors_in(state):
+        if t.is_floating_point():
+            t.add_(1.0)  # the live state moves on; the snapshot must not
+    assert same_state(clone, reference)
+
+
+def test_clone_state_rebuilds_containers_and_deep_copies_unknown_leaves():
+    class Box:
+        def __init__(self, items: list[int]) -> None:
+            self.items = items
+
+    box = Box([1, 2])
+    state = {"a": [torch.ones(2), (torch.zeros(1), 3, "x", None)], "box": box, "dtype": torch.float64}
+    clone = clone_state(state)
+    assert clone["a"] is not state["a"] and isinstance(clone["a"][1], tuple)
+    assert clone["box"] is not box and clone["box"].items == [1, 2] and clone["box"].items is not box.items
+    assert clone["dtype"] is torch.float64 and clone["a"][1][2] == "x"
+    weight = torch.ones(2, requires_grad=True)  # a tensor that requires grad keeps that, as under deepcopy
+    copied = clone_state({"w": weight})["w"]
+    assert copied is not weight and copied.requires_grad and torch.equal(copied, weight)
