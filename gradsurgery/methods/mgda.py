@@ -4,7 +4,8 @@
 
 Stepping along −u decreases every loss to first order unless the point is Pareto-stationary (u = 0):
 ⟨u, g_i⟩ ≥ ‖u‖² for every i. Solved on the Gram matrix: closed form for T = 2, the active-set solver
-(``solvers.frank_wolfe``, O(T³) per face), or a cvxpy QP (``solvers.qp``, about 1.3 ms).
+(``solvers.frank_wolfe``, O(T³) per face), or a cvxpy QP (``solvers.qp``, about 1.3 ms); ``solver="auto"``
+(the default) takes the closed form for two tasks and the active set otherwise.
 
 ``normalization`` rescales the gradients before the solve as in the paper's appendix: ``"l2"`` uses
 g_i/‖g_i‖, ``"loss"`` g_i/L_i, ``"loss+"`` g_i/(L_i‖g_i‖); the weights returned are those on the raw g_i.
@@ -43,10 +44,11 @@ class MGDA(Method):
     interchangeable_options = ("solver",)
     no_conflict = True
 
-    def __init__(self, *, solver: str = "frank_wolfe", normalization: str = "none") -> None:
+    def __init__(self, *, solver: str = "auto", normalization: str = "none") -> None:
         super().__init__()
-        self.solver = check_solver(solver, ("frank_wolfe", "cvxpy", "closed_form"), self.name)
+        self.solver = check_solver(solver, ("auto", "frank_wolfe", "cvxpy", "closed_form"), self.name)
         self.normalization = check_choice(normalization, _NORMALIZATIONS, "normalization")
+        self._solver = solver
         self._qp: SimplexQP | None = None
 
     def _check_num_tasks(self, num_tasks: int, task_names: Sequence[str] | None) -> None:
@@ -54,6 +56,8 @@ class MGDA(Method):
             raise ValueError(f"mgda solver='closed_form' needs exactly 2 tasks, got {num_tasks}")
 
     def _init_state(self, num_tasks: int) -> None:
+        if self.solver == "auto":
+            self._solver = "closed_form" if num_tasks == 2 else "frank_wolfe"
         if self.solver == "cvxpy":
             self._qp = SimplexQP(num_tasks)
 
@@ -66,8 +70,8 @@ class MGDA(Method):
         return torch.from_numpy(self._solve(g / np.outer(scales, scales)) / scales)
 
     def _solve(self, g: np.ndarray) -> np.ndarray:
-        if self.solver == "closed_form":
+        if self._solver == "closed_form":
             return min_norm_two_weights(g)
-        if self.solver == "cvxpy":
+        if self._solver == "cvxpy":
             return bound_state(self._qp, self.name).solve(g)
         return simplex_min_norm(g)
