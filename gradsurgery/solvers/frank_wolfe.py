@@ -30,7 +30,7 @@ minimiser, so no progress is lost) is left for y with its negative weights set t
 and one solve per index that leaves; and major cycles bring every violating index in at once until such a
 face turns out infeasible, after which Wolfe's one-at-a-time rule, and its guarantee, hold. Measured on the
 speed suite's random Gram matrices: the same weights to the bit, 3.4 instead of 6.3 solves for PE-LTR's
-problem at T = 8 and 3.5 instead of 5.8 for the mixed problem at T = 10.
+problem at T = 8 and 3.5 instead of 5.8 for the mixed problem (two mains) at T = 10.
 
 The answer is returned only once the optimality conditions hold to ``tol``·‖u‖² plus a bound on the float64
 rounding error of Gw (with ``tol`` relative to ‖u‖² alone, u* = 0 could never be certified). If they
