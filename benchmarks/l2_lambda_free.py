@@ -21,7 +21,9 @@ functions for today's rule so that the comparison runs the same maths:
   ``mn-pt-dec`` (decoupled: λ = (1 − α)/α from the min-norm point of {step, θ}, on top of today's decoupled
   correction); ``val`` / ``val-pt`` (direct) and ``val-dec`` / ``val-pt-dec`` (decoupled): the radial part of
   the step (grow or shrink ‖θ‖, globally or per tensor) decided by the gradient of a batch of the validation
-  split, the data that tunes λ (``heldout_radial_direction``, ``decoupled_heldout_radial``).
+  split, the data that tunes λ (``heldout_radial_direction``, ``decoupled_heldout_radial``); ``l2-last-dec``:
+  today's decoupled rule per tensor on the output layer's weight only, globally on the others (which tensor
+  the per-tensor rule's effect comes from).
 
     python -m benchmarks.l2_lambda_free --arch mlp cnn --seeds 0 1 2 3 4 --out results/l2_free
     python -m benchmarks.l2_lambda_free --summarize results/l2_free
@@ -64,6 +66,7 @@ PROTO = [
     "val-pt",
     "val-dec",
     "val-pt-dec",
+    "l2-last-dec",
 ]
 
 
@@ -136,7 +139,10 @@ def train_one(seed, arch, opt_name, mode, lam, data, *, epochs, width, batch_siz
             opt.step()
             if decoupled:
                 news = [p.data for p in weights]
-                if mode.startswith("l2"):
+                if mode == "l2-last-dec":  # the output layer's weight on its own, one global rule elsewhere
+                    decoupled_correction(news[:-1], olds[:-1], False)
+                    decoupled_correction(news[-1:], olds[-1:], True)
+                elif mode.startswith("l2"):
                     decoupled_correction(news, olds, per_tensor)
                 elif mode.startswith("val"):
                     P.decoupled_heldout_radial(news, olds, vgrads, per_tensor)
