@@ -26,9 +26,8 @@ _NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
 
 def normalization_scales(gram: np.ndarray, losses: np.ndarray, normalization: str) -> np.ndarray:
-    """Per-task divisors n_i (1 for a task whose divisor is zero, so a zero gradient stays zero)."""
-    if normalization == "none":
-        return np.ones(gram.shape[0])
+    """Per-task divisors n_i of a rescaling normalization (``"l2"``, ``"loss"``, ``"loss+"``; 1 for a task
+    whose divisor is zero, so a zero gradient stays zero)."""
     norms = np.sqrt(np.clip(np.diag(gram), 0.0, None))
     if normalization == "l2":
         scales = norms
