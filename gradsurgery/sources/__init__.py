@@ -47,6 +47,32 @@ def all_finite(grads: Iterable[torch.Tensor]) -> bool:
     return not flags or bool(torch.stack(flags).all())
 
 
+class TaskScale:
+    """s_i g for a gradient g of task i: s_i = w_i for a loss weighting (``active``), 1 otherwise; w cast once
+    per device and dtype, since on small task-specific tensors the cast costs as much as the product."""
+
+    def __init__(self, weights: torch.Tensor, active: bool) -> None:
+        self.weights = weights
+        self.active = active
+        self._cast: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, ...]] = {}
+
+    def __call__(self, task: int, grad: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return grad
+        key = (grad.device, grad.dtype)
+        if key not in self._cast:
+            self._cast[key] = self.weights.to(device=grad.device, dtype=grad.dtype).unbind()
+        return grad * self._cast[key][task]
+
+    def total(self, entries: Iterable[tuple[int, torch.Tensor]]) -> torch.Tensor | None:
+        """Σ s_i g_i over (task, gradient) entries, in their order; None when there are none."""
+        total: torch.Tensor | None = None
+        for task, grad in entries:
+            grad = self(task, grad)
+            total = grad if total is None else total + grad
+        return total
+
+
 def loss_values(losses: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """The detached losses as one (T,) tensor in ``dtype``."""
     return torch.stack([loss.detach().reshape(()) for loss in losses]).to(dtype)

@@ -47,8 +47,8 @@ from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from .._validation import check_choice, check_int
+from . import TaskScale, check_finite, loss_values
 from . import _activation_dist as adist
-from . import check_finite, loss_values
 from ._activation_gram import (
     ConvGroup,
     DirectGroup,
@@ -984,12 +984,10 @@ class ActivationCollection:
             out = self.result.fused(weights)
         if self.factor is not None:
             out = [(p, g / self.factor) for p, g in out]
+        scale = TaskScale(weights, self.scales_task_specific)
         for p, entries in self.result.task_specific:
-            total = None
-            for i, g in entries:
-                g = g * weights[i].to(device=g.device, dtype=g.dtype) if self.scales_task_specific else g
-                total = g if total is None else total + g
-            if total is not None:  # entries is not empty
+            total = scale.total(entries)
+            if total is not None:
                 out.append((p, total))
         return out
 

@@ -44,7 +44,7 @@ import torch
 
 from .._validation import check_int
 from ..gram import gram_matrix
-from . import check_finite, loss_values
+from . import TaskScale, check_finite, loss_values
 
 if TYPE_CHECKING:
     from ..amp import LossScaling
@@ -328,30 +328,16 @@ class ViewCollection(FeatureCollection):
                 allow_unused=True,
             )
         elif self.scales_task_specific:
-            heads = scale_by_owner(heads, self.head_owners, weights)
+            scale = TaskScale(weights, True)
+            heads = [
+                g if g is None else scale(owners[0], g)
+                for g, owners in zip(heads, self.head_owners, strict=True)
+            ]
         out = []
         for p, a, b in zip(self.params, trunk, heads, strict=True):
             if a is not None or b is not None:
                 out.append((p, b if a is None else a if b is None else a + b))
         return out
-
-
-def scale_by_owner(
-    grads: Sequence[torch.Tensor | None], owners: list[list[int]], weights: torch.Tensor
-) -> list[torch.Tensor | None]:
-    """w_i g for each gradient g of a parameter that task i alone reaches, w cast once per device and dtype
-    (the weight's cast and indexing cost as much as the product on a small head)."""
-    cast: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, ...]] = {}
-    out: list[torch.Tensor | None] = []
-    for g, ids in zip(grads, owners, strict=True):
-        if g is None:
-            out.append(None)
-            continue
-        key = (g.device, g.dtype)
-        if key not in cast:
-            cast[key] = weights.to(device=g.device, dtype=g.dtype).unbind()
-        out.append(g * cast[key][ids[0]])
-    return out
 
 
 def check_own_views(losses: list[torch.Tensor], views: list[list[torch.Tensor]]) -> list[set[int]]:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 
 from ..gram import gram_matrix
-from . import NonFiniteError, check_finite, loss_values
+from . import NonFiniteError, TaskScale, check_finite, loss_values
 from .weighted import WeightedCollection
 
 if TYPE_CHECKING:
@@ -226,13 +226,9 @@ class FSDPCollection:
             stacked = self._stacks[k]
             fused = weights.to(device=stacked.device, dtype=stacked.dtype) @ stacked
             out.append((self.params[k], sharded_like(self.params[k], fused)))
+        scale = TaskScale(weights, self.scales_task_specific)
         for k in self.specific:
-            total: torch.Tensor | None = None
-            for i in self.reached_by[k]:
-                g = self.shards[i][k]
-                if self.scales_task_specific:
-                    g = g * weights[i].to(device=g.device, dtype=g.dtype)
-                total = g if total is None else total + g
+            total = scale.total((i, self.shards[i][k]) for i in self.reached_by[k])
             if total is not None:  # every task-specific parameter is reached by some task
                 out.append((self.params[k], sharded_like(self.params[k], total)))
         return out

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import check_finite, loss_values
+from . import TaskScale, check_finite, loss_values
 
 if TYPE_CHECKING:
     from ..amp import LossScaling
@@ -301,14 +301,10 @@ class JacobianCollection:
             fused = self._fuse(weights)
             for slot, k in enumerate(layout.shared):
                 out.append((layout.params[k], layout.segment(fused, slot).view_as(layout.params[k])))
+        scale = TaskScale(weights, self.scales_task_specific)
         for k, entries in enumerate(self.grads.other):
-            if not entries:
-                continue
-            total: torch.Tensor | None = None
-            for i, g in entries:
-                g = g * weights[i].to(device=g.device, dtype=g.dtype) if self.scales_task_specific else g
-                total = g if total is None else total + g
-            if total is not None:  # entries is not empty
+            total = scale.total(entries)
+            if total is not None:
                 out.append((layout.params[k], total))
         return out
 
