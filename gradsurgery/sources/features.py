@@ -222,15 +222,9 @@ class FeatureCollection:
         """One backward pass: the heads get s_i ∇L_i, the trunk the fused gradient through z."""
         if not self.params:
             return []
-        fused = weights.to(device=self.jac.device, dtype=self.jac.dtype) @ self.jac
-        targets = [
-            fused[start:end].view_as(z).to(z.dtype)
-            for z, (start, end) in zip(self.features, self.spans, strict=True)
-        ]
+        targets = self._fused_targets(weights)
         if self.scales_task_specific:
-            seeds = [
-                weights[i].to(device=loss.device, dtype=loss.dtype) for i, loss in enumerate(self.losses)
-            ]
+            seeds = self._weight_seeds(weights)
         else:
             seeds = [torch.ones_like(loss) for loss in self.losses]
         # The hook replaces the gradient reaching z (Σ_i s_i ∇_z L_i) by Σ_i w_i ∇_z L_i, so the trunk gets
@@ -254,6 +248,16 @@ class FeatureCollection:
 
     def reached_params(self) -> list[torch.Tensor]:
         return self.params
+
+    def _fused_targets(self, weights: torch.Tensor) -> list[torch.Tensor]:
+        """u_z = Σ_i w_i ∇_z L_i, split back into the shapes and dtypes of the features."""
+        fused = weights.to(device=self.jac.device, dtype=self.jac.dtype) @ self.jac
+        spans = zip(self.features, self.spans, strict=True)
+        return [fused[start:end].view_as(z).to(z.dtype) for z, (start, end) in spans]
+
+    def _weight_seeds(self, weights: torch.Tensor) -> list[torch.Tensor]:
+        """w_i as the seed of loss i's backward pass (a loss weighting's heads get w_i ∇L_i)."""
+        return [weights[i].to(device=loss.device, dtype=loss.dtype) for i, loss in enumerate(self.losses)]
 
 
 class ViewCollection(FeatureCollection):
@@ -305,25 +309,19 @@ class ViewCollection(FeatureCollection):
         weighting."""
         if not self.params:
             return []
-        fused = weights.to(device=self.jac.device, dtype=self.jac.dtype) @ self.jac
-        spans = zip(self.features, self.spans, strict=True)
-        targets = [fused[start:end].view_as(z).to(z.dtype) for z, (start, end) in spans]
         trunk = torch.autograd.grad(
             self.features,
             self.params,
-            grad_outputs=targets,
+            grad_outputs=self._fused_targets(weights),
             retain_graph=self.retain_graph,
             allow_unused=True,
         )
         heads: Sequence[torch.Tensor | None] = self.head_grads
         if self.second_pass:
-            seeds = [
-                weights[i].to(device=loss.device, dtype=loss.dtype) for i, loss in enumerate(self.losses)
-            ]
             heads = torch.autograd.grad(
                 self.losses,
                 self.params,
-                grad_outputs=seeds,
+                grad_outputs=self._weight_seeds(weights),
                 retain_graph=self.retain_graph,
                 allow_unused=True,
             )
