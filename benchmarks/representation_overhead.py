@@ -36,7 +36,7 @@ from gradsurgery.solvers import simplex_min_norm
 try:
     from .runner import method_options
     from .speed import SIZES, TINY_SIZES, interleaved_times, quantile, write_rows_and_report
-    from .speed_models import SpeedModel
+    from .speed_models import seeded_mlp
 except ImportError:  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from runner import method_options  # type: ignore[no-redef]
@@ -47,7 +47,7 @@ except ImportError:  # run as a script
         quantile,
         write_rows_and_report,
     )
-    from speed_models import SpeedModel  # type: ignore[no-redef]
+    from speed_models import seeded_mlp  # type: ignore[no-redef]
 
 BATCH = 128
 
@@ -64,11 +64,7 @@ def gram_methods(num_tasks: int) -> list[str]:
 
 class Case:
     def __init__(self, dims: tuple[int, int, int], num_tasks: int) -> None:
-        gen = torch.Generator().manual_seed(1000 * num_tasks + dims[1])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(num_tasks)
-            self.model = SpeedModel(*dims, num_tasks)
-        self.x = torch.randn(BATCH, dims[0], generator=gen)
+        self.model, self.x, gen = seeded_mlp(dims, num_tasks, torch.device("cpu"), BATCH)
         self.y = torch.randn(BATCH, num_tasks, generator=gen)
         self.num_tasks = num_tasks
         # A small learning rate keeps hundreds of steps on random targets far from divergence.

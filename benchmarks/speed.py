@@ -51,7 +51,7 @@ from gradsurgery import GradSurgery
 
 from .console import count_text, counted_warnings
 from .runner import method_options, supports_features
-from .speed_models import WORKLOADS, SpeedModel
+from .speed_models import WORKLOADS, SpeedModel, seeded_mlp
 
 #: name → (input width, hidden width, representation width); shared parameters ≈ 0.28M, 0.53M and 5.05M.
 #: "small" is the small model (trunk 128→384→384→256), where the fixed per-step cost of a method shows most.
@@ -92,11 +92,7 @@ class Case:
 def make_case(
     size: str, dims: tuple[int, int, int], num_tasks: int, device: torch.device, batch: int
 ) -> Case:
-    gen = torch.Generator().manual_seed(1000 * num_tasks + dims[1])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(num_tasks)
-        model = SpeedModel(*dims, num_tasks).to(device)
-    x = torch.randn(batch, dims[0], generator=gen).to(device)
+    model, x, gen = seeded_mlp(dims, num_tasks, device, batch)
     y = torch.randn(batch, num_tasks, generator=gen).to(device)
     # A small learning rate keeps hundreds of steps on random targets far from divergence.
     return Case(size, num_tasks, model, torch.optim.Adam(model.parameters(), lr=1e-5), x, y, device)

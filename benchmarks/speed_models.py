@@ -71,6 +71,18 @@ class SpeedModel(nn.Module):
         return z, [head(z).squeeze(1) for head in self.heads]
 
 
+def seeded_mlp(
+    dims: tuple[int, int, int], num_tasks: int, device: torch.device, batch: int
+) -> tuple[SpeedModel, torch.Tensor, torch.Generator]:
+    """The speed MLP and a batch of inputs, seeded by T and the width so that every benchmark times the same
+    ones; the returned generator then draws the targets."""
+    gen = torch.Generator().manual_seed(1000 * num_tasks + dims[1])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(num_tasks)
+        model = SpeedModel(*dims, num_tasks).to(device)
+    return model, torch.randn(batch, dims[0], generator=gen).to(device), gen
+
+
 class Block(nn.Module):
     """Pre-norm transformer block from ``nn.Linear`` layers (q, k, v, o and the feed-forward pair)."""
 
@@ -214,11 +226,7 @@ def sparse_workload(
 def mlp_workload(
     num_tasks: int, device: torch.device, dims: tuple[int, int, int] = (512, 1792, 512), batch: int = 128
 ) -> Workload:
-    gen = torch.Generator().manual_seed(1000 * num_tasks + dims[1])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(num_tasks)
-        model = SpeedModel(*dims, num_tasks).to(device)
-    x = torch.randn(batch, dims[0], generator=gen).to(device)
+    model, x, gen = seeded_mlp(dims, num_tasks, device, batch)
     y = [torch.randn(batch, generator=gen).to(device) for _ in range(num_tasks)]
     return Workload(
         "mlp-5M" if dims == (512, 1792, 512) else f"mlp-{dims[1]}",
