@@ -63,26 +63,23 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _problems(text: str) -> list[str]:
+def _names(text: str, known: Sequence[str], what: str) -> list[str]:
+    """The comma-separated names in ``text``, each one of ``known``, in order and without repeats."""
     names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ALL_PROBLEMS]
+    unknown = [n for n in names if n not in known]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown problem(s) {unknown or text!r}; choose from {list(ALL_PROBLEMS)}"
-        )
+        raise argparse.ArgumentTypeError(f"unknown {what}(s) {unknown or text!r}; choose from {list(known)}")
     return list(dict.fromkeys(names))
+
+
+def _problems(text: str) -> list[str]:
+    return _names(text, list(ALL_PROBLEMS), "problem")
 
 
 def _speed_rows(text: str) -> list[str]:
     from .speed import SPEED_ROWS
 
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in SPEED_ROWS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown speed row(s) {unknown or text!r}; choose from {list(SPEED_ROWS)}"
-        )
-    return list(dict.fromkeys(names))
+    return _names(text, list(SPEED_ROWS), "speed row")
 
 
 def build_parser() -> argparse.ArgumentParser:
