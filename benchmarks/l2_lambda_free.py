@@ -23,7 +23,11 @@ functions for today's rule so that the comparison runs the same maths:
   the step (grow or shrink ‖θ‖, globally or per tensor) decided by the gradient of a batch of the validation
   split, the data that tunes λ (``heldout_radial_direction``, ``decoupled_heldout_radial``); ``l2-last-dec``:
   today's decoupled rule per tensor on the output layer's weight only, globally on the others (which tensor
-  the per-tensor rule's effect comes from).
+  the per-tensor rule's effect comes from); the evidence λ (MacKay 1992: u = g + λθ with λ = γ/(N‖θ‖²),
+  direct form, run with SGD), γ from the empirical Fisher's diagonal estimated from the batch gradient
+  (``evb``, ``evb-pt``: B·g²) or from exact per-sample gradients (``ev``, ``ev-pt``), from a
+  Kronecker-factored Fisher (``evk``, ``evk-pt``) or from the exact spectrum of the empirical Fisher over the
+  training set, once per epoch (``evs``, ``evs-pt``).
 
     python -m benchmarks.l2_lambda_free --arch mlp cnn --seeds 0 1 2 3 4 --out results/l2_free
     python -m benchmarks.l2_lambda_free --summarize results/l2_free
@@ -67,6 +71,14 @@ PROTO = [
     "val-dec",
     "val-pt-dec",
     "l2-last-dec",
+    "ev",
+    "ev-pt",
+    "evs",
+    "evs-pt",
+    "evb",
+    "evb-pt",
+    "evk",
+    "evk-pt",
 ]
 
 
@@ -102,7 +114,14 @@ def train_one(seed, arch, opt_name, mode, lam, data, *, epochs, width, batch_siz
     gen = torch.Generator().manual_seed(1000 + seed)
     vgen = torch.Generator().manual_seed(5000 + seed)
     lam_sum = lam_n = 0.0
+    evidence: P.EvidenceL2 | P.KroneckerEvidence | None = None
+    if mode.startswith("evk"):
+        evidence = P.KroneckerEvidence(model, weights, len(ytr), per_tensor)
+    elif mode.startswith(("ev-", "evb")) or mode == "ev":
+        evidence = P.EvidenceL2(weights, len(ytr), per_tensor)
     for _ in range(epochs):
+        if mode.startswith("evs"):  # once per epoch, from the whole training set
+            lams = P.evidence_lambdas_spectral(model, weights, xtr, ytr, per_tensor)
         for idx in D.batches(len(ytr), batch_size, gen):
             loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
             opt.zero_grad()
@@ -116,6 +135,19 @@ def train_one(seed, arch, opt_name, mode, lam, data, *, epochs, width, batch_siz
                 new = P.heldout_radial_direction(grads, weights, vgrads, per_tensor)
                 for p, u in zip(weights, new, strict=True):
                     p.grad = u
+            elif mode.startswith("ev"):  # direct: u = g + λθ
+                if isinstance(evidence, P.EvidenceL2):  # the Kronecker factors come from hooks
+                    if mode.startswith("evb"):  # the batch gradient's square times the batch size
+                        evidence.update([len(idx) * g.double() ** 2 for g in grads])
+                    else:
+                        evidence.update(P.per_sample_sq_grads(model, weights, xtr[idx], ytr[idx]))
+                if evidence is not None:
+                    lams = evidence.lambdas(weights)
+                new = P.apply_coefficients(grads, weights, lams, per_tensor)
+                for p, u in zip(weights, new, strict=True):
+                    p.grad = u
+                lam_sum += sum(lams) / len(lams)
+                lam_n += 1  # noqa: E702
             elif mode in ("l2", "l2-pt"):
                 new, lam_t = l2_direction(grads, weights, per_tensor)
                 for p, u in zip(weights, new, strict=True):

@@ -31,10 +31,16 @@ class i, p(ỹ | x) from a model trained on the noisy labels only) and ``forward
 - ``decoupled_balanced_shrink(news, olds, per_tensor)``: the decoupled (step-based) form of the balanced
   rule for Adam-like optimizers: after the step Δ, θ_new ← θ_new − ‖Δ‖·θ_old/‖θ_old‖ on top of today's
   projection.
+- ``evidence_lambda(curvatures, ‖θ‖², N)``: MacKay's evidence fixed point λ = γ(λ)/(N‖θ‖²),
+  γ(λ) = Σ_j f_j/(f_j + λ), with the curvatures f from ``EvidenceL2`` (an average of per-sample squared
+  gradients: the empirical Fisher's diagonal), ``KroneckerEvidence`` (K-FAC factors from module hooks) or
+  ``evidence_lambdas_spectral`` (the exact empirical-Fisher spectrum over a data set, from the Gram matrix of
+  ``per_sample_grads``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -351,3 +357,191 @@ def decoupled_heldout_radial(
             news[k].add_(coef * olds[k])
         moves.append(move)
     return moves
+
+
+def evidence_lambda(fisher: torch.Tensor, sq_norm: float, num_samples: int, iters: int = 60) -> float:
+    """MacKay's evidence fixed point for one group of weights: the λ > 0 with
+
+        λ = γ(λ) / (N ‖θ‖²),    γ(λ) = Σ_j f_j / (f_j + λ)
+
+    (f: the diagonal of the mean loss's Fisher over the group, N the training-set size; γ the number of
+    well-determined parameters). N‖θ‖²λ − γ(λ) is increasing in λ, so the root is unique; found by
+    bisection on log λ in (0, numel/(N‖θ‖²)] (γ ≤ numel). 0 where θ = 0 or f = 0. MacKay, "A practical
+    Bayesian framework for backpropagation networks", Neural Computation 1992 (α = γ/‖θ‖², the data term
+    a sum over N samples)."""
+    if sq_norm <= 0 or not bool((fisher > 0).any()):
+        return 0.0
+    scale = num_samples * sq_norm
+    lo, hi = math.log(1e-14), math.log(fisher.numel() / scale)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        lam = math.exp(mid)
+        if lam * scale - float((fisher / (fisher + lam)).sum()) > 0:
+            hi = mid
+        else:
+            lo = mid
+    return math.exp(0.5 * (lo + hi))
+
+
+class EvidenceL2:
+    """The evidence λ per group (one group, or one per tensor) from an exponential average of the per-sample
+    squared gradients (the empirical Fisher's diagonal), bias-corrected as Adam's second moment."""
+
+    def __init__(
+        self, thetas: Sequence[torch.Tensor], num_samples: int, per_tensor: bool, beta: float = 0.99
+    ):
+        self.moments = [torch.zeros_like(t, dtype=torch.float64) for t in thetas]
+        self.num_samples = num_samples
+        self.per_tensor = per_tensor
+        self.beta = beta
+        self.count = 0
+
+    @torch.no_grad()
+    def update(self, sample_sq_grads: Sequence[torch.Tensor]) -> None:
+        self.count += 1
+        for m, s in zip(self.moments, sample_sq_grads, strict=True):
+            m.mul_(self.beta).add_(s.double(), alpha=1 - self.beta)
+
+    @torch.no_grad()
+    def lambdas(self, thetas: Sequence[torch.Tensor]) -> list[float]:
+        correction = 1 - self.beta**self.count
+        out = []
+        for group in _groups(len(thetas), self.per_tensor):
+            fisher = torch.cat([self.moments[k].reshape(-1) for k in group]) / correction
+            sq = sum(_d(thetas[k], thetas[k]) for k in group)
+            out.append(evidence_lambda(fisher, sq, self.num_samples))
+        return out
+
+
+def per_sample_grads(
+    model: torch.nn.Module, params: Sequence[torch.Tensor], x: torch.Tensor, y: torch.Tensor
+) -> list[torch.Tensor]:
+    """Each sample's cross-entropy gradient for ``params`` (stacked over the batch: one tensor per parameter,
+    the batch first), exact, by ``torch.func.vmap`` over ``torch.func.grad``."""
+    from torch.func import functional_call, grad, vmap
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    keys = [names[id(p)] for p in params]
+    frozen = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss(chosen, xi, yi):
+        out = functional_call(model, {**frozen, **chosen}, (xi.unsqueeze(0),))
+        return torch.nn.functional.cross_entropy(out, yi.unsqueeze(0))
+
+    per = vmap(grad(loss), in_dims=(None, 0, 0))({k: frozen[k] for k in keys}, x, y)
+    return [per[k] for k in keys]
+
+
+def per_sample_sq_grads(
+    model: torch.nn.Module, params: Sequence[torch.Tensor], x: torch.Tensor, y: torch.Tensor
+) -> list[torch.Tensor]:
+    """The mean over the batch of each sample's squared cross-entropy gradient, for ``params``."""
+    return [(g**2).mean(0) for g in per_sample_grads(model, params, x, y)]
+
+
+@torch.no_grad()
+def evidence_lambdas_spectral(
+    model: torch.nn.Module,
+    thetas: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    per_tensor: bool,
+    chunk: int = 50,
+) -> list[float]:
+    """The evidence λ per group with γ from the exact spectrum of the empirical Fisher over the whole training
+    set (x, y): with G the N×D matrix of per-sample gradients, the Fisher GᵀG/N has the nonzero eigenvalues
+    of the N×N Gram matrix GGᵀ/N, so γ(λ) = Σ_i κ_i/(κ_i + λ) over those N eigenvalues (no diagonal
+    approximation, which over-counts γ: the diagonal is majorized by the spectrum, x/(x + λ) is concave)."""
+    n = len(y)
+    rows = []
+    for start in range(0, n, chunk):
+        per = per_sample_grads(model, thetas, x[start : start + chunk], y[start : start + chunk])
+        rows.append([g.reshape(g.shape[0], -1).double() for g in per])
+    out = []
+    for group in _groups(len(thetas), per_tensor):
+        mat = torch.cat([torch.cat([r[k] for k in group], dim=1) for r in rows])
+        eigs = torch.linalg.eigvalsh(mat @ mat.T / n).clamp_min(0)
+        sq = sum(_d(thetas[k], thetas[k]) for k in group)
+        out.append(evidence_lambda(eigs, sq, n))
+    return out
+
+
+class KroneckerEvidence:
+    """The evidence λ with γ from a Kronecker-factored Fisher (K-FAC, Martens & Grosse 2015; KFC for
+    convolutions, Grosse & Martens 2016): per layer F ≈ |T|·A ⊗ S with A the mean of a aᵀ over the layer's
+    inputs a (im2col patches for a convolution, |T| spatial positions) and S the mean of δ δᵀ over the
+    per-sample gradients δ at its outputs, each an exponential average over steps. F's eigenvalues are
+    |T|·a_i·s_j, so γ_l(λ) = Σ_ij |T| a_i s_j / (|T| a_i s_j + λ) without forming F; γ and ‖θ‖² are summed
+    over the layers of a group (all, or one per layer). The online marginal-likelihood λ of Immer et al. 2021
+    ("Scalable marginal likelihood estimation for model selection in deep learning") in MacKay's fixed-point
+    form. Hooks on the ``nn.Linear`` and ``nn.Conv2d`` modules whose weights are ``thetas``."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        thetas: Sequence[torch.Tensor],
+        num_samples: int,
+        per_tensor: bool,
+        beta: float = 0.95,
+        every: int = 10,
+    ):
+        ids = {id(t): k for k, t in enumerate(thetas)}
+        self.layers = [None] * len(thetas)
+        for mod in model.modules():
+            if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) and id(mod.weight) in ids:
+                self.layers[ids[id(mod.weight)]] = mod
+        if any(m is None for m in self.layers):
+            raise ValueError("every regularized tensor must be a Linear or Conv2d weight")
+        self.a = [None] * len(thetas)
+        self.s = [None] * len(thetas)
+        self.positions = [1] * len(thetas)
+        self.num_samples = num_samples
+        self.per_tensor = per_tensor
+        self.beta, self.every, self.count = beta, every, 0
+        self.current: list[float] | None = None
+        self.handles = [
+            mod.register_forward_hook(lambda m, i, o, k=k: self._forward(k, m, i[0], o))
+            for k, mod in enumerate(self.layers)
+        ]
+
+    def _ema(self, store, k, value):
+        store[k] = value if store[k] is None else store[k].mul_(self.beta).add_(value, alpha=1 - self.beta)
+
+    def _forward(self, k, mod, x, out):
+        if not out.requires_grad:  # an evaluation pass
+            return
+        x = x.detach()
+        if isinstance(mod, torch.nn.Conv2d):
+            patches = F.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride)  # n, in·kk, t
+            self.positions[k] = patches.shape[2]
+            x = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        x = x.double()
+        out.register_hook(lambda grad: self._backward(k, mod, x, grad))
+
+    @torch.no_grad()
+    def _backward(self, k, mod, x, grad_out):
+        batch = grad_out.shape[0]
+        d = grad_out.double() * batch  # per-sample gradients of the mean loss
+        if isinstance(mod, torch.nn.Conv2d):
+            d = d.permute(0, 2, 3, 1).reshape(-1, d.shape[1])
+        self._ema(self.a, k, x.T @ x / x.shape[0])
+        self._ema(self.s, k, d.T @ d / d.shape[0])
+
+    def lambdas(self, thetas: Sequence[torch.Tensor]) -> list[float]:
+        self.count += 1
+        if self.current is None or self.count % self.every == 0:
+            spectra = []
+            for k in range(len(thetas)):
+                ea = torch.linalg.eigvalsh(self.a[k]).clamp_min(0)
+                es = torch.linalg.eigvalsh(self.s[k]).clamp_min(0)
+                spectra.append((self.positions[k] * torch.outer(ea, es)).reshape(-1))
+            self.current = []
+            for group in _groups(len(thetas), self.per_tensor):
+                curv = torch.cat([spectra[k] for k in group])
+                sq = sum(_d(thetas[k], thetas[k]) for k in group)
+                self.current.append(evidence_lambda(curv, sq, self.num_samples))
+        return self.current
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()

@@ -150,6 +150,91 @@ def test_balanced_coefficients_formula():
     assert lam == pytest.approx(max(max(-dot, 0) / sq, float(g[0].norm() / th[0].norm())))
 
 
+def test_evidence_lambda_solves_the_fixed_point_in_closed_form():
+    """Equal curvatures f (D of them): N s λ = D f/(f + λ) is the quadratic N s λ² + N s f λ − D f = 0."""
+    d, f, n, s = 50, 0.3, 200, 12.0
+    lam = P.evidence_lambda(torch.full((d,), f, dtype=torch.float64), s, n)
+    a = n * s
+    assert lam == pytest.approx((-a * f + ((a * f) ** 2 + 4 * a * d * f) ** 0.5) / (2 * a), rel=1e-9)
+    curv = torch.rand(300, generator=torch.Generator().manual_seed(5), dtype=torch.float64) ** 4
+    lam = P.evidence_lambda(curv, 3.0, 40)
+    assert lam * 40 * 3.0 == pytest.approx(float((curv / (curv + lam)).sum()), rel=1e-9)
+    assert P.evidence_lambda(torch.zeros(5, dtype=torch.float64), 3.0, 40) == 0.0
+    assert P.evidence_lambda(curv, 0.0, 40) == 0.0
+
+
+def _tiny_net(seed):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(3 * 16, 4)
+    ).double()
+
+
+def test_per_sample_grads_match_one_backward_per_sample():
+    net = _tiny_net(0)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 1, 4, 4, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 4, (6,), generator=gen)
+    weights = [net[0].weight, net[3].weight]
+    per = P.per_sample_grads(net, weights, x, y)
+    for i in range(6):
+        ref = torch.autograd.grad(F.cross_entropy(net(x[i : i + 1]), y[i : i + 1]), weights)
+        for g, r in zip(per, ref, strict=True):
+            torch.testing.assert_close(g[i], r)
+    for sq, g in zip(P.per_sample_sq_grads(net, weights, x, y), per, strict=True):
+        torch.testing.assert_close(sq, (g**2).mean(0))
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_spectral_evidence_uses_the_fisher_spectrum(per_tensor):
+    """The N×N Gram's eigenvalues are the D×D empirical Fisher's nonzero ones: γ from the Fisher itself."""
+    net = _tiny_net(2)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 1, 4, 4, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 4, (9,), generator=gen)
+    weights = [net[0].weight, net[3].weight]
+    lams = P.evidence_lambdas_spectral(net, weights, x, y, per_tensor, chunk=4)
+    rows = [torch.autograd.grad(F.cross_entropy(net(x[i : i + 1]), y[i : i + 1]), weights) for i in range(9)]
+    groups = [[0], [1]] if per_tensor else [[0, 1]]
+    for lam, group in zip(lams, groups, strict=True):
+        g = torch.stack([torch.cat([r[k].reshape(-1) for k in group]) for r in rows])
+        fisher = torch.linalg.eigvalsh(g.T @ g / 9).clamp_min(0)
+        sq = sum(float((weights[k].detach() ** 2).sum()) for k in group)
+        assert lam * 9 * sq == pytest.approx(float((fisher / (fisher + lam)).sum()), rel=1e-7)
+
+
+def test_kronecker_factors_are_the_input_and_output_gradient_moments():
+    """One step, no averaging yet: A = mean of a aᵀ over inputs (pixels of a 1×1 convolution), S = mean of
+    δ δᵀ with δ the per-sample gradient at the outputs; γ from the eigenvalues of |T|·A ⊗ S."""
+    torch.manual_seed(4)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(3 * 9, 4)
+    ).double()
+    weights = [net[0].weight, net[3].weight]
+    kron = P.KroneckerEvidence(net, weights, num_samples=50, per_tensor=True)
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(5, 2, 3, 3, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 4, (5,), generator=gen)
+    hidden = net[0](x)
+    hidden.retain_grad()
+    logits = net[3](net[2](net[1](hidden)))
+    logits.retain_grad()
+    F.cross_entropy(logits, y).backward()
+    pixels = x.permute(0, 2, 3, 1).reshape(-1, 2)
+    torch.testing.assert_close(kron.a[0], pixels.T @ pixels / 45)
+    deltas = 5 * hidden.grad.permute(0, 2, 3, 1).reshape(-1, 3)
+    torch.testing.assert_close(kron.s[0], deltas.T @ deltas / 45)
+    inputs = net[2](net[1](hidden)).detach()
+    torch.testing.assert_close(kron.a[1], inputs.T @ inputs / 5)
+    torch.testing.assert_close(kron.s[1], (5 * logits.grad).T @ (5 * logits.grad) / 5)
+    lams = kron.lambdas(weights)
+    for k, lam in enumerate(lams):
+        curv = torch.linalg.eigvalsh(kron.positions[k] * torch.kron(kron.a[k], kron.s[k])).clamp_min(0)
+        sq = float((weights[k].detach() ** 2).sum())
+        assert lam * 50 * sq == pytest.approx(float((curv / (curv + lam)).sum()), rel=1e-7)
+    kron.remove()
+
+
 def test_hard_digits_are_seeded_and_standardised():
     spec = importlib.util.spec_from_file_location("_hard_digits", ROOT / "benchmarks" / "_hard_digits.py")
     module = importlib.util.module_from_spec(spec)
