@@ -25,7 +25,8 @@ functions for today's rule so that the comparison runs the same maths:
   today's decoupled rule per tensor on the output layer's weight only, globally on the others (which tensor
   the per-tensor rule's effect comes from); the evidence λ (MacKay 1992: u = g + λθ with λ = γ/(N‖θ‖²),
   direct form, run with SGD), γ from the empirical Fisher's diagonal estimated from the batch gradient
-  (``evb``, ``evb-pt``: B·g²) or from exact per-sample gradients (``ev``, ``ev-pt``), from a
+  (``evb``, ``evb-pt``: B·g²) or from exact per-sample gradients (``ev``, ``ev-pt``), from the true
+  Fisher's diagonal (``evg``, ``evg-pt``: B·g² of the gradient for labels drawn from the model), from a
   Kronecker-factored Fisher (``evk``, ``evk-pt``) or from the exact spectrum of the empirical Fisher over the
   training set, once per epoch (``evs``, ``evs-pt``).
 
@@ -77,6 +78,8 @@ PROTO = [
     "evs-pt",
     "evb",
     "evb-pt",
+    "evg",
+    "evg-pt",
     "evk",
     "evk-pt",
 ]
@@ -117,14 +120,19 @@ def train_one(seed, arch, opt_name, mode, lam, data, *, epochs, width, batch_siz
     evidence: P.EvidenceL2 | P.KroneckerEvidence | None = None
     if mode.startswith("evk"):
         evidence = P.KroneckerEvidence(model, weights, len(ytr), per_tensor)
-    elif mode.startswith(("ev-", "evb")) or mode == "ev":
+    elif mode.startswith(("ev-", "evb", "evg")) or mode == "ev":
         evidence = P.EvidenceL2(weights, len(ytr), per_tensor)
     for _ in range(epochs):
         if mode.startswith("evs"):  # once per epoch, from the whole training set
             lams = P.evidence_lambdas_spectral(model, weights, xtr, ytr, per_tensor)
         for idx in D.batches(len(ytr), batch_size, gen):
-            loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
+            logits = model(xtr[idx])
+            loss = F.cross_entropy(logits, ytr[idx])
             opt.zero_grad()
+            sampled = None
+            if mode.startswith("evg"):  # labels drawn from the model: the batch gradient has mean 0
+                draw = torch.multinomial(torch.softmax(logits.detach(), 1), 1, generator=vgen).squeeze(1)
+                sampled = torch.autograd.grad(F.cross_entropy(logits, draw), weights, retain_graph=True)
             loss.backward()
             grads = [p.grad for p in weights]
             vgrads = None
@@ -137,7 +145,9 @@ def train_one(seed, arch, opt_name, mode, lam, data, *, epochs, width, batch_siz
                     p.grad = u
             elif mode.startswith("ev"):  # direct: u = g + λθ
                 if isinstance(evidence, P.EvidenceL2):  # the Kronecker factors come from hooks
-                    if mode.startswith("evb"):  # the batch gradient's square times the batch size
+                    if sampled is not None:  # B·g² of a mean-0 batch gradient: the Fisher's diagonal
+                        evidence.update([len(idx) * g.double() ** 2 for g in sampled])
+                    elif mode.startswith("evb"):  # the batch gradient's square times the batch size
                         evidence.update([len(idx) * g.double() ** 2 for g in grads])
                     else:
                         evidence.update(P.per_sample_sq_grads(model, weights, xtr[idx], ytr[idx]))
