@@ -72,21 +72,22 @@ def test_pcgrad_matches_dspace_algorithm(seed):
     torch.testing.assert_close(torch.cat([model.theta.grad.reshape(-1), model.bias.grad]), expected)
 
 
-def test_gradvac_matches_dspace_over_steps_and_equals_pcgrad_first():
-    model, a, _ = make_linear_problem(5, num_tasks=3)
+@pytest.mark.parametrize("num_tasks", [3, 6])
+def test_gradvac_matches_dspace_over_steps_and_equals_pcgrad_first(num_tasks):
+    model, a, _ = make_linear_problem(5, num_tasks=num_tasks)
     opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.0), method="gradvac", beta=0.3, seed=11)
-    pc_model, _, _ = make_linear_problem(5, num_tasks=3)
+    pc_model, _, _ = make_linear_problem(5, num_tasks=num_tasks)
     pc = GradSurgery(torch.optim.SGD(pc_model.parameters(), lr=0.0), method="pcgrad", seed=11)
     pc.backward(pc_model())
     gen = torch.Generator().manual_seed(11)
-    targets = torch.zeros(3, 3, dtype=torch.float64)
-    for step in range(4):
+    targets = torch.zeros(num_tasks, num_tasks, dtype=torch.float64)
+    for step in range(6):
         opt.zero_grad()
         opt.backward(model())
         orders = []
-        for i in range(3):
-            others = [j for j in range(3) if j != i]
-            orders.append([others[k] for k in torch.randperm(2, generator=gen).tolist()])
+        for i in range(num_tasks):
+            others = [j for j in range(num_tasks) if j != i]
+            orders.append([others[k] for k in torch.randperm(num_tasks - 1, generator=gen).tolist()])
         expected, targets = gradvac_dspace(a, orders, targets, beta=0.3)
         got = torch.cat([model.theta.grad.reshape(-1), model.bias.grad])
         torch.testing.assert_close(got, expected)

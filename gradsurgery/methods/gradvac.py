@@ -45,25 +45,33 @@ class GradVac(Method):
         gram = require_gram(gram, self.name)
         g = gram_to_numpy(gram)
         num_tasks = g.shape[0]
-        targets = bound_state(self.targets, self.name).numpy()
+        state = bound_state(self.targets, self.name).numpy()
+        targets = state.tolist()  # Python floats: the pair loop reads and writes them T(T − 1) times
         orders = draw_orders(num_tasks, self.generator)
+        norms = [math.sqrt(max(float(g[j, j]), 0.0)) for j in range(num_tasks)]
+        columns = [g[:, j] for j in range(num_tasks)]
+        keep, beta = 1.0 - self.beta, self.beta
         coef = np.eye(num_tasks)
         for i, order in enumerate(orders):
+            row, row_targets = coef[i], targets[i]  # the adjustments land in coef and targets
+            # ‖g'_i‖ changes only when g'_i is adjusted; computed again only then.
+            norm_i = math.sqrt(max(float(row @ g @ row), 0.0))
             for j in order:
-                norm_j = math.sqrt(max(g[j, j], 0.0))
-                norm_i = math.sqrt(max(coef[i] @ g @ coef[i], 0.0))
+                norm_j = norms[j]
                 if norm_i == 0.0 or norm_j == 0.0:
                     continue
-                phi = min(max((coef[i] @ g[:, j]) / (norm_i * norm_j), -1.0), 1.0)
-                target = min(max(targets[i, j], -_MAX_TARGET), _MAX_TARGET)
+                phi = min(max(float(row @ columns[j]) / (norm_i * norm_j), -1.0), 1.0)
+                target = min(max(row_targets[j], -_MAX_TARGET), _MAX_TARGET)
                 if phi < target:
                     root_target = math.sqrt(1.0 - target * target)
-                    coef[i, j] += (
+                    row[j] += (
                         norm_i
                         * (target * math.sqrt(1.0 - phi * phi) - phi * root_target)
                         / (norm_j * root_target)
                     )
-                targets[i, j] = (1.0 - self.beta) * targets[i, j] + self.beta * phi
+                    norm_i = math.sqrt(max(float(row @ g @ row), 0.0))
+                row_targets[j] = keep * row_targets[j] + beta * phi
+        state[:] = targets
         return torch.from_numpy(coef.sum(axis=0))
 
     def state_dict(self) -> dict[str, Any]:
