@@ -359,24 +359,24 @@ def decoupled_heldout_radial(
     return moves
 
 
-def evidence_lambda(fisher: torch.Tensor, sq_norm: float, num_samples: int, iters: int = 60) -> float:
+def evidence_lambda(curvatures: torch.Tensor, sq_norm: float, num_samples: int, iters: int = 60) -> float:
     """MacKay's evidence fixed point for one group of weights: the λ > 0 with
 
         λ = γ(λ) / (N ‖θ‖²),    γ(λ) = Σ_j f_j / (f_j + λ)
 
-    (f: the diagonal of the mean loss's Fisher over the group, N the training-set size; γ the number of
-    well-determined parameters). N‖θ‖²λ − γ(λ) is increasing in λ, so the root is unique; found by
-    bisection on log λ in (0, numel/(N‖θ‖²)] (γ ≤ numel). 0 where θ = 0 or f = 0. MacKay, "A practical
-    Bayesian framework for backpropagation networks", Neural Computation 1992 (α = γ/‖θ‖², the data term
-    a sum over N samples)."""
-    if sq_norm <= 0 or not bool((fisher > 0).any()):
+    (f: the curvatures of the mean loss over the group, the diagonal or the eigenvalues of a Fisher
+    approximation; N the training-set size; γ the number of well-determined directions). N‖θ‖²λ − γ(λ) is
+    increasing in λ, so the root is unique; found by bisection on log λ in (0, len(f)/(N‖θ‖²)] (γ ≤ len(f)).
+    0 where θ = 0 or f = 0. MacKay, "A practical Bayesian framework for backpropagation networks", Neural
+    Computation 1992 (α = γ/‖θ‖², the data term a sum over N samples)."""
+    if sq_norm <= 0 or not bool((curvatures > 0).any()):
         return 0.0
     scale = num_samples * sq_norm
-    lo, hi = math.log(1e-14), math.log(fisher.numel() / scale)
+    lo, hi = math.log(1e-14), math.log(curvatures.numel() / scale)
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
         lam = math.exp(mid)
-        if lam * scale - float((fisher / (fisher + lam)).sum()) > 0:
+        if lam * scale - float((curvatures / (curvatures + lam)).sum()) > 0:
             hi = mid
         else:
             lo = mid
