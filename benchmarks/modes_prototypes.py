@@ -35,7 +35,8 @@ class i, p(ỹ | x) from a model trained on the noisy labels only) and ``forward
   γ(λ) = Σ_j f_j/(f_j + λ), with the curvatures f from ``EvidenceL2`` (an average of per-sample squared
   gradients: the empirical Fisher's diagonal), ``KroneckerEvidence`` (K-FAC factors from module hooks) or
   ``evidence_lambdas_spectral`` (the exact empirical-Fisher spectrum over a data set, from the Gram matrix of
-  ``per_sample_grads``).
+  ``per_sample_grads``) or ``evidence_lambdas_ggn`` (the exact Gauss-Newton spectrum, from the Gram matrix of
+  the per-sample output Jacobians).
 """
 
 from __future__ import annotations
@@ -461,6 +462,66 @@ def evidence_lambdas_spectral(
     for group in _groups(len(thetas), per_tensor):
         mat = torch.cat([torch.cat([r[k] for k in group], dim=1) for r in rows])
         eigs = torch.linalg.eigvalsh(mat @ mat.T / n).clamp_min(0)
+        sq = sum(_d(thetas[k], thetas[k]) for k in group)
+        out.append(evidence_lambda(eigs, sq, n))
+    return out
+
+
+def per_sample_output_jacobians(
+    model: torch.nn.Module, params: Sequence[torch.Tensor], x: torch.Tensor
+) -> list[torch.Tensor]:
+    """Each sample's Jacobian of the C outputs with respect to ``params``: one tensor per parameter, of shape
+    (batch, C, *param.shape), by ``torch.func.vmap`` over ``torch.func.jacrev``."""
+    from torch.func import functional_call, jacrev, vmap
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    keys = [names[id(p)] for p in params]
+    frozen = {n: p.detach() for n, p in model.named_parameters()}
+
+    def outputs(chosen, xi):
+        return functional_call(model, {**frozen, **chosen}, (xi.unsqueeze(0),)).squeeze(0)
+
+    per = vmap(jacrev(outputs), in_dims=(None, 0))({k: frozen[k] for k in keys}, x)
+    return [per[k] for k in keys]
+
+
+@torch.no_grad()
+def evidence_lambdas_ggn(
+    model: torch.nn.Module,
+    thetas: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    per_tensor: bool,
+    chunk: int = 25,
+) -> list[float]:
+    """The evidence λ per group with γ from the exact spectrum of the generalized Gauss-Newton matrix of the
+    mean cross-entropy over the data set x: H = (1/N) Σ_n J_nᵀ (diag p_n − p_n p_nᵀ) J_n, with
+    diag p − p pᵀ = L Lᵀ, L = diag(√p) − p √pᵀ, so H = MᵀM/N for the N·C rows M_n = Lᵀ J_n and its nonzero
+    eigenvalues are those of the (N·C)×(N·C) Gram matrix M Mᵀ/N (M kept in float32 to bound the memory,
+    N·C·D values; the Gram accumulated in float64). The labels do not enter (rank ≤ N(C − 1))."""
+    n = len(x)
+    rows = []
+    for start in range(0, n, chunk):
+        xs = x[start : start + chunk]
+        probs = torch.softmax(model(xs).double(), dim=1)
+        root = probs.sqrt()
+        factor = torch.diag_embed(root) - probs.unsqueeze(2) * root.unsqueeze(1)  # L per sample, C×C
+        jacs = per_sample_output_jacobians(model, thetas, xs)
+        rows.append(
+            [
+                torch.einsum("bcd,bce->bde", factor, j.reshape(*j.shape[:2], -1).double())
+                .reshape(-1, j[0, 0].numel())
+                .float()
+                for j in jacs
+            ]
+        )
+    out = []
+    for group in _groups(len(thetas), per_tensor):
+        mat = torch.cat([torch.cat([r[k] for k in group], dim=1) for r in rows])
+        gram = torch.zeros(mat.shape[0], mat.shape[0], dtype=torch.float64)
+        for block in torch.split(mat, 8192, dim=1):
+            block = block.double()
+            gram += block @ block.T
+        eigs = torch.linalg.eigvalsh(gram / n).clamp_min(0)
         sq = sum(_d(thetas[k], thetas[k]) for k in group)
         out.append(evidence_lambda(eigs, sq, n))
     return out

@@ -203,6 +203,40 @@ def test_spectral_evidence_uses_the_fisher_spectrum(per_tensor):
         assert lam * 9 * sq == pytest.approx(float((fisher / (fisher + lam)).sum()), rel=1e-7)
 
 
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_ggn_evidence_uses_the_gauss_newton_spectrum(per_tensor):
+    """γ from the (N·C)×(N·C) Gram matrix equals γ from the D×D matrix (1/N) Σ J_nᵀ (diag p − p pᵀ) J_n,
+    J_n taken by one backward pass per output."""
+    net = _tiny_net(7)
+    x = torch.randn(5, 1, 4, 4, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    weights = [net[0].weight, net[3].weight]
+    lams = P.evidence_lambdas_ggn(net, weights, x, per_tensor, chunk=2)
+    groups = [[0], [1]] if per_tensor else [[0, 1]]
+    for lam, group in zip(lams, groups, strict=True):
+        size = sum(weights[k].numel() for k in group)
+        ggn = torch.zeros(size, size, dtype=torch.float64)
+        for i in range(5):
+            out = net(x[i : i + 1]).squeeze(0)
+            jac = torch.stack(
+                [
+                    torch.cat(
+                        [
+                            g.reshape(-1)
+                            for g in torch.autograd.grad(
+                                out[c], [weights[k] for k in group], retain_graph=True
+                            )
+                        ]
+                    )
+                    for c in range(4)
+                ]
+            )
+            p = torch.softmax(out.detach(), 0)
+            ggn += jac.T @ (torch.diag(p) - torch.outer(p, p)) @ jac / 5
+        curv = torch.linalg.eigvalsh(ggn).clamp_min(0)
+        sq = sum(float((weights[k].detach() ** 2).sum()) for k in group)
+        assert lam * 5 * sq == pytest.approx(float((curv / (curv + lam)).sum()), rel=1e-5)
+
+
 def test_kronecker_factors_are_the_input_and_output_gradient_moments():
     """One step, no averaging yet: A = mean of a aᵀ over inputs (pixels of a 1×1 convolution), S = mean of
     δ δᵀ with δ the per-sample gradient at the outputs; γ from the eigenvalues of |T|·A ⊗ S."""
