@@ -27,8 +27,9 @@ functions for today's rule so that the comparison runs the same maths:
   direct form, run with SGD), γ from the empirical Fisher's diagonal estimated from the batch gradient
   (``evb``, ``evb-pt``: B·g²) or from exact per-sample gradients (``ev``, ``ev-pt``), from the true
   Fisher's diagonal (``evg``, ``evg-pt``: B·g² of the gradient for labels drawn from the model), from a
-  Kronecker-factored Fisher (``evk``, ``evk-pt``) or from the exact spectrum of the empirical Fisher over the
-  training set, once per epoch (``evs``, ``evs-pt``).
+  Kronecker-factored Fisher (``evk``, ``evk-pt``; ``evkg``, ``evkg-pt`` with labels drawn from the model) or
+  from the exact spectrum of the empirical Fisher over the training set, once per epoch (``evs``,
+  ``evs-pt``). ``--evidence-at-init`` prints the evidence λ of every estimate at initialisation instead.
 
     python -m benchmarks.l2_lambda_free --arch mlp cnn --seeds 0 1 2 3 4 --out results/l2_free
     python -m benchmarks.l2_lambda_free --summarize results/l2_free
@@ -82,6 +83,8 @@ PROTO = [
     "evg-pt",
     "evk",
     "evk-pt",
+    "evkg",
+    "evkg-pt",
 ]
 
 
@@ -130,10 +133,14 @@ def train_one(seed, arch, opt_name, mode, lam, data, *, epochs, width, batch_siz
             loss = F.cross_entropy(logits, ytr[idx])
             opt.zero_grad()
             sampled = None
-            if mode.startswith("evg"):  # labels drawn from the model: the batch gradient has mean 0
+            if mode.startswith(("evg", "evkg")):  # labels drawn from the model: the gradient has mean 0
                 draw = torch.multinomial(torch.softmax(logits.detach(), 1), 1, generator=vgen).squeeze(1)
                 sampled = torch.autograd.grad(F.cross_entropy(logits, draw), weights, retain_graph=True)
+                if isinstance(evidence, P.KroneckerEvidence):
+                    evidence.recording = False  # the factors came from the drawn labels' pass
             loss.backward()
+            if isinstance(evidence, P.KroneckerEvidence):
+                evidence.recording = True
             grads = [p.grad for p in weights]
             vgrads = None
             if mode.startswith("val"):  # a held-out batch of the validation split (the data that tunes λ)

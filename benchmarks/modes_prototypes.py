@@ -560,6 +560,7 @@ class KroneckerEvidence:
         self.per_tensor = per_tensor
         self.beta, self.every, self.count = beta, every, 0
         self.current: list[float] | None = None
+        self.recording = True  # False: backward passes leave the factors alone
         self.handles = [
             mod.register_forward_hook(lambda m, i, o, k=k: self._forward(k, m, i[0], o))
             for k, mod in enumerate(self.layers)
@@ -581,6 +582,8 @@ class KroneckerEvidence:
 
     @torch.no_grad()
     def _backward(self, k, mod, x, grad_out):
+        if not self.recording:
+            return
         batch = grad_out.shape[0]
         d = grad_out.double() * batch  # per-sample gradients of the mean loss
         if isinstance(mod, torch.nn.Conv2d):
