@@ -7,7 +7,10 @@ with φ = cos(g'_i, g_j): if φ < φ̂_ij, g'_i gains
     ‖g'_i‖ (φ̂ √(1 − φ²) − φ √(1 − φ̂²)) / (‖g_j‖ √(1 − φ̂²)) · g_j,
 
 which sets cos(g'_i, g_j) to φ̂. The fused gradient is Σ_i g'_i. With every φ̂ = 0 this is exactly the
-PCGrad projection, so the first step equals PCGrad's with the same seed. Works on the Gram matrix.
+PCGrad projection, so the first step equals PCGrad's with the same seed. Works on the Gram matrix: with
+g'_i = Σ_k C_ik g_k, the row C_i G of inner products ⟨g'_i, g_k⟩ is kept up to date (an adjustment by
+c·g_j adds c·G_j) and ‖g'_i‖² = C_i G C_iᵀ is formed from it after each adjustment, so a visit costs O(1)
+and an adjustment O(T): O(T³) per step at worst.
 
 A pair with a zero gradient has no cosine: it is neither adjusted nor counted in the moving average.
 """
@@ -17,7 +20,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import torch
 
 from .._validation import check_number
@@ -46,33 +48,50 @@ class GradVac(Method):
         g = gram_to_numpy(gram)
         num_tasks = g.shape[0]
         state = bound_state(self.targets, self.name).numpy()
-        targets = state.tolist()  # Python floats: the pair loop reads and writes them T(T − 1) times
+        # Python floats throughout: the loop visits T(T − 1) pairs one after the other, each a handful of
+        # scalar operations, where a numpy call per operation would cost more than the arithmetic.
+        targets = state.tolist()
+        rows = g.tolist()
         orders = draw_orders(num_tasks, self.generator)
-        norms = [math.sqrt(max(float(g[j, j]), 0.0)) for j in range(num_tasks)]
-        columns = [g[:, j] for j in range(num_tasks)]
+        sqrt = math.sqrt
+        norms = [sqrt(max(rows[j][j], 0.0)) for j in range(num_tasks)]
         keep, beta = 1.0 - self.beta, self.beta
-        coef = np.eye(num_tasks)
+        weights = [0.0] * num_tasks
         for i, order in enumerate(orders):
-            row, row_targets = coef[i], targets[i]  # the adjustments land in coef and targets
-            # ‖g'_i‖ changes only when g'_i is adjusted; computed again only then.
-            norm_i = math.sqrt(max(float(row @ g @ row), 0.0))
+            coef = [0.0] * num_tasks
+            coef[i] = 1.0
+            inner = rows[i]  # (C_i G)_k = ⟨g'_i, g_k⟩, updated with each adjustment of C_i
+            norm_i = norms[i]
+            row_targets = targets[i]
             for j in order:
                 norm_j = norms[j]
                 if norm_i == 0.0 or norm_j == 0.0:
                     continue
-                phi = min(max(float(row @ columns[j]) / (norm_i * norm_j), -1.0), 1.0)
-                target = min(max(row_targets[j], -_MAX_TARGET), _MAX_TARGET)
+                phi = inner[j] / (norm_i * norm_j)
+                if phi > 1.0:
+                    phi = 1.0
+                elif phi < -1.0:
+                    phi = -1.0
+                target = row_targets[j]
+                if target > _MAX_TARGET:
+                    target = _MAX_TARGET
+                elif target < -_MAX_TARGET:
+                    target = -_MAX_TARGET
                 if phi < target:
-                    root_target = math.sqrt(1.0 - target * target)
-                    row[j] += (
-                        norm_i
-                        * (target * math.sqrt(1.0 - phi * phi) - phi * root_target)
-                        / (norm_j * root_target)
+                    root_target = sqrt(1.0 - target * target)
+                    step = (
+                        norm_i * (target * sqrt(1.0 - phi * phi) - phi * root_target) / (norm_j * root_target)
                     )
-                    norm_i = math.sqrt(max(float(row @ g @ row), 0.0))
+                    coef[j] += step
+                    inner = [a + step * b for a, b in zip(inner, rows[j], strict=True)]
+                    square = 0.0  # summed in order: builtin sum() compensates from Python 3.12 on
+                    for c, q in zip(coef, inner, strict=True):
+                        square += c * q
+                    norm_i = sqrt(max(square, 0.0))
                 row_targets[j] = keep * row_targets[j] + beta * phi
+            weights = [w + c for w, c in zip(weights, coef, strict=True)]
         state[:] = targets
-        return torch.from_numpy(coef.sum(axis=0))
+        return torch.tensor(weights, dtype=torch.float64)
 
     def state_dict(self) -> dict[str, Any]:
         return {"targets": None if self.targets is None else self.targets.clone()}
