@@ -414,6 +414,14 @@ class EvidenceL2:
         return out
 
 
+def _functional_params(
+    model: torch.nn.Module, params: Sequence[torch.Tensor]
+) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """The names of ``params`` in ``model`` and every parameter detached, by name (for ``torch.func``)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for p in params], {n: p.detach() for n, p in model.named_parameters()}
+
+
 def per_sample_grads(
     model: torch.nn.Module, params: Sequence[torch.Tensor], x: torch.Tensor, y: torch.Tensor
 ) -> list[torch.Tensor]:
@@ -421,9 +429,7 @@ def per_sample_grads(
     the batch first), exact, by ``torch.func.vmap`` over ``torch.func.grad``."""
     from torch.func import functional_call, grad, vmap
 
-    names = {id(p): n for n, p in model.named_parameters()}
-    keys = [names[id(p)] for p in params]
-    frozen = {n: p.detach() for n, p in model.named_parameters()}
+    keys, frozen = _functional_params(model, params)
 
     def loss(chosen, xi, yi):
         out = functional_call(model, {**frozen, **chosen}, (xi.unsqueeze(0),))
@@ -474,9 +480,7 @@ def per_sample_output_jacobians(
     (batch, C, *param.shape), by ``torch.func.vmap`` over ``torch.func.jacrev``."""
     from torch.func import functional_call, jacrev, vmap
 
-    names = {id(p): n for n, p in model.named_parameters()}
-    keys = [names[id(p)] for p in params]
-    frozen = {n: p.detach() for n, p in model.named_parameters()}
+    keys, frozen = _functional_params(model, params)
 
     def outputs(chosen, xi):
         return functional_call(model, {**frozen, **chosen}, (xi.unsqueeze(0),)).squeeze(0)
