@@ -464,13 +464,7 @@ def evidence_lambdas_spectral(
     for start in range(0, n, chunk):
         per = per_sample_grads(model, thetas, x[start : start + chunk], y[start : start + chunk])
         rows.append([g.reshape(g.shape[0], -1).double() for g in per])
-    out = []
-    for group in _groups(len(thetas), per_tensor):
-        mat = torch.cat([torch.cat([r[k] for k in group], dim=1) for r in rows])
-        eigs = torch.linalg.eigvalsh(mat @ mat.T / n).clamp_min(0)
-        sq = sum(_d(thetas[k], thetas[k]) for k in group)
-        out.append(evidence_lambda(eigs, sq, n))
-    return out
+    return _gram_evidence(rows, thetas, per_tensor, n)
 
 
 def per_sample_output_jacobians(
@@ -518,6 +512,15 @@ def evidence_lambdas_ggn(
                 for j in jacs
             ]
         )
+    return _gram_evidence(rows, thetas, per_tensor, n)
+
+
+def _gram_evidence(
+    rows: list[list[torch.Tensor]], thetas: Sequence[torch.Tensor], per_tensor: bool, n: int
+) -> list[float]:
+    """The evidence λ per group from the eigenvalues of M Mᵀ/N, M the rows (``rows[chunk][tensor]``: a
+    chunk's rows restricted to one tensor's columns) over the group's tensors; M Mᵀ accumulated in float64
+    over blocks of columns, so that float32 rows are never converted whole."""
     out = []
     for group in _groups(len(thetas), per_tensor):
         mat = torch.cat([torch.cat([r[k] for k in group], dim=1) for r in rows])
