@@ -7,22 +7,31 @@ chain rule gives ∇_θ L_i = (∂z/∂θ)ᵀ ∇_z L_i, hence for any weights w
 
 ``GradSurgery.backward(losses, features=z)`` therefore
 
-1. takes the T per-task gradients ∇_z L_i (each backward stops at z: it runs through the heads only),
+1. takes the T per-task gradients ∇_z L_i (the backward stops at z: it runs through the heads only),
    flattened over the batch into a T×D matrix J_z, and its Gram matrix G_z = J_z J_zᵀ;
 2. lets the method turn G_z (and the losses) into weights w, exactly as in full mode;
-3. runs **one** backward pass: the losses are seeded with s_i (s_i = w_i for loss-weighting methods, 1
-   otherwise) and the gradient arriving at z is replaced by u_z = Σ_i w_i ∇_z L_i. The trunk thus receives
-   (∂z/∂θ)ᵀ u_z = Σ_i w_i ∇_θ L_i, the gradient of Σ_i w_i L_i, and each head receives s_i times its task's
-   gradient, as in full mode.
+3. sends u_z = Σ_i w_i ∇_z L_i through the trunk, which thus receives (∂z/∂θ)ᵀ u_z = Σ_i w_i ∇_θ L_i, the
+   gradient of Σ_i w_i L_i; each head receives s_i times its task's gradient (s_i = w_i for loss-weighting
+   methods, 1 otherwise), as in full mode.
 
-Cost: T backward passes through the heads, O(T² D) for G_z, one full backward pass.
+How the heads are traversed:
 
-**Task views** (``task_views(z, T)``): when each head reads its own view of z (a leaf sharing z's memory),
-one backward pass of Σ_i L_i through the heads gives every ∇_z L_i (each lands in its task's view) and the
-heads' own gradients at once; after the weights, one backward of u_z through the trunk finishes the step.
-The heads are then traversed once instead of T + 1 times, with the same result: that each loss reads only
-its own view is checked on the graph. Loss weightings, whose heads get w_i g_i, take a second pass through
-the heads with those seeds.
+- **Once**, when no node between the losses and z serves two losses (separate heads, the usual case; read
+  on the graph by ``_feature_graph.split_at_features``): one backward pass of Σ_i L_i through the heads, a
+  hook on each node that sends a gradient into z adding it to its task's row of J_z, gives every ∇_z L_i and
+  the heads' gradients (seeds 1) at once; after the weights, one backward pass of u_z from z through the
+  trunk (``SplitCollection``).
+- **Once**, with **task views** (``task_views(z, T)``): each head reads its own view of z (a leaf sharing z's
+  memory), where the same pass lands its ∇_z L_i; that each loss reads only its own view is checked on the
+  graph (``ViewCollection``).
+- **T + 1 times** otherwise (a head layer shared by the tasks, a weight tied between a head and the trunk, a
+  loss that reads the trunk directly, a feature downstream of another): one ``autograd.grad`` per task for
+  J_z, then one backward pass of the losses with seeds s_i in which the gradient arriving at z is replaced by
+  u_z (``FeatureCollection``).
+
+In the first two, a loss weighting scales the head gradient of a parameter one task reaches by that task's
+weight, and passes the heads again with seeds w_i only when several tasks reach a head parameter. All three
+give the same gradients. Cost: the heads' passes above, O(T² D) for G_z, one backward pass through the trunk.
 
 This is an approximation of the full mode: the weights are exact for the method's objective posed on z
 (for MGDA: the min-norm combination of the ∇_z L_i), which for the parameters is an upper bound (above),
@@ -45,6 +54,7 @@ import torch
 from .._validation import check_int
 from ..gram import gram_matrix
 from . import TaskScale, check_finite, loss_values
+from ._feature_graph import HeadSplit, split_at_features
 
 if TYPE_CHECKING:
     from ..amp import LossScaling
@@ -98,14 +108,9 @@ def check_features(features: torch.Tensor | Sequence[torch.Tensor]) -> list[torc
     return features
 
 
-def feature_jacobian(
-    losses: list[torch.Tensor], features: list[torch.Tensor]
-) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """J_z: row i is ∇_z L_i flattened (over the batch too) and concatenated over the features.
-
-    Returns J_z and the (start, end) column range of each feature. Raises ``ValueError`` when a loss does
-    not depend on any feature, or a feature feeds no loss: the weights would then be meaningless.
-    """
+def feature_layout(features: list[torch.Tensor]) -> tuple[torch.dtype, list[tuple[int, int]], int]:
+    """The dtype of J_z (the features' promoted dtype), each feature's (start, end) column range and the
+    column count."""
     dtype = features[0].dtype
     for z in features[1:]:
         dtype = torch.promote_types(dtype, z.dtype)
@@ -113,6 +118,31 @@ def feature_jacobian(
     for z in features:
         spans.append((total, total + z.numel()))
         total += z.numel()
+    return dtype, spans, total
+
+
+def check_reach(lost: list[int], unused: list[int]) -> None:
+    """ValueError when a loss does not depend on any feature, or a feature feeds no loss: the weights would
+    then be meaningless."""
+    if lost:
+        raise ValueError(
+            f"loss(es) {lost} do not depend on the features: every task head must read the shared "
+            "representation passed as features="
+        )
+    if unused:
+        raise ValueError(f"features {unused} are on the path of no loss")
+
+
+def feature_jacobian(
+    losses: list[torch.Tensor], features: list[torch.Tensor]
+) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """J_z: row i is ∇_z L_i flattened (over the batch too) and concatenated over the features, one
+    ``autograd.grad`` per loss.
+
+    Returns J_z and the (start, end) column range of each feature. Raises ``ValueError`` when a loss does
+    not depend on any feature, or a feature feeds no loss (``check_reach``).
+    """
+    dtype, spans, total = feature_layout(features)
     jac = torch.zeros(len(losses), total, dtype=dtype, device=features[0].device)
     feeds = [False] * len(features)
     lost = []
@@ -127,14 +157,7 @@ def feature_jacobian(
                 feeds[j] = True
                 start, end = spans[j]
                 jac[i, start:end].copy_(g.reshape(-1))
-    if lost:
-        raise ValueError(
-            f"loss(es) {lost} do not depend on the features: every task head must read the shared "
-            "representation passed as features="
-        )
-    unused = [j for j, f in enumerate(feeds) if not f]
-    if unused:
-        raise ValueError(f"features {unused} are on the path of no loss")
+    check_reach(lost, [j for j, f in enumerate(feeds) if not f])
     return jac, spans
 
 
@@ -175,6 +198,9 @@ class FeatureSource:
         values = loss_values(losses, self.gram_dtype)
         if self.views is not None:
             return ViewCollection(self, losses, params, values, retain_graph)
+        split = split_at_features(losses, self.features)
+        if split is not None:
+            return SplitCollection(self, losses, params, values, retain_graph, split)
         jac, spans = feature_jacobian(losses, self.features)
         return FeatureCollection(self, losses, params, jac, spans, values, retain_graph)
 
@@ -260,8 +286,13 @@ class FeatureCollection:
         return [weights[i].to(device=loss.device, dtype=loss.dtype) for i, loss in enumerate(self.losses)]
 
 
-class ViewCollection(FeatureCollection):
-    """Representation mode over task views: one pass through the heads, one through the trunk."""
+class OnePassCollection(FeatureCollection):
+    """Representation mode with one pass through the heads: a backward pass of Σ_i L_i gives every ∇_z L_i
+    and the heads' own gradients (seeds 1), then one pass of u_z through the trunk. A loss weighting scales
+    the head gradient of a parameter one task reaches by that task's weight, and takes a second pass through
+    the heads, with seeds w_i, only when several tasks reach a head parameter.
+
+    Subclasses say how the first pass lands each ∇_z L_i apart (``_heads_pass``)."""
 
     def __init__(
         self,
@@ -270,39 +301,31 @@ class ViewCollection(FeatureCollection):
         params: list[torch.Tensor],
         values: torch.Tensor,
         retain_graph: bool,
+        reached: list[set[int]],
     ) -> None:
-        views = source.views
-        if views is None:
-            raise TypeError("ViewCollection needs a FeatureSource over task_views(...)")
-        if len(views.leaves) != len(losses):
-            raise ValueError(f"{len(views.leaves)} task views for {len(losses)} losses")
-        reached = check_own_views(losses, views.leaves)
-        leaves = [z for view in views.leaves for z in view]
-        # The tasks reaching each parameter through the heads: a loss weighting scales the head gradient of a
-        # parameter one task reaches by that task's weight, and needs a second pass through the heads only
-        # for a parameter several tasks reach there.
         owners: dict[int, list[int]] = {}
         for i, ids in enumerate(reached):
             for key in ids:
                 owners.setdefault(key, []).append(i)
         self.head_owners = [owners.get(id(p), []) for p in params]
+        self.head_params = [p for p, tasks in zip(params, self.head_owners, strict=True) if tasks]
         self.second_pass = source.scales_task_specific and any(len(o) > 1 for o in self.head_owners)
-        # Heads once: Σ_i L_i lands ∇_z L_i in task i's view, and gives the heads' gradients (seeds 1).
-        keep = retain_graph or self.second_pass
         summed = cast(torch.Tensor, sum(losses))  # at least one loss: a tensor, never the start value 0
-        grads = torch.autograd.grad(summed, leaves + params, retain_graph=keep, allow_unused=True)
-        per_view = len(views.features)
-        rows = []
-        for i in range(len(losses)):
-            parts = zip(grads[i * per_view : (i + 1) * per_view], views.features, strict=True)
-            flat = [(torch.zeros_like(z) if g is None else g).reshape(-1) for g, z in parts]
-            rows.append(flat[0] if per_view == 1 else torch.cat(flat))  # one copy, by the stack below
-        spans, total = [], 0
-        for z in views.features:
-            spans.append((total, total + z.numel()))
-            total += z.numel()
-        super().__init__(source, losses, params, torch.stack(rows), spans, values, retain_graph)
-        self.head_grads = grads[len(leaves) :]
+        jac, own = self._heads_pass(source, summed, retain_graph or self.second_pass)
+        _, spans, _ = feature_layout(source.features)
+        super().__init__(source, losses, params, jac, spans, values, retain_graph)
+        self.head_grads = self._on_params(own)
+
+    def _heads_pass(
+        self, source: FeatureSource, summed: torch.Tensor, keep: bool
+    ) -> tuple[torch.Tensor, Sequence[torch.Tensor | None]]:
+        """J_z and the gradients of ``head_params`` from one backward pass of ``summed`` through the heads."""
+        raise NotImplementedError
+
+    def _on_params(self, head_grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """Gradients of ``head_params`` placed on ``params`` (None where no head reaches)."""
+        given = iter(head_grads)
+        return [next(given) if tasks else None for tasks in self.head_owners]
 
     def gradients(self, weights: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The trunk through z with u_z; the heads from the first pass, or again with seeds w_i for a loss
@@ -318,12 +341,14 @@ class ViewCollection(FeatureCollection):
         )
         heads: Sequence[torch.Tensor | None] = self.head_grads
         if self.second_pass:
-            heads = torch.autograd.grad(
-                self.losses,
-                self.params,
-                grad_outputs=self._weight_seeds(weights),
-                retain_graph=self.retain_graph,
-                allow_unused=True,
+            heads = self._on_params(
+                torch.autograd.grad(
+                    self.losses,
+                    self.head_params,
+                    grad_outputs=self._weight_seeds(weights),
+                    retain_graph=self.retain_graph,
+                    allow_unused=True,
+                )
             )
         elif self.scales_task_specific:
             scale = TaskScale(weights, True)
@@ -336,6 +361,106 @@ class ViewCollection(FeatureCollection):
             if a is not None or b is not None:
                 out.append((p, b if a is None else a if b is None else a + b))
         return out
+
+
+class ViewCollection(OnePassCollection):
+    """Over task views: head i reads its own leaf view of z, where the first pass lands ∇_z L_i."""
+
+    def __init__(
+        self,
+        source: FeatureSource,
+        losses: list[torch.Tensor],
+        params: list[torch.Tensor],
+        values: torch.Tensor,
+        retain_graph: bool,
+    ) -> None:
+        views = source.views
+        if views is None:
+            raise TypeError("ViewCollection needs a FeatureSource over task_views(...)")
+        if len(views.leaves) != len(losses):
+            raise ValueError(f"{len(views.leaves)} task views for {len(losses)} losses")
+        self.views = views
+        super().__init__(source, losses, params, values, retain_graph, check_own_views(losses, views.leaves))
+
+    def _heads_pass(
+        self, source: FeatureSource, summed: torch.Tensor, keep: bool
+    ) -> tuple[torch.Tensor, Sequence[torch.Tensor | None]]:
+        leaves = [z for view in self.views.leaves for z in view]
+        grads = torch.autograd.grad(summed, leaves + self.head_params, retain_graph=keep, allow_unused=True)
+        features = self.views.features
+        per_view = len(features)
+        rows = []
+        for i in range(len(self.views.leaves)):
+            parts = zip(grads[i * per_view : (i + 1) * per_view], features, strict=True)
+            flat = [(torch.zeros_like(z) if g is None else g).reshape(-1) for g, z in parts]
+            rows.append(flat[0] if per_view == 1 else torch.cat(flat))  # one copy, by the stack below
+        return torch.stack(rows), grads[len(leaves) :]
+
+
+class SplitCollection(OnePassCollection):
+    """Over the features themselves, with the heads' graph split at them (``_feature_graph``): a hook on each
+    node that sends a gradient into a feature adds it to its task's row of J_z during the first pass."""
+
+    def __init__(
+        self,
+        source: FeatureSource,
+        losses: list[torch.Tensor],
+        params: list[torch.Tensor],
+        values: torch.Tensor,
+        retain_graph: bool,
+        split: HeadSplit,
+    ) -> None:
+        feeds = {j for edges in split.edges for _, _, j in edges}
+        check_reach(
+            [i for i, edges in enumerate(split.edges) if not edges],
+            [j for j in range(len(source.features)) if j not in feeds],
+        )
+        self.split = split
+        super().__init__(source, losses, params, values, retain_graph, split.reached)
+
+    def _heads_pass(
+        self, source: FeatureSource, summed: torch.Tensor, keep: bool
+    ) -> tuple[torch.Tensor, Sequence[torch.Tensor | None]]:
+        features = source.features
+        dtype, spans, total = feature_layout(features)
+        jac = torch.empty(len(self.split.edges), total, dtype=dtype, device=features[0].device)
+        filled: set[tuple[int, int]] = set()
+
+        def capture(task: int, index: int, feature: int) -> Callable[..., None]:
+            start, end = spans[feature]
+
+            def hook(grad_inputs: tuple[torch.Tensor | None, ...], _grad_outputs: Any) -> None:
+                grad = grad_inputs[index]
+                if grad is None:
+                    return
+                block = jac[task, start:end]
+                if (task, feature) in filled:
+                    block.add_(grad.reshape(-1))
+                else:
+                    block.copy_(grad.reshape(-1))
+                    filled.add((task, feature))
+
+            return hook
+
+        handles = [
+            node.register_hook(capture(i, k, j))
+            for i, edges in enumerate(self.split.edges)
+            for node, k, j in edges
+        ]
+        try:
+            # z is requested so that the heads compute the gradients along their edges into it; the pass
+            # stops there (no requested leaf lies beyond z: ``split_at_features``).
+            grads = torch.autograd.grad(
+                summed, features + self.head_params, retain_graph=keep, allow_unused=True
+            )
+        finally:
+            for handle in handles:
+                handle.remove()
+        for i in range(len(self.split.edges)):
+            for j, (start, end) in enumerate(spans):
+                if (i, j) not in filled:
+                    jac[i, start:end].zero_()
+        return jac, grads[len(features) :]
 
 
 def check_own_views(losses: list[torch.Tensor], views: list[list[torch.Tensor]]) -> list[set[int]]:

@@ -1,3 +1,4 @@
+import contextlib
 import copy
 
 import pytest
@@ -6,6 +7,7 @@ from method_checks import registered
 from weighting_helpers import CountBackward, TwoHeads, make_data
 
 import gradsurgery
+import gradsurgery.sources.features as features_module
 from gradsurgery import GradSurgery
 
 
@@ -372,3 +374,189 @@ def test_a_head_reading_another_tasks_view_is_refused():
     with pytest.raises(ValueError, match="2 task views for 3 losses"):
         two = gradsurgery.task_views(model.trunk(xs[0]), 2)
         opt.backward(model.losses(xs[0], ys[0], [two[0], two[1], two[1]]), features=two)
+
+
+# -- features=z: one pass through the heads when their graph splits at z ----------------------------------
+
+
+def written_out(losses, features, params, weights, seeds_are_weights):
+    """The representation-mode gradients by plain autograd: rows r_i = ∇_z L_i (one pass per loss), and every
+    parameter's gradient of Σ_i s_i L_i with the Σ_i s_i r_i reaching z replaced by u = Σ_i w_i r_i (added
+    through z as the VJP of u − Σ_i s_i r_i), s_i = w_i for a loss weighting, 1 otherwise."""
+    w = [float(v) for v in weights]
+    s = w if seeds_are_weights else [1.0] * len(losses)
+    rows = [torch.autograd.grad(loss, features, retain_graph=True) for loss in losses]
+    total = torch.autograd.grad(
+        sum(si * loss for si, loss in zip(s, losses, strict=True)),
+        params,
+        retain_graph=True,
+        allow_unused=True,
+    )
+    delta = [
+        sum((wi - si) * r[j] for wi, si, r in zip(w, s, rows, strict=True)) for j in range(len(features))
+    ]
+    through_z = torch.autograd.grad(
+        features, params, grad_outputs=delta, retain_graph=True, allow_unused=True
+    )
+    grads = []
+    for a, b in zip(total, through_z, strict=True):
+        grads.append(a if b is None else b if a is None else a + b)
+    gram = torch.stack([torch.cat([g.reshape(-1) for g in r]).double() for r in rows])
+    return grads, gram @ gram.T
+
+
+@contextlib.contextmanager
+def one_pass_per_task():
+    """Representation mode through z as if the heads' graph never split at z: one pass per task."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(features_module, "split_at_features", lambda losses, features: None)
+        yield
+
+
+def counted_head_losses(model, ys, z):
+    return [
+        (head(CountBackward.apply(z)).squeeze(-1) - ys[i]).pow(2).mean() for i, head in enumerate(model.heads)
+    ]
+
+
+@pytest.mark.parametrize("method,options", METHODS, ids=[m for m, _ in METHODS])
+def test_features_z_go_through_each_head_once_with_the_per_task_result(method, options):
+    xs, ys = make_data(3, 3)
+    xs, ys = [x.double() for x in xs], [y.double() for y in ys]
+    split, per_task = CountedHeads().double(), CountedHeads().double()
+    opt_s = GradSurgery(torch.optim.SGD(split.parameters(), lr=0.1), method=method, **options)
+    opt_p = GradSurgery(torch.optim.SGD(per_task.parameters(), lr=0.1), method=method, **options)
+    loss_weighting = opt_s.method.scales_task_specific
+    for t in range(3):
+        z = split.trunk(xs[t])
+        losses = counted_head_losses(split, ys[t], z)
+        params = list(split.parameters())
+        CountBackward.calls = 0
+        info_s = opt_s.backward(losses, features=z, retain_graph=True)
+        assert CountBackward.calls == 3  # each head once (one per task before: T + 1 passes in all)
+        expected, gram = written_out(losses, [z], params, info_s.weights, loss_weighting)
+        torch.testing.assert_close(info_s.gram, gram, rtol=1e-12, atol=1e-15)
+        for p, g in zip(params, expected, strict=True):
+            torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
+        z_p = per_task.trunk(xs[t])
+        CountBackward.calls = 0
+        with one_pass_per_task():
+            info_p = opt_p.backward(counted_head_losses(per_task, ys[t], z_p), features=z_p)
+        assert CountBackward.calls == 6
+        torch.testing.assert_close(info_s.weights, info_p.weights, rtol=1e-12, atol=1e-15)
+        for a, b in zip(grads(split), grads(per_task), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+        for opt in (opt_s, opt_p):
+            opt.step()
+            opt.zero_grad()
+        with torch.no_grad():
+            for ps, pp in zip(split.parameters(), per_task.parameters(), strict=True):
+                ps.copy_(pp)
+
+
+@pytest.mark.parametrize("shared_gain", [False, True], ids=["own heads", "a gain shared by the heads"])
+@pytest.mark.parametrize("method,options", LOSS_WEIGHTINGS, ids=[m for m, _ in LOSS_WEIGHTINGS])
+def test_features_z_loss_weightings_pass_the_heads_again_only_for_shared_parameters(
+    method, options, shared_gain
+):
+    xs, ys = make_data(3, 2)
+    xs, ys = [x.double() for x in xs], [y.double() for y in ys]
+    model = SharedGainHeads(shared_gain).double()
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method=method, **options)
+    for t in range(2):
+        z = model.trunk(xs[t])
+        losses = model.losses(xs[t], ys[t], [z] * 3)
+        CountBackward.calls = 0
+        info = opt.backward(losses, features=z, retain_graph=True)
+        assert CountBackward.calls == (6 if shared_gain else 3)
+        expected, _ = written_out(losses, [z], list(model.parameters()), info.weights, True)
+        for p, g in zip(model.parameters(), expected, strict=True):
+            torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
+        opt.step()
+        opt.zero_grad()
+
+
+class ReadsTwice(CountedHeads):
+    """Head 0 reads z twice (z and z²), head 1 the last three columns of z only, head 2 z; ``whole()`` gives
+    each head its own z (a cat of the pieces when z is passed in pieces)."""
+
+    def losses(self, x, ys, whole):
+        z0, z1, z2 = whole(), whole(), whole()
+        outs = [
+            self.heads[0](z0 + 0.3 * z0 * z0),
+            self.heads[1](torch.cat([torch.zeros_like(z1[:, :3]), z1[:, 3:]], dim=1)),
+            self.heads[2](z2),
+        ]
+        return [(o.squeeze(-1) - ys[i]).pow(2).mean() for i, o in enumerate(outs)]
+
+
+@pytest.mark.parametrize("pieces", ["one", "two slices", "chunk outputs"])
+def test_features_z_split_where_heads_read_z_several_times_or_in_pieces(pieces):
+    xs, ys = make_data(3, 1)
+    x, y = xs[0].double(), ys[0].double()
+    model = ReadsTwice().double()
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method="mgda")
+    z = model.trunk(x)
+    if pieces == "one":
+        features = [z]
+    elif pieces == "two slices":
+        features = [z[:, :2], z[:, 2:]]
+    else:
+        features = list(z.chunk(2, dim=1))  # one node, outputs 0 and 1
+    losses = model.losses(x, y, lambda: torch.cat(features, dim=1) if len(features) > 1 else z)
+    assert features_module.split_at_features(losses, features) is not None
+    info = opt.backward(losses, features=features, retain_graph=True)
+    expected, gram = written_out(losses, features, list(model.parameters()), info.weights, False)
+    torch.testing.assert_close(info.gram, gram, rtol=1e-12, atol=1e-15)
+    for p, g in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
+
+
+class Entangled(CountedHeads):
+    """Two heads whose graph does not split at z: ``kind`` says how."""
+
+    def __init__(self, kind):
+        super().__init__(num_tasks=2)
+        self.kind = kind
+        self.neck = torch.nn.Linear(6, 6)
+
+    def losses(self, x, ys, z):
+        if self.kind == "shared neck":  # one node between z and both heads
+            h = torch.tanh(self.neck(z))
+            outs = [head(h) for head in self.heads]
+        elif self.kind == "tied weight":  # head 1 multiplies z by the trunk's weight too
+            tied = (z @ self.trunk[0].weight).sum(1, keepdim=True)
+            outs = [self.heads[0](z), self.heads[1](z) + 0.1 * tied]
+        else:  # "trunk penalty": loss 0 reads a trunk parameter directly
+            outs = [head(z) for head in self.heads]
+        losses = [(o.squeeze(-1) - ys[i]).pow(2).mean() for i, o in enumerate(outs)]
+        if self.kind == "trunk penalty":
+            losses[0] = losses[0] + 0.1 * self.trunk[0].weight.pow(2).sum()
+        return losses
+
+
+@pytest.mark.parametrize("kind", ["shared neck", "tied weight", "trunk penalty"])
+def test_features_z_take_one_pass_per_task_where_the_graph_does_not_split(kind):
+    xs, ys = make_data(2, 1)
+    x, y = xs[0].double(), ys[0].double()
+    model = Entangled(kind).double()
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method="mgda")
+    z = model.trunk(x)
+    losses = model.losses(x, y, z)
+    assert features_module.split_at_features(losses, [z]) is None
+    info = opt.backward(losses, features=z, retain_graph=True)
+    assert 0.05 < float(info.weights[0]) < 0.95  # both tasks matter
+    expected, gram = written_out(losses, [z], list(model.parameters()), info.weights, False)
+    torch.testing.assert_close(info.gram, gram, rtol=1e-12, atol=1e-15)
+    for p, g in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
+
+
+def test_features_z_downstream_of_another_feature_are_not_split():
+    xs, _ = make_data(2, 1)
+    model = Entangled("shared neck").double()
+    z = model.trunk(xs[0].double())
+    h = torch.tanh(model.neck(z))
+    losses = [head(h).mean() + z[:, i].mean() for i, head in enumerate(model.heads)]
+    assert features_module.split_at_features(losses, [z, h]) is None
+    assert features_module.split_at_features(losses, [h, z]) is None

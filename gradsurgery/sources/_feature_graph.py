@@ -1,0 +1,124 @@
+"""Where the task heads meet the shared features on the autograd graph: what lets representation mode go
+through the heads once.
+
+``backward(losses, features=z)`` needs every ∇_z L_i. Head i's gradient with respect to z is what its nodes
+send along their edges into z's node; one backward pass of Σ_i L_i computes all of them and sums them at z.
+When no node between the losses and z serves two losses, those edges belong to one task each, and a hook on
+each node that sends along such an edge reads that task's contribution before the sum: one pass through the
+heads gives every ∇_z L_i, as T separate passes would, and the heads' own gradients at once.
+
+The pass requests z and the parameters the losses reach without going through z (the heads' parameters).
+It must not enter the trunk, whose gradient comes from the fused u_z afterwards; it does not when no such
+parameter is also reachable from z (a weight tied between a head and the trunk, or a loss that reads the
+trunk's parameters or activations directly, would make it) and no feature lies upstream of another (the
+gradient with respect to the upstream one would then include the downstream one's). Both are read on the
+graph; when either holds, or a node serves two losses, the plan is refused and the caller takes one pass
+per task.
+
+Cost: one visit of each node between the losses and the features and of each node of the trunk, a fraction
+of a microsecond each (a six-layer transformer encoder trunk: 453 nodes, 0.2 ms, against 81 ms for its
+backward pass on one CPU thread).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class HeadSplit:
+    """The one-pass plan: per loss the (node, input index, feature index) of its edges into the features,
+    per parameter id the tasks reaching it outside the features, and the visited nodes, kept alive so that
+    their ids stay theirs while the plan is in use."""
+
+    edges: list[list[tuple[Any, int, int]]]
+    reached: list[set[int]]
+    nodes: list[Any]
+
+
+def split_at_features(losses: list[torch.Tensor], features: list[torch.Tensor]) -> HeadSplit | None:
+    """The plan for one pass through the heads, or None when the heads' graph cannot be split at the
+    features (a node serving two losses, a leaf reachable both from a loss outside the features and from a
+    feature, a feature upstream of another)."""
+    nodes: list[Any] = []
+    feature_at: dict[tuple[int, int], int] = {}  # (id of its node, output number) of each non-leaf feature
+    leaf_feature: dict[int, int] = {}  # id of each leaf feature
+    for j, z in enumerate(features):
+        if z.grad_fn is None:
+            leaf_feature[id(z)] = j
+        else:
+            nodes.append(z.grad_fn)
+            feature_at[(id(z.grad_fn), z.output_nr)] = j
+    trunk_leaves = _trunk_leaves(features, leaf_feature, nodes)
+    if trunk_leaves is None:
+        return None
+    owner: dict[int, int] = {}  # id of a node between the losses and the features -> the loss it serves
+    edges: list[list[tuple[Any, int, int]]] = []
+    reached: list[set[int]] = []
+    for i, loss in enumerate(losses):
+        mine: list[tuple[Any, int, int]] = []
+        leaves: set[int] = set()
+        stack = [loss.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None:
+                continue
+            variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf
+            if variable is not None:
+                if id(variable) in trunk_leaves:
+                    return None
+                leaves.add(id(variable))
+                continue
+            served = owner.get(id(node))
+            if served is not None:
+                if served != i:
+                    return None
+                continue
+            owner[id(node)] = i
+            nodes.append(node)
+            for k, (child, number) in enumerate(node.next_functions):
+                if child is None:
+                    continue
+                feature = feature_at.get((id(child), number))
+                if feature is None and leaf_feature:
+                    feature = leaf_feature.get(id(getattr(child, "variable", None)))
+                if feature is not None:
+                    mine.append((node, k, feature))
+                else:
+                    stack.append(child)
+        edges.append(mine)
+        reached.append(leaves)
+    return HeadSplit(edges, reached, nodes)
+
+
+def _trunk_leaves(
+    features: list[torch.Tensor], leaf_feature: dict[int, int], nodes: list[Any]
+) -> set[int] | None:
+    """The ids of the leaves reachable from the features' nodes, or None when a feature is reachable from
+    another (its gradient would then include the other's)."""
+    starts = [z.grad_fn for z in features if z.grad_fn is not None]
+    start_ids = {id(node) for node in starts}
+    leaves: set[int] = set()
+    seen = set(start_ids)
+    stack = list(starts)
+    while stack:
+        node = stack.pop()
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            if id(variable) in leaf_feature:
+                return None
+            leaves.add(id(variable))
+            continue
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            if id(child) in start_ids:
+                return None
+            if id(child) not in seen:
+                seen.add(id(child))
+                nodes.append(child)
+                stack.append(child)
+    return leaves
