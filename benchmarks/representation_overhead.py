@@ -2,15 +2,18 @@
 the same algorithm written by hand (the floor any implementation of it pays).
 
 The speed suite's MLP (``small``: trunk 128→384→384→256, ``0.5M``: 256→512→512→256; T linear heads, batch
-128, Adam, one thread). Variants, timed interleaved (every repetition times each variant once in a shuffled
-order and divides by the plain step of the same repetition):
+128, Adam, one thread; ``--tower N``: heads d_z → N → N → 1 with ReLU instead). Variants, timed interleaved
+(every repetition times each variant once in a shuffled order and divides by the plain step of the same
+repetition):
 
 - ``plain``: ``sum(losses).backward()`` and the Adam step;
 - ``floor``: representation mode with task views written directly in torch, without gradsurgery: the heads
   on T detached copies of z, one ``autograd.grad`` of Σ_i L_i to the copies and the heads' parameters, the
   T×(n·d_z) matrix of the copies' gradients, G in float64, MGDA's weights (``simplex_min_norm``), one
   ``autograd.grad`` of z with the fused gradient to the trunk's parameters, ``.grad`` set, the Adam step;
-- ``z``: ``GradSurgery(adam, method).backward(losses, features=z)`` (T + 1 passes through the heads);
+- ``z``: ``GradSurgery(adam, "mgda").backward(losses, features=z)`` (the heads once: their graph splits at z);
+- ``z per task``: the same as if the graph did not split (one ``autograd.grad`` per task, then the heads
+  again in the pass that fills ``.grad``: T + 1 passes through the heads);
 - each method: ``backward(losses, features=task_views(z, T))`` (the heads once, the trunk once).
 
 Rank statistics: the median ratio and its 25th-75th percentiles. Writes ``report.md`` and ``rows.json``.
@@ -30,6 +33,7 @@ import torch
 from torch import nn
 
 import gradsurgery
+import gradsurgery.sources.features as feature_source
 from gradsurgery import GradSurgery
 from gradsurgery.solvers import simplex_min_norm
 
@@ -63,8 +67,22 @@ def gram_methods(num_tasks: int) -> list[str]:
 
 
 class Case:
-    def __init__(self, dims: tuple[int, int, int], num_tasks: int) -> None:
+    def __init__(self, dims: tuple[int, int, int], num_tasks: int, tower: int = 0) -> None:
         self.model, self.x, gen = seeded_mlp(dims, num_tasks, torch.device("cpu"), BATCH)
+        if tower:  # towers d_z → tower → tower → 1 (ReLU) instead of linear heads
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(num_tasks + 7 * tower)
+                d_z = dims[2]
+                self.model.heads = nn.ModuleList(
+                    nn.Sequential(
+                        nn.Linear(d_z, tower),
+                        nn.ReLU(),
+                        nn.Linear(tower, tower),
+                        nn.ReLU(),
+                        nn.Linear(tower, 1),
+                    )
+                    for _ in range(num_tasks)
+                )
         self.y = torch.randn(BATCH, num_tasks, generator=gen)
         self.num_tasks = num_tasks
         # A small learning rate keeps hundreds of steps on random targets far from divergence.
@@ -108,7 +126,9 @@ def floor_step(case: Case) -> Callable[[], None]:
     return step
 
 
-def method_step(case: Case, method: str, views: bool) -> Callable[[], None]:
+def method_step(case: Case, method: str, views: bool, per_task: bool = False) -> Callable[[], None]:
+    """One step of ``method`` in representation mode: over task views, or over z (with ``per_task``, as if
+    the heads' graph did not split at z: one ``autograd.grad`` per task, then the heads again)."""
     t = case.num_tasks
     opt = GradSurgery(case.inner, method, num_tasks=t, **method_options(method, t, 0))
 
@@ -118,6 +138,13 @@ def method_step(case: Case, method: str, views: bool) -> Callable[[], None]:
         if views:
             features = gradsurgery.task_views(z, t)
             opt.backward(case.head_losses(list(features)), features=features)
+        elif per_task:
+            split = feature_source.split_at_features
+            feature_source.split_at_features = lambda losses, features: None
+            try:
+                opt.backward(case.head_losses([z] * t), features=z)
+            finally:
+                feature_source.split_at_features = split
         else:
             opt.backward(case.head_losses([z] * t), features=z)
         opt.step()
@@ -125,13 +152,16 @@ def method_step(case: Case, method: str, views: bool) -> Callable[[], None]:
     return step
 
 
-def measure(size: str, num_tasks: int, methods: list[str], reps: int, inner_steps: int) -> list[dict]:
+def measure(
+    size: str, num_tasks: int, methods: list[str], reps: int, inner_steps: int, tower: int = 0
+) -> list[dict]:
     dims = {**SIZES, **TINY_SIZES}[size]
-    case = Case(dims, num_tasks)
+    case = Case(dims, num_tasks, tower)
     members = {"plain": plain_step(case), "floor": floor_step(case)}
     for method in methods:
         members[method] = method_step(case, method, views=True)
     members["z"] = method_step(case, "mgda", views=False)
+    members["z per task"] = method_step(case, "mgda", views=False, per_task=True)
     times = interleaved_times(members, reps, inner_steps, warmup=5)
     rows = []
     for name, values in times.items():
@@ -156,13 +186,15 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
     )
     variants = list(dict.fromkeys(r["variant"] for r in rows if r["variant"] != "plain"))
     cell = {(r["size"], r["num_tasks"], r["variant"]): r for r in rows}
+    heads = f"towers d_z→{args.tower}→{args.tower}→1" if args.tower else "linear heads"
     lines = [
-        f"# Representation mode on small models (one thread, batch {BATCH}, {args.reps} repetitions × "
-        f"{args.inner_steps} steps, torch {torch.__version__})",
+        f"# Representation mode on small models (one thread, batch {BATCH}, {heads}, {args.reps} "
+        f"repetitions × {args.inner_steps} steps, torch {torch.__version__})",
         "",
         "Step time / plain step, median (25th-75th percentile). `floor`: the task-views algorithm written "
-        "directly in torch with MGDA's solver; `z`: `mgda` with `features=z` (T + 1 passes through the "
-        "heads); every other row: that method with `features=task_views(z, T)`.",
+        "directly in torch with MGDA's solver; `z`: `mgda` with `features=z` (the heads once: their graph "
+        "splits at z); `z per task`: the same, one pass per task as where the graph does not split (T + 1 "
+        "passes through the heads); every other row: that method with `features=task_views(z, T)`.",
         "",
         "| variant | " + " | ".join(f"{s} T={t}" for s, t in configs) + " |",
         "|---|" + "---|" * len(configs),
@@ -190,13 +222,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--inner-steps", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--tower",
+        type=int,
+        default=0,
+        help="heads d_z → N → N → 1 (ReLU) instead of linear (default 0: linear)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
     for size in args.sizes:
         for num_tasks in args.tasks:
             methods = args.methods or gram_methods(num_tasks)
-            rows += measure(size, num_tasks, methods, args.reps, args.inner_steps)
+            rows += measure(size, num_tasks, methods, args.reps, args.inner_steps, args.tower)
             print(f"{size} T={num_tasks} done", file=sys.stderr)
     write_rows_and_report(Path(args.out), rows, report(rows, args))
     return 0

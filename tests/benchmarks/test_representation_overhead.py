@@ -1,5 +1,6 @@
 """The representation-overhead benchmark: its hand-written floor is the algorithm GradSurgery runs (the same
-.grad as ``mgda`` with task views), and a tiny run writes its table."""
+.grad as ``mgda`` with task views, through z, and through z one pass per task), and a tiny run writes its
+table."""
 
 from __future__ import annotations
 
@@ -16,13 +17,18 @@ def grads_after(make_step, case):
     return [p.grad.clone() for p in case.model.parameters()]
 
 
-def test_floor_gives_the_gradients_of_mgda_with_task_views():
+def test_floor_gives_the_gradients_of_mgda_with_task_views_and_through_z():
     dims = ro.TINY_SIZES["tiny"]
     floor = grads_after(ro.floor_step, ro.Case(dims, 3))
     ours = grads_after(lambda case: ro.method_step(case, "mgda", views=True), ro.Case(dims, 3))
+    through_z = grads_after(lambda case: ro.method_step(case, "mgda", views=False), ro.Case(dims, 3))
+    per_task = grads_after(
+        lambda case: ro.method_step(case, "mgda", views=False, per_task=True), ro.Case(dims, 3)
+    )
     plain = grads_after(ro.plain_step, ro.Case(dims, 3))
-    for a, b in zip(floor, ours, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    for other in (ours, through_z, per_task):
+        for a, b in zip(floor, other, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     # The trunk's fused gradient is not the summed loss's: the comparison above has teeth.
     assert max(float((a - b).abs().max()) for a, b in zip(floor[:2], plain[:2], strict=True)) > 1e-4
 
@@ -45,7 +51,7 @@ def test_tiny_run_writes_rows_and_report(tmp_path):
         ]
     )
     rows = json.loads((tmp_path / "rows.json").read_text())
-    assert [r["variant"] for r in rows] == ["plain", "floor", "upgrad", "z"]
+    assert [r["variant"] for r in rows] == ["plain", "floor", "upgrad", "z", "z per task"]
     upgrad = rows[2]
     assert upgrad["ratio_p25"] <= upgrad["ratio"] <= upgrad["ratio_p75"]
     text = (tmp_path / "report.md").read_text()
