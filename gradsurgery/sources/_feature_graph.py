@@ -8,16 +8,16 @@ each node that sends along such an edge reads that task's contribution before th
 heads gives every ∇_z L_i, as T separate passes would, and the heads' own gradients at once.
 
 The pass requests z and the parameters the losses reach without going through z (the heads' parameters).
-It must not enter the trunk, whose gradient comes from the fused u_z afterwards; it does not when no such
-parameter is also reachable from z (a weight tied between a head and the trunk, or a loss that reads the
-trunk's parameters or activations directly, would make it) and no feature lies upstream of another (the
-gradient with respect to the upstream one would then include the downstream one's). Both are read on the
-graph; when either holds, or a node serves two losses, the plan is refused and the caller takes one pass
-per task.
+It must stay out of the trunk, whose gradient comes from the fused u_z afterwards; it does when none of those
+parameters is also reachable from z (a weight tied between a head and the trunk, or a loss that reads the
+trunk's parameters or activations other than through z, would make one) and no feature lies upstream of
+another (the gradient with respect to the upstream one would then include the downstream one's). Both
+conditions are read on the graph; when one fails, or a node serves two losses, the plan is refused and the
+caller takes one pass per task.
 
 Cost: one visit of each node between the losses and the features and of each node of the trunk, a fraction
-of a microsecond each (a six-layer transformer encoder trunk: 453 nodes, 0.2 ms, against 81 ms for its
-backward pass on one CPU thread).
+of a microsecond each (the trunk of a six-layer transformer encoder, d = 256, 4 × 64 tokens: 453 nodes,
+0.2 ms, against 81 ms for its backward pass on one CPU thread).
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ import torch
 
 @dataclass
 class HeadSplit:
-    """The one-pass plan: per loss the (node, input index, feature index) of its edges into the features,
-    per parameter id the tasks reaching it outside the features, and the visited nodes, kept alive so that
-    their ids stay theirs while the plan is in use."""
+    """The one-pass plan: per loss the (node, input index, feature index) of its edges into the features and
+    the ids of the leaves it reaches outside them, and the visited nodes, kept alive so that their ids stay
+    theirs while the plan is in use."""
 
     edges: list[list[tuple[Any, int, int]]]
     reached: list[set[int]]

@@ -550,13 +550,3 @@ def test_features_z_take_one_pass_per_task_where_the_graph_does_not_split(kind):
     torch.testing.assert_close(info.gram, gram, rtol=1e-12, atol=1e-15)
     for p, g in zip(model.parameters(), expected, strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
-
-
-def test_features_z_downstream_of_another_feature_are_not_split():
-    xs, _ = make_data(2, 1)
-    model = Entangled("shared neck").double()
-    z = model.trunk(xs[0].double())
-    h = torch.tanh(model.neck(z))
-    losses = [head(h).mean() + z[:, i].mean() for i, head in enumerate(model.heads)]
-    assert features_module.split_at_features(losses, [z, h]) is None
-    assert features_module.split_at_features(losses, [h, z]) is None
