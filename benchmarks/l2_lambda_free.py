@@ -29,7 +29,9 @@ functions for today's rule so that the comparison runs the same maths:
   Fisher's diagonal (``evg``, ``evg-pt``: B·g² of the gradient for labels drawn from the model), from a
   Kronecker-factored Fisher (``evk``, ``evk-pt``; ``evkg``, ``evkg-pt`` with labels drawn from the model) or
   from the exact spectrum of the empirical Fisher over the training set, once per epoch (``evs``,
-  ``evs-pt``). ``--evidence-at-init`` prints the evidence λ of every estimate at initialisation instead.
+  ``evs-pt``); the output layer's own diagonal evidence λ on every weight (``evb-out``) or on the output
+  layer only (``evb-out1``). ``--evidence-at-init`` prints the evidence λ of every estimate at
+  initialisation instead.
 
     python -m benchmarks.l2_lambda_free --arch mlp cnn --seeds 0 1 2 3 4 --out results/l2_free
     python -m benchmarks.l2_lambda_free --summarize results/l2_free
@@ -85,6 +87,8 @@ PROTO = [
     "evk-pt",
     "evkg",
     "evkg-pt",
+    "evb-out",
+    "evb-out1",
 ]
 
 
@@ -123,6 +127,8 @@ def train_one(seed, arch, opt_name, mode, lam, data, *, epochs, width, batch_siz
     evidence: P.EvidenceL2 | P.KroneckerEvidence | None = None
     if mode.startswith("evk"):
         evidence = P.KroneckerEvidence(model, weights, len(ytr), per_tensor)
+    elif mode.startswith("evb-out"):  # the output layer's own evidence λ
+        evidence = P.EvidenceL2(weights, len(ytr), True)
     elif mode.startswith(("ev-", "evb", "evg")) or mode == "ev":
         evidence = P.EvidenceL2(weights, len(ytr), per_tensor)
     for _ in range(epochs):
@@ -160,10 +166,14 @@ def train_one(seed, arch, opt_name, mode, lam, data, *, epochs, width, batch_siz
                         evidence.update(P.per_sample_sq_grads(model, weights, xtr[idx], ytr[idx]))
                 if evidence is not None:
                     lams = evidence.lambdas(weights)
-                new = P.apply_coefficients(grads, weights, lams, per_tensor)
+                if mode == "evb-out":  # the output layer's λ on every weight
+                    lams = lams[-1:]
+                elif mode == "evb-out1":  # ... on the output layer's weight only
+                    lams = [0.0] * (len(lams) - 1) + lams[-1:]
+                new = P.apply_coefficients(grads, weights, lams, per_tensor or mode == "evb-out1")
                 for p, u in zip(weights, new, strict=True):
                     p.grad = u
-                lam_sum += sum(lams) / len(lams)
+                lam_sum += lams[-1] if mode.startswith("evb-out") else sum(lams) / len(lams)
                 lam_n += 1  # noqa: E702
             elif mode in ("l2", "l2-pt"):
                 new, lam_t = l2_direction(grads, weights, per_tensor)

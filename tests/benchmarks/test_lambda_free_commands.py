@@ -96,3 +96,15 @@ def test_epochs_and_width_override_the_size(module, tmp_path):
         argv = ["--quick", "--seeds", "0", "--epochs", "3", "--width", "32", *noise, "--out", str(tmp_path)]
         assert mod.main(argv) == 0
     assert seen and set(seen) == {(3, 32)}
+
+
+@pytest.mark.parametrize("mode", ["evb", "evb-out", "evb-out1"])
+def test_evidence_modes_train_and_report_their_lambda(mode):
+    mod = importlib.import_module("benchmarks.l2_lambda_free")
+    data = mod.prepare(0, 64, 32, 0.3)
+    row = mod.train_one(0, "mlp", "sgd", mode, None, data, epochs=1, width=16)
+    assert row["mean_lambda"] > 0 and math.isfinite(row["mean_lambda"])
+    assert 0.0 <= row["test_acc"] <= 1.0 and row["weight_norm"] < row["init_norm"]
+    # The same run without the rule ends elsewhere: the λ reached the weights.
+    plain = mod.train_one(0, "mlp", "sgd", "none", None, data, epochs=1, width=16)
+    assert not math.isclose(plain["weight_norm"], row["weight_norm"], rel_tol=1e-9)
