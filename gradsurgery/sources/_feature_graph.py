@@ -42,7 +42,10 @@ class HeadSplit:
 def split_at_features(losses: list[torch.Tensor], features: list[torch.Tensor]) -> HeadSplit | None:
     """The plan for one pass through the heads, or None when the heads' graph cannot be split at the
     features (a node serving two losses, a leaf reachable both from a loss outside the features and from a
-    feature, a feature upstream of another)."""
+    feature, a feature upstream of another, or a hook on a feature, which acts on the sum of the heads'
+    gradients, not on each)."""
+    if any(getattr(z, "_backward_hooks", None) for z in features):
+        return None
     nodes: list[Any] = []
     feature_at: dict[tuple[int, int], int] = {}  # (id of its node, output number) of each non-leaf feature
     leaf_feature: dict[int, int] = {}  # id of each leaf feature

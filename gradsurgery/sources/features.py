@@ -25,9 +25,9 @@ How the heads are traversed:
   memory), where the same pass lands its ∇_z L_i; that each loss reads only its own view is checked on the
   graph (``ViewCollection``).
 - **T + 1 times** otherwise (a head layer shared by the tasks, a weight tied between a head and the trunk, a
-  loss that reads the trunk directly, a feature downstream of another): one ``autograd.grad`` per task for
-  J_z, then one backward pass of the losses with seeds s_i in which the gradient arriving at z is replaced by
-  u_z (``FeatureCollection``).
+  loss that reads the trunk directly, a feature downstream of another, a gradient hook on a feature): one
+  ``autograd.grad`` per task for J_z, then one backward pass of the losses with seeds s_i in which the
+  gradient arriving at z is replaced by u_z (``FeatureCollection``).
 
 In the first two, a loss weighting scales the head gradient of a parameter one task reaches by that task's
 weight, and passes the heads again with seeds w_i only when several tasks reach a head parameter. All three

@@ -63,7 +63,15 @@ def test_a_leaf_feature_is_reached_through_its_accumulator():
 
 
 @pytest.mark.parametrize(
-    "kind", ["shared node", "the same loss twice", "tied weight", "trunk penalty", "input read directly"]
+    "kind",
+    [
+        "shared node",
+        "the same loss twice",
+        "tied weight",
+        "trunk penalty",
+        "input read directly",
+        "hook on z",
+    ],
 )
 def test_graphs_that_do_not_split_at_z(kind):
     trunk, heads, x = trunk_and_heads(2)
@@ -79,8 +87,11 @@ def test_graphs_that_do_not_split_at_z(kind):
         losses = [heads[0](z).mean(), (heads[1](z) + (z @ trunk.weight).sum()).mean()]
     elif kind == "trunk penalty":
         losses = [heads[0](z).mean() + trunk.bias.pow(2).sum(), heads[1](z).mean()]
-    else:
+    elif kind == "input read directly":
         losses = [heads[0](z).mean() + x.sum(), heads[1](z).mean()]
+    else:  # a gradient hook on z sees the heads' summed gradient: it cannot be applied per task
+        z.register_hook(lambda grad: grad * 2)
+        losses = [head(z).mean() for head in heads]
     assert split_at_features(losses, [z]) is None
 
 
