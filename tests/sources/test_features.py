@@ -1,6 +1,7 @@
 import contextlib
 import copy
 
+import numpy as np
 import pytest
 import torch
 from method_checks import registered
@@ -550,3 +551,70 @@ def test_features_z_take_one_pass_per_task_where_the_graph_does_not_split(kind):
     torch.testing.assert_close(info.gram, gram, rtol=1e-12, atol=1e-15)
     for p, g in zip(model.parameters(), expected, strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
+
+
+class RandomHeads(torch.nn.Module):
+    """A tanh trunk and T heads of a shape drawn from ``seed``: 0-2 hidden layers, reading z once or twice or
+    in part, some behind a neck shared with the next head, some adding a trunk penalty or a tied weight."""
+
+    def __init__(self, seed, num_tasks=3):
+        super().__init__()
+        self.rng = np.random.default_rng(seed)
+        torch.manual_seed(seed)
+        self.trunk = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh())
+        self.heads = torch.nn.ModuleList()
+        self.kinds = []
+        for _ in range(num_tasks):
+            depth = int(self.rng.integers(0, 3))
+            layers = []
+            for _ in range(depth):
+                layers += [torch.nn.Linear(6, 6), torch.nn.Tanh()]
+            self.heads.append(torch.nn.Sequential(*layers, torch.nn.Linear(6, 1)))
+            read = ["once", "twice", "part", "neck", "penalty", "tied"]
+            self.kinds.append(read[int(self.rng.choice(6, p=[0.35, 0.2, 0.2, 0.15, 0.05, 0.05]))])
+        self.neck = torch.nn.Linear(6, 6)
+
+    def losses(self, ys, z):
+        out = []
+        necked = torch.tanh(self.neck(z))  # computed once: one node for every head behind the neck
+        for i, (head, kind) in enumerate(zip(self.heads, self.kinds, strict=True)):
+            if kind == "twice":
+                h = head(z + 0.2 * z * z)
+            elif kind == "part":
+                h = head(torch.cat([z[:, :3], torch.zeros_like(z[:, 3:])], dim=1))
+            elif kind == "neck":
+                h = head(necked)
+            else:
+                h = head(z)
+            loss = (h.squeeze(-1) - ys[i]).pow(2).mean()
+            if kind == "penalty":
+                loss = loss + 0.05 * self.trunk[0].weight.pow(2).sum()
+            elif kind == "tied":
+                loss = loss + 0.05 * (z @ self.trunk[0].weight).mean()
+            out.append(loss)
+        return out
+
+
+@pytest.mark.parametrize("seed", range(16))
+@pytest.mark.parametrize("method", ["mgda", "uncertainty"])
+def test_features_z_on_random_head_graphs_match_the_written_out_gradients(seed, method):
+    xs, ys = make_data(3, 1, seed=seed)
+    x, y = xs[0].double(), ys[0].double()
+    model = RandomHeads(seed).double()
+    options = {"init_log_var": [0.2, -0.3, 0.1]} if method == "uncertainty" else {}
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method=method, **options)
+    z = model.trunk(x)
+    losses = model.losses(y, z)
+    # The graph splits at z unless a loss reads the trunk other than through z or two heads share the neck.
+    shared = bool({"penalty", "tied"} & set(model.kinds)) or model.kinds.count("neck") > 1
+    assert (features_module.split_at_features(losses, [z]) is None) == shared, model.kinds
+    info = opt.backward(losses, features=z, retain_graph=True)
+    expected, gram = written_out(
+        losses, [z], list(model.parameters()), info.weights, opt.method.scales_task_specific
+    )
+    torch.testing.assert_close(info.gram, gram, rtol=1e-12, atol=1e-15)
+    for p, g in zip(model.parameters(), expected, strict=True):
+        if g is None:
+            assert p.grad is None
+        else:
+            torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
