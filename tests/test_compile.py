@@ -96,3 +96,54 @@ def test_compiled_training_step_around_backward(method):
         results.append((torch.cat([p.detach().reshape(-1) for p in model.parameters()]), weights))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-6, atol=1e-9)
+
+
+class TrunkAndHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Sequential(nn.Linear(4, 8), nn.Tanh())
+        self.heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(3))
+
+    def forward(self, x):
+        z = self.trunk(x)
+        return z, [head(z).squeeze(-1) for head in self.heads]
+
+
+@pytest.mark.parametrize("compiled", ["trunk", "trunk and each head"])
+def test_representation_mode_through_compiled_graphs_matches_eager(compiled):
+    # Compiled separately, the trunk and the heads stay separate autograd nodes: one pass through the heads,
+    # the eager step's gradients.
+    import gradsurgery.sources.features as features_module
+
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randn(16, 4, generator=gen), torch.randn(3, 16, generator=gen)
+    grads = {}
+    for variant in ("eager", compiled):
+        model = TrunkAndHeads()
+        opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "mgda")
+        trunk, heads = model.trunk, list(model.heads)
+        if variant != "eager":
+            trunk = torch.compile(trunk, backend="aot_eager")
+        if variant == "trunk and each head":
+            heads = [torch.compile(head, backend="aot_eager") for head in heads]
+        z = trunk(x)
+        losses = [(head(z).squeeze(-1) - y[i]).pow(2).mean() for i, head in enumerate(heads)]
+        assert features_module.split_at_features(losses, [z]) is not None
+        info = opt.backward(losses, features=z)
+        assert 0.05 < float(info.weights.min())  # every task matters
+        grads[variant] = [p.grad.clone() for p in model.parameters()]
+    for a, b in zip(grads[compiled], grads["eager"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_representation_mode_refuses_a_model_compiled_whole():
+    # z and the heads' outputs then come out of one compiled node: on the autograd graph no loss reads z.
+    torch._dynamo.reset()
+    model = TrunkAndHeads()
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "mgda")
+    z, outs = torch.compile(model, backend="aot_eager")(torch.randn(16, 4))
+    with pytest.raises(ValueError, match=r"loss\(es\) \[0, 1, 2\] do not depend on the features"):
+        opt.backward([o.pow(2).mean() for o in outs], features=z)
+    assert all(p.grad is None for p in model.parameters())
