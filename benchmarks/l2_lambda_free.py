@@ -30,7 +30,8 @@ functions for today's rule so that the comparison runs the same maths:
   Kronecker-factored Fisher (``evk``, ``evk-pt``; ``evkg``, ``evkg-pt`` with labels drawn from the model) or
   from the exact spectrum of the empirical Fisher over the training set, once per epoch (``evs``,
   ``evs-pt``); the output layer's own diagonal evidence λ on every weight (``evb-out``) or on the output
-  layer only (``evb-out1``). ``--evidence-at-init`` prints the evidence λ of every estimate at
+  layer only (``evb-out1``); λ tuned online by its hypergradient on batches of the validation split
+  (``hg``, ``hg-pt``: ``HypergradientL2``). ``--evidence-at-init`` prints the evidence λ of every estimate at
   initialisation instead.
 
     python -m benchmarks.l2_lambda_free --arch mlp cnn --seeds 0 1 2 3 4 --out results/l2_free
@@ -89,6 +90,8 @@ PROTO = [
     "evkg-pt",
     "evb-out",
     "evb-out1",
+    "hg",
+    "hg-pt",
 ]
 
 
@@ -124,6 +127,7 @@ def train_one(seed, arch, opt_name, mode, lam, data, *, epochs, width, batch_siz
     gen = torch.Generator().manual_seed(1000 + seed)
     vgen = torch.Generator().manual_seed(5000 + seed)
     lam_sum = lam_n = 0.0
+    hyper = P.HypergradientL2(len(weights) if per_tensor else 1) if mode.startswith("hg") else None
     evidence: P.EvidenceL2 | P.KroneckerEvidence | None = None
     if mode.startswith("evk"):
         evidence = P.KroneckerEvidence(model, weights, len(ytr), per_tensor)
@@ -149,10 +153,20 @@ def train_one(seed, arch, opt_name, mode, lam, data, *, epochs, width, batch_siz
                 evidence.recording = True
             grads = [p.grad for p in weights]
             vgrads = None
-            if mode.startswith("val"):  # a held-out batch of the validation split (the data that tunes λ)
+            if mode.startswith(
+                ("val", "hg")
+            ):  # a held-out batch of the validation split (the data that tunes λ)
                 vidx = torch.randint(len(yva), (batch_size,), generator=vgen)
                 vgrads = torch.autograd.grad(F.cross_entropy(model(xva[vidx]), yva[vidx]), weights)
-            if mode in ("val", "val-pt"):
+            if hyper is not None:  # direct: u = g + λθ, λ moved by the held-out gradient first
+                hyper.update(vgrads, weights, per_tensor)
+                lams = hyper.lambdas()
+                new = P.apply_coefficients(grads, weights, lams, per_tensor)
+                for p, u in zip(weights, new, strict=True):
+                    p.grad = u
+                lam_sum += sum(lams) / len(lams)
+                lam_n += 1  # noqa: E702
+            elif mode in ("val", "val-pt"):
                 new = P.heldout_radial_direction(grads, weights, vgrads, per_tensor)
                 for p, u in zip(weights, new, strict=True):
                     p.grad = u

@@ -4,6 +4,7 @@ references: loops, explicit formulas, brute force. No accuracy thresholds."""
 from __future__ import annotations
 
 import importlib.util
+import math
 import pathlib
 
 import numpy as np
@@ -280,3 +281,42 @@ def test_hard_digits_are_seeded_and_standardised():
     x2, y2, _, _ = module.hard_digits(3, n_train=300, n_test=100)
     assert torch.equal(x, x2) and torch.equal(y, y2)
     assert not torch.equal(x, module.hard_digits(4, n_train=300, n_test=100)[0])
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_hypergradient_step_follows_the_held_out_loss_derivative_in_lambda(per_tensor):
+    # Reference: the finite-difference derivative of L_v(θ − η(g + λθ)) in λ for a small step η, which tends
+    # to −η⟨∇L_v(θ), θ⟩; the rule moves log λ by rate·⟨v, θ⟩/(‖v‖‖θ‖) per group.
+    gen = torch.Generator().manual_seed(3)
+    thetas = [torch.randn(4, 3, generator=gen, dtype=torch.float64), torch.randn(5, generator=gen).double()]
+    grads = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in thetas]
+    centers = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in thetas]
+    scales = [torch.rand(t.shape, generator=gen, dtype=torch.float64) + 0.5 for t in thetas]
+
+    def heldout_loss(params):
+        return sum((s * (p - c) ** 2).sum() for p, c, s in zip(params, centers, scales, strict=True))
+
+    heldout = [2 * s * (t - c) for t, c, s in zip(thetas, centers, scales, strict=True)]  # ∇L_v(θ)
+    rule = P.HypergradientL2(2 if per_tensor else 1, lam0=0.01, rate=0.1)
+    before = list(rule.log_lams)
+    rule.update(heldout, thetas, per_tensor)
+    groups = [[0], [1]] if per_tensor else [[0, 1]]
+    eta, lam, h = 1e-6, 0.01, 1e-3
+    for n, group in enumerate(groups):
+
+        def after_step(lam_g, group=group):
+            return heldout_loss(
+                [
+                    t - eta * (g + lam_g * t) if k in group else t
+                    for k, (t, g) in enumerate(zip(thetas, grads, strict=True))
+                ]
+            )
+
+        dlam = float(after_step(lam + h) - after_step(lam - h)) / (2 * h)
+        vt = -dlam / eta  # ⟨∇L_v, θ⟩ over the group, to O(η)
+        norm = math.sqrt(
+            sum(float((heldout[k] ** 2).sum()) for k in group)
+            * sum(float((thetas[k] ** 2).sum()) for k in group)
+        )
+        assert rule.log_lams[n] - before[n] == pytest.approx(0.1 * vt / norm, rel=1e-4)
+    assert rule.lambdas() == pytest.approx([math.exp(v) for v in rule.log_lams])
