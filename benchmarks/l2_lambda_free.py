@@ -115,6 +115,12 @@ def build(arch: str, seed: int, width: int) -> torch.nn.Module:
     return D.mlp([64, width, width, 10], seed) if arch == "mlp" else cnn(seed)
 
 
+def set_grads(weights: list[torch.Tensor], new: list[torch.Tensor]) -> None:
+    """Each weight's ``.grad`` replaced by the rule's direction, before the optimizer's step."""
+    for p, u in zip(weights, new, strict=True):
+        p.grad = u
+
+
 def train_one(seed, arch, opt_name, mode, lam, data, *, epochs, width, batch_size=32):
     (xtr, ytr), (xva, yva), (xte, yte) = data
     model = build(arch, seed, width)
@@ -153,23 +159,21 @@ def train_one(seed, arch, opt_name, mode, lam, data, *, epochs, width, batch_siz
                 evidence.recording = True
             grads = [p.grad for p in weights]
             vgrads = None
-            if mode.startswith(
-                ("val", "hg")
-            ):  # a held-out batch of the validation split (the data that tunes λ)
+            # a held-out batch of the validation split (the data that tunes λ)
+            if mode.startswith(("val", "hg")):
                 vidx = torch.randint(len(yva), (batch_size,), generator=vgen)
                 vgrads = torch.autograd.grad(F.cross_entropy(model(xva[vidx]), yva[vidx]), weights)
-            if hyper is not None:  # direct: u = g + λθ, λ moved by the held-out gradient first
-                hyper.update(vgrads, weights, per_tensor)
-                lams = hyper.lambdas()
-                new = P.apply_coefficients(grads, weights, lams, per_tensor)
-                for p, u in zip(weights, new, strict=True):
-                    p.grad = u
+            if hyper is not None or mode in ("bal", "bal-pt"):  # direct: u = g + λθ
+                if hyper is not None:  # λ moved by the held-out gradient first
+                    hyper.update(vgrads, weights, per_tensor)
+                    lams = hyper.lambdas()
+                else:
+                    lams = P.l2_balanced_coefficients(grads, weights, per_tensor)
+                set_grads(weights, P.apply_coefficients(grads, weights, lams, per_tensor))
                 lam_sum += sum(lams) / len(lams)
                 lam_n += 1  # noqa: E702
             elif mode in ("val", "val-pt"):
-                new = P.heldout_radial_direction(grads, weights, vgrads, per_tensor)
-                for p, u in zip(weights, new, strict=True):
-                    p.grad = u
+                set_grads(weights, P.heldout_radial_direction(grads, weights, vgrads, per_tensor))
             elif mode.startswith("ev"):  # direct: u = g + λθ
                 if isinstance(evidence, P.EvidenceL2):  # the Kronecker factors come from hooks
                     if sampled is not None:  # B·g² of a mean-0 batch gradient: the Fisher's diagonal
@@ -184,28 +188,19 @@ def train_one(seed, arch, opt_name, mode, lam, data, *, epochs, width, batch_siz
                     lams = lams[-1:]
                 elif mode == "evb-out1":  # ... on the output layer's weight only
                     lams = [0.0] * (len(lams) - 1) + lams[-1:]
-                new = P.apply_coefficients(grads, weights, lams, per_tensor or mode == "evb-out1")
-                for p, u in zip(weights, new, strict=True):
-                    p.grad = u
+                set_grads(
+                    weights, P.apply_coefficients(grads, weights, lams, per_tensor or mode == "evb-out1")
+                )
                 lam_sum += lams[-1] if mode.startswith("evb-out") else sum(lams) / len(lams)
                 lam_n += 1  # noqa: E702
             elif mode in ("l2", "l2-pt"):
                 new, lam_t = l2_direction(grads, weights, per_tensor)
-                for p, u in zip(weights, new, strict=True):
-                    p.grad = u
+                set_grads(weights, new)
                 lam_sum += float(lam_t.mean())
-                lam_n += 1  # noqa: E702
-            elif mode in ("bal", "bal-pt"):
-                lams = P.l2_balanced_coefficients(grads, weights, per_tensor)
-                new = P.apply_coefficients(grads, weights, lams, per_tensor)
-                for p, u in zip(weights, new, strict=True):
-                    p.grad = u
-                lam_sum += sum(lams) / len(lams)
                 lam_n += 1  # noqa: E702
             elif mode in ("mn", "mn-pt"):
                 new, alphas = P.l2_minnorm_direction(grads, weights, per_tensor)
-                for p, u in zip(weights, new, strict=True):
-                    p.grad = u
+                set_grads(weights, new)
                 lam_sum += sum((1 - a) / max(a, 1e-12) for a in alphas) / len(alphas)
                 lam_n += 1  # noqa: E702
             olds = [p.detach().clone() for p in weights] if decoupled else None
