@@ -7,6 +7,7 @@ not on the Gram-matrix KKT system the solvers' polish uses.
 from __future__ import annotations
 
 import itertools
+from fractions import Fraction
 
 import numpy as np
 from hypothesis import HealthCheck, settings
@@ -146,6 +147,49 @@ def brute_force(jac: np.ndarray, main, lower=None) -> np.ndarray:
                 best, best_val = x, val
     assert best is not None, "brute force found no feasible face"
     return best
+
+
+def exact_min_norm(jac: np.ndarray) -> np.ndarray:
+    """MGDA's α* in exact rational arithmetic, for problems where float64 brute force is not precise enough
+    (‖u*‖ many orders below max ‖g_i‖): G from J's float64 entries taken exactly; for every support S,
+    G_SS x = 1 solved exactly and y = x / Σx; the answer is the y ≥ 0 with (Gy)_i ≥ yᵀGy for every i (the
+    optimality conditions; unique u* on full-rank G). Exponential in T, O(T² d) fractions for G."""
+    t = jac.shape[0]
+    rows = [[Fraction(float(v)) for v in row] for row in jac]
+    g = [
+        [sum((a * b for a, b in zip(rows[i], rows[j], strict=True)), Fraction(0)) for j in range(t)]
+        for i in range(t)
+    ]
+    for r in range(1, t + 1):
+        for s in itertools.combinations(range(t), r):
+            x = _exact_solve([[g[i][j] for j in s] for i in s], [Fraction(1)] * r)
+            if x is None or sum(x) <= 0:
+                continue
+            y = [Fraction(0)] * t
+            for k, i in enumerate(s):
+                y[i] = x[k] / sum(x)
+            if min(y) < 0:
+                continue
+            gy = [sum(g[i][j] * y[j] for j in range(t)) for i in range(t)]
+            if all(v >= sum(a * b for a, b in zip(y, gy, strict=True)) for v in gy):
+                return np.array([float(v) for v in y])
+    raise AssertionError("no support satisfies the optimality conditions")
+
+
+def _exact_solve(a: list, b: list) -> list | None:
+    """Gauss-Jordan elimination over fractions; None when a is singular."""
+    n = len(a)
+    m = [row[:] + [b[i]] for i, row in enumerate(a)]
+    for c in range(n):
+        pivot = next((r for r in range(c, n) if m[r][c] != 0), None)
+        if pivot is None:
+            return None
+        m[c], m[pivot] = m[pivot], m[c]
+        for r in range(n):
+            if r != c and m[r][c] != 0:
+                f = m[r][c] / m[c][c]
+                m[r] = [u - f * v for u, v in zip(m[r], m[c], strict=True)]
+    return [m[i][n] / m[i][i] for i in range(n)]
 
 
 def _subsets(items, nonempty: bool):

@@ -291,7 +291,15 @@ def _active_set(g: np.ndarray, w: np.ndarray, blocks: _Blocks, tol: float, budge
         if bad.any():
             out = bad & ~on
             if not out.any():
-                return None  # the face minimiser itself is off by more than round-off
+                # Only indices of the face violate. When y had weights clipped as round-off, they were not:
+                # what round-off is depends on ‖u‖², which can be 1e-12 of max G_ii (a task whose gradient
+                # has all but vanished), not on the weights' size. Drop them and solve the smaller face.
+                clipped = y < 0.0
+                if not clipped.any():
+                    return None  # the face minimiser itself is off by more than round-off
+                on[p[clipped]] = False
+                added, after_several = -1, False
+                continue
             if several and np.count_nonzero(out) > 1:
                 on |= out
                 added, after_several = -1, True

@@ -8,6 +8,7 @@ from solver_cases import (
     EXACT_RTOL,
     assert_fused_close,
     brute_force,
+    exact_min_norm,
     fused,
     hypothesis_settings,
     inner_products,
@@ -423,6 +424,29 @@ def test_active_set_certifies_generic_problems_without_the_fallback(seed):
         w = fw._active_set(gram / scale, w0, blocks, 1e-12, 3 * t + 8)
         assert w is not None, f"{main=}"
         assert_fused_close(jac, w, brute_force(jac, main), rtol=EXACT_RTOL, label=f"main={main}")
+
+
+@pytest.mark.parametrize(
+    "dim,scale,seed",
+    [(20, 1e-7, 96), (200, 1e-6, 78), (200, 1e-7, 60), (200, 1e-7, 101), (2000, 1e-7, 18), (2000, 1e-7, 26)],
+)
+def test_active_set_certifies_a_task_whose_gradient_has_all_but_vanished(dim, scale, seed):
+    # One task's gradient 1e-6-1e-7 of the others' (a task that has converged): ‖u*‖² is then 1e-12-1e-14 of
+    # max G_ii, so a face weight of −1e-13 is no round-off to clip but an index to drop. Each of these cases
+    # sent the active set to the step fallback when such weights were clipped. The float64 brute force is off
+    # by 1e-3 of ‖u*‖ here; the reference is exact.
+    t = 2 + seed % 7
+    rng = np.random.default_rng(seed)
+    jac = rng.standard_normal((t, dim)) * 10 ** rng.uniform(-1, 1, (t, 1))
+    jac[seed % t] *= scale
+    gram = jac @ jac.T
+    blocks = fw._Blocks(np.arange(t), np.arange(0))
+    w = fw._active_set(gram / np.diag(gram).max(), np.full(t, 1.0 / t), blocks, 1e-12, 3 * t + 8)
+    assert w is not None
+    exact = exact_min_norm(jac)
+    np.testing.assert_allclose(w, exact, rtol=0, atol=1e-15)
+    assert np.linalg.norm(jac.T @ (w - exact)) <= 1e-12 * np.linalg.norm(jac.T @ exact)
+    np.testing.assert_array_equal(simplex_min_norm(gram), w)
 
 
 def _conflicting_grams(num_tasks: int, count: int) -> list[np.ndarray]:
