@@ -51,7 +51,7 @@ def check_scalars(losses: list[Any]) -> list[torch.Tensor]:
             raise ValueError(f"loss {i} is not a scalar: shape {tuple(loss.shape)}")
         if not loss.requires_grad:
             raise ValueError(f"loss {i} does not require grad (was it computed under torch.no_grad()?)")
-    return [loss.reshape(()) for loss in losses]
+    return [loss if loss.dim() == 0 else loss.reshape(()) for loss in losses]
 
 
 def align(

@@ -39,12 +39,21 @@ STATE_VERSION = checkpoint.STATE_VERSION
 
 
 def _run_eagerly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``torch.compiler.disable(fn)``, built at the first call: it imports torch._dynamo (about a second),
-    which ``import gradsurgery`` should not pay for."""
+    """``torch.compiler.disable(fn)``, built at the first call that needs it: it imports torch._dynamo (about
+    a second), which ``import gradsurgery`` should not pay for. Where no compiled frame is running (torch's
+    frame-evaluation callback is unset) and nothing is being exported, nothing can trace ``fn``, and it is
+    called directly: the disabling wrapper swaps that callback twice per call, 30-90 µs of a small model's
+    step measured in situ."""
     disabled: list[Callable[..., Any]] = []
+    eval_frame = getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None)
+    callback = getattr(eval_frame, "get_eval_frame_callback", None)
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        # Under tracing, is_compiling() is True and the callback is not asked for (Dynamo cannot trace it).
+        if not torch.compiler.is_compiling() and callback is not None and callback() is None:
+            if not torch.compiler.is_exporting():
+                return fn(*args, **kwargs)
         if not disabled:
             disabled.append(torch.compiler.disable(fn))
         return disabled[0](*args, **kwargs)

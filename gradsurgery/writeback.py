@@ -17,8 +17,10 @@ def accumulate(
     for p, g in pairs:
         if scaling is not None:
             g = scaling.rescale(g)
-        g = g.to(p.dtype)
+        if g.dtype != p.dtype:
+            g = g.to(p.dtype)
         if p.grad is None:
-            p.grad = g.detach()
+            # A gradient from autograd.grad is already detached; the check spares one op per parameter.
+            p.grad = g.detach() if g.requires_grad else g
         else:
             p.grad.add_(g)

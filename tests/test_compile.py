@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from gradsurgery import GradSurgery, gram_matrix
+from gradsurgery.optimizer import _run_eagerly
 
 pytestmark = pytest.mark.slow
 
@@ -96,6 +97,28 @@ def test_compiled_training_step_around_backward(method):
         results.append((torch.cat([p.detach().reshape(-1) for p in model.parameters()]), weights))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-6, atol=1e-9)
+
+
+def test_backward_is_traced_by_nothing_and_disabled_only_where_a_compiled_frame_runs(monkeypatch):
+    # GradSurgery.backward's guard (_run_eagerly): called directly in eager code (no disabling wrapper to
+    # pay for), and run eagerly, not traced, from inside a compiled function.
+    torch._dynamo.reset()
+    built = []
+    disable = torch.compiler.disable
+    monkeypatch.setattr(torch.compiler, "disable", lambda fn: built.append(fn) or disable(fn))
+    seen = []
+
+    def body(x):
+        seen.append(torch.compiler.is_compiling())  # True only if Dynamo traced this function
+        return x + 1
+
+    guarded = _run_eagerly(body)
+    x = torch.ones(3)
+    torch.testing.assert_close(guarded(x), x + 1)
+    assert seen == [False] and built == []
+    out = torch.compile(lambda t: guarded(t) * 2, backend="eager")(x)
+    torch.testing.assert_close(out, (x + 1) * 2)
+    assert seen == [False, False] and built == [body]
 
 
 class TrunkAndHeads(nn.Module):

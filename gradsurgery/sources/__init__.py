@@ -75,7 +75,8 @@ class TaskScale:
 
 def loss_values(losses: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """The detached losses as one (T,) tensor in ``dtype``."""
-    return torch.stack([loss.detach().reshape(()) for loss in losses]).to(dtype)
+    with torch.no_grad():  # one stack, no detached copies
+        return torch.stack([loss if loss.dim() == 0 else loss.reshape(()) for loss in losses]).to(dtype)
 
 
 def check_finite(
