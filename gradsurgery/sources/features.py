@@ -47,7 +47,7 @@ gradient, not w_i times.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -310,16 +310,16 @@ class OnePassCollection(FeatureCollection):
         self.head_owners = [owners.get(id(p), []) for p in params]
         self.head_params = [p for p, tasks in zip(params, self.head_owners, strict=True) if tasks]
         self.second_pass = source.scales_task_specific and any(len(o) > 1 for o in self.head_owners)
-        summed = cast(torch.Tensor, sum(losses))  # at least one loss: a tensor, never the start value 0
-        jac, own = self._heads_pass(source, summed, retain_graph or self.second_pass)
+        jac, own = self._heads_pass(source, losses, retain_graph or self.second_pass)
         _, spans, _ = feature_layout(source.features)
         super().__init__(source, losses, params, jac, spans, values, retain_graph)
         self.head_grads = self._on_params(own)
 
     def _heads_pass(
-        self, source: FeatureSource, summed: torch.Tensor, keep: bool
+        self, source: FeatureSource, losses: list[torch.Tensor], keep: bool
     ) -> tuple[torch.Tensor, Sequence[torch.Tensor | None]]:
-        """J_z and the gradients of ``head_params`` from one backward pass of ``summed`` through the heads."""
+        """J_z and the gradients of ``head_params`` from one backward pass of Σ_i L_i through the heads (the
+        losses as the pass's roots, each with seed 1: no summing nodes)."""
         raise NotImplementedError
 
     def _on_params(self, head_grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
@@ -383,10 +383,10 @@ class ViewCollection(OnePassCollection):
         super().__init__(source, losses, params, values, retain_graph, check_own_views(losses, views.leaves))
 
     def _heads_pass(
-        self, source: FeatureSource, summed: torch.Tensor, keep: bool
+        self, source: FeatureSource, losses: list[torch.Tensor], keep: bool
     ) -> tuple[torch.Tensor, Sequence[torch.Tensor | None]]:
         leaves = [z for view in self.views.leaves for z in view]
-        grads = torch.autograd.grad(summed, leaves + self.head_params, retain_graph=keep, allow_unused=True)
+        grads = torch.autograd.grad(losses, leaves + self.head_params, retain_graph=keep, allow_unused=True)
         features = self.views.features
         per_view = len(features)
         rows = []
@@ -419,7 +419,7 @@ class SplitCollection(OnePassCollection):
         super().__init__(source, losses, params, values, retain_graph, split.reached)
 
     def _heads_pass(
-        self, source: FeatureSource, summed: torch.Tensor, keep: bool
+        self, source: FeatureSource, losses: list[torch.Tensor], keep: bool
     ) -> tuple[torch.Tensor, Sequence[torch.Tensor | None]]:
         features = source.features
         dtype, spans, total = feature_layout(features)
@@ -451,7 +451,7 @@ class SplitCollection(OnePassCollection):
             # z is requested so that the heads compute the gradients along their edges into it; the pass
             # stops there (no requested leaf lies beyond z: ``split_at_features``).
             grads = torch.autograd.grad(
-                summed, features + self.head_params, retain_graph=keep, allow_unused=True
+                losses, features + self.head_params, retain_graph=keep, allow_unused=True
             )
         finally:
             for handle in handles:
