@@ -45,14 +45,17 @@ def _run_eagerly(fn: Callable[..., Any]) -> Callable[..., Any]:
     called directly: the disabling wrapper swaps that callback twice per call, 30-90 µs of a small model's
     step measured in situ."""
     disabled: list[Callable[..., Any]] = []
+    # Looked up once (the frame callback is private to torch): where a torch lacks either, every call takes
+    # the wrapper.
     eval_frame = getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None)
     callback = getattr(eval_frame, "get_eval_frame_callback", None)
+    exporting = getattr(torch.compiler, "is_exporting", None)
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         # Under tracing, is_compiling() is True and the callback is not asked for (Dynamo cannot trace it).
-        if not torch.compiler.is_compiling() and callback is not None and callback() is None:
-            if not torch.compiler.is_exporting():
+        if not torch.compiler.is_compiling() and callback is not None and exporting is not None:
+            if callback() is None and not exporting():
                 return fn(*args, **kwargs)
         if not disabled:
             disabled.append(torch.compiler.disable(fn))
