@@ -310,9 +310,9 @@ class OnePassCollection(FeatureCollection):
         self.head_owners = [owners.get(id(p), []) for p in params]
         self.head_params = [p for p, tasks in zip(params, self.head_owners, strict=True) if tasks]
         self.second_pass = source.scales_task_specific and any(len(o) > 1 for o in self.head_owners)
+        self.layout = feature_layout(source.features)
         jac, own = self._heads_pass(source, losses, retain_graph or self.second_pass)
-        _, spans, _ = feature_layout(source.features)
-        super().__init__(source, losses, params, jac, spans, values, retain_graph)
+        super().__init__(source, losses, params, jac, self.layout[1], values, retain_graph)
         self.head_grads = self._on_params(own)
 
     def _heads_pass(
@@ -422,7 +422,7 @@ class SplitCollection(OnePassCollection):
         self, source: FeatureSource, losses: list[torch.Tensor], keep: bool
     ) -> tuple[torch.Tensor, Sequence[torch.Tensor | None]]:
         features = source.features
-        dtype, spans, total = feature_layout(features)
+        dtype, spans, total = self.layout
         jac = torch.empty(len(self.split.edges), total, dtype=dtype, device=features[0].device)
         filled: set[tuple[int, int]] = set()
 
