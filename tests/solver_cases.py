@@ -166,8 +166,9 @@ def exact_min_norm(jac: np.ndarray) -> np.ndarray:
             if x is None or sum(x) <= 0:
                 continue
             y = [Fraction(0)] * t
+            total = sum(x)
             for k, i in enumerate(s):
-                y[i] = x[k] / sum(x)
+                y[i] = x[k] / total
             if min(y) < 0:
                 continue
             gy = [sum(g[i][j] * y[j] for j in range(t)) for i in range(t)]

@@ -99,7 +99,7 @@ def test_compiled_training_step_around_backward(method):
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-6, atol=1e-9)
 
 
-def test_backward_is_traced_by_nothing_and_disabled_only_where_a_compiled_frame_runs(monkeypatch):
+def test_run_eagerly_wraps_only_where_a_compiled_frame_runs(monkeypatch):
     # GradSurgery.backward's guard (_run_eagerly): called directly in eager code (no disabling wrapper to
     # pay for), and run eagerly, not traced, from inside a compiled function.
     torch._dynamo.reset()

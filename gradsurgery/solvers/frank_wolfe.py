@@ -16,9 +16,9 @@ be non-zero) and a feasible point w on it:
   G_FF y_F = ν e_S, Σ_{i∈S} y_i = 1 (S = the mains in F). When G_FF is positive definite this is
   y_F = x / (e_Sᵀx) with G_FF x = e_S (one Cholesky solve); otherwise the bordered system is solved by
   lstsq. If y ≥ 0 then w = y; else w walks towards y until the first weight reaches 0 (ratio test), that
-  index leaves F, and the cycle repeats on the smaller face. Weights of y above −``_NEG_CLIP`` of its
-  largest count as round-off and are set to 0; if the point so clipped fails the check below on its own
-  face, they were not (‖u‖² may be 1e-12 of max G_ii), and they leave F too;
+  index leaves F, and the cycle repeats on the smaller face. Weights of y above −``_NEG_CLIP`` (times its
+  largest weight where that exceeds 1) count as round-off and are set to 0; if the point so clipped fails the
+  check below on its own face, they were not (‖u‖² may be 1e-12 of max G_ii), and they leave F too;
 - major cycle: at a face minimiser the KKT conditions of the whole problem are checked (mains:
   (Gw)_i ≥ ν; auxiliaries: (Gw)_j ≥ 0); if some index outside F violates them, the one whose move lowers
   ‖u‖ fastest, |violation| / ‖direction‖, joins F.
