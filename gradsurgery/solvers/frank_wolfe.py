@@ -281,12 +281,11 @@ def _active_set(g: np.ndarray, w: np.ndarray, blocks: _Blocks, tol: float, budge
         slack = tol * max(float(w.dot(v)), 0.0)
         noise = round_off * absg.dot(w) + TINY
         margin = v + (slack + noise)  # auxiliaries: (Gw)_j ≥ −(slack + noise_j)
-        score = v * inv_norm
+        nu = 0.0
         if many:
             # Mains: the Frank-Wolfe gap ν − min_i (Gw)_i ≤ slack + the largest noise among the mains.
             nu = float(w[main].dot(v[main]))
             margin[main] = (v[main] - nu) + (slack + float(noise[main].max()))
-            score[main] = (v[main] - nu) * inv_norm[main]
         else:
             margin[main] = np.inf  # a single main weight is fixed at 1
         bad = margin < 0.0
@@ -306,14 +305,18 @@ def _active_set(g: np.ndarray, w: np.ndarray, blocks: _Blocks, tol: float, budge
                 on |= out
                 added, after_several = -1, True
                 continue
+            score = v * inv_norm
+            if many:
+                score[main] = (v[main] - nu) * inv_norm[main]
             added = int(out.nonzero()[0][score[out].argmin()])
             on[added] = True
             continue
         # Complementary slackness λ_j (Gw)_j = 0 on the auxiliaries: exact on the face up to its solve.
-        lam = w.copy()
-        lam[main] = 0.0
-        if (np.abs(lam * v) > slack + lam * noise).any():
-            return None
+        if blocks.aux.size:
+            lam = w.copy()
+            lam[main] = 0.0
+            if (np.abs(lam * v) > slack + lam * noise).any():
+                return None
         return w
     return None
 
