@@ -74,9 +74,9 @@ class TaskScale:
 
 
 def loss_values(losses: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """The detached losses as one (T,) tensor in ``dtype``."""
+    """The losses (0-d, as ``losses.check_scalars`` returns them) as one detached (T,) tensor in ``dtype``."""
     with torch.no_grad():  # one stack, no detached copies
-        return torch.stack([loss if loss.dim() == 0 else loss.reshape(()) for loss in losses]).to(dtype)
+        return torch.stack(list(losses)).to(dtype)
 
 
 def check_finite(
