@@ -149,12 +149,16 @@ def brute_force(jac: np.ndarray, main, lower=None) -> np.ndarray:
     return best
 
 
-def exact_min_norm(jac: np.ndarray) -> np.ndarray:
-    """MGDA's α* in exact rational arithmetic, for problems where float64 brute force is not precise enough
-    (‖u*‖ many orders below max ‖g_i‖): G from J's float64 entries taken exactly; for every support S,
-    G_SS x = 1 solved exactly and y = x / Σx; the answer is the y ≥ 0 with (Gy)_i ≥ yᵀGy for every i (the
-    optimality conditions; unique u* on full-rank G). Exponential in T, O(T² d) fractions for G."""
+def exact_min_norm(jac: np.ndarray, main=None) -> np.ndarray:
+    """The min-norm weights in exact rational arithmetic, for problems where float64 brute force is not
+    precise enough (‖u*‖ many orders below max ‖g_i‖, gradients collinear to within round-off): min ‖Jᵀw‖²
+    s.t. Σ_{i∈main} w_i = 1, w ≥ 0 (``main`` None: every task, MGDA's α*). G from J's float64 entries
+    taken exactly; for every support S with a main task, the face's KKT system G_SS y_S = ν e_{S∩main},
+    Σ_{S∩main} y_i = 1 solved exactly; the answer is the y ≥ 0 with (Gy)_i ≥ ν on the mains and (Gy)_j ≥ 0
+    on the auxiliaries (the optimality conditions; unique u* on full-rank G). Exponential in T, O(T² d)
+    fractions for G."""
     t = jac.shape[0]
+    mains = set(range(t)) if main is None else set(main)
     rows = [[Fraction(float(v)) for v in row] for row in jac]
     g = [
         [sum((a * b for a, b in zip(rows[i], rows[j], strict=True)), Fraction(0)) for j in range(t)]
@@ -162,17 +166,20 @@ def exact_min_norm(jac: np.ndarray) -> np.ndarray:
     ]
     for r in range(1, t + 1):
         for s in itertools.combinations(range(t), r):
-            x = _exact_solve([[g[i][j] for j in s] for i in s], [Fraction(1)] * r)
-            if x is None or sum(x) <= 0:
+            e = [Fraction(int(i in mains)) for i in s]
+            if not any(e):
+                continue
+            # [[G_SS, −e], [eᵀ, 0]] [y_S; ν] = [0; 1]
+            bordered = [[g[i][j] for j in s] + [-e[k]] for k, i in enumerate(s)] + [e + [Fraction(0)]]
+            x = _exact_solve(bordered, [Fraction(0)] * r + [Fraction(1)])
+            if x is None or min(x[:r]) < 0:
                 continue
             y = [Fraction(0)] * t
-            total = sum(x)
             for k, i in enumerate(s):
-                y[i] = x[k] / total
-            if min(y) < 0:
-                continue
+                y[i] = x[k]
+            nu = x[r]
             gy = [sum(g[i][j] * y[j] for j in range(t)) for i in range(t)]
-            if all(v >= sum(a * b for a, b in zip(y, gy, strict=True)) for v in gy):
+            if all(gy[i] >= (nu if i in mains else 0) for i in range(t)):
                 return np.array([float(v) for v in y])
     raise AssertionError("no support satisfies the optimality conditions")
 

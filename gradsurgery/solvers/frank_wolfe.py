@@ -18,7 +18,9 @@ be non-zero) and a feasible point w on it:
   lstsq. If y ≥ 0 then w = y; else w walks towards y until the first weight reaches 0 (ratio test), that
   index leaves F, and the cycle repeats on the smaller face. Weights of y above −``_NEG_CLIP`` (times its
   largest weight where that exceeds 1) count as round-off and are set to 0; if the point so clipped fails the
-  check below on its own face, they were not (‖u‖² may be 1e-12 of max G_ii), and they leave F too;
+  check below on its own face, they were not (‖u‖² may be 1e-12 of max G_ii), and they leave F too. If
+  nothing was clipped, two gradients of F are collinear to within round-off and the face has no stationary
+  point in float64; the index of largest residual (Gw)_i − ν leaves F;
 - major cycle: at a face minimiser the KKT conditions of the whole problem are checked (mains:
   (Gw)_i ≥ ν; auxiliaries: (Gw)_j ≥ 0); if some index outside F violates them, the one whose move lowers
   ‖u‖ fastest, |violation| / ‖direction‖, joins F.
@@ -296,9 +298,26 @@ def _active_set(g: np.ndarray, w: np.ndarray, blocks: _Blocks, tol: float, budge
                 # what round-off is depends on ‖u‖², which can be 1e-12 of max G_ii (a task whose gradient
                 # has all but vanished), not on the weights' size. Drop them and solve the smaller face.
                 clipped = y < 0.0
-                if not clipped.any():
+                if clipped.any():
+                    on[p[clipped]] = False
+                    added, after_several = -1, False
+                    continue
+                # Nothing was clipped: the face's KKT system has no exact solution in float64. Two gradients
+                # of the face are collinear to within round-off (g_b = c g_a, c ≠ 1): stationarity would
+                # need ⟨g_a, u⟩ = ⟨g_b, u⟩ = ν, lstsq's rank cut-off settles for a point where it fails,
+                # and the index that needs less weight, of largest residual (Gw)_i − ν (auxiliaries: (Gw)_j),
+                # cannot be in the support of the answer. It leaves the face; whatever face follows is
+                # certified by the same test, and the solve budget bounds the detour.
+                residual = v[p] - np.where(mp, nu, 0.0)
+                if not many:
+                    residual[mp] = -np.inf  # the single main weight is fixed at 1
+                drop = int(residual.argmax())
+                if not residual[drop] > 0.0:
                     return None  # the face minimiser itself is off by more than round-off
-                on[p[clipped]] = False
+                on[p[drop]] = False
+                w[p[drop]] = 0.0
+                if mp[drop]:
+                    w[main] /= w[main].sum()
                 added, after_several = -1, False
                 continue
             if several and np.count_nonzero(out) > 1:

@@ -449,6 +449,37 @@ def test_active_set_certifies_a_task_whose_gradient_has_all_but_vanished(dim, sc
     np.testing.assert_array_equal(simplex_min_norm(gram), w)
 
 
+@pytest.mark.parametrize(
+    "ratio,dim,seed",
+    [
+        (1 + 1e-9, 20, 1),
+        (1 + 1e-9, 200, 3),
+        (1 - 1e-9, 200, 2),
+        (1 - 1e-9, 200, 5),
+        (1 + 1e-8, 200, 2),
+        (1 + 1e-7, 20, 6),
+    ],
+)
+def test_active_set_certifies_two_gradients_collinear_to_within_round_off(ratio, dim, seed):
+    # g_b = c g_a with c = 1 ± 1e-9 to 1 + 1e-7 (a task repeated up to its scale): a face holding both has no
+    # stationary point in float64, and the longer of the two is not in the answer's support. Each case sent
+    # the active set to the step fallback (answers off by up to 2e-9 of ‖u*‖) while such a face ended it.
+    t = 3 + seed % 4
+    rng = np.random.default_rng(seed)
+    jac = rng.standard_normal((t, dim)) * 10 ** rng.uniform(-1, 1, (t, 1))
+    jac[-1] = jac[0] * ratio
+    gram = jac @ jac.T
+    blocks = fw._Blocks(np.arange(t), np.arange(0))
+    w = fw._active_set(gram / np.diag(gram).max(), np.full(t, 1.0 / t), blocks, 1e-12, 3 * t + 8)
+    assert w is not None
+    exact = exact_min_norm(jac)
+    assert exact[0] == 0.0 if ratio < 1 else exact[-1] == 0.0
+    np.testing.assert_allclose(w, exact, rtol=0, atol=1e-15)
+    assert np.linalg.norm(jac.T @ (w - exact)) <= 1e-12 * np.linalg.norm(jac.T @ exact)
+    # The public solver may first project G onto the PSD cone (its Cholesky test fails on such G).
+    np.testing.assert_allclose(simplex_min_norm(gram), exact, rtol=0, atol=1e-15)
+
+
 def _conflicting_grams(num_tasks: int, count: int) -> list[np.ndarray]:
     """G of g_i = s_i (c_i u + v_i): a shared direction, signed mixing (tasks 0 and 1 conflict), scales over
     two orders of magnitude; full rank."""
