@@ -2,8 +2,10 @@
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from references import brute_force_qp
 from solver_cases import (
     EXACT_RTOL,
     assert_fused_close,
@@ -29,6 +31,7 @@ from gradsurgery.solvers import (
     pareto_min_norm,
     simplex_min_norm,
 )
+from gradsurgery.solvers.closed_form import psd_projection
 
 SMALL = seeded_cases(160, 1, 4, seed=1)  # brute force is exponential in T
 ALL = seeded_cases(200, 1, 8, seed=2)
@@ -478,6 +481,32 @@ def test_active_set_certifies_two_gradients_collinear_to_within_round_off(ratio,
     assert np.linalg.norm(jac.T @ (w - exact)) <= 1e-12 * np.linalg.norm(jac.T @ exact)
     # The public solver may first project G onto the PSD cone (its Cholesky test fails on such G).
     np.testing.assert_allclose(simplex_min_norm(gram), exact, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("seed", [7, 8, 9, 17, 22, 29])
+def test_active_set_certifies_the_same_gradient_twice_in_a_float32_gram_matrix(seed):
+    # The same loss given twice, its G formed in float32 (J Jᵀ on an accelerator): the two rows agree only to
+    # float32 round-off, and the matrix is asymmetric at that level too. Each case sent the active set to the
+    # step fallback, whose answers stop at duality gaps of 1e-10 to 1e-8.
+    t = 3 + seed % 5
+    rng = np.random.default_rng(seed)
+    jac = rng.standard_normal((t, 512)) + rng.uniform(-2, 2, (t, 1)) * rng.standard_normal(512)
+    jac32 = torch.from_numpy(jac).float()
+    jac32[-1] = jac32[0]
+    gram = (jac32 @ jac32.T).double().numpy()
+    sym = 0.5 * (gram + gram.T)
+    # What the solver works on: G symmetrised, scaled to a unit largest diagonal, projected onto the PSD cone
+    # where a Cholesky factorisation fails.
+    g = sym / np.diag(sym).max()
+    if np.linalg.eigvalsh(g)[0] < 0.0:
+        g = psd_projection(g)
+    blocks = fw._Blocks(np.arange(t), np.arange(0))
+    w = fw._active_set(g, np.full(t, 1.0 / t), blocks, 1e-12, 3 * t + 8)
+    assert w is not None
+    reference = brute_force_qp(g, list(range(t)), [0.0] * t)
+    v = g @ w
+    assert w @ v - v.min() <= 1e-15  # the Frank-Wolfe duality gap: optimal up to round-off
+    assert w @ v <= reference @ g @ reference + 1e-15
 
 
 def _conflicting_grams(num_tasks: int, count: int) -> list[np.ndarray]:
