@@ -12,15 +12,16 @@ The answer is found by a *primal active-set* method (Wolfe's 1976 min-norm-point
 single main task is Lawson & Hanson's NNLS, both written on G). It keeps a face F (the indices allowed to
 be non-zero) and a feasible point w on it:
 
-- minor cycle: y = the exact minimiser of wᵀGw over the affine hull of F, i.e. the KKT system
-  G_FF y_F = ν e_S, Σ_{i∈S} y_i = 1 (S = the mains in F). When G_FF is positive definite this is
-  y_F = x / (e_Sᵀx) with G_FF x = e_S (one Cholesky solve); otherwise the bordered system is solved by
-  lstsq. If y ≥ 0 then w = y; else w walks towards y until the first weight reaches 0 (ratio test), that
-  index leaves F, and the cycle repeats on the smaller face. Weights of y above −``_NEG_CLIP`` (times its
-  largest weight where that exceeds 1) count as round-off and are set to 0; if the point so clipped fails the
-  check below on its own face, they were not (‖u‖² may be 1e-12 of max G_ii), and they leave F too. If
-  nothing was clipped, two gradients of F are collinear to within round-off and the face has no stationary
-  point in float64; the index of largest residual (Gw)_i − ν leaves F;
+- minor cycle: y = the exact minimiser of wᵀGw over the affine hull of F, i.e. the KKT system G_FF y_F = ν
+  e_S, Σ_{i∈S} y_i = 1 (S = the mains in F). When G_FF is positive definite this is y_F = x / (e_Sᵀx) with
+  G_FF x = e_S (one Cholesky solve); otherwise the bordered system is solved by lstsq. If y ≥ 0 then w = y;
+  else w walks towards y until the first weight reaches 0 (ratio test), that index leaves F, and the cycle
+  repeats on the smaller face. Weights of y above −``_NEG_CLIP`` (times its largest weight where that exceeds
+  1) count as round-off and are set to 0; if the point so clipped fails the check below (or complementary
+  slackness on an auxiliary) on its own face, they were not (‖u‖² may be 1e-12 of max G_ii), and they leave F
+  too. If nothing was clipped and an index of F fails the check below, two gradients of F are collinear to
+  within round-off and the face has no stationary point in float64; the index of largest residual (Gw)_i − ν
+  leaves F;
 - major cycle: at a face minimiser the KKT conditions of the whole problem are checked (mains:
   (Gw)_i ≥ ν; auxiliaries: (Gw)_j ≥ 0); if some index outside F violates them, the one whose move lowers
   ‖u‖ fastest, |violation| / ‖direction‖, joins F.
@@ -335,7 +336,14 @@ def _active_set(g: np.ndarray, w: np.ndarray, blocks: _Blocks, tol: float, budge
             lam = w.copy()
             lam[main] = 0.0
             if (np.abs(lam * v) > slack + lam * noise).any():
-                return None
+                # Clipped weights of y were not round-off here either (a main task that has converged makes
+                # ‖u‖² tiny): clipping one moved (Gw)_j off 0 for the auxiliaries it is coupled to.
+                clipped = y < 0.0
+                if not clipped.any():
+                    return None
+                on[p[clipped]] = False
+                added, after_several = -1, False
+                continue
         return w
     return None
 

@@ -452,6 +452,30 @@ def test_active_set_certifies_a_task_whose_gradient_has_all_but_vanished(dim, sc
     np.testing.assert_array_equal(simplex_min_norm(gram), w)
 
 
+@pytest.mark.parametrize("seed,num_main", [(507, 1), (1280, 1), (2086, 1), (2086, 2)])
+def test_active_set_certifies_auxiliaries_when_a_main_task_has_all_but_vanished(seed, num_main):
+    # The main tasks' gradient 1e-5-1e-7 of the auxiliaries' (a main task that has fitted its batch): an
+    # auxiliary's face weight of −1e-12 is then no round-off, and clipping it moved (Gw)_j off 0 for the
+    # auxiliaries coupled to it. Each case failed complementary slackness and sent the active set to the step
+    # fallback.
+    rng = np.random.default_rng(seed)
+    t = 3 + seed % 4
+    jac = rng.standard_normal((t, 200)) * 10 ** rng.uniform(-0.2, 0.2, (t, 1))
+    jac[0] *= 10 ** rng.uniform(-7, -5)
+    main = list(range(num_main))
+    gram = jac @ jac.T
+    start = np.zeros(t)
+    start[main] = 1.0 / num_main
+    blocks = fw._Blocks(np.array(main), np.arange(num_main, t))
+    w = fw._active_set(gram / np.diag(gram).max(), start, blocks, 1e-12, 3 * t + 8)
+    assert w is not None
+    exact = exact_min_norm(jac, main)
+    np.testing.assert_allclose(w, exact, rtol=0, atol=1e-15)
+    assert np.linalg.norm(jac.T @ (w - exact)) <= 1e-12 * np.linalg.norm(jac.T @ exact)
+    public = main_aux_min_norm(gram, 0) if num_main == 1 else mixed_min_norm(gram, main)
+    np.testing.assert_array_equal(public, w)
+
+
 @pytest.mark.parametrize(
     "ratio,dim,seed",
     [
