@@ -21,7 +21,8 @@ be non-zero) and a feasible point w on it:
   slackness on an auxiliary) on its own face, they were not (‖u‖² may be 1e-12 of max G_ii), and they leave F
   too. If nothing was clipped and an index of F fails the check below, two gradients of F are collinear to
   within round-off and the face has no stationary point in float64; the index of largest residual (Gw)_i − ν
-  leaves F;
+  leaves F; and a main index that leaves the face right after joining it, collinear with a main of F, takes
+  that main's place;
 - major cycle: at a face minimiser the KKT conditions of the whole problem are checked (mains:
   (Gw)_i ≥ ν; auxiliaries: (Gw)_j ≥ 0); if some index outside F violates them, the one whose move lowers
   ‖u‖ fastest, |violation| / ‖direction‖, joins F.
@@ -53,7 +54,8 @@ for), the steps below take over from the start:
 
 All work is O(T³) at most per solve on G; no d-sized data is touched. G is checked for positive
 definiteness by one Cholesky factorisation, and only when that fails is it replaced by its eigenvalue
-projection (``psd_projection``).
+projection (``psd_projection``); a main task whose row of the projection is zero (a zero gradient) then
+gives u = 0 at once (weights 1/k on the k such tasks).
 """
 
 from __future__ import annotations
@@ -189,6 +191,14 @@ def _solve(g: np.ndarray, blocks: _Blocks, tol: float, max_iter: int, what: str)
     # indefinite G (collinear, duplicated or zero gradients, T > d, float32 round-off) pays for it.
     if lapack("potrf")(gn, lower=1, clean=0)[1] != 0:
         gn = psd_projection(gn)
+        # The projection makes the rows of zero gradients exactly zero. A main task with one attains u = 0,
+        # the least ‖u‖² there is, with its weight 1 and the auxiliaries' 0; with several such tasks the
+        # faces the active set would visit are all optimal and it cannot certify any of them to round-off.
+        zero = blocks.main[gn.diagonal()[blocks.main] <= 0.0]
+        if zero.size:
+            w = np.zeros(g.shape[0])
+            w[zero] = 1.0 / zero.size
+            return _finish(w, blocks, what)
     w = _iterate(gn, w, blocks, tol, max_iter)
     return _finish(w, blocks, what)
 
@@ -260,7 +270,17 @@ def _active_set(g: np.ndarray, w: np.ndarray, blocks: _Blocks, tol: float, budge
             stuck = (wp <= 0.0) & (y < 0.0)
             if stuck.any():
                 if added >= 0 and stuck[np.searchsorted(p, added)]:
-                    return None  # the index just brought in goes straight back: round-off, not progress
+                    # The index just brought in goes straight back: round-off, not progress. If it is a main
+                    # task collinear with a main of the face to within the face solve's pivot threshold, the
+                    # face cannot tell the two apart; it violated where the other is stationary, so it is the
+                    # shorter, and it takes the other's place and weight (the longer is not in the answer).
+                    partner = _collinear_partner(g, p, added, is_main)
+                    if partner < 0:
+                        return None
+                    w[added], w[partner] = w[partner], 0.0
+                    on[partner] = False
+                    added = -1
+                    continue
                 on[p[stuck]] = False
             else:
                 falling = (y < 0.0).nonzero()[0]
@@ -346,6 +366,22 @@ def _active_set(g: np.ndarray, w: np.ndarray, blocks: _Blocks, tol: float, budge
                 continue
         return w
     return None
+
+
+def _collinear_partner(g: np.ndarray, p: np.ndarray, index: int, is_main: np.ndarray) -> int:
+    """The main task of the face p whose gradient is collinear with g_index to within ``_PIVOT_MIN`` (squared
+    sine of their angle, G_ii G_jj − G_ij² ≤ _PIVOT_MIN G_ii G_jj, and ⟨g_i, g_j⟩ > 0), the most collinear
+    one; -1 if none or if ``index`` is not a main task."""
+    if not is_main[index]:
+        return -1
+    others = p[(p != index) & is_main[p]]
+    cross = g[index, others]
+    norms = g[index, index] * g.diagonal()[others]
+    sine = (norms - cross * cross) / np.maximum(norms, TINY)
+    sine[~(cross > 0.0)] = np.inf
+    if not others.size or not float(sine.min()) <= _PIVOT_MIN:
+        return -1
+    return int(others[int(sine.argmin())])
 
 
 def _face_solve(g: np.ndarray, p: np.ndarray, mp: np.ndarray) -> np.ndarray | None:

@@ -485,12 +485,17 @@ def test_active_set_certifies_auxiliaries_when_a_main_task_has_all_but_vanished(
         (1 - 1e-9, 200, 5),
         (1 + 1e-8, 200, 2),
         (1 + 1e-7, 20, 6),
+        # the shorter gradient, brought into the face, goes straight back out on the face solve's round-off
+        (1 + 1e-9, 200, 15),
+        (1 - 1e-9, 200, 11),
+        (1 + 1e-8, 20, 28),
+        (1 + 1e-7, 200, 30),
     ],
 )
 def test_active_set_certifies_two_gradients_collinear_to_within_round_off(ratio, dim, seed):
     # g_b = c g_a with c = 1 ± 1e-9 to 1 + 1e-7 (a task repeated up to its scale): a face holding both has no
     # stationary point in float64, and the longer of the two is not in the answer's support. Each case sent
-    # the active set to the step fallback (answers off by up to 2e-9 of ‖u*‖) while such a face ended it.
+    # the active set to the step fallback (answers off by up to 2e-7 of ‖u*‖) while such a face ended it.
     t = 3 + seed % 4
     rng = np.random.default_rng(seed)
     jac = rng.standard_normal((t, dim)) * 10 ** rng.uniform(-1, 1, (t, 1))
@@ -531,6 +536,29 @@ def test_active_set_certifies_the_same_gradient_twice_in_a_float32_gram_matrix(s
     v = g @ w
     assert w @ v - v.min() <= 1e-15  # the Frank-Wolfe duality gap: optimal up to round-off
     assert w @ v <= reference @ g @ reference + 1e-15
+
+
+@pytest.mark.parametrize("zeros", [1, 2, 3])
+@pytest.mark.parametrize("seed", range(4))
+def test_a_main_task_with_a_zero_gradient_gives_u_zero(seed, zeros):
+    # u = 0 is the least ‖u‖² there is, and a main task whose gradient is zero attains it (a task with no
+    # signal in its batch, e.g. no conversions). With two or more such tasks every face holding them is
+    # optimal, and the active set could not certify one to round-off: the step fallback ran and left u at
+    # ~1e-17 instead of 0.
+    t = 5 + seed % 3
+    rng = np.random.default_rng(seed)
+    jac = rng.standard_normal((t, 300)) + rng.uniform(-2, 2, (t, 1)) * rng.standard_normal(300)
+    zero = rng.choice(t, size=zeros, replace=False)
+    jac[zero] = 0.0
+    gram = jac @ jac.T
+    expected = np.zeros(t)
+    expected[zero] = 1.0 / zeros
+    np.testing.assert_array_equal(simplex_min_norm(gram), expected)
+    main = sorted({int(zero[0]), int(np.setdiff1d(np.arange(t), zero)[0])})  # one zero main, one other
+    expected_mixed = np.zeros(t)
+    expected_mixed[zero[0]] = 1.0
+    np.testing.assert_array_equal(mixed_min_norm(gram, main), expected_mixed)
+    np.testing.assert_array_equal(main_aux_min_norm(gram, int(zero[0])), expected_mixed)
 
 
 def _conflicting_grams(num_tasks: int, count: int) -> list[np.ndarray]:
