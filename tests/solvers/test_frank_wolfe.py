@@ -455,9 +455,9 @@ def test_active_set_certifies_a_task_whose_gradient_has_all_but_vanished(dim, sc
 @pytest.mark.parametrize("seed,num_main", [(507, 1), (1280, 1), (2086, 1), (2086, 2)])
 def test_active_set_certifies_auxiliaries_when_a_main_task_has_all_but_vanished(seed, num_main):
     # The main tasks' gradient 1e-5-1e-7 of the auxiliaries' (a main task that has fitted its batch): an
-    # auxiliary's face weight of −1e-12 is then no round-off, and clipping it moved (Gw)_j off 0 for the
-    # auxiliaries coupled to it. Each case failed complementary slackness and sent the active set to the step
-    # fallback.
+    # auxiliary's face weight of −1e-12 is then no round-off; clipped, it would move (Gw)_j off 0 for the
+    # auxiliaries coupled to it and fail complementary slackness. The active set must drop it from the face
+    # and certify the answer itself, without the step fallback.
     rng = np.random.default_rng(seed)
     t = 3 + seed % 4
     jac = rng.standard_normal((t, 200)) * 10 ** rng.uniform(-0.2, 0.2, (t, 1))
@@ -494,8 +494,9 @@ def test_active_set_certifies_auxiliaries_when_a_main_task_has_all_but_vanished(
 )
 def test_active_set_certifies_two_gradients_collinear_to_within_round_off(ratio, dim, seed):
     # g_b = c g_a with c = 1 ± 1e-9 to 1 + 1e-7 (a task repeated up to its scale): a face holding both has no
-    # stationary point in float64, and the longer of the two is not in the answer's support. Each case sent
-    # the active set to the step fallback (answers off by up to 2e-7 of ‖u*‖) while such a face ended it.
+    # stationary point in float64, and the longer of the two is not in the answer's support. The active set
+    # must leave it out and certify the answer itself (the step fallback's answers are off by up to 2e-7 of
+    # ‖u*‖ on such problems).
     t = 3 + seed % 4
     rng = np.random.default_rng(seed)
     jac = rng.standard_normal((t, dim)) * 10 ** rng.uniform(-1, 1, (t, 1))
@@ -515,8 +516,8 @@ def test_active_set_certifies_two_gradients_collinear_to_within_round_off(ratio,
 @pytest.mark.parametrize("seed", [7, 8, 9, 17, 22, 29])
 def test_active_set_certifies_the_same_gradient_twice_in_a_float32_gram_matrix(seed):
     # The same loss given twice, its G formed in float32 (J Jᵀ on an accelerator): the two rows agree only to
-    # float32 round-off, and the matrix is asymmetric at that level too. Each case sent the active set to the
-    # step fallback, whose answers stop at duality gaps of 1e-10 to 1e-8.
+    # float32 round-off, and the matrix is asymmetric at that level too. The active set must certify these
+    # itself (the step fallback's answers stop at duality gaps of 1e-10 to 1e-8).
     t = 3 + seed % 5
     rng = np.random.default_rng(seed)
     jac = rng.standard_normal((t, 512)) + rng.uniform(-2, 2, (t, 1)) * rng.standard_normal(512)
@@ -543,8 +544,7 @@ def test_active_set_certifies_the_same_gradient_twice_in_a_float32_gram_matrix(s
 def test_a_main_task_with_a_zero_gradient_gives_u_zero(seed, zeros):
     # u = 0 is the least ‖u‖² there is, and a main task whose gradient is zero attains it (a task with no
     # signal in its batch, e.g. no conversions). With two or more such tasks every face holding them is
-    # optimal, and the active set could not certify one to round-off: the step fallback ran and left u at
-    # ~1e-17 instead of 0.
+    # optimal and none can be certified to round-off; the answer is u = 0 exactly, the weight split evenly.
     t = 5 + seed % 3
     rng = np.random.default_rng(seed)
     jac = rng.standard_normal((t, 300)) + rng.uniform(-2, 2, (t, 1)) * rng.standard_normal(300)
