@@ -60,6 +60,7 @@ gives u = 0 at once (weights 1/k on the k such tasks).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -224,14 +225,12 @@ def _active_set(g: np.ndarray, w: np.ndarray, blocks: _Blocks, tol: float, budge
     w, with at most ``budget`` face solves. Returns a point that satisfies the optimality conditions of
     ``_kkt_holds`` (the same test, computed inline), or None when it cannot get there."""
     t = g.shape[0]
-    main = blocks.main
     is_main = np.zeros(t, dtype=bool)
-    is_main[main] = True
-    many = main.size > 1
-    diag = g.diagonal()
-    # Pricing divides a violation by the length of its direction in u-space (steepest edge), so that an
-    # auxiliary 1e-6 times smaller than the others is not priced 1e-6 times lower; zero rows never violate.
-    inv_norm = 1.0 / np.sqrt(np.maximum(diag, TINY))
+    is_main[blocks.main] = True
+    many = blocks.main.size > 1
+    # Every task main (MGDA, PE-LTR): a slice selects the same entries as the index array, without copies.
+    main: np.ndarray | slice = slice(None) if blocks.main.size == t else blocks.main
+    inv_norm: np.ndarray | None = None
     absg = np.abs(g)
     round_off = 4.0 * t * EPS  # _rounding: the float64 error bound of (Gw)_i is this times (|G| |w|)_i
     w = w.copy()
@@ -249,7 +248,8 @@ def _active_set(g: np.ndarray, w: np.ndarray, blocks: _Blocks, tol: float, budge
         y = _face_solve(g, p, mp)
         if y is None:
             return None
-        if float(y.min()) < -_NEG_CLIP * max(1.0, float(np.abs(y).max())):
+        lowest = float(y.min())
+        if lowest < 0.0 and lowest < -_NEG_CLIP * max(1.0, float(np.abs(y).max())):
             several = several and not after_several
             after_several = False
             keep = y > 0.0
@@ -345,6 +345,11 @@ def _active_set(g: np.ndarray, w: np.ndarray, blocks: _Blocks, tol: float, budge
                 on |= out
                 added, after_several = -1, True
                 continue
+            if inv_norm is None:
+                # Pricing divides a violation by the length of its direction in u-space (steepest edge), so
+                # that an auxiliary 1e-6 times smaller than the others is not priced 1e-6 times lower; zero
+                # rows never violate.
+                inv_norm = 1.0 / np.sqrt(np.maximum(g.diagonal(), TINY))
             score = v * inv_norm
             if many:
                 score[main] = (v[main] - nu) * inv_norm[main]
@@ -401,7 +406,7 @@ def _face_solve(g: np.ndarray, p: np.ndarray, mp: np.ndarray) -> np.ndarray | No
         piv = chol.diagonal()
         if (piv * piv >= _PIVOT_MIN * sub.diagonal()).all():
             total = float(x[mp].sum())
-            if total > 0.0 and np.isfinite(total):
+            if total > 0.0 and math.isfinite(total):
                 return x / total
     return _face_lstsq(sub, mp)
 
