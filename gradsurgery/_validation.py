@@ -37,8 +37,11 @@ def check_number(
     exclusive_maximum: bool = False,
 ) -> float:
     """A finite real number (not a bool) within the given bounds, as a float."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{what} must be a number, got {value!r}")
+    # Plain floats and ints first: the solvers check their options on every call, and an ABC isinstance
+    # test costs more than the rest of this function.
+    if type(value) is not float and type(value) is not int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{what} must be a number, got {value!r}")
     number = float(value)
     low_ok = minimum is None or (number > minimum if exclusive_minimum else number >= minimum)
     high_ok = maximum is None or (number < maximum if exclusive_maximum else number <= maximum)

@@ -140,8 +140,9 @@ def cagrad_weights(gram: ArrayLike, c: float, *, tol: float = 1e-12) -> CAGradSo
     # F is homogeneous of degree 1 in G and its minimiser does not depend on the scale; a unit largest
     # diagonal makes every tolerance below absolute.
     gn = g / scale
-    q = gn.mean(axis=1)
-    if c * math.sqrt(max(float(q.mean()), 0.0)) == 0.0:
+    # Sums over T rather than means: numpy's mean is that sum divided by T, through a slower wrapper.
+    q = gn.sum(axis=1) / t
+    if c * math.sqrt(max(float(q.sum()) / t, 0.0)) == 0.0:
         return _vertex(q, scale)
     # The dual is convex, and the gap a certificate, only for PSD G. One Cholesky factorisation certifies
     # G ≻ 0; where it fails (singular G: T > d, duplicates; or indefinite at the 1e-7 level: G from float32)
@@ -152,8 +153,8 @@ def cagrad_weights(gram: ArrayLike, c: float, *, tol: float = 1e-12) -> CAGradSo
         projected = psd_projection(gn)
         perturb = float(np.abs(projected - gn).max())
         gn = projected
-        q = gn.mean(axis=1)
-    n0 = max(float(q.mean()), 0.0)
+        q = gn.sum(axis=1) / t
+    n0 = max(float(q.sum()) / t, 0.0)
     r = c * math.sqrt(n0)
     if r == 0.0:
         return _vertex(q, scale)  # g_0 = 0 once G is projected
