@@ -40,8 +40,9 @@ problem at T = 8 and 3.5 instead of 5.8 for the mixed problem (two mains) at T =
 
 The answer is returned only once the optimality conditions hold to ``tol``·‖u‖² plus a bound on the float64
 rounding error of Gw (with ``tol`` relative to ‖u‖² alone, u* = 0 could never be certified). If they
-cannot be certified (a face too ill-conditioned for its solve to be trusted, or more solves than T allows
-for), the steps below take over from the start:
+cannot be certified (a face too ill-conditioned for its solve to be trusted, more solves than T allows for,
+or a face minimiser reached a second time in the same mode, which starts the same round-off cycle again), the
+steps below take over from the start:
 
 - on the main block, Frank-Wolfe with away steps (Lacoste-Julien & Jaggi 2015) and exact line search,
   which is the two-vector closed form of ``min_norm_two`` along the step direction;
@@ -242,6 +243,7 @@ def _active_set(g: np.ndarray, w: np.ndarray, blocks: _Blocks, tol: float, budge
     # on one at a time (Wolfe's rule, whose strictly falling objective guarantees the end).
     several = True
     after_several = False
+    visited: set[tuple[bytes, bool]] = set()
     for _ in range(budget):
         p = on.nonzero()[0]
         mp = is_main[p]
@@ -299,6 +301,13 @@ def _active_set(g: np.ndarray, w: np.ndarray, blocks: _Blocks, tol: float, budge
         wp = np.maximum(y, 0.0)
         wp[mp] /= wp[mp].sum()
         w[p] = wp
+        # w is now a function of the face alone (zero off it), and what follows of the rest of the state,
+        # which only `several` carries across faces: a face minimiser reached twice in the same mode starts
+        # the same cycle again, so the budget would run out. Leave for the fallback at once.
+        visit = (on.tobytes(), several)
+        if visit in visited:
+            return None
+        visited.add(visit)
         # Major cycle: the optimality conditions of _kkt_holds, at the face minimiser w.
         v = g.dot(w)
         slack = tol * max(float(w.dot(v)), 0.0)

@@ -561,6 +561,20 @@ def test_a_main_task_with_a_zero_gradient_gives_u_zero(seed, zeros):
     np.testing.assert_array_equal(main_aux_min_norm(gram, int(zero[0])), expected_mixed)
 
 
+def test_the_active_set_leaves_for_the_fallback_once_a_face_minimiser_repeats(monkeypatch):
+    # Collinear gradients (G of rank 2, T = 4): the face solves cycle on round-off through the same face
+    # minimisers. A repeat means the same cycle again, so the active set gives up at once instead of spending
+    # its whole budget (3T + 8 = 20 solves) first; the fallback starts from the same point either way.
+    jac = make_jacobian("collinear", 4, 20, 205)
+    gram = jac @ jac.T
+    solves = []
+    face_solve = fw._face_solve
+    monkeypatch.setattr(fw, "_face_solve", lambda *args: solves.append(1) or face_solve(*args))
+    w = simplex_min_norm(gram)
+    assert len(solves) < 3 * 4 + 8
+    assert_fused_close(jac, w, brute_force(jac, range(4)), rtol=EXACT_RTOL)
+
+
 def _conflicting_grams(num_tasks: int, count: int) -> list[np.ndarray]:
     """G of g_i = s_i (c_i u + v_i): a shared direction, signed mixing (tasks 0 and 1 conflict), scales over
     two orders of magnitude; full rank."""
