@@ -301,9 +301,9 @@ def _active_set(g: np.ndarray, w: np.ndarray, blocks: _Blocks, tol: float, budge
         wp = np.maximum(y, 0.0)
         wp[mp] /= wp[mp].sum()
         w[p] = wp
-        # w is now a function of the face alone (zero off it), and what follows of the rest of the state,
-        # which only `several` carries across faces: a face minimiser reached twice in the same mode starts
-        # the same cycle again, so the budget would run out. Leave for the fallback at once.
+        # From here the run depends only on w, now a function of the face alone (zero off it), and on
+        # `several`: a face minimiser reached twice with the same `several` would repeat the same cycle until
+        # the budget ran out, so the fallback takes over at once.
         visit = (on.tobytes(), several)
         if visit in visited:
             return None
