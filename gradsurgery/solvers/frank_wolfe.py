@@ -321,64 +321,62 @@ def _active_set(g: np.ndarray, w: np.ndarray, blocks: _Blocks, tol: float, budge
         else:
             margin[main] = np.inf  # a single main weight is fixed at 1
         bad = margin < 0.0
-        if bad.any():
+        face_violates = bool(bad.any())
+        if face_violates:
             out = bad & ~on
-            if not out.any():
-                # Only indices of the face violate. When y had weights clipped as round-off, they were not:
-                # what round-off is depends on ‖u‖², which can be 1e-12 of max G_ii (a task whose gradient
-                # has all but vanished), not on the weights' size. Drop them and solve the smaller face.
-                clipped = y < 0.0
-                if clipped.any():
-                    on[p[clipped]] = False
-                    added, after_several = -1, False
+            if out.any():
+                if several and np.count_nonzero(out) > 1:
+                    on |= out
+                    added, after_several = -1, True
                     continue
-                # Nothing was clipped: the face's KKT system has no exact solution in float64. Two gradients
-                # of the face are collinear to within round-off (g_b = c g_a, c ≠ 1): stationarity would
-                # need ⟨g_a, u⟩ = ⟨g_b, u⟩ = ν, lstsq's rank cut-off settles for a point where it fails,
-                # and the index that needs less weight, of largest residual (Gw)_i − ν (auxiliaries: (Gw)_j),
-                # cannot be in the support of the answer. It leaves the face; whatever face follows is
-                # certified by the same test, and the solve budget bounds the detour.
-                residual = v[p] - np.where(mp, nu, 0.0)
-                if not many:
-                    residual[mp] = -np.inf  # the single main weight is fixed at 1
-                drop = int(residual.argmax())
-                if not residual[drop] > 0.0:
-                    return None  # the face minimiser itself is off by more than round-off
-                on[p[drop]] = False
-                w[p[drop]] = 0.0
-                if mp[drop]:
-                    w[main] /= w[main].sum()
-                added, after_several = -1, False
+                if inv_norm is None:
+                    # Pricing divides a violation by the length of its direction in u-space (steepest edge),
+                    # so that an auxiliary 1e-6 times smaller than the others is not priced 1e-6 times lower;
+                    # zero rows never violate.
+                    inv_norm = 1.0 / np.sqrt(np.maximum(g.diagonal(), TINY))
+                score = v * inv_norm
+                if many:
+                    score[main] = (v[main] - nu) * inv_norm[main]
+                added = int(out.nonzero()[0][score[out].argmin()])
+                on[added] = True
                 continue
-            if several and np.count_nonzero(out) > 1:
-                on |= out
-                added, after_several = -1, True
-                continue
-            if inv_norm is None:
-                # Pricing divides a violation by the length of its direction in u-space (steepest edge), so
-                # that an auxiliary 1e-6 times smaller than the others is not priced 1e-6 times lower; zero
-                # rows never violate.
-                inv_norm = 1.0 / np.sqrt(np.maximum(g.diagonal(), TINY))
-            score = v * inv_norm
-            if many:
-                score[main] = (v[main] - nu) * inv_norm[main]
-            added = int(out.nonzero()[0][score[out].argmin()])
-            on[added] = True
-            continue
-        # Complementary slackness λ_j (Gw)_j = 0 on the auxiliaries: exact on the face up to its solve.
-        if blocks.aux.size:
+        elif not blocks.aux.size:
+            return w
+        else:
+            # Complementary slackness λ_j (Gw)_j = 0 on the auxiliaries: exact on the face up to its solve.
             lam = w.copy()
             lam[main] = 0.0
-            if (np.abs(lam * v) > slack + lam * noise).any():
-                # Clipped weights of y were not round-off here either (a main task that has converged makes
-                # ‖u‖² tiny): clipping one moved (Gw)_j off 0 for the auxiliaries it is coupled to.
-                clipped = y < 0.0
-                if not clipped.any():
-                    return None
-                on[p[clipped]] = False
-                added, after_several = -1, False
-                continue
-        return w
+            if not (np.abs(lam * v) > slack + lam * noise).any():
+                return w
+        # The face minimiser fails on its own face. When y had weights clipped as round-off, they were not:
+        # what round-off is depends on ‖u‖², which can be 1e-12 of max G_ii (a task whose gradient has all
+        # but vanished, or a main task that has converged), not on the weights' size; clipping one moved
+        # (Gw)_i off its face value for the indices coupled to it. Drop them and solve the smaller face.
+        clipped = y < 0.0
+        if clipped.any():
+            on[p[clipped]] = False
+            added, after_several = -1, False
+            continue
+        if not face_violates:
+            return None  # complementary slackness fails by more than round-off
+        # Nothing was clipped: the face's KKT system has no exact solution in float64. Two gradients of the
+        # face are collinear to within round-off (g_b = c g_a, c ≠ 1): stationarity would need ⟨g_a, u⟩ =
+        # ⟨g_b, u⟩ = ν, lstsq's rank cut-off settles for a point where it fails, and the index that needs
+        # less weight, of largest residual (Gw)_i − ν (auxiliaries: (Gw)_j), cannot be in the support of the
+        # answer. It leaves the face; whatever face follows is certified by the same test, and the solve
+        # budget bounds the detour.
+        residual = v[p] - np.where(mp, nu, 0.0)
+        if not many:
+            residual[mp] = -np.inf  # the single main weight is fixed at 1
+        drop = int(residual.argmax())
+        if not residual[drop] > 0.0:
+            return None  # the face minimiser itself is off by more than round-off
+        on[p[drop]] = False
+        w[p[drop]] = 0.0
+        if mp[drop]:
+            w[main] /= w[main].sum()
+        added, after_several = -1, False
+        continue
     return None
 
 
