@@ -2,7 +2,8 @@
 the same algorithm written by hand (the floor any implementation of it pays).
 
 The speed suite's MLP (``small``: trunk 128→384→384→256, ``0.5M``: 256→512→512→256; T linear heads, batch
-128, Adam, one thread; ``--tower N``: heads d_z → N → N → 1 with ReLU instead). Variants, timed interleaved
+128, Adam, one thread; ``--tower N``: heads d_z → N → N → 1 with ReLU instead; ``--device cuda``: the model
+and the batch on a GPU, the clock read after ``torch.cuda.synchronize``). Variants, timed interleaved
 (every repetition times each variant once in a shuffled order and divides by the plain step of the same
 repetition):
 
@@ -67,8 +68,15 @@ def gram_methods(num_tasks: int) -> list[str]:
 
 
 class Case:
-    def __init__(self, dims: tuple[int, int, int], num_tasks: int, tower: int = 0) -> None:
-        self.model, self.x, gen = seeded_mlp(dims, num_tasks, torch.device("cpu"), BATCH)
+    def __init__(
+        self,
+        dims: tuple[int, int, int],
+        num_tasks: int,
+        tower: int = 0,
+        device: torch.device | None = None,
+    ) -> None:
+        device = torch.device("cpu") if device is None else device
+        self.model, self.x, gen = seeded_mlp(dims, num_tasks, device, BATCH)
         if tower:  # towers d_z → tower → tower → 1 (ReLU) instead of linear heads
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(num_tasks + 7 * tower)
@@ -82,8 +90,9 @@ class Case:
                         nn.Linear(tower, 1),
                     )
                     for _ in range(num_tasks)
-                )
-        self.y = torch.randn(BATCH, num_tasks, generator=gen)
+                ).to(device)
+        self.y = torch.randn(BATCH, num_tasks, generator=gen).to(device)
+        self.device = device
         self.num_tasks = num_tasks
         # A small learning rate keeps hundreds of steps on random targets far from divergence.
         self.inner = torch.optim.Adam(self.model.parameters(), lr=1e-5)
@@ -117,8 +126,8 @@ def floor_step(case: Case) -> Callable[[], None]:
         copies = [z.detach().requires_grad_() for _ in range(t)]
         grads = torch.autograd.grad(torch.stack(case.head_losses(copies)).sum(), copies + heads)
         jac = torch.stack([g.reshape(-1) for g in grads[:t]])
-        weights = torch.from_numpy(simplex_min_norm((jac @ jac.T).double().numpy()))
-        fused = (weights.to(jac.dtype) @ jac).view_as(z)
+        weights = torch.from_numpy(simplex_min_norm((jac @ jac.T).double().cpu().numpy()))
+        fused = (weights.to(jac) @ jac).view_as(z)
         for p, g in zip(trunk + heads, torch.autograd.grad(z, trunk, fused) + grads[t:], strict=True):
             p.grad = g
         case.inner.step()
@@ -153,16 +162,24 @@ def method_step(case: Case, method: str, views: bool, per_task: bool = False) ->
 
 
 def measure(
-    size: str, num_tasks: int, methods: list[str], reps: int, inner_steps: int, tower: int = 0
+    size: str,
+    num_tasks: int,
+    methods: list[str],
+    reps: int,
+    inner_steps: int,
+    tower: int = 0,
+    device: torch.device | None = None,
 ) -> list[dict]:
     dims = {**SIZES, **TINY_SIZES}[size]
-    case = Case(dims, num_tasks, tower)
+    case = Case(dims, num_tasks, tower, device)
     members = {"plain": plain_step(case), "floor": floor_step(case)}
     for method in methods:
         members[method] = method_step(case, method, views=True)
     members["z"] = method_step(case, "mgda", views=False)
     members["z per task"] = method_step(case, "mgda", views=False, per_task=True)
-    times = interleaved_times(members, reps, inner_steps, warmup=5)
+    # On a GPU the clock must wait for the queued kernels of each measurement.
+    around = (lambda: torch.cuda.synchronize(case.device)) if case.device.type == "cuda" else None
+    times = interleaved_times(members, reps, inner_steps, warmup=5, around=around)
     rows = []
     for name, values in times.items():
         ratios = [v / p for v, p in zip(values, times["plain"], strict=True)]
@@ -187,8 +204,10 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
     variants = list(dict.fromkeys(r["variant"] for r in rows if r["variant"] != "plain"))
     cell = {(r["size"], r["num_tasks"], r["variant"]): r for r in rows}
     heads = f"towers d_z→{args.tower}→{args.tower}→1" if args.tower else "linear heads"
+    threads = f"{args.threads} thread" + ("s" if args.threads > 1 else "")
+    where = threads if args.device == "cpu" else f"{args.device} ({_device_name(args.device)}), {threads}"
     lines = [
-        f"# Representation mode on small models (one thread, batch {BATCH}, {heads}, {args.reps} "
+        f"# Representation mode on small models ({where}, batch {BATCH}, {heads}, {args.reps} "
         f"repetitions × {args.inner_steps} steps, torch {torch.__version__})",
         "",
         "Step time / plain step, median (25th-75th percentile). `floor`: the task-views algorithm written "
@@ -211,6 +230,10 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else device
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="results/representation")
@@ -228,13 +251,26 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="heads d_z → N → N → 1 (ReLU) instead of linear (default 0: linear)",
     )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where the model and the batch live: cpu (default) or cuda[:N]; the solves run on the CPU",
+    )
     args = parser.parse_args(argv)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        device = torch.device("meta")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device: expected cpu or cuda[:N], got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available")
     torch.set_num_threads(args.threads)
     rows = []
     for size in args.sizes:
         for num_tasks in args.tasks:
             methods = args.methods or gram_methods(num_tasks)
-            rows += measure(size, num_tasks, methods, args.reps, args.inner_steps, args.tower)
+            rows += measure(size, num_tasks, methods, args.reps, args.inner_steps, args.tower, device)
             print(f"{size} T={num_tasks} done", file=sys.stderr)
     write_rows_and_report(Path(args.out), rows, report(rows, args))
     return 0

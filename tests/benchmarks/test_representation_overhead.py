@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from benchmarks import representation_overhead as ro
@@ -56,3 +57,28 @@ def test_tiny_run_writes_rows_and_report(tmp_path):
     assert upgrad["ratio_p25"] <= upgrad["ratio"] <= upgrad["ratio_p75"]
     text = (tmp_path / "report.md").read_text()
     assert f"| upgrad | {upgrad['ratio']:.2f} ({upgrad['ratio_p25']:.2f}-{upgrad['ratio_p75']:.2f}) |" in text
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("gpu", "expected cpu or cuda[:N], got 'gpu'"), ("xla", "expected cpu or cuda[:N], got 'xla'")]
+    + ([] if torch.cuda.is_available() else [("cuda", "--device cuda: CUDA is not available")]),
+)
+def test_device_option_rejects_what_it_cannot_run_on(device, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        ro.main(["--device", device, "--sizes", "tiny", "--tasks", "2"])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_floor_and_method_give_the_cpu_gradients(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    dims, cuda = ro.TINY_SIZES["tiny"], torch.device("cuda")
+    on_cpu = grads_after(ro.floor_step, ro.Case(dims, 3))
+    floor = grads_after(ro.floor_step, ro.Case(dims, 3, device=cuda))
+    ours = grads_after(lambda case: ro.method_step(case, "mgda", views=True), ro.Case(dims, 3, device=cuda))
+    for other in (floor, ours):
+        for a, b in zip(on_cpu, other, strict=True):
+            assert b.device.type == "cuda"
+            torch.testing.assert_close(a, b.cpu(), rtol=1e-4, atol=1e-6)
