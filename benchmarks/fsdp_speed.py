@@ -52,14 +52,16 @@ BATCH = 128
 
 
 def sharded_model(dims: tuple[int, int, int], num_tasks: int) -> SpeedModel:
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(num_tasks)
     model = SpeedModel(*dims, num_tasks)
+    mesh = init_device_mesh("cpu", (WORLD,))  # gloo on the CPU, also where CUDA is present
     for module in model.modules():
         if isinstance(module, nn.Linear):
-            fully_shard(module)
-    fully_shard(model)
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 

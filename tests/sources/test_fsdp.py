@@ -51,12 +51,16 @@ def make_net(num_tasks: int) -> Net:
 
 
 def shard(net: Net) -> Net:
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    fully_shard(net.trunk)
+    # The ranks talk over gloo on the CPU; without a mesh, fully_shard moves the shards to CUDA wherever it
+    # is present.
+    mesh = init_device_mesh("cpu", (WORLD,))
+    fully_shard(net.trunk, mesh=mesh)
     for head in net.heads:
-        fully_shard(head)
-    fully_shard(net)
+        fully_shard(head, mesh=mesh)
+    fully_shard(net, mesh=mesh)
     return net
 
 
