@@ -257,12 +257,13 @@ def main(argv: list[str] | None = None) -> int:
         help="where the model and the batch live: cpu (default) or cuda[:N]; the solves run on the CPU",
     )
     args = parser.parse_args(argv)
+    unknown = f"--device: expected cpu or cuda[:N], got {args.device!r}"
     try:
         device = torch.device(args.device)
     except RuntimeError:
-        device = torch.device("meta")
+        parser.error(unknown)
     if device.type not in ("cpu", "cuda"):
-        parser.error(f"--device: expected cpu or cuda[:N], got {args.device!r}")
+        parser.error(unknown)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available")
     torch.set_num_threads(args.threads)
