@@ -36,3 +36,19 @@ def test_long_same_sign_sums_keep_their_precision():
 def test_float64_dtype_requested_lower():
     jac = torch.randn(3, 10, dtype=torch.float64)
     assert gram_matrix(jac, dtype=torch.float32).dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_no_columns_give_a_zero_matrix(dtype):
+    got = gram_matrix(torch.ones(3, 0, dtype=dtype))
+    assert got.dtype == torch.float64 and torch.equal(got, torch.zeros(3, 3, dtype=torch.float64))
+
+
+def test_float16_jacobian_with_a_float32_gram_sums_its_chunks():
+    """float16 columns are multiplied in float32 and the chunks summed in the requested float32."""
+    gen = torch.Generator().manual_seed(2)
+    jac = torch.randn(3, 50, generator=gen).half()
+    exact = jac.double() @ jac.double().T
+    got = gram_matrix(jac, dtype=torch.float32, chunk=7)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), exact, rtol=1e-6, atol=1e-5)
