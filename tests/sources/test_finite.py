@@ -1,0 +1,87 @@
+"""``all_finite``, the finiteness check of the single-backward source's gradients, against
+``torch.isfinite(x).all()`` on every float dtype, sizes around the vector widths, NaN/inf anywhere, sparse,
+complex and empty gradients; and the error it raises in a step."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from gradsurgery import GradSurgery
+from gradsurgery.sources import NonFiniteError, all_finite
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", [1, 7, 8, 9, 31, 64, 1000, 65537])
+@pytest.mark.parametrize("bad", [None, math.nan, math.inf, -math.inf])
+def test_matches_isfinite_all(dtype, size, bad):
+    gen = torch.Generator().manual_seed(size)
+    for position in sorted({0, size // 2, size - 1}):
+        x = torch.randn(size, generator=gen).to(dtype)
+        if bad is not None:
+            x[position] = complex(bad, 0.0) if dtype.is_complex else bad
+        expected = bool(torch.isfinite(x).all())
+        assert expected == (bad is None)
+        assert all_finite([x]) is expected
+        # among finite tensors of other dtypes and shapes, and as a strided view
+        others = [torch.ones(3, 4), torch.zeros(2, dtype=torch.float64), torch.zeros(0)]
+        assert all_finite([*others, x, *others]) is expected
+        assert all_finite([torch.stack([x, x]).T]) is expected
+
+
+def test_an_imaginary_part_counts():
+    x = torch.zeros(5, dtype=torch.complex128)
+    x[3] = complex(1.0, math.inf)
+    assert not all_finite([x])
+
+
+def test_sparse_gradients_are_judged_by_their_stored_values():
+    index = torch.tensor([[0, 3]])
+    assert all_finite(
+        [torch.sparse_coo_tensor(index, torch.tensor([1.0, -2.0]), (5,), check_invariants=True)]
+    )
+    assert not all_finite(
+        [torch.sparse_coo_tensor(index, torch.tensor([1.0, math.nan]), (5,), check_invariants=True)]
+    )
+    assert all_finite(
+        [
+            torch.sparse_coo_tensor(
+                torch.zeros(1, 0, dtype=torch.long), torch.zeros(0), (5,), check_invariants=True
+            )
+        ]
+    )
+
+
+def test_nothing_to_check_is_finite():
+    assert all_finite([])
+    assert all_finite([torch.zeros(0), torch.zeros(3, 0)])
+
+
+def test_a_large_finite_tensor_is_not_mistaken_for_an_overflow():
+    x = torch.full((1000,), torch.finfo(torch.float32).max)
+    assert all_finite([x, -x])
+
+
+def test_an_inf_in_the_summed_gradient_stops_the_step_and_writes_nothing():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 300), nn.Tanh(), nn.Linear(300, 2))
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "rlw")
+    x = torch.randn(8, 64)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    before = [p.detach().clone() for p in model.parameters()]
+    out = model(x)
+    entry = model[0].weight.reshape(-1)[12345]
+    spike = torch.sqrt(
+        entry - entry.detach()
+    )  # 0, with an infinite derivative: one inf in a 19200-entry grad
+    losses = [out[:, 0].pow(2).mean() + spike, out[:, 1].pow(2).mean()]
+    with pytest.raises(NonFiniteError, match="non-finite \\(NaN/inf\\) gradient of the weighted loss"):
+        opt.backward(losses)
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, b) and torch.equal(p.grad, torch.full_like(p, 0.5))
