@@ -53,7 +53,7 @@ import torch
 
 from .._validation import check_int
 from ..gram import gram_matrix
-from . import TaskScale, check_finite, loss_values
+from . import NonFiniteError, TaskScale, all_finite, check_finite, loss_values
 from ._feature_graph import HeadSplit, split_at_features
 
 if TYPE_CHECKING:
@@ -270,7 +270,7 @@ class FeatureCollection:
         finally:
             for handle in handles:
                 handle.remove()
-        return [(p, g) for p, g in zip(self.params, grads, strict=True) if g is not None]
+        return finite_gradients([(p, g) for p, g in zip(self.params, grads, strict=True) if g is not None])
 
     def reached_params(self) -> list[torch.Tensor]:
         return self.params
@@ -360,7 +360,7 @@ class OnePassCollection(FeatureCollection):
         for p, a, b in zip(self.params, trunk, heads, strict=True):
             if a is not None or b is not None:
                 out.append((p, b if a is None else a if b is None else a + b))
-        return out
+        return finite_gradients(out)
 
 
 class ViewCollection(OnePassCollection):
@@ -461,6 +461,21 @@ class SplitCollection(OnePassCollection):
                 if (i, j) not in filled:
                     jac[i, start:end].zero_()
         return jac, grads[len(features) :]
+
+
+def finite_gradients(
+    pairs: list[tuple[torch.Tensor, torch.Tensor]],
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``pairs`` unchanged, or ``NonFiniteError`` when a parameter's new gradient holds a NaN or inf. G_z and
+    the losses were checked before the weights, but a head parameter's gradient, or the trunk's from a
+    finite u_z, can be non-finite on its own (a NaN-producing backward away from z)."""
+    if not all_finite(g for _, g in pairs):
+        raise NonFiniteError(
+            "non-finite (NaN/inf) gradient of a parameter in the pass through the heads or the trunk (the "
+            "gradients with respect to the features are finite); nothing was written",
+            (p for p, _ in pairs),
+        )
+    return pairs
 
 
 def check_own_views(losses: list[torch.Tensor], views: list[list[torch.Tensor]]) -> list[set[int]]:

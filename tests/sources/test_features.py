@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from method_checks import registered
+from state_checks import same_state
 from weighting_helpers import CountBackward, TwoHeads, make_data
 
 import gradsurgery
@@ -265,6 +266,57 @@ def test_non_finite_loss_writes_nothing():
     with pytest.raises(ValueError, match="non-finite"):
         opt.backward([losses[0], losses[1] * float("inf")], features=z)
     assert_untouched(model, opt)
+
+
+class NonFiniteBackward(torch.autograd.Function):
+    """Zero forward, ``value`` everywhere in the backward: a finite step whose gradient is not."""
+
+    @staticmethod
+    def forward(x, value):
+        return torch.zeros((), dtype=x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full(ctx.shape, ctx.value), None
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.shape, ctx.value = inputs[0].shape, inputs[1]
+
+
+@pytest.mark.parametrize("path", ["views", "split", "per task"])
+@pytest.mark.parametrize("where", ["head", "trunk"])
+@pytest.mark.parametrize("method", ["mgda", "uncertainty"])
+def test_a_non_finite_parameter_gradient_beside_finite_feature_gradients_writes_nothing(path, where, method):
+    """G_z and the losses are finite; a head parameter's gradient (NaN, from the loss directly) or a trunk
+    parameter's (inf, from a finite u_z) is not. The step must refuse, as full mode does, and leave the
+    parameters, ``.grad`` and the method state as they were."""
+    xs, ys = make_data(3, 3)
+    model = CountedHeads()
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method=method)
+
+    def step(t, bad):
+        z = model.trunk(xs[t])
+        if bad and where == "trunk":
+            z = z + NonFiniteBackward.apply(model.trunk[0].bias, float("inf"))
+        features = gradsurgery.task_views(z, 3) if path == "views" else z
+        losses = model.losses(xs[t], ys[t], list(features) if path == "views" else [z] * 3)
+        if bad and where == "head":
+            losses[1] = losses[1] + NonFiniteBackward.apply(model.heads[1][2].weight, float("nan"))
+        with one_pass_per_task() if path == "per task" else contextlib.nullcontext():
+            return opt.backward(losses, features=features)
+
+    step(0, bad=False)
+    opt.step()
+    step(1, bad=False)  # .grad holds a step's gradients, the method state two steps
+    params = [p.detach().clone() for p in model.parameters()]
+    grads_before = grads(model)
+    state = copy.deepcopy(opt.method.state_dict())
+    with pytest.raises(ValueError, match=r"non-finite \(NaN/inf\) gradient of a parameter"):
+        step(2, bad=True)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(grads(model), grads_before, strict=True))
+    assert same_state(opt.method.state_dict(), state)
 
 
 # -- task views: one pass through the heads -----------------------------------------------------------------
