@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from gradsurgery import GradSurgery
-from gradsurgery.sources import NonFiniteError, all_finite
+from gradsurgery.sources import NonFiniteError, all_finite, check_finite
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64]
 
@@ -85,3 +85,22 @@ def test_an_inf_in_the_summed_gradient_stops_the_step_and_writes_nothing():
         opt.backward(losses)
     for p, b in zip(model.parameters(), before, strict=True):
         assert torch.equal(p, b) and torch.equal(p.grad, torch.full_like(p, 0.5))
+
+
+def test_check_finite_names_the_task_whose_own_gradient_is_not_finite():
+    values = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    gram = torch.eye(3, dtype=torch.float64)
+    finite = [(0, torch.ones(4)), (1, torch.ones(2, dtype=torch.float16)), (2, torch.zeros(0))]
+    check_finite(values, gram, finite)  # nothing raised
+    for bad in (math.nan, math.inf, -math.inf):
+        grads = [*finite, (2, torch.tensor([0.5, bad, 0.5]))]
+        with pytest.raises(NonFiniteError, match=r"gradient for task\(s\) \[2\]"):
+            check_finite(values, gram, grads)
+
+
+def test_check_finite_takes_no_large_finite_gradient_for_an_overflow():
+    """The check runs in the Gram dtype (here float32); a float64 gradient beyond float32's range, or one
+    whose squares would overflow float64, is still finite."""
+    values = torch.tensor([1.0, 2.0])
+    gram = torch.eye(2)
+    check_finite(values, gram, [(0, torch.tensor([1e300, -1e300], dtype=torch.float64)), (1, torch.ones(1))])
