@@ -31,7 +31,8 @@ How the heads are traversed:
 
 In the first two, a loss weighting scales the head gradient of a parameter one task reaches by that task's
 weight, and passes the heads again with seeds w_i only when several tasks reach a head parameter. All three
-give the same gradients. Cost: the heads' passes above, O(T² D) for G_z, one backward pass through the trunk.
+give the same gradients. Cost: the heads' passes above, O(T² D) for G_z, one backward pass through the trunk,
+and one read of every gradient written, which must be finite as in full mode (``finite_gradients``).
 
 This is an approximation of the full mode: the weights are exact for the method's objective posed on z
 (for MGDA: the min-norm combination of the ∇_z L_i), which for the parameters is an upper bound (above),
