@@ -1,6 +1,7 @@
-"""``all_finite``, the finiteness check of the single-backward source's gradients, against
-``torch.isfinite(x).all()`` on every float dtype, sizes around the vector widths, NaN/inf anywhere, sparse,
-complex and empty gradients; and the error it raises in a step."""
+"""The finiteness checks of the gradients: ``all_finite`` (the single-backward source's, representation
+mode's) against ``torch.isfinite(x).all()`` on every float dtype, sizes around the vector widths, NaN/inf
+anywhere, sparse, complex and empty gradients, and the error it raises in a step; ``check_finite``'s check of
+the task-specific gradients (the task it names, no overflow of large finite gradients)."""
 
 from __future__ import annotations
 
