@@ -52,6 +52,17 @@ def all_finite(grads: Iterable[torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(torch.stack(found)).all()) for found in by_device.values())
 
 
+def finite_gradients(
+    pairs: list[tuple[torch.Tensor, torch.Tensor]], what: str
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``pairs`` ((parameter, new gradient)) unchanged, or ``NonFiniteError`` naming ``what`` when a gradient
+    holds a NaN or inf: the check of the gradients a source computes after the weights, before any is
+    written."""
+    if not all_finite(g for _, g in pairs):
+        raise NonFiniteError(f"non-finite (NaN/inf) {what}; nothing was written", (p for p, _ in pairs))
+    return pairs
+
+
 def extremes(grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The smallest and largest entry of ``grad`` (of a sparse gradient's stored values, of a complex one's
     real and imaginary parts), in one pass; none for an empty tensor. Both are finite exactly when every

@@ -32,7 +32,7 @@ How the heads are traversed:
 In the first two, a loss weighting scales the head gradient of a parameter one task reaches by that task's
 weight, and passes the heads again with seeds w_i only when several tasks reach a head parameter. All three
 give the same gradients. Cost: the heads' passes above, O(T² D) for G_z, one backward pass through the trunk,
-and one read of every gradient written, which must be finite as in full mode (``finite_gradients``).
+and one read of every gradient written, which must be finite as in full mode (``sources.finite_gradients``).
 
 This is an approximation of the full mode: the weights are exact for the method's objective posed on z
 (for MGDA: the min-norm combination of the ∇_z L_i), which for the parameters is an upper bound (above),
@@ -54,12 +54,20 @@ import torch
 
 from .._validation import check_int
 from ..gram import gram_matrix
-from . import NonFiniteError, TaskScale, all_finite, check_finite, loss_values
+from . import TaskScale, check_finite, finite_gradients, loss_values
 from ._feature_graph import HeadSplit, split_at_features
 
 if TYPE_CHECKING:
     from ..amp import LossScaling
     from ..distributed import Reduction
+
+# What the check of the written gradients names: G_z and the losses were checked before the weights, but a
+# head parameter's gradient, or the trunk's from a finite u_z, can be non-finite on its own (a NaN-producing
+# backward away from z).
+PARAMETER_GRADIENT = (
+    "gradient of a parameter in the pass through the heads or the trunk (the gradients with respect to the "
+    "features are finite)"
+)
 
 
 class TaskViews(list[torch.Tensor | list[torch.Tensor]]):
@@ -271,7 +279,9 @@ class FeatureCollection:
         finally:
             for handle in handles:
                 handle.remove()
-        return finite_gradients([(p, g) for p, g in zip(self.params, grads, strict=True) if g is not None])
+        return finite_gradients(
+            [(p, g) for p, g in zip(self.params, grads, strict=True) if g is not None], PARAMETER_GRADIENT
+        )
 
     def reached_params(self) -> list[torch.Tensor]:
         return self.params
@@ -361,7 +371,7 @@ class OnePassCollection(FeatureCollection):
         for p, a, b in zip(self.params, trunk, heads, strict=True):
             if a is not None or b is not None:
                 out.append((p, b if a is None else a if b is None else a + b))
-        return finite_gradients(out)
+        return finite_gradients(out, PARAMETER_GRADIENT)
 
 
 class ViewCollection(OnePassCollection):
@@ -462,21 +472,6 @@ class SplitCollection(OnePassCollection):
                 if (i, j) not in filled:
                     jac[i, start:end].zero_()
         return jac, grads[len(features) :]
-
-
-def finite_gradients(
-    pairs: list[tuple[torch.Tensor, torch.Tensor]],
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``pairs`` unchanged, or ``NonFiniteError`` when a parameter's new gradient holds a NaN or inf. G_z and
-    the losses were checked before the weights, but a head parameter's gradient, or the trunk's from a
-    finite u_z, can be non-finite on its own (a NaN-producing backward away from z)."""
-    if not all_finite(g for _, g in pairs):
-        raise NonFiniteError(
-            "non-finite (NaN/inf) gradient of a parameter in the pass through the heads or the trunk (the "
-            "gradients with respect to the features are finite); nothing was written",
-            (p for p, _ in pairs),
-        )
-    return pairs
 
 
 def check_own_views(losses: list[torch.Tensor], views: list[list[torch.Tensor]]) -> list[set[int]]:

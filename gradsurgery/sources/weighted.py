@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from . import NonFiniteError, all_finite, check_finite, loss_values
+from . import check_finite, finite_gradients, loss_values
 
 if TYPE_CHECKING:
     from ..amp import LossScaling
@@ -99,11 +99,7 @@ class WeightedCollection:
         reached = [(p, g) for p, g in zip(self.params, averaged, strict=True) if g is not None]
         if not reached:
             raise ValueError("the losses reach none of the optimizer's parameters")
-        if not all_finite(g for _, g in reached):
-            raise NonFiniteError(
-                "non-finite (NaN/inf) gradient of the weighted loss; nothing was written",
-                (p for p, _ in reached),
-            )
+        finite_gradients(reached, "gradient of the weighted loss")
         if self.scaling is not None:
             # Back to true units for the post-transforms; the write-back scales again (exact for 2^k).
             reached = [(p, g / self.scaling.scale_factor()) for p, g in reached]
