@@ -2,10 +2,10 @@
 the same algorithm written by hand (the floor any implementation of it pays).
 
 The speed suite's MLP (``small``: trunk 128→384→384→256, ``0.5M``: 256→512→512→256; T linear heads, batch
-128, Adam, one thread; ``--tower N``: heads d_z → N → N → 1 with ReLU instead; ``--device cuda``: the model
-and the batch on a GPU, the clock read after ``torch.cuda.synchronize``). Variants, timed interleaved
-(every repetition times each variant once in a shuffled order and divides by the plain step of the same
-repetition):
+128 (``--batch N``), Adam, one thread; ``--tower N``: heads d_z → N → N → 1 with ReLU instead; ``--device
+cuda``: the model and the batch on a GPU, the clock read after ``torch.cuda.synchronize``). Variants, timed
+interleaved (every repetition times each variant once in a shuffled order and divides by the plain step of the
+same repetition):
 
 - ``plain``: ``sum(losses).backward()`` and the Adam step;
 - ``floor``: representation mode with task views written directly in torch, without gradsurgery: the heads
@@ -74,9 +74,10 @@ class Case:
         num_tasks: int,
         tower: int = 0,
         device: torch.device | None = None,
+        batch: int = BATCH,
     ) -> None:
         device = torch.device("cpu") if device is None else device
-        self.model, self.x, gen = seeded_mlp(dims, num_tasks, device, BATCH)
+        self.model, self.x, gen = seeded_mlp(dims, num_tasks, device, batch)
         if tower:  # towers d_z → tower → tower → 1 (ReLU) instead of linear heads
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(num_tasks + 7 * tower)
@@ -91,7 +92,7 @@ class Case:
                     )
                     for _ in range(num_tasks)
                 ).to(device)
-        self.y = torch.randn(BATCH, num_tasks, generator=gen).to(device)
+        self.y = torch.randn(batch, num_tasks, generator=gen).to(device)
         self.device = device
         self.num_tasks = num_tasks
         # A small learning rate keeps hundreds of steps on random targets far from divergence.
@@ -169,9 +170,10 @@ def measure(
     inner_steps: int,
     tower: int = 0,
     device: torch.device | None = None,
+    batch: int = BATCH,
 ) -> list[dict]:
     dims = {**SIZES, **TINY_SIZES}[size]
-    case = Case(dims, num_tasks, tower, device)
+    case = Case(dims, num_tasks, tower, device, batch)
     members = {"plain": plain_step(case), "floor": floor_step(case)}
     for method in methods:
         members[method] = method_step(case, method, views=True)
@@ -187,6 +189,7 @@ def measure(
             {
                 "size": size,
                 "num_tasks": num_tasks,
+                "batch": batch,
                 "variant": name,
                 "ms": 1e3 * statistics.median(values),
                 "ratio": statistics.median(ratios),
@@ -207,7 +210,7 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
     threads = f"{args.threads} thread" + ("s" if args.threads > 1 else "")
     where = threads if args.device == "cpu" else f"{args.device} ({_device_name(args.device)}), {threads}"
     lines = [
-        f"# Representation mode on small models ({where}, batch {BATCH}, {heads}, {args.reps} "
+        f"# Representation mode on small models ({where}, batch {args.batch}, {heads}, {args.reps} "
         f"repetitions × {args.inner_steps} steps, torch {torch.__version__})",
         "",
         "Step time / plain step, median (25th-75th percentile). `floor`: the task-views algorithm written "
@@ -245,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--inner-steps", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=BATCH, help=f"examples per step (default {BATCH})")
     parser.add_argument(
         "--tower",
         type=int,
@@ -264,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(unknown)
     if device.type not in ("cpu", "cuda"):
         parser.error(unknown)
+    if args.batch < 1:
+        parser.error(f"--batch: expected a positive number of examples, got {args.batch}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available")
     torch.set_num_threads(args.threads)
@@ -271,7 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     for size in args.sizes:
         for num_tasks in args.tasks:
             methods = args.methods or gram_methods(num_tasks)
-            rows += measure(size, num_tasks, methods, args.reps, args.inner_steps, args.tower, device)
+            rows += measure(
+                size, num_tasks, methods, args.reps, args.inner_steps, args.tower, device, args.batch
+            )
             print(f"{size} T={num_tasks} done", file=sys.stderr)
     write_rows_and_report(Path(args.out), rows, report(rows, args))
     return 0

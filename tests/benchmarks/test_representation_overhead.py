@@ -47,15 +47,19 @@ def test_tiny_run_writes_rows_and_report(tmp_path):
             "2",
             "--inner-steps",
             "1",
+            "--batch",
+            "7",
             "--out",
             str(tmp_path),
         ]
     )
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert [r["variant"] for r in rows] == ["plain", "floor", "upgrad", "z", "z per task"]
+    assert {r["batch"] for r in rows} == {7}
     upgrad = rows[2]
     assert upgrad["ratio_p25"] <= upgrad["ratio"] <= upgrad["ratio_p75"]
     text = (tmp_path / "report.md").read_text()
+    assert "(1 thread, batch 7, linear heads, 2 repetitions × 1 steps" in text
     assert f"| upgrad | {upgrad['ratio']:.2f} ({upgrad['ratio_p25']:.2f}-{upgrad['ratio_p75']:.2f}) |" in text
 
 
@@ -69,6 +73,20 @@ def test_device_option_rejects_what_it_cannot_run_on(device, message, capsys):
         ro.main(["--device", device, "--sizes", "tiny", "--tasks", "2"])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_case_draws_a_batch_of_the_size_asked_for():
+    case = ro.Case(ro.TINY_SIZES["tiny"], 3, batch=5)
+    assert case.x.shape[0] == case.y.shape[0] == 5
+    assert [loss.shape for loss in case.head_losses([case.model.trunk(case.x)] * 3)] == [torch.Size([])] * 3
+
+
+@pytest.mark.parametrize("batch", ["0", "-3"])
+def test_batch_option_rejects_a_batch_without_examples(batch, capsys):
+    with pytest.raises(SystemExit) as exc:
+        ro.main(["--batch", batch, "--sizes", "tiny", "--tasks", "2"])
+    assert exc.value.code == 2
+    assert f"--batch: expected a positive number of examples, got {batch}" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
