@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+import gradsurgery.gram as gram_module
 from gradsurgery import gram_matrix
 
 
@@ -52,3 +53,37 @@ def test_float16_jacobian_with_a_float32_gram_sums_its_chunks():
     got = gram_matrix(jac, dtype=torch.float32, chunk=7)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), exact, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunks_per_group", [1, 2, 3, 50])
+@pytest.mark.parametrize("columns", [6 * 7, 6 * 7 + 3, 7 * 7 + 1, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_groups_of_chunks_give_the_float64_product(chunks_per_group, columns, dtype, monkeypatch):
+    """Chunks multiplied a group at a time (groups of 1, 2, 3 or all chunks; columns filling whole chunks,
+    with a remainder, or fewer than one chunk) give the float64 product to float32 rounding: a chunk lost or
+    counted twice would be off by a sixth of G or more."""
+    t, chunk = 4, 7
+    monkeypatch.setattr(gram_module, "GROUP_ELEMENTS", chunks_per_group * t * chunk)
+    gen = torch.Generator().manual_seed(columns)
+    jac = (torch.randn(t, columns, generator=gen) + 0.5).to(dtype)
+    exact = jac.double() @ jac.double().T
+    scale = torch.outer(exact.diagonal().sqrt(), exact.diagonal().sqrt())
+    # a non-contiguous J (the transpose of a column-major buffer) is read in place just the same
+    strided = jac.T.contiguous().T
+    assert not strided.is_contiguous()
+    for got in (gram_matrix(jac, chunk=chunk), gram_matrix(strided, chunk=chunk)):
+        assert got.dtype == torch.float64
+        assert ((got - exact).abs() / scale).max() < 1e-6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("columns", [3001, 16384 * 70 + 5])
+def test_on_cuda_matches_the_float64_product(columns, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    gen = torch.Generator().manual_seed(3)
+    jac = torch.randn(6, columns, generator=gen) * torch.tensor([[1.0], [1e-3], [1.0], [10.0], [2.0], [0.5]])
+    exact = jac.double() @ jac.double().T
+    got = gram_matrix(jac.cuda())
+    assert got.device.type == "cuda" and got.dtype == torch.float64
+    scale = torch.outer(exact.diagonal().sqrt(), exact.diagonal().sqrt())
+    assert ((got.cpu() - exact).abs() / scale).max() <= 1e-6
