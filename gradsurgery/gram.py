@@ -14,8 +14,9 @@ J, ⌊2²² / (T·chunk)⌋ chunks per group, instead of one product per chunk: 
 time whatever its size, which on a GPU made representation-mode steps with large batches several times
 slower (batch 32768 × 256 features is 512 chunks). The group bounds the memory of converting a
 low-precision J to float32. On the CPU, with the default chunk, G came out bit-identical to the
-chunk-by-chunk loop's on every case tried (float32 and float16 J, T = 1-16, d up to 1M) in 0.47-0.89× its
-time (T = 2-8, d = 33k-8.4M, one thread); a float32 G sums the chunks in another order.
+chunk-by-chunk loop's on every case tried (float32, float16 and bfloat16 J, T = 1-16, d up to 1M) in
+0.47-0.89× its time (T = 2-8, d = 33k-8.4M, one thread); a float32 G sums the chunks in another order. On an
+H100, 0.02-0.09× its time for d = 1M-34M.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ def gram_matrix(
     Cost: T²·d multiply-adds in J's precision (float32 at least), T×T sums in ``dtype`` per chunk, and about
     three kernels per group of chunks (see the module docstring).
     """
+    if isinstance(chunk, bool) or not isinstance(chunk, int):
+        raise TypeError(f"chunk must be an int, got {type(chunk).__name__}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be a positive number of columns, got {chunk}")
     if jacobian.dtype == dtype or torch.finfo(jacobian.dtype).bits >= torch.finfo(dtype).bits:
         j = jacobian.to(dtype)
         return j @ j.T

@@ -87,3 +87,17 @@ def test_on_cuda_matches_the_float64_product(columns, monkeypatch):
     assert got.device.type == "cuda" and got.dtype == torch.float64
     scale = torch.outer(exact.diagonal().sqrt(), exact.diagonal().sqrt())
     assert ((got.cpu() - exact).abs() / scale).max() <= 1e-6
+
+
+@pytest.mark.parametrize(
+    ("chunk", "error", "message"),
+    [
+        (0, ValueError, "chunk must be a positive number of columns, got 0"),
+        (-5, ValueError, "chunk must be a positive number of columns, got -5"),
+        (2.0, TypeError, "chunk must be an int, got float"),
+        (True, TypeError, "chunk must be an int, got bool"),
+    ],
+)
+def test_a_chunk_that_is_not_a_positive_int_is_refused(chunk, error, message):
+    with pytest.raises(error, match=message):
+        gram_matrix(torch.ones(2, 5), chunk=chunk)
