@@ -23,7 +23,9 @@ functions for today's rule so that the comparison runs the same maths:
   the step (grow or shrink ‖θ‖, globally or per tensor) decided by the gradient of a batch of the validation
   split, the data that tunes λ (``heldout_radial_direction``, ``decoupled_heldout_radial``); ``l2-last-dec``:
   today's decoupled rule per tensor on the output layer's weight only, globally on the others (which tensor
-  the per-tensor rule's effect comes from); the evidence λ (MacKay 1992: u = g + λθ with λ = γ/(N‖θ‖²),
+  the per-tensor rule's effect comes from); ``lp-dec``: the decoupled rule on Σ_l log‖W_l‖ instead of ½‖θ‖²
+  (the product of the layers' norms may not grow, the layers may trade norm; ``decoupled_log_product``);
+  the evidence λ (MacKay 1992: u = g + λθ with λ = γ/(N‖θ‖²),
   direct form, run with SGD), γ from the empirical Fisher's diagonal estimated from the batch gradient
   (``evb``, ``evb-pt``: B·g²) or from exact per-sample gradients (``ev``, ``ev-pt``), from the true
   Fisher's diagonal (``evg``, ``evg-pt``: B·g² of the gradient for labels drawn from the model), from a
@@ -76,6 +78,7 @@ PROTO = [
     "val-dec",
     "val-pt-dec",
     "l2-last-dec",
+    "lp-dec",
     "ev",
     "ev-pt",
     "evs",
@@ -210,6 +213,8 @@ def train_one(seed, arch, opt_name, mode, lam, data, *, epochs, width, batch_siz
                 if mode == "l2-last-dec":  # the output layer's weight on its own, one global rule elsewhere
                     decoupled_correction(news[:-1], olds[:-1], False)
                     decoupled_correction(news[-1:], olds[-1:], True)
+                elif mode == "lp-dec":
+                    P.decoupled_log_product(news, olds)
                 elif mode.startswith("l2"):
                     decoupled_correction(news, olds, per_tensor)
                 elif mode.startswith("val"):

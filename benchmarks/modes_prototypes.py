@@ -302,6 +302,25 @@ def decoupled_balanced_shrink(
     return lengths
 
 
+def decoupled_log_product(news: Sequence[torch.Tensor], olds: Sequence[torch.Tensor]) -> float:
+    """The decoupled rule on Σ_l log‖W_l‖ instead of ½‖θ‖²: the product of the layers' norms, which bounds a
+    ReLU network's output scale, may not grow, while the layers trade norm among themselves. After a step
+    θ_old → θ_new, where Σ_l log(‖W_l,new‖/‖W_l,old‖) = e > 0 over the L tensors, every tensor is scaled by
+    c = exp(−e/L), which brings the sum back to its value before the step and keeps every direction.
+    Returns c (1 where the sum did not grow). In place."""
+    excess = 0.0
+    for new, old in zip(news, olds, strict=True):
+        a, b = _d(old, old), _d(new, new)
+        if a > 0 and b > 0:
+            excess += 0.5 * (math.log(b) - math.log(a))
+    if excess <= 0:
+        return 1.0
+    c = math.exp(-excess / len(news))
+    for new in news:
+        new.mul_(c)
+    return c
+
+
 def heldout_radial_direction(
     grads: Sequence[torch.Tensor],
     thetas: Sequence[torch.Tensor],

@@ -108,3 +108,21 @@ def test_evidence_modes_train_and_report_their_lambda(mode):
     # The same run without the rule ends elsewhere: the λ reached the weights.
     plain = mod.train_one(0, "mlp", "sgd", "none", None, data, epochs=1, width=16)
     assert not math.isclose(plain["weight_norm"], row["weight_norm"], rel_tol=1e-9)
+
+
+def test_log_product_mode_corrects_every_step_and_never_lets_the_product_grow():
+    mod = importlib.import_module("benchmarks.l2_lambda_free")
+    data = mod.prepare(0, 64, 32, 0.3)
+    real, products, factors = mod.P.decoupled_log_product, [], []
+
+    def spy(news, olds):
+        factors.append(real(news, olds))
+        products.append([math.prod(float(t.double().norm()) for t in ts) for ts in (olds, news)])
+        return factors[-1]
+
+    with unittest.mock.patch.object(mod.P, "decoupled_log_product", spy):
+        mod.train_one(0, "mlp", "sgd", "lp-dec", None, data, epochs=1, width=16)
+    assert len(products) == 2  # 64 images in batches of 32
+    assert min(factors) < 1  # the steps grew the product: the rule acted
+    # back to the product before the step, up to the weights' float32 rounding
+    assert all(after <= before * (1 + 1e-6) for before, after in products)

@@ -320,3 +320,26 @@ def test_hypergradient_step_follows_the_held_out_loss_derivative_in_lambda(per_t
         )
         assert rule.log_lams[n] - before[n] == pytest.approx(0.1 * vt / norm, rel=1e-4)
     assert rule.lambdas() == pytest.approx([math.exp(v) for v in rule.log_lams])
+
+
+def test_decoupled_log_product_brings_the_product_of_norms_back_and_keeps_directions():
+    gen = torch.Generator().manual_seed(7)
+    olds = [torch.randn(5, 4, generator=gen, dtype=torch.float64), torch.randn(3, 5, generator=gen).double()]
+    grown = [olds[0] * 1.5, olds[1] * 0.9 + 0.01]  # the product of the norms grows
+    news = [t.clone() for t in grown]
+
+    def product(ts):
+        return float(torch.prod(torch.stack([t.norm() for t in ts])))
+
+    assert product(grown) > product(olds)
+    c = P.decoupled_log_product(news, olds)
+    assert abs(product(news) - product(olds)) < 1e-12 * product(olds)
+    # one factor for every tensor: c^L = ∏‖W_old‖ / ∏‖W_grown‖
+    assert abs(c**2 - product(olds) / product(grown)) < 1e-12
+    for new, before in zip(news, grown, strict=True):
+        torch.testing.assert_close(new, c * before, rtol=1e-15, atol=0)
+    # a step that shrinks the product is left alone
+    shrunk = [olds[0] * 0.5, olds[1] * 1.2]
+    kept = [t.clone() for t in shrunk]
+    assert P.decoupled_log_product(kept, olds) == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(kept, shrunk, strict=True))
