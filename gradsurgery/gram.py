@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from ._validation import check_int
+
 CHUNK = 16384
 GROUP_ELEMENTS = 1 << 22
 
@@ -35,10 +37,7 @@ def gram_matrix(
     Cost: T²·d multiply-adds in J's precision (float32 at least), T×T sums in ``dtype`` per chunk, and about
     three kernels per group of chunks (see the module docstring).
     """
-    if isinstance(chunk, bool) or not isinstance(chunk, int):
-        raise TypeError(f"chunk must be an int, got {type(chunk).__name__}")
-    if chunk < 1:
-        raise ValueError(f"chunk must be a positive number of columns, got {chunk}")
+    chunk = check_int(chunk, "chunk", minimum=1)
     if jacobian.dtype == dtype or torch.finfo(jacobian.dtype).bits >= torch.finfo(dtype).bits:
         j = jacobian.to(dtype)
         return j @ j.T

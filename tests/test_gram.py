@@ -92,10 +92,10 @@ def test_on_cuda_matches_the_float64_product(columns, monkeypatch):
 @pytest.mark.parametrize(
     ("chunk", "error", "message"),
     [
-        (0, ValueError, "chunk must be a positive number of columns, got 0"),
-        (-5, ValueError, "chunk must be a positive number of columns, got -5"),
-        (2.0, TypeError, "chunk must be an int, got float"),
-        (True, TypeError, "chunk must be an int, got bool"),
+        (0, ValueError, "chunk must be >= 1, got 0"),
+        (-5, ValueError, "chunk must be >= 1, got -5"),
+        (2.0, TypeError, "chunk must be an int, got 2.0"),
+        (True, TypeError, "chunk must be an int, got True"),
     ],
 )
 def test_a_chunk_that_is_not_a_positive_int_is_refused(chunk, error, message):
