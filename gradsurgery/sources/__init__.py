@@ -41,15 +41,22 @@ class NonFiniteError(ValueError):
 
 
 def all_finite(grads: Iterable[torch.Tensor]) -> bool:
-    """No NaN or inf in any of ``grads``, dense or sparse; one host synchronisation per device. Each tensor is
-    read once, for its ``extremes``, where ``isfinite(g).all()`` takes several passes and tensor-sized
-    temporaries (the 14 gradients of a 0.3M-parameter MLP, one CPU thread: 87 against 655 µs)."""
-    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    """No NaN or inf in any of ``grads``, dense or sparse; one host synchronisation per device when they are
+    finite. Each tensor is read once, for its ``finite_screen``; only a tensor whose screen fails (a NaN or
+    inf, or finite entries whose sum overflows) is read again, for its exact ``extremes``. Either read costs
+    a fraction of ``isfinite(g).all()``'s several passes and tensor-sized temporaries (the 14 gradients of a
+    0.3M-parameter MLP, one CPU thread: 53 µs by screens, 99 µs by extremes, 655 µs by ``isfinite``)."""
+    screened: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for g in grads:
-        for extreme in extremes(g):
-            by_device.setdefault(extreme.device, []).append(extreme)
-    # torch.stack promotes mixed float dtypes to a wider one, which keeps every NaN and inf.
-    return all(bool(torch.isfinite(torch.stack(found)).all()) for found in by_device.values())
+        total = finite_screen(g)
+        if total is not None:
+            screened.setdefault(total.device, []).append((g, total))
+    suspects = []
+    for pairs in screened.values():
+        # torch.stack promotes mixed float dtypes to a wider one, which keeps every NaN and inf.
+        passed = torch.isfinite(torch.stack([total for _, total in pairs])).tolist()
+        suspects += [g for (g, _), ok in zip(pairs, passed, strict=True) if not ok]
+    return all(bool(torch.isfinite(torch.stack(extremes(g))).all()) for g in suspects)
 
 
 def finite_gradients(
@@ -63,16 +70,39 @@ def finite_gradients(
     return pairs
 
 
-def extremes(grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The smallest and largest entry of ``grad`` (of a sparse gradient's stored values, of a complex one's
-    real and imaginary parts), in one pass; none for an empty tensor. Both are finite exactly when every
-    entry is: ``torch.aminmax`` propagates NaN, and an inf is one of the two."""
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _entries(grad: torch.Tensor) -> torch.Tensor:
+    """The real entries a finiteness check reads: a sparse gradient's stored values, a complex one's real and
+    imaginary parts."""
     values = grad._values() if grad.is_sparse else grad
-    if values.numel() == 0:  # nothing to check, and aminmax refuses an empty tensor
-        return ()
     if values.is_complex():
         values = torch.view_as_real(values)
-    return tuple(torch.aminmax(values.detach()))
+    return values.detach() if values.requires_grad else values
+
+
+def finite_screen(grad: torch.Tensor) -> torch.Tensor | None:
+    """Σ of ``grad``'s entries (in float32 at least), or None for an empty tensor: one pass, cheaper than
+    ``extremes`` (a sum against a min and a max). It is NaN or inf whenever an entry is, in any order of
+    summation (a NaN propagates; an inf stays one or meets the opposite inf in a NaN), so a finite screen
+    proves every entry finite; a non-finite one may still come from finite entries whose sum overflows."""
+    values = _entries(grad)
+    if values.numel() == 0:
+        return None
+    if values.dtype in _HALF:  # their sum is taken in float32 and would be rounded back, overflowing sooner
+        return values.sum(dtype=torch.float32)
+    return values.sum()
+
+
+def extremes(grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The smallest and largest entry of ``grad`` (of its ``_entries``), in one pass; none for an empty
+    tensor. Both are finite exactly when every entry is: ``torch.aminmax`` propagates NaN, and an inf is one
+    of the two."""
+    values = _entries(grad)
+    if values.numel() == 0:  # nothing to check, and aminmax refuses an empty tensor
+        return ()
+    return tuple(torch.aminmax(values))
 
 
 class TaskScale:
@@ -122,7 +152,7 @@ def check_finite(
     checks = [values.reshape(-1).to(like.device, like.dtype)]
     if gram is not None:
         checks.append(gram.diagonal())
-    found = [extreme for _, g in task_grads for extreme in extremes(g)]
+    found = [total for _, g in task_grads if (total := finite_screen(g)) is not None]
     if found:
         # × 0: 0 for a finite extreme, NaN otherwise, so that no cast to the check's dtype can overflow.
         checks.append((torch.stack(found) * 0).to(like.device, like.dtype))
@@ -134,6 +164,8 @@ def check_finite(
         raise NonFiniteError(f"non-finite loss value(s) for task(s) {bad}: {listed}", params)
     tasks = set(non_finite(gram.diagonal().tolist())) if gram is not None else set()
     tasks |= {i for i, g in task_grads if not all_finite([g])}
+    if not tasks:  # the screen of a large finite gradient overflowed
+        return
     raise NonFiniteError(
         f"non-finite (NaN/inf) {gradient} for task(s) {sorted(tasks)}; nothing was written", params
     )

@@ -1,7 +1,8 @@
 """The finiteness checks of the gradients: ``all_finite`` (the single-backward source's, representation
 mode's) against ``torch.isfinite(x).all()`` on every float dtype, sizes around the vector widths, NaN/inf
 anywhere, sparse, complex and empty gradients, and the error it raises in a step; ``check_finite``'s check of
-the task-specific gradients (the task it names, no overflow of large finite gradients)."""
+the task-specific gradients (the task it names, no overflow of large finite gradients). Both first sum each
+tensor and read again, for its extremes, only a tensor whose sum is not finite."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from gradsurgery import GradSurgery
-from gradsurgery.sources import NonFiniteError, all_finite, check_finite
+from gradsurgery import GradSurgery, sources
+from gradsurgery.sources import NonFiniteError, all_finite, check_finite, extremes
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64]
 
@@ -68,6 +69,30 @@ def test_a_large_finite_tensor_is_not_mistaken_for_an_overflow():
     assert all_finite([x, -x])
 
 
+@pytest.mark.parametrize("bad", [None, math.nan, math.inf])
+def test_only_a_tensor_whose_sum_is_not_finite_is_read_again(monkeypatch, bad):
+    """The exact check (the extremes) runs on the tensors whose sum failed, and decides them."""
+    read_again = []
+
+    def spy(grad):
+        read_again.append(grad)
+        return extremes(grad)
+
+    monkeypatch.setattr(sources, "extremes", spy)
+    big = torch.full((10,), torch.finfo(torch.float32).max)  # finite, its sum overflows
+    other = torch.ones(5)
+    if bad is not None:
+        other[2] = bad
+    assert all_finite([torch.ones(3), big, other]) is (bad is None)
+    assert [id(g) for g in read_again] == [id(big)] + ([] if bad is None else [id(other)])
+    read_again.clear()
+    half = torch.full(
+        (1000,), 60000.0, dtype=torch.float16
+    )  # its sum is beyond float16's range, not float32's
+    assert all_finite([torch.ones(3), torch.zeros(0), -torch.ones(7, dtype=torch.float64), half])
+    assert read_again == []
+
+
 def test_an_inf_in_the_summed_gradient_stops_the_step_and_writes_nothing():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 300), nn.Tanh(), nn.Linear(300, 2))
@@ -105,3 +130,8 @@ def test_check_finite_takes_no_large_finite_gradient_for_an_overflow():
     values = torch.tensor([1.0, 2.0])
     gram = torch.eye(2)
     check_finite(values, gram, [(0, torch.tensor([1e300, -1e300], dtype=torch.float64)), (1, torch.ones(1))])
+    # entries whose sum overflows their own dtype
+    big = torch.finfo(torch.float32).max
+    check_finite(values, gram, [(0, torch.tensor([big, big])), (1, torch.tensor([-big, -big, 1.0]))])
+    with pytest.raises(NonFiniteError, match=r"gradient for task\(s\) \[1\]"):
+        check_finite(values, gram, [(0, torch.tensor([big, big])), (1, torch.tensor([-big, math.nan]))])
