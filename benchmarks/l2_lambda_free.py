@@ -3,9 +3,10 @@ validation split, on the MLP of ``l2_regularization.py`` and on a small convolut
 
 Same data as ``l2_regularization.py`` (scikit-learn digits, per seed 200 training / 300 validation / 1297
 test images, 0 or 30 % symmetric noise on the training labels only), same optimizers (SGD lr 0.05, Adam lr
-1e-3), batch 32, ``--epochs`` epochs. Architectures (``--arch``): ``mlp`` 64 → 512 → 512 → 10 (as today) and
-``cnn``: conv 3×3 (1 → 32) – ReLU – conv 3×3 (32 → 64) – ReLU – max-pool 2 – linear (1024 → 128) – ReLU –
-linear (128 → 10) on the 8×8 images (≈ 150k weights). Every mode regularizes the tensors with dim ≥ 2.
+1e-3, constant; ``--schedule cosine``: annealed to 0 over the run, a step per epoch), batch 32, ``--epochs``
+epochs. Architectures (``--arch``): ``mlp`` 64 → 512 → 512 → 10 (as today) and ``cnn``: conv 3×3 (1 → 32) –
+ReLU – conv 3×3 (32 → 64) – ReLU – max-pool 2 – linear (1024 → 128) – ReLU – linear (128 → 10) on the 8×8
+images (≈ 150k weights). Every mode regularizes the tensors with dim ≥ 2.
 
 Modes (``--modes``), all applied by hand in the training loop (no ``GradSurgery``), using the package's own
 functions for today's rule so that the comparison runs the same maths:
@@ -124,11 +125,13 @@ def set_grads(weights: list[torch.Tensor], new: list[torch.Tensor]) -> None:
         p.grad = u
 
 
-def train_one(seed, arch, opt_name, mode, lam, data, *, epochs, width, batch_size=32):
+def train_one(seed, arch, opt_name, mode, lam, data, *, epochs, width, batch_size=32, schedule="constant"):
     (xtr, ytr), (xva, yva), (xte, yte) = data
     model = build(arch, seed, width)
     weights = D.weight_matrices(model)
     opt = D.optimizer(model, opt_name, LR[opt_name], lam if mode == "wd" else None)
+    # "cosine": the learning rate annealed from LR to 0 over the run, stepped once per epoch
+    annealing = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs) if schedule == "cosine" else None
     per_tensor = "-pt" in mode
     decoupled = mode.endswith("-dec")
     with torch.no_grad():
@@ -225,6 +228,8 @@ def train_one(seed, arch, opt_name, mode, lam, data, *, epochs, width, batch_siz
                     lam_n += 1  # noqa: E702
                 else:
                     P.decoupled_balanced_shrink(news, olds, per_tensor)
+        if annealing is not None:
+            annealing.step()
     with torch.no_grad():
         norm = float(torch.sqrt(sum((p.double() ** 2).sum() for p in weights)))
     return {
@@ -237,14 +242,21 @@ def train_one(seed, arch, opt_name, mode, lam, data, *, epochs, width, batch_siz
     }
 
 
+def training(row: dict) -> str:
+    """The optimizer and, when not constant, the learning-rate schedule of a row (rows written before the
+    schedule was recorded ran at a constant rate)."""
+    schedule = row.get("schedule") or "constant"
+    return row["optimizer"] if schedule == "constant" else f"{row['optimizer']}, {schedule} lr"
+
+
 def summarize(rows: list[dict]) -> str:
     out = []
-    keyset = sorted({(r["arch"], float(r["label_noise"]), r["optimizer"]) for r in rows})
+    keyset = sorted({(r["arch"], float(r["label_noise"]), training(r)) for r in rows})
     for arch, noise, opt_name in keyset:
         sel = [
             r
             for r in rows
-            if r["arch"] == arch and float(r["label_noise"]) == noise and r["optimizer"] == opt_name
+            if r["arch"] == arch and float(r["label_noise"]) == noise and training(r) == opt_name
         ]
 
         def pick(mode, lam="", sel=sel):
@@ -303,7 +315,7 @@ def summarize(rows: list[dict]) -> str:
 def overview(rows: list[dict]) -> str:
     """One table: a row per mode, a column per (architecture, optimizer, scenario), each cell the paired gap
     to the tuned λ (mean ± std, points) and, under noise, the share of the tuned gain recovered."""
-    keys = sorted({(r["arch"], r["optimizer"], float(r["label_noise"])) for r in rows})
+    keys = sorted({(r["arch"], training(r), float(r["label_noise"])) for r in rows})
     modes = [m for m in ["none", *TODAY, *PROTO] if any(r["mode"] == m for r in rows)]
     header = ["mode"] + [
         f"{a.upper()} {o.upper()} {'clean' if not n else f'{round(100 * n)} % noise'}" for a, o, n in keys
@@ -314,7 +326,7 @@ def overview(rows: list[dict]) -> str:
         sel = [
             r
             for r in rows
-            if r["arch"] == arch and r["optimizer"] == opt_name and float(r["label_noise"]) == noise
+            if r["arch"] == arch and training(r) == opt_name and float(r["label_noise"]) == noise
         ]
 
         def accs(mode, lam=None, sel=sel):
@@ -387,6 +399,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="+", default=["none", "wd"] + TODAY + PROTO)
     parser.add_argument("--epochs", type=int, default=80)
     parser.add_argument("--width", type=int, default=512)
+    parser.add_argument(
+        "--schedule",
+        choices=["constant", "cosine"],
+        default="constant",
+        help="the learning rate: constant, or annealed to 0 over the run by a cosine (stepped per epoch)",
+    )
     parser.add_argument("--shard", default="0/1")
     parser.add_argument("--sgd-only", nargs="*", default=[], help="modes run with SGD only")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/l2_free"))
@@ -426,12 +444,23 @@ def main(argv: list[str] | None = None) -> int:
     for arch, noise, seed, opt_name, mode, lam in jobs:
         data = prepare(seed, 200, 300, noise)
         t0 = time.perf_counter()
-        res = train_one(seed, arch, opt_name, mode, lam, data, epochs=args.epochs, width=args.width)
+        res = train_one(
+            seed,
+            arch,
+            opt_name,
+            mode,
+            lam,
+            data,
+            epochs=args.epochs,
+            width=args.width,
+            schedule=args.schedule,
+        )
         rows.append(
             {
                 "arch": arch,
                 "label_noise": noise,
                 "optimizer": opt_name,
+                "schedule": args.schedule,
                 "mode": mode,
                 "lambda": "" if lam is None else lam,
                 "seed": seed,
@@ -440,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         print(
-            f"{arch} noise {noise} seed {seed} {opt_name} {mode} {'' if lam is None else lam}: "
+            f"{arch} noise {noise} seed {seed} {training(rows[-1])} {mode} {'' if lam is None else lam}: "
             f"test {res['test_acc']:.4f} val {res['val_acc']:.4f} ‖W‖ {res['weight_norm']:.2f} "
             f"λ̄ {res['mean_lambda']:.2g} ({rows[-1]['seconds']:.1f}s)",
             flush=True,

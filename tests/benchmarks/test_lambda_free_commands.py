@@ -126,3 +126,50 @@ def test_log_product_mode_corrects_every_step_and_never_lets_the_product_grow():
     assert min(factors) < 1  # the steps grew the product: the rule acted
     # back to the product before the step, up to the weights' float32 rounding
     assert all(after <= before * (1 + 1e-6) for before, after in products)
+
+
+def test_cosine_schedule_anneals_the_learning_rate_once_per_epoch():
+    """With ``schedule="cosine"`` epoch e (of E) runs at LR·(1 + cos(πe/E))/2; the constant schedule at LR."""
+    mod = importlib.import_module("benchmarks.l2_lambda_free")
+    data = mod.prepare(0, 64, 32, 0.3)
+    built, rates = [], {}
+    real_optimizer, real_batches = mod.D.optimizer, mod.D.batches
+
+    def optimizer(*args, **kwargs):
+        built.append(real_optimizer(*args, **kwargs))
+        return built[-1]
+
+    def batches(*args):  # called once at the start of every epoch
+        rates.setdefault(len(built), []).append(built[-1].param_groups[0]["lr"])
+        return real_batches(*args)
+
+    epochs, lr = 4, mod.LR["sgd"]
+    with (
+        unittest.mock.patch.object(mod.D, "optimizer", optimizer),
+        unittest.mock.patch.object(mod.D, "batches", batches),
+    ):
+        mod.train_one(0, "mlp", "sgd", "l2-dec", None, data, epochs=epochs, width=16, schedule="cosine")
+        mod.train_one(0, "mlp", "sgd", "l2-dec", None, data, epochs=epochs, width=16)
+    expected = [lr * (1 + math.cos(math.pi * e / epochs)) / 2 for e in range(epochs)]
+    assert rates[1] == pytest.approx(expected, rel=1e-12)
+    assert rates[2] == [lr] * epochs
+
+
+def test_rows_of_another_schedule_are_summarized_apart():
+    mod = importlib.import_module("benchmarks.l2_lambda_free")
+    rows = []
+    for schedule, base in (("constant", 0.5), ("cosine", 0.7), (None, 0.5)):  # None: a row from before
+        for seed in (0, 1):
+            for mode, lam, acc in (("none", "", base), ("wd", 0.01, base + 0.1), ("l2-dec", "", base + 0.05)):
+                row = {"arch": "mlp", "label_noise": "0.3", "optimizer": "sgd", "mode": mode, "lambda": lam}
+                row |= {"seed": str(seed + (2 if schedule is None else 0)), "test_acc": str(acc)}
+                row |= {"val_acc": str(acc), "weight_norm": "1.0"}
+                if schedule is not None:
+                    row["schedule"] = schedule
+                rows.append(row)
+    text = mod.overview(rows)
+    header = table_rows(text)[0]
+    assert header == ["mode", "MLP SGD 30 % noise", "MLP SGD, COSINE LR 30 % noise"]
+    # each column's gain and share come from its own rows: 10 points, half of them recovered
+    assert "50 %" in table_rows(text)[3][1] and "50 %" in table_rows(text)[3][2]
+    assert "**MLP, SGD, COSINE LR, 30 % label noise**" in mod.summarize(rows)
