@@ -4,9 +4,10 @@ validation split, on the MLP of ``l2_regularization.py`` and on a small convolut
 Same data as ``l2_regularization.py`` (scikit-learn digits, per seed 200 training / 300 validation / 1297
 test images, 0 or 30 % symmetric noise on the training labels only), same optimizers (SGD lr 0.05, Adam lr
 1e-3, constant; ``--schedule cosine``: annealed to 0 over the run, a step per epoch), batch 32, ``--epochs``
-epochs. Architectures (``--arch``): ``mlp`` 64 → 512 → 512 → 10 (as today) and ``cnn``: conv 3×3 (1 → 32) –
-ReLU – conv 3×3 (32 → 64) – ReLU – max-pool 2 – linear (1024 → 128) – ReLU – linear (128 → 10) on the 8×8
-images (≈ 150k weights). Every mode regularizes the tensors with dim ≥ 2.
+epochs (``--trace``: the test accuracy after each one, as information). Architectures (``--arch``): ``mlp``
+64 → 512 → 512 → 10 (as today) and ``cnn``: conv 3×3 (1 → 32) – ReLU – conv 3×3 (32 → 64) – ReLU – max-pool
+2 – linear (1024 → 128) – ReLU – linear (128 → 10) on the 8×8 images (≈ 150k weights). Every mode
+regularizes the tensors with dim ≥ 2.
 
 Modes (``--modes``), all applied by hand in the training loop (no ``GradSurgery``), using the package's own
 functions for today's rule so that the comparison runs the same maths:
@@ -125,7 +126,9 @@ def set_grads(weights: list[torch.Tensor], new: list[torch.Tensor]) -> None:
         p.grad = u
 
 
-def train_one(seed, arch, opt_name, mode, lam, data, *, epochs, width, batch_size=32, schedule="constant"):
+def train_one(
+    seed, arch, opt_name, mode, lam, data, *, epochs, width, batch_size=32, schedule="constant", trace=False
+):
     (xtr, ytr), (xva, yva), (xte, yte) = data
     model = build(arch, seed, width)
     weights = D.weight_matrices(model)
@@ -139,6 +142,7 @@ def train_one(seed, arch, opt_name, mode, lam, data, *, epochs, width, batch_siz
     gen = torch.Generator().manual_seed(1000 + seed)
     vgen = torch.Generator().manual_seed(5000 + seed)
     lam_sum = lam_n = 0.0
+    by_epoch: list[float] = []
     hyper = P.HypergradientL2(len(weights) if per_tensor else 1) if mode.startswith("hg") else None
     evidence: P.EvidenceL2 | P.KroneckerEvidence | None = None
     if mode.startswith("evk"):
@@ -230,6 +234,8 @@ def train_one(seed, arch, opt_name, mode, lam, data, *, epochs, width, batch_siz
                     P.decoupled_balanced_shrink(news, olds, per_tensor)
         if annealing is not None:
             annealing.step()
+        if trace:  # read only: the test images take no part in training
+            by_epoch.append(D.accuracy(model, xte, yte))
     with torch.no_grad():
         norm = float(torch.sqrt(sum((p.double() ** 2).sum() for p in weights)))
     return {
@@ -239,6 +245,7 @@ def train_one(seed, arch, opt_name, mode, lam, data, *, epochs, width, batch_siz
         "weight_norm": norm,
         "init_norm": init_norm,
         "mean_lambda": lam_sum / lam_n if lam_n else float("nan"),
+        **({"test_acc_by_epoch": " ".join(f"{a:.4f}" for a in by_epoch)} if trace else {}),
     }
 
 
@@ -405,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
         default="constant",
         help="the learning rate: constant, or annealed to 0 over the run by a cosine (stepped per epoch)",
     )
+    parser.add_argument(
+        "--trace", action="store_true", help="record the test accuracy after every epoch (test_acc_by_epoch)"
+    )
     parser.add_argument("--shard", default="0/1")
     parser.add_argument("--sgd-only", nargs="*", default=[], help="modes run with SGD only")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/l2_free"))
@@ -454,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
             epochs=args.epochs,
             width=args.width,
             schedule=args.schedule,
+            trace=args.trace,
         )
         rows.append(
             {
