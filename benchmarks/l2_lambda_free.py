@@ -234,8 +234,9 @@ def train_one(
                     P.decoupled_balanced_shrink(news, olds, per_tensor)
         if annealing is not None:
             annealing.step()
-        if trace:  # read only: the test images take no part in training
-            by_epoch.append(D.accuracy(model, xte, yte))
+        if trace:  # without a graph, so that no training hook (the K-FAC factors') sees the test images
+            with torch.no_grad():
+                by_epoch.append(D.accuracy(model, xte, yte))
     with torch.no_grad():
         norm = float(torch.sqrt(sum((p.double() ** 2).sum() for p in weights)))
     return {

@@ -175,15 +175,16 @@ def test_rows_of_another_schedule_are_summarized_apart():
     assert "**MLP, SGD, COSINE LR, 30 % label noise**" in mod.summarize(rows)
 
 
-def test_trace_records_the_test_accuracy_of_every_epoch_and_leaves_training_alone():
+@pytest.mark.parametrize(("arch", "mode"), [("mlp", "l2-pt-dec"), ("cnn", "evk")])  # evk: forward hooks
+def test_trace_records_the_test_accuracy_of_every_epoch_and_leaves_training_alone(arch, mode):
     mod = importlib.import_module("benchmarks.l2_lambda_free")
     data = mod.prepare(0, 64, 32, 0.3)
-    traced = mod.train_one(0, "mlp", "sgd", "l2-pt-dec", None, data, epochs=3, width=16, trace=True)
-    plain = mod.train_one(0, "mlp", "sgd", "l2-pt-dec", None, data, epochs=3, width=16)
+    traced = mod.train_one(0, arch, "sgd", mode, None, data, epochs=3, width=16, trace=True)
+    plain = mod.train_one(0, arch, "sgd", mode, None, data, epochs=3, width=16)
     by_epoch = [float(a) for a in traced.pop("test_acc_by_epoch").split()]
     assert len(by_epoch) == 3 and by_epoch[-1] == pytest.approx(traced["test_acc"], abs=5e-5)
     assert traced == pytest.approx(plain, nan_ok=True)
     assert traced["weight_norm"] == plain["weight_norm"]  # the same run, to the bit
     # the first epochs' accuracies are those of shorter runs
-    one = mod.train_one(0, "mlp", "sgd", "l2-pt-dec", None, data, epochs=1, width=16)
+    one = mod.train_one(0, arch, "sgd", mode, None, data, epochs=1, width=16)
     assert by_epoch[0] == pytest.approx(one["test_acc"], abs=5e-5)
