@@ -7,6 +7,7 @@ import importlib.util
 import pathlib
 
 import pytest
+import torch
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
@@ -22,8 +23,6 @@ def load(name: str):
 def test_lightning_example_trains_and_resumes(tmp_path):
     pytest.importorskip("lightning")
     example = load("lightning_example")
-    import torch
-
     torch.manual_seed(0)  # main's seed: the untrained net it starts from, whatever ran before in this process
     start = example.evaluate(example.TwoTaskNet(), example.toy_data())
     results = example.main(workdir=str(tmp_path))
@@ -37,8 +36,6 @@ def test_lightning_example_trains_and_resumes(tmp_path):
 def test_accelerate_example_trains_with_accumulation():
     pytest.importorskip("accelerate")
     example = load("accelerate_example")
-    import torch
-
     torch.manual_seed(0)
     with torch.no_grad():
         start = example.task_losses(example.TwoTaskNet(), *example.toy_data().tensors)
