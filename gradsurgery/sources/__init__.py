@@ -71,9 +71,6 @@ def finite_gradients(
     return pairs
 
 
-_HALF = (torch.float16, torch.bfloat16)
-
-
 def _entries(grad: torch.Tensor) -> torch.Tensor:
     """The real entries a finiteness check reads: a sparse gradient's stored values, a complex one's real and
     imaginary parts."""
@@ -84,15 +81,16 @@ def _entries(grad: torch.Tensor) -> torch.Tensor:
 
 
 def finite_screen(grad: torch.Tensor) -> torch.Tensor | None:
-    """Σ of ``grad``'s entries (in float32 at least), or None for an empty tensor: one pass, cheaper than
+    """Σ of ``grad``'s entries, in its own dtype, or None for an empty tensor: one pass, cheaper than
     ``extremes`` (a sum against a min and a max). It is NaN or inf whenever an entry is, in any order of
     summation (a NaN propagates; an inf stays one or meets the opposite inf in a NaN), so a finite screen
-    proves every entry finite; a non-finite one may still come from finite entries whose sum overflows."""
+    proves every entry finite; a non-finite one may still come from finite entries whose sum overflows (in
+    float16 already beyond 65504). float16 and bfloat16 are summed in their own dtype all the same: on the
+    CPU a float32 sum of them converts every entry first and takes 1.0-2.4× as long as ``extremes``, the
+    native sum 0.5-0.6× (one thread, 0.15M and 4.2M entries)."""
     values = _entries(grad)
     if values.numel() == 0:
         return None
-    if values.dtype in _HALF:  # their sum is taken in float32 and would be rounded back, overflowing sooner
-        return values.sum(dtype=torch.float32)
     return values.sum()
 
 

@@ -86,10 +86,11 @@ def test_only_a_tensor_whose_sum_is_not_finite_is_read_again(monkeypatch, bad):
     assert all_finite([torch.ones(3), big, other]) is (bad is None)
     assert [id(g) for g in read_again] == [id(big)] + ([] if bad is None else [id(other)])
     read_again.clear()
-    half = torch.full(
-        (1000,), 60000.0, dtype=torch.float16
-    )  # its sum is beyond float16's range, not float32's
+    half = torch.full((1000,), 60000.0, dtype=torch.float16)  # finite, its sum beyond float16's range
     assert all_finite([torch.ones(3), torch.zeros(0), -torch.ones(7, dtype=torch.float64), half])
+    assert [id(g) for g in read_again] == [id(half)]
+    read_again.clear()
+    assert all_finite([torch.full((1000,), 60000.0, dtype=torch.bfloat16)])  # bfloat16 has float32's range
     assert read_again == []
 
 
