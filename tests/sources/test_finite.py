@@ -16,22 +16,28 @@ from gradsurgery import GradSurgery, sources
 from gradsurgery.sources import NonFiniteError, all_finite, check_finite, extremes
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64]
+# A CUDA device screens with Σ|x| over a list of tensors at once, the CPU with Σ x per tensor.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("size", [1, 7, 8, 9, 31, 64, 1000, 65537])
 @pytest.mark.parametrize("bad", [None, math.nan, math.inf, -math.inf])
-def test_matches_isfinite_all(dtype, size, bad):
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_isfinite_all(dtype, size, bad, device):
     gen = torch.Generator().manual_seed(size)
     for position in sorted({0, size // 2, size - 1}):
         x = torch.randn(size, generator=gen).to(dtype)
         if bad is not None:
             x[position] = complex(bad, 0.0) if dtype.is_complex else bad
+        x = x.to(device)
         expected = bool(torch.isfinite(x).all())
         assert expected == (bad is None)
         assert all_finite([x]) is expected
         # among finite tensors of other dtypes and shapes, and as a strided view
         others = [torch.ones(3, 4), torch.zeros(2, dtype=torch.float64), torch.zeros(0)]
+        others = [t.to(device) for t in others]
         assert all_finite([*others, x, *others]) is expected
         assert all_finite([torch.stack([x, x]).T]) is expected
 
@@ -70,7 +76,8 @@ def test_a_large_finite_tensor_is_not_mistaken_for_an_overflow():
 
 
 @pytest.mark.parametrize("bad", [None, math.nan, math.inf])
-def test_only_a_tensor_whose_sum_is_not_finite_is_read_again(monkeypatch, bad):
+@pytest.mark.parametrize("device", DEVICES)
+def test_only_a_tensor_whose_sum_is_not_finite_is_read_again(monkeypatch, bad, device):
     """The exact check (the extremes) runs on the tensors whose sum failed, and decides them."""
     read_again = []
 
@@ -79,19 +86,39 @@ def test_only_a_tensor_whose_sum_is_not_finite_is_read_again(monkeypatch, bad):
         return extremes(grad)
 
     monkeypatch.setattr(sources, "extremes", spy)
-    big = torch.full((10,), torch.finfo(torch.float32).max)  # finite, its sum overflows
-    other = torch.ones(5)
+    big = torch.full((10,), torch.finfo(torch.float32).max, device=device)  # finite, its sum overflows
+    other = torch.ones(5, device=device)
     if bad is not None:
         other[2] = bad
-    assert all_finite([torch.ones(3), big, other]) is (bad is None)
+    assert all_finite([torch.ones(3, device=device), big, other]) is (bad is None)
     assert [id(g) for g in read_again] == [id(big)] + ([] if bad is None else [id(other)])
     read_again.clear()
-    half = torch.full((1000,), 60000.0, dtype=torch.float16)  # finite, its sum beyond float16's range
-    assert all_finite([torch.ones(3), torch.zeros(0), -torch.ones(7, dtype=torch.float64), half])
+    half = torch.full((1000,), 60000.0, dtype=torch.float16, device=device)  # its sum beyond float16's range
+    alike = [torch.ones(3, device=device), torch.zeros(0, device=device), -torch.ones(7, dtype=torch.float64)]
+    assert all_finite([*alike, half])
     assert [id(g) for g in read_again] == [id(half)]
     read_again.clear()
-    assert all_finite([torch.full((1000,), 60000.0, dtype=torch.bfloat16)])  # bfloat16 has float32's range
+    wide = torch.full((1000,), 60000.0, dtype=torch.bfloat16, device=device)  # float32's range
+    assert all_finite([wide])
     assert read_again == []
+
+
+@needs_cuda
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_gradients_on_two_devices_are_screened_on_each(bad):
+    """One screen per device; a NaN or inf is found on either, and ``check_finite`` names its task."""
+    on_cpu = [torch.ones(4), torch.randn(300, dtype=torch.float64)]
+    on_cuda = [torch.randn(5000, device="cuda"), torch.ones(7, dtype=torch.bfloat16, device="cuda")]
+    assert all_finite(on_cpu + on_cuda)
+    values = torch.tensor([1.0, 2.0], device="cuda")
+    gram = torch.eye(2, device="cuda")
+    check_finite(values, gram, [(0, on_cpu[1]), (1, on_cuda[0])])  # nothing raised
+    for grads in (on_cpu, on_cuda):
+        spoiled = grads[1].clone()
+        spoiled[-1] = bad
+        assert not all_finite([*on_cpu, *on_cuda, spoiled])
+        with pytest.raises(NonFiniteError, match=r"gradient for task\(s\) \[1\]"):
+            check_finite(values, gram, [(0, on_cpu[0]), (0, on_cuda[1]), (1, spoiled)])
 
 
 def test_an_inf_in_the_summed_gradient_stops_the_step_and_writes_nothing():
