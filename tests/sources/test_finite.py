@@ -42,27 +42,22 @@ def test_matches_isfinite_all(dtype, size, bad, device):
         assert all_finite([torch.stack([x, x]).T]) is expected
 
 
-def test_an_imaginary_part_counts():
+@pytest.mark.parametrize("device", DEVICES)
+def test_an_imaginary_part_counts(device):
     x = torch.zeros(5, dtype=torch.complex128)
     x[3] = complex(1.0, math.inf)
-    assert not all_finite([x])
+    assert not all_finite([x.to(device)])
 
 
-def test_sparse_gradients_are_judged_by_their_stored_values():
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse_gradients_are_judged_by_their_stored_values(device):
+    def sparse(index, values):
+        return torch.sparse_coo_tensor(index, values, (5,), check_invariants=True).to(device)
+
     index = torch.tensor([[0, 3]])
-    assert all_finite(
-        [torch.sparse_coo_tensor(index, torch.tensor([1.0, -2.0]), (5,), check_invariants=True)]
-    )
-    assert not all_finite(
-        [torch.sparse_coo_tensor(index, torch.tensor([1.0, math.nan]), (5,), check_invariants=True)]
-    )
-    assert all_finite(
-        [
-            torch.sparse_coo_tensor(
-                torch.zeros(1, 0, dtype=torch.long), torch.zeros(0), (5,), check_invariants=True
-            )
-        ]
-    )
+    assert all_finite([sparse(index, torch.tensor([1.0, -2.0]))])
+    assert not all_finite([sparse(index, torch.tensor([1.0, math.nan]))])
+    assert all_finite([sparse(torch.zeros(1, 0, dtype=torch.long), torch.zeros(0))])
 
 
 def test_nothing_to_check_is_finite():
@@ -70,8 +65,9 @@ def test_nothing_to_check_is_finite():
     assert all_finite([torch.zeros(0), torch.zeros(3, 0)])
 
 
-def test_a_large_finite_tensor_is_not_mistaken_for_an_overflow():
-    x = torch.full((1000,), torch.finfo(torch.float32).max)
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_large_finite_tensor_is_not_mistaken_for_an_overflow(device):
+    x = torch.full((1000,), torch.finfo(torch.float32).max, device=device)
     assert all_finite([x, -x])
 
 
