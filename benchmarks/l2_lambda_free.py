@@ -53,6 +53,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from gradsurgery import GradSurgery
 from gradsurgery.l2 import decoupled_correction, l2_direction
 
 try:
@@ -66,6 +67,8 @@ except ImportError:  # run as a script
     from l2_regularization import LR, WD_GRID, prepare  # type: ignore[no-redef]
 
 TODAY = ["l2", "l2-pt", "l2-dec", "l2-pt-dec"]
+# the package's evidence λ (method="l2", evidence=True): one λ for all layers, one per layer (its default)
+EVIDENCE = ["l2-ev", "l2-ev-pt"]
 PROTO = [
     "bal",
     "bal-pt",
@@ -145,7 +148,12 @@ def train_one(
     by_epoch: list[float] = []
     hyper = P.HypergradientL2(len(weights) if per_tensor else 1) if mode.startswith("hg") else None
     evidence: P.EvidenceL2 | P.KroneckerEvidence | None = None
-    if mode.startswith("evk"):
+    surgery = None
+    if mode in EVIDENCE:  # the package's rule: the gradient through GradSurgery.backward
+        surgery = GradSurgery(
+            opt, "l2", evidence=True, layers=model, num_samples=len(ytr), per_tensor=per_tensor
+        )
+    elif mode.startswith("evk"):
         evidence = P.KroneckerEvidence(model, weights, len(ytr), per_tensor)
     elif mode.startswith("evb-out"):  # the output layer's own evidence λ
         evidence = P.EvidenceL2(weights, len(ytr), True)
@@ -164,7 +172,13 @@ def train_one(
                 sampled = torch.autograd.grad(F.cross_entropy(logits, draw), weights, retain_graph=True)
                 if isinstance(evidence, P.KroneckerEvidence):
                     evidence.recording = False  # the factors came from the drawn labels' pass
-            loss.backward()
+            if surgery is not None:
+                info = surgery.backward(loss)
+                lams = info.l2_coefficient.tolist()
+                lam_sum += sum(lams) / len(lams)
+                lam_n += 1  # noqa: E702
+            else:
+                loss.backward()
             if isinstance(evidence, P.KroneckerEvidence):
                 evidence.recording = True
             grads = [p.grad for p in weights]

@@ -52,8 +52,9 @@ def check_compatible(method: Method, ours: object) -> dict[str, Any]:
     free = {"seed", *method.interchangeable_options}
     theirs = {k: v for k, v in dict(ours.get("options", {})).items() if k not in free}
     mine = {k: v for k, v in method.options.items() if k not in free}
-    if ours["version"] == 1:  # options added since 0.1.0: an old checkpoint ran with their defaults
-        theirs = {**{k: v for k, v in method.option_defaults().items() if k in mine}, **theirs}
+    # Options added since the checkpoint was written (to 0.1.0's methods, or ``evidence`` and ``num_samples``
+    # to method "l2"): it ran with their defaults.
+    theirs = {**{k: v for k, v in method.option_defaults().items() if k in mine}, **theirs}
     differ = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
     if differ:
         detail = ", ".join(f"{k}: saved {theirs.get(k)!r} vs {mine.get(k)!r}" for k in differ)

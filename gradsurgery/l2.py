@@ -177,6 +177,9 @@ class L2Rule:
                 f"the L2 params include tensors the optimizer does not hold (shapes {strangers})"
             )
 
+    def begin_backward(self, *, loss_scaling: bool, data_parallel: bool) -> None:
+        """The rule keeps nothing between calls and runs under loss scaling and data parallelism."""
+
     def is_regularized(self, p: torch.Tensor) -> bool:
         return p.dim() >= 2 if self._ids is None else id(p) in self._ids
 

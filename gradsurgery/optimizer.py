@@ -22,6 +22,7 @@ from . import checkpoint
 from ._validation import check_bool, check_choice, check_int, check_tensors
 from .amp import LossScaling, mark_overflow
 from .distributed import DistributedSync, fsdp_mesh, is_ddp
+from .evidence import EvidenceRule
 from .info import StepInfo
 from .l2 import L2Rule
 from .losses import MaskedLosses, PlainLosses, align, check_scalars
@@ -205,9 +206,9 @@ class GradSurgery(torch.optim.Optimizer):
         self.defaults = self.optimizer.defaults
 
     @property
-    def l2(self) -> L2Rule | None:
+    def l2(self) -> L2Rule | EvidenceRule | None:
         """The λ-free L2 rule in effect (from ``method="l2"`` or ``l2=True``), or None."""
-        return next((t for t in self.transforms if isinstance(t, L2Rule)), None)
+        return next((t for t in self.transforms if isinstance(t, L2Rule | EvidenceRule)), None)
 
     # -- the torch.optim.Optimizer surface ---------------------------------------------------------------
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -321,6 +322,10 @@ class GradSurgery(torch.optim.Optimizer):
         reduction = self.sync.reduction(self._device())
         params = self._trainable_params()
         try:
+            for transform in self.transforms:
+                transform.begin_backward(
+                    loss_scaling=scaling is not None, data_parallel=reduction.group is not None
+                )
             tasks, names, sample_mask = self._prepare_losses(losses, params)
             source = self._source_for(features, scaling, reduction)
             if source.collectives_in_collect:

@@ -406,7 +406,12 @@ def test_state_dict_holds_no_tensors_from_params():
     opt.backward(model())
     opt.step()
     sd = opt.state_dict()
-    assert sd["gradsurgery"]["options"] == {"per_tensor": True, "decoupled": True}
+    assert sd["gradsurgery"]["options"] == {
+        "per_tensor": True,
+        "decoupled": True,
+        "evidence": False,
+        "num_samples": None,
+    }
     buf = io.BytesIO()
     torch.save(sd, buf)
     buf.seek(0)

@@ -44,12 +44,17 @@ _T = TypeVar("_T")
 
 
 class Transform(Protocol):
-    """What the engine calls on a post-transform of the fused gradient (``gradsurgery.l2.L2Rule``)."""
+    """What the engine calls on a post-transform of the fused gradient (``gradsurgery.l2.L2Rule``,
+    ``gradsurgery.evidence.EvidenceRule``)."""
 
     @property
     def acts_on_gradient(self) -> bool: ...
 
     def setup(self, optimizer: torch.optim.Optimizer) -> None: ...
+
+    def begin_backward(self, *, loss_scaling: bool, data_parallel: bool) -> None:
+        """Called first in every ``backward``: ValueError when the transform cannot run under its loss scaling
+        or data parallelism; drop what a failed earlier ``backward`` left."""
 
     def apply(
         self, pairs: list[tuple[torch.Tensor, torch.Tensor]]
