@@ -445,6 +445,8 @@ def test_defaults_follow_the_optimizer(make_optimizer, per_tensor):
     assert GradSurgery(make_optimizer(list(model.parameters())), method="l2").method.options == {
         "per_tensor": None,
         "decoupled": True,
+        "evidence": False,
+        "num_samples": None,
     }
 
 

@@ -1,0 +1,492 @@
+"""The evidence λ (gradsurgery/evidence.py, ``method="l2", evidence=True``) against independent references:
+the fixed point against a closed form and scipy's root finder, the Kronecker factors against per-sample
+gradients taken one sample at a time (and convolution patches built by loops), the step against a numpy
+loop over the full Kronecker product's spectrum."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import brentq
+from torch import nn
+from torch.nn import functional as F
+
+from gradsurgery import GradSurgery
+from gradsurgery.evidence import evidence_lambda
+from gradsurgery.sources import NonFiniteError
+
+N_TRAIN = 500
+BETA, EVERY = 0.95, 10
+
+
+def ref_lambda(curvatures: np.ndarray, sq_norm: float, num_samples: int) -> float:
+    """The root of N‖θ‖²λ − Σ f/(f + λ) by scipy's Brent method."""
+    f = curvatures[curvatures > 0]
+    return brentq(
+        lambda lam: num_samples * sq_norm * lam - np.sum(f / (f + lam)), 1e-300, f.size, xtol=1e-300
+    )
+
+
+# -- the fixed point ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("f,count", [(1e-3, 10), (0.5, 1), (40.0, 300)])
+@pytest.mark.parametrize("sq_norm", [0.1, 25.0])
+def test_equal_curvatures_have_a_closed_form(f, count, sq_norm):
+    """With n equal curvatures f: N s λ (f + λ) = n f, so λ = (−f + √(f² + 4nf/(Ns)))/2."""
+    n_s = N_TRAIN * sq_norm
+    expected = (-f + math.sqrt(f * f + 4 * count * f / n_s)) / 2
+    got = evidence_lambda(torch.full((count,), f, dtype=torch.float64), sq_norm, N_TRAIN)
+    assert got == pytest.approx(expected, rel=1e-8)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_spectra_match_a_root_finder(seed):
+    rng = np.random.default_rng(seed)
+    curvatures = np.exp(rng.uniform(-14, 5, size=rng.integers(1, 400)))
+    curvatures[rng.random(curvatures.size) < 0.3] = 0.0  # directions the data does not determine
+    curvatures[0] = max(curvatures[0], 1e-3)
+    sq_norm = float(rng.uniform(0.5, 50))
+    got = evidence_lambda(torch.from_numpy(curvatures), sq_norm, 1000)
+    assert got == pytest.approx(ref_lambda(curvatures, sq_norm, 1000), rel=1e-8)
+
+
+def test_nothing_to_regularize_gives_zero():
+    assert evidence_lambda(torch.ones(5, dtype=torch.float64), 0.0, 10) == 0.0
+    assert evidence_lambda(torch.zeros(5, dtype=torch.float64), 3.0, 10) == 0.0
+    assert evidence_lambda(torch.zeros(0, dtype=torch.float64), 3.0, 10) == 0.0
+
+
+# -- the Kronecker factors ----------------------------------------------------------------------------------
+
+
+class Capture:
+    """A forward hook keeping a layer's last input and output (and returning None: the output stays)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.handle = layer.register_forward_hook(self)
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        self.input, self.output = inputs[0].detach(), output
+
+
+def per_sample_output_grads(model, layer, x, y, loss_fn):
+    """s_i = ∂ℓ_i/∂(layer output of sample i), each from a forward and backward pass of sample i alone."""
+    grads = []
+    capture = Capture(layer)
+    for i in range(x.shape[0]):
+        loss = loss_fn(model(x[i : i + 1]), y[i : i + 1])
+        (g,) = torch.autograd.grad(loss, capture.output)
+        grads.append(g[0].double())
+    capture.handle.remove()
+    return grads
+
+
+def layer_inputs(model, layer, x):
+    capture = Capture(layer)
+    with torch.no_grad():
+        model(x)
+    capture.handle.remove()
+    return capture.input.double()
+
+
+def conv_patches(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """(batch·positions, c_in·k·k) rows by loops over the zero-padded image, channel-major as unfold's."""
+    (kh, kw), (ph, pw), (sh, sw) = conv.kernel_size, conv.padding, conv.stride
+    padded = F.pad(x, (pw, pw, ph, ph))
+    rows = []
+    for n in range(x.shape[0]):
+        for i in range(0, padded.shape[2] - kh + 1, sh):
+            for j in range(0, padded.shape[3] - kw + 1, sw):
+                rows.append(padded[n, :, i : i + kh, j : j + kw].reshape(-1))
+    return torch.stack(rows)
+
+
+def mean_outer(rows):
+    rows = torch.stack(list(rows))
+    return rows.T @ rows / rows.shape[0]
+
+
+def one_step(model, x, y, loss_fn, **options):
+    opt = GradSurgery(
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        "l2",
+        evidence=True,
+        layers=model,
+        num_samples=N_TRAIN,
+        **options,
+    )
+    opt.zero_grad()
+    info = opt.backward(loss_fn(model(x), y))
+    return opt, info
+
+
+def test_factors_of_linear_layers_match_per_sample_gradients():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    opt, _ = one_step(model, x, y, F.cross_entropy)
+    factors = opt.l2.factors
+    for k, layer in enumerate([model[0], model[2]]):
+        a = mean_outer(layer_inputs(model, layer, x))
+        s = mean_outer(per_sample_output_grads(model, layer, x, y, F.cross_entropy))
+        torch.testing.assert_close(factors.a[k], a, rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(factors.s[k], s, rtol=1e-5, atol=1e-12)
+        assert factors.rows[k] == 1
+
+
+def test_factors_of_a_convolution_match_patches_and_per_sample_gradients():
+    torch.manual_seed(1)
+    conv = nn.Conv2d(2, 3, 3, padding=1, stride=2)
+    model = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.Linear(3 * 3 * 3, 4))
+    x, y = torch.randn(4, 2, 5, 5), torch.randint(0, 4, (4,))
+    opt, _ = one_step(model, x, y, F.cross_entropy)
+    factors = opt.l2.factors
+    a = mean_outer(conv_patches(layer_inputs(model, conv, x), conv))
+    per_sample = per_sample_output_grads(model, conv, x, y, F.cross_entropy)  # each (c_out, 3, 3)
+    s = mean_outer(g.permute(1, 2, 0).reshape(-1, 3)[p] for g in per_sample for p in range(9))
+    torch.testing.assert_close(factors.a[0], a, rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(factors.s[0], s, rtol=1e-5, atol=1e-12)
+    assert factors.rows[0] == 9  # output positions per sample
+
+
+def test_factors_of_a_linear_layer_on_sequences_count_positions():
+    torch.manual_seed(2)
+    layer = nn.Linear(4, 2)
+    model = nn.Sequential(layer, nn.Tanh())
+    x, y = torch.randn(3, 5, 4), torch.randn(3, 5, 2)
+
+    def loss_fn(out, target):  # the mean over the batch of per-sample sums over positions
+        return (out - target).pow(2).sum(dim=(1, 2)).mean()
+
+    opt, _ = one_step(model, x, y, loss_fn)
+    factors = opt.l2.factors
+    per_sample = per_sample_output_grads(model, layer, x, y, loss_fn)  # each (5, 2)
+    torch.testing.assert_close(factors.a[0], mean_outer(x.double().reshape(-1, 4)), rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(factors.s[0], mean_outer(torch.cat(per_sample)), rtol=1e-5, atol=1e-12)
+    assert factors.rows[0] == 5
+
+
+# -- the rule in training, against a numpy loop -------------------------------------------------------------
+
+
+def small_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
+
+
+def batch(step: int):
+    gen = torch.Generator().manual_seed(100 + step)
+    return torch.randn(16, 6, generator=gen), torch.randint(0, 4, (16,), generator=gen)
+
+
+def reference_run(steps: int, per_layer: bool, lr: float = 0.2):
+    """The evidence rule written out: factors by hand from per-layer inputs and B·∂L/∂out, their
+    exponential averages, F's spectrum from the full Kronecker product, λ by a root finder, SGD on
+    g + λθ. Returns the parameters after each step and the λ of each step."""
+    model = small_net()
+    layers = [model[0], model[2]]
+    avg_a, avg_s = [None, None], [None, None]
+    lambdas, history = None, []
+    for step in range(steps):
+        x, y = batch(step)
+        captures = [Capture(layer) for layer in layers]
+        loss = F.cross_entropy(model(x), y)
+        for c in captures:
+            c.handle.remove()
+        grads = torch.autograd.grad(loss, [captures[0].output, captures[1].output, *model.parameters()])
+        for k in range(2):
+            a_rows = captures[k].input.double().numpy()
+            d_rows = grads[k].double().numpy() * x.shape[0]
+            a, s = a_rows.T @ a_rows / len(a_rows), d_rows.T @ d_rows / len(d_rows)
+            avg_a[k] = a if avg_a[k] is None else BETA * avg_a[k] + (1 - BETA) * a
+            avg_s[k] = s if avg_s[k] is None else BETA * avg_s[k] + (1 - BETA) * s
+        if lambdas is None or (step + 1) % EVERY == 0:
+            spectra = [np.clip(np.linalg.eigvalsh(np.kron(avg_a[k], avg_s[k])), 0, None) for k in range(2)]
+            norms = [float((layer.weight.detach().double() ** 2).sum()) for layer in layers]
+            if per_layer:
+                lambdas = [ref_lambda(spectra[k], norms[k], N_TRAIN) for k in range(2)]
+            else:
+                lambdas = [ref_lambda(np.concatenate(spectra), sum(norms), N_TRAIN)]
+        with torch.no_grad():
+            for p, g in zip(model.parameters(), grads[2:], strict=True):
+                lam = 0.0
+                if p is layers[0].weight or p is layers[1].weight:
+                    lam = lambdas[(0 if p is layers[0].weight else 1) if per_layer else 0]
+                p -= lr * (g + lam * p)
+        history.append(([p.detach().clone() for p in model.parameters()], list(lambdas)))
+    return history
+
+
+@pytest.mark.parametrize("per_layer", [True, False])
+def test_training_steps_match_the_reference(per_layer):
+    steps = 12  # λ solved at steps 1 and 10
+    expected = reference_run(steps, per_layer)
+    model = small_net()
+    opt = GradSurgery(
+        torch.optim.SGD(model.parameters(), lr=0.2),
+        "l2",
+        evidence=True,
+        layers=model,
+        num_samples=N_TRAIN,
+        per_tensor=per_layer,
+    )
+    for step in range(steps):
+        x, y = batch(step)
+        opt.zero_grad()
+        info = opt.backward(F.cross_entropy(model(x), y))
+        opt.step()
+        params, lambdas = expected[step]
+        np.testing.assert_allclose(info.l2_coefficient.numpy(), lambdas, rtol=1e-7)
+        for p, q in zip(model.parameters(), params, strict=True):
+            torch.testing.assert_close(p.detach(), q, rtol=1e-5, atol=1e-7)
+    assert opt.l2.steps == steps and len(info.l2_coefficient) == (2 if per_layer else 1)
+
+
+def test_the_penalty_is_what_sgd_weight_decay_adds():
+    """u = g + λθ on the layers' weights only: with λ known, the step of SGD(weight_decay=λ) on them."""
+    model = small_net(3)
+    twin = copy.deepcopy(model)
+    opt = GradSurgery(
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        "l2",
+        evidence=True,
+        layers=model,
+        num_samples=N_TRAIN,
+    )
+    x, y = batch(0)
+    opt.zero_grad()
+    lam = opt.backward(F.cross_entropy(model(x), y)).l2_coefficient.tolist()
+    opt.step()
+    groups = [
+        {"params": [twin[0].weight], "weight_decay": lam[0]},
+        {"params": [twin[2].weight], "weight_decay": lam[1]},
+        {"params": [twin[0].bias, twin[2].bias], "weight_decay": 0.0},
+    ]
+    plain = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
+    F.cross_entropy(twin(x), y).backward()
+    plain.step()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8)
+
+
+# -- options, errors and what a failure leaves ---------------------------------------------------------------
+
+
+def evidence_opt(model, **options):
+    options = {"evidence": True, "layers": model, "num_samples": N_TRAIN, **options}
+    return GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "l2", **options)
+
+
+def test_defaults_and_what_the_rule_regularizes():
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Embedding(3, 2), nn.Linear(8, 4))
+    opt = evidence_opt(model)
+    assert opt.method.per_tensor is True and opt.method.decoupled is False
+    assert [w is layer.weight for w, layer in zip(opt.l2.weights, [model[0], model[3]], strict=True)]
+    assert opt.state_dict()["gradsurgery"]["options"] == {
+        "per_tensor": True,
+        "decoupled": False,
+        "evidence": True,
+        "num_samples": N_TRAIN,
+    }
+    assert "evidence=True, num_samples=500" in repr(opt)
+    chosen = evidence_opt(model, params=[model[3].weight])
+    assert chosen.l2.weights == [model[3].weight]
+
+
+@pytest.mark.parametrize(
+    "options,error,match",
+    [
+        ({"evidence": "yes"}, TypeError, "option evidence"),
+        ({"layers": "model"}, TypeError, "needs layers="),
+        ({"num_samples": None}, TypeError, "needs num_samples="),
+        ({"num_samples": 2.5}, TypeError, "num_samples must be an int"),
+        ({"num_samples": 0}, ValueError, "num_samples must be >= 1"),
+        ({"decoupled": True}, ValueError, "drop decoupled=True"),
+        ({"decoupled": "no"}, TypeError, "option decoupled"),
+    ],
+)
+def test_bad_options_are_named(options, error, match):
+    with pytest.raises(error, match=match):
+        evidence_opt(small_net(), **options)
+
+
+def test_evidence_options_need_evidence():
+    model = small_net()
+    with pytest.raises(TypeError, match="layers, num_samples given without evidence=True"):
+        GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "l2", layers=model, num_samples=10)
+
+
+@pytest.mark.parametrize(
+    "model,params,match",
+    [
+        (nn.Sequential(nn.Embedding(4, 3)), None, "found no nn.Linear or nn.Conv2d"),
+        (small_net(), "bias", "params has other tensors"),
+        (nn.Sequential(nn.Conv2d(1, 2, 3, padding="same")), None, "zero padding given in numbers"),
+        (nn.Sequential(nn.Conv2d(2, 2, 3, groups=2)), None, "groups=1"),
+        (nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect")), None, "zero padding"),
+    ],
+)
+def test_layers_without_kronecker_factors_are_refused(model, params, match):
+    if params == "bias":
+        params = [model[0].weight, model[0].bias]
+    with pytest.raises(ValueError, match=match):
+        evidence_opt(model, params=params)
+
+
+def test_an_adaptive_optimizer_is_refused():
+    model = small_net()
+    with pytest.raises(ValueError, match="measured with torch.optim.SGD; got Adam"):
+        GradSurgery(torch.optim.Adam(model.parameters()), "l2", evidence=True, layers=model, num_samples=10)
+
+
+def test_layers_the_optimizer_does_not_hold_are_refused():
+    model = small_net()
+    with pytest.raises(ValueError, match="optimizer does not hold"):
+        GradSurgery(
+            torch.optim.SGD(model[0].parameters(), lr=0.1), "l2", evidence=True, layers=model, num_samples=10
+        )
+
+
+def snapshot(model, opt):
+    return (
+        [p.detach().clone() for p in model.parameters()],
+        [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        copy.deepcopy(opt.method.state_dict()),
+    )
+
+
+def assert_same(before, after):
+    for a, b in zip(
+        before[0] + [g for g in before[1] if g is not None],
+        after[0] + [g for g in after[1] if g is not None],
+        strict=True,
+    ):
+        assert torch.equal(a, b)
+    assert [g is None for g in before[1]] == [g is None for g in after[1]]
+    sa, sb = before[2], after[2]
+    assert sa.keys() == sb.keys() and sa["steps"] == sb["steps"] and sa["lambdas"] == sb["lambdas"]
+    for key in ("a", "s"):
+        for x, y in zip(sa[key], sb[key], strict=True):
+            assert (x is None and y is None) or torch.equal(x, y)
+
+
+def train(opt, model, steps, start=0):
+    for step in range(start, start + steps):
+        x, y = batch(step)
+        opt.zero_grad()
+        opt.backward(F.cross_entropy(model(x), y))
+        opt.step()
+
+
+@pytest.mark.parametrize("trained", [0, 3])
+def test_a_failed_backward_leaves_everything_and_records_nothing(trained):
+    """A NaN loss after the layers' gradients were recorded: parameters, .grad and the factors as they were,
+    and the next step is the step of a run in which the failed one never happened."""
+    model, twin = small_net(), small_net()
+    opt, twin_opt = evidence_opt(model), evidence_opt(twin)
+    train(opt, model, trained)
+    train(twin_opt, twin, trained)
+    x, y = batch(50)
+    before = snapshot(model, opt)
+    with pytest.raises(NonFiniteError):
+        opt.backward(F.cross_entropy(model(x), y) * float("nan"))
+    assert_same(before, snapshot(model, opt))
+    train(opt, model, 2, start=trained)
+    train(twin_opt, twin, 2, start=trained)
+    assert_same(snapshot(twin, twin_opt), snapshot(model, opt))
+
+
+def test_a_layer_applied_twice_is_refused_and_changes_nothing():
+    layer = nn.Linear(4, 4)
+    model = nn.Sequential(layer, nn.Tanh(), layer)
+    opt = evidence_opt(model)
+    before = snapshot(model, opt)
+    with pytest.raises(ValueError, match="applied once per forward pass"):
+        opt.backward(model(torch.randn(3, 4)).pow(2).mean())
+    assert_same(before, snapshot(model, opt))
+
+
+def test_loss_scaling_data_parallelism_and_representation_mode_are_refused():
+    model = small_net()
+    opt = evidence_opt(model)
+    x, y = batch(0)
+    with pytest.raises(ValueError, match="grad_scaler= scales"):
+        opt.backward(F.cross_entropy(model(x), y), grad_scaler=torch.amp.GradScaler("cpu"))
+    with pytest.raises(ValueError, match="data parallelism"):
+        opt.l2.begin_backward(loss_scaling=False, data_parallel=True)
+    z = model[0](x)
+    with pytest.raises(ValueError, match="representation mode"):
+        opt.backward(F.cross_entropy(model[2](torch.tanh(z)), y), features=z)
+    assert all(p.grad is None for p in model.parameters())
+    assert opt.l2.steps == 0
+
+
+def test_evaluation_passes_record_nothing():
+    model = small_net()
+    opt = evidence_opt(model)
+    train(opt, model, 2)
+    before = snapshot(model, opt)
+    with torch.no_grad():
+        model(batch(7)[0])
+    model(batch(8)[0])  # a graph that is never backpropagated: recorded at most until the next backward
+    assert_same(before, snapshot(model, opt))
+    train(opt, model, 1, start=2)
+    twin = small_net()
+    twin_opt = evidence_opt(twin)
+    train(twin_opt, twin, 3)
+    assert_same(snapshot(twin, twin_opt), snapshot(model, opt))
+
+
+def test_a_copy_of_the_method_shares_the_layers():
+    model = small_net()
+    opt = evidence_opt(model)
+    train(opt, model, 1)
+    twin = copy.deepcopy(opt.method)
+    assert twin.rule.factors.layers[0] is model[0] and twin.rule.factors.handles == []
+    assert torch.equal(twin.rule.factors.a[0], opt.l2.factors.a[0])
+    assert twin.rule.factors.a[0] is not opt.l2.factors.a[0]
+
+
+# -- checkpoints --------------------------------------------------------------------------------------------
+
+
+def test_a_resumed_run_is_the_uninterrupted_run():
+    """Saved after 8 steps (λ solved at step 1, then at 10 after the resume), through torch.save and
+    weights_only loading."""
+    model = small_net()
+    opt = evidence_opt(model)
+    train(opt, model, 8)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    train(opt, model, 5, start=8)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    fresh = small_net(9)
+    fresh.load_state_dict(saved["model"])
+    fresh_opt = evidence_opt(fresh)
+    fresh_opt.load_state_dict(saved["opt"])
+    train(fresh_opt, fresh, 5, start=8)
+    assert_same(snapshot(model, opt), snapshot(fresh, fresh_opt))
+
+
+def test_checkpoints_of_the_norm_rule_and_the_evidence_do_not_mix():
+    model = small_net()
+    norm = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "l2")
+    train(norm, model, 1)
+    saved = norm.state_dict()
+    # a checkpoint written before the evidence options existed: without them, it still loads
+    older = copy.deepcopy(saved)
+    for key in ("evidence", "num_samples"):
+        del older["gradsurgery"]["options"][key]
+    GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "l2").load_state_dict(older)
+    evidence = evidence_opt(model)
+    for state in (saved, older):
+        with pytest.raises(ValueError, match="different 'l2' options"):
+            evidence.load_state_dict(copy.deepcopy(state))
+    assert evidence.l2.steps == 0
