@@ -147,22 +147,27 @@ class KroneckerFactors:
         return new if old is None else old.mul(self.beta).add_(new, alpha=1 - self.beta)
 
     def curvatures(self, k: int) -> torch.Tensor:
-        """The eigenvalues t·a_i·s_j of layer k's t·A ⊗ S (empty before its first record)."""
+        """The eigenvalues t·a_i·s_j of layer k's t·A ⊗ S on the CPU, where the bisection reads them (empty
+        before the layer's first record)."""
         a, s = self.a[k], self.s[k]
         if a is None or s is None:
             return torch.zeros(0, dtype=torch.float64)
         ea = torch.linalg.eigvalsh(a).clamp_min(0)
         es = torch.linalg.eigvalsh(s).clamp_min(0)
-        return (self.rows[k] * torch.outer(ea, es)).reshape(-1)
+        return (self.rows[k] * torch.outer(ea, es)).reshape(-1).cpu()
 
     def state_dict(self) -> dict[str, Any]:
         return {"a": list(self.a), "s": list(self.s), "rows": list(self.rows)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The averages of ``state_dict``, each moved to its layer's device."""
         a, s, rows = list(state["a"]), list(state["s"]), [int(r) for r in state["rows"]]
         if not len(a) == len(s) == len(rows) == len(self.layers):
             raise ValueError(f"evidence factors of {len(a)} layers for {len(self.layers)} layers")
-        self.a, self.s, self.rows = a, s, rows
+        devices = [_weight(layer).device for layer in self.layers]
+        self.a = [None if t is None else t.to(d, torch.float64) for t, d in zip(a, devices, strict=True)]
+        self.s = [None if t is None else t.to(d, torch.float64) for t, d in zip(s, devices, strict=True)]
+        self.rows = rows
         self.pending.clear()
 
     def remove(self) -> None:

@@ -377,11 +377,15 @@ def assert_same(before, after):
 
 
 def train(opt, model, steps, start=0):
+    """``steps`` steps on batches ``start``, ``start + 1``, …; returns the last step's λ (None for none)."""
+    device = next(model.parameters()).device
+    info = None
     for step in range(start, start + steps):
         x, y = batch(step)
         opt.zero_grad()
-        opt.backward(F.cross_entropy(model(x), y))
+        info = opt.backward(F.cross_entropy(model(x.to(device)), y.to(device)))
         opt.step()
+    return None if info is None else info.l2_coefficient
 
 
 @pytest.mark.parametrize("trained", [0, 3])
@@ -490,3 +494,24 @@ def test_checkpoints_of_the_norm_rule_and_the_evidence_do_not_mix():
         with pytest.raises(ValueError, match="different 'l2' options"):
             evidence.load_state_dict(copy.deepcopy(state))
     assert evidence.l2.steps == 0
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@needs_cuda
+@pytest.mark.parametrize("per_layer", [True, False])
+def test_on_cuda_the_steps_are_the_cpu_steps(per_layer):
+    """The factors and weights on the GPU, λ solved on the CPU; a checkpoint moves between the two."""
+    cpu, gpu = small_net(), small_net().cuda()
+    cpu_opt, gpu_opt = evidence_opt(cpu, per_tensor=per_layer), evidence_opt(gpu, per_tensor=per_layer)
+    for step in range(12):
+        expected = train(cpu_opt, cpu, 1, start=step)
+        np.testing.assert_allclose(
+            train(gpu_opt, gpu, 1, start=step).cpu().numpy(), expected.numpy(), rtol=1e-5
+        )
+    for p, q in zip(cpu.parameters(), gpu.parameters(), strict=True):
+        torch.testing.assert_close(p, q.cpu(), rtol=1e-4, atol=1e-6)
+    gpu_opt.load_state_dict(cpu_opt.state_dict())
+    assert gpu_opt.l2.factors.a[0].device.type == "cuda"
+    train(gpu_opt, gpu, 1, start=12)
