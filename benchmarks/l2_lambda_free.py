@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import pathlib
+import statistics
 import sys
 import time
 
@@ -264,6 +265,58 @@ def train_one(
     }
 
 
+def step_times(archs: list[str], reps: int, width: int, steps: int = 10) -> list[dict]:
+    """The time of a training step (forward, backward, the rule, SGD's step) with no regularization, weight
+    decay, the norm rule (global, decoupled: SGD's default) and the evidence λ (``method="l2",
+    evidence=True``), ``reps`` interleaved repetitions of ``steps`` steps each on batches of 32; medians and
+    quartiles of each variant's time over its plain step's (the same repetition)."""
+    data = prepare(0, 200, 300, 0.3)
+    (xtr, ytr), _, _ = data
+    rows = []
+    for arch in archs:
+        variants = {}
+        for name in ("none", "wd", "l2-dec", "l2-ev-pt"):
+            model = build(arch, 0, width)
+            opt = D.optimizer(model, "sgd", LR["sgd"], 1e-3 if name == "wd" else None)
+            if name == "l2-dec":
+                opt = GradSurgery(opt, "l2")
+            elif name == "l2-ev-pt":
+                opt = GradSurgery(opt, "l2", evidence=True, layers=model, num_samples=len(ytr))
+            variants[name] = (model, opt)
+        gen = torch.Generator().manual_seed(7)
+        batches = [D.batches(len(ytr), 32, gen)[0] for _ in range(steps)]
+
+        def run(model, opt, batches=batches) -> float:
+            t0 = time.perf_counter()
+            for idx in batches:
+                opt.zero_grad()
+                loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
+                opt.backward(loss) if isinstance(opt, GradSurgery) else loss.backward()
+                opt.step()
+            return (time.perf_counter() - t0) / len(batches)
+
+        for model, opt in variants.values():  # warm-up, and the evidence λ's first solve
+            run(model, opt)
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(reps):
+            for name, (model, opt) in variants.items():
+                times[name].append(run(model, opt))
+        for name, values in times.items():
+            ratios = sorted(v / p for v, p in zip(values, times["none"], strict=True))
+            quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+            rows.append(
+                {
+                    "arch": arch,
+                    "mode": name,
+                    "step_ms": 1e3 * statistics.median(values),
+                    "ratio": statistics.median(ratios),
+                    "ratio_q1": quartiles[0],
+                    "ratio_q3": quartiles[-1],
+                }
+            )
+    return rows
+
+
 def training(row: dict) -> str:
     """The optimizer and, when not constant, the learning-rate schedule of a row (rows written before the
     schedule was recorded ran at a constant rate)."""
@@ -437,6 +490,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--evidence-at-init", action="store_true", help="print the evidence λ of every γ estimate at init"
     )
+    parser.add_argument(
+        "--step-times",
+        type=int,
+        metavar="REPS",
+        help="time a step of none, wd, l2-dec and l2-ev-pt with SGD instead (REPS interleaved repetitions)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.evidence_at_init:
@@ -447,6 +506,18 @@ def main(argv: list[str] | None = None) -> int:
             row = evidence_at_init(arch, seed, noise, args.width)
             cells = " | ".join(f"{row[k]:.4g}" for k in keys)
             print(f"| {arch} | {seed} | {noise} | {row['weight_sq_norm']:.1f} | {cells} |", flush=True)
+        return 0
+    if args.step_times:
+        lines = ["| arch | mode | step ms | / plain step (25th-75th percentile) |", "|---|---|---|---|"]
+        for row in step_times(args.arch, args.step_times, args.width):
+            lines.append(
+                f"| {row['arch']} | {row['mode']} | {row['step_ms']:.2f} | {row['ratio']:.2f} "
+                f"({row['ratio_q1']:.2f}-{row['ratio_q3']:.2f}) |"
+            )
+        text = "# Step time, SGD, one thread, batch 32\n\n" + "\n".join(lines) + "\n"
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "step_times.md").write_text(text)
+        print(text)
         return 0
     if args.summarize:
         rows = D.read_rows(args.summarize)

@@ -203,3 +203,11 @@ def test_trace_records_the_test_accuracy_of_every_epoch_and_leaves_training_alon
     # the first epochs' accuracies are those of shorter runs
     one = mod.train_one(0, arch, "sgd", mode, None, data, epochs=1, width=16)
     assert by_epoch[0] == pytest.approx(one["test_acc"], abs=5e-5)
+
+
+def test_step_times_cover_every_variant_against_the_plain_step(tmp_path):
+    mod = importlib.import_module("benchmarks.l2_lambda_free")
+    assert mod.main(["--step-times", "2", "--arch", "mlp", "--width", "16", "--out", str(tmp_path)]) == 0
+    rows = table_rows((tmp_path / "step_times.md").read_text())[1:]
+    assert [r[1] for r in rows] == ["none", "wd", "l2-dec", "l2-ev-pt"]
+    assert rows[0][3].startswith("1.00") and all(float(r[2]) > 0 for r in rows)
