@@ -109,7 +109,8 @@ class GradSurgery(torch.optim.Optimizer):
             u ← u + relu(−⟨u, θ⟩)/‖θ‖² · θ. ``l2_params`` (default: every parameter with dim ≥ 2),
             ``l2_per_tensor`` (default: per tensor for adaptive optimizers, one global rule for SGD) and
             ``l2_decoupled`` (default True: the rule corrects the optimizer's step; False: the gradient) are
-            its options; ``method="l2"`` is the same rule for a single loss.
+            its options; ``method="l2"`` is the same rule for a single loss (and, with ``evidence=True``, the
+            evidence λ for SGD, ``gradsurgery/evidence.py``).
         **options: the method's options, e.g. ``solver="cvxpy"`` for ``"mgda"``.
 
     FSDP2 (``fully_shard``) parameters are recognised by themselves: each task's gradient is read from the
