@@ -536,7 +536,7 @@ def _l2_option(
     check_bool(l2, "l2")
     options = {"l2_params": l2_params, "l2_per_tensor": l2_per_tensor, "l2_decoupled": l2_decoupled}
     given = [name for name, value in options.items() if value is not None]
-    if any(isinstance(t, L2Rule) for t in method.transforms()):
+    if any(isinstance(t, L2Rule | EvidenceRule) for t in method.transforms()):
         if l2 or given:
             raise TypeError(
                 f"method={method.name!r} applies the L2 rule itself and takes its options as params=, "

@@ -316,6 +316,11 @@ def test_bad_options_are_named(options, error, match):
         evidence_opt(small_net(), **options)
 
 
+def test_the_rule_is_not_added_twice():
+    with pytest.raises(TypeError, match="applies the L2 rule itself"):
+        evidence_opt(small_net(), l2=True)
+
+
 def test_evidence_options_need_evidence():
     model = small_net()
     with pytest.raises(TypeError, match="layers, num_samples given without evidence=True"):
