@@ -411,6 +411,27 @@ def test_a_failed_backward_leaves_everything_and_records_nothing(trained):
     assert_same(snapshot(twin, twin_opt), snapshot(model, opt))
 
 
+@pytest.mark.parametrize("trained", [0, 3])
+def test_a_failure_after_the_rule_ran_leaves_its_factors(monkeypatch, trained):
+    """The write-back fails after the rule folded this batch into the factors and solved λ: all undone."""
+    import gradsurgery.optimizer as engine
+
+    model = small_net()
+    opt = evidence_opt(model)
+    train(opt, model, trained)
+    before = snapshot(model, opt)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("write-back failed")
+
+    monkeypatch.setattr(engine, "accumulate", broken)
+    x, y = batch(60)
+    with pytest.raises(RuntimeError, match="write-back failed"):
+        opt.backward(F.cross_entropy(model(x), y))
+    assert_same(before, snapshot(model, opt))
+    assert opt.method.num_tasks == (None if trained == 0 else 1)
+
+
 def test_a_layer_applied_twice_is_refused_and_changes_nothing():
     layer = nn.Linear(4, 4)
     model = nn.Sequential(layer, nn.Tanh(), layer)

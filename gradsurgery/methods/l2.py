@@ -11,7 +11,8 @@ layer (``gradsurgery/evidence.py``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -90,6 +91,24 @@ class L2(Method):
 
     def state_dict(self) -> dict[str, Any]:
         return self.rule.state_dict() if isinstance(self.rule, EvidenceRule) else {}
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """``Method.transaction`` with the evidence λ's state kept by reference (``EvidenceRule.snapshot``)
+        instead of cloned: the rule replaces its tensors, so the old ones stay as they were."""
+        if not isinstance(self.rule, EvidenceRule):
+            with super().transaction():
+                yield
+            return
+        attributes = dict(self.__dict__)
+        saved = self.rule.snapshot()
+        try:
+            yield
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(attributes)
+            self.rule.restore(saved)
+            raise
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if isinstance(self.rule, EvidenceRule):
