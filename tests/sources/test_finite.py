@@ -52,7 +52,7 @@ def test_an_imaginary_part_counts(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_sparse_gradients_are_judged_by_their_stored_values(device):
     def sparse(index, values):
-        return torch.sparse_coo_tensor(index, values, (5,), check_invariants=True).to(device)
+        return torch.sparse_coo_tensor(index.to(device), values.to(device), (5,), check_invariants=True)
 
     index = torch.tensor([[0, 3]])
     assert all_finite([sparse(index, torch.tensor([1.0, -2.0]))])
