@@ -31,7 +31,9 @@ MLP and small CNN with SGD, 6-7× the training time of the norm rule (``docs/how
 
 from __future__ import annotations
 
+import copy
 import math
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
@@ -79,7 +81,9 @@ class KroneckerFactors:
     by a forward hook on each layer and a hook on its output's gradient.
 
     What a backward pass records is held apart (``pending``) until ``commit``, so that a step that fails
-    after its backward pass leaves the averages as they were; ``discard`` drops it."""
+    after its backward pass leaves the averages as they were; ``discard`` drops it. The hooks hold the
+    factors weakly and are removed with them: an optimizer dropped (or one whose construction failed) leaves
+    no recording behind on the model."""
 
     def __init__(self, layers: Sequence[nn.Module], beta: float) -> None:
         self.layers = list(layers)
@@ -90,17 +94,9 @@ class KroneckerFactors:
         self.rows = [1] * n
         self.pending: dict[int, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}
         self.handles = [
-            layer.register_forward_hook(self._forward_hook(k)) for k, layer in enumerate(self.layers)
+            layer.register_forward_hook(_forward_hook(weakref.ref(self), k))
+            for k, layer in enumerate(self.layers)
         ]
-
-    def _forward_hook(self, k: int) -> Any:
-        def hook(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-            if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
-                return  # an evaluation pass: no gradient will reach this output
-            rows = self._input_rows(module, inputs[0].detach())
-            output.register_hook(lambda grad: self._record(k, rows, grad))
-
-        return hook
 
     @staticmethod
     def _input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -174,14 +170,37 @@ class KroneckerFactors:
         for handle in self.handles:
             handle.remove()
 
+    def __del__(self) -> None:
+        self.remove()
+
     def __deepcopy__(self, memo: dict[int, Any]) -> KroneckerFactors:
         """A copy that shares the layers (a method's copy must not copy the model) and has no hooks."""
-        copy = KroneckerFactors.__new__(KroneckerFactors)
-        copy.layers, copy.beta, copy.handles = self.layers, self.beta, []
-        copy.a = [None if t is None else t.clone() for t in self.a]
-        copy.s = [None if t is None else t.clone() for t in self.s]
-        copy.rows, copy.pending = list(self.rows), {}
-        return copy
+        twin = KroneckerFactors.__new__(KroneckerFactors)
+        twin.layers, twin.beta, twin.handles = self.layers, self.beta, []
+        twin.a = [None if t is None else t.clone() for t in self.a]
+        twin.s = [None if t is None else t.clone() for t in self.s]
+        twin.rows, twin.pending = list(self.rows), {}
+        return twin
+
+
+def _forward_hook(factors: weakref.ref[KroneckerFactors], k: int) -> Any:
+    """Layer k's forward hook: its input rows, and a hook on its output's gradient that records them."""
+
+    def hook(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        owner = factors()
+        if owner is None or not (
+            torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad
+        ):
+            return  # no owner any more, or an evaluation pass: no gradient will reach this output
+        rows = owner._input_rows(module, inputs[0].detach())
+
+        def record(grad: torch.Tensor) -> None:
+            if (live := factors()) is not None:
+                live._record(k, rows, grad)
+
+        output.register_hook(record)
+
+    return hook
 
 
 class EvidenceRule:
@@ -337,6 +356,15 @@ class EvidenceRule:
     def remove_hooks(self) -> None:
         """Detach the recording hooks from the layers (the rule stops learning its factors)."""
         self.factors.remove()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> EvidenceRule:
+        """A copy with its own state that shares the regularized weights (a method's copy must not copy the
+        model's parameters)."""
+        twin = EvidenceRule.__new__(EvidenceRule)
+        twin.__dict__.update(self.__dict__)
+        twin.factors = copy.deepcopy(self.factors, memo)
+        twin.lambdas = list(self.lambdas)
+        return twin
 
     def __repr__(self) -> str:
         return (

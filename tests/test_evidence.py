@@ -6,6 +6,7 @@ loop over the full Kronecker product's spectrum."""
 from __future__ import annotations
 
 import copy
+import gc
 import io
 import math
 
@@ -479,8 +480,35 @@ def test_a_copy_of_the_method_shares_the_layers():
     train(opt, model, 1)
     twin = copy.deepcopy(opt.method)
     assert twin.rule.factors.layers[0] is model[0] and twin.rule.factors.handles == []
+    assert twin.rule.weights[0] is model[0].weight
     assert torch.equal(twin.rule.factors.a[0], opt.l2.factors.a[0])
     assert twin.rule.factors.a[0] is not opt.l2.factors.a[0]
+    twin.rule.lambdas.append(1.0)
+    assert len(opt.l2.lambdas) == 2
+
+
+def hooked(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def test_no_hook_outlives_its_optimizer():
+    """Dropped, or never built (its construction refused), an optimizer leaves nothing recording on the
+    model, and a new one on the same model starts from its own first step."""
+    gc.collect()
+    model = small_net()
+    opt = evidence_opt(model)
+    assert hooked(model) == 2
+    train(opt, model, 2)
+    del opt
+    gc.collect()
+    assert hooked(model) == 0
+    with pytest.raises(ValueError, match="got Adam"):
+        GradSurgery(torch.optim.Adam(model.parameters()), "l2", evidence=True, layers=model, num_samples=10)
+    gc.collect()
+    assert hooked(model) == 0
+    fresh = evidence_opt(model)
+    train(fresh, model, 1, start=2)
+    assert fresh.l2.steps == 1 and hooked(model) == 2
 
 
 # -- checkpoints --------------------------------------------------------------------------------------------
