@@ -479,6 +479,7 @@ def test_a_copy_of_the_method_shares_the_layers():
     opt = evidence_opt(model)
     train(opt, model, 1)
     twin = copy.deepcopy(opt.method)
+    assert not any(isinstance(v, nn.Module) for v in vars(twin).values())
     assert twin.rule.factors.layers[0] is model[0] and twin.rule.factors.handles == []
     assert twin.rule.weights[0] is model[0].weight
     assert torch.equal(twin.rule.factors.a[0], opt.l2.factors.a[0])

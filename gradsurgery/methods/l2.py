@@ -64,7 +64,6 @@ class L2(Method):
             self.rule = L2Rule(params, per_tensor=self.per_tensor, decoupled=self.decoupled, what=what)
             self.params = self.rule.params
             self.num_samples = None
-            self.layers = None
             return
         if not isinstance(layers, nn.Module):
             raise TypeError(
@@ -80,7 +79,7 @@ class L2(Method):
                 "drop decoupled=True"
             )
         self.decoupled = False
-        self.layers = layers
+        # the layers live in the rule only: a copy of the method (a checkpoint's rehearsal) must not copy them
         self.params = None if params is None else check_tensors(params, f"{what} params")
         if self.per_tensor is None:
             self.per_tensor = True
