@@ -288,7 +288,9 @@ def test_defaults_and_what_the_rule_regularizes():
     model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Embedding(3, 2), nn.Linear(8, 4))
     opt = evidence_opt(model)
     assert opt.method.per_tensor is True and opt.method.decoupled is False
-    assert [w is layer.weight for w, layer in zip(opt.l2.weights, [model[0], model[3]], strict=True)]
+    assert len(opt.l2.weights) == 2 and all(
+        w is layer.weight for w, layer in zip(opt.l2.weights, [model[0], model[3]], strict=True)
+    )
     assert opt.state_dict()["gradsurgery"]["options"] == {
         "per_tensor": True,
         "decoupled": False,
