@@ -31,9 +31,10 @@ class i, p(ỹ | x) from a model trained on the noisy labels only) and ``forward
 - ``decoupled_balanced_shrink(news, olds, per_tensor)``: the decoupled (step-based) form of the balanced
   rule for Adam-like optimizers: after the step Δ, θ_new ← θ_new − ‖Δ‖·θ_old/‖θ_old‖ on top of today's
   projection.
-- ``evidence_lambda(curvatures, ‖θ‖², N)``: MacKay's evidence fixed point λ = γ(λ)/(N‖θ‖²),
-  γ(λ) = Σ_j f_j/(f_j + λ), with the curvatures f from ``EvidenceL2`` (an average of per-sample squared
-  gradients: the empirical Fisher's diagonal), ``KroneckerEvidence`` (K-FAC factors from module hooks) or
+- ``evidence_lambda(curvatures, ‖θ‖², N)`` (the package's, ``gradsurgery/evidence.py``): MacKay's evidence
+  fixed point λ = γ(λ)/(N‖θ‖²), γ(λ) = Σ_j f_j/(f_j + λ), with the curvatures f from ``EvidenceL2`` (an
+  average of per-sample squared gradients: the empirical Fisher's diagonal), ``KroneckerEvidence`` (K-FAC
+  factors from module hooks, written apart from the package's ``KroneckerFactors``) or
   ``evidence_lambdas_spectral`` (the exact empirical-Fisher spectrum over a data set, from the Gram matrix of
   ``per_sample_grads``) or ``evidence_lambdas_ggn`` (the exact Gauss-Newton spectrum, from the Gram matrix of
   the per-sample output Jacobians).
@@ -49,6 +50,7 @@ import torch.nn.functional as F
 
 # The proposed clean-set mode moved into the package; the variants below build on its two functions.
 from gradsurgery.clean_guard import estimate_transition, forward_corrected_nll
+from gradsurgery.evidence import evidence_lambda
 
 # --------------------------------------------------------------------------------------------------------
 # clean-set noise models
@@ -377,30 +379,6 @@ def decoupled_heldout_radial(
             news[k].add_(coef * olds[k])
         moves.append(move)
     return moves
-
-
-def evidence_lambda(curvatures: torch.Tensor, sq_norm: float, num_samples: int, iters: int = 60) -> float:
-    """MacKay's evidence fixed point for one group of weights: the λ > 0 with
-
-        λ = γ(λ) / (N ‖θ‖²),    γ(λ) = Σ_j f_j / (f_j + λ)
-
-    (f: the curvatures of the mean loss over the group, the diagonal or the eigenvalues of a Fisher
-    approximation; N the training-set size; γ the number of well-determined directions). N‖θ‖²λ − γ(λ) is
-    increasing in λ, so the root is unique; found by bisection on log λ in (0, len(f)/(N‖θ‖²)] (γ ≤ len(f)).
-    0 where θ = 0 or f = 0. MacKay, "A practical Bayesian framework for backpropagation networks", Neural
-    Computation 1992 (α = γ/‖θ‖², the data term a sum over N samples)."""
-    if sq_norm <= 0 or not bool((curvatures > 0).any()):
-        return 0.0
-    scale = num_samples * sq_norm
-    lo, hi = math.log(1e-14), math.log(curvatures.numel() / scale)
-    for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        lam = math.exp(mid)
-        if lam * scale - float((curvatures / (curvatures + lam)).sum()) > 0:
-            hi = mid
-        else:
-            lo = mid
-    return math.exp(0.5 * (lo + hi))
 
 
 class EvidenceL2:

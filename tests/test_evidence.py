@@ -113,15 +113,13 @@ def mean_outer(rows):
     return rows.T @ rows / rows.shape[0]
 
 
-def one_step(model, x, y, loss_fn, **options):
-    opt = GradSurgery(
-        torch.optim.SGD(model.parameters(), lr=0.0),
-        "l2",
-        evidence=True,
-        layers=model,
-        num_samples=N_TRAIN,
-        **options,
-    )
+def evidence_opt(model, lr=0.1, **options):
+    options = {"evidence": True, "layers": model, "num_samples": N_TRAIN, **options}
+    return GradSurgery(torch.optim.SGD(model.parameters(), lr=lr), "l2", **options)
+
+
+def one_step(model, x, y, loss_fn):
+    opt = evidence_opt(model, lr=0.0)
     opt.zero_grad()
     info = opt.backward(loss_fn(model(x), y))
     return opt, info
@@ -229,14 +227,7 @@ def test_training_steps_match_the_reference(per_layer):
     steps = 12  # λ solved at steps 1 and 10
     expected = reference_run(steps, per_layer)
     model = small_net()
-    opt = GradSurgery(
-        torch.optim.SGD(model.parameters(), lr=0.2),
-        "l2",
-        evidence=True,
-        layers=model,
-        num_samples=N_TRAIN,
-        per_tensor=per_layer,
-    )
+    opt = evidence_opt(model, lr=0.2, per_tensor=per_layer)
     for step in range(steps):
         x, y = batch(step)
         opt.zero_grad()
@@ -277,11 +268,6 @@ def test_the_penalty_is_what_sgd_weight_decay_adds():
 
 
 # -- options, errors and what a failure leaves ---------------------------------------------------------------
-
-
-def evidence_opt(model, **options):
-    options = {"evidence": True, "layers": model, "num_samples": N_TRAIN, **options}
-    return GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "l2", **options)
 
 
 def test_defaults_and_what_the_rule_regularizes():

@@ -114,8 +114,9 @@ def test_evidence_modes_train_and_report_their_lambda(mode):
 @pytest.mark.parametrize("package,prototype", [("l2-ev-pt", "evk-pt"), ("l2-ev", "evk")])
 def test_the_package_evidence_rule_is_the_prototype(arch, package, prototype):
     """``method="l2", evidence=True`` through GradSurgery against the benchmark's own K-FAC evidence λ (its
-    hooks, averages and solve written apart): the same run to the last digit, at a cosine rate, over 15
-    steps (λ solved at the first and the tenth, from averaged factors)."""
+    hooks, averages and curvatures written apart; the fixed point is the package's ``evidence_lambda``,
+    tested against scipy in ``tests/test_evidence.py``): the same run to the last digit, at a cosine rate,
+    over 15 steps (λ solved at the first and the tenth, from averaged factors)."""
     mod = importlib.import_module("benchmarks.l2_lambda_free")
     data = mod.prepare(1, 160, 32, 0.3)
     ours = mod.train_one(1, arch, "sgd", package, None, data, epochs=3, width=16, schedule="cosine")

@@ -151,19 +151,6 @@ def test_balanced_coefficients_formula():
     assert lam == pytest.approx(max(max(-dot, 0) / sq, float(g[0].norm() / th[0].norm())))
 
 
-def test_evidence_lambda_solves_the_fixed_point_in_closed_form():
-    """Equal curvatures f (D of them): N s λ = D f/(f + λ) is the quadratic N s λ² + N s f λ − D f = 0."""
-    d, f, n, s = 50, 0.3, 200, 12.0
-    lam = P.evidence_lambda(torch.full((d,), f, dtype=torch.float64), s, n)
-    a = n * s
-    assert lam == pytest.approx((-a * f + ((a * f) ** 2 + 4 * a * d * f) ** 0.5) / (2 * a), rel=1e-9)
-    curv = torch.rand(300, generator=torch.Generator().manual_seed(5), dtype=torch.float64) ** 4
-    lam = P.evidence_lambda(curv, 3.0, 40)
-    assert lam * 40 * 3.0 == pytest.approx(float((curv / (curv + lam)).sum()), rel=1e-9)
-    assert P.evidence_lambda(torch.zeros(5, dtype=torch.float64), 3.0, 40) == 0.0
-    assert P.evidence_lambda(curv, 0.0, 40) == 0.0
-
-
 def _tiny_net(seed):
     torch.manual_seed(seed)
     return torch.nn.Sequential(
