@@ -121,12 +121,13 @@ class KroneckerFactors:
     def discard(self) -> None:
         self.pending.clear()
 
-    def commit(self, reached: Iterable[int]) -> None:
+    def commit(self, reached: Iterable[int], group: Any = None) -> None:
         """Fold the pending records of the layers in ``reached`` into the averages (the first record of a
-        layer starts its average); ValueError, with nothing folded in, when a layer was recorded more than
-        once in one backward pass (a layer applied twice in the forward pass: shared weights, whose Fisher is
-        not one Kronecker product)."""
-        records = {k: self.pending[k] for k in reached if k in self.pending}
+        layer starts its average); with a process ``group``, each record is first averaged over its ranks (one
+        all-reduce), so that every rank holds the factors of the whole batch. ValueError, with nothing folded
+        in, when a layer was recorded more than once in one backward pass (a layer applied twice in the
+        forward pass: shared weights, whose Fisher is not one Kronecker product)."""
+        records = {k: self.pending[k] for k in sorted(set(reached)) if k in self.pending}
         self.pending.clear()
         shared = [k for k, rec in records.items() if len(rec) > 1]
         if shared:
@@ -134,6 +135,8 @@ class KroneckerFactors:
                 f"the evidence λ needs each regularized layer applied once per forward pass; layer(s) "
                 f"{[self.layers[k] for k in shared]} were applied {[len(records[k]) for k in shared]} times"
             )
+        if group is not None and records:
+            records = _rank_average(records, group)
         for k, [(a, s, rows)] in records.items():
             self.a[k] = self._average(self.a[k], a)
             self.s[k] = self._average(self.s[k], s)
@@ -181,6 +184,26 @@ class KroneckerFactors:
         twin.s = [None if t is None else t.clone() for t in self.s]
         twin.rows, twin.pending = list(self.rows), {}
         return twin
+
+
+def _rank_average(
+    records: dict[int, list[tuple[torch.Tensor, torch.Tensor, int]]], group: Any
+) -> dict[int, list[tuple[torch.Tensor, torch.Tensor, int]]]:
+    """Each record's A and S averaged over the ranks of ``group`` in one all-reduce (every rank reaches the
+    same layers with batches of one size, as the average of their gradients assumes)."""
+    import torch.distributed as dist
+
+    flat = torch.cat([t.reshape(-1) for rec in records.values() for t in rec[0][:2]])
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group)
+    out, offset = {}, 0
+    for k, [(a, s, rows)] in records.items():
+        averaged = []
+        for t in (a, s):
+            averaged.append(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+        out[k] = [(averaged[0], averaged[1], rows)]
+    return out
 
 
 def _forward_hook(factors: weakref.ref[KroneckerFactors], k: int) -> Any:
@@ -267,6 +290,7 @@ class EvidenceRule:
         self.factors = KroneckerFactors(found, beta)
         self.steps = 0
         self.lambdas: list[float] = []
+        self.group: Any = None  # the data-parallel group of the current backward
 
     def setup(self, optimizer: torch.optim.Optimizer) -> None:
         """Refuse an adaptive optimizer (the evidence λ is a weight decay of plain and momentum SGD) and
@@ -284,19 +308,16 @@ class EvidenceRule:
                 f"the evidence λ regularizes layer weights the optimizer does not hold (shapes {strangers})"
             )
 
-    def begin_backward(self, *, loss_scaling: bool, data_parallel: bool) -> None:
-        """Drop what an earlier, failed backward recorded; refuse what the factors cannot be read under."""
+    def begin_backward(self, *, loss_scaling: bool, group: Any) -> None:
+        """Drop what an earlier, failed backward recorded; refuse a GradScaler; keep the data-parallel
+        ``group`` over which this backward's records are averaged."""
         self.factors.discard()
         if loss_scaling:
             raise ValueError(
                 "the evidence λ reads the layers' output gradients, which grad_scaler= scales: train in "
                 "float32 or bfloat16 without a GradScaler, or use the norm rule (evidence=False)"
             )
-        if data_parallel:
-            raise ValueError(
-                "the evidence λ's factors would differ between ranks (each sees its own batch), and so would "
-                "λ: not supported under data parallelism; use the norm rule (evidence=False)"
-            )
+        self.group = group
 
     def apply(
         self, pairs: list[tuple[torch.Tensor, torch.Tensor]]
@@ -304,7 +325,7 @@ class EvidenceRule:
         """Fold this backward's records into the factors, solve λ when due, and return the pairs with
         u = g + λθ for the regularized weights, and ``l2_coefficient`` (λ per layer, or the one λ)."""
         reached = [(k, self._index[id(p)]) for k, (p, _) in enumerate(pairs) if id(p) in self._index]
-        self.factors.commit(layer for _, layer in reached)
+        self.factors.commit((layer for _, layer in reached), self.group)
         self.steps += 1
         if not self.lambdas or self.steps % self.every == 0:
             self.lambdas = self._solve()

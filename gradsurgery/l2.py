@@ -30,6 +30,7 @@ has no fixed sign, so the rule is applied to the update the optimizer actually m
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -178,8 +179,9 @@ class L2Rule:
                 f"the L2 params include tensors the optimizer does not hold (shapes {strangers})"
             )
 
-    def begin_backward(self, *, loss_scaling: bool, data_parallel: bool) -> None:
-        """The rule keeps nothing between calls and runs under loss scaling and data parallelism."""
+    def begin_backward(self, *, loss_scaling: bool, group: Any) -> None:
+        """The rule keeps nothing between calls and runs under loss scaling and data parallelism (its inner
+        products are those of the rank-averaged gradient)."""
 
     def is_regularized(self, p: torch.Tensor) -> bool:
         return p.dim() >= 2 if self._ids is None else id(p) in self._ids

@@ -166,6 +166,29 @@ def bad_input_scenarios(rank):
     return res
 
 
+def evidence_run(rank: int | None) -> dict:
+    """12 SGD steps of ``method="l2", evidence=True`` (λ solved at the first and the tenth) on rank ``rank``'s
+    half of each batch, or on the whole batch in one process (``rank=None``)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    opt = GradSurgery(
+        torch.optim.SGD(model.parameters(), lr=0.2), "l2", evidence=True, layers=model, num_samples=100
+    )
+    gen = torch.Generator().manual_seed(11)
+    lambdas = []
+    for _ in range(12):
+        x, y = (
+            torch.randn(WORLD * BATCH, 5, generator=gen),
+            torch.randint(0, 3, (WORLD * BATCH,), generator=gen),
+        )
+        if rank is not None:
+            x, y = x[rank * BATCH : (rank + 1) * BATCH], y[rank * BATCH : (rank + 1) * BATCH]
+        opt.zero_grad()
+        lambdas.append(opt.backward(nn.functional.cross_entropy(model(x), y)).l2_coefficient.clone())
+        opt.step()
+    return {"params": [p.detach().clone() for p in model.parameters()], "lambdas": lambdas}
+
+
 def scenarios(rank: int) -> dict:
     results = {}
     for method, options in METHODS:
@@ -183,6 +206,7 @@ def scenarios(rank: int) -> dict:
         rank, "rlw", {"seed": 0}, "allreduce", rank_options={"seed": rank}
     )
     results["bad"] = bad_input_scenarios(rank)
+    results["evidence"] = evidence_run(rank)
     return results
 
 
@@ -300,3 +324,14 @@ def test_different_layouts_fail_on_every_rank(ranks):
         name, msg = res["bad"]["layout"]
         assert name == "ValueError" and "different parameters" in msg
         assert res["bad"]["untouched"] and res["bad"]["grads_none"]
+
+
+def test_evidence_lambda_sees_the_whole_batch(ranks):
+    """The evidence λ's factors averaged over the ranks: the steps and λ of one process on the whole batch,
+    and the ranks bit-identical."""
+    local = evidence_run(None)
+    for key in ("params", "lambdas"):
+        for a, b in zip(ranks[0]["evidence"][key], ranks[1]["evidence"][key], strict=True):
+            assert torch.equal(a, b)
+        for a, b in zip(ranks[0]["evidence"][key], local[key], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -434,14 +434,12 @@ def test_a_layer_applied_twice_is_refused_and_changes_nothing():
     assert_same(before, snapshot(model, opt))
 
 
-def test_loss_scaling_data_parallelism_and_representation_mode_are_refused():
+def test_loss_scaling_and_representation_mode_are_refused():
     model = small_net()
     opt = evidence_opt(model)
     x, y = batch(0)
     with pytest.raises(ValueError, match="grad_scaler= scales"):
         opt.backward(F.cross_entropy(model(x), y), grad_scaler=torch.amp.GradScaler("cpu"))
-    with pytest.raises(ValueError, match="data parallelism"):
-        opt.l2.begin_backward(loss_scaling=False, data_parallel=True)
     z = model[0](x)
     with pytest.raises(ValueError, match="representation mode"):
         opt.backward(F.cross_entropy(model[2](torch.tanh(z)), y), features=z)

@@ -52,9 +52,10 @@ class Transform(Protocol):
 
     def setup(self, optimizer: torch.optim.Optimizer) -> None: ...
 
-    def begin_backward(self, *, loss_scaling: bool, data_parallel: bool) -> None:
-        """Called first in every ``backward``: ValueError when the transform cannot run under its loss scaling
-        or data parallelism; drop what a failed earlier ``backward`` left."""
+    def begin_backward(self, *, loss_scaling: bool, group: Any) -> None:
+        """Called first in every ``backward``, with the data-parallel process group (None: one process):
+        ValueError when the transform cannot run under its loss scaling; drop what a failed earlier
+        ``backward`` left."""
 
     def apply(
         self, pairs: list[tuple[torch.Tensor, torch.Tensor]]
