@@ -40,6 +40,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from .amp import LossScaling
 from .l2 import is_adaptive
 
 #: The layers whose weights the evidence λ regularizes: those with a Kronecker-factored Fisher here.
@@ -121,12 +122,13 @@ class KroneckerFactors:
     def discard(self) -> None:
         self.pending.clear()
 
-    def commit(self, reached: Iterable[int], group: Any = None) -> None:
+    def commit(self, reached: Iterable[int], group: Any = None, scale: float | None = None) -> None:
         """Fold the pending records of the layers in ``reached`` into the averages (the first record of a
         layer starts its average); with a process ``group``, each record is first averaged over its ranks (one
-        all-reduce), so that every rank holds the factors of the whole batch. ValueError, with nothing folded
-        in, when a layer was recorded more than once in one backward pass (a layer applied twice in the
-        forward pass: shared weights, whose Fisher is not one Kronecker product)."""
+        all-reduce), so that every rank holds the factors of the whole batch; with a loss ``scale`` s, S is
+        divided by s² (the output gradients were s·δ; exact for GradScaler's powers of two). ValueError, with
+        nothing folded in, when a layer was recorded more than once in one backward pass (a layer applied
+        twice in the forward pass: shared weights, whose Fisher is not one Kronecker product)."""
         records = {k: self.pending[k] for k in sorted(set(reached)) if k in self.pending}
         self.pending.clear()
         shared = [k for k, rec in records.items() if len(rec) > 1]
@@ -137,6 +139,8 @@ class KroneckerFactors:
             )
         if group is not None and records:
             records = _rank_average(records, group)
+        if scale is not None:
+            records = {k: [(a, s / (scale * scale), rows)] for k, [(a, s, rows)] in records.items()}
         for k, [(a, s, rows)] in records.items():
             self.a[k] = self._average(self.a[k], a)
             self.s[k] = self._average(self.s[k], s)
@@ -291,6 +295,7 @@ class EvidenceRule:
         self.steps = 0
         self.lambdas: list[float] = []
         self.group: Any = None  # the data-parallel group of the current backward
+        self.scaling: LossScaling | None = None  # and its GradScaler's loss scaling
 
     def setup(self, optimizer: torch.optim.Optimizer) -> None:
         """Refuse an adaptive optimizer (the evidence λ is a weight decay of plain and momentum SGD) and
@@ -308,16 +313,11 @@ class EvidenceRule:
                 f"the evidence λ regularizes layer weights the optimizer does not hold (shapes {strangers})"
             )
 
-    def begin_backward(self, *, loss_scaling: bool, group: Any) -> None:
-        """Drop what an earlier, failed backward recorded; refuse a GradScaler; keep the data-parallel
-        ``group`` over which this backward's records are averaged."""
+    def begin_backward(self, *, scaling: LossScaling | None, group: Any) -> None:
+        """Drop what an earlier, failed backward recorded; keep this backward's loss ``scaling`` (its output
+        gradients are s·δ) and the data-parallel ``group`` over which its records are averaged."""
         self.factors.discard()
-        if loss_scaling:
-            raise ValueError(
-                "the evidence λ reads the layers' output gradients, which grad_scaler= scales: train in "
-                "float32 or bfloat16 without a GradScaler, or use the norm rule (evidence=False)"
-            )
-        self.group = group
+        self.scaling, self.group = scaling, group
 
     def apply(
         self, pairs: list[tuple[torch.Tensor, torch.Tensor]]
@@ -325,7 +325,8 @@ class EvidenceRule:
         """Fold this backward's records into the factors, solve λ when due, and return the pairs with
         u = g + λθ for the regularized weights, and ``l2_coefficient`` (λ per layer, or the one λ)."""
         reached = [(k, self._index[id(p)]) for k, (p, _) in enumerate(pairs) if id(p) in self._index]
-        self.factors.commit((layer for _, layer in reached), self.group)
+        scale = None if self.scaling is None else self.scaling.scale_factor()
+        self.factors.commit((layer for _, layer in reached), self.group, scale)
         self.steps += 1
         if not self.lambdas or self.steps % self.every == 0:
             self.lambdas = self._solve()

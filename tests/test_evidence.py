@@ -434,17 +434,39 @@ def test_a_layer_applied_twice_is_refused_and_changes_nothing():
     assert_same(before, snapshot(model, opt))
 
 
-def test_loss_scaling_and_representation_mode_are_refused():
+def test_representation_mode_is_refused():
     model = small_net()
     opt = evidence_opt(model)
     x, y = batch(0)
-    with pytest.raises(ValueError, match="grad_scaler= scales"):
-        opt.backward(F.cross_entropy(model(x), y), grad_scaler=torch.amp.GradScaler("cpu"))
     z = model[0](x)
     with pytest.raises(ValueError, match="representation mode"):
         opt.backward(F.cross_entropy(model[2](torch.tanh(z)), y), features=z)
     assert all(p.grad is None for p in model.parameters())
     assert opt.l2.steps == 0
+
+
+def test_a_grad_scaler_changes_nothing_and_an_overflow_records_nothing():
+    """With a GradScaler the layers' output gradients are s·δ; the factors divide S by s², so the run is the
+    unscaled one (exactly: s is a power of two); an overflowed backward (its step skipped by the scaler,
+    the scale backed off) leaves the factors and λ as they were."""
+    model, twin = small_net(), small_net()
+    opt, twin_opt = evidence_opt(model), evidence_opt(twin)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=10_000)
+    for step in range(12):
+        x, y = batch(step)
+        if step == 5:  # an overflowed backward first
+            opt.zero_grad()
+            info = opt.backward(F.cross_entropy(model(x), y) * float("inf"), grad_scaler=scaler)
+            assert info.overflow
+            scaler.step(opt)
+            scaler.update()
+            assert scaler.get_scale() == 2.0**9
+        opt.zero_grad()
+        lam = opt.backward(F.cross_entropy(model(x), y), grad_scaler=scaler).l2_coefficient
+        scaler.step(opt)
+        scaler.update()
+        assert torch.equal(lam, train(twin_opt, twin, 1, start=step))
+    assert_same(snapshot(twin, twin_opt), snapshot(model, opt))
 
 
 def test_evaluation_passes_record_nothing():

@@ -52,9 +52,9 @@ class Transform(Protocol):
 
     def setup(self, optimizer: torch.optim.Optimizer) -> None: ...
 
-    def begin_backward(self, *, loss_scaling: bool, group: Any) -> None:
-        """Called first in every ``backward``, with the data-parallel process group (None: one process):
-        ValueError when the transform cannot run under its loss scaling; drop what a failed earlier
+    def begin_backward(self, *, scaling: Any, group: Any) -> None:
+        """Called first in every ``backward``, with its loss scaling (``gradsurgery.amp.LossScaling``, None
+        without a GradScaler) and data-parallel process group (None: one process): drop what a failed earlier
         ``backward`` left."""
 
     def apply(
