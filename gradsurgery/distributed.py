@@ -247,6 +247,9 @@ class LocalReduction:
     def sum_in_place(self, tensors: list[torch.Tensor]) -> None:
         """Sum each tensor over the ranks, in place (one rank: nothing to add)."""
 
+    def average_in_place(self, tensors: list[torch.Tensor]) -> None:
+        """Average each tensor over the ranks, in place (one rank: nothing to do)."""
+
     def average_gradients(
         self, params: list[torch.Tensor], grads: Sequence[torch.Tensor | None]
     ) -> Sequence[torch.Tensor | None]:
@@ -314,6 +317,12 @@ class _GroupReduction(LocalReduction):
 
     def sum_in_place(self, tensors: list[torch.Tensor]) -> None:
         _sum_in_place(tensors, self.group)
+
+    def average_in_place(self, tensors: list[torch.Tensor]) -> None:
+        _sum_in_place(tensors, self.group)
+        ranks = _dist().get_world_size(self.group)
+        for t in tensors:
+            t.div_(ranks)
 
     def average(self, values: torch.Tensor) -> torch.Tensor:
         """The mean of ``values`` over the ranks (a new tensor)."""

@@ -122,13 +122,15 @@ class KroneckerFactors:
     def discard(self) -> None:
         self.pending.clear()
 
-    def commit(self, reached: Iterable[int], group: Any = None, scale: float | None = None) -> None:
+    def commit(self, reached: Iterable[int], reduction: Any, scale: float | None = None) -> None:
         """Fold the pending records of the layers in ``reached`` into the averages (the first record of a
-        layer starts its average); with a process ``group``, each record is first averaged over its ranks (one
-        all-reduce), so that every rank holds the factors of the whole batch; with a loss ``scale`` s, S is
-        divided by s² (the output gradients were s·δ; exact for GradScaler's powers of two). ValueError, with
-        nothing folded in, when a layer was recorded more than once in one backward pass (a layer applied
-        twice in the forward pass: shared weights, whose Fisher is not one Kronecker product)."""
+        layer starts its average). Each record is first averaged over the data-parallel ranks of ``reduction``
+        (a ``gradsurgery.distributed`` reduction: one all-reduce; nothing with one process), so that every
+        rank holds the factors of the whole batch (every rank reaches the same layers with a batch of one
+        size, as the average of their gradients assumes); with a loss ``scale`` s, S is divided by s² (the
+        output gradients were s·δ; exact for GradScaler's powers of two). ValueError, with nothing folded in,
+        when a layer was recorded more than once in one backward pass (a layer applied twice in the forward
+        pass: shared weights, whose Fisher is not one Kronecker product)."""
         records = {k: self.pending[k] for k in sorted(set(reached)) if k in self.pending}
         self.pending.clear()
         shared = [k for k, rec in records.items() if len(rec) > 1]
@@ -137,8 +139,7 @@ class KroneckerFactors:
                 f"the evidence λ needs each regularized layer applied once per forward pass; layer(s) "
                 f"{[self.layers[k] for k in shared]} were applied {[len(records[k]) for k in shared]} times"
             )
-        if group is not None and records:
-            records = _rank_average(records, group)
+        reduction.average_in_place([t for [(a, s, _)] in records.values() for t in (a, s)])
         if scale is not None:
             records = {k: [(a, s / (scale * scale), rows)] for k, [(a, s, rows)] in records.items()}
         for k, [(a, s, rows)] in records.items():
@@ -188,26 +189,6 @@ class KroneckerFactors:
         twin.s = [None if t is None else t.clone() for t in self.s]
         twin.rows, twin.pending = list(self.rows), {}
         return twin
-
-
-def _rank_average(
-    records: dict[int, list[tuple[torch.Tensor, torch.Tensor, int]]], group: Any
-) -> dict[int, list[tuple[torch.Tensor, torch.Tensor, int]]]:
-    """Each record's A and S averaged over the ranks of ``group`` in one all-reduce (every rank reaches the
-    same layers with batches of one size, as the average of their gradients assumes)."""
-    import torch.distributed as dist
-
-    flat = torch.cat([t.reshape(-1) for rec in records.values() for t in rec[0][:2]])
-    dist.all_reduce(flat, group=group)
-    flat /= dist.get_world_size(group)
-    out, offset = {}, 0
-    for k, [(a, s, rows)] in records.items():
-        averaged = []
-        for t in (a, s):
-            averaged.append(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
-        out[k] = [(averaged[0], averaged[1], rows)]
-    return out
 
 
 def _forward_hook(factors: weakref.ref[KroneckerFactors], k: int) -> Any:
@@ -294,7 +275,9 @@ class EvidenceRule:
         self.factors = KroneckerFactors(found, beta)
         self.steps = 0
         self.lambdas: list[float] = []
-        self.group: Any = None  # the data-parallel group of the current backward
+        # The current backward's reduction over the data-parallel ranks (``gradsurgery.distributed``, not
+        # imported: it imports the methods, whose l2 imports this module), from begin_backward.
+        self.reduction: Any = None
         self.scaling: LossScaling | None = None  # and its GradScaler's loss scaling
 
     def setup(self, optimizer: torch.optim.Optimizer) -> None:
@@ -313,20 +296,22 @@ class EvidenceRule:
                 f"the evidence λ regularizes layer weights the optimizer does not hold (shapes {strangers})"
             )
 
-    def begin_backward(self, *, scaling: LossScaling | None, group: Any) -> None:
+    def begin_backward(self, *, scaling: LossScaling | None, reduction: Any) -> None:
         """Drop what an earlier, failed backward recorded; keep this backward's loss ``scaling`` (its output
-        gradients are s·δ) and the data-parallel ``group`` over which its records are averaged."""
+        gradients are s·δ) and the ``reduction`` over whose ranks its records are averaged."""
         self.factors.discard()
-        self.scaling, self.group = scaling, group
+        self.scaling, self.reduction = scaling, reduction
 
     def apply(
         self, pairs: list[tuple[torch.Tensor, torch.Tensor]]
     ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
         """Fold this backward's records into the factors, solve λ when due, and return the pairs with
         u = g + λθ for the regularized weights, and ``l2_coefficient`` (λ per layer, or the one λ)."""
+        if self.reduction is None:
+            raise RuntimeError("EvidenceRule: begin_backward(scaling=, reduction=) comes before apply")
         reached = [(k, self._index[id(p)]) for k, (p, _) in enumerate(pairs) if id(p) in self._index]
         scale = None if self.scaling is None else self.scaling.scale_factor()
-        self.factors.commit((layer for _, layer in reached), self.group, scale)
+        self.factors.commit((layer for _, layer in reached), self.reduction, scale)
         self.steps += 1
         if not self.lambdas or self.steps % self.every == 0:
             self.lambdas = self._solve()
@@ -358,17 +343,6 @@ class EvidenceRule:
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.factors.state_dict(), "steps": self.steps, "lambdas": list(self.lambdas)}
-
-    def snapshot(self) -> dict[str, Any]:
-        """The state without copying a tensor: the averages are replaced, never changed in place, so holding
-        the current ones keeps them (a copy of the factors would cost a few ms a step)."""
-        return self.state_dict()
-
-    def restore(self, snapshot: dict[str, Any]) -> None:
-        f = self.factors
-        f.a, f.s, f.rows = list(snapshot["a"]), list(snapshot["s"]), list(snapshot["rows"])
-        f.pending.clear()
-        self.steps, self.lambdas = snapshot["steps"], list(snapshot["lambdas"])
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.factors.load_state_dict(state)

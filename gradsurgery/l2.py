@@ -179,7 +179,7 @@ class L2Rule:
                 f"the L2 params include tensors the optimizer does not hold (shapes {strangers})"
             )
 
-    def begin_backward(self, *, scaling: Any, group: Any) -> None:
+    def begin_backward(self, *, scaling: Any, reduction: Any) -> None:
         """The rule keeps nothing between calls and runs under loss scaling and data parallelism (its inner
         products are those of the rank-averaged gradient)."""
 

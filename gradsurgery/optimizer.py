@@ -324,7 +324,7 @@ class GradSurgery(torch.optim.Optimizer):
         params = self._trainable_params()
         try:
             for transform in self.transforms:
-                transform.begin_backward(scaling=scaling, group=reduction.group)
+                transform.begin_backward(scaling=scaling, reduction=reduction)
             tasks, names, sample_mask = self._prepare_losses(losses, params)
             source = self._source_for(features, scaling, reduction)
             if source.collectives_in_collect:

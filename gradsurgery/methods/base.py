@@ -52,10 +52,10 @@ class Transform(Protocol):
 
     def setup(self, optimizer: torch.optim.Optimizer) -> None: ...
 
-    def begin_backward(self, *, scaling: Any, group: Any) -> None:
+    def begin_backward(self, *, scaling: Any, reduction: Any) -> None:
         """Called first in every ``backward``, with its loss scaling (``gradsurgery.amp.LossScaling``, None
-        without a GradScaler) and data-parallel process group (None: one process): drop what a failed earlier
-        ``backward`` left."""
+        without a GradScaler) and its reduction over the data-parallel ranks (``gradsurgery.distributed``;
+        local with one process): drop what a failed earlier ``backward`` left."""
 
     def apply(
         self, pairs: list[tuple[torch.Tensor, torch.Tensor]]

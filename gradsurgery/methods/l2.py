@@ -93,20 +93,21 @@ class L2(Method):
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
-        """``Method.transaction`` with the evidence λ's state kept by reference (``EvidenceRule.snapshot``)
-        instead of cloned: the rule replaces its tensors, so the old ones stay as they were."""
+        """``Method.transaction`` with the evidence λ's state held by reference instead of cloned (a copy of
+        the factors would cost a few ms a step): the rule replaces its averages, never changes them in place,
+        so the ones its ``state_dict`` returned stay as they were."""
         if not isinstance(self.rule, EvidenceRule):
             with super().transaction():
                 yield
             return
         attributes = dict(self.__dict__)
-        saved = self.rule.snapshot()
+        saved = self.rule.state_dict()
         try:
             yield
         except BaseException:
             self.__dict__.clear()
             self.__dict__.update(attributes)
-            self.rule.restore(saved)
+            self.rule.load_state_dict(saved)
             raise
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
