@@ -7,9 +7,10 @@ loss). In the units of the mean loss, λ = α/N solves
 
     λ = γ(λ) / (N ‖W‖²),   γ(λ) = Σ_j f_j / (f_j + λ)   (f_j: the curvatures of the mean loss),
 
-whose left side rises and right side falls in λ: one root, found by bisection (``evidence_lambda``). No λ to
-tune; N, the training-set size, is an input. The step is the direct form u = g + λθ, the gradient of the
-loss plus ½λ‖θ‖², which is ``torch.optim.SGD(weight_decay=λ)`` with the λ solved again as training goes.
+whose left side rises and right side falls in λ: one root, found by Newton's method (``evidence_lambda``).
+No λ to tune; N, the training-set size, is an input. The step is the direct form u = g + λθ, the gradient
+of the loss plus ½λ‖θ‖², which is ``torch.optim.SGD(weight_decay=λ)`` with the λ solved again as training
+goes.
 
 The curvatures come from a Kronecker-factored Fisher (K-FAC, Martens & Grosse 2015; KFC for convolutions,
 Grosse & Martens 2016): per layer F ≈ t·A ⊗ S, A the mean of a aᵀ over the layer's input rows a (im2col
@@ -24,10 +25,10 @@ marginal-likelihood λ of Immer et al., "Scalable marginal likelihood estimation
 learning", ICML 2021, here in MacKay's fixed-point form.
 
 Cost per step and layer of n_in inputs, n_out outputs and r input rows: two products of r·n_in² and
-r·n_out² flops (the factors, in float64), and every ``every`` steps two symmetric eigendecompositions
-(n_in³ and n_out³) and a bisection over n_in·n_out eigenvalue products: a step of the benchmark's
-64-512-512-10 MLP and small CNN with SGD takes 13.6× and 8.0× a plain step (the norm rule 1.67× and 1.26×;
-``docs/howto/l2-without-lambda.md``), most of it the solve every 10 steps."""
+r·n_out² flops (the factors, in the layer's dtype, float32 at least), and every ``every`` steps two float64
+symmetric eigendecompositions (n_in³ and n_out³) and 3-5 passes over the n_in·n_out eigenvalue products: a
+step of the benchmark's 64-512-512-10 MLP and small CNN with SGD takes 10.5× and 6.0× a plain step (the norm
+rule 1.6-1.7× and 1.2×; ``docs/howto/l2-without-lambda.md``), most of it the eigendecompositions."""
 
 from __future__ import annotations
 
@@ -47,25 +48,44 @@ from .l2 import is_adaptive
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 
 
-def evidence_lambda(curvatures: torch.Tensor, sq_norm: float, num_samples: int, iters: int = 60) -> float:
+#: A bound on evidence_lambda's steps: bisection alone would narrow a bracket of log-width 10³ to 10⁻¹² in 50.
+_NEWTON_STEPS = 100
+
+
+def evidence_lambda(curvatures: torch.Tensor, sq_norm: float, num_samples: int) -> float:
     """The λ > 0 with N‖θ‖²λ = γ(λ) = Σ_j f_j/(f_j + λ) (``curvatures`` f ≥ 0, ``sq_norm`` ‖θ‖², N
     ``num_samples``); 0 where θ = 0 or every f = 0.
 
-    N‖θ‖²λ − γ(λ) increases in λ from −γ(0) < 0 and is ≥ 0 at λ = len(f)/(N‖θ‖²) (γ ≤ len(f)), so the root
-    is unique and lies in (0, len(f)/(N‖θ‖²)]; ``iters`` bisection steps on log λ from [1e-14, that bound]
-    (60 steps: a bracket of relative width about 2·10⁻⁸)."""
-    if sq_norm <= 0 or not bool((curvatures > 0).any()):
+    Newton's method on φ(μ) = μ + log(N‖θ‖²) − log γ(e^μ), μ = log λ, whose slope
+    φ' = 1 + Σ_j r_j(1 − r_j)/γ (r_j = f_j/(f_j + λ)) lies in [1, 2]: φ rises, so its root is unique, and
+    Newton's steps are never far off. It starts at μ = log(n/(N‖θ‖²)) (n the number of f > 0; γ ≤ n, so
+    φ ≥ 0 there) and keeps the root bracketed, halving the bracket where a step would leave it; it stops
+    when a step is below 10⁻¹² (λ to about 10⁻¹² relative; 3-5 evaluations of γ, each one pass over f)."""
+    if sq_norm <= 0:
         return 0.0
-    scale = num_samples * sq_norm
-    lo, hi = math.log(1e-14), math.log(curvatures.numel() / scale)
-    for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        lam = math.exp(mid)
-        if lam * scale - float((curvatures / (curvatures + lam)).sum()) > 0:
-            hi = mid
+    positive = curvatures[curvatures > 0]
+    if positive.numel() == 0:
+        return 0.0
+    log_scale = math.log(num_samples * sq_norm)
+    lo, hi = -math.inf, math.log(positive.numel()) - log_scale
+    mu = hi
+    for _ in range(_NEWTON_STEPS):
+        ratios = positive / (positive + math.exp(mu))
+        gamma = float(ratios.sum())
+        phi = mu + log_scale - math.log(gamma)
+        if phi > 0:
+            hi = mu
         else:
-            lo = mid
-    return math.exp(0.5 * (lo + hi))
+            lo = mu
+        step = phi / (1.0 + float((ratios - ratios * ratios).sum()) / gamma)
+        if abs(step) <= 1e-12:
+            return math.exp(mu - step)
+        # a step from the left may pass the bracket's right end; from the right it stays above lo = -inf,
+        # so a bisection always has two finite ends
+        mu = mu - step if lo < mu - step < hi else 0.5 * (lo + hi)
+    raise RuntimeError(
+        f"evidence_lambda: no convergence in {_NEWTON_STEPS} steps (bracket [{lo}, {hi}] in log λ)"
+    )
 
 
 def _weight(layer: nn.Module) -> torch.Tensor:
@@ -79,16 +99,21 @@ def _sq_norm(t: torch.Tensor) -> float:
 
 class KroneckerFactors:
     """The exponential averages A_l and S_l of every layer in ``layers`` (see the module docstring), recorded
-    by a forward hook on each layer and a hook on its output's gradient.
+    by a forward hook on each layer (A: its input rows' second moment, taken in the forward pass, so that
+    the rows themselves are not kept for the backward) and a hook on its output's gradient (S).
 
-    What a backward pass records is held apart (``pending``) until ``commit``, so that a step that fails
-    after its backward pass leaves the averages as they were; ``discard`` drops it. The hooks hold the
-    factors weakly and are removed with them: an optimizer dropped (or one whose construction failed) leaves
-    no recording behind on the model."""
+    The factors are float32 (float64 for a float64 layer), as the layer's gradient is; the eigenvalues are
+    taken in float64. What a backward pass records is held apart (``pending``) until ``commit``, so that a
+    step that fails after its backward pass leaves the averages as they were; ``discard`` drops it. The
+    hooks hold the factors weakly and are removed with them: an optimizer dropped (or one whose
+    construction failed) leaves no recording behind on the model."""
 
     def __init__(self, layers: Sequence[nn.Module], beta: float) -> None:
         self.layers = list(layers)
         self.beta = beta
+        self.dtypes = [
+            torch.float64 if _weight(layer).dtype == torch.float64 else torch.float32 for layer in self.layers
+        ]
         n = len(self.layers)
         self.a: list[torch.Tensor | None] = [None] * n
         self.s: list[torch.Tensor | None] = [None] * n
@@ -99,25 +124,33 @@ class KroneckerFactors:
             for k, layer in enumerate(self.layers)
         ]
 
-    @staticmethod
-    def _input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The layer's input as rows a (one per output position), float64: (batch·t, n_in)."""
+    @torch.no_grad()
+    def input_moment(self, k: int, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """Layer k's A for the input ``x`` (the mean of a aᵀ over its rows a: one per output position,
+        im2col patches for a convolution), the rows per sample t and the batch size (1 for an unbatched
+        input)."""
+        module = self.layers[k]
         if isinstance(module, nn.Conv2d):
+            batched = x if x.dim() == 4 else x.unsqueeze(0)
             padding = cast(tuple[int, ...], module.padding)  # EvidenceRule refuses a padding by name
-            patches = nn.functional.unfold(x, module.kernel_size, module.dilation, padding, module.stride)
-            return patches.transpose(1, 2).reshape(-1, patches.shape[1]).double()
-        return x.reshape(-1, x.shape[-1]).double()
+            patches = nn.functional.unfold(
+                batched.to(self.dtypes[k]), module.kernel_size, module.dilation, padding, module.stride
+            )
+            rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+            batch = batched.shape[0]
+        else:
+            rows = x.reshape(-1, x.shape[-1]).to(self.dtypes[k])
+            batch = 1 if x.dim() == 1 else x.shape[0]
+        return rows.T @ rows / rows.shape[0], rows.shape[0] // batch, batch
 
     @torch.no_grad()
-    def _record(self, k: int, rows: torch.Tensor, grad_out: torch.Tensor) -> None:
-        batch = grad_out.shape[0]
-        deltas = grad_out.double() * batch  # per-sample gradients of the mean loss
-        if deltas.dim() == 4:  # a convolution's (batch, channels, height, width)
-            deltas = deltas.permute(0, 2, 3, 1)
+    def record(self, k: int, a: torch.Tensor, rows: int, batch: int, grad_out: torch.Tensor) -> None:
+        """Hold layer k's A and its S from the gradient ``grad_out`` at its output, until ``commit``."""
+        deltas = grad_out.to(self.dtypes[k]) * batch  # per-sample gradients of the mean loss
+        if isinstance(self.layers[k], nn.Conv2d):
+            deltas = deltas.movedim(-3, -1)  # channels last: one row per output position
         deltas = deltas.reshape(-1, deltas.shape[-1])
-        a = rows.T @ rows / rows.shape[0]
-        s = deltas.T @ deltas / deltas.shape[0]
-        self.pending.setdefault(k, []).append((a, s, rows.shape[0] // batch))
+        self.pending.setdefault(k, []).append((a, deltas.T @ deltas / deltas.shape[0], rows))
 
     def discard(self) -> None:
         self.pending.clear()
@@ -151,26 +184,28 @@ class KroneckerFactors:
         return new if old is None else old.mul(self.beta).add_(new, alpha=1 - self.beta)
 
     def curvatures(self, k: int) -> torch.Tensor:
-        """The eigenvalues t·a_i·s_j of layer k's t·A ⊗ S on the CPU, where the bisection reads them (empty
-        before the layer's first record)."""
+        """The eigenvalues t·a_i·s_j of layer k's t·A ⊗ S, in float64 on the CPU, where ``evidence_lambda``
+        reads them (empty before the layer's first record)."""
         a, s = self.a[k], self.s[k]
         if a is None or s is None:
             return torch.zeros(0, dtype=torch.float64)
-        ea = torch.linalg.eigvalsh(a).clamp_min(0)
-        es = torch.linalg.eigvalsh(s).clamp_min(0)
+        ea = torch.linalg.eigvalsh(a.double()).clamp_min(0)
+        es = torch.linalg.eigvalsh(s.double()).clamp_min(0)
         return (self.rows[k] * torch.outer(ea, es)).reshape(-1).cpu()
 
     def state_dict(self) -> dict[str, Any]:
         return {"a": list(self.a), "s": list(self.s), "rows": list(self.rows)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """The averages of ``state_dict``, each moved to its layer's device."""
+        """The averages of ``state_dict``, each moved to its layer's device and factor dtype."""
         a, s, rows = list(state["a"]), list(state["s"]), [int(r) for r in state["rows"]]
         if not len(a) == len(s) == len(rows) == len(self.layers):
             raise ValueError(f"evidence factors of {len(a)} layers for {len(self.layers)} layers")
-        devices = [_weight(layer).device for layer in self.layers]
-        self.a = [None if t is None else t.to(d, torch.float64) for t, d in zip(a, devices, strict=True)]
-        self.s = [None if t is None else t.to(d, torch.float64) for t, d in zip(s, devices, strict=True)]
+        places = [
+            (_weight(layer).device, dtype) for layer, dtype in zip(self.layers, self.dtypes, strict=True)
+        ]
+        self.a = [None if t is None else t.to(*place) for t, place in zip(a, places, strict=True)]
+        self.s = [None if t is None else t.to(*place) for t, place in zip(s, places, strict=True)]
         self.rows = rows
         self.pending.clear()
 
@@ -184,7 +219,7 @@ class KroneckerFactors:
     def __deepcopy__(self, memo: dict[int, Any]) -> KroneckerFactors:
         """A copy that shares the layers (a method's copy must not copy the model) and has no hooks."""
         twin = KroneckerFactors.__new__(KroneckerFactors)
-        twin.layers, twin.beta, twin.handles = self.layers, self.beta, []
+        twin.layers, twin.beta, twin.dtypes, twin.handles = self.layers, self.beta, self.dtypes, []
         twin.a = [None if t is None else t.clone() for t in self.a]
         twin.s = [None if t is None else t.clone() for t in self.s]
         twin.rows, twin.pending = list(self.rows), {}
@@ -192,7 +227,7 @@ class KroneckerFactors:
 
 
 def _forward_hook(factors: weakref.ref[KroneckerFactors], k: int) -> Any:
-    """Layer k's forward hook: its input rows, and a hook on its output's gradient that records them."""
+    """Layer k's forward hook: its input's A, and a hook on its output's gradient that records it with S."""
 
     def hook(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
         owner = factors()
@@ -200,11 +235,11 @@ def _forward_hook(factors: weakref.ref[KroneckerFactors], k: int) -> Any:
             torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad
         ):
             return  # no owner any more, or an evaluation pass: no gradient will reach this output
-        rows = owner._input_rows(module, inputs[0].detach())
+        a, rows, batch = owner.input_moment(k, inputs[0].detach())
 
         def record(grad: torch.Tensor) -> None:
             if (live := factors()) is not None:
-                live._record(k, rows, grad)
+                live.record(k, a, rows, batch, grad)
 
         output.register_hook(record)
 

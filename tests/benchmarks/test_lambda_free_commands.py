@@ -115,14 +115,16 @@ def test_evidence_modes_train_and_report_their_lambda(mode):
 def test_the_package_evidence_rule_is_the_prototype(arch, package, prototype):
     """``method="l2", evidence=True`` through GradSurgery against the benchmark's own K-FAC evidence λ (its
     hooks, averages and curvatures written apart; the fixed point is the package's ``evidence_lambda``,
-    tested against scipy in ``tests/test_evidence.py``): the same run to the last digit, at a cosine rate,
-    over 15 steps (λ solved at the first and the tenth, from averaged factors)."""
+    tested against scipy in ``tests/test_evidence.py``): the same run at a cosine rate over 15 steps (λ
+    solved at the first and the tenth, from averaged factors), to float32's rounding: the package keeps a
+    float32 layer's factors in float32, the prototype in float64."""
     mod = importlib.import_module("benchmarks.l2_lambda_free")
     data = mod.prepare(1, 160, 32, 0.3)
     ours = mod.train_one(1, arch, "sgd", package, None, data, epochs=3, width=16, schedule="cosine")
     theirs = mod.train_one(1, arch, "sgd", prototype, None, data, epochs=3, width=16, schedule="cosine")
-    for key in ("test_acc", "train_acc", "weight_norm", "mean_lambda"):
-        assert ours[key] == theirs[key], key
+    assert ours["test_acc"] == theirs["test_acc"] and ours["train_acc"] == theirs["train_acc"]
+    assert ours["mean_lambda"] == pytest.approx(theirs["mean_lambda"], rel=1e-5)
+    assert ours["weight_norm"] == pytest.approx(theirs["weight_norm"], rel=1e-6)
     assert ours["weight_norm"] < ours["init_norm"] and ours["mean_lambda"] > 0
 
 
