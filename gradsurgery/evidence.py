@@ -15,10 +15,11 @@ goes.
 The curvatures come from a Kronecker-factored Fisher (K-FAC, Martens & Grosse 2015; KFC for convolutions,
 Grosse & Martens 2016): per layer F ≈ t·A ⊗ S, A the mean of a aᵀ over the layer's input rows a (im2col
 patches for a convolution), S the mean of δ δᵀ over the per-sample gradients δ at its outputs, t the rows per
-sample (spatial positions; 1 for a linear layer on (batch, features)), each an exponential average over the
-steps. F's eigenvalues are t·a_i·s_j (a, s the eigenvalues of A and S), so γ needs the two factors'
-eigenvalues, not F. One λ per layer (the default) or one for all of them (γ and ‖θ‖² summed over the
-layers).
+sample (spatial positions; 1 for a linear layer on (batch, features); the rows of all its applications for a
+layer applied more than once, as in the "expand" K-FAC of Eschenhagen et al., NeurIPS 2023), each an
+exponential average over the steps. F's eigenvalues are t·a_i·s_j (a, s the eigenvalues of A and S), so
+γ needs the two factors' eigenvalues, not F. One λ per layer (the default) or one for all of them (γ and
+‖θ‖² summed over the layers).
 
 MacKay, "A practical Bayesian framework for backpropagation networks", Neural Computation 1992; the online
 marginal-likelihood λ of Immer et al., "Scalable marginal likelihood estimation for model selection in deep
@@ -45,7 +46,8 @@ from .amp import LossScaling
 from .l2 import is_adaptive
 
 #: The layers whose weights the evidence λ regularizes: those with a Kronecker-factored Fisher here.
-SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
+_LAYER_NAMES = "nn.Linear, nn.Conv1d or nn.Conv2d"
 
 
 #: A bound on evidence_lambda's steps: bisection alone would narrow a bracket of log-width 10³ to 10⁻¹² in 50.
@@ -118,7 +120,8 @@ class KroneckerFactors:
         self.a: list[torch.Tensor | None] = [None] * n
         self.s: list[torch.Tensor | None] = [None] * n
         self.rows = [1] * n
-        self.pending: dict[int, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}
+        # per layer, one (A, S, rows per sample, batch size) per application in the backward pass
+        self.pending: dict[int, list[tuple[torch.Tensor, torch.Tensor, int, int]]] = {}
         self.handles = [
             layer.register_forward_hook(_forward_hook(weakref.ref(self), k))
             for k, layer in enumerate(self.layers)
@@ -130,12 +133,20 @@ class KroneckerFactors:
         im2col patches for a convolution), the rows per sample t and the batch size (1 for an unbatched
         input)."""
         module = self.layers[k]
-        if isinstance(module, nn.Conv2d):
-            batched = x if x.dim() == 4 else x.unsqueeze(0)
-            padding = cast(tuple[int, ...], module.padding)  # EvidenceRule refuses a padding by name
-            patches = nn.functional.unfold(
-                batched.to(self.dtypes[k]), module.kernel_size, module.dilation, padding, module.stride
-            )
+        if isinstance(module, nn.Conv1d | nn.Conv2d):
+            spatial = 1 if isinstance(module, nn.Conv1d) else 2
+            batched = x if x.dim() == spatial + 2 else x.unsqueeze(0)
+            # EvidenceRule refuses a padding by name; a Conv1d is a Conv2d of height 1
+            geometry = [
+                module.kernel_size,
+                module.dilation,
+                cast(tuple[int, ...], module.padding),
+                module.stride,
+            ]
+            if spatial == 1:
+                batched = batched.unsqueeze(2)
+                geometry = [(one, *g) for one, g in zip((1, 1, 0, 1), geometry, strict=True)]
+            patches = nn.functional.unfold(batched.to(self.dtypes[k]), *geometry)
             rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
             batch = batched.shape[0]
         else:
@@ -147,37 +158,44 @@ class KroneckerFactors:
     def record(self, k: int, a: torch.Tensor, rows: int, batch: int, grad_out: torch.Tensor) -> None:
         """Hold layer k's A and its S from the gradient ``grad_out`` at its output, until ``commit``."""
         deltas = grad_out.to(self.dtypes[k]) * batch  # per-sample gradients of the mean loss
-        if isinstance(self.layers[k], nn.Conv2d):
-            deltas = deltas.movedim(-3, -1)  # channels last: one row per output position
+        module = self.layers[k]
+        if isinstance(module, nn.Conv1d | nn.Conv2d):  # channels last: one row per output position
+            deltas = deltas.movedim(-2 if isinstance(module, nn.Conv1d) else -3, -1)
         deltas = deltas.reshape(-1, deltas.shape[-1])
-        self.pending.setdefault(k, []).append((a, deltas.T @ deltas / deltas.shape[0], rows))
+        self.pending.setdefault(k, []).append((a, deltas.T @ deltas / deltas.shape[0], rows, batch))
 
     def discard(self) -> None:
         self.pending.clear()
 
     def commit(self, reached: Iterable[int], reduction: Any, scale: float | None = None) -> None:
         """Fold the pending records of the layers in ``reached`` into the averages (the first record of a
-        layer starts its average). Each record is first averaged over the data-parallel ranks of ``reduction``
-        (a ``gradsurgery.distributed`` reduction: one all-reduce; nothing with one process), so that every
-        rank holds the factors of the whole batch (every rank reaches the same layers with a batch of one
-        size, as the average of their gradients assumes); with a loss ``scale`` s, S is divided by s² (the
-        output gradients were s·δ; exact for GradScaler's powers of two). ValueError, with nothing folded in,
-        when a layer was recorded more than once in one backward pass (a layer applied twice in the forward
-        pass: shared weights, whose Fisher is not one Kronecker product)."""
+        layer starts its average).
+
+        A layer applied u times in the forward pass (shared weights) has its applications' rows pooled, as
+        a linear layer's positions in a sequence are: A and S the means over all rows, t = Σ_u t_u (the
+        "expand" K-FAC of weight sharing, Eschenhagen et al., NeurIPS 2023); its applications must see
+        batches of one size, whose samples they share. Each layer's factors are then averaged over the
+        data-parallel ranks of ``reduction`` (a ``gradsurgery.distributed`` reduction: one all-reduce;
+        nothing with one process), so that every rank holds the factors of the whole batch (every rank
+        reaches the same layers with a batch of one size, as the average of their gradients assumes); with
+        a loss ``scale`` s, S is divided by s² (the output gradients were s·δ; exact for GradScaler's
+        powers of two). ValueError, with nothing folded in, for a layer applied to batches of different
+        sizes."""
         records = {k: self.pending[k] for k in sorted(set(reached)) if k in self.pending}
         self.pending.clear()
-        shared = [k for k, rec in records.items() if len(rec) > 1]
-        if shared:
+        mixed = {k: sorted({batch for *_, batch in rec}) for k, rec in records.items()}
+        mixed = {k: sizes for k, sizes in mixed.items() if len(sizes) > 1}
+        if mixed:
             raise ValueError(
-                f"the evidence λ needs each regularized layer applied once per forward pass; layer(s) "
-                f"{[self.layers[k] for k in shared]} were applied {[len(records[k]) for k in shared]} times"
+                "the evidence λ reads a layer applied more than once per forward pass as one application to "
+                "longer samples, which needs one batch size; layer(s) "
+                f"{[self.layers[k] for k in mixed]} were applied to batches of sizes {list(mixed.values())}"
             )
-        reduction.average_in_place([t for [(a, s, _)] in records.values() for t in (a, s)])
-        if scale is not None:
-            records = {k: [(a, s / (scale * scale), rows)] for k, [(a, s, rows)] in records.items()}
-        for k, [(a, s, rows)] in records.items():
+        pooled = {k: _pool(rec) for k, rec in records.items()}
+        reduction.average_in_place([t for a, s, _ in pooled.values() for t in (a, s)])
+        for k, (a, s, rows) in pooled.items():
             self.a[k] = self._average(self.a[k], a)
-            self.s[k] = self._average(self.s[k], s)
+            self.s[k] = self._average(self.s[k], s if scale is None else s / (scale * scale))
             self.rows[k] = rows
 
     def _average(self, old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
@@ -224,6 +242,20 @@ class KroneckerFactors:
         twin.s = [None if t is None else t.clone() for t in self.s]
         twin.rows, twin.pending = list(self.rows), {}
         return twin
+
+
+def _pool(
+    records: list[tuple[torch.Tensor, torch.Tensor, int, int]],
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One layer's applications in a backward pass, all on batches of one size, as one: A and S weighted by
+    the rows per sample t_u of each (the means over all their rows), and t = Σ_u t_u."""
+    if len(records) == 1:
+        a, s, rows, _ = records[0]
+        return a, s, rows
+    total = sum(rows for _, _, rows, _ in records)
+    a = sum((a * (rows / total) for a, _, rows, _ in records), torch.zeros_like(records[0][0]))
+    s = sum((s * (rows / total) for _, s, rows, _ in records), torch.zeros_like(records[0][1]))
+    return a, s, total
 
 
 def _forward_hook(factors: weakref.ref[KroneckerFactors], k: int) -> Any:
@@ -281,8 +313,14 @@ class EvidenceRule:
             and _weight(m).requires_grad
             and (chosen is None or id(_weight(m)) in chosen)
         ]
+        tied = [m for i, m in enumerate(found) if any(_weight(m) is _weight(o) for o in found[:i])]
+        if tied:
+            raise ValueError(
+                f"{what} with evidence=True: {tied} share their weight with another layer; the evidence λ "
+                "takes a shared weight from one layer applied more than once"
+            )
         for m in found:
-            if isinstance(m, nn.Conv2d) and (
+            if isinstance(m, nn.Conv1d | nn.Conv2d) and (
                 isinstance(m.padding, str) or m.padding_mode != "zeros" or m.groups != 1
             ):
                 raise ValueError(
@@ -294,13 +332,12 @@ class EvidenceRule:
             strangers = [tuple(p.shape) for p in params or () if id(p) not in weights]
             if strangers:
                 raise ValueError(
-                    f"{what} with evidence=True regularizes the weights of nn.Linear and nn.Conv2d layers of "
-                    f"layers=; params has other tensors (shapes {strangers})"
+                    f"{what} with evidence=True regularizes the weights of {_LAYER_NAMES} layers of layers=; "
+                    f"params has other tensors (shapes {strangers})"
                 )
         if not found:
             raise ValueError(
-                f"{what} with evidence=True found no nn.Linear or nn.Conv2d layer with a trainable weight in "
-                "layers="
+                f"{what} with evidence=True found no {_LAYER_NAMES} layer with a trainable weight in layers="
             )
         self.weights = [_weight(m) for m in found]
         self._index = {id(w): k for k, w in enumerate(self.weights)}

@@ -168,6 +168,105 @@ def test_factors_of_a_convolution_match_patches_and_per_sample_gradients(dtype):
     assert factors.rows[0] == 9  # output positions per sample
 
 
+def conv1d_patches(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    """(batch·positions, c_in·k) rows by loops over the zero-padded signal, channel-major as unfold's."""
+    (k,), (p,), (stride,), (dilation,) = conv.kernel_size, conv.padding, conv.stride, conv.dilation
+    padded = F.pad(x, (p, p))
+    span = dilation * (k - 1) + 1
+    return torch.stack(
+        [
+            padded[n, :, i : i + span : dilation].reshape(-1)
+            for n in range(x.shape[0])
+            for i in range(0, padded.shape[2] - span + 1, stride)
+        ]
+    )
+
+
+def test_factors_of_a_1d_convolution_match_patches_and_per_sample_gradients():
+    torch.manual_seed(5)
+    conv = nn.Conv1d(2, 3, 3, padding=2, stride=2, dilation=2)
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4, 4))
+    x, y = torch.randn(5, 2, 8, dtype=torch.float64), torch.randint(0, 4, (5,))
+    model = model.double()
+    opt, _ = one_step(model, x, y, F.cross_entropy)
+    factors = opt.l2.factors
+    a = mean_outer(conv1d_patches(layer_inputs(model, conv, x), conv))
+    per_sample = per_sample_output_grads(model, conv, x, y, F.cross_entropy)  # each (c_out, 4)
+    s = mean_outer(g.T[p] for g in per_sample for p in range(4))
+    assert_factor(factors.a[0], a, torch.float64)
+    assert_factor(factors.s[0], s, torch.float64)
+    assert factors.rows[0] == 4
+
+
+def test_a_layer_applied_twice_pools_its_rows():
+    """A convolution applied to two images of each sample, 4×4 and 6×6: A and S the means over the rows of
+    both applications (patches by loops, per-sample gradients at each application's output), t the
+    positions of both."""
+    torch.manual_seed(6)
+    conv = nn.Conv2d(2, 3, 3, padding=1).double()
+    head = nn.Linear(3 * (16 + 36), 4).double()
+
+    class TwoViews(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.head = conv, head
+            self.outputs: list[torch.Tensor] = []
+
+        def forward(self, views: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            self.outputs = [self.conv(v) for v in views]
+            return self.head(torch.cat([torch.tanh(o).flatten(1) for o in self.outputs], 1))
+
+    model = TwoViews()
+    small, large = torch.randn(3, 2, 4, 4, dtype=torch.float64), torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 4, (3,))
+    opt, _ = one_step(model, (small, large), y, F.cross_entropy)
+    factors = opt.l2.factors
+    rows = torch.cat([conv_patches(small, conv), conv_patches(large, conv)])
+    deltas = []
+    for i in range(3):  # per sample, the gradient at each application's output
+        loss = F.cross_entropy(model((small[i : i + 1], large[i : i + 1])), y[i : i + 1])
+        for g in torch.autograd.grad(loss, model.outputs):
+            deltas.append(g[0].permute(1, 2, 0).reshape(-1, 3))
+    assert_factor(factors.a[0], mean_outer(rows), torch.float64)
+    assert_factor(factors.s[0], mean_outer(torch.cat(deltas)), torch.float64)
+    assert factors.rows[0] == 16 + 36
+
+
+@pytest.mark.parametrize("per_layer", [True, False])
+def test_a_layer_applied_twice_trains_as_one_applied_to_sequences(per_layer):
+    """A linear layer applied to each of two inputs of a sample, and the same layer applied once to the
+    (batch, 2, features) sequence of them: the same function, the same factors, λ and steps."""
+
+    class Shared(nn.Module):
+        def __init__(self, sequence: bool) -> None:
+            super().__init__()
+            torch.manual_seed(7)
+            self.layer, self.head, self.sequence = nn.Linear(3, 5), nn.Linear(5, 4), sequence
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.sequence:
+                return self.head(torch.tanh(self.layer(x)).sum(1))
+            return self.head(torch.tanh(self.layer(x[:, 0])) + torch.tanh(self.layer(x[:, 1])))
+
+    shared, sequence = Shared(False).double(), Shared(True).double()
+    opts = [evidence_opt(m, lr=0.2, per_tensor=per_layer) for m in (shared, sequence)]
+    for step in range(12):
+        gen = torch.Generator().manual_seed(300 + step)
+        x, y = (
+            torch.randn(8, 2, 3, generator=gen, dtype=torch.float64),
+            torch.randint(0, 4, (8,), generator=gen),
+        )
+        lams = []
+        for model, opt in zip((shared, sequence), opts, strict=True):
+            opt.zero_grad()
+            lams.append(opt.backward(F.cross_entropy(model(x), y)).l2_coefficient)
+            opt.step()
+        torch.testing.assert_close(lams[0], lams[1], rtol=1e-12, atol=0)
+    assert opts[0].l2.factors.rows == opts[1].l2.factors.rows == [2, 1]
+    for p, q in zip(shared.parameters(), sequence.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
 def test_factors_of_a_linear_layer_on_sequences_count_positions():
     torch.manual_seed(2)
     layer = nn.Linear(4, 2)
@@ -358,10 +457,11 @@ def test_evidence_options_need_evidence():
 @pytest.mark.parametrize(
     "model,params,match",
     [
-        (nn.Sequential(nn.Embedding(4, 3)), None, "found no nn.Linear or nn.Conv2d"),
+        (nn.Sequential(nn.Embedding(4, 3)), None, "found no nn.Linear, nn.Conv1d or nn.Conv2d"),
         (small_net(), "bias", "params has other tensors"),
         (nn.Sequential(nn.Conv2d(1, 2, 3, padding="same")), None, "zero padding given in numbers"),
         (nn.Sequential(nn.Conv2d(2, 2, 3, groups=2)), None, "groups=1"),
+        (nn.Sequential(nn.Conv1d(1, 2, 3, padding="same")), None, "zero padding given in numbers"),
         (nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect")), None, "zero padding"),
     ],
 )
@@ -460,14 +560,21 @@ def test_a_failure_after_the_rule_ran_leaves_its_factors(monkeypatch, trained):
     assert opt.method.num_tasks == (None if trained == 0 else 1)
 
 
-def test_a_layer_applied_twice_is_refused_and_changes_nothing():
+def test_a_layer_applied_to_batches_of_two_sizes_is_refused_and_changes_nothing():
     layer = nn.Linear(4, 4)
-    model = nn.Sequential(layer, nn.Tanh(), layer)
+    model = nn.Sequential(layer, nn.Tanh())
     opt = evidence_opt(model)
     before = snapshot(model, opt)
-    with pytest.raises(ValueError, match="applied once per forward pass"):
-        opt.backward(model(torch.randn(3, 4)).pow(2).mean())
+    with pytest.raises(ValueError, match=r"applied to batches of sizes \[\[2, 3\]\]"):
+        opt.backward(model(torch.randn(3, 4)).sum() + model(torch.randn(2, 4)).sum())
     assert_same(before, snapshot(model, opt))
+
+
+def test_layers_sharing_a_weight_are_refused():
+    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+    second.weight = first.weight
+    with pytest.raises(ValueError, match="share their weight with another layer"):
+        evidence_opt(nn.Sequential(first, second))
 
 
 def test_representation_mode_is_refused():

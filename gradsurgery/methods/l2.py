@@ -30,10 +30,10 @@ class L2(Method):
     global for SGD), ``decoupled`` (correct the optimizer's step instead of the gradient; default True).
 
     ``evidence=True`` (with ``layers``, the model, and ``num_samples``, the training-set size N) replaces the
-    norm rule by MacKay's evidence λ for the weights of the ``nn.Linear`` and ``nn.Conv2d`` layers of
-    ``layers`` (``params`` chooses among them): u = g + λ_l θ_l, λ_l = γ_l/(N‖θ_l‖²) from a Kronecker-factored
-    Fisher, one λ per layer (``per_tensor``, default True; False: one for all), on the gradient (it is not a
-    decoupled rule), with SGD only (``gradsurgery/evidence.py``)."""
+    norm rule by MacKay's evidence λ for the weights of the ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d``
+    layers of ``layers`` (``params`` chooses among them): u = g + λ_l θ_l, λ_l = γ_l/(N‖θ_l‖²) from a
+    Kronecker-factored Fisher, one λ per layer (``per_tensor``, default True; False: one for all), on the
+    gradient (it is not a decoupled rule), with SGD only (``gradsurgery/evidence.py``)."""
 
     name = "l2"
     max_tasks = 1
@@ -67,8 +67,8 @@ class L2(Method):
             return
         if not isinstance(layers, nn.Module):
             raise TypeError(
-                f"{what} with evidence=True needs layers=, the model whose nn.Linear and nn.Conv2d layers it "
-                f"regularizes; got {type(layers).__name__}"
+                f"{what} with evidence=True needs layers=, the model whose nn.Linear, nn.Conv1d and "
+                f"nn.Conv2d layers it regularizes; got {type(layers).__name__}"
             )
         if num_samples is None:
             raise TypeError(f"{what} with evidence=True needs num_samples=, the number of training examples")
@@ -128,7 +128,7 @@ class L2(Method):
     def extra_repr(self) -> str:
         which = "dim>=2" if self.params is None else f"<{len(self.params)} tensors>"
         if self.evidence:
-            which = "Linear/Conv2d weights" if self.params is None else which
+            which = "Linear/Conv weights" if self.params is None else which
             return (
                 f"params={which}, per_tensor={self.per_tensor}, evidence=True, num_samples={self.num_samples}"
             )
