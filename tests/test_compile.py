@@ -7,6 +7,8 @@ on a CPU-only CI machine. The numbers were also checked with Inductor by hand (R
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -170,3 +172,36 @@ def test_representation_mode_refuses_a_model_compiled_whole():
     with pytest.raises(ValueError, match=r"loss\(es\) \[0, 1, 2\] do not depend on the features"):
         opt.backward([o.pow(2).mean() for o in outs], features=z)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_evidence_lambda_through_a_compiled_model_is_the_eager_run():
+    """``method="l2", evidence=True`` records its factors with forward hooks on the layers and hooks on their
+    outputs' gradients; through a compiled model (Dynamo traces the hooks) the λ of every step, the factors
+    and the parameters are the eager run's, across a solve (steps 1 and 10)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 5))
+    twin = copy.deepcopy(model)
+
+    def evidence(net):
+        return GradSurgery(
+            torch.optim.SGD(net.parameters(), lr=0.1), "l2", evidence=True, layers=net, num_samples=100
+        )
+
+    opt, twin_opt = evidence(model), evidence(twin)
+    compiled = torch.compile(model, backend="aot_eager")
+    for step in range(11):
+        gen = torch.Generator().manual_seed(step)
+        x, y = torch.randn(8, 1, 6, 6, generator=gen), torch.randint(0, 5, (8,), generator=gen)
+        lams = []
+        for forward, o in ((compiled, opt), (twin, twin_opt)):
+            o.zero_grad()
+            lams.append(o.backward(nn.functional.cross_entropy(forward(x), y)).l2_coefficient)
+            o.step()
+        assert torch.equal(lams[0], lams[1])
+    for got, expected in zip(
+        opt.l2.factors.a + opt.l2.factors.s, twin_opt.l2.factors.a + twin_opt.l2.factors.s, strict=True
+    ):
+        assert torch.equal(got, expected)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)
