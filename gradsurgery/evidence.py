@@ -267,6 +267,8 @@ def _forward_hook(factors: weakref.ref[KroneckerFactors], k: int) -> Any:
             torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad
         ):
             return  # no owner any more, or an evaluation pass: no gradient will reach this output
+        if inputs[0].numel() == 0:
+            return  # an empty batch: its mean loss is NaN, which the step refuses before any commit
         a, rows, batch = owner.input_moment(k, inputs[0].detach())
 
         def record(grad: torch.Tensor) -> None:

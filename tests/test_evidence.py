@@ -570,6 +570,17 @@ def test_a_layer_applied_to_batches_of_two_sizes_is_refused_and_changes_nothing(
     assert_same(before, snapshot(model, opt))
 
 
+def test_an_empty_batch_is_refused_as_non_finite_and_records_nothing():
+    model = small_net()
+    opt = evidence_opt(model)
+    train(opt, model, 2)
+    before = snapshot(model, opt)
+    logits = model(torch.randn(0, 6))  # the hooks let an empty forward pass through
+    with pytest.raises(NonFiniteError):
+        opt.backward(F.cross_entropy(logits, torch.zeros(0, dtype=torch.long)))
+    assert_same(before, snapshot(model, opt))
+
+
 def test_layers_sharing_a_weight_are_refused():
     first, second = nn.Linear(4, 4), nn.Linear(4, 4)
     second.weight = first.weight
