@@ -45,6 +45,7 @@ functions for today's rule so that the comparison runs the same maths:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import pathlib
 import statistics
@@ -55,6 +56,8 @@ import torch
 import torch.nn.functional as F
 
 from gradsurgery import GradSurgery
+from gradsurgery.distributed import LocalReduction
+from gradsurgery.evidence import KroneckerFactors, evidence_lambda
 from gradsurgery.l2 import decoupled_correction, l2_direction
 
 try:
@@ -317,6 +320,60 @@ def step_times(archs: list[str], reps: int, width: int, steps: int = 10) -> list
     return rows
 
 
+def _tf32(t: torch.Tensor) -> torch.Tensor:
+    """A float32 copy of ``t`` with its mantissa rounded to TF32's 10 bits (to nearest, ties away from zero),
+    what a GPU's TF32 matrix product reads of its inputs before accumulating in float32."""
+    bits = t.float().contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+class _TF32Factors(KroneckerFactors):
+    """The evidence rule's factors with their products' inputs rounded to TF32 (the layers' inputs and
+    output gradients; unfold only moves them, and B·∂L/∂out scales by a power of two here)."""
+
+    def input_moment(self, k: int, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        return super().input_moment(k, _tf32(x))
+
+    def record(self, k: int, a: torch.Tensor, rows: int, batch: int, grad_out: torch.Tensor) -> None:
+        super().record(k, a, rows, batch, _tf32(grad_out))
+
+
+def factor_precision(arch: str, seed: int, noise: float, epochs: int, width: int) -> dict:
+    """Along one SGD run of ``method="l2", evidence=True`` (float32 factors), the largest relative
+    difference between each λ it solves and the λ of the same solve from factors recorded beside it in
+    float64 and with TF32 products (the same batches and weights: a difference of precision only)."""
+    (xtr, ytr), _, _ = prepare(seed, 200, 300, noise)
+    model = build(arch, seed, width)
+    opt = GradSurgery(
+        D.optimizer(model, "sgd", LR["sgd"]), "l2", evidence=True, layers=model, num_samples=len(ytr)
+    )
+    rule = opt.l2
+    layers, beta = rule.factors.layers, rule.factors.beta
+    shadows = {"float64": KroneckerFactors(layers, beta), "tf32": _TF32Factors(layers, beta)}
+    shadows["float64"].dtypes = [torch.float64] * len(layers)
+    local = LocalReduction(contextlib.nullcontext)
+    worst = dict.fromkeys(shadows, 0.0)
+    solves = 0
+    gen = torch.Generator().manual_seed(1000 + seed)
+    for _ in range(epochs):
+        for idx in D.batches(len(ytr), 32, gen):
+            opt.zero_grad()
+            opt.backward(F.cross_entropy(model(xtr[idx]), ytr[idx]))
+            for factors in shadows.values():
+                factors.commit(range(len(layers)), local)
+            if rule.steps == 1 or rule.steps % rule.every == 0:  # the rule solved in this backward
+                solves += 1
+                for name, factors in shadows.items():
+                    for k, weight in enumerate(rule.weights):
+                        sq_norm = float((weight.detach().double() ** 2).sum())
+                        lam = evidence_lambda(factors.curvatures(k), sq_norm, rule.num_samples)
+                        worst[name] = max(worst[name], abs(lam / rule.lambdas[k] - 1))
+            opt.step()
+    for factors in shadows.values():
+        factors.remove()
+    return {"arch": arch, "seed": seed, "label_noise": noise, "solves": solves, **worst}
+
+
 def training(row: dict) -> str:
     """The optimizer and, when not constant, the learning-rate schedule of a row (rows written before the
     schedule was recorded ran at a constant rate)."""
@@ -491,6 +548,11 @@ def main(argv: list[str] | None = None) -> int:
         "--evidence-at-init", action="store_true", help="print the evidence λ of every γ estimate at init"
     )
     parser.add_argument(
+        "--factor-precision",
+        action="store_true",
+        help="along one run per arch, seed and noise: the evidence λ from float64 and TF32 factors instead",
+    )
+    parser.add_argument(
         "--step-times",
         type=int,
         metavar="REPS",
@@ -517,6 +579,26 @@ def main(argv: list[str] | None = None) -> int:
         text = "# Step time, SGD, one thread, batch 32\n\n" + "\n".join(lines) + "\n"
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "step_times.md").write_text(text)
+        print(text)
+        return 0
+    if args.factor_precision:
+        lines = [
+            "| arch | seed | label noise | solves | float64 factors | TF32 products |",
+            "|---|---|---|---|---|---|",
+        ]
+        for arch, seed, noise in itertools.product(args.arch, args.seeds, args.label_noise):
+            row = factor_precision(arch, seed, noise, args.epochs, args.width)
+            lines.append(
+                f"| {arch} | {seed} | {noise} | {row['solves']} | {row['float64']:.1e} | {row['tf32']:.1e} |"
+            )
+        text = (
+            "# The evidence λ's float32 factors against float64 and TF32 ones\n\n"
+            "Largest relative difference of a solved λ along the run (SGD, batch 32).\n\n"
+            + "\n".join(lines)
+            + "\n"
+        )
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "factor_precision.md").write_text(text)
         print(text)
         return 0
     if args.summarize:

@@ -9,6 +9,7 @@ import pathlib
 import unittest.mock
 
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -214,3 +215,19 @@ def test_step_times_cover_every_variant_against_the_plain_step(tmp_path):
     rows = table_rows((tmp_path / "step_times.md").read_text())[1:]
     assert [r[1] for r in rows] == ["none", "wd", "l2-dec", "l2-ev-pt"]
     assert rows[0][3].startswith("1.00") and all(float(r[2]) > 0 for r in rows)
+
+
+def test_factor_precision_compares_the_same_solves_in_other_precisions(tmp_path):
+    """The float64 and TF32 factors are recorded beside the rule's on the same batches: their λ are close to
+    the rule's at every solve (a shadow that recorded nothing would give λ = 0, a difference of 1), and the
+    TF32 rounding keeps 10 mantissa bits."""
+    mod = importlib.import_module("benchmarks.l2_lambda_free")
+    x = torch.tensor([1.0 + 2**-11, 1.0 + 2**-10 + 2**-12, -3.0])
+    assert mod._tf32(x).tolist() == [1.0 + 2**-10, 1.0 + 2**-10, -3.0]
+    row = mod.factor_precision("cnn", 0, 0.3, epochs=2, width=16)
+    assert row["solves"] == 2  # at steps 1 and 10 of 14
+    assert 0 < row["float64"] < 1e-4 and 0 < row["tf32"] < 1e-2
+    argv = ["--factor-precision", "--arch", "mlp", "--seeds", "1", "--label-noise", "0", "--epochs", "1"]
+    assert mod.main([*argv, "--width", "16", "--out", str(tmp_path)]) == 0
+    rows = table_rows((tmp_path / "factor_precision.md").read_text())
+    assert rows[1][:4] == ["mlp", "1", "0.0", "1"]
