@@ -43,7 +43,8 @@ class StepInfo:
             return torch.full((t, t), float("nan"), dtype=torch.float64, device=self.weights.device)
         return self.gram
 
-    #: λ of the L2 auxiliary applied in this backward (0-d, or (n,) per tensor); None without the L2 rule.
+    #: λ of the L2 auxiliary applied in this backward (0-d, or (n,) per tensor; with ``evidence=True`` one per
+    #: regularized layer, in the order of ``opt.l2.weights``); None without the L2 rule.
     l2_coefficient: torch.Tensor | None = None
     #: ``mode="mask"``: which noisy samples were kept (bool, (B,)); None otherwise.
     sample_mask: torch.Tensor | None = None
