@@ -284,12 +284,13 @@ def test_factors_of_a_linear_layer_on_sequences_count_positions():
     assert factors.rows[0] == 5
 
 
-def test_an_unbatched_input_is_a_batch_of_one():
-    """nn.Linear on (features,) and nn.Conv2d on (channels, height, width): the factors of the same sample
+@pytest.mark.parametrize("conv,shape,positions", [(nn.Conv2d, (2, 4, 4), 16), (nn.Conv1d, (2, 5), 5)])
+def test_an_unbatched_input_is_a_batch_of_one(conv, shape, positions):
+    """nn.Linear on (features,) and a convolution on (channels, *spatial): the factors of the same sample
     given as a batch of one."""
     torch.manual_seed(4)
-    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(0), nn.Linear(3 * 16, 5))
-    x, y = torch.randn(2, 4, 4), torch.tensor(3)
+    model = nn.Sequential(conv(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(0), nn.Linear(3 * positions, 5))
+    x, y = torch.randn(*shape), torch.tensor(3)
     unbatched, _ = one_step(model, x, y, F.cross_entropy)
     factors = copy.deepcopy(unbatched.l2.factors)
     unbatched.l2.remove_hooks()
@@ -298,7 +299,7 @@ def test_an_unbatched_input_is_a_batch_of_one():
     for k in range(2):
         torch.testing.assert_close(factors.a[k], batched.l2.factors.a[k], rtol=1e-6, atol=1e-10)
         torch.testing.assert_close(factors.s[k], batched.l2.factors.s[k], rtol=1e-6, atol=1e-10)
-        assert factors.rows[k] == batched.l2.factors.rows[k] == (16 if k == 0 else 1)
+        assert factors.rows[k] == batched.l2.factors.rows[k] == (positions if k == 0 else 1)
 
 
 # -- the rule in training, against a numpy loop -------------------------------------------------------------
