@@ -152,7 +152,7 @@ class KroneckerFactors:
         else:
             rows = x.reshape(-1, x.shape[-1]).to(self.dtypes[k])
             batch = 1 if x.dim() == 1 else x.shape[0]
-        return rows.T @ rows / rows.shape[0], rows.shape[0] // batch, batch
+        return _second_moment(rows), rows.shape[0] // batch, batch
 
     @torch.no_grad()
     def record(self, k: int, a: torch.Tensor, rows: int, batch: int, grad_out: torch.Tensor) -> None:
@@ -162,7 +162,7 @@ class KroneckerFactors:
         if isinstance(module, nn.Conv1d | nn.Conv2d):  # channels last: one row per output position
             deltas = deltas.movedim(-2 if isinstance(module, nn.Conv1d) else -3, -1)
         deltas = deltas.reshape(-1, deltas.shape[-1])
-        self.pending.setdefault(k, []).append((a, deltas.T @ deltas / deltas.shape[0], rows, batch))
+        self.pending.setdefault(k, []).append((a, _second_moment(deltas), rows, batch))
 
     def discard(self) -> None:
         self.pending.clear()
@@ -242,6 +242,13 @@ class KroneckerFactors:
         twin.s = [None if t is None else t.clone() for t in self.s]
         twin.rows, twin.pending = list(self.rows), {}
         return twin
+
+
+def _second_moment(rows: torch.Tensor) -> torch.Tensor:
+    """The mean of r rᵀ over the rows of ``rows``, in their dtype: under autocast (a forward pass in
+    bfloat16, or a backward called inside one) the product would otherwise be taken in half precision."""
+    with torch.autocast(rows.device.type, enabled=False):
+        return rows.T @ rows / rows.shape[0]
 
 
 def _pool(
