@@ -20,6 +20,7 @@ unchanged: on an overflowed step ``scaler.step`` skips the optimizer and ``updat
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -87,3 +88,20 @@ def mark_overflow(params: Iterable[torch.Tensor]) -> None:
             p.grad = torch.full_like(p, math.inf)
         else:
             p.grad.fill_(math.inf)
+
+
+def autocast_off(*device_types: str) -> contextlib.AbstractContextManager[Any]:
+    """Autocast turned off for each of ``device_types`` where it is on (a null context where it is on for
+    none of them).
+
+    ``GradSurgery.backward`` runs inside it: its own products (the Gram matrix, the fusion, the evidence
+    rule's factors) are taken in the gradients' precision when it is called inside an autocast region,
+    where a float32 ``bmm`` would otherwise run in bfloat16 or float16. Autograd's backward of the forward
+    pass is the same either way (its operations' dtypes were fixed by the forward)."""
+    on = [device for device in dict.fromkeys(device_types) if torch.is_autocast_enabled(device)]
+    if not on:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    for device in on:
+        stack.enter_context(torch.autocast(device, enabled=False))
+    return stack

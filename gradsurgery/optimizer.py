@@ -20,7 +20,7 @@ import torch
 
 from . import checkpoint
 from ._validation import check_bool, check_choice, check_int, check_tensors
-from .amp import LossScaling, mark_overflow
+from .amp import LossScaling, autocast_off, mark_overflow
 from .distributed import DistributedSync, fsdp_mesh, is_ddp
 from .evidence import EvidenceRule
 from .info import StepInfo
@@ -318,7 +318,20 @@ class GradSurgery(torch.optim.Optimizer):
 
         With ``method="main_aux", mode="mask"`` the main loss is a 1-D tensor of per-sample losses and the
         samples whose gradient conflicts with the auxiliary's are dropped first (``info.sample_mask``).
+
+        Called inside an autocast region, it runs with autocast off (``gradsurgery.amp.autocast_off``): the
+        same step as when called after it.
         """
+        with autocast_off("cpu", self._device().type):
+            return self._backward(losses, retain_graph, features, grad_scaler)
+
+    def _backward(
+        self,
+        losses: Sequence[torch.Tensor] | torch.Tensor,
+        retain_graph: bool,
+        features: torch.Tensor | Sequence[torch.Tensor] | None,
+        grad_scaler: torch.amp.GradScaler | None,
+    ) -> StepInfo:
         scaling = LossScaling.of(grad_scaler)
         reduction = self.sync.reduction(self._device())
         params = self._trainable_params()
