@@ -319,10 +319,10 @@ class GradSurgery(torch.optim.Optimizer):
         With ``method="main_aux", mode="mask"`` the main loss is a 1-D tensor of per-sample losses and the
         samples whose gradient conflicts with the auxiliary's are dropped first (``info.sample_mask``).
 
-        Called inside an autocast region, it runs with autocast off (``gradsurgery.amp.autocast_off``): the
-        same step as when called after it.
+        Called inside an autocast region or under ``torch.no_grad()``, it runs with autocast off
+        (``gradsurgery.amp.autocast_off``) and gradients on: the same step as when called outside them.
         """
-        with autocast_off("cpu", self._device().type):
+        with autocast_off("cpu", self._device().type), torch.enable_grad():
             return self._backward(losses, retain_graph, features, grad_scaler)
 
     def _backward(

@@ -1,0 +1,84 @@
+"""``GradSurgery.backward`` called inside a context that changes how torch computes: an autocast region
+(``torch.autocast``) or ``torch.no_grad()``. Reference: the same step with the call made after the context,
+the forward pass unchanged; the fused ``.grad``, weights and Gram matrix must be the same bit for bit, for
+every gradient source (Jacobian, activations, representation mode) and the evidence λ.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+from gradsurgery import GradSurgery, task_views
+
+KINDS = ["jacobian", "activations", "features", "evidence", "scaled"]
+
+
+def make() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 2))
+
+
+def step(kind: str, context: str, inside: bool):
+    """One step; ``context`` "autocast": the forward pass in a bfloat16 region, the call inside it or after
+    it; "no_grad": the call under ``torch.no_grad()`` or not."""
+    net = make()
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(16, 6, generator=gen), torch.randn(16, generator=gen)
+    method, options, backward_options = "mgda", {}, {}
+    if kind == "activations":
+        options = {"gradient_source": "activations", "model": net}
+    elif kind == "evidence":
+        method, options = "l2", {"evidence": True, "layers": net, "num_samples": 100}
+    elif kind == "scaled":
+        backward_options = {"grad_scaler": torch.amp.GradScaler("cpu", init_scale=2.0**4)}
+    opt = GradSurgery(torch.optim.SGD(net.parameters(), lr=0.1), method, **options)
+    autocast = context == "autocast"
+    with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+        if kind == "features":
+            views = task_views(torch.tanh(net[0](x)), 2)
+            out = [net[2](views[i])[:, i] for i in range(2)]
+            backward_options = {"features": views}
+        else:
+            out = list(net(x).unbind(1))
+        losses = [(out[0].float() - y).pow(2).mean(), (out[1].float() + 2 * y).pow(2).mean()]
+        call = functools.partial(
+            opt.backward, losses[0] if kind == "evidence" else losses, **backward_options
+        )
+        if inside and autocast:
+            info = call()
+    if inside and not autocast:
+        with torch.no_grad():
+            info = call()
+    if not inside:
+        info = call()
+    return [p.grad for p in net.parameters()], info
+
+
+def assert_same_step(kind: str, context: str) -> None:
+    (grads_in, info_in), (grads_out, info_out) = (step(kind, context, inside) for inside in (True, False))
+    for a, b in zip(grads_in, grads_out, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(info_in.weights, info_out.weights)
+    assert (info_in.gram is None) == (info_out.gram is None)
+    if info_out.gram is not None:
+        assert torch.equal(info_in.gram, info_out.gram)
+    assert torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_inside_an_autocast_region_is_the_call_after_it(kind):
+    """``backward`` turns autocast off for its own work: inside a bfloat16 region its float32 products (the
+    Gram matrix's chunks, representation mode's and the evidence rule's) would run in bfloat16."""
+    assert_same_step(kind, "autocast")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_under_no_grad_is_the_call_with_gradients_on(kind):
+    """``backward`` turns gradients on: under ``torch.no_grad()`` the scaled or reshaped losses it builds
+    would leave the graph (the activation source raised an AssertionError from autograd)."""
+    assert_same_step(kind, "no_grad")
