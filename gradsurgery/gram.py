@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from ._validation import check_int
+from .amp import autocast_off
 
 CHUNK = 16384
 GROUP_ELEMENTS = 1 << 22
@@ -34,10 +35,16 @@ def gram_matrix(
 ) -> torch.Tensor:
     """G = J Jᵀ (T×T) in ``dtype``, accumulated chunk by chunk over the d columns of J (T×d).
 
-    Cost: T²·d multiply-adds in J's precision (float32 at least), T×T sums in ``dtype`` per chunk, and about
-    three kernels per group of chunks (see the module docstring).
+    Cost: T²·d multiply-adds in J's precision (float32 at least; inside an autocast region too, which is
+    turned off for them), T×T sums in ``dtype`` per chunk, and about three kernels per group of chunks (see
+    the module docstring).
     """
     chunk = check_int(chunk, "chunk", minimum=1)
+    with autocast_off(jacobian.device.type):
+        return _chunked_gram(jacobian, dtype, chunk)
+
+
+def _chunked_gram(jacobian: torch.Tensor, dtype: torch.dtype, chunk: int) -> torch.Tensor:
     if jacobian.dtype == dtype or torch.finfo(jacobian.dtype).bits >= torch.finfo(dtype).bits:
         j = jacobian.to(dtype)
         return j @ j.T

@@ -101,3 +101,15 @@ def test_on_cuda_matches_the_float64_product(columns, monkeypatch):
 def test_a_chunk_that_is_not_a_positive_int_is_refused(chunk, error, message):
     with pytest.raises(error, match=message):
         gram_matrix(torch.ones(2, 5), chunk=chunk)
+
+
+@pytest.mark.parametrize("columns", [1000, 3 * 16384 + 5])
+def test_inside_an_autocast_region_is_the_product_outside_it(columns):
+    """A float32 J inside a bfloat16 autocast region: the chunks' products are still float32 (autocast is
+    turned off for them), so G is the one computed outside the region, bit for bit."""
+    jacobian = torch.randn(3, columns, generator=torch.Generator().manual_seed(5))
+    outside = gram_matrix(jacobian)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = gram_matrix(jacobian)
+        assert torch.is_autocast_enabled("cpu")
+    assert torch.equal(inside, outside)
