@@ -104,11 +104,11 @@ class KroneckerFactors:
     by a forward hook on each layer (A: its input rows' second moment, taken in the forward pass, so that
     the rows themselves are not kept for the backward) and a hook on its output's gradient (S).
 
-    The factors are float32 (float64 for a float64 layer), as the layer's gradient is; the eigenvalues are
-    taken in float64. What a backward pass records is held apart (``pending``) until ``commit``, so that a
-    step that fails after its backward pass leaves the averages as they were; ``discard`` drops it. The
-    hooks hold the factors weakly and are removed with them: an optimizer dropped (or one whose
-    construction failed) leaves no recording behind on the model."""
+    The factors are float32 (float64 for a float64 layer; float32 for a half-precision one and under
+    autocast) and their eigenvalues are taken in float64. What a backward pass records is held apart
+    (``pending``) until ``commit``, so that a step that fails after its backward pass leaves the averages as
+    they were; ``discard`` drops it. The hooks hold the factors weakly and are removed with them: an
+    optimizer dropped (or one whose construction failed) leaves no recording behind on the model."""
 
     def __init__(self, layers: Sequence[nn.Module], beta: float) -> None:
         self.layers = list(layers)
