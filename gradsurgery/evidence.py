@@ -42,7 +42,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from .amp import LossScaling
+from .amp import LossScaling, autocast_off
 from .l2 import is_adaptive
 
 #: The layers whose weights the evidence λ regularizes: those with a Kronecker-factored Fisher here.
@@ -247,7 +247,7 @@ class KroneckerFactors:
 def _second_moment(rows: torch.Tensor) -> torch.Tensor:
     """The mean of r rᵀ over the rows of ``rows``, in their dtype: under autocast (a forward pass in
     bfloat16, or a backward called inside one) the product would otherwise be taken in half precision."""
-    with torch.autocast(rows.device.type, enabled=False):
+    with autocast_off(rows.device.type):
         return rows.T @ rows / rows.shape[0]
 
 
