@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, TypeGuard
 import torch
 
 from ._validation import check_choice
-from .gram import gram_matrix
+from .gram import combine, gram_matrix
 
 if TYPE_CHECKING:
     from .methods import Method
@@ -403,7 +403,7 @@ class ShardedReduction(_GroupReduction):
         values = packed[num_tasks * num_tasks :].div(n).to(values.dtype)
 
         def fuse(weights: torch.Tensor) -> torch.Tensor:
-            piece = weights.to(device=shard.device, dtype=shard.dtype) @ shard
+            piece = combine(weights, shard)
             full = piece.new_empty(n * piece.numel())
             _all_gather(full, piece, group)
             return full[:dim]
@@ -415,7 +415,7 @@ Reduction = LocalReduction
 
 
 def _fuse_with(jac: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda weights: weights.to(device=jac.device, dtype=jac.dtype) @ jac
+    return lambda weights: combine(weights, jac)
 
 
 def _is_process_group(obj: Any) -> bool:

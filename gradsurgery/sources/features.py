@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .._validation import check_int
-from ..gram import gram_matrix
+from ..gram import combine, gram_matrix
 from . import TaskScale, check_finite, finite_gradients, loss_values
 from ._feature_graph import HeadSplit, split_at_features
 
@@ -288,7 +288,7 @@ class FeatureCollection:
 
     def _fused_targets(self, weights: torch.Tensor) -> list[torch.Tensor]:
         """u_z = Σ_i w_i ∇_z L_i, split back into the shapes and dtypes of the features."""
-        fused = weights.to(device=self.jac.device, dtype=self.jac.dtype) @ self.jac
+        fused = combine(weights, self.jac)
         spans = zip(self.features, self.spans, strict=True)
         return [fused[start:end].view_as(z).to(z.dtype) for z, (start, end) in spans]
 

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from ..gram import gram_matrix
+from ..gram import combine, gram_matrix
 from . import NonFiniteError, TaskScale, check_finite, loss_values
 from .weighted import WeightedCollection
 
@@ -224,7 +224,7 @@ class FSDPCollection:
         out: list[tuple[torch.Tensor, torch.Tensor]] = []
         for k in self.shared:
             stacked = self._stacks[k]
-            fused = weights.to(device=stacked.device, dtype=stacked.dtype) @ stacked
+            fused = combine(weights, stacked)
             out.append((self.params[k], sharded_like(self.params[k], fused)))
         scale = TaskScale(weights, self.scales_task_specific)
         for k in self.specific:
