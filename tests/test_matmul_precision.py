@@ -1,6 +1,7 @@
-"""``torch.set_float32_matmul_precision`` and the backends' ``fp32_precision``: the package's own products
-(the Gram matrix, the activation source's Gram, the fusion Jᵀw) run in IEEE float32 whatever they say, the
-model's backward keeps what the user chose, and the setting is restored exactly.
+"""``torch.set_float32_matmul_precision`` and the backends' ``fp32_precision``: the Gram matrix of a
+Jacobian or of a block of gradient rows (``gram_matrix``) and the fusion Jᵀw (``combine``) run in IEEE float32
+whatever they say; every other product (the model's backward, the activation source's gradient rows and
+kernel form, which are compute-bound) keeps what the user chose; the setting is restored exactly.
 
 References: the backends' own getters (the setting each product saw, read by a dispatch mode at the product;
 the setting after the call against the one before) and, on this machine's CPU, where oneDNN's bfloat16
@@ -22,8 +23,8 @@ from gradsurgery.gram import combine, gram_matrix
 
 aten = torch.ops.aten
 PRODUCTS = {aten.mm.default, aten.bmm.default, aten.addmm.default, aten.mv.default, aten.dot.default}
-#: the functions whose products form G or the fused gradient
-OWN = {"gram_matrix", "combine", "kernel_gram", "materialize_gram", "direct_gram"}
+#: the functions whose products run in IEEE float32
+OWN = {"gram_matrix", "combine"}
 
 SETTINGS = {
     "legacy high": lambda: torch.set_float32_matmul_precision("high"),
@@ -85,12 +86,12 @@ class ProductSpy(TorchDispatchMode):
 def test_inside_the_products_are_ieee_and_after_the_setting_is_as_before(setting):
     SETTINGS[setting]()
     before = precision_state()
-    with full_precision_matmul("cpu", "cuda"):
+    with full_precision_matmul("cpu"), full_precision_matmul("cuda"):
         # "none": the backend was not lowered, and inherits the default
         assert torch.backends.cuda.matmul.fp32_precision in ("ieee", "none")
         assert torch.backends.mkldnn.matmul.fp32_precision in ("ieee", "none")
     assert precision_state() == before
-    with pytest.raises(KeyError), full_precision_matmul("cpu", "cuda"):
+    with pytest.raises(KeyError), full_precision_matmul("cpu"), full_precision_matmul("cuda"):
         raise KeyError("inside")
     assert precision_state() == before
 
@@ -98,7 +99,7 @@ def test_inside_the_products_are_ieee_and_after_the_setting_is_as_before(setting
 def test_the_default_setting_is_left_untouched():
     """A null context: nothing written, so the backends still read "none" (inherit), not "ieee"."""
     before = precision_state()
-    with full_precision_matmul("cpu", "cuda"):
+    with full_precision_matmul("cpu"), full_precision_matmul("cuda"):
         assert precision_state() == before
     assert torch.backends.cuda.matmul.fp32_precision == "none"
 
@@ -162,13 +163,15 @@ def spied_step(kind: str, setting: str) -> ProductSpy:
 
 @pytest.mark.parametrize("kind", ["jacobian", "activations-kernel", "activations-materialize", "features"])
 @pytest.mark.parametrize("setting", ["legacy medium", "mkldnn bf16"])
-def test_backward_takes_its_own_products_in_ieee_and_leaves_the_models_to_the_user(kind, setting):
+def test_backward_takes_g_and_the_fusion_in_ieee_and_leaves_the_rest_to_the_user(kind, setting):
+    """The activation source's kernel form does not use ``gram_matrix``: all of its products follow the
+    setting; its materialised form forms the gradient rows in the setting and their Gram in IEEE."""
     spy = spied_step(kind, setting)
     own = [precision for is_own, _, precision in spy.seen if is_own]
-    model = [precision for is_own, _, precision in spy.seen if not is_own]
-    assert own and model  # both kinds of product were seen
-    assert set(own) == {"ieee"}
-    assert set(model) == {"bf16"}
+    rest = [precision for is_own, _, precision in spy.seen if not is_own]
+    assert bool(own) == (kind != "activations-kernel") and rest
+    assert set(own) <= {"ieee"}
+    assert set(rest) == {"bf16"}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

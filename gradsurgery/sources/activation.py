@@ -47,7 +47,6 @@ from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from .._validation import check_choice, check_int
-from ..amp import full_precision_matmul
 from . import TaskScale, check_finite, loss_values
 from . import _activation_dist as adist
 from ._activation_gram import (
@@ -692,25 +691,24 @@ class ActivationGradients:
             raise RuntimeError("reduce() runs once, on what prepare() returned")
         device = _device(trainable)
         gram = torch.zeros(num_tasks, num_tasks, dtype=gram_dtype, device=device)
-        with full_precision_matmul("cpu", device.type):
-            for grp in _build(plans, None if from_activations else deltas):
-                form = "materialize" if group is not None else choose_form(grp, self._source.form)
-                label = "per-parameter" if isinstance(grp, DirectGroup) else form
-                self._form_of += [(p, label) for p in grp.params]
-                part: torch.Tensor | None
-                if form == "kernel":
-                    part = grp.kernel_gram(gram_dtype)
-                elif group is not None:
-                    ids = grp.touched()
-                    if ids is not None:
-                        ids = adist.union_rows(ids.to(device), group)
-                    part = materialize_gram(grp, gram_dtype, ids=ids, reduce=lambda b: adist.mean_(b, group))
-                else:
-                    part = grp.direct_gram(gram_dtype)
-                    if part is None:
-                        part = materialize_gram(grp, gram_dtype)
-                gram += part.to(device)
-                del grp
+        for grp in _build(plans, None if from_activations else deltas):
+            form = "materialize" if group is not None else choose_form(grp, self._source.form)
+            label = "per-parameter" if isinstance(grp, DirectGroup) else form
+            self._form_of += [(p, label) for p in grp.params]
+            part: torch.Tensor | None
+            if form == "kernel":
+                part = grp.kernel_gram(gram_dtype)
+            elif group is not None:
+                ids = grp.touched()
+                if ids is not None:
+                    ids = adist.union_rows(ids.to(device), group)
+                part = materialize_gram(grp, gram_dtype, ids=ids, reduce=lambda b: adist.mean_(b, group))
+            else:
+                part = grp.direct_gram(gram_dtype)
+                if part is None:
+                    part = materialize_gram(grp, gram_dtype)
+            gram += part.to(device)
+            del grp
         del deltas
         gram = (gram + gram.T) / 2  # the kernel form's two products round differently
         if scale is not None:
