@@ -2,16 +2,22 @@
 (``torch.autocast``) or ``torch.no_grad()``. Reference: the same step with the call made after the context,
 the forward pass unchanged; the fused ``.grad``, weights and Gram matrix must be the same bit for bit, for
 every gradient source (Jacobian, activations, representation mode) and the evidence λ.
+
+And under a lowered float32 matrix-product precision (oneDNN's ``fp32_precision = "bf16"``, what
+``torch.set_float32_matmul_precision("medium")`` sets), where the reference is the setting each matrix
+product ran under, read at the product: IEEE for G's and the fusion's, the user's for the rest.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import traceback
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gradsurgery import GradSurgery, task_views
 
@@ -21,6 +27,16 @@ KINDS = ["jacobian", "activations", "features", "evidence", "scaled"]
 def make() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 2))
+
+
+def forward(kind: str, net: nn.Sequential, x: torch.Tensor, backward_options: dict) -> list[torch.Tensor]:
+    """The two tasks' outputs; representation mode reads them through task views (added to
+    ``backward_options``)."""
+    if kind != "features":
+        return list(net(x).unbind(1))
+    views = task_views(torch.tanh(net[0](x)), 2)
+    backward_options["features"] = views
+    return [net[2](views[i])[:, i] for i in range(2)]
 
 
 def step(kind: str, context: str, inside: bool):
@@ -39,12 +55,7 @@ def step(kind: str, context: str, inside: bool):
     opt = GradSurgery(torch.optim.SGD(net.parameters(), lr=0.1), method, **options)
     autocast = context == "autocast"
     with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
-        if kind == "features":
-            views = task_views(torch.tanh(net[0](x)), 2)
-            out = [net[2](views[i])[:, i] for i in range(2)]
-            backward_options = {"features": views}
-        else:
-            out = list(net(x).unbind(1))
+        out = forward(kind, net, x, backward_options)
         losses = [(out[0].float() - y).pow(2).mean(), (out[1].float() + 2 * y).pow(2).mean()]
         call = functools.partial(
             opt.backward, losses[0] if kind == "evidence" else losses, **backward_options
@@ -82,3 +93,49 @@ def test_under_no_grad_is_the_call_with_gradients_on(kind):
     """``backward`` turns gradients on: under ``torch.no_grad()`` the scaled or reshaped losses it builds
     would leave the graph (the activation source raised an AssertionError from autograd)."""
     assert_same_step(kind, "no_grad")
+
+
+PRODUCTS = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default}
+#: the functions whose products run in IEEE float32 whatever the setting
+IEEE = {"gram_matrix", "combine"}
+
+
+class ProductSpy(TorchDispatchMode):
+    """Records, for each matrix product, whether a function of ``IEEE`` issued it and the setting oneDNN's
+    products ran under at that moment."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[bool, str]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in PRODUCTS:
+            guarded = any(frame.name in IEEE for frame in traceback.extract_stack())
+            self.seen.append((guarded, torch.backends.mkldnn.matmul.fp32_precision))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind", ["jacobian", "activations-kernel", "activations-materialize", "features"])
+def test_under_a_lowered_matmul_precision_g_and_the_fusion_are_ieee_and_the_rest_the_users(kind):
+    """The activation source's kernel form does not use ``gram_matrix``: all of its products follow the
+    setting; its materialised form forms the gradient rows in the setting and their Gram in IEEE."""
+    net = make()
+    options = {}
+    if kind.startswith("activations"):
+        options = {"gradient_source": "activations", "model": net, "activation_form": kind.split("-")[1]}
+    opt = GradSurgery(torch.optim.SGD(net.parameters(), lr=0.1), "mgda", **options)
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(3))
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    try:
+        backward_options: dict = {}
+        out = forward(kind, net, x, backward_options)
+        with ProductSpy() as spy:
+            opt.backward([out[0].pow(2).mean(), (out[1] - 1).pow(2).mean()], **backward_options)
+        assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = "none"
+    guarded = [precision for is_guarded, precision in spy.seen if is_guarded]
+    rest = [precision for is_guarded, precision in spy.seen if not is_guarded]
+    assert bool(guarded) == (kind != "activations-kernel") and rest
+    assert set(guarded) <= {"ieee"}
+    assert set(rest) == {"bf16"}

@@ -1,30 +1,21 @@
-"""``torch.set_float32_matmul_precision`` and the backends' ``fp32_precision``: the Gram matrix of a
-Jacobian or of a block of gradient rows (``gram_matrix``) and the fusion Jᵀw (``combine``) run in IEEE float32
-whatever they say; every other product (the model's backward, the activation source's gradient rows and
-kernel form, which are compute-bound) keeps what the user chose; the setting is restored exactly.
+"""``torch.set_float32_matmul_precision`` and the backends' ``fp32_precision``: ``amp.full_precision_matmul``
+makes float32 products IEEE for its duration and restores the setting exactly; ``gram_matrix`` and
+``combine`` (the fusion Jᵀw) take their products under it. Which products of a whole ``backward`` run under
+it: tests/test_backward_context.py.
 
-References: the backends' own getters (the setting each product saw, read by a dispatch mode at the product;
-the setting after the call against the one before) and, on this machine's CPU, where oneDNN's bfloat16
-products change float32 results, G under ``"highest"``.
+References: the backends' own getters (the setting inside, and after against before), G and Jᵀw under
+``"highest"`` (on this machine's CPU oneDNN's ``"medium"`` path changes float32 products) and, on a GPU under
+TF32, float64 products.
 """
 
 from __future__ import annotations
 
-import traceback
-
 import pytest
 import torch
-from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from gradsurgery import GradSurgery, amp, task_views
+from gradsurgery import amp
 from gradsurgery.amp import full_precision_matmul
 from gradsurgery.gram import combine, gram_matrix
-
-aten = torch.ops.aten
-PRODUCTS = {aten.mm.default, aten.bmm.default, aten.addmm.default, aten.mv.default, aten.dot.default}
-#: the functions whose products run in IEEE float32
-OWN = {"gram_matrix", "combine"}
 
 SETTINGS = {
     "legacy high": lambda: torch.set_float32_matmul_precision("high"),
@@ -63,23 +54,6 @@ def default_precision():
     torch.backends.fp32_precision = "none"
     torch.backends.cuda.matmul.fp32_precision = "none"
     torch.backends.mkldnn.matmul.fp32_precision = "none"
-
-
-class ProductSpy(TorchDispatchMode):
-    """Records, for each matrix product, whether a function of ``OWN`` issued it and the setting it ran
-    under."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: list[tuple[bool, str, str]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in PRODUCTS:
-            own = any(frame.name in OWN for frame in traceback.extract_stack())
-            device = args[0].device.type
-            backend = torch.backends.cuda.matmul if device == "cuda" else torch.backends.mkldnn.matmul
-            self.seen.append((own, device, backend.fp32_precision))
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
@@ -134,44 +108,6 @@ def test_the_gram_matrix_under_medium_is_the_one_under_highest(columns):
     torch.set_float32_matmul_precision("medium")
     assert torch.equal(gram_matrix(jacobian), exact[0])
     assert torch.equal(combine(weights, jacobian), exact[1])
-
-
-def spied_step(kind: str, setting: str) -> ProductSpy:
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 2))
-    options = {}
-    if kind.startswith("activations"):
-        options = {"gradient_source": "activations", "model": net, "activation_form": kind.split("-")[1]}
-    opt = GradSurgery(torch.optim.SGD(net.parameters(), lr=0.1), "mgda", **options)
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(16, 6, generator=gen)
-    SETTINGS[setting]()
-    before = precision_state()
-    backward_options = {}
-    if kind == "features":
-        views = task_views(torch.tanh(net[0](x)), 2)
-        out = [net[2](views[i])[:, i] for i in range(2)]
-        backward_options = {"features": views}
-    else:
-        out = list(net(x).unbind(1))
-    losses = [out[0].pow(2).mean(), (out[1] - 1).pow(2).mean()]
-    with ProductSpy() as spy:
-        opt.backward(losses, **backward_options)
-    assert precision_state() == before
-    return spy
-
-
-@pytest.mark.parametrize("kind", ["jacobian", "activations-kernel", "activations-materialize", "features"])
-@pytest.mark.parametrize("setting", ["legacy medium", "mkldnn bf16"])
-def test_backward_takes_g_and_the_fusion_in_ieee_and_leaves_the_rest_to_the_user(kind, setting):
-    """The activation source's kernel form does not use ``gram_matrix``: all of its products follow the
-    setting; its materialised form forms the gradient rows in the setting and their Gram in IEEE."""
-    spy = spied_step(kind, setting)
-    own = [precision for is_own, _, precision in spy.seen if is_own]
-    rest = [precision for is_own, _, precision in spy.seen if not is_own]
-    assert bool(own) == (kind != "activations-kernel") and rest
-    assert set(own) <= {"ieee"}
-    assert set(rest) == {"bf16"}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
