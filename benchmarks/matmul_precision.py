@@ -8,7 +8,7 @@
 * **steps**: one MGDA step (T = 4 linear heads on a two-layer trunk) under the setting against the same step
   under ``"highest"``: G and the weights, for the Jacobian and the activation sources. This is what the
   lowered backward of the model itself changes (and, for the activation source, its own gradient-row and
-  kernel products, which follow the setting), which no guard of the package's products removes.
+  kernel products, which follow the setting): the part of the error the package leaves to the user.
 
 Writes ``report.md`` and ``rows.json``.
 

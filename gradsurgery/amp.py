@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -119,7 +119,8 @@ def full_precision_matmul(device_type: str) -> contextlib.AbstractContextManager
     round float32 operands to TF32, 10 mantissa bits, and ``"medium"`` lets oneDNN use bfloat16 on CPUs
     that have it: enough for a network's own products, but the Gram matrix's entries are long sums of
     same-sign products that the package promises to float32 accuracy (on an H200 under ``"high"``, G of
-    random Jacobians came out 1.2·10⁻⁴ off relative instead of 9·10⁻⁹: ``benchmarks/matmul_precision.py``).
+    random Jacobians is 1.2·10⁻⁴ off relative without the guard and 9·10⁻⁹ with it:
+    ``benchmarks/matmul_precision.py``).
     The setting is process-wide, so another thread's products in the window run in IEEE float32 too;
     cuDNN's convolutions have their own setting and are not touched; devices other than the CPU and CUDA
     are left as they are. A torch without the per-backend setting gets the global one set to ``"highest"``
@@ -140,7 +141,7 @@ def full_precision_matmul(device_type: str) -> contextlib.AbstractContextManager
 
 
 @contextlib.contextmanager
-def _setting(set_value: Any, inside: str, outside: str) -> Any:
+def _setting(set_value: Callable[[str], object], inside: str, outside: str) -> Iterator[None]:
     set_value(inside)
     try:
         yield

@@ -74,10 +74,10 @@ def combine(weights: torch.Tensor, jacobian: torch.Tensor) -> torch.Tensor:
     """u = Jᵀw = Σ_i w_i J_i (d) for the T weights and the T×d rows of J, in J's dtype and on its device.
 
     Cost: T·d multiply-adds, one product, in IEEE float32 (or J's wider precision) whatever
-    ``torch.set_float32_matmul_precision`` says. cuBLAS on an H200 and oneDNN on this project's CPUs took
-    this one-row product in full precision under ``"high"``/``"medium"`` anyway (the same error, measured by
-    ``benchmarks/matmul_precision.py``), but neither library promises it; the guard costs a few µs where the
-    setting is lowered and one read of it where it is not.
+    ``torch.set_float32_matmul_precision`` says. cuBLAS on an H200 and oneDNN on the CPU measured take this
+    one-row product in full precision under ``"high"``/``"medium"`` anyway (the same error either way,
+    ``benchmarks/matmul_precision.py``), but neither library promises it; the guard costs 7-16 µs of host
+    time on that GPU where the setting is lowered, and one read of the setting where it is not.
     """
     with full_precision_matmul(jacobian.device.type):
         return weights.to(device=jacobian.device, dtype=jacobian.dtype) @ jacobian

@@ -114,7 +114,7 @@ def test_the_gram_matrix_under_medium_is_the_one_under_highest(columns):
 @pytest.mark.parametrize("columns", [1 << 20, 5_000_003])
 def test_on_cuda_under_tf32_g_and_the_fusion_are_float32_accurate(columns):
     """With TF32 on (``"high"``), G relative to ‖g_i‖‖g_j‖ and Jᵀw relative to Σ|w_i J_i| stay within
-    float32 rounding of the float64 products (TF32 alone would be off by about 10⁻⁴-10⁻³)."""
+    float32 rounding of the float64 products (in TF32, G was 1.2·10⁻⁴ and 6.5·10⁻⁶ off on an H200)."""
     gen = torch.Generator().manual_seed(11)
     jacobian = torch.randn(4, columns, generator=gen) * torch.rand(4, 1, generator=gen) + 0.01
     weights = torch.rand(4, generator=gen)

@@ -9,9 +9,9 @@ cross terms between calls come for free). Its contribution is formed in one of t
 
 * **materialise**: the group's T per-task gradients, as a (rows × cols) matrix each, chunk by chunk of rows
   (T·chunk·cols ≤ ``CHUNK_ELEMENTS``), each chunk's T×T Gram taken by ``gram_matrix`` (its float32 pieces
-  summed in float64: one float32 product over a chunk of up to 2²²/T entries per task put G 6× further from
-  the float64 model's than the Jacobian source's, 1.6·10⁻⁴ against 2.7·10⁻⁵ relative on a 1024-wide layer at
-  batch 4096) and added in float64; the chunks are discarded.
+  summed in float64: one float32 product over a chunk of up to 2²²/T entries per task would put G up to 6×
+  further from the float64 model's than the Jacobian source's, 1.6·10⁻⁴ against 2.7·10⁻⁵ relative on a
+  1024-wide layer at batch 4096) and added in float64; the chunks are discarded.
   Linear: g_i = δ_iᵀ [X | 1] (bias as a column of ones), T·n·out·(in+1) flops. Embedding/EmbeddingBag:
   g_i = S_uᵀ δ_i over the u rows the batch touched (S: bags × touched rows, entry = the lookup's coefficient:
   1, 1/|bag| for mean, the per-sample weight, 1/frequency with ``scale_grad_by_freq``; per coordinate for
