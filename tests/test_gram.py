@@ -25,13 +25,17 @@ def test_matches_float64_product(dtype, chunk):
     assert relative_error(got, jac) < (1e-12 if dtype == torch.float64 else 1e-5)
 
 
-def test_long_same_sign_sums_keep_their_precision():
+@pytest.mark.parametrize("gram_dtype", [torch.float64, torch.float32])
+def test_long_same_sign_sums_keep_their_precision(gram_dtype):
     """Gradients with a common component (so ‖g‖² and ⟨g_i, g_j⟩ are long sums of same-sign terms), d = 2M,
     float32: one float32 accumulator loses ~1e-4 of ‖g_i‖² here (how much a float32 product loses depends on
-    how the BLAS blocks its sums); the chunked float64 sum must stay within 1e-6."""
+    how the BLAS blocks its sums); the chunked sum must stay within 1e-6, in a float32 G too (one float32
+    product puts it 1.9e-4 off)."""
     gen = torch.Generator().manual_seed(1)
     jac = torch.randn(4, 2_000_000, generator=gen) * torch.tensor([[1.0], [1e-3], [1.0], [10.0]]) + 0.01
-    assert relative_error(gram_matrix(jac), jac) <= 1e-6
+    got = gram_matrix(jac, dtype=gram_dtype)
+    assert got.dtype == gram_dtype
+    assert relative_error(got, jac) <= 1e-6
     # the case is a real test: summed in order in one float32 accumulator, ‖g_0‖² is off by ~1e-3
     one_accumulator = float(np.add.accumulate((jac[0] * jac[0]).numpy(), dtype=np.float32)[-1])
     sq_norm = float(jac[0].double().square().sum())
@@ -39,8 +43,12 @@ def test_long_same_sign_sums_keep_their_precision():
 
 
 def test_float64_dtype_requested_lower():
-    jac = torch.randn(3, 10, dtype=torch.float64)
-    assert gram_matrix(jac, dtype=torch.float32).dtype == torch.float32
+    """A float64 J is multiplied in float64 and only the result rounded to the requested float32."""
+    gen = torch.Generator().manual_seed(4)
+    jac = torch.randn(3, 100_000, generator=gen, dtype=torch.float64) + 0.01
+    got = gram_matrix(jac, dtype=torch.float32)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, (jac @ jac.T).float())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
