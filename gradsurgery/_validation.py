@@ -158,6 +158,18 @@ def check_tensors(params: Any, what: str) -> list[torch.Tensor]:
     return tensors
 
 
+def check_differentiable(loss: Any, index: int) -> torch.Tensor:
+    """``loss`` (the ``index``-th) is a tensor that requires grad."""
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"loss {index} is a {type(loss).__name__}, not a tensor")
+    if not loss.requires_grad:
+        raise ValueError(
+            f"loss {index} does not require grad (was it computed under torch.no_grad() or "
+            "torch.inference_mode()?)"
+        )
+    return loss
+
+
 def non_finite(values: Sequence[float]) -> list[int]:
     """Positions of NaN or ±inf entries."""
     return [i for i, v in enumerate(values) if not math.isfinite(v)]

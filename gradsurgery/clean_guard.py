@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ._validation import check_int
+from ._validation import check_differentiable, check_int
 
 
 class CleanBatches:
@@ -343,10 +343,7 @@ def masked_main_loss(
             f"mode='mask' takes exactly 2 losses [per_sample_noisy_losses, clean_loss], got {len(losses)}"
         )
     for i, loss in enumerate(losses):
-        if not isinstance(loss, torch.Tensor):
-            raise TypeError(f"loss {i} is a {type(loss).__name__}, not a tensor")
-        if not loss.requires_grad:
-            raise ValueError(f"loss {i} does not require grad (was it computed under torch.no_grad()?)")
+        check_differentiable(loss, i)
     if main not in (0, 1):
         raise ValueError(f"main={main!r} is out of range for mode='mask' with 2 losses")
     noisy, clean = losses[main], losses[1 - main]

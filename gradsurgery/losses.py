@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ._validation import check_differentiable
 from .clean_guard import masked_main_loss
 
 
@@ -49,8 +50,7 @@ def check_scalars(losses: list[Any]) -> list[torch.Tensor]:
             raise TypeError(f"loss {i} is a {type(loss).__name__}, not a tensor")
         if loss.numel() != 1:
             raise ValueError(f"loss {i} is not a scalar: shape {tuple(loss.shape)}")
-        if not loss.requires_grad:
-            raise ValueError(f"loss {i} does not require grad (was it computed under torch.no_grad()?)")
+        check_differentiable(loss, i)
     return [loss if loss.dim() == 0 else loss.reshape(()) for loss in losses]
 
 

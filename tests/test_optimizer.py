@@ -203,12 +203,18 @@ def assert_unchanged(model, snap):
         assert (p.grad is None and grad is None) or torch.equal(p.grad, grad)
 
 
+def inference(model):
+    with torch.inference_mode():
+        return model()
+
+
 @pytest.mark.parametrize(
     "make_losses,error,match",
     [
         (lambda m: m()[:2], ValueError, "expected 3 losses"),
         (lambda m: [*m()[:2], torch.stack([m()[2], m()[2]])], ValueError, "loss 2 is not a scalar"),
         (lambda m: [*m()[:2], torch.tensor(1.0)], ValueError, "loss 2 does not require grad"),
+        (lambda m: [*m()[:2], inference(m)[2]], ValueError, r"loss 2 .*torch\.inference_mode\(\)"),
         (lambda m: [m()[0] * float("nan"), *m()[1:]], ValueError, "non-finite loss"),
         (lambda m: [m()[0], m()[1] + m.theta.sum() * float("inf"), m()[2]], ValueError, "non-finite"),
         (lambda m: [m()[0], m()[1], torch.ones((), requires_grad=True) * 2], ValueError, r"\[2\] reach none"),
