@@ -221,7 +221,7 @@ def test_linear_2d(dtype, form, bias):
 def test_linear_wide_layer_is_float32_accurate(form):
     """A 1024 × 1024 layer in float32: a materialised chunk holds about 2²²/T gradient entries per task, and
     G must still be the float64 Gram of autograd's gradients to float32 rounding (one float32 product over
-    the chunk was off by 6·10⁻⁵ here; the kernel form, whose sums are shorter, by 3·10⁻⁷)."""
+    the chunk would be off by 6·10⁻⁵ here; the kernel form, whose sums are shorter, is off by 3·10⁻⁷)."""
     trunk = lambda: nn.Sequential(nn.Linear(1024, 1024), nn.Tanh())  # noqa: E731
     res = run_case(trunk, 1024, randn(8, 1024), torch.float32, form, tol=1e-6)
     assert res.forms["trunk.0"] == form
