@@ -75,11 +75,24 @@ def _chunked_gram(jacobian: torch.Tensor, dtype: torch.dtype, chunk: int) -> tor
 def combine(weights: torch.Tensor, jacobian: torch.Tensor) -> torch.Tensor:
     """u = Jᵀw = Σ_i w_i J_i (d) for the T weights and the T×d rows of J, in J's dtype and on its device.
 
-    Cost: T·d multiply-adds, one product, in IEEE float32 (or J's wider precision) whatever
-    ``torch.set_float32_matmul_precision`` says. cuBLAS on an H200 and oneDNN on the CPU measured take this
-    one-row product in full precision under ``"high"``/``"medium"`` anyway (the same error either way,
-    ``benchmarks/matmul_precision.py``), but neither library promises it; the guard costs 7-16 µs of host
-    time on that GPU where the setting is lowered, and one read of the setting where it is not.
+    Cost: T·d multiply-adds in IEEE float32 (or J's wider precision) whatever
+    ``torch.set_float32_matmul_precision`` says: one product for a float32 or float64 J. cuBLAS on an H200
+    and oneDNN on the CPU measured take this one-row product in full precision under ``"high"``/``"medium"``
+    anyway (the same error either way, ``benchmarks/matmul_precision.py``), but neither library promises it;
+    the guard costs 7-16 µs of host time on that GPU where the setting is lowered, and one read of the
+    setting where it is not. A float16 or bfloat16 J is taken in float32 a group of columns at a time (at
+    most ``GROUP_ELEMENTS`` converted at once) and rounded once: in J's own dtype the weights are rounded and
+    the T terms summed with rounding, and a third of the entries missed the correctly rounded u (the worst
+    by 1.4-1.5× the rounding error, T = 4).
     """
+    work = torch.promote_types(jacobian.dtype, torch.float32)
+    w = weights.to(device=jacobian.device, dtype=work)
     with full_precision_matmul(jacobian.device.type):
-        return weights.to(device=jacobian.device, dtype=jacobian.dtype) @ jacobian
+        if work == jacobian.dtype:
+            return w @ jacobian
+        t, d = jacobian.shape
+        fused = jacobian.new_empty(d)
+        width = max(1, GROUP_ELEMENTS // max(1, t))
+        for start in range(0, d, width):
+            fused[start : start + width] = w @ jacobian[:, start : start + width].to(work)
+        return fused

@@ -6,6 +6,7 @@ import torch
 
 import gradsurgery.gram as gram_module
 from gradsurgery import gram_matrix
+from gradsurgery.gram import combine
 
 
 def relative_error(got: torch.Tensor, jac: torch.Tensor) -> float:
@@ -121,3 +122,19 @@ def test_inside_an_autocast_region_is_the_product_outside_it(columns):
         inside = gram_matrix(jacobian)
         assert torch.is_autocast_enabled("cpu")
     assert torch.equal(inside, outside)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("columns", [1000, 3 * (1 << 20) + 7])
+def test_a_half_precision_fusion_is_rounded_once(dtype, columns):
+    """Σ_i w_i J_i of a half-precision J: the float64 result rounded to J's dtype in all but ties of the
+    double rounding (float32, then J's dtype), within one rounding of it everywhere."""
+    gen = torch.Generator().manual_seed(9)
+    jac = torch.randn(4, columns, generator=gen).to(dtype)
+    weights = torch.tensor([0.123456789, 0.234567891, 0.345678912, 0.296296408], dtype=torch.float64)
+    exact = weights @ jac.double()
+    got = combine(weights, jac)
+    assert got.dtype == dtype and got.shape == (columns,)
+    assert float((got == exact.to(dtype)).double().mean()) >= 0.999
+    error = (got.double() - exact).abs() / (weights @ jac.double().abs())
+    assert float(error.max()) <= torch.finfo(dtype).eps
