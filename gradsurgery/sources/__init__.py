@@ -112,7 +112,9 @@ def extremes(grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 class TaskScale:
     """s_i g for a gradient g of task i: s_i = w_i for a loss weighting (``active``), 1 otherwise; w cast once
-    per device and dtype, since on small task-specific tensors the cast costs as much as the product."""
+    per device and dtype, since on small task-specific tensors the cast costs as much as the product, to
+    float32 at least: a half-precision g times a 0-d float32 w_i is computed in float32 and rounded once,
+    where w_i rounded to g's dtype would bias every entry by up to 2⁻⁹ (bfloat16)."""
 
     def __init__(self, weights: torch.Tensor, active: bool) -> None:
         self.weights = weights
@@ -124,7 +126,8 @@ class TaskScale:
             return grad
         key = (grad.device, grad.dtype)
         if key not in self._cast:
-            self._cast[key] = self.weights.to(device=grad.device, dtype=grad.dtype).unbind()
+            dtype = torch.promote_types(grad.dtype, torch.float32)
+            self._cast[key] = self.weights.to(device=grad.device, dtype=dtype).unbind()
         return grad * self._cast[key][task]
 
     def total(self, entries: Iterable[tuple[int, torch.Tensor]]) -> torch.Tensor | None:

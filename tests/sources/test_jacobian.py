@@ -1,7 +1,10 @@
-"""Gradient collection: shared detection, the reused Jacobian buffer, layout changes."""
+"""Gradient collection: shared detection, the reused Jacobian buffer, layout changes; the task-specific
+gradients' scaling by the weights."""
 
 import torch
+from torch import nn
 
+from gradsurgery import GradSurgery
 from gradsurgery.sources.jacobian import GradientCollector
 
 
@@ -55,3 +58,24 @@ def test_override_makes_a_single_task_parameter_shared():
     got = col.collect([2 * a.sum(), 3 * b.sum()], [a, b])
     torch.testing.assert_close(got.jacobian, torch.tensor([[2.0], [0.0]]))
     assert got.other[1] == [(1, got.other[1][0][1])]
+
+
+def test_half_precision_task_specific_gradients_are_scaled_with_one_rounding():
+    """A loss weighting gives a task's own parameters w_i g_i: for a bfloat16 g, the float64 product rounded
+    to bfloat16 (but for double-rounding ties), not g times w_i already rounded to bfloat16."""
+    torch.manual_seed(0)
+    trunk = nn.Linear(8, 16).to(torch.bfloat16)
+    heads = [nn.Linear(16, 64).to(torch.bfloat16) for _ in range(2)]
+    params = [*trunk.parameters(), *heads[0].parameters(), *heads[1].parameters()]
+    opt = GradSurgery(torch.optim.SGD(params, lr=0.1), "uncertainty", init_log_var=[0.3, -0.7])
+    z = trunk(torch.randn(32, 8, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16))
+    losses = [head(z).float().pow(2).mean() for head in heads]
+    own = [
+        torch.autograd.grad(loss, head.weight, retain_graph=True)[0]
+        for loss, head in zip(losses, heads, strict=True)
+    ]
+    info = opt.backward(losses)
+    assert len(set(info.weights.tolist())) == 2
+    for head, grad, weight in zip(heads, own, info.weights.tolist(), strict=True):
+        want = (grad.double() * weight).to(torch.bfloat16)
+        assert float((head.weight.grad == want).double().mean()) >= 0.999
