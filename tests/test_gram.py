@@ -124,16 +124,23 @@ def test_inside_an_autocast_region_is_the_product_outside_it(columns):
     assert torch.equal(inside, outside)
 
 
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("columns", [1000, 3 * (1 << 20) + 7])
-def test_a_half_precision_fusion_is_rounded_once(dtype, columns):
+def test_a_half_precision_fusion_is_rounded_once(dtype, columns, device):
     """Σ_i w_i J_i of a half-precision J: the float64 result rounded to J's dtype in all but ties of the
     double rounding (float32, then J's dtype), within one rounding of it everywhere."""
     gen = torch.Generator().manual_seed(9)
     jac = torch.randn(4, columns, generator=gen).to(dtype)
     weights = torch.tensor([0.123456789, 0.234567891, 0.345678912, 0.296296408], dtype=torch.float64)
     exact = weights @ jac.double()
-    got = combine(weights, jac)
+    got = combine(weights, jac.to(device)).cpu()
     assert got.dtype == dtype and got.shape == (columns,)
     assert float((got == exact.to(dtype)).double().mean()) >= 0.999
     error = (got.double() - exact).abs() / (weights @ jac.double().abs())
