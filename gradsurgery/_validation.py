@@ -158,7 +158,7 @@ def check_tensors(params: Any, what: str) -> list[torch.Tensor]:
     return tensors
 
 
-def check_differentiable(loss: Any, index: int) -> torch.Tensor:
+def check_differentiable(loss: Any, index: int) -> None:
     """``loss`` (the ``index``-th) is a tensor that requires grad."""
     if not isinstance(loss, torch.Tensor):
         raise TypeError(f"loss {index} is a {type(loss).__name__}, not a tensor")
@@ -167,7 +167,6 @@ def check_differentiable(loss: Any, index: int) -> torch.Tensor:
             f"loss {index} does not require grad (was it computed under torch.no_grad() or "
             "torch.inference_mode()?)"
         )
-    return loss
 
 
 def non_finite(values: Sequence[float]) -> list[int]:

@@ -322,8 +322,9 @@ class GradSurgery(torch.optim.Optimizer):
         Called inside an autocast region or under ``torch.no_grad()``, it runs with autocast off
         (``gradsurgery.amp.autocast_off``) and gradients on: the same step as when called outside them.
         """
-        with autocast_off("cpu", self._device().type), torch.enable_grad():
-            return self._backward(losses, retain_graph, features, grad_scaler)
+        device = self._device()
+        with autocast_off("cpu", device.type), torch.enable_grad():
+            return self._backward(losses, retain_graph, features, grad_scaler, device)
 
     def _backward(
         self,
@@ -331,9 +332,10 @@ class GradSurgery(torch.optim.Optimizer):
         retain_graph: bool,
         features: torch.Tensor | Sequence[torch.Tensor] | None,
         grad_scaler: torch.amp.GradScaler | None,
+        device: torch.device,
     ) -> StepInfo:
         scaling = LossScaling.of(grad_scaler)
-        reduction = self.sync.reduction(self._device())
+        reduction = self.sync.reduction(device)
         params = self._trainable_params()
         try:
             for transform in self.transforms:
