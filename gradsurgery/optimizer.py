@@ -157,6 +157,7 @@ class GradSurgery(torch.optim.Optimizer):
         if mesh is not None:
             sync.use_mesh(mesh)
         self.method = make_method(method, **options)
+        _check_direction(self.method, optimizer.param_groups)
         transforms = self.method.transforms() + _l2_option(
             self.method, l2, l2_params, l2_per_tensor, l2_decoupled
         )
@@ -338,6 +339,7 @@ class GradSurgery(torch.optim.Optimizer):
         reduction = self.sync.reduction(device)
         params = self._trainable_params()
         try:
+            _check_direction(self.method, self.param_groups)
             for transform in self.transforms:
                 transform.begin_backward(scaling=scaling, reduction=reduction)
             tasks, names, sample_mask = self._prepare_losses(losses, params)
@@ -411,10 +413,16 @@ class GradSurgery(torch.optim.Optimizer):
         self, pairs: list[tuple[torch.Tensor, torch.Tensor]]
     ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
         fields: dict[str, Any] = {}
+        if not self.transforms:
+            return pairs, fields
+        # The transforms are written for the gradient the optimizer descends along; a group that maximizes
+        # steps along +g, so they see −g there (negation is exact and undone after).
+        ascending = _ascending(self.param_groups)
+        pairs = _negated(pairs, ascending)
         for transform in self.transforms:
             pairs, more = transform.apply(pairs)
             fields.update(more)
-        return pairs, fields
+        return _negated(pairs, ascending), fields
 
     def _device(self) -> torch.device:
         for group in self.param_groups:
@@ -428,6 +436,32 @@ class GradSurgery(torch.optim.Optimizer):
 
     def _trainable_params(self) -> list[torch.Tensor]:
         return [p for p in self._all_params() if p.requires_grad]
+
+
+def _ascending(groups: Sequence[dict[str, Any]]) -> set[int]:
+    """The ids of the parameters in groups with ``maximize=True`` (the optimizer steps along +.grad)."""
+    return {id(p) for g in groups if g.get("maximize", False) for p in g["params"]}
+
+
+def _negated(
+    pairs: list[tuple[torch.Tensor, torch.Tensor]], ids: set[int]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    if not ids:
+        return pairs
+    return [(p, -g if id(p) in ids else g) for p, g in pairs]
+
+
+def _check_direction(method: Method, groups: Sequence[dict[str, Any]]) -> None:
+    """ValueError for a method that reads how fast the losses fall under an optimizer that raises them."""
+    if not method.tracks_loss_decrease:
+        return
+    maximizing = [k for k, g in enumerate(groups) if g.get("maximize", False)]
+    if maximizing:
+        raise ValueError(
+            f"method {method.name!r} weighs the tasks by how fast their losses fall, but the optimizer "
+            f"maximizes (maximize=True in param group(s) {maximizing}): pass losses to minimize to an "
+            "optimizer without maximize=True"
+        )
 
 
 def _full_mode_source(

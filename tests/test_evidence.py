@@ -410,32 +410,35 @@ def test_training_steps_match_the_reference(per_layer, dtype, lambda_rtol, param
     assert opt.l2.steps == steps and len(info.l2_coefficient) == (2 if per_layer else 1)
 
 
-def test_the_penalty_is_what_sgd_weight_decay_adds():
+@pytest.mark.parametrize("maximize", [False, True])
+def test_the_penalty_is_what_sgd_weight_decay_adds(maximize):
     """u = g + λθ on the layers' weights only: with λ known (solved at the first step, kept until the tenth),
-    five steps of SGD with momentum are those of SGD(weight_decay=λ, momentum) on the same weights."""
+    five steps of SGD with momentum are those of SGD(weight_decay=λ, momentum) on the same weights. With
+    ``maximize=True`` (on the negated loss) the penalty still shrinks θ, as torch's weight decay does."""
     model = small_net(3)
     twin = copy.deepcopy(model)
+    sign = -1.0 if maximize else 1.0
     opt = GradSurgery(
-        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, maximize=maximize),
         "l2",
         evidence=True,
         layers=model,
         num_samples=N_TRAIN,
     )
-    lam = train(opt, model, 1).tolist()
+    lam = train(opt, model, 1, sign=sign).tolist()
     groups = [
         {"params": [twin[0].weight], "weight_decay": lam[0]},
         {"params": [twin[2].weight], "weight_decay": lam[1]},
         {"params": [twin[0].bias, twin[2].bias], "weight_decay": 0.0},
     ]
-    plain = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
+    plain = torch.optim.SGD(groups, lr=0.1, momentum=0.9, maximize=maximize)
     for step in range(5):
         x, y = batch(step)
         plain.zero_grad()
-        F.cross_entropy(twin(x), y).backward()
+        (sign * F.cross_entropy(twin(x), y)).backward()
         plain.step()
         if step:
-            assert train(opt, model, 1, start=step).tolist() == lam
+            assert train(opt, model, 1, start=step, sign=sign).tolist() == lam
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8)
 
@@ -544,14 +547,15 @@ def assert_same(before, after):
             assert (x is None and y is None) or torch.equal(x, y)
 
 
-def train(opt, model, steps, start=0):
-    """``steps`` steps on batches ``start``, ``start + 1``, …; returns the last step's λ (None for none)."""
+def train(opt, model, steps, start=0, sign=1.0):
+    """``steps`` steps on batches ``start``, ``start + 1``, … (on ``sign`` times the loss); returns the last
+    step's λ (None for none)."""
     device = next(model.parameters()).device
     info = None
     for step in range(start, start + steps):
         x, y = batch(step)
         opt.zero_grad()
-        info = opt.backward(F.cross_entropy(model(x.to(device)), y.to(device)))
+        info = opt.backward(sign * F.cross_entropy(model(x.to(device)), y.to(device)))
         opt.step()
     return None if info is None else info.l2_coefficient
 

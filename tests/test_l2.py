@@ -174,6 +174,67 @@ def test_sgd_step_with_method_l2_does_not_grow_the_norm_to_first_order():
     assert after - before < 1e-6  # with the rule only the second-order term (∝ lr²) is left
 
 
+def test_a_group_that_maximizes_is_regularized_along_its_own_step():
+    """SGD with ``maximize=True`` steps along +.grad: the rule acts on the descent direction −g there (and on
+    g in the other group), so the one global inner product is that of the step each group takes."""
+    model = LinearModel(4)
+    opt = GradSurgery(
+        torch.optim.SGD(
+            [{"params": [model.w1], "maximize": True}, {"params": [model.w2, model.bias]}], lr=1e-4
+        ),
+        method="l2",
+        decoupled=False,
+    )
+    info = opt.backward(-model())  # g = (−A, −B, −c)
+    descent = np.concatenate([model.a.numpy().ravel(), -model.b.numpy().ravel()])
+    theta = np.concatenate([model.w1.detach().numpy().ravel(), model.w2.detach().numpy().ravel()])
+    # the rule must act, where the gradient read as a descent direction in both groups would not need it
+    assert descent @ theta < 0 < -np.concatenate([model.a.numpy().ravel(), model.b.numpy().ravel()]) @ theta
+    u = ref_rule(descent, theta)
+    np.testing.assert_allclose(model.w1.grad.numpy().ravel(), -u[:12], rtol=1e-12)
+    np.testing.assert_allclose(model.w2.grad.numpy().ravel(), u[12:], rtol=1e-12)
+    torch.testing.assert_close(model.bias.grad, -model.c)
+    np.testing.assert_allclose(float(info.l2_coefficient), -(descent @ theta) / (theta @ theta), rtol=1e-12)
+    before = theta @ theta
+    opt.step()
+    after = sum(float((w.detach() ** 2).sum()) for w in (model.w1, model.w2))
+    assert abs(after - before) < 1e-6  # no first-order change (the step is ∝ 1e-4, its square ∝ 1e-8)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"method": "l2", "decoupled": False},
+        {"method": "l2", "decoupled": False, "per_tensor": True},
+        {"method": "l2"},
+        {"method": "mgda", "l2": True, "l2_decoupled": False},
+    ],
+)
+def test_a_maximizing_optimizer_on_the_negated_losses_takes_the_minimizing_steps(options):
+    """Maximizing −L is minimizing L: with the rule, five steps of SGD with momentum and ``maximize=True`` on
+    the negated losses are bit for bit those of the minimizing optimizer on the losses."""
+
+    def run(maximize: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 2))
+        opt = GradSurgery(
+            torch.optim.SGD(net.parameters(), lr=0.3, momentum=0.9, maximize=maximize), **options
+        )
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            x, y = torch.randn(16, 5, generator=gen), torch.randn(16, 2, generator=gen)
+            out = net(x)
+            losses = [((out[:, i] - y[:, i]) ** 2).mean() for i in range(2)]
+            losses = losses if options["method"] != "l2" else [losses[0] + losses[1]]
+            opt.zero_grad()
+            opt.backward([-loss for loss in losses] if maximize else losses)
+            opt.step()
+        return [p.detach().clone() for p in net.parameters()]
+
+    minimized, maximized = run(False), run(True)
+    assert all(torch.equal(p, q) for p, q in zip(minimized, maximized, strict=True))
+
+
 # -- l2=True on a multi-task method ------------------------------------------------------------------------
 
 

@@ -13,6 +13,10 @@ What a method declares (class attributes), and the engine reads nothing else:
 - ``per_sample_task`` (a property): the index of a loss given per sample (a 1-D tensor) that the engine's
   masking stage reduces before anything else, or None;
 - ``transforms()``: post-transforms of the fused gradient the method brings (the λ-free L2 rule);
+- ``tracks_loss_decrease``: True when the weights follow how fast each loss falls from step to step (DWA,
+  FAMO, GradNorm). The engine refuses such a method under an optimizer that maximizes (``maximize=True``):
+  it raises the losses, which inverts that reading. Weights from G alone need no such flag: negating every
+  loss negates every g_i and leaves G, the weights and the step of a maximizing optimizer as they were;
 - its random generators, created with ``new_generator`` (saved once in checkpoints, shared over ranks);
 - for the contract tests and the benchmarks: ``example_options(T)``, ``min_tasks``/``max_tasks``,
   ``no_conflict`` (⟨u, g_i⟩ ≥ 0 for every task: no loss rises to first order), ``scale_exponent``
@@ -59,7 +63,11 @@ class Transform(Protocol):
 
     def apply(
         self, pairs: list[tuple[torch.Tensor, torch.Tensor]]
-    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]: ...
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
+        """The new (parameter, gradient) pairs of this ``backward``, each gradient the direction the optimizer
+        descends along (the engine negates it for a parameter in a group with ``maximize=True``, and negates
+        the result back), and the ``StepInfo`` fields the transform sets."""
+        ...
 
     def before_step(self, params: Iterable[torch.Tensor]) -> Any: ...
 
@@ -75,6 +83,7 @@ class Method:
     min_tasks: ClassVar[int] = 1
     max_tasks: ClassVar[int | None] = None
     no_conflict: ClassVar[bool] = False
+    tracks_loss_decrease: ClassVar[bool] = False
     scale_exponent: ClassVar[int] = 0
     task_scale_invariant: ClassVar[bool] = False
     #: Options that are not written into checkpoints (tensors, e.g. the parameters the L2 rule regularizes).

@@ -26,6 +26,7 @@ from .base import Method, bound_state, non_negative_losses
 class DWA(Method):
     name = "dwa"
     scales_task_specific = True
+    tracks_loss_decrease = True
 
     def __init__(self, *, temperature: float = 2.0, period: int = 1) -> None:
         super().__init__()

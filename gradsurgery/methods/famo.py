@@ -41,6 +41,7 @@ _LOSS_EPS = 1e-8
 class FAMO(Method):
     name = "famo"
     scales_task_specific = True
+    tracks_loss_decrease = True
     needs_gram = False
 
     def __init__(self, *, lr: float = 0.025, weight_decay: float = 1e-3) -> None:

@@ -36,6 +36,7 @@ from .base import Method, bound_state, non_negative_losses, require_gram
 class GradNorm(Method):
     name = "gradnorm"
     scales_task_specific = True
+    tracks_loss_decrease = True
 
     def __init__(
         self,

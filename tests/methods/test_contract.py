@@ -320,3 +320,49 @@ def test_generators_are_the_only_randomness_and_are_declared(name):
         wb = opt_b.backward(losses_for(name, model_b)).weights
         assert torch.equal(wa, wb)
     assert set(opt_a.state_dict()["gradsurgery"]["rng_state"]) == set(opt_a.method.generators())
+
+
+# -- an optimizer that maximizes ----------------------------------------------------------------------------
+
+#: Weights that read the loss values and not only G: negating the losses changes them (uncertainty's
+#: 1/(2σ²) follows the losses' size), or the method refuses a maximizing optimizer (``tracks_loss_decrease``).
+READS_LOSS_VALUES = {"uncertainty"} | {n for n, cls in METHODS.items() if cls.tracks_loss_decrease}
+
+
+def steps_of(name: str, maximize: bool, steps: int = 3) -> list[torch.Tensor]:
+    model, _, _ = make_linear_problem(0)
+    num_tasks = 1 if METHODS[name].max_tasks == 1 else 3
+    inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, maximize=maximize)
+    opt = GradSurgery(inner, name, **options_for(name, num_tasks))
+    for _ in range(steps):
+        opt.zero_grad()
+        losses = losses_for(name, model)
+        opt.backward([-loss for loss in losses] if maximize else losses)
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("name", sorted(set(METHODS) - READS_LOSS_VALUES))
+def test_a_maximizing_optimizer_on_the_negated_losses_takes_the_minimizing_steps(name):
+    """Negating every loss negates every g_i and leaves G and the weights as they were: the fused gradient is
+    negated, and an optimizer with ``maximize=True`` takes the step the minimizing one takes."""
+    minimized, maximized = steps_of(name, False), steps_of(name, True)
+    assert all(torch.equal(p, q) for p, q in zip(minimized, maximized, strict=True))
+
+
+@pytest.mark.parametrize("name", sorted(n for n, cls in METHODS.items() if cls.tracks_loss_decrease))
+def test_a_method_that_tracks_the_loss_decrease_refuses_a_maximizing_optimizer(name):
+    """Under ``maximize=True`` the optimizer raises the losses, which inverts how fast they fall: refused when
+    built, and by a backward once a group maximizes, which then changes nothing."""
+    model, _, _ = make_linear_problem(0)
+    with pytest.raises(ValueError, match=rf"method '{name}' .*maximize=True in param group\(s\) \[0\]"):
+        GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1, maximize=True), name, **options_for(name, 3))
+    model, opt = optimizer_for(name)
+    for _ in range(2):
+        opt.backward(losses_for(name, model))
+        opt.step()
+    opt.param_groups[0]["maximize"] = True
+    before = everything(model, opt)
+    with pytest.raises(ValueError, match="maximize=True"):
+        opt.backward(losses_for(name, model))
+    assert unchanged(model, opt, before)
