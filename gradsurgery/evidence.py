@@ -322,6 +322,12 @@ class EvidenceRule:
             and _weight(m).requires_grad
             and (chosen is None or id(_weight(m)) in chosen)
         ]
+        complex_layers = [m for m in found if _weight(m).is_complex()]
+        if complex_layers:
+            raise ValueError(
+                f"{what} with evidence=True: {complex_layers} have complex weights; the Kronecker factors "
+                "are those of real layers (use the norm rule, evidence=False)"
+            )
         tied = [m for i, m in enumerate(found) if any(_weight(m) is _weight(o) for o in found[:i])]
         if tied:
             raise ValueError(

@@ -33,10 +33,17 @@ CHUNK = 16384
 GROUP_ELEMENTS = 1 << 22
 
 
+def real_view(tensor: torch.Tensor) -> torch.Tensor:
+    """A complex tensor as its real and imaginary parts (``torch.view_as_real``, a view), how ``torch.optim``
+    reads a complex parameter; a real tensor as it is."""
+    return torch.view_as_real(tensor) if tensor.is_complex() else tensor
+
+
 def gram_matrix(
     jacobian: torch.Tensor, dtype: torch.dtype = torch.float64, chunk: int = CHUNK
 ) -> torch.Tensor:
-    """G = J Jᵀ (T×T) in ``dtype``, accumulated chunk by chunk over the d columns of J (T×d).
+    """G = J Jᵀ (T×T) in ``dtype``, accumulated chunk by chunk over the d columns of J (T×d); for a complex J,
+    G = Re(J Jᴴ), the Gram matrix of its real view (two real columns per entry).
 
     Cost: T²·d multiply-adds in J's precision (float32 at least; inside an autocast region too, which is
     turned off for them; IEEE float32 whatever ``torch.set_float32_matmul_precision`` says, see
@@ -44,6 +51,8 @@ def gram_matrix(
     group of chunks (see the module docstring).
     """
     chunk = check_int(chunk, "chunk", minimum=1)
+    if jacobian.is_complex():
+        jacobian = real_view(jacobian).reshape(jacobian.shape[0], -1)
     device_type = jacobian.device.type
     with autocast_off(device_type), full_precision_matmul(device_type):
         return _chunked_gram(jacobian, dtype, chunk)

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from ._validation import check_bool, check_tensors
+from .gram import real_view
 
 _ACC = torch.float64  # inner products and squared norms are accumulated in float64
 
@@ -53,8 +54,9 @@ def is_adaptive(optimizer: torch.optim.Optimizer) -> bool:
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """⟨a, b⟩ as a float64 scalar, computed in the tensors' own precision (float32 at least): a float64 copy
-    of every d-sized tensor would cost more than the rest of the rule, and λ needs no more digits."""
-    a, b = a.detach().reshape(-1), b.detach().reshape(-1)
+    of every d-sized tensor would cost more than the rest of the rule, and λ needs no more digits. Complex
+    tensors are read as their real views (Re Σ conj(a) b), as ``torch.optim`` reads a complex parameter."""
+    a, b = real_view(a.detach()).reshape(-1), real_view(b.detach()).reshape(-1)
     dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
     return torch.dot(a.to(dtype), b.to(dtype)).to(_ACC)
 

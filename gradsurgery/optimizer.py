@@ -13,7 +13,7 @@ transaction, so a failed call leaves the parameters, their gradients and the met
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -233,11 +233,16 @@ class GradSurgery(torch.optim.Optimizer):
         # Called by the base initialiser before ``self.optimizer`` exists: the groups are the inner's already.
         if "optimizer" in self.__dict__:
             params = param_group.get("params") if isinstance(param_group, dict) else None
-            if params is not None:
+            if params is not None and not isinstance(params, set):  # the inner optimizer refuses a set
+                if isinstance(params, torch.Tensor):
+                    added = [params]
+                else:  # read once, here: a generator (model.parameters()) would reach the optimizer empty
+                    added = param_group["params"] = list(params)
                 # Refuses a group that mixes FSDP2 shards with plain tensors or brings another mesh.
-                fsdp_mesh(
-                    self._all_params() + ([params] if isinstance(params, torch.Tensor) else list(params))
-                )
+                fsdp_mesh(self._all_params() + added)
+                complex_shapes = _complex_shapes(p for p in added if isinstance(p, torch.Tensor))
+                if complex_shapes and self.source.name == "activations":
+                    raise ValueError(_COMPLEX_ACTIVATIONS.format(complex_shapes))
             self.optimizer.add_param_group(param_group)
 
     def state_dict(self) -> dict[str, Any]:
@@ -484,8 +489,9 @@ def _full_mode_source(
     if activation_memory is not None:
         activation_memory = check_int(activation_memory, "activation_memory", minimum=1)
     scales = method.scales_task_specific
+    complex_shapes = _complex_shapes(p for g in optimizer.param_groups for p in g["params"])
     if sharded or (activation_memory is not None and method.needs_gram):
-        _check_budget_applies(activation_memory, model, gradient_source, sharded)
+        _check_budget_applies(activation_memory, model, gradient_source, sharded, bool(complex_shapes))
     if sharded:
         if dist_strategy != "allreduce":
             raise ValueError(
@@ -502,9 +508,16 @@ def _full_mode_source(
         raise ValueError("gradient_source='activations' needs the model: GradSurgery(..., model=model)")
     if not method.needs_gram:
         return WeightedSource(gram_dtype)
+    if gradient_source == "activations" and complex_shapes:
+        raise ValueError(_COMPLEX_ACTIVATIONS.format(complex_shapes))
     auto = gradient_source == "auto"
     # model is None only with gradient_source "jacobian" or "auto" here ("activations" refused it above).
-    if gradient_source == "jacobian" or model is None or (auto and not activations_pay_off(model)):
+    if (
+        gradient_source == "jacobian"
+        or model is None
+        or complex_shapes
+        or (auto and not activations_pay_off(model))
+    ):
         return JacobianSource(shared_params, gram_dtype, scales)
     from .sources.activation import ActivationSource
 
@@ -528,14 +541,30 @@ def _full_mode_source(
     )
 
 
+_COMPLEX_ACTIVATIONS = (
+    "the activation source (gradient_source='activations') takes real layers; the optimizer holds complex "
+    "parameters (shapes {}): use gradient_source='jacobian' (or 'auto'), which reads them as real pairs"
+)
+
+
+def _complex_shapes(params: Iterable[torch.Tensor]) -> list[tuple[int, ...]]:
+    return [tuple(p.shape) for p in params if p.is_complex()]
+
+
 def _check_budget_applies(
-    activation_memory: int | None, model: torch.nn.Module | None, gradient_source: str, sharded: bool
+    activation_memory: int | None,
+    model: torch.nn.Module | None,
+    gradient_source: str,
+    sharded: bool,
+    complex_params: bool,
 ) -> None:
     """ValueError when ``activation_memory`` is given but the activation source will not run."""
     if activation_memory is None:
         return
     if sharded:
         why = "the parameters are FSDP2 shards"
+    elif complex_params:
+        why = "the optimizer holds complex parameters, which the Jacobian source takes"
     elif gradient_source == "jacobian":
         why = "gradient_source='jacobian'"
     elif model is None:

@@ -47,19 +47,19 @@ class Net(nn.Module):
         return tuple(head(h).squeeze(1) for head in self.heads)
 
 
-def make_net(num_tasks: int) -> Net:
+def make_net(num_tasks: int, dtype: torch.dtype = torch.float64) -> Net:
     torch.manual_seed(0)
-    net = Net(num_tasks).double()
+    net = Net(num_tasks).to(dtype)
     with torch.no_grad():  # all heads alike and targets opposed: the trunk gradients conflict
         for head in net.heads[1:]:
             head.load_state_dict(net.heads[0].state_dict())
     return net
 
 
-def make_data(num_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
+def make_data(num_tasks: int, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(7)
-    x = torch.randn(WORLD * BATCH, 5, generator=gen, dtype=torch.float64)
-    y = torch.randn(WORLD * BATCH, num_tasks, generator=gen, dtype=torch.float64)
+    x = torch.randn(WORLD * BATCH, 5, generator=gen, dtype=dtype)
+    y = torch.randn(WORLD * BATCH, num_tasks, generator=gen, dtype=dtype)
     y[:, 1] = -2 * y[:, 0] + 0.3 * y[:, 1]  # tasks 0 and 1 conflict
     if num_tasks == 3:  # task 2 conflicts with task 0 too: PCGrad's order for task 0 matters
         y[:, 2] = -1.5 * y[:, 0] + 0.3 * y[:, 2]
@@ -67,12 +67,14 @@ def make_data(num_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def task_losses(out: tuple[torch.Tensor, ...], y: torch.Tensor) -> list[torch.Tensor]:
+    if y.is_complex():
+        return [(o - y[:, i]).abs().pow(2).mean() for i, o in enumerate(out)]
     return [(o - y[:, i]).pow(2).mean() for i, o in enumerate(out)]
 
 
-def run_method(rank, method, options, strategy, num_tasks=2, rank_options=None):
+def run_method(rank, method, options, strategy, num_tasks=2, rank_options=None, dtype=torch.float64):
     """Train the DDP model on this rank's half and a local reference on the whole batch, side by side."""
-    model, ref = make_net(num_tasks), make_net(num_tasks)
+    model, ref = make_net(num_tasks, dtype), make_net(num_tasks, dtype)
     ddp = nn.parallel.DistributedDataParallel(model)
     opts = dict(options, **(rank_options or {}))
     source = {"gradient_source": "activations"} if strategy == "activations" else {"dist_strategy": strategy}
@@ -82,7 +84,7 @@ def run_method(rank, method, options, strategy, num_tasks=2, rank_options=None):
     ref_opt = GradSurgery(
         torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9), method, distributed=False, **options
     )
-    x, y = make_data(num_tasks)
+    x, y = make_data(num_tasks, dtype)
     mine = slice(rank * BATCH, (rank + 1) * BATCH)
     out = {"grads": [], "ref_grads": [], "weights": [], "ref_weights": [], "task_grads": []}
     for _ in range(STEPS):
@@ -205,9 +207,17 @@ def scenarios(rank: int) -> dict:
     results[("rlw_rank_seeds", "allreduce")] = run_method(
         rank, "rlw", {"seed": 0}, "allreduce", rank_options={"seed": rank}
     )
+    # Complex parameters, read as real pairs (the Jacobian source: the activation source refuses them).
+    for method, strategy in COMPLEX:
+        results[("complex", method, strategy)] = run_method(
+            rank, method, {}, strategy, dtype=torch.complex128
+        )
     results["bad"] = bad_input_scenarios(rank)
     results["evidence"] = evidence_run(rank)
     return results
+
+
+COMPLEX = [("mgda", "allreduce"), ("mgda", "sharded"), ("uncertainty", "allreduce")]
 
 
 @pytest.fixture(scope="module")
@@ -293,6 +303,18 @@ def test_rng_methods_use_rank_zero_generator(ranks):
     seed0 = [flat(g) for g in ranks[0][("pcgrad3", "allreduce")]["ref_grads"]]
     seed1 = [flat(g) for g in ranks[0]["pcgrad3_seed1"]]
     assert max(float((a - b).abs().max()) for a, b in zip(seed0, seed1, strict=True)) > 1e-3
+
+
+@pytest.mark.parametrize("method,strategy", COMPLEX)
+def test_complex_parameters_match_the_single_process(ranks, method, strategy):
+    for res in ranks:
+        run = res[("complex", method, strategy)]
+        for step in range(STEPS):
+            torch.testing.assert_close(
+                flat(run["grads"][step]), flat(run["ref_grads"][step]), rtol=1e-10, atol=1e-12
+            )
+            torch.testing.assert_close(run["weights"][step], run["ref_weights"][step], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(flat(run["params"]), flat(run["ref_params"]), rtol=1e-10, atol=1e-12)
 
 
 def test_three_task_main_aux_sharded_matches_reference(ranks):

@@ -501,6 +501,7 @@ def test_evidence_options_need_evidence():
         (nn.Sequential(nn.Conv2d(2, 2, 3, groups=2)), None, "groups=1"),
         (nn.Sequential(nn.Conv1d(1, 2, 3, padding="same")), None, "zero padding given in numbers"),
         (nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect")), None, "zero padding"),
+        (nn.Sequential(nn.Linear(3, 2, dtype=torch.complex64)), None, "complex weights"),
     ],
 )
 def test_layers_without_kronecker_factors_are_refused(model, params, match):

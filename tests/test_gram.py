@@ -26,6 +26,20 @@ def test_matches_float64_product(dtype, chunk):
     assert relative_error(got, jac) < (1e-12 if dtype == torch.float64 else 1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+def test_a_complex_jacobian_gives_the_real_part_of_j_jh(dtype):
+    """G_ij = Re Σ conj(J_ik) J_jk, the Gram matrix of the real view (J J^T of a complex J is not one)."""
+    gen = torch.Generator().manual_seed(2)
+    jac = torch.view_as_complex(torch.randn(4, 3001, 2, generator=gen, dtype=torch.float64)).to(dtype)
+    exact = jac.to(torch.complex128)
+    expected = (exact @ exact.conj().T).real
+    got = gram_matrix(jac, chunk=1000)
+    assert got.dtype == torch.float64
+    norms = expected.diagonal().sqrt()
+    error = float(((got - expected).abs() / torch.outer(norms, norms)).max())
+    assert error < (1e-14 if dtype == torch.complex128 else 1e-6)
+
+
 @pytest.mark.parametrize("gram_dtype", [torch.float64, torch.float32])
 def test_long_same_sign_sums_keep_their_precision(gram_dtype):
     """Gradients with a common component (so ‖g‖² and ⟨g_i, g_j⟩ are long sums of same-sign terms), d = 2M,

@@ -61,6 +61,52 @@ def test_random_vectors_match_reference_and_never_grow_theta(seed):
     assert float(u.numpy() @ theta) >= -1e-12  # a step along −u does not grow ½‖θ‖² to first order
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_complex_tensors_are_read_as_their_real_views(seed):
+    """A complex tensor is its real pairs, as torch.optim reads it: ⟨g, θ⟩ = Re Σ conj(g) θ (Σ g θ, without
+    the conjugate, is another number), in the rule and in the decoupled correction."""
+    rng = np.random.default_rng(seed)
+    g, theta = rng.normal(size=(6, 2)), rng.normal(size=(6, 2))
+    if seed == 0:
+        g = -theta + 0.3 * g  # a growing gradient: the rule acts
+    as_complex = [torch.view_as_complex(torch.from_numpy(a)) for a in (g, theta)]
+    (u,), lam = l2_direction([as_complex[0]], [as_complex[1]])
+    np.testing.assert_allclose(
+        torch.view_as_real(u).numpy().ravel(), ref_rule(g.ravel(), theta.ravel()), rtol=1e-12
+    )
+    expected = max(0.0, -float(g.ravel() @ theta.ravel())) / float(theta.ravel() @ theta.ravel())
+    assert float(lam) == pytest.approx(expected, rel=1e-13, abs=1e-15)
+    new_pairs = torch.from_numpy(theta + 0.4 * g + 0.5)
+    new_complex = torch.view_as_complex(new_pairs.clone())
+    decoupled_correction([new_pairs], [torch.from_numpy(theta)])
+    decoupled_correction([new_complex], [as_complex[1]])
+    torch.testing.assert_close(torch.view_as_real(new_complex), new_pairs, rtol=1e-14, atol=1e-14)
+
+
+def test_complex_parameters_with_adam_step_as_their_real_pairs():
+    """The default decoupled per-tensor rule with Adam: a complex weight takes, bit for bit, the steps of the
+    same weight held as real pairs (torch's Adam treats a complex parameter as its real view)."""
+
+    def run(as_pairs: bool, rule: bool = True) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(0)
+        pairs = 0.1 * torch.randn(4, 3, 2, generator=gen, dtype=torch.float64)
+        weight = torch.nn.Parameter(pairs.clone() if as_pairs else torch.view_as_complex(pairs.clone()))
+        inner = torch.optim.Adam([weight], lr=0.1)
+        opt = GradSurgery(inner, method="l2") if rule else inner
+        for _ in range(5):
+            x = torch.view_as_complex(torch.randn(8, 3, 2, generator=gen, dtype=torch.float64))
+            w = torch.view_as_complex(weight) if as_pairs else weight
+            opt.zero_grad()
+            loss = (x @ w.T - 5).abs().pow(2).mean()  # far from the targets: Adam alone grows ‖w‖
+            opt.backward(loss) if rule else loss.backward()
+            opt.step()
+        return weight.detach() if as_pairs else torch.view_as_real(weight.detach())
+
+    start = 0.1 * torch.randn(4, 3, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert run(True, rule=False).norm() > 2 * start.norm()  # so the rule has growth to remove
+    assert torch.equal(run(False), run(True))
+
+
 def test_per_tensor_versus_global():
     # Globally ⟨g, θ⟩ = −1 + 3 = 2 > 0 (no correction); the first tensor alone has ⟨g₁, θ₁⟩ = −1 < 0.
     theta = [torch.tensor([1.0, 0.0], dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64)]

@@ -148,7 +148,10 @@ def test_per_group_learning_rates_frozen_and_unreached_parameters():
         torch.testing.assert_close(p.detach(), before[name] - lr * p.grad, rtol=0, atol=1e-7)
 
 
-def test_add_param_group_before_scheduler():
+@pytest.mark.parametrize("collection", [list, iter])
+def test_add_param_group_before_scheduler(collection):
+    """A group added after a step (its parameters as a list, or as ``model.parameters()`` gives them: an
+    iterator, read once) takes its own learning rate, and a scheduler then steps both groups."""
     model = make_model()
     opt = GradSurgery(
         torch.optim.SGD(list(model.trunk.parameters()) + list(model.head_a.parameters()), lr=0.1), "mgda"
@@ -158,8 +161,9 @@ def test_add_param_group_before_scheduler():
     opt.backward(two_losses(model, x, y)[:1] * 1 + [model.head_a(torch.tanh(model.trunk(x))).mean()])
     opt.step()
     # A new group after a step, then a scheduler over both groups.
-    opt.add_param_group({"params": list(model.head_b.parameters()), "lr": 0.5})
+    opt.add_param_group({"params": collection(model.head_b.parameters()), "lr": 0.5})
     assert opt.param_groups is opt.optimizer.param_groups and len(opt.param_groups) == 2
+    assert opt.param_groups[1]["params"] == list(model.head_b.parameters())
     scheduler = sched.StepLR(opt, step_size=1, gamma=0.5)
     before = [p.detach().clone() for p in model.head_b.parameters()]
     losses = two_losses(model, x, y)

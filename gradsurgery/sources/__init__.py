@@ -29,6 +29,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from .._validation import non_finite
+from ..gram import real_view
 
 
 class NonFiniteError(ValueError):
@@ -68,9 +69,7 @@ def finite_gradients(
 def _entries(grad: torch.Tensor) -> torch.Tensor:
     """The real entries a finiteness check reads: a sparse gradient's stored values, a complex one's real and
     imaginary parts."""
-    values = grad._values() if grad.is_sparse else grad
-    if values.is_complex():
-        values = torch.view_as_real(values)
+    values = real_view(grad._values() if grad.is_sparse else grad)
     return values.detach() if values.requires_grad else values
 
 

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from ..gram import combine, gram_matrix
+from ..gram import combine, gram_matrix, real_view
 from . import NonFiniteError, TaskScale, check_finite, loss_values
 from .weighted import WeightedCollection
 
@@ -203,7 +203,7 @@ class FSDPCollection:
         norms = torch.zeros(t, dtype=self.gram_dtype, device=device)
         for k in self.specific:
             for i in self.reached_by[k]:
-                norms[i] += self.shards[i][k].to(self.gram_dtype).pow(2).sum().to(device)
+                norms[i] += real_view(self.shards[i][k]).to(self.gram_dtype).pow(2).sum().to(device)
         packed = torch.cat([partial.reshape(-1), norms])
         reduction.sum_in_place([packed])
         self.gram = packed[: t * t].view(t, t)
@@ -254,7 +254,7 @@ class FSDPWeightedCollection(WeightedCollection):
             raise reaches_nothing(range(self.num_tasks))
         square = torch.zeros(1, dtype=torch.float64, device=got[0][1].device)
         for _, g in got:
-            square += g.double().pow(2).sum()
+            square += real_view(g).double().pow(2).sum()
         self.reduction.sum_in_place([square])  # a NaN on one rank's shard stops every rank
         if not torch.isfinite(square).all():
             raise NonFiniteError(

@@ -7,6 +7,10 @@ single task is *task-specific* and gets that task's own gradient (times w_i for 
 each task's gradients go straight into a reused T×d buffer; it is rebuilt only when the set of shared
 parameters changes.
 
+A complex parameter takes two real columns per entry, its real and imaginary parts (``torch.view_as_real``),
+as ``torch.optim`` treats it: G_ij = Re⟨g_i, g_j⟩ is then the inner product of the real view, the one whose
+descent direction is the gradient autograd returns.
+
 Cost per step: T backward passes, O(T² d) for G and O(T d) for u; memory T·d for J.
 """
 
@@ -19,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..gram import real_view
 from . import TaskScale, check_finite, loss_values
 
 if TYPE_CHECKING:
@@ -43,14 +48,14 @@ class Layout:
         offsets, total = [], 0
         for k in shared:
             offsets.append(total)
-            total += params[k].numel()
+            total += columns(params[k])
         members = [params[k] for k in shared] or params
         devices = {p.device for p in members}
         if len(devices) > 1:
             raise ValueError(f"shared parameters must live on one device, found {sorted(map(str, devices))}")
-        dtype = members[0].dtype
+        dtype = members[0].dtype.to_real()
         for p in members[1:]:
-            dtype = torch.promote_types(dtype, p.dtype)
+            dtype = torch.promote_types(dtype, p.dtype.to_real())
         slot = {k: s for s, k in enumerate(shared)}
         return cls(params, shared, offsets, total, dtype, devices.pop(), slot)
 
@@ -62,9 +67,31 @@ class Layout:
         )
 
     def segment(self, row: torch.Tensor, slot: int) -> torch.Tensor:
-        k = self.shared[slot]
+        """The columns of shared parameter ``slot`` in ``row`` (a complex one: its real view, flattened)."""
         start = self.offsets[slot]
-        return row[start : start + self.params[k].numel()]
+        return row[start : start + columns(self.params[self.shared[slot]])]
+
+    def gradient(self, row: torch.Tensor, slot: int) -> torch.Tensor:
+        """The gradient of shared parameter ``slot`` held in ``row``, in the parameter's shape (complex for a
+        complex parameter), a view of ``row`` where the layout allows one."""
+        param = self.params[self.shared[slot]]
+        values = self.segment(row, slot)
+        if not param.is_complex():
+            return values.view_as(param)
+        pairs = values.view(*param.shape, 2)
+        if pairs.storage_offset() % 2:  # a complex view must start on a whole complex number
+            pairs = pairs.clone()
+        return torch.view_as_complex(pairs)
+
+
+def columns(param: torch.Tensor) -> int:
+    """How many columns of J a parameter takes: two per entry of a complex one."""
+    return param.numel() * (2 if param.is_complex() else 1)
+
+
+def real_entries(grad: torch.Tensor) -> torch.Tensor:
+    """A gradient as the flat real entries of J's columns (``columns``)."""
+    return real_view(grad).reshape(-1)
 
 
 @dataclass
@@ -172,7 +199,7 @@ class GradientCollector:
             if layout is not None and jac is not None:  # jac is None exactly when layout is
                 check_dense(params, layout.shared, grads)
                 pieces = [
-                    grads[k].reshape(-1) if grads[k] is not None else params[k].new_zeros(params[k].numel())
+                    real_entries(g) if (g := grads[k]) is not None else jac.new_zeros(columns(params[k]))
                     for k in layout.shared
                 ]
                 if pieces:
@@ -207,7 +234,7 @@ class GradientCollector:
             for slot, k in enumerate(layout.shared):
                 dest = layout.segment(new_jac[i], slot)
                 if k in kept[i]:
-                    dest.copy_(kept[i][k].reshape(-1))
+                    dest.copy_(real_entries(kept[i][k]))
                 elif old_layout is not None and old_jac is not None and k in old_layout.slot:
                     dest.copy_(old_layout.segment(old_jac[i], old_layout.slot[k]))
                 else:
@@ -216,7 +243,7 @@ class GradientCollector:
                 # Parameters that stopped being shared keep their gradient as a task-specific one.
                 for k, slot in old_layout.slot.items():
                     if k not in layout.slot and i in touched[k]:
-                        kept[i][k] = old_layout.segment(old_jac[i], slot).clone().view_as(params[k])
+                        kept[i][k] = old_layout.gradient(old_jac[i], slot).clone()
         self.layout = layout
         self._buffer = new_jac
         return layout, new_jac
@@ -300,7 +327,7 @@ class JacobianCollection:
                 raise RuntimeError("the Jacobian collection's gradients are taken after reduce()")
             fused = self._fuse(weights)
             for slot, k in enumerate(layout.shared):
-                out.append((layout.params[k], layout.segment(fused, slot).view_as(layout.params[k])))
+                out.append((layout.params[k], layout.gradient(fused, slot)))
         scale = TaskScale(weights, self.scales_task_specific)
         for k, entries in enumerate(self.grads.other):
             total = scale.total(entries)

@@ -282,6 +282,31 @@ def test_a_memory_budget_takes_more_shorter_passes():
     assert counts[1] == [0] + [1] * 7  # the direct parameters only, then one record per call
 
 
+def test_complex_parameters_take_the_jacobian_source():
+    """The activation source's contractions are those of real layers: with complex parameters "auto" takes
+    the Jacobian (which reads them as real pairs), "activations" and a memory budget are refused, and so is
+    a complex group added to an optimizer that records activations."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6, dtype=torch.complex128), nn.Linear(6, 2, dtype=torch.complex128))
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert activations_pay_off(model)  # a real model of this shape would take the activations
+    with pytest.raises(
+        ValueError, match=r"takes real layers; the optimizer holds complex parameters \(shapes \[\(6, 4\)"
+    ):
+        GradSurgery(sgd, "mgda", model=model, gradient_source="activations")
+    with pytest.raises(ValueError, match="complex parameters, which the Jacobian source takes"):
+        GradSurgery(sgd, "mgda", model=model, activation_memory=10**6)
+    out = model(torch.randn(3, 4, dtype=torch.complex128))
+    info = GradSurgery(sgd, "mgda", model=model).backward([out[:, 0].abs().sum(), out[:, 1].abs().sum()])
+    assert info.source == "jacobian"
+    real = Ranker()
+    opt = GradSurgery(torch.optim.SGD(real.parameters(), lr=0.1), "mgda", model=real)
+    extra = nn.Parameter(torch.zeros(3, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="takes real layers"):
+        opt.add_param_group({"params": [extra]})
+    assert len(opt.param_groups) == 1
+
+
 def test_a_memory_budget_is_checked():
     model = Ranker()
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -41,9 +41,9 @@ class Net(nn.Module):
         return [head(h).squeeze(1) for head in self.heads]
 
 
-def make_net(num_tasks: int) -> Net:
+def make_net(num_tasks: int, dtype: torch.dtype = torch.float64) -> Net:
     torch.manual_seed(0)
-    net = Net(num_tasks).double()
+    net = Net(num_tasks).to(dtype)
     with torch.no_grad():  # all heads alike and targets opposed: the trunk gradients conflict
         for head in net.heads[1:]:
             head.load_state_dict(net.heads[0].state_dict())
@@ -64,10 +64,10 @@ def shard(net: Net) -> Net:
     return net
 
 
-def make_data(num_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
+def make_data(num_tasks: int, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(7)
-    x = torch.randn(WORLD * BATCH, 5, generator=gen, dtype=torch.float64)
-    y = torch.randn(WORLD * BATCH, num_tasks, generator=gen, dtype=torch.float64)
+    x = torch.randn(WORLD * BATCH, 5, generator=gen, dtype=dtype)
+    y = torch.randn(WORLD * BATCH, num_tasks, generator=gen, dtype=dtype)
     y[:, 1] = -2 * y[:, 0] + 0.3 * y[:, 1]
     if num_tasks == 3:
         y[:, 2] = -1.5 * y[:, 0] + 0.3 * y[:, 2]
@@ -75,6 +75,8 @@ def make_data(num_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def task_losses(out: list[torch.Tensor], y: torch.Tensor) -> list[torch.Tensor]:
+    if y.is_complex():
+        return [(o - y[:, i]).abs().pow(2).mean() for i, o in enumerate(out)]
     return [(o - y[:, i]).pow(2).mean() for i, o in enumerate(out)]
 
 
@@ -87,10 +89,10 @@ def full_params(model: nn.Module) -> list[torch.Tensor]:
     return [p.detach().full_tensor().clone() for p in model.parameters()]
 
 
-def run_method(rank, method, options, num_tasks=2, rank_options=None, micro_batches=1):
+def run_method(rank, method, options, num_tasks=2, rank_options=None, micro_batches=1, dtype=torch.float64):
     """The sharded model on this rank's half, the plain reference on the whole batch, side by side. With
     ``micro_batches`` = 2 each step accumulates two ``backward`` calls (the two halves of the batch)."""
-    model, ref = shard(make_net(num_tasks)), make_net(num_tasks)
+    model, ref = shard(make_net(num_tasks, dtype)), make_net(num_tasks, dtype)
     opt = GradSurgery(
         torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
         method,
@@ -99,7 +101,7 @@ def run_method(rank, method, options, num_tasks=2, rank_options=None, micro_batc
     ref_opt = GradSurgery(
         torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9), method, distributed=False, **options
     )
-    x, y = make_data(num_tasks)
+    x, y = make_data(num_tasks, dtype)
     mine = torch.arange(rank * BATCH, (rank + 1) * BATCH)
     out: dict = {"grads": [], "ref_grads": [], "weights": [], "ref_weights": [], "sources": []}
     for _ in range(STEPS):
@@ -286,6 +288,9 @@ def scenarios(rank: int) -> dict:
     results["pcgrad3"] = run_method(rank, "pcgrad", {"seed": 0}, num_tasks=3, rank_options={"seed": rank})
     results["accumulate"] = run_method(rank, "nash_mtl", {}, micro_batches=2)
     results["accumulate_weighted"] = run_method(rank, "famo", {}, micro_batches=2)
+    # Complex parameters, read as real pairs: the Gram matrix of the shards, and the one weighted backward.
+    results["complex"] = run_method(rank, "mgda", {}, dtype=torch.complex128)
+    results["complex_weighted"] = run_method(rank, "uncertainty", {}, dtype=torch.complex128)
     results["shared_override"] = run_method_shared(rank)
     results["scaler"] = scaler_scenario(rank)
     results["retain"] = retain_scenario(rank)
@@ -327,7 +332,9 @@ def assert_grads_close(got, want, rtol=1e-10, atol=1e-12):
 
 
 @pytest.mark.parametrize(
-    "key", [m for m, _ in METHODS] + ["main_aux3", "pcgrad3", "accumulate", "accumulate_weighted"]
+    "key",
+    [m for m, _ in METHODS]
+    + ["main_aux3", "pcgrad3", "accumulate", "accumulate_weighted", "complex", "complex_weighted"],
 )
 def test_matches_single_process_on_concatenated_batch(ranks, key):
     for res in ranks:
