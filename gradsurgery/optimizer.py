@@ -27,7 +27,7 @@ from .info import StepInfo
 from .l2 import L2Rule
 from .losses import MaskedLosses, PlainLosses, align, check_scalars
 from .methods import Method, make_method
-from .sources import NonFiniteError
+from .sources import NonFiniteError, holds_reentrant_checkpoint
 from .sources.features import FeatureSource
 from .sources.fsdp import FSDPSource
 from .sources.jacobian import JacobianSource
@@ -197,6 +197,8 @@ class GradSurgery(torch.optim.Optimizer):
             sharded=mesh is not None,
             activation_memory=activation_memory,
         )
+        # The parameters that last got no gradient where the graph held no reentrant checkpoint.
+        self._cleared_unreached: frozenset[int] = frozenset()
         main = self.method.per_sample_task
         self.prepare = PlainLosses() if main is None else MaskedLosses(main, self.shared_ids)
         if num_tasks is not None:
@@ -363,7 +365,9 @@ class GradSurgery(torch.optim.Optimizer):
                 step.reduce(reduction)
                 step.check_finite()
                 weights = self.method(step.gram, step.loss_values)
-                new_grads, fields = self._post_transform(step.gradients(weights))
+                pairs = step.gradients(weights)
+                self._check_unreached(pairs, params, tasks)
+                new_grads, fields = self._post_transform(pairs)
                 accumulate(new_grads, scaling)
         except NonFiniteError as err:
             if scaling is None:
@@ -428,6 +432,32 @@ class GradSurgery(torch.optim.Optimizer):
             pairs, more = transform.apply(pairs)
             fields.update(more)
         return _negated(pairs, ascending), fields
+
+    def _check_unreached(
+        self,
+        pairs: list[tuple[torch.Tensor, torch.Tensor]],
+        params: list[torch.Tensor],
+        tasks: list[torch.Tensor],
+    ) -> None:
+        """ValueError when parameters got no gradient because a reentrant activation checkpoint hid them
+        (``holds_reentrant_checkpoint``): they would silently never train. The graph is walked only when some
+        trainable parameter got no gradient, and once per set of such parameters that it cleared."""
+        if len(pairs) >= len(params):
+            return
+        reached = {id(p) for p, _ in pairs}
+        unreached = [p for p in params if id(p) not in reached]
+        ids = frozenset(id(p) for p in unreached)
+        if ids == self._cleared_unreached:
+            return
+        if holds_reentrant_checkpoint(tasks):
+            raise ValueError(
+                "the losses' graph holds an activation checkpoint with use_reentrant=True, whose parameters "
+                "autograd.grad cannot reach: parameters of shapes "
+                f"{[tuple(p.shape) for p in unreached]} got no gradient. Use "
+                "torch.utils.checkpoint.checkpoint(..., use_reentrant=False) (for a Hugging Face model: "
+                "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}))"
+            )
+        self._cleared_unreached = ids
 
     def _device(self) -> torch.device:
         for group in self.param_groups:

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 from torch.optim import lr_scheduler as sched
+from torch.utils.checkpoint import checkpoint
 
 from gradsurgery import GradSurgery
 from gradsurgery.gram import CHUNK
@@ -232,6 +233,105 @@ def test_accumulation_adds_fused_gradients_per_micro_batch():
     ga, gb = per_task_grads(model, two_losses(model, x, y), trunk)
     once = 3 * mgda_two(torch.cat([g.reshape(-1) for g in ga]), torch.cat([g.reshape(-1) for g in gb]))
     assert float((once - got).abs().max()) > 1e-4
+
+
+# -- activation checkpointing --------------------------------------------------------------------------------
+class Checkpointed(TwoHead):
+    """TwoHead with its trunk under ``torch.utils.checkpoint`` (``reentrant``: which implementation), or
+    plain (``reentrant=None``)."""
+
+    def __init__(self, reentrant: bool | None) -> None:
+        super().__init__()
+        self.reentrant = reentrant
+
+    def features(self, x):
+        trunk = lambda t: torch.tanh(self.trunk(t))  # noqa: E731
+        if self.reentrant is None:
+            return trunk(x)
+        # A reentrant checkpoint records its node only when an input requires grad (as embeddings give).
+        return checkpoint(trunk, x.requires_grad_(), use_reentrant=self.reentrant)
+
+    def heads(self, h):
+        h = h * self.frozen.sum()
+        return self.head_a(h).squeeze(1), self.head_b(h).squeeze(1)
+
+
+CHECKPOINT_CASES = {
+    "jacobian": ("mgda", False, False),
+    "weighted": ("sum", False, False),
+    "features": ("mgda", True, False),
+    "activations": ("mgda", False, True),
+}
+
+
+def checkpointed_step(case: str, reentrant: bool | None, seed: int = 0):
+    method, features, activations = CHECKPOINT_CASES[case]
+    torch.manual_seed(seed)
+    model = Checkpointed(reentrant)
+    source = {"model": model, "gradient_source": "activations"} if activations else {}
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method, **source)
+    x, y = batch(seed)
+    h = model.features(x)
+    a, b = model.heads(h)
+    losses = [(a - y).pow(2).mean(), (b + 2 * y).pow(2).mean()]
+    return model, opt, lambda: opt.backward(losses, **({"features": h} if features else {}))
+
+
+@pytest.mark.parametrize("case", sorted(CHECKPOINT_CASES))
+def test_a_checkpointed_trunk_trains_as_the_plain_one(case):
+    """``use_reentrant=False``: every source gives the gradients of the same model without checkpointing."""
+    grads = []
+    for reentrant in (None, False):
+        model, _, backward = checkpointed_step(case, reentrant)
+        backward()
+        assert model.trunk.weight.grad is not None
+        grads.append([None if p.grad is None else p.grad.clone() for p in model.parameters()])
+    for got, want in zip(grads[1], grads[0], strict=True):
+        assert (got is None and want is None) or torch.equal(got, want)
+
+
+@pytest.mark.parametrize("case", sorted(CHECKPOINT_CASES))
+def test_a_reentrant_checkpoint_is_refused_and_changes_nothing(case):
+    """``use_reentrant=True`` hides the trunk's parameters from ``autograd.grad``, which then gave them no
+    gradient, silently: refused, naming the fix, before anything is written."""
+    model, opt, backward = checkpointed_step(case, reentrant=True)
+    state = copy.deepcopy(opt.method.state_dict())
+    before = [p.detach().clone() for p in model.parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's advice to pass use_reentrant explicitly
+        with pytest.raises(
+            ValueError, match=r"use_reentrant=True.*shapes \[\(3,\), \(4, 3\), \(4,\)\] got no"
+        ):
+            backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    assert repr(opt.method.state_dict()) == repr(state)
+
+
+def test_a_parameter_no_loss_reaches_is_looked_into_once(monkeypatch):
+    """The graph is walked for a reentrant checkpoint only when a parameter got no gradient, and once per
+    set of such parameters (here ``unused``, every step)."""
+    import gradsurgery.optimizer as engine
+
+    calls = []
+    monkeypatch.setattr(
+        engine, "holds_reentrant_checkpoint", lambda losses: calls.append(1) or engine_walk(losses)
+    )
+    model = make_model()
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "mgda")
+    for step in range(3):
+        x, y = batch(step)
+        opt.zero_grad()
+        opt.backward(two_losses(model, x, y))
+        opt.step()
+    assert len(calls) == 1
+    assert model.unused.grad is None
+
+
+def engine_walk(losses):
+    from gradsurgery.sources import holds_reentrant_checkpoint
+
+    return holds_reentrant_checkpoint(losses)
 
 
 # -- the Gram matrix's precision -----------------------------------------------------------------------------

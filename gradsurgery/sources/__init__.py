@@ -138,6 +138,27 @@ class TaskScale:
         return total
 
 
+def holds_reentrant_checkpoint(losses: Iterable[torch.Tensor]) -> bool:
+    """Whether the autograd graph of ``losses`` holds a reentrant activation checkpoint
+    (``torch.utils.checkpoint(..., use_reentrant=True)``). Its parameters are not in the graph: its backward
+    node recomputes the segment and accumulates their ``.grad`` itself, which ``autograd.grad`` cannot ask
+    for, so it prunes the node when no input it asks for lies below it (and raises when one does). Cost: one
+    visit per node of the graph."""
+    from torch.utils.checkpoint import CheckpointFunction
+
+    stack = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
+    seen = {id(node) for node in stack}
+    while stack:
+        node = stack.pop()
+        if getattr(node, "_forward_cls", None) is CheckpointFunction:
+            return True
+        for child, _ in node.next_functions:
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                stack.append(child)
+    return False
+
+
 def loss_values(losses: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """The losses (0-d, as ``losses.check_scalars`` returns them) as one detached (T,) tensor in ``dtype``."""
     with torch.no_grad():  # one stack, no detached copies
