@@ -283,6 +283,23 @@ class GradSurgery(torch.optim.Optimizer):
         if restored is not None:
             checkpoint.load_method(self.method, ours)
 
+    def method_state_dict(self) -> dict[str, Any]:
+        """The method's entry of ``state_dict()`` (its ``"gradsurgery"`` key) on its own, for checkpointers
+        that keep only an optimizer's ``"state"`` and ``"param_groups"``: ``torch.distributed.checkpoint``'s
+        ``get_optimizer_state_dict`` and ``get_state_dict`` drop every other key. Tensors and Python
+        primitives only; the same on every data-parallel rank."""
+        return checkpoint.method_entry(self.method)
+
+    def load_method_state_dict(self, entry: dict[str, Any]) -> None:
+        """Restore what ``method_state_dict`` returned, leaving the wrapped optimizer alone. An entry from
+        another method, task count or option set is refused with ``ValueError`` before anything changes, as
+        ``load_state_dict`` refuses it."""
+        if not isinstance(entry, dict):
+            raise TypeError(f"entry must be a dict (from method_state_dict()), got {type(entry).__name__}")
+        ours = checkpoint.check_compatible(self.method, entry)
+        if checkpoint.rehearse(self.method, ours) is not None:
+            checkpoint.load_method(self.method, ours)
+
     def __getstate__(self) -> dict[str, Any]:
         return self.__dict__.copy()
 

@@ -117,3 +117,55 @@ def test_incompatible_state_dict_is_refused_and_nothing_changes(case):
     assert same_state(snapshot(target), before)
     assert target.method.num_tasks == method_before[0]
     assert torch.equal(target.method.generator.get_state(), method_before[1])
+
+
+# -- torch.distributed.checkpoint ----------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # one process: what this test runs
+@pytest.mark.parametrize("method", ["famo", "gradnorm", "rlw"])
+def test_distributed_checkpoint_with_the_method_entry_resumes_bit_for_bit(method, tmp_path):
+    """``torch.distributed.checkpoint`` keeps an optimizer's ``state`` and ``param_groups`` only: the model
+    and optimizer through ``get_state_dict``/``dcp.save``/``dcp.load``/``set_state_dict``, the method's entry
+    beside them (``method_state_dict``), resumes as the run that never stopped. Without the entry FAMO's and
+    GradNorm's learned weights restart, and RLW's generator draws the first steps' weights again."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    straight_net, straight = make(0, method)
+    train(straight_net, straight, 4, 0)
+    net, opt = make(0, method)
+    train(net, opt, 2, 0)
+    model_sd, optim_sd = get_state_dict(net, opt)
+    assert "gradsurgery" not in optim_sd
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp_path))
+    torch.save(opt.method_state_dict(), tmp_path / "gradsurgery.pt")
+
+    def resumed(with_entry: bool) -> list[torch.Tensor]:
+        net, opt = make(0, method)
+        model_sd, optim_sd = get_state_dict(net, opt)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(tmp_path))
+        set_state_dict(net, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if with_entry:
+            opt.load_method_state_dict(torch.load(tmp_path / "gradsurgery.pt", weights_only=True))
+        train(net, opt, 2, 2)
+        return [p.detach() for p in net.parameters()]
+
+    expected = [p.detach() for p in straight_net.parameters()]
+    assert all(torch.equal(p, q) for p, q in zip(resumed(True), expected, strict=True))
+    assert not all(torch.equal(p, q) for p, q in zip(resumed(False), expected, strict=True))
+
+
+def test_a_method_entry_is_refused_as_the_state_dict_refuses_it():
+    net, opt = make(0, "gradvac")
+    train(net, opt, 2, 0)
+    other_net, other = make(0, "mgda")
+    train(other_net, other, 1, 0)
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match="state dict is for method 'mgda', this optimizer uses 'gradvac'"):
+        opt.load_method_state_dict(other.method_state_dict())
+    with pytest.raises(TypeError, match="entry must be a dict"):
+        opt.load_method_state_dict(opt.state_dict()["gradsurgery"]["method_state"]["targets"])
+    assert same_state(snapshot(opt), before)
+    assert opt.method_state_dict().keys() == opt.state_dict()["gradsurgery"].keys()

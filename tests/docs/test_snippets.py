@@ -205,6 +205,10 @@ def _checkpoint(ns):
     assert ns["same"]  # the resumed run is bit-identical
 
 
+def _distributed_checkpoint(ns):
+    assert ns["resumed"]  # with the method's entry beside torch.distributed.checkpoint's files
+
+
 def _diagnostics(ns):  # was tests/test_diagnostics.py::test_readme_weighting_example_runs
     from gradsurgery.diagnostics import read_csv
 
@@ -221,6 +225,7 @@ CHECKS = {
     ("docs/howto/clean-set-guard.md", 'mode="mask")'): _clean_set,
     ("docs/reading-the-weights.md", "shares = "): _shares,
     ("docs/howto/checkpoints.md", "same = "): _checkpoint,
+    ("docs/howto/checkpoints.md", "resumed = all("): _distributed_checkpoint,
     ("docs/howto/diagnostics.md", 'method="gradnorm"'): _diagnostics,
 }
 
