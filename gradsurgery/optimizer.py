@@ -197,8 +197,9 @@ class GradSurgery(torch.optim.Optimizer):
             sharded=mesh is not None,
             activation_memory=activation_memory,
         )
-        # The parameters that last got no gradient where the graph held no reentrant checkpoint.
-        self._cleared_unreached: frozenset[int] = frozenset()
+        # The parameters that last got no gradient where the graph held no reentrant checkpoint (a set changed
+        # in place: Lightning's optimizer proxy shares this object but not later assignments).
+        self._cleared_unreached: set[int] = set()
         main = self.method.per_sample_task
         self.prepare = PlainLosses() if main is None else MaskedLosses(main, self.shared_ids)
         if num_tasks is not None:
@@ -463,7 +464,7 @@ class GradSurgery(torch.optim.Optimizer):
             return
         reached = {id(p) for p, _ in pairs}
         unreached = [p for p in params if id(p) not in reached]
-        ids = frozenset(id(p) for p in unreached)
+        ids = {id(p) for p in unreached}
         if ids == self._cleared_unreached:
             return
         if holds_reentrant_checkpoint(tasks):
@@ -474,7 +475,8 @@ class GradSurgery(torch.optim.Optimizer):
                 "torch.utils.checkpoint.checkpoint(..., use_reentrant=False) (for a Hugging Face model: "
                 "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}))"
             )
-        self._cleared_unreached = ids
+        self._cleared_unreached.clear()
+        self._cleared_unreached.update(ids)
 
     def _device(self) -> torch.device:
         for group in self.param_groups:

@@ -328,6 +328,24 @@ def test_a_parameter_no_loss_reaches_is_looked_into_once(monkeypatch):
     assert model.unused.grad is None
 
 
+@pytest.mark.parametrize(
+    "method,options", [("mgda", {}), ("famo", {}), ("l2", {}), ("mgda", {"l2": True, "l2_decoupled": False})]
+)
+def test_steps_assign_no_attribute_of_the_wrapper(method, options):
+    """Lightning's optimizer proxy calls ``backward``, ``step`` and ``zero_grad`` with itself as ``self`` and
+    shares the wrapper's attribute objects, not later assignments: the calls may change those objects in
+    place, never rebind them."""
+    model = make_model()  # its parameter ``unused`` gets no gradient
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method, **options)
+    before = {name: id(value) for name, value in vars(opt).items()}
+    for step in range(3):
+        x, y = batch(step)
+        opt.zero_grad()
+        opt.backward([sum(two_losses(model, x, y))] if method == "l2" else two_losses(model, x, y))
+        opt.step()
+    assert {name: id(value) for name, value in vars(opt).items()} == before
+
+
 def engine_walk(losses):
     from gradsurgery.sources import holds_reentrant_checkpoint
 
