@@ -249,9 +249,17 @@ class GradSurgery(torch.optim.Optimizer):
             self.optimizer.add_param_group(param_group)
 
     def state_dict(self) -> dict[str, Any]:
-        """The wrapped optimizer's state dict plus a ``"gradsurgery"`` entry with the method and its state."""
+        """The wrapped optimizer's state dict plus a ``"gradsurgery"`` entry with the method and its state.
+        Hooks registered on this optimizer (``register_state_dict_pre_hook``/``_post_hook``) run as
+        ``torch.optim.Optimizer.state_dict`` runs them; the wrapped optimizer's run inside its own call."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         sd = self.optimizer.state_dict()
         sd[STATE_KEY] = checkpoint.method_entry(self.method)
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -261,11 +269,16 @@ class GradSurgery(torch.optim.Optimizer):
 
         The wrapped optimizer's ``param_groups`` list and ``state`` dict keep their identity (they are
         refilled in place), so every holder of a reference (schedulers, framework proxies) sees the restored
-        values.
+        values. Hooks registered on this optimizer (``register_load_state_dict_pre_hook``/``_post_hook``)
+        run as ``torch.optim.Optimizer.load_state_dict`` runs them.
         """
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = dict(result)
         ours = state_dict.pop(STATE_KEY, None)
         restored = None
         if ours is not None:
@@ -283,6 +296,8 @@ class GradSurgery(torch.optim.Optimizer):
             self.optimizer.state = state
         if restored is not None:
             checkpoint.load_method(self.method, ours)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def method_state_dict(self) -> dict[str, Any]:
         """The method's entry of ``state_dict()`` (its ``"gradsurgery"`` key) on its own, for checkpointers

@@ -180,6 +180,49 @@ def test_add_param_group_before_scheduler(collection):
     assert [g["lr"] for g in opt.param_groups] == [0.05, 0.25]
 
 
+def test_hooks_run_as_on_a_torch_optimizer():
+    """Step and state-dict hooks registered on the wrapper run as ``torch.optim.Optimizer`` runs them, with
+    the wrapper as their optimizer: what a post hook returns is the state dict, what a load pre hook returns
+    is loaded."""
+
+    def hooked(opt, calls):
+        opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(("step_pre", o)))
+        opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("step_post", o)))
+        opt.register_state_dict_pre_hook(lambda o: calls.append(("sd_pre", o)))
+        opt.register_state_dict_post_hook(lambda o, sd: calls.append(("sd_post", o)) or {**sd, "tag": 1})
+
+        def load_pre(o, sd):
+            calls.append(("load_pre", o))
+            sd = copy.deepcopy(sd)
+            sd["param_groups"][0]["lr"] = 0.25
+            return sd
+
+        opt.register_load_state_dict_pre_hook(load_pre)
+        opt.register_load_state_dict_post_hook(lambda o: calls.append(("load_post", o)))
+
+    results = []
+    for wrap in (False, True):
+        model = make_model()
+        inner = torch.optim.SGD(model.parameters(), lr=0.1)
+        opt = GradSurgery(inner, "sum") if wrap else inner
+        calls: list = []
+        hooked(opt, calls)
+        x, y = batch(0)
+        opt.zero_grad()
+        if wrap:
+            opt.backward(two_losses(model, x, y))
+        else:
+            sum(two_losses(model, x, y)).backward()
+        opt.step()
+        sd = opt.state_dict()
+        assert sd["tag"] == 1
+        opt.load_state_dict({k: v for k, v in sd.items() if k != "tag"})
+        assert opt.param_groups[0]["lr"] == 0.25
+        assert all(o is opt for _, o in calls)
+        results.append([name for name, _ in calls])
+    assert results[1] == results[0]
+
+
 # -- clipping and accumulation -------------------------------------------------------------------------------
 def test_gradient_clipping_between_backward_and_step():
     model = make_model()
