@@ -159,9 +159,11 @@ def check_tensors(params: Any, what: str) -> list[torch.Tensor]:
 
 
 def check_differentiable(loss: Any, index: int) -> None:
-    """``loss`` (the ``index``-th) is a tensor that requires grad."""
+    """``loss`` (the ``index``-th) is a real tensor that requires grad."""
     if not isinstance(loss, torch.Tensor):
         raise TypeError(f"loss {index} is a {type(loss).__name__}, not a tensor")
+    if loss.is_complex():
+        raise TypeError(f"loss {index} is complex ({loss.dtype}): a loss to minimize is real (its abs()?)")
     if not loss.requires_grad:
         raise ValueError(
             f"loss {index} does not require grad (was it computed under torch.no_grad() or "

@@ -220,6 +220,7 @@ def inference(model):
         (lambda m: [m()[0], m()[1], torch.ones((), requires_grad=True) * 2], ValueError, r"\[2\] reach none"),
         (lambda m: "abc", TypeError, "sequence of scalar tensors"),
         (lambda m: [1.0, 2.0, 3.0], TypeError, "loss 0 is a float"),
+        (lambda m: [m()[0], m()[1] * 1j, m()[2]], TypeError, r"loss 1 is complex \(torch.complex128\)"),
     ],
 )
 def test_bad_losses_leave_everything_untouched(make_losses, error, match):
