@@ -244,6 +244,10 @@ class LocalReduction:
     def average(self, values: torch.Tensor) -> torch.Tensor:
         return values
 
+    def feature_gram(self, gram: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(G_z, the loss values) of the whole batch (``_GroupReduction.feature_gram``): one rank, its own."""
+        return gram, values
+
     def sum_in_place(self, tensors: list[torch.Tensor]) -> None:
         """Sum each tensor over the ranks, in place (one rank: nothing to add)."""
 
@@ -314,6 +318,17 @@ class _GroupReduction(LocalReduction):
             dist.broadcast(state, group=self.group, group_src=0)
             gen.set_state(state.cpu())
         self.sync.rng_shared = True
+
+    def feature_gram(self, gram: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Representation mode's G_z of the whole batch from each rank's G_r = J_r J_rᵀ, J_r the gradients of
+        its own (mean) losses with respect to its own samples' features. The whole batch's J_z has the ranks'
+        J_r / n side by side (its loss is the mean of the n ranks' means; each rank's features are its own
+        columns), so G_z = Σ_r G_r / n² exactly; the losses are averaged. One all-reduce of T² + T numbers."""
+        t = gram.shape[0]
+        n = _dist().get_world_size(self.group)
+        packed = torch.cat([gram.reshape(-1), values.to(device=gram.device, dtype=gram.dtype)])
+        _sum_in_place([packed], self.group)
+        return packed[: t * t].view(t, t).div_(n * n), packed[t * t :].div_(n).to(values.dtype)
 
     def sum_in_place(self, tensors: list[torch.Tensor]) -> None:
         _sum_in_place(tensors, self.group)

@@ -13,7 +13,7 @@ from dist_harness import WORLD, catch, run_on_ranks
 from method_checks import registered
 from torch import nn
 
-from gradsurgery import GradSurgery
+from gradsurgery import GradSurgery, task_views
 
 pytestmark = pytest.mark.distributed
 
@@ -39,11 +39,13 @@ class Net(nn.Module):
         # (the 2-task net's d = 42 splits evenly).
         self.gain = nn.Parameter(torch.ones(1)) if num_tasks == 3 else None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, x: torch.Tensor, features_only: bool = False) -> tuple[torch.Tensor, ...]:
         # One output per head (not one concatenated tensor, whose backward would reach every head).
         h = self.trunk(x)
         if self.gain is not None:
             h = h * self.gain
+        if features_only:
+            return (h,)
         return tuple(head(h).squeeze(1) for head in self.heads)
 
 
@@ -108,6 +110,50 @@ def run_method(rank, method, options, strategy, num_tasks=2, rank_options=None, 
         out["ref_grads"].append([p.grad.clone() for p in ref.parameters()])
         out["weights"].append(info.weights.clone())
         out["ref_weights"].append(ref_info.weights.clone())
+        opt.step()
+        ref_opt.step()
+    out["params"] = [p.detach().clone() for p in model.parameters()]
+    out["ref_params"] = [p.detach().clone() for p in ref.parameters()]
+    return out
+
+
+def representation_losses(model, net, x, y, layout):
+    """The task losses and the ``features=`` argument of representation mode: the heads on z itself (their
+    graph split at z: one pass), on task views (one pass), or on a node both heads read (T + 1 passes)."""
+    (z,) = model(x, features_only=True)
+    num_tasks = len(net.heads)
+    if layout == "views":
+        features = task_views(z, num_tasks)
+        inputs = list(features)
+    else:
+        features = z
+        inputs = [z * 1.0] * num_tasks if layout == "shared" else [z] * num_tasks
+    outs = tuple(head(h).squeeze(1) for head, h in zip(net.heads, inputs, strict=True))
+    return task_losses(outs, y), features
+
+
+def run_representation(rank, method, layout, num_tasks=2):
+    """Representation mode on the DDP model's half of the batch against one process on the whole batch."""
+    model, ref = make_net(num_tasks), make_net(num_tasks)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), method, model=ddp)
+    ref_opt = GradSurgery(torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9), method, distributed=False)
+    x, y = make_data(num_tasks)
+    mine = slice(rank * BATCH, (rank + 1) * BATCH)
+    out = {"grads": [], "ref_grads": [], "weights": [], "ref_weights": [], "gram": [], "ref_gram": []}
+    for _ in range(STEPS):
+        opt.zero_grad()
+        losses, features = representation_losses(ddp, model, x[mine], y[mine], layout)
+        info = opt.backward(losses, features=features)
+        ref_opt.zero_grad()
+        losses, features = representation_losses(ref, ref, x, y, layout)
+        ref_info = ref_opt.backward(losses, features=features)
+        out["grads"].append([p.grad.clone() for p in model.parameters()])
+        out["ref_grads"].append([p.grad.clone() for p in ref.parameters()])
+        for key, got in (("weights", info.weights), ("ref_weights", ref_info.weights)):
+            out[key].append(got.clone())
+        for key, got in (("gram", info.gram), ("ref_gram", ref_info.gram)):
+            out[key].append(None if got is None else got.clone())
         opt.step()
         ref_opt.step()
     out["params"] = [p.detach().clone() for p in model.parameters()]
@@ -212,9 +258,19 @@ def scenarios(rank: int) -> dict:
         results[("complex", method, strategy)] = run_method(
             rank, method, {}, strategy, dtype=torch.complex128
         )
+    for method, layout in REPRESENTATION:
+        results[("features", method, layout)] = run_representation(rank, method, layout)
+    results[("features", "mgda", "views3")] = run_representation(rank, "mgda", "views", num_tasks=3)
     results["bad"] = bad_input_scenarios(rank)
     results["evidence"] = evidence_run(rank)
     return results
+
+
+# Representation mode: a Gram-based method, a loss weighting (its heads scaled by w_i) and a method with a
+# generator, over the three ways through the heads.
+REPRESENTATION = [
+    (method, layout) for method in ("mgda", "uncertainty", "pcgrad") for layout in ("z", "views", "shared")
+]
 
 
 COMPLEX = [("mgda", "allreduce"), ("mgda", "sharded"), ("uncertainty", "allreduce")]
@@ -303,6 +359,29 @@ def test_rng_methods_use_rank_zero_generator(ranks):
     seed0 = [flat(g) for g in ranks[0][("pcgrad3", "allreduce")]["ref_grads"]]
     seed1 = [flat(g) for g in ranks[0]["pcgrad3_seed1"]]
     assert max(float((a - b).abs().max()) for a, b in zip(seed0, seed1, strict=True)) > 1e-3
+
+
+@pytest.mark.parametrize(
+    "method,layout",
+    REPRESENTATION + [("mgda", "views3")],
+    ids=[f"{m}-{v}" for m, v in REPRESENTATION] + ["views3"],
+)
+def test_representation_mode_matches_the_single_process_on_the_concatenated_batch(ranks, method, layout):
+    """G_z is the sum of the ranks' Gram matrices over their own samples' features (÷ n²), the parameter
+    gradients are averaged: G_z, the weights, every .grad and the parameters after three steps with momentum
+    are those of one process on the whole batch, and the ranks stay bit-identical."""
+    for res in ranks:
+        run = res[("features", method, layout)]
+        for step in range(STEPS):
+            torch.testing.assert_close(
+                flat(run["grads"][step]), flat(run["ref_grads"][step]), rtol=1e-10, atol=1e-12
+            )
+            torch.testing.assert_close(run["weights"][step], run["ref_weights"][step], rtol=1e-9, atol=1e-12)
+            if run["ref_gram"][step] is not None:
+                torch.testing.assert_close(run["gram"][step], run["ref_gram"][step], rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(flat(run["params"]), flat(run["ref_params"]), rtol=1e-10, atol=1e-12)
+    a, b = ranks[0][("features", method, layout)], ranks[1][("features", method, layout)]
+    assert all(torch.equal(p, q) for p, q in zip(a["params"], b["params"], strict=True))
 
 
 @pytest.mark.parametrize("method,strategy", COMPLEX)

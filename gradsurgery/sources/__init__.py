@@ -147,14 +147,16 @@ def holds_reentrant_checkpoint(losses: Iterable[torch.Tensor]) -> bool:
     from torch.utils.checkpoint import CheckpointFunction
 
     stack = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
-    seen = {id(node) for node in stack}
+    # Visited nodes are kept alive: a node's Python object lives only while something refers to it, and once
+    # freed its id() can be handed to another node's object (``features.check_own_views``).
+    seen = {id(node): node for node in stack}
     while stack:
         node = stack.pop()
         if getattr(node, "_forward_cls", None) is CheckpointFunction:
             return True
         for child, _ in node.next_functions:
             if child is not None and id(child) not in seen:
-                seen.add(id(child))
+                seen[id(child)] = child
                 stack.append(child)
     return False
 

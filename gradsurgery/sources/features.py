@@ -189,11 +189,11 @@ class FeatureSource:
         self.scales_task_specific = scales_task_specific
 
     @staticmethod
-    def check_supported(scaling: LossScaling | None, reduction: Reduction, gradient_transforms: bool) -> None:
-        if scaling is not None or reduction.group is not None or gradient_transforms:
+    def check_supported(scaling: LossScaling | None, gradient_transforms: bool) -> None:
+        if scaling is not None or gradient_transforms:
             raise ValueError(
-                "representation mode (features=) does not support grad_scaler=, distributed training "
-                "or the direct l2 rule yet; use the full mode (no features=)"
+                "representation mode (features=) does not support grad_scaler= or the direct l2 rule yet; "
+                "use the full mode (no features=)"
             )
 
     def collect(
@@ -205,16 +205,21 @@ class FeatureSource:
         no_sync: Callable[[], Any],
     ) -> FeatureCollection:
         values = loss_values(losses, self.gram_dtype)
-        if self.views is not None:
-            return ViewCollection(self, losses, params, values, retain_graph)
-        split = split_at_features(losses, self.features)
-        if split is not None:
-            return SplitCollection(self, losses, params, values, retain_graph, split)
-        jac, spans = feature_jacobian(losses, self.features)
-        return FeatureCollection(self, losses, params, jac, spans, values, retain_graph)
+        with no_sync():
+            if self.views is not None:
+                return ViewCollection(self, losses, params, values, retain_graph, no_sync)
+            split = split_at_features(losses, self.features)
+            if split is not None:
+                return SplitCollection(self, losses, params, values, retain_graph, no_sync, split)
+            jac, spans = feature_jacobian(losses, self.features)
+        return FeatureCollection(self, losses, params, jac, spans, values, retain_graph, no_sync)
 
 
 class FeatureCollection:
+    """Under data parallelism each rank holds its own samples' features: G_z is summed over the ranks
+    (``Reduction.feature_gram``), each rank sends its u_z through its trunk, and the parameter gradients are
+    averaged over the ranks (one all-reduce, as DDP's): the step of one process on the concatenated batch."""
+
     mode = "representation"
     source = "features"
 
@@ -227,6 +232,7 @@ class FeatureCollection:
         spans: list[tuple[int, int]],
         values: torch.Tensor,
         retain_graph: bool,
+        no_sync: Callable[[], Any],
     ) -> None:
         self.features = source.features
         self.gram_dtype = source.gram_dtype
@@ -237,7 +243,9 @@ class FeatureCollection:
         self.loss_values = values
         self.retain_graph = retain_graph
         self.scales_task_specific = source.scales_task_specific
+        self.no_sync = no_sync
         self.gram: torch.Tensor | None = None
+        self.reduction: Reduction | None = None
 
     @property
     def num_tasks(self) -> int:
@@ -247,8 +255,19 @@ class FeatureCollection:
         return 0
 
     def reduce(self, reduction: Reduction) -> None:
-        self.gram = gram_matrix(self.jac, self.gram_dtype)
-        self.loss_values = self.loss_values.to(self.gram.device)
+        gram = gram_matrix(self.jac, self.gram_dtype)
+        self.gram, self.loss_values = reduction.feature_gram(gram, self.loss_values.to(gram.device))
+        self.reduction = reduction
+
+    def _averaged(self, grads: Sequence[torch.Tensor | None]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(parameter, gradient) pairs of the reached parameters, the gradients averaged over the ranks and
+        checked finite."""
+        if self.reduction is None:
+            raise RuntimeError("the feature collection's gradients are taken after reduce()")
+        averaged = self.reduction.average_gradients(self.params, grads)
+        return finite_gradients(
+            [(p, g) for p, g in zip(self.params, averaged, strict=True) if g is not None], PARAMETER_GRADIENT
+        )
 
     def check_finite(self) -> None:
         check_finite(self.loss_values, self.gram, gradient="gradient with respect to the features")
@@ -269,19 +288,18 @@ class FeatureCollection:
             for z, target in zip(self.features, targets, strict=True)
         ]
         try:
-            grads = torch.autograd.grad(
-                self.losses,
-                self.params,
-                grad_outputs=seeds,
-                retain_graph=self.retain_graph,
-                allow_unused=True,
-            )
+            with self.no_sync():
+                grads = torch.autograd.grad(
+                    self.losses,
+                    self.params,
+                    grad_outputs=seeds,
+                    retain_graph=self.retain_graph,
+                    allow_unused=True,
+                )
         finally:
             for handle in handles:
                 handle.remove()
-        return finite_gradients(
-            [(p, g) for p, g in zip(self.params, grads, strict=True) if g is not None], PARAMETER_GRADIENT
-        )
+        return self._averaged(grads)
 
     def reached_params(self) -> list[torch.Tensor]:
         return self.params
@@ -312,6 +330,7 @@ class OnePassCollection(FeatureCollection):
         params: list[torch.Tensor],
         values: torch.Tensor,
         retain_graph: bool,
+        no_sync: Callable[[], Any],
         reached: list[set[int]],
     ) -> None:
         owners: dict[int, list[int]] = {}
@@ -323,7 +342,7 @@ class OnePassCollection(FeatureCollection):
         self.second_pass = source.scales_task_specific and any(len(o) > 1 for o in self.head_owners)
         self.layout = feature_layout(source.features)
         jac, own = self._heads_pass(source, losses, retain_graph or self.second_pass)
-        super().__init__(source, losses, params, jac, self.layout[1], values, retain_graph)
+        super().__init__(source, losses, params, jac, self.layout[1], values, retain_graph, no_sync)
         self.head_grads = self._on_params(own)
 
     def _heads_pass(
@@ -343,35 +362,35 @@ class OnePassCollection(FeatureCollection):
         weighting."""
         if not self.params:
             return []
-        trunk = torch.autograd.grad(
-            self.features,
-            self.params,
-            grad_outputs=self._fused_targets(weights),
-            retain_graph=self.retain_graph,
-            allow_unused=True,
-        )
+        with self.no_sync():
+            trunk = torch.autograd.grad(
+                self.features,
+                self.params,
+                grad_outputs=self._fused_targets(weights),
+                retain_graph=self.retain_graph,
+                allow_unused=True,
+            )
         heads: Sequence[torch.Tensor | None] = self.head_grads
         if self.second_pass:
-            heads = self._on_params(
-                torch.autograd.grad(
-                    self.losses,
-                    self.head_params,
-                    grad_outputs=self._weight_seeds(weights),
-                    retain_graph=self.retain_graph,
-                    allow_unused=True,
+            with self.no_sync():
+                heads = self._on_params(
+                    torch.autograd.grad(
+                        self.losses,
+                        self.head_params,
+                        grad_outputs=self._weight_seeds(weights),
+                        retain_graph=self.retain_graph,
+                        allow_unused=True,
+                    )
                 )
-            )
         elif self.scales_task_specific:
             scale = TaskScale(weights, True)
             heads = [
                 g if g is None else scale(owners[0], g)
                 for g, owners in zip(heads, self.head_owners, strict=True)
             ]
-        out = []
-        for p, a, b in zip(self.params, trunk, heads, strict=True):
-            if a is not None or b is not None:
-                out.append((p, b if a is None else a if b is None else a + b))
-        return finite_gradients(out, PARAMETER_GRADIENT)
+        return self._averaged(
+            [b if a is None else a if b is None else a + b for a, b in zip(trunk, heads, strict=True)]
+        )
 
 
 class ViewCollection(OnePassCollection):
@@ -384,6 +403,7 @@ class ViewCollection(OnePassCollection):
         params: list[torch.Tensor],
         values: torch.Tensor,
         retain_graph: bool,
+        no_sync: Callable[[], Any],
     ) -> None:
         views = source.views
         if views is None:
@@ -391,7 +411,8 @@ class ViewCollection(OnePassCollection):
         if len(views.leaves) != len(losses):
             raise ValueError(f"{len(views.leaves)} task views for {len(losses)} losses")
         self.views = views
-        super().__init__(source, losses, params, values, retain_graph, check_own_views(losses, views.leaves))
+        reached = check_own_views(losses, views.leaves)
+        super().__init__(source, losses, params, values, retain_graph, no_sync, reached)
 
     def _heads_pass(
         self, source: FeatureSource, losses: list[torch.Tensor], keep: bool
@@ -419,6 +440,7 @@ class SplitCollection(OnePassCollection):
         params: list[torch.Tensor],
         values: torch.Tensor,
         retain_graph: bool,
+        no_sync: Callable[[], Any],
         split: HeadSplit,
     ) -> None:
         feeds = {j for edges in split.edges for _, _, j in edges}
@@ -427,7 +449,7 @@ class SplitCollection(OnePassCollection):
             [j for j in range(len(source.features)) if j not in feeds],
         )
         self.split = split
-        super().__init__(source, losses, params, values, retain_graph, split.reached)
+        super().__init__(source, losses, params, values, retain_graph, no_sync, split.reached)
 
     def _heads_pass(
         self, source: FeatureSource, losses: list[torch.Tensor], keep: bool
