@@ -355,7 +355,7 @@ class GradSurgery(torch.optim.Optimizer):
         ``features``: the shared representation z (a tensor or a sequence of tensors) that the task heads
         read. The weights then come from the task gradients with respect to z, and one backward pass fills
         every ``.grad`` (MGDA-UB, an approximation; see ``gradsurgery.sources.features``); under data
-        parallelism, that of one process on the concatenated batch. Not combined with ``grad_scaler`` yet.
+        parallelism, that of one process on the concatenated batch.
 
         With ``method="main_aux", mode="mask"`` the main loss is a 1-D tensor of per-sample losses and the
         samples whose gradient conflicts with the auxiliary's are dropped first (``info.sample_mask``).
@@ -383,7 +383,7 @@ class GradSurgery(torch.optim.Optimizer):
             for transform in self.transforms:
                 transform.begin_backward(scaling=scaling, reduction=reduction)
             tasks, names, sample_mask = self._prepare_losses(losses, params)
-            source = self._source_for(features, scaling)
+            source = self._source_for(features)
             if source.collectives_in_collect:
                 reduction.agree(len(tasks), signature=0)
             step = source.collect(tasks, params, scaling, retain_graph, reduction.no_sync)
@@ -419,15 +419,14 @@ class GradSurgery(torch.optim.Optimizer):
             method.check_num_tasks(len(tasks), names)
         return tasks, method.task_names or names, sample_mask
 
-    def _source_for(self, features: Any, scaling: LossScaling | None) -> Any:
+    def _source_for(self, features: Any) -> Any:
         if features is None:
             return self.source
         if isinstance(self.source, FSDPSource):
             raise ValueError(
                 "representation mode (features=) does not support FSDP2 (fully_shard) parameters yet"
             )
-        gradient_transforms = any(t.acts_on_gradient for t in self.transforms)
-        FeatureSource.check_supported(scaling, gradient_transforms)
+        FeatureSource.check_supported(any(t.acts_on_gradient for t in self.transforms))
         return FeatureSource(features, self.gram_dtype, self.method.scales_task_specific)
 
     def _info(

@@ -16,7 +16,7 @@ from references import pcgrad_dspace
 from state_checks import same_state, snapshot
 from torch import nn
 
-from gradsurgery import GradSurgery
+from gradsurgery import GradSurgery, task_views
 
 
 class Net(nn.Module):
@@ -250,3 +250,106 @@ def test_single_backward_loss_weighting_under_the_scaler(method):
         [g.reshape(-1) for g in torch.autograd.grad(w[0] * la + w[1] * lb, list(ref.parameters()))]
     )
     torch.testing.assert_close(flat_grad(net) / scaler.get_scale(), expected, rtol=3e-3, atol=3e-4)
+
+
+# -- representation mode under the scaler --------------------------------------------------------------------
+
+
+class InfGradient(torch.autograd.Function):
+    """The identity forward, an inf backward: a trunk whose gradient overflows from a finite u_z."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, math.inf)
+
+
+def representation(net, x, y, layout, dtype=None, overflow_in_trunk=False):
+    """The two losses and the ``features=`` argument: the heads on z (one pass), on task views (one pass) or
+    on a node both read (T + 1 passes)."""
+    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        pre = net.trunk(x)
+        h = torch.tanh(InfGradient.apply(pre) if overflow_in_trunk else pre)
+        features = task_views(h, 2) if layout == "views" else h
+        if layout == "views":
+            inputs = list(features)
+        else:
+            inputs = [h * 1.0] * 2 if layout == "shared" else [h, h]
+        a, b = net.head_a(inputs[0]).squeeze(1), net.head_b(inputs[1]).squeeze(1)
+    return [(a.float() - y).pow(2).mean(), (b.float() + 2 * y).pow(2).mean()], features
+
+
+REPRESENTATION_METHODS = {"mgda": {}, "uncertainty": {}, "pcgrad": {"seed": 5}}
+
+
+@pytest.mark.parametrize("layout", ["z", "views", "shared"])
+@pytest.mark.parametrize("method", sorted(REPRESENTATION_METHODS))
+def test_representation_mode_under_the_scaler_writes_s_times_the_unscaled_step(method, layout):
+    """With a power-of-two scale the scaled passes are exact: every ``.grad`` is s times that of the run
+    without a scaler, bit for bit, and ``scaler.step`` takes the same steps (three, a learned method's
+    weights included)."""
+    options = REPRESENTATION_METHODS[method]
+    plain_net, net = make(), make()
+    plain = GradSurgery(torch.optim.SGD(plain_net.parameters(), lr=0.1), method, **options)
+    opt = GradSurgery(torch.optim.SGD(net.parameters(), lr=0.1), method, **options)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x, y = data()
+    for _ in range(3):
+        plain.zero_grad()
+        losses, features = representation(plain_net, x, y, layout)
+        plain.backward(losses, features=features)
+        opt.zero_grad()
+        losses, features = representation(net, x, y, layout)
+        info = opt.backward(losses, features=features, grad_scaler=scaler)
+        assert not info.overflow and info.mode == "representation"
+        assert torch.equal(flat_grad(net), flat_grad(plain_net) * 2.0**10)
+        plain.step()
+        scaler.step(opt)
+        scaler.update()
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), plain_net.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("layout", ["z", "views", "shared"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_representation_mode_under_autocast_and_the_scaler_matches_float32(dtype, layout):
+    plain_net, net = make(), make()
+    plain = GradSurgery(torch.optim.SGD(plain_net.parameters(), lr=0.1), "mgda")
+    opt = GradSurgery(torch.optim.SGD(net.parameters(), lr=0.1), "mgda")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    x, y = data()
+    losses, features = representation(plain_net, x, y, layout)
+    plain.backward(losses, features=features)
+    losses, features = representation(net, x, y, layout, dtype)
+    assert not opt.backward(losses, features=features, grad_scaler=scaler).overflow
+    scaler.unscale_(opt)
+    torch.testing.assert_close(flat_grad(net), flat_grad(plain_net), rtol=TOL[dtype], atol=TOL[dtype] * 0.1)
+
+
+@pytest.mark.parametrize("where", ["features", "trunk"])
+@pytest.mark.parametrize("layout", ["z", "views", "shared"])
+def test_representation_mode_overflow_moves_nothing_and_keeps_method_state(layout, where):
+    """An overflow in the gradients with respect to the features (a 2⁴⁰ scale in float16), or in the
+    trunk's pass from a finite u_z: every ``.grad`` inf, ``scaler.step`` skips, the scale backs off, and the
+    method's generator has not advanced."""
+    net = make()
+    opt = GradSurgery(torch.optim.SGD(net.parameters(), lr=0.1), "pcgrad", seed=5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40 if where == "features" else 2.0**4)
+    x, y = data()
+    params = [p.detach().clone() for p in net.parameters()]
+    opt.method.bind(2)
+    gen_state = opt.method.generator.get_state()
+    opt.zero_grad()
+    losses, features = representation(
+        net, x, y, layout, torch.float16 if where == "features" else None, overflow_in_trunk=where == "trunk"
+    )
+    info = opt.backward(losses, features=features, grad_scaler=scaler)
+    assert info.overflow and torch.isnan(info.weights).all()
+    assert all(torch.isinf(p.grad).all() for p in net.parameters())
+    assert torch.equal(opt.method.generator.get_state(), gen_state)
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), params, strict=True))
+    assert scaler.get_scale() < (2.0**40 if where == "features" else 2.0**4)

@@ -189,11 +189,11 @@ class FeatureSource:
         self.scales_task_specific = scales_task_specific
 
     @staticmethod
-    def check_supported(scaling: LossScaling | None, gradient_transforms: bool) -> None:
-        if scaling is not None or gradient_transforms:
+    def check_supported(gradient_transforms: bool) -> None:
+        if gradient_transforms:
             raise ValueError(
-                "representation mode (features=) does not support grad_scaler= or the direct l2 rule yet; "
-                "use the full mode (no features=)"
+                "representation mode (features=) does not support the direct l2 rule yet; use the decoupled "
+                "rule (the default) or the full mode (no features=)"
             )
 
     def collect(
@@ -205,14 +205,50 @@ class FeatureSource:
         no_sync: Callable[[], Any],
     ) -> FeatureCollection:
         values = loss_values(losses, self.gram_dtype)
+        passes = Passes(retain_graph, no_sync, scaling)
+        if scaling is not None:
+            losses = scaling.scale(losses)
         with no_sync():
             if self.views is not None:
-                return ViewCollection(self, losses, params, values, retain_graph, no_sync)
+                return ViewCollection(self, losses, params, values, passes)
             split = split_at_features(losses, self.features)
             if split is not None:
-                return SplitCollection(self, losses, params, values, retain_graph, no_sync, split)
+                return SplitCollection(self, losses, params, values, passes, split)
             jac, spans = feature_jacobian(losses, self.features)
-        return FeatureCollection(self, losses, params, jac, spans, values, retain_graph, no_sync)
+        return FeatureCollection(self, losses, params, passes.unscaled_jacobian(jac), spans, values, passes)
+
+
+class Passes:
+    """How a collection's backward passes run: whether they keep the graph, inside the DDP module's
+    ``no_sync()``, and under which loss scale. With a GradScaler the passes run on the scaled losses (the
+    features' gradients in the scaler's range) and their results are divided by s: J_z, in float32 at least
+    so that the division cannot flush it, and every parameter gradient, which the write-back scales again;
+    the trunk's pass is seeded with s·u_z. The written gradient is then that of the full mode's recipe
+    (``gradsurgery.amp``)."""
+
+    def __init__(self, retain_graph: bool, no_sync: Callable[[], Any], scaling: LossScaling | None) -> None:
+        self.retain_graph = retain_graph
+        self.no_sync = no_sync
+        self.scaling = scaling
+
+    def unscaled_jacobian(self, jac: torch.Tensor) -> torch.Tensor:
+        if self.scaling is None:
+            return jac
+        jac = jac.to(torch.promote_types(jac.dtype, torch.float32))  # a fresh J_z: divided in place
+        self.scaling.unscale(jac, ())
+        return jac
+
+    def scaled(self, seeds: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.scaling is None:
+            return seeds
+        factor = self.scaling.scale_factor()
+        return [seed * factor for seed in seeds]
+
+    def unscaled(self, grads: Sequence[torch.Tensor | None]) -> Sequence[torch.Tensor | None]:
+        if self.scaling is None:
+            return grads
+        factor = self.scaling.scale_factor()
+        return [None if g is None else g / factor for g in grads]
 
 
 class FeatureCollection:
@@ -231,8 +267,7 @@ class FeatureCollection:
         jac: torch.Tensor,
         spans: list[tuple[int, int]],
         values: torch.Tensor,
-        retain_graph: bool,
-        no_sync: Callable[[], Any],
+        passes: Passes,
     ) -> None:
         self.features = source.features
         self.gram_dtype = source.gram_dtype
@@ -241,9 +276,9 @@ class FeatureCollection:
         self.jac = jac
         self.spans = spans
         self.loss_values = values
-        self.retain_graph = retain_graph
+        self.passes = passes
+        self.retain_graph = passes.retain_graph
         self.scales_task_specific = source.scales_task_specific
-        self.no_sync = no_sync
         self.gram: torch.Tensor | None = None
         self.reduction: Reduction | None = None
 
@@ -270,7 +305,9 @@ class FeatureCollection:
         )
 
     def check_finite(self) -> None:
-        check_finite(self.loss_values, self.gram, gradient="gradient with respect to the features")
+        check_finite(
+            self.loss_values, self.gram, gradient="gradient with respect to the features", params=self.params
+        )
 
     def gradients(self, weights: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """One backward pass: the heads get s_i ∇L_i, the trunk the fused gradient through z."""
@@ -285,10 +322,10 @@ class FeatureCollection:
         # the fused gradient while the heads keep their full-mode gradient; all within one pass.
         handles = [
             z.register_hook(lambda _grad, target=target: target)
-            for z, target in zip(self.features, targets, strict=True)
+            for z, target in zip(self.features, self.passes.scaled(targets), strict=True)
         ]
         try:
-            with self.no_sync():
+            with self.passes.no_sync():
                 grads = torch.autograd.grad(
                     self.losses,
                     self.params,
@@ -299,7 +336,7 @@ class FeatureCollection:
         finally:
             for handle in handles:
                 handle.remove()
-        return self._averaged(grads)
+        return self._averaged(self.passes.unscaled(grads))
 
     def reached_params(self) -> list[torch.Tensor]:
         return self.params
@@ -329,8 +366,7 @@ class OnePassCollection(FeatureCollection):
         losses: list[torch.Tensor],
         params: list[torch.Tensor],
         values: torch.Tensor,
-        retain_graph: bool,
-        no_sync: Callable[[], Any],
+        passes: Passes,
         reached: list[set[int]],
     ) -> None:
         owners: dict[int, list[int]] = {}
@@ -341,9 +377,10 @@ class OnePassCollection(FeatureCollection):
         self.head_params = [p for p, tasks in zip(params, self.head_owners, strict=True) if tasks]
         self.second_pass = source.scales_task_specific and any(len(o) > 1 for o in self.head_owners)
         self.layout = feature_layout(source.features)
-        jac, own = self._heads_pass(source, losses, retain_graph or self.second_pass)
-        super().__init__(source, losses, params, jac, self.layout[1], values, retain_graph, no_sync)
-        self.head_grads = self._on_params(own)
+        jac, own = self._heads_pass(source, losses, passes.retain_graph or self.second_pass)
+        jac = passes.unscaled_jacobian(jac)
+        super().__init__(source, losses, params, jac, self.layout[1], values, passes)
+        self.head_grads = self._on_params(passes.unscaled(own))
 
     def _heads_pass(
         self, source: FeatureSource, losses: list[torch.Tensor], keep: bool
@@ -362,24 +399,28 @@ class OnePassCollection(FeatureCollection):
         weighting."""
         if not self.params:
             return []
-        with self.no_sync():
-            trunk = torch.autograd.grad(
-                self.features,
-                self.params,
-                grad_outputs=self._fused_targets(weights),
-                retain_graph=self.retain_graph,
-                allow_unused=True,
+        with self.passes.no_sync():
+            trunk = self.passes.unscaled(
+                torch.autograd.grad(
+                    self.features,
+                    self.params,
+                    grad_outputs=self.passes.scaled(self._fused_targets(weights)),
+                    retain_graph=self.retain_graph,
+                    allow_unused=True,
+                )
             )
         heads: Sequence[torch.Tensor | None] = self.head_grads
         if self.second_pass:
-            with self.no_sync():
+            with self.passes.no_sync():
                 heads = self._on_params(
-                    torch.autograd.grad(
-                        self.losses,
-                        self.head_params,
-                        grad_outputs=self._weight_seeds(weights),
-                        retain_graph=self.retain_graph,
-                        allow_unused=True,
+                    self.passes.unscaled(
+                        torch.autograd.grad(
+                            self.losses,
+                            self.head_params,
+                            grad_outputs=self._weight_seeds(weights),
+                            retain_graph=self.retain_graph,
+                            allow_unused=True,
+                        )
                     )
                 )
         elif self.scales_task_specific:
@@ -402,8 +443,7 @@ class ViewCollection(OnePassCollection):
         losses: list[torch.Tensor],
         params: list[torch.Tensor],
         values: torch.Tensor,
-        retain_graph: bool,
-        no_sync: Callable[[], Any],
+        passes: Passes,
     ) -> None:
         views = source.views
         if views is None:
@@ -412,7 +452,7 @@ class ViewCollection(OnePassCollection):
             raise ValueError(f"{len(views.leaves)} task views for {len(losses)} losses")
         self.views = views
         reached = check_own_views(losses, views.leaves)
-        super().__init__(source, losses, params, values, retain_graph, no_sync, reached)
+        super().__init__(source, losses, params, values, passes, reached)
 
     def _heads_pass(
         self, source: FeatureSource, losses: list[torch.Tensor], keep: bool
@@ -439,8 +479,7 @@ class SplitCollection(OnePassCollection):
         losses: list[torch.Tensor],
         params: list[torch.Tensor],
         values: torch.Tensor,
-        retain_graph: bool,
-        no_sync: Callable[[], Any],
+        passes: Passes,
         split: HeadSplit,
     ) -> None:
         feeds = {j for edges in split.edges for _, _, j in edges}
@@ -449,7 +488,7 @@ class SplitCollection(OnePassCollection):
             [j for j in range(len(source.features)) if j not in feeds],
         )
         self.split = split
-        super().__init__(source, losses, params, values, retain_graph, no_sync, split.reached)
+        super().__init__(source, losses, params, values, passes, split.reached)
 
     def _heads_pass(
         self, source: FeatureSource, losses: list[torch.Tensor], keep: bool
