@@ -132,9 +132,11 @@ def representation_losses(model, net, x, y, layout):
     return task_losses(outs, y), features
 
 
-def run_representation(rank, method, layout, num_tasks=2):
-    """Representation mode on the DDP model's half of the batch against one process on the whole batch."""
+def run_representation(rank, method, layout, num_tasks=2, scaled=False):
+    """Representation mode on the DDP model's half of the batch against one process on the whole batch (both
+    under a GradScaler with ``scaled``)."""
     model, ref = make_net(num_tasks), make_net(num_tasks)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=scaled) for _ in range(2)]
     ddp = nn.parallel.DistributedDataParallel(model)
     opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), method, model=ddp)
     ref_opt = GradSurgery(torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9), method, distributed=False)
@@ -144,18 +146,19 @@ def run_representation(rank, method, layout, num_tasks=2):
     for _ in range(STEPS):
         opt.zero_grad()
         losses, features = representation_losses(ddp, model, x[mine], y[mine], layout)
-        info = opt.backward(losses, features=features)
+        info = opt.backward(losses, features=features, grad_scaler=scalers[0])
         ref_opt.zero_grad()
         losses, features = representation_losses(ref, ref, x, y, layout)
-        ref_info = ref_opt.backward(losses, features=features)
+        ref_info = ref_opt.backward(losses, features=features, grad_scaler=scalers[1])
         out["grads"].append([p.grad.clone() for p in model.parameters()])
         out["ref_grads"].append([p.grad.clone() for p in ref.parameters()])
         for key, got in (("weights", info.weights), ("ref_weights", ref_info.weights)):
             out[key].append(got.clone())
         for key, got in (("gram", info.gram), ("ref_gram", ref_info.gram)):
             out[key].append(None if got is None else got.clone())
-        opt.step()
-        ref_opt.step()
+        for scaler, optimizer in zip(scalers, (opt, ref_opt), strict=True):
+            scaler.step(optimizer)
+            scaler.update()
     out["params"] = [p.detach().clone() for p in model.parameters()]
     out["ref_params"] = [p.detach().clone() for p in ref.parameters()]
     return out
@@ -261,6 +264,7 @@ def scenarios(rank: int) -> dict:
     for method, layout in REPRESENTATION:
         results[("features", method, layout)] = run_representation(rank, method, layout)
     results[("features", "mgda", "views3")] = run_representation(rank, "mgda", "views", num_tasks=3)
+    results[("features", "uncertainty", "scaled")] = run_representation(rank, "uncertainty", "z", scaled=True)
     results["bad"] = bad_input_scenarios(rank)
     results["evidence"] = evidence_run(rank)
     return results
@@ -363,8 +367,8 @@ def test_rng_methods_use_rank_zero_generator(ranks):
 
 @pytest.mark.parametrize(
     "method,layout",
-    REPRESENTATION + [("mgda", "views3")],
-    ids=[f"{m}-{v}" for m, v in REPRESENTATION] + ["views3"],
+    REPRESENTATION + [("mgda", "views3"), ("uncertainty", "scaled")],
+    ids=[f"{m}-{v}" for m, v in REPRESENTATION] + ["views3", "scaled"],
 )
 def test_representation_mode_matches_the_single_process_on_the_concatenated_batch(ranks, method, layout):
     """G_z is the sum of the ranks' Gram matrices over their own samples' features (÷ n²), the parameter
