@@ -349,16 +349,24 @@ class _GroupReduction(LocalReduction):
     def average_gradients(
         self, params: list[torch.Tensor], grads: Sequence[torch.Tensor | None]
     ) -> list[torch.Tensor | None]:
-        """Mean of one gradient per parameter over the ranks (the single backward of loss weightings); a
-        parameter keeps None only when no rank reached it."""
-        dist = _dist()
-        n = dist.get_world_size(self.group)
-        filled = [g if g is not None else torch.zeros_like(p) for p, g in zip(params, grads, strict=True)]
-        reached = torch.tensor(
-            [float(g is not None) for g in grads], dtype=torch.float64, device=params[0].device
+        """Mean of one gradient per parameter over the ranks (the single backward of loss weightings, and
+        representation mode's passes); a parameter keeps None only when no rank reached it. Which ranks
+        reached a parameter, and whether its gradient is sparse anywhere (an ``nn.Embedding(sparse=True)``),
+        is agreed first (one all-reduce of two flags per parameter), so that a rank that did not reach it
+        takes part with zeros of the same kind."""
+        flags = torch.tensor(
+            [[float(g is not None), float(g is not None and g.is_sparse)] for g in grads],
+            dtype=torch.float64,
+            device=params[0].device,
         )
-        _sum_in_place(filled + [reached], self.group)
-        return [g.div_(n) if r > 0 else None for g, r in zip(filled, reached.tolist(), strict=True)]
+        _sum_in_place([flags], self.group)
+        reached, sparse = (flags > 0).T.tolist()
+        filled = [
+            g if g is not None else _sparse_zeros(p) if is_sparse else torch.zeros_like(p)
+            for p, g, is_sparse in zip(params, grads, sparse, strict=True)
+        ]
+        averaged = mean_gradients(filled, self.group)
+        return [g if r else None for g, r in zip(averaged, reached, strict=True)]
 
 
 class AllReduceReduction(_GroupReduction):
@@ -435,6 +443,57 @@ def _fuse_with(jac: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def _is_process_group(obj: Any) -> bool:
     return torch.distributed.is_available() and isinstance(obj, torch.distributed.ProcessGroup)
+
+
+def _sparse_zeros(param: torch.Tensor) -> torch.Tensor:
+    """An empty sparse COO gradient of ``param``'s shape (its rows sparse, as an embedding's)."""
+    indices = torch.zeros(1, 0, dtype=torch.int64, device=param.device)
+    values = param.new_zeros((0, *param.shape[1:]))
+    return torch.sparse_coo_tensor(indices, values, param.shape, check_invariants=False).coalesce()
+
+
+def mean_gradients(grads: list[torch.Tensor], group: Any) -> list[torch.Tensor]:
+    """The rank mean of each gradient (new tensors): dense ones in one all-reduce per dtype, sparse COO ones
+    by gathering every rank's (row, values) entries (ranks touch different rows)."""
+    n = _dist().get_world_size(group)
+    out: dict[int, torch.Tensor] = {}  # every position is filled: sparse, or by its dense bucket
+    buckets: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for k, g in enumerate(grads):
+        if g.is_sparse:
+            out[k] = _mean_sparse(g, group, n)
+        else:
+            buckets.setdefault((g.dtype, g.device), []).append(k)
+    for _, members in sorted(buckets.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))):
+        flat = torch.cat([grads[k].reshape(-1) for k in members])
+        _dist().all_reduce(flat, group=group)
+        flat.div_(n)
+        offset = 0
+        for k in members:
+            numel = grads[k].numel()
+            out[k] = flat[offset : offset + numel].view_as(grads[k])
+            offset += numel
+    return [out[k] for k in range(len(grads))]
+
+
+def _mean_sparse(g: torch.Tensor, group: Any, n: int) -> torch.Tensor:
+    dist = _dist()
+    g = g.coalesce()
+    idx, vals = g.indices(), g.values()
+    size = torch.tensor([vals.shape[0]], dtype=torch.int64, device=vals.device)
+    sizes = [torch.zeros_like(size) for _ in range(n)]
+    dist.all_gather(sizes, size, group=group)
+    longest = max(int(s) for s in sizes)
+    pidx = idx.new_zeros(idx.shape[0], longest)
+    pidx[:, : idx.shape[1]] = idx
+    pvals = vals.new_zeros((longest, *vals.shape[1:]))
+    pvals[: vals.shape[0]] = vals
+    gi = [torch.empty_like(pidx) for _ in range(n)]
+    gv = [torch.empty_like(pvals) for _ in range(n)]
+    dist.all_gather(gi, pidx, group=group)
+    dist.all_gather(gv, pvals, group=group)
+    all_idx = torch.cat([t[:, : int(s)] for t, s in zip(gi, sizes, strict=True)], dim=1)
+    all_vals = torch.cat([t[: int(s)] for t, s in zip(gv, sizes, strict=True)])
+    return torch.sparse_coo_tensor(all_idx, all_vals / n, g.shape, check_invariants=False).coalesce()
 
 
 def _sum_in_place(tensors: list[torch.Tensor], group: Any) -> None:

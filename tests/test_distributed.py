@@ -164,6 +164,51 @@ def run_representation(rank, method, layout, num_tasks=2, scaled=False):
     return out
 
 
+class SparseNet(nn.Module):
+    """A sparse embedding table (its gradient a sparse COO tensor) under a linear trunk, one head per task."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(20, 5, sparse=True, dtype=torch.float64)
+        self.trunk = nn.Sequential(nn.Linear(5, 7), nn.Tanh()).double()
+        self.heads = nn.ModuleList(nn.Linear(7, 1) for _ in range(2)).double()
+
+    def forward(self, idx: torch.Tensor, features_only: bool = False) -> tuple[torch.Tensor, ...]:
+        h = self.trunk(self.emb(idx))
+        return (h,) if features_only else tuple(head(h).squeeze(1) for head in self.heads)
+
+
+def run_sparse(rank, method, features):
+    """A sparse table under DDP (the weighted source's single backward, or representation mode): the
+    ranks' sparse gradients are gathered, their mean is one process's on the concatenated batch."""
+    model, ref = SparseNet(), SparseNet()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method, model=ddp)
+    ref_opt = GradSurgery(torch.optim.SGD(ref.parameters(), lr=0.1), method, distributed=False)
+    idx = torch.randint(0, 20, (WORLD * BATCH,), generator=torch.Generator().manual_seed(7))
+    _, y = make_data(2)
+    mine = slice(rank * BATCH, (rank + 1) * BATCH)
+    out: dict = {"grads": [], "ref_grads": [], "sources": []}
+    for _ in range(STEPS):
+        for optimizer, module, net, rows in ((opt, ddp, model, mine), (ref_opt, ref, ref, slice(None))):
+            optimizer.zero_grad()
+            if features:
+                (z,) = module(idx[rows], features_only=True)
+                outs = tuple(head(z).squeeze(1) for head in net.heads)
+                info = optimizer.backward(task_losses(outs, y[rows]), features=z)
+            else:
+                info = optimizer.backward(task_losses(module(idx[rows]), y[rows]))
+            grads = [p.grad.to_dense() if p.grad.is_sparse else p.grad.clone() for p in net.parameters()]
+            out["grads" if optimizer is opt else "ref_grads"].append(grads)
+            out["sources"].append(info.source)
+            optimizer.step()
+    out["params"] = [p.detach().clone() for p in model.parameters()]
+    out["ref_params"] = [p.detach().clone() for p in ref.parameters()]
+    out["sparse"] = model.emb.weight.grad.is_sparse
+    return out
+
+
 def local_run(method, options, num_tasks):
     """The single-process run on the whole batch alone (no collective)."""
     ref = make_net(num_tasks)
@@ -265,6 +310,8 @@ def scenarios(rank: int) -> dict:
         results[("features", method, layout)] = run_representation(rank, method, layout)
     results[("features", "mgda", "views3")] = run_representation(rank, "mgda", "views", num_tasks=3)
     results[("features", "uncertainty", "scaled")] = run_representation(rank, "uncertainty", "z", scaled=True)
+    results[("sparse", "sum")] = run_sparse(rank, "sum", features=False)
+    results[("sparse", "features")] = run_sparse(rank, "mgda", features=True)
     results["bad"] = bad_input_scenarios(rank)
     results["evidence"] = evidence_run(rank)
     return results
@@ -386,6 +433,20 @@ def test_representation_mode_matches_the_single_process_on_the_concatenated_batc
         torch.testing.assert_close(flat(run["params"]), flat(run["ref_params"]), rtol=1e-10, atol=1e-12)
     a, b = ranks[0][("features", method, layout)], ranks[1][("features", method, layout)]
     assert all(torch.equal(p, q) for p, q in zip(a["params"], b["params"], strict=True))
+
+
+@pytest.mark.parametrize("case", ["sum", "features"])
+def test_a_sparse_table_matches_the_single_process(ranks, case):
+    """The single backward of ``sum`` and representation mode average a sparse gradient by gathering the
+    ranks' rows (each rank touches its own); it stays sparse, and every step is one process's."""
+    for res in ranks:
+        run = res[("sparse", case)]
+        assert run["sparse"] and set(run["sources"]) == {"weighted" if case == "sum" else "features"}
+        for step in range(STEPS):
+            torch.testing.assert_close(
+                flat(run["grads"][step]), flat(run["ref_grads"][step]), rtol=1e-10, atol=1e-12
+            )
+        torch.testing.assert_close(flat(run["params"]), flat(run["ref_params"]), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("method,strategy", COMPLEX)

@@ -47,6 +47,7 @@ from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from .._validation import check_choice, check_int
+from ..distributed import mean_gradients
 from . import TaskScale, check_finite, loss_values
 from . import _activation_dist as adist
 from ._activation_gram import (
@@ -731,7 +732,7 @@ class ActivationGradients:
                     flat.append(g)
             specific.append((trainable[k], entries))
         if group is not None and flat:
-            averaged = iter(adist.mean_gradients(flat, group))
+            averaged = iter(mean_gradients(flat, group))
             specific = [(p, [(i, next(averaged)) for i, _ in entries]) for p, entries in specific]
         self.gram = gram
         self.task_specific = specific
@@ -786,7 +787,7 @@ class ActivationGradients:
                     g = torch.zeros_like(p)
             out.append(g)
         if self._group is not None:
-            out = adist.mean_gradients(out, self._group)
+            out = mean_gradients(out, self._group)
         if not self._retain:
             self._release()
         return list(zip(self.shared, out, strict=True))
