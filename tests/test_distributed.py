@@ -209,6 +209,33 @@ def run_sparse(rank, method, features):
     return out
 
 
+class HeadsInside(Net):
+    """The heads computed inside the forward, which returns z as well."""
+
+    def forward(self, x: torch.Tensor, features_only: bool = False) -> tuple[torch.Tensor, ...]:
+        h = self.trunk(x)
+        return (h, *(head(h).squeeze(1) for head in self.heads))
+
+
+def sink_scenario(rank):
+    """DDP with find_unused_parameters=True returns every output of the forward through a node of its own:
+    the heads inside the forward read z before it, so ``features=`` (the returned z) is on no loss's path.
+    Refused, naming the cause; the heads on the returned z, outside the forward, train."""
+    torch.manual_seed(0)
+    model = HeadsInside(2).double()
+    ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "mgda", model=ddp)
+    x, y = make_data(2)
+    mine = slice(rank * BATCH, (rank + 1) * BATCH)
+    z, *outs = ddp(x[mine])
+    res = {"inside": catch(lambda: opt.backward(task_losses(outs, y[mine]), features=z))}
+    z, *_ = ddp(x[mine])
+    outside = tuple(head(z).squeeze(1) for head in model.heads)
+    res["outside"] = catch(lambda: opt.backward(task_losses(outside, y[mine]), features=z))
+    res["trunk_grad"] = model.trunk[0].weight.grad is not None
+    return res
+
+
 def local_run(method, options, num_tasks):
     """The single-process run on the whole batch alone (no collective)."""
     ref = make_net(num_tasks)
@@ -312,6 +339,7 @@ def scenarios(rank: int) -> dict:
     results[("features", "uncertainty", "scaled")] = run_representation(rank, "uncertainty", "z", scaled=True)
     results[("sparse", "sum")] = run_sparse(rank, "sum", features=False)
     results[("sparse", "features")] = run_sparse(rank, "mgda", features=True)
+    results["sink"] = sink_scenario(rank)
     results["bad"] = bad_input_scenarios(rank)
     results["evidence"] = evidence_run(rank)
     return results
@@ -433,6 +461,14 @@ def test_representation_mode_matches_the_single_process_on_the_concatenated_batc
         torch.testing.assert_close(flat(run["params"]), flat(run["ref_params"]), rtol=1e-10, atol=1e-12)
     a, b = ranks[0][("features", method, layout)], ranks[1][("features", method, layout)]
     assert all(torch.equal(p, q) for p, q in zip(a["params"], b["params"], strict=True))
+
+
+def test_features_behind_the_ddp_output_node_are_refused_naming_it(ranks):
+    for res in ranks:
+        name, message = res["sink"]["inside"]
+        assert name == "ValueError" and "do not depend on the features" in message
+        assert "find_unused_parameters=True or static_graph=True" in message
+        assert res["sink"]["outside"] == (None, "") and res["sink"]["trunk_grad"]
 
 
 @pytest.mark.parametrize("case", ["sum", "features"])

@@ -130,16 +130,27 @@ def feature_layout(features: list[torch.Tensor]) -> tuple[torch.dtype, list[tupl
     return dtype, spans, total
 
 
-def check_reach(lost: list[int], unused: list[int]) -> None:
+def check_reach(lost: list[int], unused: list[int], features: list[torch.Tensor]) -> None:
     """ValueError when a loss does not depend on any feature, or a feature feeds no loss: the weights would
     then be meaningless."""
+    if not lost and not unused:
+        return
+    # DistributedDataParallel with find_unused_parameters=True or static_graph=True returns each output of
+    # the forward through a node of its own: heads computed inside the forward read the tensor before it.
+    sink = any(type(z.grad_fn).__name__ == "_DDPSinkBackward" for z in features)
+    hint = (
+        "; the features are an output of DistributedDataParallel (find_unused_parameters=True or "
+        "static_graph=True), which passes each output through its own autograd node: apply the heads to the "
+        "returned features outside the DDP forward, or pass task_views(z, T) to them"
+        if sink
+        else ""
+    )
     if lost:
         raise ValueError(
             f"loss(es) {lost} do not depend on the features: every task head must read the shared "
-            "representation passed as features="
+            f"representation passed as features={hint}"
         )
-    if unused:
-        raise ValueError(f"features {unused} are on the path of no loss")
+    raise ValueError(f"features {unused} are on the path of no loss{hint}")
 
 
 def feature_jacobian(
@@ -166,7 +177,7 @@ def feature_jacobian(
                 feeds[j] = True
                 start, end = spans[j]
                 jac[i, start:end].copy_(g.reshape(-1))
-    check_reach(lost, [j for j, f in enumerate(feeds) if not f])
+    check_reach(lost, [j for j, f in enumerate(feeds) if not f], features)
     return jac, spans
 
 
@@ -486,6 +497,7 @@ class SplitCollection(OnePassCollection):
         check_reach(
             [i for i, edges in enumerate(split.edges) if not edges],
             [j for j in range(len(source.features)) if j not in feeds],
+            source.features,
         )
         self.split = split
         super().__init__(source, losses, params, values, passes, split.reached)
