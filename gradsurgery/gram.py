@@ -33,6 +33,18 @@ CHUNK = 16384
 GROUP_ELEMENTS = 1 << 22
 
 
+_REAL_DTYPES = {
+    torch.complex32: torch.float16,
+    torch.complex64: torch.float32,
+    torch.complex128: torch.float64,
+}
+
+
+def real_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of ``real_view`` of a tensor of ``dtype``."""
+    return _REAL_DTYPES.get(dtype, dtype)
+
+
 def real_view(tensor: torch.Tensor) -> torch.Tensor:
     """A complex tensor as its real and imaginary parts (``torch.view_as_real``, a view), how ``torch.optim``
     reads a complex parameter; a real tensor as it is."""

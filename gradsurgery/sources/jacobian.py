@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..gram import real_view
+from ..gram import real_dtype, real_view
 from . import TaskScale, check_finite, loss_values
 
 if TYPE_CHECKING:
@@ -53,9 +53,9 @@ class Layout:
         devices = {p.device for p in members}
         if len(devices) > 1:
             raise ValueError(f"shared parameters must live on one device, found {sorted(map(str, devices))}")
-        dtype = members[0].dtype.to_real()
+        dtype = real_dtype(members[0].dtype)
         for p in members[1:]:
-            dtype = torch.promote_types(dtype, p.dtype.to_real())
+            dtype = torch.promote_types(dtype, real_dtype(p.dtype))
         slot = {k: s for s, k in enumerate(shared)}
         return cls(params, shared, offsets, total, dtype, devices.pop(), slot)
 
