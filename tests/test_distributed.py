@@ -376,6 +376,18 @@ def closed_form(method: str, g0: torch.Tensor, g1: torch.Tensor) -> torch.Tensor
     raise KeyError(method)
 
 
+def assert_matches_single_process(run: dict, weights: bool = True) -> None:
+    """Every step's ``.grad`` (and weights), and the parameters at the end, are those of the single process
+    on the concatenated batch."""
+    for step in range(STEPS):
+        torch.testing.assert_close(
+            flat(run["grads"][step]), flat(run["ref_grads"][step]), rtol=1e-10, atol=1e-12
+        )
+        if weights:
+            torch.testing.assert_close(run["weights"][step], run["ref_weights"][step], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(flat(run["params"]), flat(run["ref_params"]), rtol=1e-10, atol=1e-12)
+
+
 def flat(tensors):
     return torch.cat([t.reshape(-1) for t in tensors])
 
@@ -388,12 +400,7 @@ TRUNK = 5 * 7 + 7  # trunk weight + bias: the shared parameters come first
 def test_fused_gradient_equals_single_process_on_concatenated_batch(ranks, method, strategy):
     for res in ranks:
         run = res[(method, strategy)]
-        for step in range(STEPS):
-            torch.testing.assert_close(
-                flat(run["grads"][step]), flat(run["ref_grads"][step]), rtol=1e-10, atol=1e-12
-            )
-            torch.testing.assert_close(run["weights"][step], run["ref_weights"][step], rtol=1e-9, atol=1e-12)
-        torch.testing.assert_close(flat(run["params"]), flat(run["ref_params"]), rtol=1e-10, atol=1e-12)
+        assert_matches_single_process(run)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -451,14 +458,10 @@ def test_representation_mode_matches_the_single_process_on_the_concatenated_batc
     are those of one process on the whole batch, and the ranks stay bit-identical."""
     for res in ranks:
         run = res[("features", method, layout)]
-        for step in range(STEPS):
-            torch.testing.assert_close(
-                flat(run["grads"][step]), flat(run["ref_grads"][step]), rtol=1e-10, atol=1e-12
-            )
-            torch.testing.assert_close(run["weights"][step], run["ref_weights"][step], rtol=1e-9, atol=1e-12)
-            if run["ref_gram"][step] is not None:
-                torch.testing.assert_close(run["gram"][step], run["ref_gram"][step], rtol=1e-10, atol=1e-14)
-        torch.testing.assert_close(flat(run["params"]), flat(run["ref_params"]), rtol=1e-10, atol=1e-12)
+        assert_matches_single_process(run)
+        for got, want in zip(run["gram"], run["ref_gram"], strict=True):
+            if want is not None:
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
     a, b = ranks[0][("features", method, layout)], ranks[1][("features", method, layout)]
     assert all(torch.equal(p, q) for p, q in zip(a["params"], b["params"], strict=True))
 
@@ -478,23 +481,14 @@ def test_a_sparse_table_matches_the_single_process(ranks, case):
     for res in ranks:
         run = res[("sparse", case)]
         assert run["sparse"] and set(run["sources"]) == {"weighted" if case == "sum" else "features"}
-        for step in range(STEPS):
-            torch.testing.assert_close(
-                flat(run["grads"][step]), flat(run["ref_grads"][step]), rtol=1e-10, atol=1e-12
-            )
-        torch.testing.assert_close(flat(run["params"]), flat(run["ref_params"]), rtol=1e-10, atol=1e-12)
+        assert_matches_single_process(run, weights=False)
 
 
 @pytest.mark.parametrize("method,strategy", COMPLEX)
 def test_complex_parameters_match_the_single_process(ranks, method, strategy):
     for res in ranks:
         run = res[("complex", method, strategy)]
-        for step in range(STEPS):
-            torch.testing.assert_close(
-                flat(run["grads"][step]), flat(run["ref_grads"][step]), rtol=1e-10, atol=1e-12
-            )
-            torch.testing.assert_close(run["weights"][step], run["ref_weights"][step], rtol=1e-9, atol=1e-12)
-        torch.testing.assert_close(flat(run["params"]), flat(run["ref_params"]), rtol=1e-10, atol=1e-12)
+        assert_matches_single_process(run)
 
 
 def test_three_task_main_aux_sharded_matches_reference(ranks):
