@@ -380,6 +380,24 @@ def test_forward_corrected_nll_and_its_gradient():
     torch.testing.assert_close(grad, p.detach() - q, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_logits_give_the_float64_loss_in_float32(dtype):
+    """The loss of half-precision logits is the float64 one of the same (rounded) logits to float32
+    accuracy, T's small entries included, and its gradient reaches the logits."""
+    gen = torch.Generator().manual_seed(4)
+    logits = (4 * torch.randn(64, 10, generator=gen)).to(dtype).requires_grad_()
+    noisy = torch.randint(0, 10, (64,), generator=gen)
+    t = torch.softmax(3 * torch.randn(10, 10, generator=gen, dtype=torch.float64), 1)
+    t[:, 3] = 1e-9  # entries below float16's smallest subnormal
+    t = t / t.sum(1, keepdim=True)
+    got = forward_corrected_nll(logits, noisy, t)
+    assert got.dtype == torch.float32
+    expected = forward_corrected_nll(logits.detach().double(), noisy, t)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-5)
+    (grad,) = torch.autograd.grad(got.sum(), logits)
+    assert grad.dtype == dtype and torch.isfinite(grad).all()
+
+
 def test_noise_correction_holds_the_clean_set_out_until_the_estimate():
     gen = torch.Generator().manual_seed(2)
     logits, labels = torch.randn(8, 5, generator=gen), torch.randint(0, 5, (8,), generator=gen)
