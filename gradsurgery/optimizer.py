@@ -197,8 +197,8 @@ class GradSurgery(torch.optim.Optimizer):
             sharded=mesh is not None,
             activation_memory=activation_memory,
         )
-        # The parameters that last got no gradient where the graph held no reentrant checkpoint (a set changed
-        # in place: Lightning's optimizer proxy shares this object but not later assignments).
+        # The parameters that got no gradient in a step whose graph held no reentrant checkpoint (a set
+        # changed in place: Lightning's optimizer proxy shares this object but not later assignments).
         self._cleared_unreached: set[int] = set()
         main = self.method.per_sample_task
         self.prepare = PlainLosses() if main is None else MaskedLosses(main, self.shared_ids)
@@ -473,13 +473,15 @@ class GradSurgery(torch.optim.Optimizer):
     ) -> None:
         """ValueError when parameters got no gradient because a reentrant activation checkpoint hid them
         (``holds_reentrant_checkpoint``): they would silently never train. The graph is walked only when some
-        trainable parameter got no gradient, and once per set of such parameters that it cleared."""
+        trainable parameter got no gradient that no earlier walk cleared (parameters without a gradient in a
+        step whose graph held no such checkpoint: unused heads, the experts a router skipped), so a model's
+        walks stop once its unused parameters have all been seen."""
         if len(pairs) >= len(params):
             return
         reached = {id(p) for p, _ in pairs}
         unreached = [p for p in params if id(p) not in reached]
         ids = {id(p) for p in unreached}
-        if ids == self._cleared_unreached:
+        if ids <= self._cleared_unreached:
             return
         if holds_reentrant_checkpoint(tasks):
             raise ValueError(
@@ -489,7 +491,6 @@ class GradSurgery(torch.optim.Optimizer):
                 "torch.utils.checkpoint.checkpoint(..., use_reentrant=False) (for a Hugging Face model: "
                 "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}))"
             )
-        self._cleared_unreached.clear()
         self._cleared_unreached.update(ids)
 
     def _device(self) -> torch.device:

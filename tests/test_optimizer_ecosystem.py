@@ -352,8 +352,9 @@ def test_a_reentrant_checkpoint_is_refused_and_changes_nothing(case):
 
 
 def test_a_parameter_no_loss_reaches_is_looked_into_once(monkeypatch):
-    """The graph is walked for a reentrant checkpoint only when a parameter got no gradient, and once per
-    set of such parameters (here ``unused``, every step)."""
+    """The graph is walked for a reentrant checkpoint only when a parameter got no gradient that no earlier
+    walk cleared: here ``unused`` every step, and ``head_b`` (with ``unused``) from the fourth step on, every
+    other step, as the experts a router skips."""
     import gradsurgery.optimizer as engine
 
     calls = []
@@ -362,12 +363,18 @@ def test_a_parameter_no_loss_reaches_is_looked_into_once(monkeypatch):
     )
     model = make_model()
     opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "mgda")
-    for step in range(3):
+    walks = []
+    for step in range(8):
         x, y = batch(step)
+        losses = two_losses(model, x, y)
+        if step >= 3 and step % 2:
+            a, _ = model(x)
+            losses[1] = (a + 2 * y).pow(2).mean()  # task 1 through head a: head b gets no gradient
         opt.zero_grad()
-        opt.backward(two_losses(model, x, y))
+        opt.backward(losses)
         opt.step()
-    assert len(calls) == 1
+        walks.append(len(calls))
+    assert walks == [1, 1, 1, 2, 2, 2, 2, 2]
     assert model.unused.grad is None
 
 
