@@ -353,3 +353,23 @@ def test_representation_mode_overflow_moves_nothing_and_keeps_method_state(layou
     scaler.update()
     assert all(torch.equal(p, q) for p, q in zip(net.parameters(), params, strict=True))
     assert scaler.get_scale() < (2.0**40 if where == "features" else 2.0**4)
+
+
+@pytest.mark.parametrize("layout", ["z", "views", "shared"])
+def test_representation_mode_scales_the_trunk_seed_before_float16(layout):
+    """Losses 10⁻⁶ as large: the fused gradient at the float16 features lies around float16's smallest
+    subnormals; scaled before its cast to float16, the trunk still receives it to float16 accuracy."""
+    plain_net, net = make(), make()
+    plain = GradSurgery(torch.optim.SGD(plain_net.parameters(), lr=0.1), "mgda")
+    opt = GradSurgery(torch.optim.SGD(net.parameters(), lr=0.1), "mgda")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
+    x, y = data()
+    losses, features = representation(plain_net, x, y, layout)
+    plain.backward([1e-6 * loss for loss in losses], features=features)
+    losses, features = representation(net, x, y, layout, torch.float16)
+    assert not opt.backward([1e-6 * loss for loss in losses], features=features, grad_scaler=scaler).overflow
+    scaler.unscale_(opt)
+    expected = plain_net.trunk.weight.grad
+    torch.testing.assert_close(
+        net.trunk.weight.grad, expected, rtol=3e-3, atol=3e-3 * float(expected.abs().max())
+    )

@@ -234,8 +234,8 @@ class Passes:
     ``no_sync()``, and under which loss scale. With a GradScaler the passes run on the scaled losses (the
     features' gradients in the scaler's range) and their results are divided by s: J_z, in float32 at least
     so that the division cannot flush it, and every parameter gradient, which the write-back scales again;
-    the trunk's pass is seeded with s·u_z. The written gradient is then that of the full mode's recipe
-    (``gradsurgery.amp``)."""
+    the trunk's pass is seeded with s·u_z (``FeatureCollection._fused_targets``). The written gradient is
+    then that of the full mode's recipe (``gradsurgery.amp``)."""
 
     def __init__(self, retain_graph: bool, no_sync: Callable[[], Any], scaling: LossScaling | None) -> None:
         self.retain_graph = retain_graph
@@ -248,12 +248,6 @@ class Passes:
         jac = jac.to(torch.promote_types(jac.dtype, torch.float32))  # a fresh J_z: divided in place
         self.scaling.unscale(jac, ())
         return jac
-
-    def scaled(self, seeds: list[torch.Tensor]) -> list[torch.Tensor]:
-        if self.scaling is None:
-            return seeds
-        factor = self.scaling.scale_factor()
-        return [seed * factor for seed in seeds]
 
     def unscaled(self, grads: Sequence[torch.Tensor | None]) -> Sequence[torch.Tensor | None]:
         if self.scaling is None:
@@ -333,7 +327,7 @@ class FeatureCollection:
         # the fused gradient while the heads keep their full-mode gradient; all within one pass.
         handles = [
             z.register_hook(lambda _grad, target=target: target)
-            for z, target in zip(self.features, self.passes.scaled(targets), strict=True)
+            for z, target in zip(self.features, targets, strict=True)
         ]
         try:
             with self.passes.no_sync():
@@ -353,8 +347,12 @@ class FeatureCollection:
         return self.params
 
     def _fused_targets(self, weights: torch.Tensor) -> list[torch.Tensor]:
-        """u_z = Σ_i w_i ∇_z L_i, split back into the shapes and dtypes of the features."""
+        """u_z = Σ_i w_i ∇_z L_i (times the loss scale s under a GradScaler), split back into the shapes and
+        dtypes of the features: scaled before the cast, so that a half-precision feature's share is not
+        flushed before s lifts it."""
         fused = combine(weights, self.jac)
+        if self.passes.scaling is not None:
+            fused = fused * self.passes.scaling.scale_factor()
         spans = zip(self.features, self.spans, strict=True)
         return [fused[start:end].view_as(z).to(z.dtype) for z, (start, end) in spans]
 
@@ -415,7 +413,7 @@ class OnePassCollection(FeatureCollection):
                 torch.autograd.grad(
                     self.features,
                     self.params,
-                    grad_outputs=self.passes.scaled(self._fused_targets(weights)),
+                    grad_outputs=self._fused_targets(weights),
                     retain_graph=self.retain_graph,
                     allow_unused=True,
                 )
