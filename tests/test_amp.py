@@ -312,19 +312,28 @@ def test_representation_mode_under_the_scaler_writes_s_times_the_unscaled_step(m
     assert all(torch.equal(p, q) for p, q in zip(net.parameters(), plain_net.parameters(), strict=True))
 
 
-@pytest.mark.parametrize("layout", ["z", "views", "shared"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_representation_mode_under_autocast_and_the_scaler_matches_float32(dtype, layout):
+def against_float32(layout: str, dtype: torch.dtype, init_scale: float, factor: float = 1.0):
+    """Representation mode (``mgda``) on the losses times ``factor``: the float32 step without a scaler and
+    the step under ``dtype`` autocast with a GradScaler, its ``.grad`` unscaled. Returns both nets."""
     plain_net, net = make(), make()
     plain = GradSurgery(torch.optim.SGD(plain_net.parameters(), lr=0.1), "mgda")
     opt = GradSurgery(torch.optim.SGD(net.parameters(), lr=0.1), "mgda")
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
     x, y = data()
     losses, features = representation(plain_net, x, y, layout)
-    plain.backward(losses, features=features)
+    plain.backward([factor * loss for loss in losses], features=features)
     losses, features = representation(net, x, y, layout, dtype)
-    assert not opt.backward(losses, features=features, grad_scaler=scaler).overflow
+    assert not opt.backward(
+        [factor * loss for loss in losses], features=features, grad_scaler=scaler
+    ).overflow
     scaler.unscale_(opt)
+    return plain_net, net
+
+
+@pytest.mark.parametrize("layout", ["z", "views", "shared"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_representation_mode_under_autocast_and_the_scaler_matches_float32(dtype, layout):
+    plain_net, net = against_float32(layout, dtype, 2.0**12)
     torch.testing.assert_close(flat_grad(net), flat_grad(plain_net), rtol=TOL[dtype], atol=TOL[dtype] * 0.1)
 
 
@@ -359,16 +368,7 @@ def test_representation_mode_overflow_moves_nothing_and_keeps_method_state(layou
 def test_representation_mode_scales_the_trunk_seed_before_float16(layout):
     """Losses 10⁻⁶ as large: the fused gradient at the float16 features lies around float16's smallest
     subnormals; scaled before its cast to float16, the trunk still receives it to float16 accuracy."""
-    plain_net, net = make(), make()
-    plain = GradSurgery(torch.optim.SGD(plain_net.parameters(), lr=0.1), "mgda")
-    opt = GradSurgery(torch.optim.SGD(net.parameters(), lr=0.1), "mgda")
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
-    x, y = data()
-    losses, features = representation(plain_net, x, y, layout)
-    plain.backward([1e-6 * loss for loss in losses], features=features)
-    losses, features = representation(net, x, y, layout, torch.float16)
-    assert not opt.backward([1e-6 * loss for loss in losses], features=features, grad_scaler=scaler).overflow
-    scaler.unscale_(opt)
+    plain_net, net = against_float32(layout, torch.float16, 2.0**24, factor=1e-6)
     expected = plain_net.trunk.weight.grad
     torch.testing.assert_close(
         net.trunk.weight.grad, expected, rtol=3e-3, atol=3e-3 * float(expected.abs().max())
