@@ -368,8 +368,9 @@ class EvidenceRule:
         self.scaling: LossScaling | None = None  # and its GradScaler's loss scaling
 
     def setup(self, optimizer: torch.optim.Optimizer) -> None:
-        """Refuse an adaptive optimizer (the evidence λ is a weight decay of plain and momentum SGD) and
-        regularized weights the optimizer does not hold."""
+        """Refuse an adaptive optimizer (the evidence λ is a weight decay of plain and momentum SGD),
+        regularized weights the optimizer does not hold, and an optimizer ``weight_decay`` on them (it would
+        add to λ)."""
         if is_adaptive(optimizer):
             raise ValueError(
                 "the evidence λ (method 'l2', evidence=True) is an L2 penalty on the gradient, measured "
@@ -381,6 +382,17 @@ class EvidenceRule:
         if strangers:
             raise ValueError(
                 f"the evidence λ regularizes layer weights the optimizer does not hold (shapes {strangers})"
+            )
+        decayed = {
+            k: g["weight_decay"]
+            for k, g in enumerate(optimizer.param_groups)
+            if g.get("weight_decay", 0) and any(id(p) in self._index for p in g["params"])
+        }
+        if decayed:
+            raise ValueError(
+                "the evidence λ is the weight decay of the layers' weights, but the optimizer adds its own "
+                f"to them (weight_decay by param group: {decayed}): set weight_decay=0 for the groups that "
+                "hold them (biases and other parameters may keep theirs)"
             )
 
     def begin_backward(self, *, scaling: LossScaling | None, reduction: Any) -> None:

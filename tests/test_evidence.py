@@ -517,6 +517,26 @@ def test_an_adaptive_optimizer_is_refused():
         GradSurgery(torch.optim.Adam(model.parameters()), "l2", evidence=True, layers=model, num_samples=10)
 
 
+def test_an_optimizer_weight_decay_on_the_regularized_weights_is_refused():
+    """The evidence λ is the weights' decay: SGD's own ``weight_decay`` on them would add to it. A decay on
+    the biases alone (a group of their own) is theirs to keep."""
+    model = small_net()
+    with pytest.raises(ValueError, match=r"weight_decay by param group: \{0: 0.0001\}"):
+        GradSurgery(
+            torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=1e-4),
+            "l2",
+            evidence=True,
+            layers=model,
+            num_samples=10,
+        )
+    groups = [
+        {"params": [model[0].weight, model[2].weight]},
+        {"params": [model[0].bias, model[2].bias], "weight_decay": 1e-4},
+    ]
+    opt = GradSurgery(torch.optim.SGD(groups, lr=0.1), "l2", evidence=True, layers=model, num_samples=10)
+    assert opt.l2.weights == [model[0].weight, model[2].weight]
+
+
 def test_layers_the_optimizer_does_not_hold_are_refused():
     model = small_net()
     with pytest.raises(ValueError, match="optimizer does not hold"):
