@@ -255,6 +255,16 @@ class Passes:
         factor = self.scaling.scale_factor()
         return [None if g is None else g / factor for g in grads]
 
+    def gradients(
+        self, outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], seeds: Sequence[torch.Tensor]
+    ) -> Sequence[torch.Tensor | None]:
+        """A pass after the weights: the gradients of ``inputs`` (None where unreached), unscaled."""
+        with self.no_sync():
+            grads = torch.autograd.grad(
+                outputs, inputs, grad_outputs=seeds, retain_graph=self.retain_graph, allow_unused=True
+            )
+        return self.unscaled(grads)
+
 
 class FeatureCollection:
     """Under data parallelism each rank holds its own samples' features: G_z is summed over the ranks
@@ -282,7 +292,6 @@ class FeatureCollection:
         self.spans = spans
         self.loss_values = values
         self.passes = passes
-        self.retain_graph = passes.retain_graph
         self.scales_task_specific = source.scales_task_specific
         self.gram: torch.Tensor | None = None
         self.reduction: Reduction | None = None
@@ -330,18 +339,11 @@ class FeatureCollection:
             for z, target in zip(self.features, targets, strict=True)
         ]
         try:
-            with self.passes.no_sync():
-                grads = torch.autograd.grad(
-                    self.losses,
-                    self.params,
-                    grad_outputs=seeds,
-                    retain_graph=self.retain_graph,
-                    allow_unused=True,
-                )
+            grads = self.passes.gradients(self.losses, self.params, seeds)
         finally:
             for handle in handles:
                 handle.remove()
-        return self._averaged(self.passes.unscaled(grads))
+        return self._averaged(grads)
 
     def reached_params(self) -> list[torch.Tensor]:
         return self.params
@@ -408,30 +410,12 @@ class OnePassCollection(FeatureCollection):
         weighting."""
         if not self.params:
             return []
-        with self.passes.no_sync():
-            trunk = self.passes.unscaled(
-                torch.autograd.grad(
-                    self.features,
-                    self.params,
-                    grad_outputs=self._fused_targets(weights),
-                    retain_graph=self.retain_graph,
-                    allow_unused=True,
-                )
-            )
+        trunk = self.passes.gradients(self.features, self.params, self._fused_targets(weights))
         heads: Sequence[torch.Tensor | None] = self.head_grads
         if self.second_pass:
-            with self.passes.no_sync():
-                heads = self._on_params(
-                    self.passes.unscaled(
-                        torch.autograd.grad(
-                            self.losses,
-                            self.head_params,
-                            grad_outputs=self._weight_seeds(weights),
-                            retain_graph=self.retain_graph,
-                            allow_unused=True,
-                        )
-                    )
-                )
+            heads = self._on_params(
+                self.passes.gradients(self.losses, self.head_params, self._weight_seeds(weights))
+            )
         elif self.scales_task_specific:
             scale = TaskScale(weights, True)
             heads = [
