@@ -1,4 +1,5 @@
-"""Mixed precision on the CPU: autocast (bfloat16 / float16) with a ``torch.amp.GradScaler("cpu")``.
+"""Mixed precision: autocast (bfloat16 / float16) with a ``torch.amp.GradScaler``, on the CPU and, where
+one is present, on a CUDA device (the tests parametrized by ``device``).
 
 Reference: the same model in plain float32 without a scaler, its fused gradient written in d-space with the
 two-task closed forms. The usual recipe ``backward(losses, grad_scaler=scaler)`` → ``scaler.unscale_`` →
@@ -31,17 +32,23 @@ class Net(nn.Module):
         return self.head_a(h).squeeze(1), self.head_b(h).squeeze(1), h
 
 
-def make():
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+]
+
+
+def make(device="cpu"):
     torch.manual_seed(0)
     net = Net()
     with torch.no_grad():  # equal heads and opposed targets: the trunk gradients conflict
         net.head_b.load_state_dict(net.head_a.state_dict())
-    return net
+    return net.to(device)
 
 
-def data():
+def data(device="cpu"):
     gen = torch.Generator().manual_seed(3)
-    return torch.randn(16, 6, generator=gen), torch.randn(16, generator=gen)
+    return torch.randn(16, 6, generator=gen).to(device), torch.randn(16, generator=gen).to(device)
 
 
 def losses_of(net, x, y, tasks=2):
@@ -88,22 +95,23 @@ def reference(method: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def flat_grad(net):
-    return torch.cat([p.grad.reshape(-1) for p in net.parameters()])
+    return torch.cat([p.grad.reshape(-1) for p in net.parameters()]).cpu()
 
 
 TOL = {torch.bfloat16: 3e-2, torch.float16: 3e-3}
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", ["mgda", "pcgrad"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_scaled_step_matches_float32_reference(dtype, method):
-    net = make()
+def test_scaled_step_matches_float32_reference(dtype, method, device):
+    net = make(device)
     opt = GradSurgery(torch.optim.SGD(net.parameters(), lr=0.1), method)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
-    x, y = data()
-    before = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**12)
+    x, y = data(device)
+    before = torch.cat([p.detach().reshape(-1) for p in net.parameters()]).cpu()
     opt.zero_grad()
-    with torch.autocast("cpu", dtype=dtype):
+    with torch.autocast(device, dtype=dtype):
         losses = losses_of(net, x, y)
     info = opt.backward(losses, grad_scaler=scaler)
     assert not info.overflow
@@ -114,12 +122,12 @@ def test_scaled_step_matches_float32_reference(dtype, method):
     # ... and unscale_ turns it into the fused gradient of the true losses.
     torch.testing.assert_close(flat_grad(net), expected, rtol=TOL[dtype], atol=TOL[dtype] * 0.1)
     # The info describes the true (unscaled) task gradients.
-    torch.testing.assert_close(info.grad_norms.float(), norms, rtol=TOL[dtype], atol=0)
+    torch.testing.assert_close(info.grad_norms.float().cpu(), norms, rtol=TOL[dtype], atol=0)
     norm = torch.nn.utils.clip_grad_norm_(net.parameters(), 1e9)  # clipping works between the two calls
     assert math.isfinite(float(norm))
     scaler.step(opt)
     scaler.update()
-    after = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    after = torch.cat([p.detach().reshape(-1) for p in net.parameters()]).cpu()
     torch.testing.assert_close(after, before - 0.1 * expected, rtol=TOL[dtype], atol=TOL[dtype] * 0.01)
     assert scaler.get_scale() == 2.0**12  # no overflow: the scale did not back off
 
@@ -270,7 +278,7 @@ class InfGradient(torch.autograd.Function):
 def representation(net, x, y, layout, dtype=None, overflow_in_trunk=False):
     """The two losses and the ``features=`` argument: the heads on z (one pass), on task views (one pass) or
     on a node both read (T + 1 passes)."""
-    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+    with torch.autocast(x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         pre = net.trunk(x)
         h = torch.tanh(InfGradient.apply(pre) if overflow_in_trunk else pre)
         features = task_views(h, 2) if layout == "views" else h
@@ -285,18 +293,19 @@ def representation(net, x, y, layout, dtype=None, overflow_in_trunk=False):
 REPRESENTATION_METHODS = {"mgda": {}, "uncertainty": {}, "pcgrad": {"seed": 5}}
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["z", "views", "shared"])
 @pytest.mark.parametrize("method", sorted(REPRESENTATION_METHODS))
-def test_representation_mode_under_the_scaler_writes_s_times_the_unscaled_step(method, layout):
+def test_representation_mode_under_the_scaler_writes_s_times_the_unscaled_step(method, layout, device):
     """With a power-of-two scale the scaled passes are exact: every ``.grad`` is s times that of the run
     without a scaler, bit for bit, and ``scaler.step`` takes the same steps (three, a learned method's
     weights included)."""
     options = REPRESENTATION_METHODS[method]
-    plain_net, net = make(), make()
+    plain_net, net = make(device), make(device)
     plain = GradSurgery(torch.optim.SGD(plain_net.parameters(), lr=0.1), method, **options)
     opt = GradSurgery(torch.optim.SGD(net.parameters(), lr=0.1), method, **options)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    x, y = data()
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
+    x, y = data(device)
     for _ in range(3):
         plain.zero_grad()
         losses, features = representation(plain_net, x, y, layout)
@@ -312,16 +321,18 @@ def test_representation_mode_under_the_scaler_writes_s_times_the_unscaled_step(m
     assert all(torch.equal(p, q) for p, q in zip(net.parameters(), plain_net.parameters(), strict=True))
 
 
-def against_float32(layout: str, dtype: torch.dtype, init_scale: float, factor: float = 1.0):
-    """Representation mode (``mgda``) on the losses times ``factor``: the float32 step without a scaler and
-    the step under ``dtype`` autocast with a GradScaler, its ``.grad`` unscaled. Returns both nets."""
-    plain_net, net = make(), make()
+def against_float32(layout: str, dtype: torch.dtype, init_scale: float, factor: float = 1.0, device="cpu"):
+    """Representation mode (``mgda``) on the losses times ``factor``: the float32 step without a scaler on
+    the CPU and the step on ``device`` under ``dtype`` autocast with a GradScaler, its ``.grad`` unscaled.
+    Returns both nets."""
+    plain_net, net = make(), make(device)
     plain = GradSurgery(torch.optim.SGD(plain_net.parameters(), lr=0.1), "mgda")
     opt = GradSurgery(torch.optim.SGD(net.parameters(), lr=0.1), "mgda")
-    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    scaler = torch.amp.GradScaler(device, init_scale=init_scale)
     x, y = data()
     losses, features = representation(plain_net, x, y, layout)
     plain.backward([factor * loss for loss in losses], features=features)
+    x, y = data(device)
     losses, features = representation(net, x, y, layout, dtype)
     assert not opt.backward(
         [factor * loss for loss in losses], features=features, grad_scaler=scaler
@@ -330,23 +341,25 @@ def against_float32(layout: str, dtype: torch.dtype, init_scale: float, factor: 
     return plain_net, net
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["z", "views", "shared"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_representation_mode_under_autocast_and_the_scaler_matches_float32(dtype, layout):
-    plain_net, net = against_float32(layout, dtype, 2.0**12)
+def test_representation_mode_under_autocast_and_the_scaler_matches_float32(dtype, layout, device):
+    plain_net, net = against_float32(layout, dtype, 2.0**12, device=device)
     torch.testing.assert_close(flat_grad(net), flat_grad(plain_net), rtol=TOL[dtype], atol=TOL[dtype] * 0.1)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("where", ["features", "trunk"])
 @pytest.mark.parametrize("layout", ["z", "views", "shared"])
-def test_representation_mode_overflow_moves_nothing_and_keeps_method_state(layout, where):
+def test_representation_mode_overflow_moves_nothing_and_keeps_method_state(layout, where, device):
     """An overflow in the gradients with respect to the features (a 2⁴⁰ scale in float16), or in the
     trunk's pass from a finite u_z: every ``.grad`` inf, ``scaler.step`` skips, the scale backs off, and the
     method's generator has not advanced."""
-    net = make()
+    net = make(device)
     opt = GradSurgery(torch.optim.SGD(net.parameters(), lr=0.1), "pcgrad", seed=5)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40 if where == "features" else 2.0**4)
-    x, y = data()
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**40 if where == "features" else 2.0**4)
+    x, y = data(device)
     params = [p.detach().clone() for p in net.parameters()]
     opt.method.bind(2)
     gen_state = opt.method.generator.get_state()
@@ -364,12 +377,13 @@ def test_representation_mode_overflow_moves_nothing_and_keeps_method_state(layou
     assert scaler.get_scale() < (2.0**40 if where == "features" else 2.0**4)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["z", "views", "shared"])
-def test_representation_mode_scales_the_trunk_seed_before_float16(layout):
+def test_representation_mode_scales_the_trunk_seed_before_float16(layout, device):
     """Losses 10⁻⁶ as large: the fused gradient at the float16 features lies around float16's smallest
     subnormals; scaled before its cast to float16, the trunk still receives it to float16 accuracy."""
-    plain_net, net = against_float32(layout, torch.float16, 2.0**24, factor=1e-6)
+    plain_net, net = against_float32(layout, torch.float16, 2.0**24, factor=1e-6, device=device)
     expected = plain_net.trunk.weight.grad
     torch.testing.assert_close(
-        net.trunk.weight.grad, expected, rtol=3e-3, atol=3e-3 * float(expected.abs().max())
+        net.trunk.weight.grad.cpu(), expected, rtol=3e-3, atol=3e-3 * float(expected.abs().max())
     )
