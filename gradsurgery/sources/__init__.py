@@ -24,6 +24,7 @@ gradient shards, one backward per task, the Gram matrix summed over the ranks).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -50,7 +51,8 @@ def all_finite(grads: Iterable[torch.Tensor]) -> bool:
     72 µs)."""
     suspects = []
     for values, screens in screened(grads):
-        passed = torch.isfinite(screens).tolist()
+        # Read as Python floats: torch.isfinite takes four operations, each a kernel launch on a GPU.
+        passed = [math.isfinite(v) for v in screens.tolist()]
         suspects += [v for v, ok in zip(values, passed, strict=True) if not ok]
     return all(bool(torch.isfinite(torch.stack(extremes(v))).all()) for v in suspects)
 
@@ -159,6 +161,22 @@ def holds_reentrant_checkpoint(losses: Iterable[torch.Tensor]) -> bool:
                 seen[id(child)] = child
                 stack.append(child)
     return False
+
+
+def unit_seeds(losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The seeds 1 of one backward pass over several 0-d losses: one tensor per dtype and device (a seed of
+    another dtype would be cast), shared by the losses that have them, where autograd's default makes one per
+    loss, each a kernel launch on a GPU. Sharing is what autograd itself does with the gradient of a sum,
+    which reaches both inputs as one tensor: its engine accumulates in place only into a tensor nothing else
+    refers to."""
+    ones: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+    seeds = []
+    for loss in losses:
+        key = (loss.dtype, loss.device)
+        if key not in ones:
+            ones[key] = torch.ones_like(loss)
+        seeds.append(ones[key])
+    return seeds
 
 
 def loss_values(losses: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

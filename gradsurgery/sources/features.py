@@ -54,7 +54,7 @@ import torch
 
 from .._validation import check_int
 from ..gram import combine, gram_matrix
-from . import TaskScale, check_finite, finite_gradients, loss_values
+from . import TaskScale, check_finite, finite_gradients, loss_values, unit_seeds
 from ._feature_graph import HeadSplit, split_at_features
 
 if TYPE_CHECKING:
@@ -331,7 +331,7 @@ class FeatureCollection:
         if self.scales_task_specific:
             seeds = self._weight_seeds(weights)
         else:
-            seeds = [torch.ones_like(loss) for loss in self.losses]
+            seeds = unit_seeds(self.losses)
         # The hook replaces the gradient reaching z (Σ_i s_i ∇_z L_i) by Σ_i w_i ∇_z L_i, so the trunk gets
         # the fused gradient while the heads keep their full-mode gradient; all within one pass.
         handles = [
@@ -451,7 +451,9 @@ class ViewCollection(OnePassCollection):
         self, source: FeatureSource, losses: list[torch.Tensor], keep: bool
     ) -> tuple[torch.Tensor, Sequence[torch.Tensor | None]]:
         leaves = [z for view in self.views.leaves for z in view]
-        grads = torch.autograd.grad(losses, leaves + self.head_params, retain_graph=keep, allow_unused=True)
+        grads = torch.autograd.grad(
+            losses, leaves + self.head_params, unit_seeds(losses), retain_graph=keep, allow_unused=True
+        )
         features = self.views.features
         per_view = len(features)
         rows = []
@@ -517,7 +519,7 @@ class SplitCollection(OnePassCollection):
             # z is requested so that the heads compute the gradients along their edges into it; the pass
             # stops there (no requested leaf lies beyond z: ``split_at_features``).
             grads = torch.autograd.grad(
-                losses, features + self.head_params, retain_graph=keep, allow_unused=True
+                losses, features + self.head_params, unit_seeds(losses), retain_graph=keep, allow_unused=True
             )
         finally:
             for handle in handles:

@@ -665,3 +665,39 @@ def test_features_z_on_random_head_graphs_match_the_written_out_gradients(seed, 
             assert p.grad is None
         else:
             torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("path", ["task views", "z", "z, one pass per task"])
+@pytest.mark.parametrize("method", ["mgda", "uncertainty"])
+def test_losses_of_different_dtypes_match_the_written_out_gradients(path, method):
+    """A float64 loss beside float32 ones: G and every gradient equal those written out by plain autograd on
+    a twin model."""
+    xs, ys = make_data(3, 3)
+    model, twin = CountedHeads(), CountedHeads()
+    options = {"init_log_var": [0.2, -0.3, 0.1]} if method == "uncertainty" else {}
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method=method, **options)
+
+    def losses_of(net, inputs):
+        losses = [
+            (head(v).squeeze(-1) - ys[0][i]).pow(2).mean()
+            for i, (head, v) in enumerate(zip(net.heads, inputs, strict=True))
+        ]
+        losses[1] = losses[1].double()
+        return losses
+
+    z = model.trunk(xs[0])
+    features = gradsurgery.task_views(z, 3) if path == "task views" else z
+    losses = losses_of(model, list(features) if path == "task views" else [z] * 3)
+    with one_pass_per_task() if path.endswith("per task") else contextlib.nullcontext():
+        info = opt.backward(losses, features=features)
+    z_twin = twin.trunk(xs[0])
+    expected, gram = written_out(
+        losses_of(twin, [z_twin] * 3),
+        [z_twin],
+        list(twin.parameters()),
+        info.weights,
+        opt.method.scales_task_specific,
+    )
+    torch.testing.assert_close(info.gram, gram, rtol=1e-6, atol=1e-9)
+    for p, g in zip(model.parameters(), expected, strict=True):  # float32 rounding, lifted by cancellation
+        torch.testing.assert_close(p.grad, g, rtol=1e-6, atol=1e-6 * float(g.abs().max()))
