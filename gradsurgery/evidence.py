@@ -302,8 +302,6 @@ class EvidenceRule:
         every: λ is solved again every ``every`` steps (and at the first).
     """
 
-    acts_on_gradient = True
-
     def __init__(
         self,
         layers: nn.Module,
@@ -394,6 +392,13 @@ class EvidenceRule:
                 f"to them (weight_decay by param group: {decayed}): set weight_decay=0 for the groups that "
                 "hold them (biases and other parameters may keep theirs)"
             )
+
+    def check_representation_mode(self) -> None:
+        raise ValueError(
+            "method 'l2' with evidence=True does not run in representation mode (features=): its layers' "
+            "factors are recorded by hooks during one backward pass over the model, which representation "
+            "mode splits into passes through the heads and the trunk; call backward without features="
+        )
 
     def begin_backward(self, *, scaling: LossScaling | None, reduction: Any) -> None:
         """Drop what an earlier, failed backward recorded; keep this backward's loss ``scaling`` (its output

@@ -163,9 +163,9 @@ class L2Rule:
         self.params = None if params is None else check_tensors(params, f"{what} params")
         self._ids = None if self.params is None else {id(p) for p in self.params}
 
-    @property
-    def acts_on_gradient(self) -> bool:
-        return not self.decoupled
+    def check_representation_mode(self) -> None:
+        """Both forms act on whatever gradients a backward writes: in representation mode the heads' own and
+        the trunk's fused through z."""
 
     def setup(self, optimizer: torch.optim.Optimizer) -> None:
         """Refuse regularized tensors that the optimizer does not hold (they would never be stepped); choose

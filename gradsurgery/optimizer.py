@@ -426,7 +426,8 @@ class GradSurgery(torch.optim.Optimizer):
             raise ValueError(
                 "representation mode (features=) does not support FSDP2 (fully_shard) parameters yet"
             )
-        FeatureSource.check_supported(any(t.acts_on_gradient for t in self.transforms))
+        for transform in self.transforms:
+            transform.check_representation_mode()
         return FeatureSource(features, self.gram_dtype, self.method.scales_task_specific)
 
     def _info(

@@ -653,7 +653,7 @@ def test_representation_mode_is_refused():
     opt = evidence_opt(model)
     x, y = batch(0)
     z = model[0](x)
-    with pytest.raises(ValueError, match="representation mode"):
+    with pytest.raises(ValueError, match="evidence=True does not run in representation mode"):
         opt.backward(F.cross_entropy(model[2](torch.tanh(z)), y), features=z)
     assert all(p.grad is None for p in model.parameters())
     assert opt.l2.steps == 0

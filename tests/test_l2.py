@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from gradsurgery import GradSurgery, MultiOptimizer
+from gradsurgery import GradSurgery, MultiOptimizer, task_views
 from gradsurgery.l2 import L2Rule, decoupled_correction, l2_coefficients, l2_direction
 
 
@@ -349,14 +349,37 @@ def test_l2_true_on_the_one_backward_path_of_loss_weightings():
     assert info.l2_coefficient is not None
 
 
-def test_representation_mode_refuses_the_direct_rule():
+@pytest.mark.parametrize("per_tensor", [False, True])
+@pytest.mark.parametrize("path", ["z", "task views"])
+def test_representation_mode_applies_the_direct_rule_to_the_gradients_it_writes(path, per_tensor):
+    """z = W (so ∇_z L_i = A_i): the trunk W gets MGDA's fused A-gradient, each V_i its own H_i, and the
+    direct rule acts on those, globally or per tensor, as on explicit vectors."""
     model = TwoTasks()
-    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method="mgda", l2=True, l2_decoupled=False)
+    opt = GradSurgery(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        method="mgda",
+        l2=True,
+        l2_decoupled=False,
+        l2_per_tensor=per_tensor,
+    )
     z = model.w * 1.0
-    losses = [(z * model.a[0]).sum(), (z * model.a[1]).sum()]
-    with pytest.raises(ValueError, match="direct l2 rule"):
-        opt.backward(losses, features=z)
-    assert all(p.grad is None for p in model.parameters())
+    features = task_views(z, 2) if path == "task views" else z
+    inputs = list(features) if path == "task views" else [z, z]
+    losses = [(model.a[i] * inputs[i]).sum() + (model.h[i] * model.v[i]).sum() for i in range(2)]
+    info = opt.backward(losses, features=features)
+    assert info.mode == "representation"
+    g1, g2 = model.a[0].numpy().ravel(), model.a[1].numpy().ravel()
+    alpha = np.clip((g2 - g1) @ g2 / ((g1 - g2) @ (g1 - g2)), 0, 1)
+    grads = [alpha * g1 + (1 - alpha) * g2, model.h[0].numpy().ravel(), model.h[1].numpy().ravel()]
+    thetas = [p.detach().numpy().ravel() for p in (model.w, model.v[0], model.v[1])]
+    assert np.concatenate(grads) @ np.concatenate(thetas) < 0 and grads[0] @ thetas[0] < 0  # the rule acts
+    if per_tensor:
+        expected = np.concatenate([ref_rule(g, t) for g, t in zip(grads, thetas, strict=True)])
+    else:
+        expected = ref_rule(np.concatenate(grads), np.concatenate(thetas))
+    got = np.concatenate([p.grad.numpy().ravel() for p in (model.w, model.v[0], model.v[1])])
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
+    assert model.b.grad is None and info.l2_coefficient is not None
 
 
 # -- decoupled form ----------------------------------------------------------------------------------------

@@ -51,8 +51,9 @@ class Transform(Protocol):
     """What the engine calls on a post-transform of the fused gradient (``gradsurgery.l2.L2Rule``,
     ``gradsurgery.evidence.EvidenceRule``)."""
 
-    @property
-    def acts_on_gradient(self) -> bool: ...
+    def check_representation_mode(self) -> None:
+        """Raise ``ValueError`` when the transform cannot act on representation mode's gradients (the heads'
+        own, the trunk's fused through z)."""
 
     def setup(self, optimizer: torch.optim.Optimizer) -> None: ...
 

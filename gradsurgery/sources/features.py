@@ -199,14 +199,6 @@ class FeatureSource:
         self.gram_dtype = gram_dtype
         self.scales_task_specific = scales_task_specific
 
-    @staticmethod
-    def check_supported(gradient_transforms: bool) -> None:
-        if gradient_transforms:
-            raise ValueError(
-                "representation mode (features=) does not support the direct l2 rule yet; use the decoupled "
-                "rule (the default) or the full mode (no features=)"
-            )
-
     def collect(
         self,
         losses: list[torch.Tensor],
