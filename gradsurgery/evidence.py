@@ -42,6 +42,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from ._dtensor import is_sharded
 from .amp import LossScaling, autocast_off
 from .l2 import is_adaptive
 
@@ -369,6 +370,12 @@ class EvidenceRule:
         """Refuse an adaptive optimizer (the evidence λ is a weight decay of plain and momentum SGD),
         regularized weights the optimizer does not hold, and an optimizer ``weight_decay`` on them (it would
         add to λ)."""
+        if any(is_sharded(p) for g in optimizer.param_groups for p in g["params"]):
+            raise ValueError(
+                "the evidence λ (method 'l2', evidence=True) does not support FSDP2 (fully_shard) "
+                "parameters: its layers' factors are recorded from the unsharded layers' inputs and output "
+                "gradients; use the norm rule (evidence=False)"
+            )
         if is_adaptive(optimizer):
             raise ValueError(
                 "the evidence λ (method 'l2', evidence=True) is an L2 penalty on the gradient, measured "

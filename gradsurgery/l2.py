@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from ._dtensor import is_sharded, local, shard_group, sharded_like
 from ._validation import check_bool, check_tensors
 from .gram import real_view
 
@@ -65,12 +66,40 @@ def _on(device: torch.device, values: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([v.to(device) for v in values])
 
 
+def _summed_over_shards(group: Any, *vectors: torch.Tensor) -> list[torch.Tensor]:
+    """The per-tensor inner products of this rank's shards, summed over the ranks that hold the other
+    shards (one all-reduce); unchanged without a group (whole tensors)."""
+    if group is None:
+        return list(vectors)
+    packed = torch.cat(vectors)
+    torch.distributed.all_reduce(packed, group=group)
+    sizes = [v.numel() for v in vectors]
+    starts = [sum(sizes[:k]) for k in range(len(sizes))]
+    return [packed[start : start + size].clone() for start, size in zip(starts, sizes, strict=True)]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 parameter (sharing its storage), a plain tensor itself."""
+    return local(t) if is_sharded(t) else t
+
+
+def _shard_group(params: Sequence[torch.Tensor]) -> Any:
+    """The process group over which FSDP2 parameters are sharded (``distributed.fsdp_mesh``: one mesh for
+    all of them, never mixed with plain tensors), None for plain tensors."""
+    return shard_group(params[0]) if params and is_sharded(params[0]) else None
+
+
 def l2_coefficients(
-    grads: Sequence[torch.Tensor], thetas: Sequence[torch.Tensor], per_tensor: bool = False
+    grads: Sequence[torch.Tensor],
+    thetas: Sequence[torch.Tensor],
+    per_tensor: bool = False,
+    group: Any = None,
 ) -> torch.Tensor:
     """λ = relu(−⟨g, θ⟩)/‖θ‖² (float64): a 0-d tensor for the global rule, shape (n,) per tensor.
 
     λ = 0 where ‖θ‖ = 0. No blow-up for tiny θ: ‖λθ‖ = relu(−⟨g, θ⟩)/‖θ‖ ≤ ‖g‖ (Cauchy-Schwarz).
+    With ``group``, the tensors are this rank's shards of tensors sharded over that process group (FSDP2), and
+    each inner product is summed over the ranks.
     """
     if len(grads) != len(thetas):
         raise ValueError(f"{len(grads)} gradients for {len(thetas)} tensors")
@@ -82,16 +111,21 @@ def l2_coefficients(
     device = thetas[0].device
     dots = _on(device, [_dot(g, t) for g, t in zip(grads, thetas, strict=True)])
     sq = _on(device, [_dot(t, t) for t in thetas])
+    dots, sq = _summed_over_shards(group, dots, sq)
     if not per_tensor:
         dots, sq = dots.sum(), sq.sum()
     return torch.where(sq > 0, torch.relu(-dots) / torch.where(sq > 0, sq, 1.0), 0.0)
 
 
 def l2_direction(
-    grads: Sequence[torch.Tensor], thetas: Sequence[torch.Tensor], per_tensor: bool = False
+    grads: Sequence[torch.Tensor],
+    thetas: Sequence[torch.Tensor],
+    per_tensor: bool = False,
+    group: Any = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """(u, λ) with u_k = g_k + λ_k θ_k (λ_k = λ for the global rule); u_k has g_k's dtype and device."""
-    lam = l2_coefficients(grads, thetas, per_tensor)
+    """(u, λ) with u_k = g_k + λ_k θ_k (λ_k = λ for the global rule); u_k has g_k's dtype and device. With
+    ``group``, shards as in ``l2_coefficients``."""
+    lam = l2_coefficients(grads, thetas, per_tensor, group)
     out = []
     for k, (g, t) in enumerate(zip(grads, thetas, strict=True)):
         coef = lam[k] if per_tensor else lam
@@ -101,22 +135,33 @@ def l2_direction(
 
 @torch.no_grad()
 def decoupled_correction(
-    news: Sequence[torch.Tensor], olds: Sequence[torch.Tensor], per_tensor: bool = False
+    news: Sequence[torch.Tensor],
+    olds: Sequence[torch.Tensor],
+    per_tensor: bool = False,
+    group: Any = None,
 ) -> None:
     """Correct θ_new (``news``, in place) after a step from θ_old (``olds``); see the module docstring.
 
     Afterwards ‖θ_new‖ ≤ ‖θ_old‖ (globally, or for each tensor with ``per_tensor``) wherever θ_old ≠ 0.
+    With ``group``, shards as in ``l2_coefficients``.
     """
     if len(news) != len(olds):
         raise ValueError(f"{len(news)} tensors after the step for {len(olds)} before it")
     if not news:
         return
     device = olds[0].device
-    groups = [[k] for k in range(len(news))] if per_tensor else [list(range(len(news)))]
-    for group in groups:
-        sq_old = _on(device, [_dot(olds[k], olds[k]) for k in group]).sum()
-        cross = _on(device, [_dot(news[k], olds[k]) for k in group]).sum()
-        sq_new = _on(device, [_dot(news[k], news[k]) for k in group]).sum()
+    pairs = list(zip(news, olds, strict=True))
+    sq_olds, crosses, sq_news = _summed_over_shards(
+        group,
+        _on(device, [_dot(old, old) for _, old in pairs]),
+        _on(device, [_dot(new, old) for new, old in pairs]),
+        _on(device, [_dot(new, new) for new, _ in pairs]),
+    )
+    if per_tensor:
+        sums = [([k], sq_olds[k], crosses[k], sq_news[k]) for k in range(len(news))]
+    else:
+        sums = [(list(range(len(news))), sq_olds.sum(), crosses.sum(), sq_news.sum())]
+    for ks, sq_old, cross, sq_new in sums:
         live = sq_old > 0
         # 1. first order: drop the growing component of Δ along θ_old (⟨Δ, θ_old⟩ = cross − sq_old).
         growing = cross - sq_old
@@ -125,7 +170,7 @@ def decoupled_correction(
         sq_proj = sq_new - 2 * c * cross + c * c * sq_old
         ratio = (sq_old / torch.where(live, sq_proj, 1.0)).sqrt()
         shrink = torch.where((sq_proj > sq_old) & live, ratio, 1.0)
-        for k in group:
+        for k in ks:
             new, old = news[k], olds[k]
             new.sub_(c.to(device=new.device, dtype=new.dtype) * old)
             new.mul_(shrink.to(device=new.device, dtype=new.dtype))
@@ -197,10 +242,14 @@ class L2Rule:
         if self.decoupled:
             return pairs, {}
         idx = [k for k, (p, _) in enumerate(pairs) if self.is_regularized(p)]
-        new, lam = l2_direction([pairs[k][1] for k in idx], [pairs[k][0] for k in idx], self._per_tensor())
+        params = [pairs[k][0] for k in idx]
+        group = _shard_group(params)
+        new, lam = l2_direction(
+            [_local(pairs[k][1]) for k in idx], [_local(p) for p in params], self._per_tensor(), group
+        )
         out = list(pairs)
-        for k, u in zip(idx, new, strict=True):
-            out[k] = (pairs[k][0], u)
+        for k, p, u in zip(idx, params, new, strict=True):
+            out[k] = (p, u if group is None else sharded_like(p, u))
         return out, {"l2_coefficient": lam}
 
     def before_step(self, params: Iterable[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
@@ -213,7 +262,10 @@ class L2Rule:
     def after_step(self, snapshot: list[tuple[torch.Tensor, torch.Tensor]] | None) -> None:
         if snapshot is not None:
             decoupled_correction(
-                [p.data for p, _ in snapshot], [old for _, old in snapshot], self._per_tensor()
+                [_local(p.data) for p, _ in snapshot],
+                [_local(old) for _, old in snapshot],
+                self._per_tensor(),
+                _shard_group([p for p, _ in snapshot]),
             )
 
     def _per_tensor(self) -> bool:

@@ -161,11 +161,6 @@ class GradSurgery(torch.optim.Optimizer):
         transforms = self.method.transforms() + _l2_option(
             self.method, l2, l2_params, l2_per_tensor, l2_decoupled
         )
-        if mesh is not None and transforms:
-            raise ValueError(
-                "the λ-free L2 rule (method='l2' or l2=True) does not support FSDP2 (fully_shard) "
-                "parameters yet"
-            )
         for transform in transforms:
             transform.setup(optimizer)
         if shared_params is not None:

@@ -30,10 +30,11 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .._dtensor import local, sharded_like
 from ..gram import combine, gram_matrix, real_view
 from . import NonFiniteError, TaskScale, check_finite, loss_values
 from .weighted import WeightedCollection
@@ -41,26 +42,6 @@ from .weighted import WeightedCollection
 if TYPE_CHECKING:
     from ..amp import LossScaling
     from ..distributed import Reduction
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor."""
-    return cast(torch.Tensor, t.to_local())  # type: ignore[attr-defined]
-
-
-def sharded_like(param: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
-    """A DTensor with ``param``'s global shape, mesh and placement whose local shard is ``shard``."""
-    from torch.distributed.tensor import DTensor
-
-    p = cast(Any, param)
-    return DTensor.from_local(
-        shard.reshape(local(param).shape),
-        device_mesh=p.device_mesh,
-        placements=p.placements,
-        run_check=False,
-        shape=param.shape,
-        stride=param.stride(),
-    )
 
 
 @contextmanager

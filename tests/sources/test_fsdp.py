@@ -117,6 +117,7 @@ def run_method(rank, method, options, num_tasks=2, rank_options=None, micro_batc
         out["weights"].append(info.weights.clone())
         out["ref_weights"].append(ref_info.weights.clone())
         out["sources"].append(info.source)
+        out.setdefault("l2_coefficients", []).append((info.l2_coefficient, ref_info.l2_coefficient))
         opt.step()
         ref_opt.step()
     out["params"] = full_params(model)
@@ -226,7 +227,7 @@ def bad_input_scenarios(rank):
     model = shard(make_net(2))
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
     res["no_distributed"] = catch(lambda: GradSurgery(sgd, "mgda", distributed=False))
-    res["l2"] = catch(lambda: GradSurgery(sgd, "mgda", l2=True))
+    res["evidence"] = catch(lambda: GradSurgery(sgd, "l2", evidence=True, layers=model, num_samples=8))
     res["dist_strategy"] = catch(lambda: GradSurgery(sgd, "mgda", dist_strategy="sharded"))
     res["activations"] = catch(lambda: GradSurgery(sgd, "mgda", model=model, gradient_source="activations"))
     plain = nn.Linear(2, 2).double()
@@ -279,6 +280,17 @@ def bad_input_scenarios(rank):
     return res
 
 
+# The λ-free L2 rule on the shards: its inner products summed over the ranks (global, per tensor; the direct
+# form on the fused gradient, the decoupled one on SGD-with-momentum's step; FAMO's one weighted backward).
+L2_RUNS = [
+    ("l2_direct", "mgda", {"l2": True, "l2_decoupled": False}),
+    ("l2_direct_per_tensor", "mgda", {"l2": True, "l2_decoupled": False, "l2_per_tensor": True}),
+    ("l2_decoupled", "mgda", {"l2": True}),
+    ("l2_decoupled_per_tensor", "mgda", {"l2": True, "l2_per_tensor": True}),
+    ("l2_weighted", "famo", {"l2": True, "l2_decoupled": False}),
+]
+
+
 def scenarios(rank: int) -> dict:
     results = {}
     for method, options in METHODS:
@@ -291,6 +303,8 @@ def scenarios(rank: int) -> dict:
     # Complex parameters, read as real pairs: the Gram matrix of the shards, and the one weighted backward.
     results["complex"] = run_method(rank, "mgda", {}, dtype=torch.complex128)
     results["complex_weighted"] = run_method(rank, "uncertainty", {}, dtype=torch.complex128)
+    for key, method, options in L2_RUNS:
+        results[key] = run_method(rank, method, options)
     results["shared_override"] = run_method_shared(rank)
     results["scaler"] = scaler_scenario(rank)
     results["retain"] = retain_scenario(rank)
@@ -407,12 +421,30 @@ def test_retain_graph(ranks):
         assert name == "RuntimeError" and "second time" in msg
 
 
+@pytest.mark.parametrize("key,method,options", L2_RUNS, ids=[key for key, _, _ in L2_RUNS])
+def test_the_l2_rule_on_the_shards_matches_the_single_process(ranks, key, method, options):
+    for res in ranks:
+        run = res[key]
+        for step in range(STEPS):
+            assert_grads_close(run["grads"][step], run["ref_grads"][step])
+            got, want = run["l2_coefficients"][step]
+            if want is not None:
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+        for p, q in zip(run["params"], run["ref_params"], strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+        # The rule acted: the single process ends elsewhere without it.
+        assert any(
+            not torch.allclose(p, q)
+            for p, q in zip(run["ref_params"], res[method]["ref_params"], strict=True)
+        )
+
+
 def test_unsupported_combinations_are_refused(ranks):
     for res in ranks:
         bad = res["bad"]
         for key, words in [
             ("no_distributed", "distributed=False"),
-            ("l2", "L2"),
+            ("evidence", "evidence"),
             ("dist_strategy", "dist_strategy='sharded'"),
             ("activations", "gradient_source='activations'"),
             ("mixed", "plain tensors"),
