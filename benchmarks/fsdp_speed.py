@@ -7,7 +7,10 @@ step of the same repetition):
 
 - ``plain``: ``sum(losses).backward()`` and the Adam step (one backward, FSDP's own reduce-scatter);
 - each method: ``GradSurgery(adam, method).backward(losses)`` and ``step()`` (T backward passes, each
-  reduce-scattered by FSDP, and one all-reduce of the T×T Gram matrix).
+  reduce-scattered by FSDP, and one all-reduce of the T×T Gram matrix);
+- with ``--representation``, each method also in representation mode, ``backward(losses, features=z)``
+  (``<method> z``: T passes through the heads for J_z, one all-reduce of G_z, one backward of the losses with
+  u_z sent through the trunk).
 
 Rank 0 writes ``report.md`` and ``rows.json`` under ``--out``: the median ratio to the plain step and its
 25th-75th percentiles.
@@ -66,7 +69,7 @@ def sharded_model(dims: tuple[int, int, int], num_tasks: int) -> SpeedModel:
 
 
 def variant_step(
-    dims: tuple[int, int, int], num_tasks: int, method: str | None, rank: int
+    dims: tuple[int, int, int], num_tasks: int, method: str | None, rank: int, features: bool = False
 ) -> Callable[[], None]:
     model = sharded_model(dims, num_tasks)
     gen = torch.Generator().manual_seed(1000 * num_tasks + rank)
@@ -74,18 +77,19 @@ def variant_step(
     inner = torch.optim.Adam(model.parameters(), lr=1e-5)
     opt = GradSurgery(inner, method) if method is not None else None
 
-    def losses() -> list[torch.Tensor]:
-        _, outs = model(x)
-        return [nn.functional.mse_loss(o, y[:, i]) for i, o in enumerate(outs)]
+    def losses() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        z, outs = model(x)
+        return z, [nn.functional.mse_loss(o, y[:, i]) for i, o in enumerate(outs)]
 
     def step() -> None:
         if opt is None:
             inner.zero_grad(set_to_none=True)
-            torch.stack(losses()).sum().backward()
+            torch.stack(losses()[1]).sum().backward()
             inner.step()
         else:
             opt.zero_grad(set_to_none=True)
-            opt.backward(losses())
+            z, task_losses = losses()
+            opt.backward(task_losses, features=z if features else None)
             opt.step()
 
     return step
@@ -105,6 +109,8 @@ def worker(rank: int, port: int, args: argparse.Namespace) -> None:
             members = {"plain": variant_step(dims, num_tasks, None, rank)}
             for method in args.methods:
                 members[method] = variant_step(dims, num_tasks, method, rank)
+                if args.representation:
+                    members[f"{method} z"] = variant_step(dims, num_tasks, method, rank, features=True)
             times = interleaved_times(members, args.reps, args.inner_steps, around=dist.barrier)
             plain = times["plain"]
             for name, values in times.items():
@@ -127,22 +133,25 @@ def worker(rank: int, port: int, args: argparse.Namespace) -> None:
 
 
 def write(rows: list[dict], out: Path, args: argparse.Namespace) -> None:
+    columns = [name for m in args.methods for name in ([m, f"{m} z"] if args.representation else [m])]
     lines = [
         f"# FSDP2 step time ({WORLD} gloo ranks, one thread each, model {args.size}, batch {BATCH} per rank, "
         f"{args.reps} repetitions × {args.inner_steps} steps, torch {torch.__version__})",
         "",
-        "| T | plain ms | " + " | ".join(args.methods) + " |",
-        "|---|---|" + "---|" * len(args.methods),
+        "| T | plain ms | " + " | ".join(columns) + " |",
+        "|---|---|" + "---|" * len(columns),
     ]
     for num_tasks in args.tasks:
         sub = {r["variant"]: r for r in rows if r["num_tasks"] == num_tasks}
         cells = [
-            f"{sub[m]['ratio']:.2f} ({sub[m]['ratio_p25']:.2f}-{sub[m]['ratio_p75']:.2f})"
-            for m in args.methods
+            f"{sub[m]['ratio']:.2f} ({sub[m]['ratio_p25']:.2f}-{sub[m]['ratio_p75']:.2f})" for m in columns
         ]
         lines.append(f"| {num_tasks} | {sub['plain']['ms']:.1f} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("Cells: step time / plain FSDP step, median (25th-75th percentile) over the repetitions.")
+    lines.append(
+        "Cells: step time / plain FSDP step, median (25th-75th percentile) over the repetitions; "
+        "`<method> z`: representation mode, features=z."
+    )
     write_rows_and_report(out, rows, "\n".join(lines) + "\n")
 
 
@@ -160,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=["mgda", "nash_mtl", "cagrad"])
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--inner-steps", type=int, default=5)
+    parser.add_argument(
+        "--representation", action="store_true", help="also time each method in representation mode"
+    )
     args = parser.parse_args(argv)
     mp.start_processes(worker, args=(free_port(), args), nprocs=WORLD, join=True, start_method="spawn")
     return 0

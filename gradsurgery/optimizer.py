@@ -29,7 +29,7 @@ from .losses import MaskedLosses, PlainLosses, align, check_scalars
 from .methods import Method, make_method
 from .sources import NonFiniteError, holds_reentrant_checkpoint
 from .sources.features import FeatureSource
-from .sources.fsdp import FSDPSource
+from .sources.fsdp import FSDPFeatureSource, FSDPSource
 from .sources.jacobian import JacobianSource
 from .sources.weighted import WeightedSource
 from .sparse import check_sparse_support, sparse_tables
@@ -417,13 +417,10 @@ class GradSurgery(torch.optim.Optimizer):
     def _source_for(self, features: Any) -> Any:
         if features is None:
             return self.source
-        if isinstance(self.source, FSDPSource):
-            raise ValueError(
-                "representation mode (features=) does not support FSDP2 (fully_shard) parameters yet"
-            )
         for transform in self.transforms:
             transform.check_representation_mode()
-        return FeatureSource(features, self.gram_dtype, self.method.scales_task_specific)
+        kind = FSDPFeatureSource if isinstance(self.source, FSDPSource) else FeatureSource
+        return kind(features, self.gram_dtype, self.method.scales_task_specific)
 
     def _info(
         self, step: Any, weights: torch.Tensor | None, fields: dict[str, Any], sample_mask: Any

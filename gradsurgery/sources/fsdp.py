@@ -37,6 +37,7 @@ import torch
 from .._dtensor import local, sharded_like
 from ..gram import combine, gram_matrix, real_view
 from . import NonFiniteError, TaskScale, check_finite, loss_values
+from .features import PARAMETER_GRADIENT, FeatureCollection, FeatureSource, Passes, feature_jacobian
 from .weighted import WeightedCollection
 
 if TYPE_CHECKING:
@@ -233,13 +234,91 @@ class FSDPWeightedCollection(WeightedCollection):
             got = [(p, local(p.grad).clone()) for p in self.params if p.grad is not None]
         if not got:
             raise reaches_nothing(range(self.num_tasks))
-        square = torch.zeros(1, dtype=torch.float64, device=got[0][1].device)
-        for _, g in got:
-            square += real_view(g).double().pow(2).sum()
-        self.reduction.sum_in_place([square])  # a NaN on one rank's shard stops every rank
-        if not torch.isfinite(square).all():
-            raise NonFiniteError(
-                "non-finite (NaN/inf) gradient of the weighted loss; nothing was written", (p for p, _ in got)
-            )
+        summed_squares_finite(
+            [g for _, g in got], self.reduction, [p for p, _ in got], "gradient of the weighted loss"
+        )
         factor = 1.0 if self.scaling is None else self.scaling.scale_factor()
         return [(p, sharded_like(p, g / factor if factor != 1.0 else g)) for p, g in got]
+
+
+def summed_squares_finite(
+    shards: Sequence[torch.Tensor], reduction: Reduction, params: Sequence[torch.Tensor], what: str
+) -> None:
+    """``NonFiniteError`` on every rank when some rank's shard holds a NaN or inf: Σ‖shard‖² summed over
+    the ranks (one all-reduce) is finite only when every entry is, so that all ranks stop together."""
+    if not shards:  # nothing reached, on every rank alike
+        return
+    square = torch.zeros(1, dtype=torch.float64, device=shards[0].device)
+    for g in shards:
+        square += real_view(g).double().pow(2).sum()
+    reduction.sum_in_place([square])
+    if not torch.isfinite(square).all():
+        raise NonFiniteError(f"non-finite (NaN/inf) {what}; nothing was written", params)
+
+
+class FSDPFeatureSource(FeatureSource):
+    """Representation mode for FSDP2 parameters (``backward(losses, features=z)``).
+
+    ``autograd.grad`` reaches z through the heads (FSDP all-gathers their shards for the pass as for any
+    backward), so J_z is taken as on one process, one pass per task: the features an FSDP2 module returns
+    carry its backward hook, which a single pass split at z would not run per task
+    (``_feature_graph.split_at_features``). The parameters, which ``autograd.grad`` cannot reach, get their
+    gradients from one ``backward`` of the losses in which the gradient arriving at z is replaced by u_z
+    (``FeatureCollection.gradients``): FSDP reduce-scatters it, averaged over the ranks, and each rank reads
+    its shards. So the trunk gets the mean over the ranks of each rank's (∂z/∂θ)ᵀ u_z and each head s_i
+    times its task's mean gradient: one process's step on the concatenated batch, with G_z = Σ_r G_r / n²
+    (``Reduction.feature_gram``). Task views are refused: their leaves end the losses' graph at the heads,
+    and a separate pass from z would run outside FSDP's backward hooks of the root module. Cost: T + 1
+    passes through the heads and one through the trunk, with FSDP's all-gathers in each."""
+
+    collectives_in_collect = True
+
+    def collect(
+        self,
+        losses: list[torch.Tensor],
+        params: list[torch.Tensor],
+        scaling: LossScaling | None,
+        retain_graph: bool,
+        no_sync: Callable[[], Any],
+    ) -> FeatureCollection:
+        if self.views is not None:
+            raise ValueError(
+                "representation mode over FSDP2 (fully_shard) parameters takes the features themselves "
+                "(backward(losses, features=z)), not task_views: the views end each loss's graph at its "
+                "head, and the trunk's pass must start from the losses to run under FSDP's backward hooks"
+            )
+        values = loss_values(losses, self.gram_dtype)
+        passes = ShardPasses(retain_graph, no_sync, scaling)
+        if scaling is not None:
+            losses = scaling.scale(losses)
+        jac, spans = feature_jacobian(losses, self.features)
+        return ShardedFeatureCollection(
+            self, losses, params, passes.unscaled_jacobian(jac), spans, values, passes
+        )
+
+
+class ShardPasses(Passes):
+    """A pass after the weights over FSDP2 parameters: one ``backward`` (FSDP reduce-scatters each gradient,
+    averaged over the ranks), ``.grad`` set aside around it; returns this rank's shards, unscaled."""
+
+    def gradients(
+        self, outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], seeds: Sequence[torch.Tensor]
+    ) -> Sequence[torch.Tensor | None]:
+        with self.no_sync(), grads_set_aside(inputs):
+            torch.autograd.backward(outputs, seeds, retain_graph=self.retain_graph)
+            shards = [None if p.grad is None else local(p.grad) for p in inputs]
+        return self.unscaled(shards)
+
+
+class ShardedFeatureCollection(FeatureCollection):
+    """Representation mode's collection over FSDP2 parameters (``FSDPFeatureSource``): the gradients come
+    averaged over the ranks from FSDP itself; their finiteness is agreed over the ranks."""
+
+    source = "fsdp"
+
+    def _averaged(self, grads: Sequence[torch.Tensor | None]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self.reduction is None:
+            raise RuntimeError("the feature collection's gradients are taken after reduce()")
+        got = [(p, g) for p, g in zip(self.params, grads, strict=True) if g is not None]
+        summed_squares_finite([g for _, g in got], self.reduction, [p for p, _ in got], PARAMETER_GRADIENT)
+        return [(p, sharded_like(p, g)) for p, g in got]

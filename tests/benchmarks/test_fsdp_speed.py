@@ -27,10 +27,11 @@ def test_writes_rows_and_report(tmp_path):
             "1",
             "--out",
             str(tmp_path),
+            "--representation",
         ]
     )
     rows = json.loads((tmp_path / "rows.json").read_text())
-    assert {(r["num_tasks"], r["variant"]) for r in rows} == {(2, "plain"), (2, "mgda")}
+    assert {(r["num_tasks"], r["variant"]) for r in rows} == {(2, "plain"), (2, "mgda"), (2, "mgda z")}
     plain = next(r for r in rows if r["variant"] == "plain")
     assert plain["ratio"] == 1.0 and plain["ms"] > 0
     mgda = next(r for r in rows if r["variant"] == "mgda")

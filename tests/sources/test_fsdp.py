@@ -17,7 +17,8 @@ from dist_harness import WORLD, catch, run_on_ranks
 from method_checks import registered
 from torch import nn
 
-from gradsurgery import GradSurgery
+from gradsurgery import GradSurgery, task_views
+from gradsurgery.sources.features import split_at_features
 
 pytestmark = pytest.mark.distributed
 
@@ -41,9 +42,18 @@ class Net(nn.Module):
         return [head(h).squeeze(1) for head in self.heads]
 
 
-def make_net(num_tasks: int, dtype: torch.dtype = torch.float64) -> Net:
+class RepresentationNet(Net):
+    """The same net, its forward also returning the trunk's output z and h = gain·z, which the heads read."""
+
+    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        z = self.trunk(x)
+        h = z * self.gain
+        return [head(h).squeeze(1) for head in self.heads], z, h
+
+
+def make_net(num_tasks: int, dtype: torch.dtype = torch.float64, cls: type[Net] = Net) -> Net:
     torch.manual_seed(0)
-    net = Net(num_tasks).to(dtype)
+    net = cls(num_tasks).to(dtype)
     with torch.no_grad():  # all heads alike and targets opposed: the trunk gradients conflict
         for head in net.heads[1:]:
             head.load_state_dict(net.heads[0].state_dict())
@@ -123,6 +133,128 @@ def run_method(rank, method, options, num_tasks=2, rank_options=None, micro_batc
     out["params"] = full_params(model)
     out["ref_params"] = [p.detach().clone() for p in ref.parameters()]
     return out
+
+
+def run_representation(rank, method, options, at):
+    """Representation mode, ``features=`` the trunk's output z (the gain between z and the heads serves both
+    tasks: one pass per task for J_z) or h (the heads read it directly: one pass split at h), on the sharded
+    model with this rank's half and on the plain one with the whole batch."""
+    model, ref = shard(make_net(2, cls=RepresentationNet)), make_net(2, cls=RepresentationNet)
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), method, **options)
+    ref_opt = GradSurgery(
+        torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9), method, distributed=False, **options
+    )
+    x, y = make_data(2)
+    mine = slice(rank * BATCH, (rank + 1) * BATCH)
+    out: dict = {"grads": [], "ref_grads": [], "weights": [], "ref_weights": [], "gram": [], "ref_gram": []}
+    for _ in range(STEPS):
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        outs, z, h = model(x[mine])
+        info = opt.backward(task_losses(outs, y[mine]), features=z if at == "z" else h)
+        outs, z, h = ref(x)
+        losses = task_losses(outs, y)
+        out["split"] = split_at_features(losses, [z if at == "z" else h]) is not None
+        ref_info = ref_opt.backward(losses, features=z if at == "z" else h)
+        assert info.mode == ref_info.mode == "representation"
+        out["grads"].append(full_grads(model))
+        out["ref_grads"].append([None if p.grad is None else p.grad.clone() for p in ref.parameters()])
+        for key, value in (("weights", info.weights), ("ref_weights", ref_info.weights)):
+            out[key].append(value.clone())
+        out["gram"].append(info.gram.clone())
+        out["ref_gram"].append(ref_info.gram.clone())
+        opt.step()
+        ref_opt.step()
+    out["params"] = full_params(model)
+    out["ref_params"] = [p.detach().clone() for p in ref.parameters()]
+    return out
+
+
+def representation_scaler(rank):
+    """Representation mode under a GradScaler (scale 2¹⁰, exact in binary) next to the same sharded model
+    without one: every ``.grad`` s times the unscaled one, and the same parameters after ``scaler.step``."""
+    plain_model, model = (shard(make_net(2, cls=RepresentationNet)) for _ in range(2))
+    plain = GradSurgery(torch.optim.SGD(plain_model.parameters(), lr=0.1), "uncertainty")
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "uncertainty")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x, y = make_data(2)
+    mine = slice(rank * BATCH, (rank + 1) * BATCH)
+    out: dict = {"ratios_exact": []}
+    for _ in range(STEPS):
+        plain.zero_grad()
+        opt.zero_grad()
+        outs, z, _ = plain_model(x[mine])
+        plain.backward(task_losses(outs, y[mine]), features=z)
+        outs, z, _ = model(x[mine])
+        info = opt.backward(task_losses(outs, y[mine]), features=z, grad_scaler=scaler)
+        assert not info.overflow
+        scaled, unscaled = full_grads(model), full_grads(plain_model)
+        out["ratios_exact"].append(
+            all(torch.equal(a, 2.0**10 * b) for a, b in zip(scaled, unscaled, strict=True))
+        )
+        plain.step()
+        scaler.step(opt)
+        scaler.update()
+    out["same_params"] = all(
+        torch.equal(p, q) for p, q in zip(full_params(model), full_params(plain_model), strict=True)
+    )
+    return out
+
+
+class NaNBackward(torch.autograd.Function):
+    """The identity forward, a NaN backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, math.nan)
+
+
+def representation_failures(rank):
+    """After one good step's ``backward`` (its gradient left in ``.grad``): a NaN loss on rank 1, then a NaN
+    in the trunk's pass on rank 1 only (the features' gradients finite). Every rank raises, and ``.grad`` and
+    the method's state are as they were."""
+    model = shard(make_net(2, cls=RepresentationNet))
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "pcgrad", seed=0)
+    x, y = make_data(2)
+    mine = slice(rank * BATCH, (rank + 1) * BATCH)
+    outs, z, _ = model(x[mine])
+    opt.backward(task_losses(outs, y[mine]), features=z)
+    held = opt.param_groups[0]["params"]
+    before = [p.grad.to_local().clone() for p in held]
+    generator = opt.method.generator.get_state()
+    res = {}
+
+    def nan_loss():
+        outs, z, _ = model(x[mine])
+        losses = task_losses(outs, y[mine])
+        if rank == 1:
+            losses[1] = losses[1] * math.nan
+        opt.backward(losses, features=z)
+
+    res["loss"] = catch(nan_loss)
+    if rank == 1:
+        model.trunk[0].register_forward_hook(lambda _module, _inputs, output: NaNBackward.apply(output))
+
+    def nan_in_the_trunk():
+        outs, z, _ = model(x[mine])
+        opt.backward(task_losses(outs, y[mine]), features=z)
+
+    res["trunk"] = catch(nan_in_the_trunk)
+    res["grads_untouched"] = all(torch.equal(p.grad.to_local(), g) for p, g in zip(held, before, strict=True))
+    res["generator_untouched"] = torch.equal(opt.method.generator.get_state(), generator)
+    return res
+
+
+REPRESENTATION_RUNS = [
+    ("mgda", {}, "z"),
+    ("mgda", {}, "h"),
+    ("uncertainty", {}, "h"),
+    ("pcgrad", {"seed": 0}, "z"),
+]
 
 
 def scaler_scenario(rank):
@@ -241,7 +373,11 @@ def bad_input_scenarios(rank):
 
     x, y = make_data(2)
     mine = slice(rank * BATCH, (rank + 1) * BATCH)
-    res["features"] = catch(lambda: opt.backward(task_losses(model(x[mine]), y[mine]), features=x[mine]))
+    res["views"] = catch(
+        lambda: opt.backward(
+            task_losses(model(x[mine]), y[mine]), features=task_views(x[mine].requires_grad_(), 2)
+        )
+    )
 
     # A gradient already in .grad (accumulation) must survive a failed call unchanged.
     opt.zero_grad()
@@ -305,6 +441,10 @@ def scenarios(rank: int) -> dict:
     results["complex_weighted"] = run_method(rank, "uncertainty", {}, dtype=torch.complex128)
     for key, method, options in L2_RUNS:
         results[key] = run_method(rank, method, options)
+    for method, options, at in REPRESENTATION_RUNS:
+        results[f"representation {method} {at}"] = run_representation(rank, method, options, at)
+    results["representation failures"] = representation_failures(rank)
+    results["representation scaler"] = representation_scaler(rank)
     results["shared_override"] = run_method_shared(rank)
     results["scaler"] = scaler_scenario(rank)
     results["retain"] = retain_scenario(rank)
@@ -439,6 +579,41 @@ def test_the_l2_rule_on_the_shards_matches_the_single_process(ranks, key, method
         )
 
 
+@pytest.mark.parametrize(
+    "method,options,at", REPRESENTATION_RUNS, ids=[f"{m} {a}" for m, _, a in REPRESENTATION_RUNS]
+)
+def test_representation_mode_matches_the_single_process(ranks, method, options, at):
+    """G_z = Σ_r G_r / n², the weights, every gradient (the trunk's the mean of the ranks' passes of u_z,
+    each head's its task's mean gradient times s_i) and the parameters after three steps with momentum."""
+    for res in ranks:
+        run = res[f"representation {method} {at}"]
+        # FSDP hooks the root's outputs, so no pass through the heads can be split at them; in the plain
+        # reference at h it is (one pass through the heads), at z the gain serves both tasks (one per task).
+        assert run["split"] == (at == "h")
+        for step in range(STEPS):
+            torch.testing.assert_close(run["gram"][step], run["ref_gram"][step], rtol=1e-10, atol=1e-14)
+            torch.testing.assert_close(run["weights"][step], run["ref_weights"][step], rtol=1e-9, atol=1e-12)
+            assert_grads_close(run["grads"][step], run["ref_grads"][step])
+        for p, q in zip(run["params"], run["ref_params"], strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_representation_mode_under_a_grad_scaler(ranks):
+    for res in ranks:
+        run = res["representation scaler"]
+        assert run["ratios_exact"] == [True] * STEPS and run["same_params"]
+
+
+def test_representation_mode_failures_stop_every_rank_and_write_nothing(ranks):
+    for res in ranks:
+        run = res["representation failures"]
+        name, msg = run["loss"]
+        assert name == "NonFiniteError" and "loss value(s) for task(s) [1]" in msg
+        name, msg = run["trunk"]
+        assert name == "NonFiniteError" and "pass through the heads or the trunk" in msg
+        assert run["grads_untouched"] and run["generator_untouched"]
+
+
 def test_unsupported_combinations_are_refused(ranks):
     for res in ranks:
         bad = res["bad"]
@@ -450,7 +625,7 @@ def test_unsupported_combinations_are_refused(ranks):
             ("mixed", "plain tensors"),
             ("add_plain_group", "plain tensors"),
             ("hsdp", "2-D mesh"),
-            ("features", "representation mode"),
+            ("views", "task_views"),
         ]:
             name, msg = bad[key]
             assert name == "ValueError" and words in msg and "FSDP2" in msg or "fully_shard" in msg, (
