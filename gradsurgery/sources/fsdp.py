@@ -23,6 +23,9 @@ Cost per step: T backward passes, each with FSDP's all-gathers and reduce-scatte
 of a plain step), T²·d/n for the Gram and T·d/n for u on each rank; memory T·d/n per rank for the task
 gradients (each parameter's T shards, stacked into one matrix that replaces them). Supported: a 1-D mesh
 (plain FSDP; HSDP's 2-D mesh is refused) on any backend, with FSDP's gradient sync on (the default).
+
+Representation mode (``features=z``) over the same shards: ``FSDPFeatureSource``, one backward through the
+trunk instead of T.
 """
 
 from __future__ import annotations

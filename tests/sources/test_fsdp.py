@@ -137,8 +137,9 @@ def run_method(rank, method, options, num_tasks=2, rank_options=None, micro_batc
 
 def run_representation(rank, method, options, at):
     """Representation mode, ``features=`` the trunk's output z (the gain between z and the heads serves both
-    tasks: one pass per task for J_z) or h (the heads read it directly: one pass split at h), on the sharded
-    model with this rank's half and on the plain one with the whole batch."""
+    tasks: one pass per task for J_z) or h (the heads read it directly: in the plain reference one pass
+    through the heads, split at h), on the sharded model with this rank's half and on the plain one with the
+    whole batch."""
     model, ref = shard(make_net(2, cls=RepresentationNet)), make_net(2, cls=RepresentationNet)
     opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), method, **options)
     ref_opt = GradSurgery(
@@ -202,7 +203,8 @@ def representation_scaler(rank):
 
 
 class NaNBackward(torch.autograd.Function):
-    """The identity forward, a NaN backward."""
+    """The identity forward; a backward with NaN in column 0, so that of the layer before only row 0 of the
+    weight (and entry 0 of the bias) gets a NaN gradient: after FSDP's reduce-scatter, rank 0's shard."""
 
     @staticmethod
     def forward(ctx, x):
@@ -210,13 +212,15 @@ class NaNBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return torch.full_like(grad, math.nan)
+        grad = grad.clone()
+        grad[:, 0] = math.nan
+        return grad
 
 
 def representation_failures(rank):
     """After one good step's ``backward`` (its gradient left in ``.grad``): a NaN loss on rank 1, then a NaN
-    in the trunk's pass on rank 1 only (the features' gradients finite). Every rank raises, and ``.grad`` and
-    the method's state are as they were."""
+    in rank 1's pass through the trunk (the features' gradients finite) that FSDP's reduce-scatter puts in
+    rank 0's shards only. Every rank raises, and ``.grad`` and the method's state are as they were."""
     model = shard(make_net(2, cls=RepresentationNet))
     opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "pcgrad", seed=0)
     x, y = make_data(2)
