@@ -1,6 +1,7 @@
-"""FSDP2 (``fully_shard``) parameters are ``DTensor``s, each rank holding a dim-0 shard over a 1-D mesh
-(``distributed.fsdp_mesh`` checks that layout): this rank's shard, a ``DTensor`` made from a shard, and the
-process group over which the shards of a tensor are spread."""
+"""FSDP2 (``fully_shard``) parameters are ``DTensor``s, each rank holding a dim-0 shard over a 1-D mesh, or
+over the second dimension of HSDP's 2-D mesh, replicated over its first (``distributed.fsdp_mesh`` checks
+that layout): this rank's shard, a ``DTensor`` made from a shard, and the process group over which the shards
+of a tensor are spread."""
 
 from __future__ import annotations
 
@@ -38,5 +39,7 @@ def sharded_like(param: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
 
 
 def shard_group(t: torch.Tensor) -> Any:
-    """The process group of the ranks that hold the shards of the DTensor ``t``."""
-    return cast(Any, t).device_mesh.get_group()
+    """The process group of the ranks that hold the shards of the DTensor ``t`` (its mesh's last
+    dimension), this rank's among them: summed over it, a sum over the shards counts each entry once."""
+    mesh = cast(Any, t).device_mesh
+    return mesh.get_group(mesh.ndim - 1)

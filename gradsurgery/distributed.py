@@ -71,12 +71,12 @@ def fsdp_mesh(params: Iterable[torch.Tensor]) -> Any | None:
     """The device mesh of FSDP2 (``fully_shard``) parameters, or None when no parameter is a DTensor.
 
     ValueError when the parameters are only partly sharded, live on several meshes, or are not sharded
-    the way plain FSDP2 shards them (dim 0 over a 1-D mesh: HSDP's 2-D mesh and tensor parallelism are not
-    supported)."""
+    the way FSDP2 shards them: dim 0 over a 1-D mesh, or HSDP's (replicate, shard) 2-D mesh, replicated over
+    its first dimension and sharded on dim 0 over its second (tensor parallelism is not supported)."""
     params = list(params)
     if not params or not torch.distributed.is_available():
         return None
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 
     sharded = [p for p in params if isinstance(p, DTensor)]
     if not sharded:
@@ -91,10 +91,11 @@ def fsdp_mesh(params: Iterable[torch.Tensor]) -> Any | None:
     for p in sharded:
         if p.device_mesh != mesh:
             raise ValueError("FSDP2 parameters on different device meshes are not supported")
-        if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+        if tuple(p.placements) not in ((Shard(0),), (Replicate(), Shard(0))):
             raise ValueError(
-                "only plain FSDP2 sharding is supported (dim 0 over a 1-D mesh); found placements "
-                f"{tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh (HSDP or tensor parallelism) for a "
+                "only FSDP2 sharding is supported (dim 0 over a 1-D mesh, or HSDP: replicated over a 2-D "
+                f"mesh's first dimension, dim 0 sharded over its second); found placements "
+                f"{tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh (tensor parallelism?) for a "
                 f"parameter of shape {tuple(p.shape)}"
             )
     return mesh
@@ -143,11 +144,19 @@ class DistributedSync:
         self._local = LocalReduction(self.no_sync)
 
     def use_mesh(self, mesh: Any) -> None:
-        """Sum over the ranks of an FSDP2 mesh: its group, unless the same ranks were given as
-        ``process_group``; ValueError when the ranks would not be summed over (``distributed=False`` or
-        another group)."""
+        """Average over the ranks of an FSDP2 mesh: its group (an HSDP mesh's, all its ranks: those of the
+        whole world), unless the same ranks were given as ``process_group``; ValueError when the ranks would
+        not be averaged over (``distributed=False`` or another group)."""
         dist = _dist()
-        group = mesh.get_group()
+        if mesh.ndim == 1:
+            group = mesh.get_group()
+        elif mesh.size() == dist.get_world_size():
+            group = dist.group.WORLD
+        else:
+            raise ValueError(
+                f"the FSDP2 parameters are on an HSDP mesh of {mesh.size()} of the "
+                f"{dist.get_world_size()} ranks: a 2-D mesh is supported when it spans every rank"
+            )
         ranks = dist.get_process_group_ranks(group)
         if self.enabled is False and len(ranks) > 1:
             raise ValueError(

@@ -15,11 +15,13 @@ import torch.multiprocessing as mp
 WORLD = 2
 
 
-def _worker(rank: int, port: int, outdir: str, scenarios: Callable[[int], dict[Any, Any]]) -> None:
+def _worker(
+    rank: int, port: int, outdir: str, scenarios: Callable[[int], dict[Any, Any]], world: int
+) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.save(scenarios(rank), os.path.join(outdir, f"rank{rank}.pt"))
     finally:
@@ -32,17 +34,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_on_ranks(scenarios: Callable[[int], dict[Any, Any]], outdir: str) -> list[dict[Any, Any]]:
-    """``scenarios(rank)`` on each of the ``WORLD`` ranks; returns their results by rank.
+def run_on_ranks(
+    scenarios: Callable[[int], dict[Any, Any]], outdir: str, world: int = WORLD
+) -> list[dict[Any, Any]]:
+    """``scenarios(rank)`` on each of ``world`` ranks; returns their results by rank.
 
     Fork where it is safe: the workers inherit the imported torch instead of importing it again (seconds on a
     busy machine). Where CUDA is present, autograd has started a thread per device by the first backward in
     this process, and a forked child cannot run autograd: spawn there."""
     method = "spawn" if torch.cuda.is_available() else "fork"
     mp.start_processes(
-        _worker, args=(free_port(), outdir, scenarios), nprocs=WORLD, join=True, start_method=method
+        _worker, args=(free_port(), outdir, scenarios, world), nprocs=world, join=True, start_method=method
     )
-    return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
 
 
 def catch(fn: Callable[[], Any]) -> tuple[str | None, str]:

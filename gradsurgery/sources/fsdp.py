@@ -22,7 +22,8 @@ in their ``.grad``: what ``sum(losses).backward()`` would give them.
 Cost per step: T backward passes, each with FSDP's all-gathers and reduce-scatter (T times the communication
 of a plain step), T²·d/n for the Gram and T·d/n for u on each rank; memory T·d/n per rank for the task
 gradients (each parameter's T shards, stacked into one matrix that replaces them). Supported: a 1-D mesh
-(plain FSDP; HSDP's 2-D mesh is refused) on any backend, with FSDP's gradient sync on (the default).
+(plain FSDP) or HSDP's 2-D mesh over every rank (G summed over one replica's shards: each replica holds
+them all) on any backend, with FSDP's gradient sync on (the default).
 
 Representation mode (``features=z``) over the same shards: ``FSDPFeatureSource``, one backward through the
 trunk instead of T.
@@ -37,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .._dtensor import local, sharded_like
+from .._dtensor import local, shard_group, sharded_like
 from ..gram import combine, gram_matrix, real_view
 from . import NonFiniteError, TaskScale, check_finite, loss_values
 from .features import PARAMETER_GRADIENT, FeatureCollection, FeatureSource, Passes, feature_jacobian
@@ -177,8 +178,9 @@ class FSDPCollection:
         )
 
     def reduce(self, reduction: Reduction) -> None:
-        """G and the squared norms of the task-specific gradients, summed over the shards of all ranks (one
-        all-reduce); the losses averaged."""
+        """G and the squared norms of the task-specific gradients, summed over the shards (one all-reduce
+        over the ranks that hold them: on an HSDP mesh, each replica holds them all); the losses averaged
+        over every rank."""
         t = self.num_tasks
         device = self.loss_values.device
         partial = torch.zeros(t, t, dtype=self.gram_dtype, device=device)
@@ -190,7 +192,8 @@ class FSDPCollection:
             for i in self.reached_by[k]:
                 norms[i] += real_view(self.shards[i][k]).to(self.gram_dtype).pow(2).sum().to(device)
         packed = torch.cat([partial.reshape(-1), norms])
-        reduction.sum_in_place([packed])
+        if reduction.group is not None:
+            torch.distributed.all_reduce(packed, group=shard_group(self.params[0]))
         self.gram = packed[: t * t].view(t, t)
         self._specific_norms = packed[t * t :]
         self.loss_values = reduction.average(self.loss_values)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,12 +19,16 @@ from method_checks import registered
 from torch import nn
 
 from gradsurgery import GradSurgery, task_views
+from gradsurgery.distributed import DistributedSync
 from gradsurgery.sources.features import split_at_features
 
 pytestmark = pytest.mark.distributed
 
 BATCH = 4  # per rank
 STEPS = 3
+# The mesh the workers shard over and their number: plain FSDP over the 2 ranks, or (in ``hsdp_scenarios``)
+# HSDP's 2 × 2 mesh over 4 (replicated over the first dimension, sharded over the second).
+LAYOUT = {"mesh": (WORLD,), "world": WORLD}
 METHODS = registered(2)
 
 
@@ -66,7 +71,9 @@ def shard(net: Net) -> Net:
 
     # The ranks talk over gloo on the CPU; without a mesh, fully_shard moves the shards to CUDA wherever it
     # is present.
-    mesh = init_device_mesh("cpu", (WORLD,))
+    shape = LAYOUT["mesh"]
+    names = ("replicate", "shard") if len(shape) == 2 else None
+    mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
     fully_shard(net.trunk, mesh=mesh)
     for head in net.heads:
         fully_shard(head, mesh=mesh)
@@ -76,8 +83,9 @@ def shard(net: Net) -> Net:
 
 def make_data(num_tasks: int, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(7)
-    x = torch.randn(WORLD * BATCH, 5, generator=gen, dtype=dtype)
-    y = torch.randn(WORLD * BATCH, num_tasks, generator=gen, dtype=dtype)
+    world = LAYOUT["world"]
+    x = torch.randn(world * BATCH, 5, generator=gen, dtype=dtype)
+    y = torch.randn(world * BATCH, num_tasks, generator=gen, dtype=dtype)
     y[:, 1] = -2 * y[:, 0] + 0.3 * y[:, 1]
     if num_tasks == 3:
         y[:, 2] = -1.5 * y[:, 0] + 0.3 * y[:, 2]
@@ -119,7 +127,7 @@ def run_method(rank, method, options, num_tasks=2, rank_options=None, micro_batc
         ref_opt.zero_grad()
         for part in mine.chunk(micro_batches):
             info = opt.backward(task_losses(model(x[part]), y[part]))
-        whole = torch.arange(WORLD * BATCH).view(WORLD, BATCH)
+        whole = torch.arange(LAYOUT["world"] * BATCH).view(LAYOUT["world"], BATCH)
         for part in whole.chunk(micro_batches, dim=1):
             ref_info = ref_opt.backward(task_losses(ref(x[part.reshape(-1)]), y[part.reshape(-1)]))
         out["grads"].append(full_grads(model))
@@ -358,6 +366,7 @@ def checkpoint_scenario(rank):
 def bad_input_scenarios(rank):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
 
     res = {}
     model = shard(make_net(2))
@@ -371,9 +380,15 @@ def bad_input_scenarios(rank):
     opt = GradSurgery(sgd, "nash_mtl")  # its state (the last solution) must survive a failed call
     res["add_plain_group"] = catch(lambda: opt.add_param_group({"params": [plain.bias]}))
 
-    hybrid = nn.Linear(3, 4).double()
-    fully_shard(hybrid, mesh=init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("replicate", "shard")))
-    res["hsdp"] = catch(lambda: GradSurgery(torch.optim.SGD(hybrid.parameters(), lr=0.1), "mgda"))
+    # Sharded on dim 1 (what tensor parallelism does), not FSDP2's dim 0.
+    columns = nn.Linear(4, 4).double()
+    fully_shard(
+        columns, mesh=init_device_mesh("cpu", (WORLD,)), shard_placement_fn=lambda p: Shard(p.dim() - 1)
+    )
+    res["dim_1"] = catch(lambda: GradSurgery(torch.optim.SGD(columns.parameters(), lr=0.1), "mgda"))
+    # An HSDP mesh over some of the ranks only (a stand-in: only its shape and size are read).
+    part = SimpleNamespace(ndim=2, size=lambda: 1)
+    res["partial_hsdp"] = catch(lambda: DistributedSync().use_mesh(part))
 
     x, y = make_data(2)
     mine = slice(rank * BATCH, (rank + 1) * BATCH)
@@ -475,6 +490,43 @@ def run_method_shared(rank):
     opt.backward(task_losses(model(x[mine]), y[mine]))
     ref_opt.backward(task_losses(ref(x), y))
     return {"grads": full_grads(model), "ref_grads": [p.grad.clone() for p in ref.parameters()]}
+
+
+HSDP_RUNS = [
+    ("mgda", "mgda", {}),
+    ("nash_mtl", "nash_mtl", {}),
+    ("uncertainty", "uncertainty", {}),
+    ("famo", "famo", {}),
+    ("l2_direct", "mgda", {"l2": True, "l2_decoupled": False}),
+    ("l2_decoupled_per_tensor", "mgda", {"l2": True, "l2_per_tensor": True}),
+]
+
+
+def hsdp_scenarios(rank: int) -> dict:
+    """HSDP over 4 ranks (2 replicas × 2 shards): full mode, the L2 rule and representation mode."""
+    LAYOUT.update(mesh=(2, 2), world=4)
+    results = {key: run_method(rank, method, options) for key, method, options in HSDP_RUNS}
+    results["representation"] = run_representation(rank, "mgda", {}, "h")
+    return results
+
+
+@pytest.fixture(scope="module")
+def hsdp_ranks(tmp_path_factory):
+    return run_on_ranks(hsdp_scenarios, str(tmp_path_factory.mktemp("hsdp")), world=4)
+
+
+@pytest.mark.parametrize("key", [key for key, _, _ in HSDP_RUNS] + ["representation"])
+def test_hsdp_matches_single_process_on_concatenated_batch(hsdp_ranks, key):
+    """Each replica holds every shard: G summed over one replica's shards (not over all four ranks), the
+    losses and G_z over all four; the gradients, weights and parameters after three steps as one process's
+    on the whole batch."""
+    for res in hsdp_ranks:
+        run = res[key]
+        for step in range(STEPS):
+            assert_grads_close(run["grads"][step], run["ref_grads"][step])
+            torch.testing.assert_close(run["weights"][step], run["ref_weights"][step], rtol=1e-9, atol=1e-12)
+        for p, q in zip(run["params"], run["ref_params"], strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
 
 
 @pytest.fixture(scope="module")
@@ -628,11 +680,12 @@ def test_unsupported_combinations_are_refused(ranks):
             ("activations", "gradient_source='activations'"),
             ("mixed", "plain tensors"),
             ("add_plain_group", "plain tensors"),
-            ("hsdp", "2-D mesh"),
+            ("dim_1", "Shard(dim=1)"),
+            ("partial_hsdp", "spans every rank"),
             ("views", "task_views"),
         ]:
             name, msg = bad[key]
-            assert name == "ValueError" and words in msg and "FSDP2" in msg or "fully_shard" in msg, (
+            assert name == "ValueError" and words in msg and ("FSDP2" in msg or "fully_shard" in msg), (
                 key,
                 msg,
             )
