@@ -65,7 +65,7 @@ def make_net(num_tasks: int, dtype: torch.dtype = torch.float64, cls: type[Net] 
     return net
 
 
-def shard(net: Net) -> Net:
+def shard(net: Net, **options) -> Net:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -74,10 +74,10 @@ def shard(net: Net) -> Net:
     shape = LAYOUT["mesh"]
     names = ("replicate", "shard") if len(shape) == 2 else None
     mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
-    fully_shard(net.trunk, mesh=mesh)
+    fully_shard(net.trunk, mesh=mesh, **options)
     for head in net.heads:
-        fully_shard(head, mesh=mesh)
-    fully_shard(net, mesh=mesh)
+        fully_shard(head, mesh=mesh, **options)
+    fully_shard(net, mesh=mesh, **options)
     return net
 
 
@@ -223,6 +223,27 @@ class NaNBackward(torch.autograd.Function):
         grad = grad.clone()
         grad[:, 0] = math.nan
         return grad
+
+
+def mixed_precision(rank):
+    """FSDP2's usual recipe, ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``: full and
+    representation mode (``mgda``) next to the same float32 model without the policy."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    x, y = make_data(2, torch.float32)
+    mine = slice(rank * BATCH, (rank + 1) * BATCH)
+    out = {}
+    for name, options in (("float32", {}), ("bfloat16", {"mp_policy": policy})):
+        model = shard(make_net(2, torch.float32, cls=RepresentationNet), **options)
+        for mode in ("full", "representation"):
+            opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "mgda")
+            opt.zero_grad()
+            outs, _, h = model(x[mine])
+            losses = task_losses([o.float() for o in outs], y[mine])
+            info = opt.backward(losses, features=h if mode == "representation" else None)
+            out[name, mode] = (full_grads(model), info.weights.clone())
+    return out
 
 
 def representation_failures(rank):
@@ -463,6 +484,7 @@ def scenarios(rank: int) -> dict:
     for method, options, at in REPRESENTATION_RUNS:
         results[f"representation {method} {at}"] = run_representation(rank, method, options, at)
     results["representation failures"] = representation_failures(rank)
+    results["mixed precision"] = mixed_precision(rank)
     results["representation scaler"] = representation_scaler(rank)
     results["shared_override"] = run_method_shared(rank)
     results["scaler"] = scaler_scenario(rank)
@@ -658,6 +680,17 @@ def test_representation_mode_under_a_grad_scaler(ranks):
     for res in ranks:
         run = res["representation scaler"]
         assert run["ratios_exact"] == [True] * STEPS and run["same_params"]
+
+
+@pytest.mark.parametrize("mode", ["full", "representation"])
+def test_a_bfloat16_mixed_precision_policy_matches_float32(ranks, mode):
+    for res in ranks:
+        grads, weights = res["mixed precision"]["bfloat16", mode]
+        ref_grads, ref_weights = res["mixed precision"]["float32", mode]
+        assert all(g.dtype == torch.float32 for g in grads)  # reduce_dtype: the shards stay float32
+        torch.testing.assert_close(weights, ref_weights, rtol=0, atol=1e-2)
+        for g, ref in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(g, ref, rtol=0, atol=3e-2 * float(ref.abs().max()))
 
 
 def test_representation_mode_failures_stop_every_rank_and_write_nothing(ranks):
