@@ -143,28 +143,31 @@ def run_method(rank, method, options, num_tasks=2, rank_options=None, micro_batc
     return out
 
 
-def run_representation(rank, method, options, at):
+def run_representation(rank, method, options, at, micro_batches=1):
     """Representation mode, ``features=`` the trunk's output z (the gain between z and the heads serves both
     tasks: one pass per task for J_z) or h (the heads read it directly: in the plain reference one pass
     through the heads, split at h), on the sharded model with this rank's half and on the plain one with the
-    whole batch."""
+    whole batch. With ``micro_batches`` = 2 each step accumulates two ``backward`` calls (the two halves)."""
     model, ref = shard(make_net(2, cls=RepresentationNet)), make_net(2, cls=RepresentationNet)
     opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), method, **options)
     ref_opt = GradSurgery(
         torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9), method, distributed=False, **options
     )
     x, y = make_data(2)
-    mine = slice(rank * BATCH, (rank + 1) * BATCH)
     out: dict = {"grads": [], "ref_grads": [], "weights": [], "ref_weights": [], "gram": [], "ref_gram": []}
+    mine_rows = torch.arange(rank * BATCH, (rank + 1) * BATCH)
+    whole = torch.arange(LAYOUT["world"] * BATCH).view(LAYOUT["world"], BATCH)
     for _ in range(STEPS):
         opt.zero_grad()
         ref_opt.zero_grad()
-        outs, z, h = model(x[mine])
-        info = opt.backward(task_losses(outs, y[mine]), features=z if at == "z" else h)
-        outs, z, h = ref(x)
-        losses = task_losses(outs, y)
-        out["split"] = split_at_features(losses, [z if at == "z" else h]) is not None
-        ref_info = ref_opt.backward(losses, features=z if at == "z" else h)
+        for part in mine_rows.chunk(micro_batches):
+            outs, z, h = model(x[part])
+            info = opt.backward(task_losses(outs, y[part]), features=z if at == "z" else h)
+        for part in whole.chunk(micro_batches, dim=1):
+            outs, z, h = ref(x[part.reshape(-1)])
+            losses = task_losses(outs, y[part.reshape(-1)])
+            out["split"] = split_at_features(losses, [z if at == "z" else h]) is not None
+            ref_info = ref_opt.backward(losses, features=z if at == "z" else h)
         assert info.mode == ref_info.mode == "representation"
         out["grads"].append(full_grads(model))
         out["ref_grads"].append([None if p.grad is None else p.grad.clone() for p in ref.parameters()])
@@ -283,10 +286,11 @@ def representation_failures(rank):
 
 
 REPRESENTATION_RUNS = [
-    ("mgda", {}, "z"),
-    ("mgda", {}, "h"),
-    ("uncertainty", {}, "h"),
-    ("pcgrad", {"seed": 0}, "z"),
+    ("mgda", {}, "z", 1),
+    ("mgda", {}, "h", 1),
+    ("uncertainty", {}, "h", 1),
+    ("pcgrad", {"seed": 0}, "z", 1),
+    ("nash_mtl", {}, "h", 2),
 ]
 
 
@@ -481,8 +485,10 @@ def scenarios(rank: int) -> dict:
     results["complex_weighted"] = run_method(rank, "uncertainty", {}, dtype=torch.complex128)
     for key, method, options in L2_RUNS:
         results[key] = run_method(rank, method, options)
-    for method, options, at in REPRESENTATION_RUNS:
-        results[f"representation {method} {at}"] = run_representation(rank, method, options, at)
+    for method, options, at, micro in REPRESENTATION_RUNS:
+        results[f"representation {method} {at} {micro}"] = run_representation(
+            rank, method, options, at, micro
+        )
     results["representation failures"] = representation_failures(rank)
     results["mixed precision"] = mixed_precision(rank)
     results["representation scaler"] = representation_scaler(rank)
@@ -658,13 +664,16 @@ def test_the_l2_rule_on_the_shards_matches_the_single_process(ranks, key, method
 
 
 @pytest.mark.parametrize(
-    "method,options,at", REPRESENTATION_RUNS, ids=[f"{m} {a}" for m, _, a in REPRESENTATION_RUNS]
+    "method,options,at,micro",
+    REPRESENTATION_RUNS,
+    ids=[f"{m} {a}" + (" accumulated" if k > 1 else "") for m, _, a, k in REPRESENTATION_RUNS],
 )
-def test_representation_mode_matches_the_single_process(ranks, method, options, at):
+def test_representation_mode_matches_the_single_process(ranks, method, options, at, micro):
     """G_z = Σ_r G_r / n², the weights, every gradient (the trunk's the mean of the ranks' passes of u_z,
-    each head's its task's mean gradient times s_i) and the parameters after three steps with momentum."""
+    each head's its task's mean gradient times s_i; summed over two ``backward`` calls when accumulated) and
+    the parameters after three steps with momentum."""
     for res in ranks:
-        run = res[f"representation {method} {at}"]
+        run = res[f"representation {method} {at} {micro}"]
         # FSDP hooks the root's outputs, so no pass through the heads can be split at them; in the plain
         # reference at h it is (one pass through the heads), at z the gain serves both tasks (one per task).
         assert run["split"] == (at == "h")
