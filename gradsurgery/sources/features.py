@@ -208,10 +208,20 @@ class FeatureSource:
         no_sync: Callable[[], Any],
     ) -> FeatureCollection:
         values = loss_values(losses, self.gram_dtype)
-        passes = Passes(retain_graph, no_sync, scaling)
+        passes = self._passes(retain_graph, no_sync, scaling)
         if scaling is not None:
             losses = scaling.scale(losses)
-        with no_sync():
+        return self._collection(losses, params, values, passes)
+
+    def _passes(self, retain_graph: bool, no_sync: Callable[[], Any], scaling: LossScaling | None) -> Passes:
+        return Passes(retain_graph, no_sync, scaling)
+
+    def _collection(
+        self, losses: list[torch.Tensor], params: list[torch.Tensor], values: torch.Tensor, passes: Passes
+    ) -> FeatureCollection:
+        """J_z from one pass through the heads (over task views, or split at the features), else one per
+        task (``losses`` scaled already)."""
+        with passes.no_sync():
             if self.views is not None:
                 return ViewCollection(self, losses, params, values, passes)
             split = split_at_features(losses, self.features)

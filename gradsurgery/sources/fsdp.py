@@ -279,13 +279,11 @@ class FSDPFeatureSource(FeatureSource):
 
     collectives_in_collect = True
 
-    def collect(
-        self,
-        losses: list[torch.Tensor],
-        params: list[torch.Tensor],
-        scaling: LossScaling | None,
-        retain_graph: bool,
-        no_sync: Callable[[], Any],
+    def _passes(self, retain_graph: bool, no_sync: Callable[[], Any], scaling: LossScaling | None) -> Passes:
+        return ShardPasses(retain_graph, no_sync, scaling)
+
+    def _collection(
+        self, losses: list[torch.Tensor], params: list[torch.Tensor], values: torch.Tensor, passes: Passes
     ) -> FeatureCollection:
         if self.views is not None:
             raise ValueError(
@@ -293,10 +291,6 @@ class FSDPFeatureSource(FeatureSource):
                 "(backward(losses, features=z)), not task_views: the views end each loss's graph at its "
                 "head, and the trunk's pass must start from the losses to run under FSDP's backward hooks"
             )
-        values = loss_values(losses, self.gram_dtype)
-        passes = ShardPasses(retain_graph, no_sync, scaling)
-        if scaling is not None:
-            losses = scaling.scale(losses)
         jac, spans = feature_jacobian(losses, self.features)
         return ShardedFeatureCollection(
             self, losses, params, passes.unscaled_jacobian(jac), spans, values, passes
