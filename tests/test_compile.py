@@ -205,3 +205,42 @@ def test_evidence_lambda_through_a_compiled_model_is_the_eager_run():
         assert torch.equal(got, expected)
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_activation_source_through_a_compiled_model_is_the_eager_run():
+    """The activation source records each layer's input with forward hooks, which Dynamo traces: through a
+    compiled model G (from the activations) and the steps are the eager model's, to float32 rounding, and G
+    is that of the task gradients written out by autograd."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Tanh(), nn.Linear(16, 2))
+    twin = copy.deepcopy(model)
+
+    def activations(net):
+        return GradSurgery(
+            torch.optim.SGD(net.parameters(), lr=0.1), "mgda", model=net, gradient_source="activations"
+        )
+
+    opt, twin_opt = activations(model), activations(twin)
+    compiled = torch.compile(model, backend="aot_eager")
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 8, generator=gen), torch.randn(32, generator=gen)
+    for _ in range(3):
+        grams = []
+        for forward, o, net in ((compiled, opt, model), (twin, twin_opt, twin)):
+            out = forward(x)
+            losses = [(out[:, 0] - y).pow(2).mean(), (out[:, 1] + y).pow(2).mean()]
+            params = list(net.parameters())
+            rows = [
+                torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=True)])
+                for loss in losses
+            ]
+            o.zero_grad()
+            info = o.backward(losses)
+            assert info.source == "activations"
+            torch.testing.assert_close(info.gram, gram_matrix(torch.stack(rows)), rtol=1e-5, atol=1e-9)
+            grams.append(info.gram)
+            o.step()
+        torch.testing.assert_close(grams[0], grams[1], rtol=1e-5, atol=1e-9)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
