@@ -9,8 +9,11 @@ step of the same repetition):
 - each method: ``GradSurgery(adam, method).backward(losses)`` and ``step()`` (T backward passes, each
   reduce-scattered by FSDP, and one all-reduce of the T×T Gram matrix);
 - with ``--representation``, each method also in representation mode, ``backward(losses, features=z)``
-  (``<method> z``: T passes through the heads for J_z, one all-reduce of G_z, one backward of the losses with
-  u_z sent through the trunk).
+  (``<method> z``: one pass through the heads split at z for J_z, one all-reduce of G_z, one backward of the
+  losses with u_z sent through the trunk); with ``--per-task`` also as if the heads' graph did not split at z
+  (``<method> z per task``: one pass through the heads per task for J_z).
+
+``--tower N`` replaces the linear heads by towers d_z → N → N → 1 (ReLU), each Linear an FSDP unit.
 
 Rank 0 writes ``report.md`` and ``rows.json`` under ``--out``: the median ratio to the plain step and its
 25th-75th percentiles.
@@ -34,6 +37,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+import gradsurgery.sources.fsdp as fsdp_source
 from gradsurgery import GradSurgery
 
 try:
@@ -54,12 +58,19 @@ WORLD = 2
 BATCH = 128
 
 
-def sharded_model(dims: tuple[int, int, int], num_tasks: int) -> SpeedModel:
+def sharded_model(dims: tuple[int, int, int], num_tasks: int, tower: int = 0) -> SpeedModel:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(num_tasks)
     model = SpeedModel(*dims, num_tasks)
+    if tower:
+        model.heads = nn.ModuleList(
+            nn.Sequential(
+                nn.Linear(dims[2], tower), nn.ReLU(), nn.Linear(tower, tower), nn.ReLU(), nn.Linear(tower, 1)
+            )
+            for _ in range(num_tasks)
+        )
     mesh = init_device_mesh("cpu", (WORLD,))  # gloo on the CPU, also where CUDA is present
     for module in model.modules():
         if isinstance(module, nn.Linear):
@@ -69,9 +80,15 @@ def sharded_model(dims: tuple[int, int, int], num_tasks: int) -> SpeedModel:
 
 
 def variant_step(
-    dims: tuple[int, int, int], num_tasks: int, method: str | None, rank: int, features: bool = False
+    dims: tuple[int, int, int],
+    num_tasks: int,
+    method: str | None,
+    rank: int,
+    features: bool = False,
+    per_task: bool = False,
+    tower: int = 0,
 ) -> Callable[[], None]:
-    model = sharded_model(dims, num_tasks)
+    model = sharded_model(dims, num_tasks, tower)
     gen = torch.Generator().manual_seed(1000 * num_tasks + rank)
     x, y = torch.randn(BATCH, dims[0], generator=gen), torch.randn(BATCH, num_tasks, generator=gen)
     inner = torch.optim.Adam(model.parameters(), lr=1e-5)
@@ -89,7 +106,15 @@ def variant_step(
         else:
             opt.zero_grad(set_to_none=True)
             z, task_losses = losses()
-            opt.backward(task_losses, features=z if features else None)
+            if per_task:
+                split = fsdp_source.split_at_features
+                fsdp_source.split_at_features = lambda losses, features: None
+                try:
+                    opt.backward(task_losses, features=z)
+                finally:
+                    fsdp_source.split_at_features = split
+            else:
+                opt.backward(task_losses, features=z if features else None)
             opt.step()
 
     return step
@@ -106,11 +131,18 @@ def worker(rank: int, port: int, args: argparse.Namespace) -> None:
         dims = {**SIZES, **TINY_SIZES}[args.size]
         rows = []
         for num_tasks in args.tasks:
-            members = {"plain": variant_step(dims, num_tasks, None, rank)}
+            members = {"plain": variant_step(dims, num_tasks, None, rank, tower=args.tower)}
             for method in args.methods:
-                members[method] = variant_step(dims, num_tasks, method, rank)
-                if args.representation:
-                    members[f"{method} z"] = variant_step(dims, num_tasks, method, rank, features=True)
+                for name in columns(args, method):
+                    members[name] = variant_step(
+                        dims,
+                        num_tasks,
+                        method,
+                        rank,
+                        features=name != method,
+                        per_task=name.endswith("per task"),
+                        tower=args.tower,
+                    )
             times = interleaved_times(members, args.reps, args.inner_steps, around=dist.barrier)
             plain = times["plain"]
             for name, values in times.items():
@@ -132,25 +164,37 @@ def worker(rank: int, port: int, args: argparse.Namespace) -> None:
         dist.destroy_process_group()
 
 
+def columns(args: argparse.Namespace, method: str) -> list[str]:
+    """The variants of ``method``: full mode, and representation mode (split at z, and per task)."""
+    names = [method]
+    if args.representation:
+        names.append(f"{method} z")
+        if args.per_task:
+            names.append(f"{method} z per task")
+    return names
+
+
 def write(rows: list[dict], out: Path, args: argparse.Namespace) -> None:
-    columns = [name for m in args.methods for name in ([m, f"{m} z"] if args.representation else [m])]
+    names = [name for m in args.methods for name in columns(args, m)]
+    heads = f"towers d_z→{args.tower}→{args.tower}→1" if args.tower else "linear heads"
     lines = [
-        f"# FSDP2 step time ({WORLD} gloo ranks, one thread each, model {args.size}, batch {BATCH} per rank, "
-        f"{args.reps} repetitions × {args.inner_steps} steps, torch {torch.__version__})",
+        f"# FSDP2 step time ({WORLD} gloo ranks, one thread each, model {args.size} with {heads}, "
+        f"batch {BATCH} per rank, {args.reps} repetitions × {args.inner_steps} steps, "
+        f"torch {torch.__version__})",
         "",
-        "| T | plain ms | " + " | ".join(columns) + " |",
-        "|---|---|" + "---|" * len(columns),
+        "| T | plain ms | " + " | ".join(names) + " |",
+        "|---|---|" + "---|" * len(names),
     ]
     for num_tasks in args.tasks:
         sub = {r["variant"]: r for r in rows if r["num_tasks"] == num_tasks}
         cells = [
-            f"{sub[m]['ratio']:.2f} ({sub[m]['ratio_p25']:.2f}-{sub[m]['ratio_p75']:.2f})" for m in columns
+            f"{sub[m]['ratio']:.2f} ({sub[m]['ratio_p25']:.2f}-{sub[m]['ratio_p75']:.2f})" for m in names
         ]
         lines.append(f"| {num_tasks} | {sub['plain']['ms']:.1f} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(
         "Cells: step time / plain FSDP step, median (25th-75th percentile) over the repetitions; "
-        "`<method> z`: representation mode, features=z."
+        "`<method> z`: representation mode, features=z; `per task`: one pass through the heads per task."
     )
     write_rows_and_report(out, rows, "\n".join(lines) + "\n")
 
@@ -172,6 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--representation", action="store_true", help="also time each method in representation mode"
     )
+    parser.add_argument(
+        "--per-task",
+        action="store_true",
+        help="with --representation: also as if the heads' graph did not split at z (one pass per task)",
+    )
+    parser.add_argument("--tower", type=int, default=0, help="heads d_z → N → N → 1 (default 0: linear)")
     args = parser.parse_args(argv)
     mp.start_processes(worker, args=(free_port(), args), nprocs=WORLD, join=True, start_method="spawn")
     return 0

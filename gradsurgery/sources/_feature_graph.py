@@ -28,6 +28,23 @@ from typing import Any
 import torch
 
 
+def _passes_through(hook: Any) -> bool:
+    """Whether a gradient hook on a feature returns the gradient it gets unchanged, so that reading the
+    heads' contributions before it changes nothing: FSDP2's pre-backward hook, which a ``fully_shard``
+    module puts on the tensors it returns (it gathers the module's parameters for the pass and returns the
+    gradient as it came). Any other hook may change the sum of the heads' gradients, which the per-task rows
+    would then miss. Read from FSDP2's module, which is private: where it moved, no hook passes through and
+    the caller takes one pass per task."""
+    owner = getattr(hook, "__self__", None)
+    if owner is None or not type(owner).__module__.startswith("torch.distributed.fsdp."):
+        return False  # FSDP2's module is loaded already wherever its hook is found
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+    except ImportError:
+        return False
+    return isinstance(owner, FSDPState) and getattr(hook, "__func__", None) is FSDPState._pre_backward
+
+
 @dataclass
 class HeadSplit:
     """The one-pass plan: per loss the (node, input index, feature index) of its edges into the features and
@@ -44,7 +61,7 @@ def split_at_features(losses: list[torch.Tensor], features: list[torch.Tensor]) 
     features (a node serving two losses, a leaf reachable both from a loss outside the features and from a
     feature, a feature upstream of another, or a hook on a feature, which acts on the sum of the heads'
     gradients, not on each)."""
-    if any(getattr(z, "_backward_hooks", None) for z in features):
+    if any(not _passes_through(hook) for z in features for hook in (z._backward_hooks or {}).values()):
         return None
     nodes: list[Any] = []
     feature_at: dict[tuple[int, int], int] = {}  # (id of its node, output number) of each non-leaf feature

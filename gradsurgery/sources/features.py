@@ -491,46 +491,7 @@ class SplitCollection(OnePassCollection):
     def _heads_pass(
         self, source: FeatureSource, losses: list[torch.Tensor], keep: bool
     ) -> tuple[torch.Tensor, Sequence[torch.Tensor | None]]:
-        features = source.features
-        dtype, spans, total = self.layout
-        jac = torch.empty(len(self.split.edges), total, dtype=dtype, device=features[0].device)
-        filled: set[tuple[int, int]] = set()
-
-        def capture(task: int, index: int, feature: int) -> Callable[..., None]:
-            start, end = spans[feature]
-
-            def hook(grad_inputs: tuple[torch.Tensor | None, ...], _grad_outputs: Any) -> None:
-                grad = grad_inputs[index]
-                if grad is None:
-                    return
-                block = jac[task, start:end]
-                if (task, feature) in filled:
-                    block.add_(grad.reshape(-1))
-                else:
-                    block.copy_(grad.reshape(-1))
-                    filled.add((task, feature))
-
-            return hook
-
-        handles = [
-            node.register_hook(capture(i, k, j))
-            for i, edges in enumerate(self.split.edges)
-            for node, k, j in edges
-        ]
-        try:
-            # z is requested so that the heads compute the gradients along their edges into it; the pass
-            # stops there (no requested leaf lies beyond z: ``split_at_features``).
-            grads = torch.autograd.grad(
-                losses, features + self.head_params, unit_seeds(losses), retain_graph=keep, allow_unused=True
-            )
-        finally:
-            for handle in handles:
-                handle.remove()
-        for i in range(len(self.split.edges)):
-            for j, (start, end) in enumerate(spans):
-                if (i, j) not in filled:
-                    jac[i, start:end].zero_()
-        return jac, grads[len(features) :]
+        return split_jacobian(losses, source.features, self.split, self.head_params, keep)
 
 
 def check_own_views(losses: list[torch.Tensor], views: list[list[torch.Tensor]]) -> list[set[int]]:
@@ -565,3 +526,52 @@ def check_own_views(losses: list[torch.Tensor], views: list[list[torch.Tensor]])
             )
         leaves.append(others)
     return leaves
+
+
+def split_jacobian(
+    losses: list[torch.Tensor],
+    features: list[torch.Tensor],
+    split: HeadSplit,
+    others: list[torch.Tensor],
+    keep: bool,
+) -> tuple[torch.Tensor, Sequence[torch.Tensor | None]]:
+    """J_z from one backward pass of Σ_i L_i through the heads split at the features (``split_at_features``):
+    a hook on each node that sends a gradient into a feature adds it to its task's row. Also returns the
+    gradients of ``others`` (the heads' parameters) from that pass, None where unreached."""
+    dtype, spans, total = feature_layout(features)
+    jac = torch.empty(len(split.edges), total, dtype=dtype, device=features[0].device)
+    filled: set[tuple[int, int]] = set()
+
+    def capture(task: int, index: int, feature: int) -> Callable[..., None]:
+        start, end = spans[feature]
+
+        def hook(grad_inputs: tuple[torch.Tensor | None, ...], _grad_outputs: Any) -> None:
+            grad = grad_inputs[index]
+            if grad is None:
+                return
+            block = jac[task, start:end]
+            if (task, feature) in filled:
+                block.add_(grad.reshape(-1))
+            else:
+                block.copy_(grad.reshape(-1))
+                filled.add((task, feature))
+
+        return hook
+
+    handles = [
+        node.register_hook(capture(i, k, j)) for i, edges in enumerate(split.edges) for node, k, j in edges
+    ]
+    try:
+        # z is requested so that the heads compute the gradients along their edges into it; the pass
+        # stops there (no requested leaf lies beyond z: ``split_at_features``).
+        grads = torch.autograd.grad(
+            losses, features + others, unit_seeds(losses), retain_graph=keep, allow_unused=True
+        )
+    finally:
+        for handle in handles:
+            handle.remove()
+    for i in range(len(split.edges)):
+        for j, (start, end) in enumerate(spans):
+            if (i, j) not in filled:
+                jac[i, start:end].zero_()
+    return jac, grads[len(features) :]

@@ -41,7 +41,16 @@ import torch
 from .._dtensor import local, shard_group, sharded_like
 from ..gram import combine, gram_matrix, real_view
 from . import NonFiniteError, TaskScale, check_finite, loss_values
-from .features import PARAMETER_GRADIENT, FeatureCollection, FeatureSource, Passes, feature_jacobian
+from ._feature_graph import split_at_features
+from .features import (
+    PARAMETER_GRADIENT,
+    FeatureCollection,
+    FeatureSource,
+    Passes,
+    feature_jacobian,
+    feature_layout,
+    split_jacobian,
+)
 from .weighted import WeightedCollection
 
 if TYPE_CHECKING:
@@ -266,16 +275,17 @@ class FSDPFeatureSource(FeatureSource):
     """Representation mode for FSDP2 parameters (``backward(losses, features=z)``).
 
     ``autograd.grad`` reaches z through the heads (FSDP all-gathers their shards for the pass as for any
-    backward), so J_z is taken as on one process, one pass per task: the features an FSDP2 module returns
-    carry its backward hook, which a single pass split at z would not run per task
-    (``_feature_graph.split_at_features``). The parameters, which ``autograd.grad`` cannot reach, get their
-    gradients from one ``backward`` of the losses in which the gradient arriving at z is replaced by u_z
+    backward), so J_z is taken as on one process: one pass split at z where the heads' graph allows it
+    (FSDP's own hook on the features it returns passes the gradient through), else one per task. The
+    parameters, which ``autograd.grad`` cannot reach, get their gradients from one ``backward`` of the
+    losses in which the gradient arriving at z is replaced by u_z
     (``FeatureCollection.gradients``): FSDP reduce-scatters it, averaged over the ranks, and each rank reads
     its shards. So the trunk gets the mean over the ranks of each rank's (∂z/∂θ)ᵀ u_z and each head s_i
     times its task's mean gradient: one process's step on the concatenated batch, with G_z = Σ_r G_r / n²
     (``Reduction.feature_gram``). Task views are refused: their leaves end the losses' graph at the heads,
-    and a separate pass from z would run outside FSDP's backward hooks of the root module. Cost: T + 1
-    passes through the heads and one through the trunk, with FSDP's all-gathers in each."""
+    and a separate pass from z would run outside FSDP's backward hooks of the root module. Cost: two passes
+    through the heads (T + 1 where the graph does not split at z) and one through the trunk, with FSDP's
+    all-gathers in each."""
 
     collectives_in_collect = True
 
@@ -291,7 +301,12 @@ class FSDPFeatureSource(FeatureSource):
                 "(backward(losses, features=z)), not task_views: the views end each loss's graph at its "
                 "head, and the trunk's pass must start from the losses to run under FSDP's backward hooks"
             )
-        jac, spans = feature_jacobian(losses, self.features)
+        split = split_at_features(losses, self.features)
+        if split is not None:
+            jac, _ = split_jacobian(losses, self.features, split, [], keep=True)
+            spans = feature_layout(self.features)[1]
+        else:
+            jac, spans = feature_jacobian(losses, self.features)
         return ShardedFeatureCollection(
             self, losses, params, passes.unscaled_jacobian(jac), spans, values, passes
         )

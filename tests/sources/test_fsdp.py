@@ -145,9 +145,9 @@ def run_method(rank, method, options, num_tasks=2, rank_options=None, micro_batc
 
 def run_representation(rank, method, options, at, micro_batches=1):
     """Representation mode, ``features=`` the trunk's output z (the gain between z and the heads serves both
-    tasks: one pass per task for J_z) or h (the heads read it directly: in the plain reference one pass
-    through the heads, split at h), on the sharded model with this rank's half and on the plain one with the
-    whole batch. With ``micro_batches`` = 2 each step accumulates two ``backward`` calls (the two halves)."""
+    tasks: one pass per task for J_z) or h (the heads read it directly: one pass through the heads, split at
+    h), on the sharded model with this rank's half and on the plain one with the whole batch. With
+    ``micro_batches`` = 2 each step accumulates two ``backward`` calls (the two halves)."""
     model, ref = shard(make_net(2, cls=RepresentationNet)), make_net(2, cls=RepresentationNet)
     opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), method, **options)
     ref_opt = GradSurgery(
@@ -162,7 +162,9 @@ def run_representation(rank, method, options, at, micro_batches=1):
         ref_opt.zero_grad()
         for part in mine_rows.chunk(micro_batches):
             outs, z, h = model(x[part])
-            info = opt.backward(task_losses(outs, y[part]), features=z if at == "z" else h)
+            losses = task_losses(outs, y[part])
+            out["sharded_split"] = split_at_features(losses, [z if at == "z" else h]) is not None
+            info = opt.backward(losses, features=z if at == "z" else h)
         for part in whole.chunk(micro_batches, dim=1):
             outs, z, h = ref(x[part.reshape(-1)])
             losses = task_losses(outs, y[part.reshape(-1)])
@@ -674,9 +676,9 @@ def test_representation_mode_matches_the_single_process(ranks, method, options, 
     the parameters after three steps with momentum."""
     for res in ranks:
         run = res[f"representation {method} {at} {micro}"]
-        # FSDP hooks the root's outputs, so no pass through the heads can be split at them; in the plain
-        # reference at h it is (one pass through the heads), at z the gain serves both tasks (one per task).
-        assert run["split"] == (at == "h")
+        # One pass through the heads split at h (FSDP's hook on the features it returns passes the gradient
+        # through); at z the gain serves both tasks: one pass per task, sharded and plain alike.
+        assert run["split"] == run["sharded_split"] == (at == "h")
         for step in range(STEPS):
             torch.testing.assert_close(run["gram"][step], run["ref_gram"][step], rtol=1e-10, atol=1e-14)
             torch.testing.assert_close(run["weights"][step], run["ref_weights"][step], rtol=1e-9, atol=1e-12)
