@@ -68,7 +68,7 @@ def finite_gradients(
     return pairs
 
 
-def _entries(grad: torch.Tensor) -> torch.Tensor:
+def entries(grad: torch.Tensor) -> torch.Tensor:
     """The real entries a finiteness check reads: a sparse gradient's stored values, a complex one's real and
     imaginary parts."""
     values = real_view(grad._values() if grad.is_sparse else grad)
@@ -76,11 +76,11 @@ def _entries(grad: torch.Tensor) -> torch.Tensor:
 
 
 def screened(grads: Iterable[torch.Tensor]) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
-    """The non-empty ``_entries`` of ``grads`` grouped by device, each group with its ``finite_screens``
+    """The non-empty ``entries`` of ``grads`` grouped by device, each group with its ``finite_screens``
     stacked (mixed float dtypes promote to a wider one, which keeps every NaN and inf)."""
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for g in grads:
-        values = _entries(g)
+        values = entries(g)
         if values.numel():
             by_device.setdefault(values.device, []).append(values)
     return [(values, torch.stack(finite_screens(values))) for values in by_device.values()]
@@ -102,10 +102,10 @@ def finite_screens(values: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def extremes(grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The smallest and largest entry of ``grad`` (of its ``_entries``), in one pass; none for an empty
+    """The smallest and largest entry of ``grad`` (of its ``entries``), in one pass; none for an empty
     tensor. Both are finite exactly when every entry is: ``torch.aminmax`` propagates NaN, and an inf is one
     of the two."""
-    values = _entries(grad)
+    values = entries(grad)
     if values.numel() == 0:  # nothing to check, and aminmax refuses an empty tensor
         return ()
     return tuple(torch.aminmax(values))

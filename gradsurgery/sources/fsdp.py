@@ -31,6 +31,7 @@ trunk instead of T.
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -40,7 +41,7 @@ import torch
 
 from .._dtensor import local, shard_group, sharded_like
 from ..gram import combine, gram_matrix, real_view
-from . import NonFiniteError, TaskScale, check_finite, loss_values
+from . import NonFiniteError, TaskScale, check_finite, entries, extremes, finite_screens, loss_values
 from ._feature_graph import split_at_features
 from .features import (
     PARAMETER_GRADIENT,
@@ -249,25 +250,40 @@ class FSDPWeightedCollection(WeightedCollection):
             got = [(p, local(p.grad).clone()) for p in self.params if p.grad is not None]
         if not got:
             raise reaches_nothing(range(self.num_tasks))
-        summed_squares_finite(
+        finite_on_every_rank(
             [g for _, g in got], self.reduction, [p for p, _ in got], "gradient of the weighted loss"
         )
         factor = 1.0 if self.scaling is None else self.scaling.scale_factor()
         return [(p, sharded_like(p, g / factor if factor != 1.0 else g)) for p, g in got]
 
 
-def summed_squares_finite(
+def finite_on_every_rank(
     shards: Sequence[torch.Tensor], reduction: Reduction, params: Sequence[torch.Tensor], what: str
 ) -> None:
-    """``NonFiniteError`` on every rank when some rank's shard holds a NaN or inf: Σ‖shard‖² summed over
-    the ranks (one all-reduce) is finite only when every entry is, so that all ranks stop together."""
+    """``NonFiniteError`` on every rank when some rank's shard holds a NaN or inf (all ranks stop together).
+    Each shard is read once for its screen (``sources.finite_screens``: one sum per tensor in its own dtype,
+    no float64 copy of a shard), the screens summed over the ranks in float64 (one all-reduce of a number per
+    tensor); only where a summed screen is not finite (a NaN or inf, or finite entries whose sum overflowed)
+    are the shards' exact extremes read and their verdicts summed over the ranks."""
     if not shards:  # nothing reached, on every rank alike
         return
-    square = torch.zeros(1, dtype=torch.float64, device=shards[0].device)
-    for g in shards:
-        square += real_view(g).double().pow(2).sum()
-    reduction.sum_in_place([square])
-    if not torch.isfinite(square).all():
+    values = [entries(g) for g in shards]
+    device = values[0].device
+    filled = [k for k, v in enumerate(values) if v.numel()]
+    screens = torch.zeros(len(values), dtype=torch.float64, device=device)
+    if filled:
+        screens[filled] = torch.stack(finite_screens([values[k] for k in filled])).to(torch.float64)
+    reduction.sum_in_place([screens])
+    suspects = [k for k, v in enumerate(screens.tolist()) if not math.isfinite(v)]
+    if not suspects:
+        return
+    verdicts = [
+        0.0 if not values[k].numel() or bool(torch.isfinite(torch.stack(extremes(values[k]))).all()) else 1.0
+        for k in suspects
+    ]
+    failed = torch.tensor(verdicts, dtype=torch.float64, device=device)
+    reduction.sum_in_place([failed])
+    if bool((failed > 0).any()):
         raise NonFiniteError(f"non-finite (NaN/inf) {what}; nothing was written", params)
 
 
@@ -335,5 +351,5 @@ class ShardedFeatureCollection(FeatureCollection):
         if self.reduction is None:
             raise RuntimeError("the feature collection's gradients are taken after reduce()")
         got = [(p, g) for p, g in zip(self.params, grads, strict=True) if g is not None]
-        summed_squares_finite([g for _, g in got], self.reduction, [p for p, _ in got], PARAMETER_GRADIENT)
+        finite_on_every_rank([g for _, g in got], self.reduction, [p for p, _ in got], PARAMETER_GRADIENT)
         return [(p, sharded_like(p, g)) for p, g in got]

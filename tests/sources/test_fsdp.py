@@ -230,6 +230,28 @@ class NaNBackward(torch.autograd.Function):
         return grad
 
 
+# Per case, each rank's shards: finite entries whose sum overflows (float32, float16) are finite; a NaN or an
+# inf on one rank only, beside an empty shard on the other, is not.
+FINITENESS_CASES = {
+    "float32 sum overflows": ([[3e38, 3e38]], [[1.0]], torch.float32, True),
+    "float16 sum overflows": ([[6e4, 6e4, 6e4]], [[-1.0]], torch.float16, True),
+    "NaN on rank 1": ([[1.0, 2.0]], [[math.nan]], torch.float32, False),
+    "inf on rank 1, rank 0 empty": ([[]], [[math.inf]], torch.float64, False),
+}
+
+
+def finiteness(rank):
+    """``finite_on_every_rank`` on each case's shards: the same verdict on both ranks."""
+    from gradsurgery.sources.fsdp import finite_on_every_rank
+
+    reduction = DistributedSync().reduction(torch.device("cpu"))
+    out = {}
+    for name, (first, second, dtype, _) in FINITENESS_CASES.items():
+        shards = [torch.tensor(v, dtype=dtype) for v in (first if rank == 0 else second)]
+        out[name] = catch(lambda shards=shards: finite_on_every_rank(shards, reduction, [], "gradient"))
+    return out
+
+
 def mixed_precision(rank):
     """FSDP2's usual recipe, ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``: full and
     representation mode (``mgda``) next to the same float32 model without the policy."""
@@ -493,6 +515,7 @@ def scenarios(rank: int) -> dict:
         )
     results["representation failures"] = representation_failures(rank)
     results["mixed precision"] = mixed_precision(rank)
+    results["finiteness"] = finiteness(rank)
     results["representation scaler"] = representation_scaler(rank)
     results["shared_override"] = run_method_shared(rank)
     results["scaler"] = scaler_scenario(rank)
@@ -691,6 +714,14 @@ def test_representation_mode_under_a_grad_scaler(ranks):
     for res in ranks:
         run = res["representation scaler"]
         assert run["ratios_exact"] == [True] * STEPS and run["same_params"]
+
+
+@pytest.mark.parametrize("case", sorted(FINITENESS_CASES))
+def test_finiteness_of_shards_is_agreed_over_the_ranks(ranks, case):
+    finite = FINITENESS_CASES[case][3]
+    for res in ranks:
+        name, msg = res["finiteness"][case]
+        assert (name is None) if finite else (name == "NonFiniteError" and "non-finite" in msg)
 
 
 @pytest.mark.parametrize("mode", ["full", "representation"])
