@@ -479,12 +479,6 @@ class SplitCollection(OnePassCollection):
         passes: Passes,
         split: HeadSplit,
     ) -> None:
-        feeds = {j for edges in split.edges for _, _, j in edges}
-        check_reach(
-            [i for i, edges in enumerate(split.edges) if not edges],
-            [j for j in range(len(source.features)) if j not in feeds],
-            source.features,
-        )
         self.split = split
         super().__init__(source, losses, params, values, passes, split.reached)
 
@@ -537,7 +531,15 @@ def split_jacobian(
 ) -> tuple[torch.Tensor, Sequence[torch.Tensor | None]]:
     """J_z from one backward pass of Σ_i L_i through the heads split at the features (``split_at_features``):
     a hook on each node that sends a gradient into a feature adds it to its task's row. Also returns the
-    gradients of ``others`` (the heads' parameters) from that pass, None where unreached."""
+    gradients of ``others`` (the heads' parameters) from that pass, None where unreached. ``ValueError``
+    (``check_reach``), before the pass, when a loss sends nothing into the features or a feature feeds no
+    loss."""
+    feeds = {j for edges in split.edges for _, _, j in edges}
+    check_reach(
+        [i for i, edges in enumerate(split.edges) if not edges],
+        [j for j in range(len(features)) if j not in feeds],
+        features,
+    )
     dtype, spans, total = feature_layout(features)
     jac = torch.empty(len(split.edges), total, dtype=dtype, device=features[0].device)
     filled: set[tuple[int, int]] = set()

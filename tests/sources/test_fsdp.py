@@ -274,9 +274,10 @@ def mixed_precision(rank):
 
 
 def representation_failures(rank):
-    """After one good step's ``backward`` (its gradient left in ``.grad``): a NaN loss on rank 1, then a NaN
-    in rank 1's pass through the trunk (the features' gradients finite) that FSDP's reduce-scatter puts in
-    rank 0's shards only. Every rank raises, and ``.grad`` and the method's state are as they were."""
+    """After one good step's ``backward`` (its gradient left in ``.grad``): a NaN loss on rank 1, a loss that
+    does not reach the features, then a NaN in rank 1's pass through the trunk (the features' gradients
+    finite) that FSDP's reduce-scatter puts in rank 0's shards only. Every rank raises, and ``.grad`` and the
+    method's state are as they were."""
     model = shard(make_net(2, cls=RepresentationNet))
     opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "pcgrad", seed=0)
     x, y = make_data(2)
@@ -296,6 +297,14 @@ def representation_failures(rank):
         opt.backward(losses, features=z)
 
     res["loss"] = catch(nan_loss)
+
+    def loss_off_the_features():
+        # At h the heads' pass splits; a loss that sends nothing into h is refused before it.
+        outs, _, h = model(x[mine])
+        other = torch.ones(2, dtype=h.dtype, requires_grad=True)
+        opt.backward([task_losses(outs, y[mine])[0], (other * 2).sum()], features=h)
+
+    res["lost"] = catch(loss_off_the_features)
     if rank == 1:
         model.trunk[0].register_forward_hook(lambda _module, _inputs, output: NaNBackward.apply(output))
 
@@ -742,6 +751,8 @@ def test_representation_mode_failures_stop_every_rank_and_write_nothing(ranks):
         assert name == "NonFiniteError" and "loss value(s) for task(s) [1]" in msg
         name, msg = run["trunk"]
         assert name == "NonFiniteError" and "pass through the heads or the trunk" in msg
+        name, msg = run["lost"]
+        assert name == "ValueError" and "loss(es) [1] do not depend on the features" in msg
         assert run["grads_untouched"] and run["generator_untouched"]
 
 
