@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 
+from ._collective import sum_in_place
 from ._validation import check_choice
 from .gram import combine, gram_matrix
 
@@ -336,14 +337,14 @@ class _GroupReduction(LocalReduction):
         t = gram.shape[0]
         n = _dist().get_world_size(self.group)
         packed = torch.cat([gram.reshape(-1), values.to(device=gram.device, dtype=gram.dtype)])
-        _sum_in_place([packed], self.group)
+        sum_in_place([packed], self.group)
         return packed[: t * t].view(t, t).div_(n * n), packed[t * t :].div_(n).to(values.dtype)
 
     def sum_in_place(self, tensors: list[torch.Tensor]) -> None:
-        _sum_in_place(tensors, self.group)
+        sum_in_place(tensors, self.group)
 
     def average_in_place(self, tensors: list[torch.Tensor]) -> None:
-        _sum_in_place(tensors, self.group)
+        sum_in_place(tensors, self.group)
         ranks = _dist().get_world_size(self.group)
         for t in tensors:
             t.div_(ranks)
@@ -368,7 +369,7 @@ class _GroupReduction(LocalReduction):
             dtype=torch.float64,
             device=params[0].device,
         )
-        _sum_in_place([flags], self.group)
+        sum_in_place([flags], self.group)
         reached, sparse = (flags > 0).T.tolist()
         filled = [
             g if g is not None else _sparse_zeros(p) if is_sparse else torch.zeros_like(p)
@@ -394,7 +395,7 @@ class AllReduceReduction(_GroupReduction):
             dist.all_reduce(jac, group=self.group)
             jac.div_(n)
         values = values.clone()
-        _sum_in_place(task_specific + [values], self.group)
+        sum_in_place(task_specific + [values], self.group)
         for g in task_specific:
             g.div_(n)
         return gram_matrix(jac, gram_dtype), values.div_(n), _fuse_with(jac)
@@ -428,7 +429,7 @@ class ShardedReduction(_GroupReduction):
         # G = Σ_k J_k J_kᵀ over the column blocks: summed, not averaged. The losses ride along.
         partial = gram_matrix(shard, gram_dtype)
         packed = torch.cat([partial.reshape(-1), values.to(device=partial.device, dtype=gram_dtype)])
-        _sum_in_place(task_specific + [packed], group)
+        sum_in_place(task_specific + [packed], group)
         for g in task_specific:
             g.div_(n)
         gram = packed[: num_tasks * num_tasks].view(num_tasks, num_tasks)
@@ -503,22 +504,6 @@ def _mean_sparse(g: torch.Tensor, group: Any, n: int) -> torch.Tensor:
     all_idx = torch.cat([t[:, : int(s)] for t, s in zip(gi, sizes, strict=True)], dim=1)
     all_vals = torch.cat([t[: int(s)] for t, s in zip(gv, sizes, strict=True)])
     return torch.sparse_coo_tensor(all_idx, all_vals / n, g.shape, check_invariants=False).coalesce()
-
-
-def _sum_in_place(tensors: list[torch.Tensor], group: Any) -> None:
-    """Sum each tensor over the ranks, in place: one all-reduce per (dtype, device), so the float64 Gram
-    keeps its precision and float32 head gradients do not travel as float64."""
-    dist = _dist()
-    buckets: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
-    for t in tensors:
-        buckets.setdefault((t.dtype, t.device), []).append(t)
-    for _, members in sorted(buckets.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))):
-        flat = torch.cat([t.reshape(-1) for t in members])
-        dist.all_reduce(flat, group=group)
-        offset = 0
-        for t in members:
-            t.copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
 
 
 def _reduce_scatter(output: torch.Tensor, stacked: torch.Tensor, group: Any) -> None:

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from ._collective import sum_in_place
 from ._dtensor import is_sharded, local, shard_group, sharded_like
 from ._validation import check_bool, check_tensors
 from .gram import real_view
@@ -64,18 +65,6 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _on(device: torch.device, values: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([v.to(device) for v in values])
-
-
-def _summed_over_shards(group: Any, *vectors: torch.Tensor) -> list[torch.Tensor]:
-    """The per-tensor inner products of this rank's shards, summed over the ranks that hold the other
-    shards (one all-reduce); unchanged without a group (whole tensors)."""
-    if group is None:
-        return list(vectors)
-    packed = torch.cat(vectors)
-    torch.distributed.all_reduce(packed, group=group)
-    sizes = [v.numel() for v in vectors]
-    starts = [sum(sizes[:k]) for k in range(len(sizes))]
-    return [packed[start : start + size].clone() for start, size in zip(starts, sizes, strict=True)]
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -111,7 +100,8 @@ def l2_coefficients(
     device = thetas[0].device
     dots = _on(device, [_dot(g, t) for g, t in zip(grads, thetas, strict=True)])
     sq = _on(device, [_dot(t, t) for t in thetas])
-    dots, sq = _summed_over_shards(group, dots, sq)
+    if group is not None:  # this rank's shards: the inner products summed over the ranks holding the others
+        sum_in_place([dots, sq], group)
     if not per_tensor:
         dots, sq = dots.sum(), sq.sum()
     return torch.where(sq > 0, torch.relu(-dots) / torch.where(sq > 0, sq, 1.0), 0.0)
@@ -151,12 +141,11 @@ def decoupled_correction(
         return
     device = olds[0].device
     pairs = list(zip(news, olds, strict=True))
-    sq_olds, crosses, sq_news = _summed_over_shards(
-        group,
-        _on(device, [_dot(old, old) for _, old in pairs]),
-        _on(device, [_dot(new, old) for new, old in pairs]),
-        _on(device, [_dot(new, new) for new, _ in pairs]),
-    )
+    sq_olds = _on(device, [_dot(old, old) for _, old in pairs])
+    crosses = _on(device, [_dot(new, old) for new, old in pairs])
+    sq_news = _on(device, [_dot(new, new) for new, _ in pairs])
+    if group is not None:  # as in ``l2_coefficients``
+        sum_in_place([sq_olds, crosses, sq_news], group)
     if per_tensor:
         sums = [([k], sq_olds[k], crosses[k], sq_news[k]) for k in range(len(news))]
     else:

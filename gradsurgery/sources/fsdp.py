@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .._collective import sum_in_place
 from .._dtensor import local, shard_group, sharded_like
 from ..gram import combine, gram_matrix, real_view
 from . import NonFiniteError, TaskScale, check_finite, entries, extremes, finite_screens, loss_values
@@ -203,7 +204,7 @@ class FSDPCollection:
                 norms[i] += real_view(self.shards[i][k]).to(self.gram_dtype).pow(2).sum().to(device)
         packed = torch.cat([partial.reshape(-1), norms])
         if reduction.group is not None:
-            torch.distributed.all_reduce(packed, group=shard_group(self.params[0]))
+            sum_in_place([packed], shard_group(self.params[0]))
         self.gram = packed[: t * t].view(t, t)
         self._specific_norms = packed[t * t :]
         self.loss_values = reduction.average(self.loss_values)
