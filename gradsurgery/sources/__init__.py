@@ -54,7 +54,7 @@ def all_finite(grads: Iterable[torch.Tensor]) -> bool:
         # Read as Python floats: torch.isfinite takes four operations, each a kernel launch on a GPU.
         passed = [math.isfinite(v) for v in screens.tolist()]
         suspects += [v for v, ok in zip(values, passed, strict=True) if not ok]
-    return all(bool(torch.isfinite(torch.stack(extremes(v))).all()) for v in suspects)
+    return all(exactly_finite(v) for v in suspects)
 
 
 def finite_gradients(
@@ -109,6 +109,12 @@ def extremes(grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
     if values.numel() == 0:  # nothing to check, and aminmax refuses an empty tensor
         return ()
     return tuple(torch.aminmax(values))
+
+
+def exactly_finite(grad: torch.Tensor) -> bool:
+    """Whether every entry of ``grad`` is finite, from its ``extremes`` (an empty tensor is)."""
+    ends = extremes(grad)
+    return not ends or bool(torch.isfinite(torch.stack(ends)).all())
 
 
 class TaskScale:

@@ -42,7 +42,7 @@ import torch
 from .._collective import sum_in_place
 from .._dtensor import local, shard_group, sharded_like
 from ..gram import combine, gram_matrix, real_view
-from . import NonFiniteError, TaskScale, check_finite, entries, extremes, finite_screens, loss_values
+from . import NonFiniteError, TaskScale, check_finite, entries, exactly_finite, finite_screens, loss_values
 from ._feature_graph import split_at_features
 from .features import (
     PARAMETER_GRADIENT,
@@ -278,11 +278,9 @@ def finite_on_every_rank(
     suspects = [k for k, v in enumerate(screens.tolist()) if not math.isfinite(v)]
     if not suspects:
         return
-    verdicts = [
-        0.0 if not values[k].numel() or bool(torch.isfinite(torch.stack(extremes(values[k]))).all()) else 1.0
-        for k in suspects
-    ]
-    failed = torch.tensor(verdicts, dtype=torch.float64, device=device)
+    failed = torch.tensor(
+        [float(not exactly_finite(values[k])) for k in suspects], dtype=torch.float64, device=device
+    )
     reduction.sum_in_place([failed])
     if bool((failed > 0).any()):
         raise NonFiniteError(f"non-finite (NaN/inf) {what}; nothing was written", params)
