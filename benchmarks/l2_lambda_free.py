@@ -268,26 +268,31 @@ def train_one(
     }
 
 
-def step_times(archs: list[str], reps: int, width: int, steps: int = 10) -> list[dict]:
+def step_times(archs: list[str], reps: int, width: int, steps: int = 100, warmup: int = 300) -> list[dict]:
     """The time of a training step (forward, backward, the rule, SGD's step) with no regularization, weight
     decay, the norm rule (global, decoupled: SGD's default) and the evidence λ (``method="l2",
-    evidence=True``), ``reps`` interleaved repetitions of ``steps`` steps each on batches of 32; medians and
-    quartiles of each variant's time over its plain step's (the same repetition)."""
+    evidence=True``; ``age 0``: its spectra taken at every solve), ``reps`` interleaved repetitions of
+    ``steps`` steps each on batches of 32, after ``warmup`` steps (past the evidence λ's early spectra, at
+    steps 1, 10, 20, 40, 80, 160 and 260: each repetition then holds one eigendecomposition and ten
+    solves); medians and quartiles of each variant's time over its plain step's (the same repetition)."""
     data = prepare(0, 200, 300, 0.3)
     (xtr, ytr), _, _ = data
     rows = []
     for arch in archs:
         variants = {}
-        for name in ("none", "wd", "l2-dec", "l2-ev-pt"):
+        for name in ("none", "wd", "l2-dec", "l2-ev-pt", "l2-ev-pt age 0"):
             model = build(arch, 0, width)
             opt = D.optimizer(model, "sgd", LR["sgd"], 1e-3 if name == "wd" else None)
             if name == "l2-dec":
                 opt = GradSurgery(opt, "l2")
-            elif name == "l2-ev-pt":
+            elif name.startswith("l2-ev-pt"):
                 opt = GradSurgery(opt, "l2", evidence=True, layers=model, num_samples=len(ytr))
+                if name.endswith("age 0"):  # the spectra taken at every solve
+                    opt.l2.max_spectrum_age = 0
             variants[name] = (model, opt)
         gen = torch.Generator().manual_seed(7)
         batches = [D.batches(len(ytr), 32, gen)[0] for _ in range(steps)]
+        early = [D.batches(len(ytr), 32, gen)[0] for _ in range(warmup)]
 
         def run(model, opt, batches=batches) -> float:
             t0 = time.perf_counter()
@@ -298,8 +303,8 @@ def step_times(archs: list[str], reps: int, width: int, steps: int = 10) -> list
                 opt.step()
             return (time.perf_counter() - t0) / len(batches)
 
-        for model, opt in variants.values():  # warm-up, and the evidence λ's first solve
-            run(model, opt)
+        for model, opt in variants.values():
+            run(model, opt, early)
         times: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(reps):
             for name, (model, opt) in variants.items():
@@ -340,8 +345,9 @@ class _TF32Factors(KroneckerFactors):
 
 def factor_precision(arch: str, seed: int, noise: float, epochs: int, width: int) -> dict:
     """Along one SGD run of ``method="l2", evidence=True`` (float32 factors), the largest relative
-    difference between each λ it solves and the λ of the same solve from factors recorded beside it in
-    float64 and with TF32 products (the same batches and weights: a difference of precision only)."""
+    difference between each λ it solves from spectra taken at that step and the λ of the same solve from
+    factors recorded beside it in float64 and with TF32 products (the same batches and weights: a
+    difference of precision only)."""
     (xtr, ytr), _, _ = prepare(seed, 200, 300, noise)
     model = build(arch, seed, width)
     opt = GradSurgery(
@@ -361,7 +367,7 @@ def factor_precision(arch: str, seed: int, noise: float, epochs: int, width: int
             opt.backward(F.cross_entropy(model(xtr[idx]), ytr[idx]))
             for factors in shadows.values():
                 factors.commit(range(len(layers)), local)
-            if rule.steps == 1 or rule.steps % rule.every == 0:  # the rule solved in this backward
+            if rule.spectra_step == rule.steps:  # the rule took its spectra and solved in this backward
                 solves += 1
                 for name, factors in shadows.items():
                     for k, weight in enumerate(rule.weights):
@@ -372,6 +378,39 @@ def factor_precision(arch: str, seed: int, noise: float, epochs: int, width: int
     for factors in shadows.values():
         factors.remove()
     return {"arch": arch, "seed": seed, "label_noise": noise, "solves": solves, **worst}
+
+
+def spectrum_age(arch: str, seed: int, noise: float, epochs: int, width: int) -> dict:
+    """Along one SGD run of ``method="l2", evidence=True``, at each solve that reads spectra taken at an
+    earlier step: the rule's λ (those spectra scaled to the factors' current traces) and the λ of the same
+    spectra unscaled, each against the λ of a fresh eigendecomposition of the same factors; the relative
+    differences' mean (signed) and largest magnitude over the run's solves and layers."""
+    (xtr, ytr), _, _ = prepare(seed, 200, 300, noise)
+    model = build(arch, seed, width)
+    opt = GradSurgery(
+        D.optimizer(model, "sgd", LR["sgd"]), "l2", evidence=True, layers=model, num_samples=len(ytr)
+    )
+    rule = opt.l2
+    diffs: dict[str, list[float]] = {"scaled": [], "unscaled": []}
+    gen = torch.Generator().manual_seed(1000 + seed)
+    for _ in range(epochs):
+        for idx in D.batches(len(ytr), 32, gen):
+            opt.zero_grad()
+            opt.backward(F.cross_entropy(model(xtr[idx]), ytr[idx]))
+            if rule.steps % rule.every == 0 and rule.spectra_step < rule.steps:
+                for k, weight in enumerate(rule.weights):
+                    sq_norm = float((weight.detach().double() ** 2).sum())
+                    fresh = evidence_lambda(rule.factors.curvatures(k), sq_norm, rule.num_samples)
+                    unscaled = evidence_lambda(rule.spectra[k].curvatures(), sq_norm, rule.num_samples)
+                    if fresh > 0:
+                        diffs["scaled"].append(rule.lambdas[k] / fresh - 1)
+                        diffs["unscaled"].append(unscaled / fresh - 1)
+            opt.step()
+    row: dict = {"arch": arch, "seed": seed, "label_noise": noise, "solves": len(diffs["scaled"])}
+    for name, values in diffs.items():
+        row[f"{name}_mean"] = statistics.mean(values) if values else 0.0
+        row[f"{name}_max"] = max((abs(v) for v in values), default=0.0)
+    return row
 
 
 def training(row: dict) -> str:
@@ -553,10 +592,17 @@ def main(argv: list[str] | None = None) -> int:
         help="along one run per arch, seed and noise: the evidence λ from float64 and TF32 factors instead",
     )
     parser.add_argument(
+        "--spectrum-age",
+        action="store_true",
+        help="along one run per arch, seed and noise: the evidence λ between eigendecompositions against the "
+        "λ of a fresh one",
+    )
+    parser.add_argument(
         "--step-times",
         type=int,
         metavar="REPS",
-        help="time a step of none, wd, l2-dec and l2-ev-pt with SGD instead (REPS interleaved repetitions)",
+        help="time a step of none, wd, l2-dec and l2-ev-pt with SGD instead (REPS interleaved repetitions of "
+        "100 steps, after 300)",
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -579,6 +625,30 @@ def main(argv: list[str] | None = None) -> int:
         text = "# Step time, SGD, one thread, batch 32\n\n" + "\n".join(lines) + "\n"
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "step_times.md").write_text(text)
+        print(text)
+        return 0
+    if args.spectrum_age:
+        lines = [
+            "| arch | seed | label noise | solves | scaled: mean | scaled: largest | unscaled: mean | "
+            "unscaled: largest |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for arch, seed, noise in itertools.product(args.arch, args.seeds, args.label_noise):
+            r = spectrum_age(arch, seed, noise, args.epochs, args.width)
+            lines.append(
+                f"| {arch} | {seed} | {noise} | {r['solves']} | {r['scaled_mean']:+.3f} | "
+                f"{r['scaled_max']:.3f} | {r['unscaled_mean']:+.3f} | {r['unscaled_max']:.3f} |"
+            )
+            print(lines[-1], flush=True)
+        text = (
+            "# The evidence λ between eigendecompositions\n\n"
+            "Relative difference of each λ solved from older spectra (scaled to the factors' current traces, "
+            "as the rule does, and unscaled) against the λ of a fresh eigendecomposition (SGD, batch 32).\n\n"
+            + "\n".join(lines)
+            + "\n"
+        )
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "spectrum_age.md").write_text(text)
         print(text)
         return 0
     if args.factor_precision:

@@ -349,14 +349,17 @@ def batch(step: int, dtype: torch.dtype = torch.float32):
     return torch.randn(16, 6, generator=gen).to(dtype), torch.randint(0, 4, (16,), generator=gen)
 
 
-def reference_run(steps: int, per_layer: bool, dtype: torch.dtype, lr: float = 0.2):
+def reference_run(steps: int, per_layer: bool, dtype: torch.dtype, lr: float = 0.2, max_age: int = 100):
     """The evidence rule written out: factors by hand from per-layer inputs and B·∂L/∂out, their
-    exponential averages, F's spectrum from the full Kronecker product, λ by a root finder, SGD on
-    g + λθ. Returns the parameters after each step and the λ of each step."""
+    exponential averages, F's spectrum from the full Kronecker product (taken again at a solve once it is
+    min(``max_age``, its step) steps old, and scaled to sum to the current tr A · tr S), λ by a root finder
+    with the weights' current norms, SGD on g + λθ. Returns the parameters after each step and the λ of
+    each step."""
     model = small_net(dtype=dtype)
     layers = [model[0], model[2]]
     avg_a, avg_s = [None, None], [None, None]
     lambdas, history = None, []
+    spectra, taken = None, 0
     for step in range(steps):
         x, y = batch(step, dtype)
         captures = [Capture(layer) for layer in layers]
@@ -371,12 +374,19 @@ def reference_run(steps: int, per_layer: bool, dtype: torch.dtype, lr: float = 0
             avg_a[k] = a if avg_a[k] is None else BETA * avg_a[k] + (1 - BETA) * a
             avg_s[k] = s if avg_s[k] is None else BETA * avg_s[k] + (1 - BETA) * s
         if lambdas is None or (step + 1) % EVERY == 0:
-            spectra = [np.clip(np.linalg.eigvalsh(np.kron(avg_a[k], avg_s[k])), 0, None) for k in range(2)]
+            if step + 1 - taken >= min(max_age, taken):
+                spectra = [
+                    np.clip(np.linalg.eigvalsh(np.kron(avg_a[k], avg_s[k])), 0, None) for k in range(2)
+                ]
+                taken = step + 1
             norms = [float((layer.weight.detach().double() ** 2).sum()) for layer in layers]
+            scaled = [
+                spectra[k] * np.trace(avg_a[k]) * np.trace(avg_s[k]) / spectra[k].sum() for k in range(2)
+            ]
             if per_layer:
-                lambdas = [ref_lambda(spectra[k], norms[k], N_TRAIN) for k in range(2)]
+                lambdas = [ref_lambda(scaled[k], norms[k], N_TRAIN) for k in range(2)]
             else:
-                lambdas = [ref_lambda(np.concatenate(spectra), sum(norms), N_TRAIN)]
+                lambdas = [ref_lambda(np.concatenate(scaled), sum(norms), N_TRAIN)]
         with torch.no_grad():
             for p, g in zip(model.parameters(), grads[2:], strict=True):
                 lam = 0.0
@@ -408,6 +418,78 @@ def test_training_steps_match_the_reference(per_layer, dtype, lambda_rtol, param
         for p, q in zip(model.parameters(), params, strict=True):
             torch.testing.assert_close(p.detach(), q, rtol=param_rtol, atol=param_rtol * 1e-2)
     assert opt.l2.steps == steps and len(info.l2_coefficient) == (2 if per_layer else 1)
+
+
+@pytest.mark.parametrize("max_age,per_layer", [(100, True), (30, True), (0, True), (100, False)])
+def test_solves_between_eigendecompositions_read_the_last_spectra(max_age, per_layer):
+    """265 steps (float64): with the default age the spectra are taken at steps 1, 10, 20, 40, 80, 160 and
+    260 and λ is solved from them, scaled to the factors' traces and with the weights' norms of its own
+    step, at every tenth step; max age 30: 1, 10, 20, 40, 70, 100, …; 0: at every solve."""
+    steps = 265
+    expected = reference_run(steps, per_layer, torch.float64, max_age=max_age)
+    model = small_net(dtype=torch.float64)
+    opt = evidence_opt(model, lr=0.2, per_tensor=per_layer)
+    opt.l2.max_spectrum_age = max_age
+    taken = []
+    for step in range(steps):
+        x, y = batch(step, torch.float64)
+        opt.zero_grad()
+        info = opt.backward(F.cross_entropy(model(x), y))
+        opt.step()
+        if opt.l2.spectra_step == step + 1:
+            taken.append(step + 1)
+        params, lambdas = expected[step]
+        np.testing.assert_allclose(info.l2_coefficient.numpy(), lambdas, rtol=1e-10)
+        for p, q in zip(model.parameters(), params, strict=True):
+            torch.testing.assert_close(p.detach(), q, rtol=1e-10, atol=1e-12)
+    solves = [1, *range(10, steps + 1, 10)]
+    assert taken == {100: [1, 10, 20, 40, 80, 160, 260], 30: [1, 10, 20, 40, 70, *range(100, 261, 30)]}.get(
+        max_age, solves
+    )
+
+
+def test_a_layer_first_reached_after_the_spectra_gets_its_own_at_the_next_solve():
+    """A second head used from step 25 on: at the solve of step 30, where the others keep their spectra of
+    step 20, it gets its own of step 30; at 40 all are taken again, and the solve of 50 reads those. Every
+    λ from the spectra it read, scaled to the factors' traces of its step, and the weights' norms then."""
+    torch.manual_seed(3)
+    trunk, first, second = nn.Linear(6, 8), nn.Linear(8, 4), nn.Linear(8, 4)
+    model = nn.ModuleList([trunk, first, second]).double()
+    opt = evidence_opt(model, lr=0.1)
+    rule = opt.l2
+    taken = {}
+    for step in range(1, 51):
+        x, y = batch(step, torch.float64)
+        hidden = torch.tanh(trunk(x))
+        loss = F.cross_entropy(first(hidden), y)
+        if step >= 25:
+            loss = loss + F.cross_entropy(second(hidden), y)
+        opt.zero_grad()
+        info = opt.backward(loss)
+        norms = [float((w.detach() ** 2).sum()) for w in rule.weights]  # as λ read them, before the step
+        opt.step()
+        if step % 10:
+            continue
+        taken[step] = [rule.factors.spectrum(k) for k in range(3)]
+        if step <= 20:
+            expected = [*taken[step][:2], None]
+        elif step == 30:
+            expected = [*taken[20][:2], taken[30][2]]
+        else:
+            expected = taken[40]
+        for k in range(3):
+            if expected[k] is None:
+                assert rule.spectra[k] is None and info.l2_coefficient[k] == 0.0
+                continue
+            assert torch.equal(rule.spectra[k].a, expected[k].a)
+            assert torch.equal(rule.spectra[k].s, expected[k].s)
+            curvatures = expected[k].curvatures().numpy()
+            a, s = (f[k].double() for f in (rule.factors.a, rule.factors.s))
+            curvatures *= rule.factors.rows[k] * float(a.trace() * s.trace()) / curvatures.sum()
+            assert info.l2_coefficient[k].item() == pytest.approx(
+                ref_lambda(curvatures, norms[k], N_TRAIN), rel=1e-10
+            )
+    assert not torch.equal(rule.factors.spectrum(0).a, taken[40][0].a)  # the factors moved on since
 
 
 @pytest.mark.parametrize("maximize", [False, True])
@@ -563,7 +645,8 @@ def assert_same(before, after):
     assert [g is None for g in before[1]] == [g is None for g in after[1]]
     sa, sb = before[2], after[2]
     assert sa.keys() == sb.keys() and sa["steps"] == sb["steps"] and sa["lambdas"] == sb["lambdas"]
-    for key in ("a", "s"):
+    assert sa["spectra_rows"] == sb["spectra_rows"] and sa["spectra_step"] == sb["spectra_step"]
+    for key in ("a", "s", "spectra_a", "spectra_s"):
         for x, y in zip(sa[key], sb[key], strict=True):
             assert (x is None and y is None) or torch.equal(x, y)
 
@@ -740,23 +823,46 @@ def test_no_hook_outlives_its_optimizer():
 # -- checkpoints --------------------------------------------------------------------------------------------
 
 
-def test_a_resumed_run_is_the_uninterrupted_run():
-    """Saved after 8 steps (λ solved at step 1, then at 10 after the resume), through torch.save and
-    weights_only loading."""
+@pytest.mark.parametrize("saved_at", [8, 25])
+def test_a_resumed_run_is_the_uninterrupted_run(saved_at):
+    """Saved after 8 steps (λ solved at step 1, then at 10 after the resume) or 25 (spectra taken at 20; the
+    solve of step 30 reads them, that of 40 takes new ones), through torch.save and weights_only loading."""
     model = small_net()
     opt = evidence_opt(model)
-    train(opt, model, 8)
+    train(opt, model, saved_at)
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    train(opt, model, 5, start=8)
+    train(opt, model, 20, start=saved_at)
     buf.seek(0)
     saved = torch.load(buf, weights_only=True)
     fresh = small_net(9)
     fresh.load_state_dict(saved["model"])
     fresh_opt = evidence_opt(fresh)
     fresh_opt.load_state_dict(saved["opt"])
-    train(fresh_opt, fresh, 5, start=8)
+    train(fresh_opt, fresh, 20, start=saved_at)
     assert_same(snapshot(model, opt), snapshot(fresh, fresh_opt))
+
+
+def test_a_checkpoint_without_spectra_takes_them_at_its_next_solve():
+    """A state saved before the spectra were kept (no ``spectra_*`` entries): the solve of step 30 takes the
+    spectra from the loaded factors, as a run whose spectra are always taken afresh (max age 0) does."""
+    model = small_net()
+    opt = evidence_opt(model)
+    train(opt, model, 25)
+    state = opt.state_dict()
+    old = copy.deepcopy(state)
+    for key in ("spectra_a", "spectra_s", "spectra_rows", "spectra_step"):
+        del old["gradsurgery"]["method_state"][key]
+    runs = []
+    for loaded, age in ((old, 100), (state, 0), (state, 100)):
+        twin = small_net(9)
+        twin.load_state_dict(model.state_dict())
+        twin_opt = evidence_opt(twin)
+        twin_opt.load_state_dict(copy.deepcopy(loaded))
+        twin_opt.l2.max_spectrum_age = age
+        runs.append(train(twin_opt, twin, 6, start=25))  # λ of step 30
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.allclose(runs[0], runs[2], rtol=1e-6)  # the spectra of step 20 give another λ
 
 
 def test_checkpoints_of_the_norm_rule_and_the_evidence_do_not_mix():

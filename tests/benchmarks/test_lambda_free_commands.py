@@ -213,7 +213,7 @@ def test_step_times_cover_every_variant_against_the_plain_step(tmp_path):
     mod = importlib.import_module("benchmarks.l2_lambda_free")
     assert mod.main(["--step-times", "2", "--arch", "mlp", "--width", "16", "--out", str(tmp_path)]) == 0
     rows = table_rows((tmp_path / "step_times.md").read_text())[1:]
-    assert [r[1] for r in rows] == ["none", "wd", "l2-dec", "l2-ev-pt"]
+    assert [r[1] for r in rows] == ["none", "wd", "l2-dec", "l2-ev-pt", "l2-ev-pt age 0"]
     assert rows[0][3].startswith("1.00") and all(float(r[2]) > 0 for r in rows)
 
 
@@ -231,3 +231,16 @@ def test_factor_precision_compares_the_same_solves_in_other_precisions(tmp_path)
     assert mod.main([*argv, "--width", "16", "--out", str(tmp_path)]) == 0
     rows = table_rows((tmp_path / "factor_precision.md").read_text())
     assert rows[1][:4] == ["mlp", "1", "0.0", "1"]
+
+
+def test_spectrum_age_compares_the_solves_between_eigendecompositions(tmp_path):
+    """5 epochs of 7 steps: spectra taken at steps 1, 10 and 20, the solve of step 30 reads those of 20 (one
+    solve, four layers); a λ from aged spectra differs from a fresh one's, scaled or not."""
+    mod = importlib.import_module("benchmarks.l2_lambda_free")
+    row = mod.spectrum_age("cnn", 0, 0.3, epochs=5, width=16)
+    assert row["solves"] == 4
+    assert 0 < row["scaled_max"] < 1 and 0 < row["unscaled_max"] < 1
+    argv = ["--spectrum-age", "--arch", "mlp", "--seeds", "1", "--label-noise", "0", "--epochs", "5"]
+    assert mod.main([*argv, "--width", "16", "--out", str(tmp_path)]) == 0
+    rows = table_rows((tmp_path / "spectrum_age.md").read_text())
+    assert rows[1][:4] == ["mlp", "1", "0.0", "3"]
