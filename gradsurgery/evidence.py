@@ -26,10 +26,13 @@ marginal-likelihood λ of Immer et al., "Scalable marginal likelihood estimation
 learning", ICML 2021, here in MacKay's fixed-point form.
 
 Cost per step and layer of n_in inputs, n_out outputs and r input rows: two products of r·n_in² and
-r·n_out² flops (the factors, in the layer's dtype, float32 at least), and every ``every`` steps two float64
-symmetric eigendecompositions (n_in³ and n_out³) and 3-5 passes over the n_in·n_out eigenvalue products: a
-step of the benchmark's 64-512-512-10 MLP and small CNN with SGD takes 10.5× and 6.0× a plain step (the norm
-rule 1.6-1.7× and 1.2×; ``docs/howto/l2-without-lambda.md``), most of it the eigendecompositions."""
+r·n_out² flops (the factors, in the layer's dtype, float32 at least); every ``every`` steps 3-5 evaluations
+of γ over the n_in·n_out eigenvalue products; and two float64 symmetric eigendecompositions (n_in³ and
+n_out³) once the last ones are min(``max_spectrum_age``, s) steps old, s their step, whose eigenvalues the
+solves in between read scaled to the factors' current traces (``EvidenceRule._scale``): a step of the
+benchmark's 64-512-512-10 MLP and small CNN with SGD takes 4.5-4.6× and 3.0-3.1× a plain step (the norm rule
+1.9-2.0× and 1.2×; the eigendecompositions at every solve 10.0-10.1× and 5.1×;
+``docs/howto/l2-without-lambda.md``)."""
 
 from __future__ import annotations
 
@@ -512,8 +515,9 @@ class EvidenceRule:
         at their last eigendecomposition, scaled so that they sum to the trace t·tr(A)·tr(S) of its factors
         now (exact where the factors have only been rescaled since; 1 up to rounding where they were just
         taken). Between eigendecompositions the factors shrink or grow as the network fits its data, which
-        the old eigenvalues alone would miss (measured on the benchmark's clean runs: λ 14 % high on average,
-        up to 73 %; scaled, 1-2 % and up to 18 % off the λ of a fresh eigendecomposition)."""
+        the old eigenvalues alone would miss (``benchmarks/l2_lambda_free.py --spectrum-age``, 5 seeds of both
+        networks: unscaled, λ 7-18 % above a fresh eigendecomposition's on average on clean labels, up to
+        88 %; scaled, within 2.1 % on average, up to 22 %)."""
         _, total = self._curvatures[k] if self._curvatures is not None else (None, 0.0)
         a, s = self.factors.a[k], self.factors.s[k]
         if total <= 0 or a is None or s is None:
