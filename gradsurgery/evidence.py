@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from ._dtensor import is_sharded
+from ._validation import check_int, check_number
 from .amp import LossScaling, autocast_off
 from .l2 import is_adaptive
 
@@ -347,6 +348,10 @@ class EvidenceRule:
         max_spectrum_age: int = SPECTRUM_MAX_AGE,
         what: str = "method 'l2'",
     ) -> None:
+        num_samples = check_int(num_samples, "the evidence λ's num_samples", minimum=1)
+        beta = check_number(beta, "the evidence λ's beta", minimum=0, maximum=1, exclusive_maximum=True)
+        every = check_int(every, "the evidence λ's every", minimum=1)
+        max_spectrum_age = check_int(max_spectrum_age, "the evidence λ's max_spectrum_age", minimum=0)
         chosen = None if params is None else {id(p) for p in params}
         found = [
             m

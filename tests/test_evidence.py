@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from gradsurgery import GradSurgery
-from gradsurgery.evidence import evidence_lambda
+from gradsurgery.evidence import EvidenceRule, evidence_lambda
 from gradsurgery.sources import NonFiniteError
 
 N_TRAIN = 500
@@ -561,6 +561,22 @@ def test_defaults_and_what_the_rule_regularizes():
 def test_bad_options_are_named(options, error, match):
     with pytest.raises(error, match=match):
         evidence_opt(small_net(), **options)
+
+
+@pytest.mark.parametrize(
+    "options,error,match",
+    [
+        ({"num_samples": 0}, ValueError, "num_samples must be >= 1"),
+        ({"beta": 1.0}, ValueError, "beta"),
+        ({"beta": "0.9"}, TypeError, "beta"),
+        ({"every": 0}, ValueError, "every must be >= 1"),
+        ({"max_spectrum_age": -1}, ValueError, "max_spectrum_age must be >= 0"),
+        ({"max_spectrum_age": 2.5}, TypeError, "max_spectrum_age must be an int"),
+    ],
+)
+def test_bad_rule_options_are_named(options, error, match):
+    with pytest.raises(error, match=match):
+        EvidenceRule(small_net(), **{"num_samples": N_TRAIN, **options})
 
 
 def test_the_rule_is_not_added_twice():
