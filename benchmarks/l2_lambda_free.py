@@ -51,6 +51,7 @@ import pathlib
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -561,6 +562,30 @@ def evidence_at_init(arch: str, seed: int, noise: float, width: int) -> dict:
     }
 
 
+def write_run_table(
+    args: argparse.Namespace,
+    measure: Callable[[str, int, float, int, int], dict],
+    columns: list[str],
+    cells: Callable[[dict], list[str]],
+    heading: str,
+    filename: str,
+) -> None:
+    """One row per architecture, seed and label noise of ``args``: ``cells`` of what ``measure`` returns
+    for that run, printed as it comes; the table under ``heading`` written to ``args.out / filename``."""
+    lines = [
+        "| arch | seed | label noise | " + " | ".join(columns) + " |",
+        "|---|---|---|" + "---|" * len(columns),
+    ]
+    for arch, seed, noise in itertools.product(args.arch, args.seeds, args.label_noise):
+        row = measure(arch, seed, noise, args.epochs, args.width)
+        lines.append(f"| {arch} | {seed} | {noise} | " + " | ".join(cells(row)) + " |")
+        print(lines[-1], flush=True)
+    text = heading + "\n\n" + "\n".join(lines) + "\n"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / filename).write_text(text)
+    print(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -628,48 +653,33 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         return 0
     if args.spectrum_age:
-        lines = [
-            "| arch | seed | label noise | solves | scaled: mean | scaled: largest | unscaled: mean | "
-            "unscaled: largest |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for arch, seed, noise in itertools.product(args.arch, args.seeds, args.label_noise):
-            r = spectrum_age(arch, seed, noise, args.epochs, args.width)
-            lines.append(
-                f"| {arch} | {seed} | {noise} | {r['solves']} | {r['scaled_mean']:+.3f} | "
-                f"{r['scaled_max']:.3f} | {r['unscaled_mean']:+.3f} | {r['unscaled_max']:.3f} |"
-            )
-            print(lines[-1], flush=True)
-        text = (
-            "# The evidence λ between eigendecompositions\n\n"
-            "Relative difference of each λ solved from older spectra (scaled to the factors' current traces, "
-            "as the rule does, and unscaled) against the λ of a fresh eigendecomposition (SGD, batch 32).\n\n"
-            + "\n".join(lines)
-            + "\n"
+        write_run_table(
+            args,
+            spectrum_age,
+            ["solves", "scaled: mean", "scaled: largest", "unscaled: mean", "unscaled: largest"],
+            lambda r: [
+                str(r["solves"]),
+                f"{r['scaled_mean']:+.3f}",
+                f"{r['scaled_max']:.3f}",
+                f"{r['unscaled_mean']:+.3f}",
+                f"{r['unscaled_max']:.3f}",
+            ],
+            "# The evidence λ between eigendecompositions\n\nRelative difference of each λ solved from "
+            "older spectra (scaled to the factors' current traces, as the rule does, and unscaled) against "
+            "the λ of a fresh eigendecomposition (SGD, batch 32).",
+            "spectrum_age.md",
         )
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "spectrum_age.md").write_text(text)
-        print(text)
         return 0
     if args.factor_precision:
-        lines = [
-            "| arch | seed | label noise | solves | float64 factors | TF32 products |",
-            "|---|---|---|---|---|---|",
-        ]
-        for arch, seed, noise in itertools.product(args.arch, args.seeds, args.label_noise):
-            row = factor_precision(arch, seed, noise, args.epochs, args.width)
-            lines.append(
-                f"| {arch} | {seed} | {noise} | {row['solves']} | {row['float64']:.1e} | {row['tf32']:.1e} |"
-            )
-        text = (
-            "# The evidence λ's float32 factors against float64 and TF32 ones\n\n"
-            "Largest relative difference of a solved λ along the run (SGD, batch 32).\n\n"
-            + "\n".join(lines)
-            + "\n"
+        write_run_table(
+            args,
+            factor_precision,
+            ["solves", "float64 factors", "TF32 products"],
+            lambda r: [str(r["solves"]), f"{r['float64']:.1e}", f"{r['tf32']:.1e}"],
+            "# The evidence λ's float32 factors against float64 and TF32 ones\n\nLargest relative difference "
+            "of a solved λ along the run (SGD, batch 32).",
+            "factor_precision.md",
         )
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "factor_precision.md").write_text(text)
-        print(text)
         return 0
     if args.summarize:
         rows = D.read_rows(args.summarize)
