@@ -497,10 +497,10 @@ class EvidenceRule:
             ]
             self._curvatures = None
         if self._curvatures is None:
-            every = [
+            per_layer = [
                 torch.zeros(0, dtype=torch.float64) if sp is None else sp.curvatures() for sp in self.spectra
             ]
-            self._curvatures = [(f[f > 0], float(f.sum())) for f in every]
+            self._curvatures = [(f[f > 0], float(f.sum())) for f in per_layer]
         lambdas = []
         for group in self._groups():
             sq_norm = sum((_sq_norm(self.weights[k]) for k in group), 0.0)
@@ -560,13 +560,13 @@ class EvidenceRule:
                 None if ea is None or es is None else Spectrum(ea.to(**cpu), es.to(**cpu), int(t))
                 for ea, es, t in zip(a, s, rows, strict=True)
             ]
-            refreshed = int(state["spectra_step"])
+            taken_at = int(state["spectra_step"])
         else:
-            spectra, refreshed = [None] * n, 0
+            spectra, taken_at = [None] * n, 0
         self.factors.load_state_dict(state)
         self.steps = int(state["steps"])
         self.lambdas = [float(v) for v in state["lambdas"]]
-        self.spectra, self.spectra_step, self._curvatures = spectra, refreshed, None
+        self.spectra, self.spectra_step, self._curvatures = spectra, taken_at, None
 
     def remove_hooks(self) -> None:
         """Detach the recording hooks from the layers (the rule stops learning its factors)."""
