@@ -501,29 +501,27 @@ class EvidenceRule:
                 torch.zeros(0, dtype=torch.float64) if sp is None else sp.curvatures() for sp in self.spectra
             ]
             self._curvatures = [(f[f > 0], float(f.sum())) for f in per_layer]
+        curvatures = [f for f, _ in self._curvatures]
+        scales = [self._scale(k, total) for k, (_, total) in enumerate(self._curvatures)]
         lambdas = []
         for group in self._groups():
             sq_norm = sum((_sq_norm(self.weights[k]) for k in group), 0.0)
-            scales = [self._scale(k) for k in group]
             if len(group) == 1:  # γ(λ; c·f) = γ(λ/c; f): the scale moves into the solve
-                c = scales[0]
-                lambdas.append(
-                    c * evidence_lambda(self._curvatures[group[0]][0], c * sq_norm, self.num_samples)
-                )
+                c = scales[group[0]]
+                lambdas.append(c * evidence_lambda(curvatures[group[0]], c * sq_norm, self.num_samples))
             else:
-                scaled = torch.cat([self._curvatures[k][0] * c for k, c in zip(group, scales, strict=True)])
+                scaled = torch.cat([curvatures[k] * scales[k] for k in group])
                 lambdas.append(evidence_lambda(scaled, sq_norm, self.num_samples))
         return lambdas
 
-    def _scale(self, k: int) -> float:
+    def _scale(self, k: int, total: float) -> float:
         """c_k = tr(F_k) / Σ_j f_kj: layer k's curvatures, from the eigenvalues of its factors as they were
         at their last eigendecomposition, scaled so that they sum to the trace t·tr(A)·tr(S) of its factors
         now (exact where the factors have only been rescaled since; 1 up to rounding where they were just
         taken). Between eigendecompositions the factors shrink or grow as the network fits its data, which
         the old eigenvalues alone would miss (``benchmarks/l2_lambda_free.py --spectrum-age``, 5 seeds of both
         networks: unscaled, λ 7-18 % above a fresh eigendecomposition's on average on clean labels, up to
-        88 %; scaled, within 2.1 % on average, up to 22 %)."""
-        _, total = self._curvatures[k] if self._curvatures is not None else (None, 0.0)
+        88 %; scaled, within 2.1 % on average, up to 22 %). ``total``: Σ_j f_kj."""
         a, s = self.factors.a[k], self.factors.s[k]
         if total <= 0 or a is None or s is None:
             return 1.0
