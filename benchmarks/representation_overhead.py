@@ -12,6 +12,10 @@ same repetition):
   on T detached copies of z, one ``autograd.grad`` of Σ_i L_i to the copies and the heads' parameters, the
   T×(n·d_z) matrix of the copies' gradients, G in float64, MGDA's weights (``simplex_min_norm``), one
   ``autograd.grad`` of z with the fused gradient to the trunk's parameters, ``.grad`` set, the Adam step;
+- ``floor one pass``: the same algorithm in one ``autograd.grad`` over every parameter: the heads read T
+  outputs of one autograd function of z, whose backward receives the T gradients together, solves and
+  returns the fused gradient, so that the engine carries on through the trunk (whether one engine run for
+  the heads and the trunk costs less than two);
 - ``z``: ``GradSurgery(adam, "mgda").backward(losses, features=z)`` (the heads once: their graph splits at z);
 - ``z per task``: the same as if the graph did not split (one ``autograd.grad`` per task, then the heads
   again in the pass that fills ``.grad``: T + 1 passes through the heads);
@@ -29,6 +33,7 @@ import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -136,6 +141,36 @@ def floor_step(case: Case) -> Callable[[], None]:
     return step
 
 
+class _SolvingViews(torch.autograd.Function):
+    """T views of z whose backward fuses their T gradients with MGDA's weights (the floor's algorithm)."""
+
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor, num_tasks: int) -> tuple[torch.Tensor, ...]:
+        return tuple(z.view_as(z) for _ in range(num_tasks))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor, None]:
+        jac = torch.stack([g.reshape(-1) for g in grads])
+        weights = torch.from_numpy(simplex_min_norm((jac @ jac.T).double().cpu().numpy()))
+        return (weights.to(jac) @ jac).view_as(grads[0]), None
+
+
+def floor_one_pass_step(case: Case) -> Callable[[], None]:
+    params = list(case.model.trunk.parameters()) + list(case.model.heads.parameters())
+    t = case.num_tasks
+
+    def step() -> None:
+        case.inner.zero_grad(set_to_none=True)
+        views = _SolvingViews.apply(case.model.trunk(case.x), t)
+        losses = case.head_losses(list(views))
+        seeds = [torch.ones_like(loss) for loss in losses]
+        for p, g in zip(params, torch.autograd.grad(losses, params, seeds), strict=True):
+            p.grad = g
+        case.inner.step()
+
+    return step
+
+
 def method_step(case: Case, method: str, views: bool, per_task: bool = False) -> Callable[[], None]:
     """One step of ``method`` in representation mode: over task views, or over z (with ``per_task``, as if
     the heads' graph did not split at z: one ``autograd.grad`` per task, then the heads again)."""
@@ -174,7 +209,11 @@ def measure(
 ) -> list[dict]:
     dims = {**SIZES, **TINY_SIZES}[size]
     case = Case(dims, num_tasks, tower, device, batch)
-    members = {"plain": plain_step(case), "floor": floor_step(case)}
+    members = {
+        "plain": plain_step(case),
+        "floor": floor_step(case),
+        "floor one pass": floor_one_pass_step(case),
+    }
     for method in methods:
         members[method] = method_step(case, method, views=True)
     members["z"] = method_step(case, "mgda", views=False)
@@ -214,9 +253,11 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
         f"repetitions × {args.inner_steps} steps, torch {torch.__version__})",
         "",
         "Step time / plain step, median (25th-75th percentile). `floor`: the task-views algorithm written "
-        "directly in torch with MGDA's solver; `z`: `mgda` with `features=z` (the heads once: their graph "
-        "splits at z); `z per task`: the same, one pass per task as where the graph does not split (T + 1 "
-        "passes through the heads); every other row: that method with `features=task_views(z, T)`.",
+        "directly in torch with MGDA's solver; `floor one pass`: the same in one `autograd.grad` (an "
+        "autograd function of z solves inside its backward); `z`: `mgda` with `features=z` (the heads once: "
+        "their graph splits at z); `z per task`: the same, one pass per task as where the graph does not "
+        "split (T + 1 passes through the heads); every other row: that method with "
+        "`features=task_views(z, T)`.",
         "",
         "| variant | " + " | ".join(f"{s} T={t}" for s, t in configs) + " |",
         "|---|" + "---|" * len(configs),

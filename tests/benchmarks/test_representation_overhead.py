@@ -1,6 +1,6 @@
-"""The representation-overhead benchmark: its hand-written floor is the algorithm GradSurgery runs (the same
-.grad as ``mgda`` with task views, through z, and through z one pass per task), and a tiny run writes its
-table."""
+"""The representation-overhead benchmark: its hand-written floor, in two backward calls or in one, is the
+algorithm GradSurgery runs (the same .grad as ``mgda`` with task views, through z, and through z one pass per
+task), and a tiny run writes its table."""
 
 from __future__ import annotations
 
@@ -21,13 +21,14 @@ def grads_after(make_step, case):
 def test_floor_gives_the_gradients_of_mgda_with_task_views_and_through_z():
     dims = ro.TINY_SIZES["tiny"]
     floor = grads_after(ro.floor_step, ro.Case(dims, 3))
+    one_pass = grads_after(ro.floor_one_pass_step, ro.Case(dims, 3))
     ours = grads_after(lambda case: ro.method_step(case, "mgda", views=True), ro.Case(dims, 3))
     through_z = grads_after(lambda case: ro.method_step(case, "mgda", views=False), ro.Case(dims, 3))
     per_task = grads_after(
         lambda case: ro.method_step(case, "mgda", views=False, per_task=True), ro.Case(dims, 3)
     )
     plain = grads_after(ro.plain_step, ro.Case(dims, 3))
-    for other in (ours, through_z, per_task):
+    for other in (one_pass, ours, through_z, per_task):
         for a, b in zip(floor, other, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     # The trunk's fused gradient is not the summed loss's: the comparison above has teeth.
@@ -54,9 +55,9 @@ def test_tiny_run_writes_rows_and_report(tmp_path):
         ]
     )
     rows = json.loads((tmp_path / "rows.json").read_text())
-    assert [r["variant"] for r in rows] == ["plain", "floor", "upgrad", "z", "z per task"]
+    assert [r["variant"] for r in rows] == ["plain", "floor", "floor one pass", "upgrad", "z", "z per task"]
     assert {r["batch"] for r in rows} == {7}
-    upgrad = rows[2]
+    upgrad = rows[3]
     assert upgrad["ratio_p25"] <= upgrad["ratio"] <= upgrad["ratio_p75"]
     text = (tmp_path / "report.md").read_text()
     assert "(1 thread, batch 7, linear heads, 2 repetitions × 1 steps" in text
@@ -95,8 +96,9 @@ def test_on_cuda_floor_and_method_give_the_cpu_gradients(monkeypatch):
     dims, cuda = ro.TINY_SIZES["tiny"], torch.device("cuda")
     on_cpu = grads_after(ro.floor_step, ro.Case(dims, 3))
     floor = grads_after(ro.floor_step, ro.Case(dims, 3, device=cuda))
+    one_pass = grads_after(ro.floor_one_pass_step, ro.Case(dims, 3, device=cuda))
     ours = grads_after(lambda case: ro.method_step(case, "mgda", views=True), ro.Case(dims, 3, device=cuda))
-    for other in (floor, ours):
+    for other in (floor, one_pass, ours):
         for a, b in zip(on_cpu, other, strict=True):
             assert b.device.type == "cuda"
             torch.testing.assert_close(a, b.cpu(), rtol=1e-4, atol=1e-6)
