@@ -121,22 +121,39 @@ def plain_step(case: Case) -> Callable[[], None]:
     return step
 
 
-def floor_step(case: Case) -> Callable[[], None]:
+def _no_lap(stage: str) -> None:
+    pass
+
+
+def floor_step(case: Case, lap: Callable[[str], None] = _no_lap) -> Callable[[], None]:
+    """The floor's step; ``lap(stage)`` is called as each of its stages ends (``representation_stages``)."""
     trunk = list(case.model.trunk.parameters())
     heads = list(case.model.heads.parameters())
     t = case.num_tasks
 
     def step() -> None:
         case.inner.zero_grad(set_to_none=True)
+        lap("zero_grad")
         z = case.model.trunk(case.x)
         copies = [z.detach().requires_grad_() for _ in range(t)]
-        grads = torch.autograd.grad(torch.stack(case.head_losses(copies)).sum(), copies + heads)
+        losses = case.head_losses(copies)
+        lap("forward")
+        grads = torch.autograd.grad(torch.stack(losses).sum(), copies + heads)
         jac = torch.stack([g.reshape(-1) for g in grads[:t]])
-        weights = torch.from_numpy(simplex_min_norm((jac @ jac.T).double().cpu().numpy()))
+        lap("heads pass")
+        gram = (jac @ jac.T).double().cpu().numpy()
+        lap("gram")
+        weights = torch.from_numpy(simplex_min_norm(gram))
+        lap("solve")
         fused = (weights.to(jac) @ jac).view_as(z)
-        for p, g in zip(trunk + heads, torch.autograd.grad(z, trunk, fused) + grads[t:], strict=True):
+        lap("fused targets")
+        trunk_grads = torch.autograd.grad(z, trunk, fused)
+        lap("trunk pass")
+        for p, g in zip(trunk + heads, trunk_grads + grads[t:], strict=True):
             p.grad = g
+        lap("write-back")
         case.inner.step()
+        lap("optimizer step")
 
     return step
 
