@@ -47,13 +47,14 @@ from gradsurgery import GradSurgery
 from gradsurgery.methods.base import Method
 
 try:
-    from .representation_overhead import Case, floor_step, method_step, plain_step
+    from .representation_overhead import Case, floor_step, gram_methods, method_step, plain_step
     from .speed import SIZES, TINY_SIZES
 except ImportError:  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from representation_overhead import (  # type: ignore[no-redef]
         Case,
         floor_step,
+        gram_methods,
         method_step,
         plain_step,
     )
@@ -234,6 +235,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block", type=int, default=10, help="steps per variant and repetition")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    for num_tasks in args.tasks:
+        if args.method not in gram_methods(num_tasks):
+            parser.error(
+                f"--method: {args.method!r} is not a Gram-based method that runs {num_tasks} tasks "
+                f"(those: {', '.join(gram_methods(num_tasks))})"
+            )
+    if args.reps < 1 or args.block < 1:
+        parser.error("--reps and --block: at least 1")
     torch.set_num_threads(args.threads)
     rows = []
     for size in args.sizes:

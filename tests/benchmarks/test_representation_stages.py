@@ -58,3 +58,17 @@ def test_tiny_run_writes_the_table(tmp_path):
     assert [r["variant"] for r in rows] == ["plain", "floor", "mgda"]
     text = (tmp_path / "stages.md").read_text()
     assert "| view check | — |" in text and "| **step** |" in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--method", "sum"], "'sum' is not a Gram-based method that runs 2 tasks"),
+        (["--method", "main_aux", "--tasks", "1"], "'main_aux' is not a Gram-based method that runs 1 tasks"),
+        (["--reps", "0"], "--reps and --block: at least 1"),
+    ],
+)
+def test_options_it_cannot_run_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        rs.main(["--sizes", "tiny", "--tasks", "2", *argv])
+    assert message in capsys.readouterr().err
