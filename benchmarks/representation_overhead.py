@@ -19,7 +19,9 @@ same repetition):
 - ``z``: ``GradSurgery(adam, "mgda").backward(losses, features=z)`` (the heads once: their graph splits at z);
 - ``z per task``: the same as if the graph did not split (one ``autograd.grad`` per task, then the heads
   again in the pass that fills ``.grad``: T + 1 passes through the heads);
-- each method: ``backward(losses, features=task_views(z, T))`` (the heads once, the trunk once).
+- each method: ``backward(losses, features=task_views(z, T))`` (the heads once, the trunk once);
+- with ``--general-mgda``, ``mgda, general solver``: ``mgda`` again with ``simplex_min_norm``'s general path
+  only (NumPy and LAPACK; not the full face in Python floats that it tries first for 3 to 8 tasks).
 
 Rank statistics: the median ratio and its 25th-75th percentiles. Writes ``report.md`` and ``rows.json``.
 
@@ -39,6 +41,7 @@ import torch
 from torch import nn
 
 import gradsurgery
+import gradsurgery.solvers.frank_wolfe as frank_wolfe
 import gradsurgery.sources.features as feature_source
 from gradsurgery import GradSurgery
 from gradsurgery.solvers import simplex_min_norm
@@ -214,6 +217,20 @@ def method_step(case: Case, method: str, views: bool, per_task: bool = False) ->
     return step
 
 
+def general_solver_step(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` with ``simplex_min_norm``'s full face in Python floats turned off: its general path only."""
+
+    def general() -> None:
+        limit = frank_wolfe.FULL_FACE_MAX_TASKS
+        frank_wolfe.FULL_FACE_MAX_TASKS = 0
+        try:
+            step()
+        finally:
+            frank_wolfe.FULL_FACE_MAX_TASKS = limit
+
+    return general
+
+
 def measure(
     size: str,
     num_tasks: int,
@@ -223,6 +240,7 @@ def measure(
     tower: int = 0,
     device: torch.device | None = None,
     batch: int = BATCH,
+    general_mgda: bool = False,
 ) -> list[dict]:
     dims = {**SIZES, **TINY_SIZES}[size]
     case = Case(dims, num_tasks, tower, device, batch)
@@ -233,6 +251,8 @@ def measure(
     }
     for method in methods:
         members[method] = method_step(case, method, views=True)
+    if general_mgda:
+        members["mgda, general solver"] = general_solver_step(method_step(case, "mgda", views=True))
     members["z"] = method_step(case, "mgda", views=False)
     members["z per task"] = method_step(case, "mgda", views=False, per_task=True)
     # On a GPU the clock must wait for the queued kernels of each measurement.
@@ -273,8 +293,8 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
         "directly in torch with MGDA's solver; `floor one pass`: the same in one `autograd.grad` (an "
         "autograd function of z solves inside its backward); `z`: `mgda` with `features=z` (the heads once: "
         "their graph splits at z); `z per task`: the same, one pass per task as where the graph does not "
-        "split (T + 1 passes through the heads); every other row: that method with "
-        "`features=task_views(z, T)`.",
+        "split (T + 1 passes through the heads); `mgda, general solver` (`--general-mgda`): `mgda` with the "
+        "solver's general path only; every other row: that method with `features=task_views(z, T)`.",
         "",
         "| variant | " + " | ".join(f"{s} T={t}" for s, t in configs) + " |",
         "|---|" + "---|" * len(configs),
@@ -318,6 +338,11 @@ def main(argv: list[str] | None = None) -> int:
         default="cpu",
         help="where the model and the batch live: cpu (default) or cuda[:N]; the solves run on the CPU",
     )
+    parser.add_argument(
+        "--general-mgda",
+        action="store_true",
+        help="also time mgda with simplex_min_norm's general path only (no full face in Python floats)",
+    )
     args = parser.parse_args(argv)
     unknown = f"--device: expected cpu or cuda[:N], got {args.device!r}"
     try:
@@ -336,7 +361,15 @@ def main(argv: list[str] | None = None) -> int:
         for num_tasks in args.tasks:
             methods = args.methods or gram_methods(num_tasks)
             rows += measure(
-                size, num_tasks, methods, args.reps, args.inner_steps, args.tower, device, args.batch
+                size,
+                num_tasks,
+                methods,
+                args.reps,
+                args.inner_steps,
+                args.tower,
+                device,
+                args.batch,
+                args.general_mgda,
             )
             print(f"{size} T={num_tasks} done", file=sys.stderr)
     write_rows_and_report(Path(args.out), rows, report(rows, args))

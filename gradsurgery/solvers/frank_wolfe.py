@@ -72,6 +72,7 @@ from ..errors import SolverError
 from ._lapack import lapack
 from .closed_form import (
     EPS,
+    SYMMETRY_RTOL,
     TINY,
     check_gram,
     check_main_indices,
@@ -113,11 +114,94 @@ def simplex_min_norm(gram: ArrayLike, *, tol: float = 1e-12, max_iter: int = 200
 
     Wolfe's min-norm-point active set on G (Frank-Wolfe with away steps where a face is degenerate; module
     docstring), returned once the duality gap αᵀGα − min_i (Gα)_i is at most ``tol``·αᵀGα plus the float64
-    rounding error of Gα. At the optimum every task has ⟨u, g_i⟩ = (Gα)_i ≥ ‖u‖².
+    rounding error of Gα. At the optimum every task has ⟨u, g_i⟩ = (Gα)_i ≥ ‖u‖². For 3 to
+    ``FULL_FACE_MAX_TASKS`` tasks the active set's first face, every task, is tried first in Python floats
+    (``_full_face``).
     """
+    _check_options(tol, max_iter)
+    if max_iter >= 1 and isinstance(gram, np.ndarray) and gram.ndim == 2:
+        found = _full_face(gram, tol)
+        if found is not None:
+            return found
     g = check_gram(gram)
     t = g.shape[0]
     return _solve(g, _Blocks(np.arange(t), np.arange(0)), tol, max_iter, "simplex_min_norm")
+
+
+#: The largest T for which ``simplex_min_norm`` tries the full face in Python floats. Its O(T³) loops in the
+#: interpreter, timed alone in a loop: 30, 40, 68 and 102 µs at T = 3, 4, 6 and 8, against 85-87 µs for the
+#: general path; within a training step, where the general path's NumPy and LAPACK calls run with cold
+#: caches, ``mgda`` steps took 112-125 µs less at T = 6 and 8 (medians of paired steps, representation mode
+#: on the speed suite's ``small``), 253-291 µs less at T = 3 and 4.
+FULL_FACE_MAX_TASKS = 8
+
+
+def _full_face(gram: np.ndarray, tol: float) -> np.ndarray | None:
+    """MGDA's answer when its support is every task, or None: the active set's first face solve and its
+    certificate (``_active_set``; ``_face_solve``'s pivot test, every weight positive, the Frank-Wolfe gap
+    within tol·‖u‖² plus the rounding bound of Gw) in Python floats instead of NumPy and LAPACK calls.
+
+    Within a training step those calls cost several times what they cost alone in a loop, because the
+    model's kernels evict their code and data from the caches between two steps: the solve stage of
+    ``mgda`` at T = 4 in representation mode on the speed suite's ``small`` took 264-301 µs a step through
+    them (two runs) and 174 µs with this (``benchmarks/representation_stages.py``; the conversions of G and
+    w included). The answer is the general path's to rounding (the same conditions, the factorisation and the
+    sums in another order). None, and the general path runs (and raises
+    on an invalid G), for T outside 3..``FULL_FACE_MAX_TASKS``, a non-finite, asymmetric or indefinite G, a
+    face whose Cholesky pivot falls below ``_PIVOT_MIN`` of its diagonal entry, a weight ≤ 0 or a failed
+    certificate.
+    """
+    t = gram.shape[0]
+    if not 3 <= t <= FULL_FACE_MAX_TASKS or gram.shape[1] != t or gram.dtype.kind != "f":
+        return None
+    rows = gram.tolist()
+    largest = 0.0
+    for row in rows:
+        for value in row:
+            if not math.isfinite(value):
+                return None
+            largest = max(largest, abs(value))
+    # check_gram's symmetry test, then its symmetrisation 0.5·(G + Gᵀ) and _solve's normalisation G/max G_ii
+    if any(abs(rows[i][j] - rows[j][i]) > SYMMETRY_RTOL * largest for i in range(t) for j in range(i)):
+        return None
+    sym = [[0.5 * (rows[i][j] + rows[j][i]) for j in range(t)] for i in range(t)]
+    scale = max(sym[i][i] for i in range(t))
+    if scale <= 0.0:
+        return None
+    g = [[value / scale for value in row] for row in sym]
+    # Cholesky G = L Lᵀ, trusted as _face_solve trusts LAPACK's: every pivot at least _PIVOT_MIN·G_ii
+    low = [[0.0] * t for _ in range(t)]
+    for j in range(t):
+        pivot = g[j][j] - sum(low[j][k] * low[j][k] for k in range(j))
+        if not pivot >= _PIVOT_MIN * g[j][j] or pivot <= 0.0:
+            return None
+        low[j][j] = root = math.sqrt(pivot)
+        for i in range(j + 1, t):
+            low[i][j] = (g[i][j] - sum(low[i][k] * low[j][k] for k in range(j))) / root
+    # G x = 1 and w = x / Σx: the minimiser over the affine hull of the simplex
+    y = [0.0] * t
+    for i in range(t):
+        y[i] = (1.0 - sum(low[i][k] * y[k] for k in range(i))) / low[i][i]
+    x = [0.0] * t
+    for i in reversed(range(t)):
+        x[i] = (y[i] - sum(low[k][i] * x[k] for k in range(i + 1, t))) / low[i][i]
+    total = sum(x)
+    if not (total > 0.0 and math.isfinite(total)):
+        return None
+    w = [value / total for value in x]
+    if min(w) <= 0.0:
+        return None
+    # the certificate of _active_set: (Gw)_i ≥ ν − (tol·ν + max_i noise_i) for every i, ν = wᵀGw
+    v = [sum(g[i][k] * w[k] for k in range(t)) for i in range(t)]
+    nu = sum(w[i] * v[i] for i in range(t))
+    round_off = 4.0 * t * EPS
+    noise = max(round_off * sum(abs(g[i][k]) * w[k] for k in range(t)) + TINY for i in range(t))
+    if min(v) - nu + (tol * max(nu, 0.0) + noise) < 0.0:
+        return None
+    total = sum(w)
+    if abs(total - 1.0) > 1e-9:
+        return None
+    return np.array([value / total for value in w])
 
 
 def pareto_min_norm(

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+import gradsurgery.solvers.frank_wolfe as fw
 from benchmarks import representation_overhead as ro
 
 
@@ -102,3 +103,22 @@ def test_on_cuda_floor_and_method_give_the_cpu_gradients(monkeypatch):
         for a, b in zip(on_cpu, other, strict=True):
             assert b.device.type == "cuda"
             torch.testing.assert_close(a, b.cpu(), rtol=1e-4, atol=1e-6)
+
+
+def test_the_general_solver_variant_runs_mgda_without_the_full_face(monkeypatch):
+    answered, limit = [], fw.FULL_FACE_MAX_TASKS
+    full_face = fw._full_face
+    monkeypatch.setattr(
+        fw, "_full_face", lambda gram, tol: answered.append(full_face(gram, tol)) or answered[-1]
+    )
+    dims = ro.TINY_SIZES["tiny"]
+    fast = grads_after(lambda case: ro.method_step(case, "mgda", views=True), ro.Case(dims, 3))
+    assert answered and answered[-1] is not None  # the full face answered this step
+    answered.clear()
+    general = grads_after(
+        lambda case: ro.general_solver_step(ro.method_step(case, "mgda", views=True)), ro.Case(dims, 3)
+    )
+    assert answered == [None]
+    assert fw.FULL_FACE_MAX_TASKS == limit  # restored
+    for a, b in zip(fast, general, strict=True):  # weights equal to rounding, gradients to float32's
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)

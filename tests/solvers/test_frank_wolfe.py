@@ -388,9 +388,130 @@ def test_max_iter_zero_still_returns_a_feasible_point():
 
 
 def test_non_finite_iterates_raise_solver_error(monkeypatch):
+    monkeypatch.setattr(fw, "FULL_FACE_MAX_TASKS", 0)  # else the full face answers eye(3) in Python floats
     monkeypatch.setattr(fw, "_iterate", lambda g, w, *args: np.full_like(w, np.nan))
     with pytest.raises(SolverError, match="simplex_min_norm.*non-finite"):
         simplex_min_norm(np.eye(3))
+
+
+# --- the full face in Python floats (simplex_min_norm, 3 ≤ T ≤ FULL_FACE_MAX_TASKS) -----------------------
+
+
+def _general_path(gram, monkeypatch, **options):
+    with monkeypatch.context() as patch:
+        patch.setattr(fw, "FULL_FACE_MAX_TASKS", 0)
+        return simplex_min_norm(gram, **options)
+
+
+FULL_FACE = [(k, j) for k, j in ALL if 3 <= j.shape[0] <= fw.FULL_FACE_MAX_TASKS]
+
+
+@pytest.mark.parametrize("kind,jac", FULL_FACE, ids=[f"{k}-{j.shape}" for k, j in FULL_FACE])
+def test_the_full_face_gives_the_general_paths_answer(kind, jac, monkeypatch):
+    gram = jac @ jac.T
+    taken = fw._full_face(gram, 1e-12)
+    expected = _general_path(gram, monkeypatch)
+    if taken is None:  # not every task in the support, or a face the general path must handle
+        np.testing.assert_array_equal(simplex_min_norm(gram), expected)
+        return
+    assert np.all(expected > 0.0)  # the general path's support is every task too
+    assert_fused_close(jac, taken, expected, rtol=1e-12, label=kind)
+    np.testing.assert_array_equal(simplex_min_norm(gram), taken)
+
+
+def test_the_full_face_answers_nearly_orthogonal_problems(monkeypatch):
+    # The case it is for: task gradients of a shared representation, nearly orthogonal, every task kept;
+    # well conditioned, so the weights themselves agree to rounding.
+    rng = np.random.default_rng(0)
+    for t in range(3, fw.FULL_FACE_MAX_TASKS + 1):
+        for _ in range(10):
+            jac = rng.standard_normal((t, 256)) * rng.uniform(0.5, 2.0, (t, 1))
+            gram = jac @ jac.T
+            w = fw._full_face(gram, 1e-12)
+            assert w is not None
+            _assert_mgda_kkt(jac, w)
+            np.testing.assert_allclose(w, _general_path(gram, monkeypatch), rtol=0, atol=1e-14)
+
+
+def _near_duplicate_pair(eps: float) -> np.ndarray:
+    """g_0, g_1 = a ± eps·b with b orthogonal to every other gradient: MGDA splits a's weight equally
+    between them (any other split adds eps·b to u), so every task stays in the support."""
+    rng = np.random.default_rng(3)
+    jac = rng.standard_normal((4, 40))
+    basis, _ = np.linalg.qr(jac[1:].T)
+    b = rng.standard_normal(40)
+    b -= basis @ (basis.T @ b)
+    a = jac[1].copy()
+    jac[0], jac[1] = a + eps * b / np.linalg.norm(b), a - eps * b / np.linalg.norm(b)
+    return jac
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "two tasks",
+        "nine tasks",
+        "a dominated task",
+        "a duplicated gradient",
+        "a near-duplicate pair",
+        "a zero gradient",
+        "zero G",
+    ],
+)
+def test_the_full_face_leaves_other_problems_to_the_general_path(case, monkeypatch):
+    rng = np.random.default_rng(3)
+    t = {"two tasks": 2, "nine tasks": 9}.get(case, 4)
+    jac = rng.standard_normal((t, 40))
+    if case == "a dominated task":  # g_3 = 2 g_0 + 2 g_1: MGDA gives it weight 0
+        jac[3] = 2.0 * (jac[0] + jac[1])
+    elif case == "a duplicated gradient":
+        jac[3] = jac[2]
+    elif case == "a near-duplicate pair":  # full support, but a pivot below _PIVOT_MIN (sin² ≈ 1e-11)
+        jac = _near_duplicate_pair(1e-5)
+    elif case == "a zero gradient":
+        jac[3] = 0.0
+    elif case == "zero G":
+        jac[:] = 0.0
+    gram = jac @ jac.T
+    assert fw._full_face(gram, 1e-12) is None
+    np.testing.assert_array_equal(simplex_min_norm(gram), _general_path(gram, monkeypatch))
+
+
+def test_the_full_face_keeps_the_general_paths_errors_and_options(monkeypatch):
+    jac = np.random.default_rng(4).standard_normal((4, 256))
+    gram = jac @ jac.T
+    assert fw._full_face(gram, 1e-12) is not None
+    bad = gram.copy()
+    bad[0, 1] = np.nan
+    with pytest.raises(ValueError, match=r"G has a non-finite entry .*nan.* at \(0, 1\)"):
+        simplex_min_norm(bad)
+    bad = gram.copy()
+    bad[0, 1] += 1e-3 * np.abs(gram).max()
+    with pytest.raises(ValueError, match="G is not symmetric"):
+        simplex_min_norm(bad)
+    with pytest.raises(ValueError, match="tol must be"):
+        simplex_min_norm(gram, tol=-1.0)
+    # max_iter=0 takes no face solve: the general path's start, not the full face's answer
+    np.testing.assert_array_equal(
+        simplex_min_norm(gram, max_iter=0), _general_path(gram, monkeypatch, max_iter=0)
+    )
+    # a float32 G and one asymmetric within round-off are read as the general path reads them
+    for other in (gram.astype(np.float32), gram + 1e-7 * np.tril(np.abs(gram), -1)):
+        assert fw._full_face(other, 1e-12) is not None
+        np.testing.assert_allclose(simplex_min_norm(other), _general_path(other, monkeypatch), atol=1e-14)
+
+
+def test_the_full_face_certifies_its_answer(monkeypatch):
+    # Without the rounding allowance (tol, eps and tiny at 0) stationarity computed in floats fails by a few
+    # ulps on some problems: the certificate is what refuses them.
+    monkeypatch.setattr(fw, "EPS", 0.0)
+    monkeypatch.setattr(fw, "TINY", 0.0)
+    rng = np.random.default_rng(5)
+    refused = 0
+    for _ in range(40):
+        jac = rng.standard_normal((5, 64))
+        refused += fw._full_face(jac @ jac.T, 0.0) is None
+    assert 0 < refused < 40
 
 
 # --- the two paths of _iterate: the active set and the step fallback -------------------------------------
