@@ -20,8 +20,9 @@ same repetition):
 - ``z per task``: the same as if the graph did not split (one ``autograd.grad`` per task, then the heads
   again in the pass that fills ``.grad``: T + 1 passes through the heads);
 - each method: ``backward(losses, features=task_views(z, T))`` (the heads once, the trunk once);
-- with ``--general-mgda``, ``mgda, general solver``: ``mgda`` again with ``simplex_min_norm``'s general path
-  only (NumPy and LAPACK; not the full face in Python floats that it tries first for 3 to 8 tasks).
+- with ``--numpy-twins``, ``<method>, NumPy only`` for each method: the method again with the solvers' NumPy
+  and LAPACK paths only (not ``check_gram``'s reading of G in Python floats, nor ``simplex_min_norm``'s full
+  face, for 8 tasks or fewer).
 
 Rank statistics: the median ratio and its 25th-75th percentiles. Writes ``report.md`` and ``rows.json``.
 
@@ -41,6 +42,7 @@ import torch
 from torch import nn
 
 import gradsurgery
+import gradsurgery.solvers.closed_form as closed_form
 import gradsurgery.solvers.frank_wolfe as frank_wolfe
 import gradsurgery.sources.features as feature_source
 from gradsurgery import GradSurgery
@@ -217,18 +219,19 @@ def method_step(case: Case, method: str, views: bool, per_task: bool = False) ->
     return step
 
 
-def general_solver_step(step: Callable[[], None]) -> Callable[[], None]:
-    """``step`` with ``simplex_min_norm``'s full face in Python floats turned off: its general path only."""
+def numpy_only_step(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` with the solvers' paths in Python floats turned off (``check_gram``'s reading of small G and
+    ``simplex_min_norm``'s full face): NumPy and LAPACK only."""
 
-    def general() -> None:
-        limit = frank_wolfe.FULL_FACE_MAX_TASKS
-        frank_wolfe.FULL_FACE_MAX_TASKS = 0
+    def numpy_only() -> None:
+        limits = closed_form.SMALL_GRAM_MAX_TASKS, frank_wolfe.FULL_FACE_MAX_TASKS
+        closed_form.SMALL_GRAM_MAX_TASKS = frank_wolfe.FULL_FACE_MAX_TASKS = 0
         try:
             step()
         finally:
-            frank_wolfe.FULL_FACE_MAX_TASKS = limit
+            closed_form.SMALL_GRAM_MAX_TASKS, frank_wolfe.FULL_FACE_MAX_TASKS = limits
 
-    return general
+    return numpy_only
 
 
 def measure(
@@ -240,7 +243,7 @@ def measure(
     tower: int = 0,
     device: torch.device | None = None,
     batch: int = BATCH,
-    general_mgda: bool = False,
+    numpy_twins: bool = False,
 ) -> list[dict]:
     dims = {**SIZES, **TINY_SIZES}[size]
     case = Case(dims, num_tasks, tower, device, batch)
@@ -251,8 +254,8 @@ def measure(
     }
     for method in methods:
         members[method] = method_step(case, method, views=True)
-    if general_mgda:
-        members["mgda, general solver"] = general_solver_step(method_step(case, "mgda", views=True))
+        if numpy_twins:
+            members[f"{method}, NumPy only"] = numpy_only_step(method_step(case, method, views=True))
     members["z"] = method_step(case, "mgda", views=False)
     members["z per task"] = method_step(case, "mgda", views=False, per_task=True)
     # On a GPU the clock must wait for the queued kernels of each measurement.
@@ -293,8 +296,8 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
         "directly in torch with MGDA's solver; `floor one pass`: the same in one `autograd.grad` (an "
         "autograd function of z solves inside its backward); `z`: `mgda` with `features=z` (the heads once: "
         "their graph splits at z); `z per task`: the same, one pass per task as where the graph does not "
-        "split (T + 1 passes through the heads); `mgda, general solver` (`--general-mgda`): `mgda` with the "
-        "solver's general path only; every other row: that method with `features=task_views(z, T)`.",
+        "split (T + 1 passes through the heads); `<method>, NumPy only` (`--numpy-twins`): that method "
+        "with the solvers' NumPy paths only; every other row: that method with `features=task_views(z, T)`.",
         "",
         "| variant | " + " | ".join(f"{s} T={t}" for s, t in configs) + " |",
         "|---|" + "---|" * len(configs),
@@ -339,9 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         help="where the model and the batch live: cpu (default) or cuda[:N]; the solves run on the CPU",
     )
     parser.add_argument(
-        "--general-mgda",
+        "--numpy-twins",
         action="store_true",
-        help="also time mgda with simplex_min_norm's general path only (no full face in Python floats)",
+        help="also time each method with the solvers' NumPy and LAPACK paths only (none in Python floats)",
     )
     args = parser.parse_args(argv)
     unknown = f"--device: expected cpu or cuda[:N], got {args.device!r}"
@@ -369,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.tower,
                 device,
                 args.batch,
-                args.general_mgda,
+                args.numpy_twins,
             )
             print(f"{size} T={num_tasks} done", file=sys.stderr)
     write_rows_and_report(Path(args.out), rows, report(rows, args))

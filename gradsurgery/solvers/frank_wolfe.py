@@ -72,7 +72,6 @@ from ..errors import SolverError
 from ._lapack import lapack
 from .closed_form import (
     EPS,
-    SYMMETRY_RTOL,
     TINY,
     check_gram,
     check_main_indices,
@@ -80,6 +79,7 @@ from .closed_form import (
     check_task_index,
     main_aux_one,
     psd_projection,
+    symmetric_rows,
 )
 
 # Besides after every step that brings a new index into the support, the polish is tried (and progress
@@ -152,19 +152,10 @@ def _full_face(gram: np.ndarray, tol: float) -> np.ndarray | None:
     certificate.
     """
     t = gram.shape[0]
-    if not 3 <= t <= FULL_FACE_MAX_TASKS or gram.shape[1] != t or gram.dtype.kind != "f":
+    sym = symmetric_rows(gram) if 3 <= t <= FULL_FACE_MAX_TASKS else None
+    if sym is None:
         return None
-    rows = gram.tolist()
-    largest = 0.0
-    for row in rows:
-        for value in row:
-            if not math.isfinite(value):
-                return None
-            largest = max(largest, abs(value))
-    # check_gram's symmetry test, then its symmetrisation 0.5·(G + Gᵀ) and _solve's normalisation G/max G_ii
-    if any(abs(rows[i][j] - rows[j][i]) > SYMMETRY_RTOL * largest for i in range(t) for j in range(i)):
-        return None
-    sym = [[0.5 * (rows[i][j] + rows[j][i]) for j in range(t)] for i in range(t)]
+    # _solve's normalisation G / max G_ii
     scale = max(sym[i][i] for i in range(t))
     if scale <= 0.0:
         return None

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+import gradsurgery.solvers.closed_form as closed_form
 import gradsurgery.solvers.frank_wolfe as fw
 from benchmarks import representation_overhead as ro
 
@@ -105,8 +106,8 @@ def test_on_cuda_floor_and_method_give_the_cpu_gradients(monkeypatch):
             torch.testing.assert_close(a, b.cpu(), rtol=1e-4, atol=1e-6)
 
 
-def test_the_general_solver_variant_runs_mgda_without_the_full_face(monkeypatch):
-    answered, limit = [], fw.FULL_FACE_MAX_TASKS
+def test_the_numpy_twin_runs_mgda_without_the_python_float_paths(monkeypatch):
+    answered, limits = [], (fw.FULL_FACE_MAX_TASKS, closed_form.SMALL_GRAM_MAX_TASKS)
     full_face = fw._full_face
     monkeypatch.setattr(
         fw, "_full_face", lambda gram, tol: answered.append(full_face(gram, tol)) or answered[-1]
@@ -115,10 +116,10 @@ def test_the_general_solver_variant_runs_mgda_without_the_full_face(monkeypatch)
     fast = grads_after(lambda case: ro.method_step(case, "mgda", views=True), ro.Case(dims, 3))
     assert answered and answered[-1] is not None  # the full face answered this step
     answered.clear()
-    general = grads_after(
-        lambda case: ro.general_solver_step(ro.method_step(case, "mgda", views=True)), ro.Case(dims, 3)
+    numpy_only = grads_after(
+        lambda case: ro.numpy_only_step(ro.method_step(case, "mgda", views=True)), ro.Case(dims, 3)
     )
     assert answered == [None]
-    assert fw.FULL_FACE_MAX_TASKS == limit  # restored
-    for a, b in zip(fast, general, strict=True):  # weights equal to rounding, gradients to float32's
+    assert (fw.FULL_FACE_MAX_TASKS, closed_form.SMALL_GRAM_MAX_TASKS) == limits  # restored
+    for a, b in zip(fast, numpy_only, strict=True):  # weights equal to rounding, gradients to float32's
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)

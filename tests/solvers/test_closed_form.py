@@ -6,7 +6,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from solver_cases import assert_fused_close, hypothesis_settings, kkt_tol, make_jacobian
 
-from gradsurgery.solvers import main_aux_one, main_aux_one_weights, min_norm_two, min_norm_two_weights
+from gradsurgery.solvers import (
+    closed_form,
+    main_aux_one,
+    main_aux_one_weights,
+    min_norm_two,
+    min_norm_two_weights,
+)
 
 KINDS_2 = ["random", "conflicting", "collinear", "duplicated", "zero_rows", "all_zero", "scaled", "opposite"]
 
@@ -141,3 +147,62 @@ def test_closed_form_hand_computed_conflict():
     jac = np.array([[1.0, 0.0, 0.0], [-0.5, 1.0, 0.0]])
     w = min_norm_two_weights(jac @ jac.T)
     np.testing.assert_allclose(w, [7 / 13, 6 / 13], rtol=0, atol=1e-15)
+
+
+# --- check_gram: small matrices read in Python floats -------------------------------------------------
+
+
+def _numpy_check_gram(gram, monkeypatch):
+    with monkeypatch.context() as patch:
+        patch.setattr(closed_form, "SMALL_GRAM_MAX_TASKS", 0)
+        return closed_form.check_gram(gram)
+
+
+def _small_grams():
+    rng = np.random.default_rng(11)
+    grams = []
+    for t in range(1, closed_form.SMALL_GRAM_MAX_TASKS + 1):
+        jac = rng.standard_normal((t, 30)) * 10.0 ** rng.uniform(-8, 8)
+        gram = jac @ jac.T
+        noisy = gram * (1.0 + 1e-7 * rng.standard_normal((t, t)))  # asymmetric within SYMMETRY_RTOL
+        grams += [gram, noisy, noisy.astype(np.float32), noisy.T.copy(order="F")]
+    # a diagonal entry slightly negative, within the tolerance (a zero gradient's G in float32)
+    grams.append(np.array([[1.0, 0.0], [0.0, -1e-7]]))
+    return grams
+
+
+def test_small_grams_are_read_bit_for_bit_as_numpy_reads_them(monkeypatch):
+    for gram in _small_grams():
+        assert closed_form.symmetric_rows(gram) is not None
+        fast = closed_form.check_gram(gram)
+        expected = _numpy_check_gram(gram, monkeypatch)
+        assert fast.dtype == expected.dtype == np.float64 and fast.shape == expected.shape
+        np.testing.assert_array_equal(fast, expected)
+        assert fast is not gram and fast.flags.writeable
+
+
+@pytest.mark.parametrize(
+    "gram,match",
+    [
+        (
+            np.array([[1.0, np.nan, 0.0], [np.nan, 1.0, 0.0], [0.0, 0.0, 1.0]]),
+            r"non-finite entry .*nan.* at \(0, 1\)",
+        ),
+        (np.array([[1.0, np.inf], [0.0, 1.0]]), r"non-finite entry .*inf.* at \(0, 1\)"),
+        (np.array([[1.0, 0.5], [0.4, 1.0]]), "G is not symmetric"),
+        (np.array([[1.0, 0.0], [0.0, -0.5]]), r"G\[1, 1\] = .* is negative"),
+    ],
+)
+def test_small_grams_that_fail_get_numpys_errors(gram, match):
+    assert closed_form.symmetric_rows(gram) is None
+    with pytest.raises(ValueError, match=match):
+        closed_form.check_gram(gram)
+
+
+def test_other_inputs_take_the_numpy_path():
+    nine = np.eye(closed_form.SMALL_GRAM_MAX_TASKS + 1)
+    for other in (nine, np.eye(3, dtype=np.int64), np.ones((2, 3)), np.zeros((0, 0)), np.ones(3)):
+        assert closed_form.symmetric_rows(other) is None
+    np.testing.assert_array_equal(closed_form.check_gram(nine), nine)
+    np.testing.assert_array_equal(closed_form.check_gram(np.eye(3, dtype=np.int64)), np.eye(3))
+    np.testing.assert_array_equal(closed_form.check_gram([[2.0, 1.0], [1.0, 2.0]]), [[2.0, 1.0], [1.0, 2.0]])
