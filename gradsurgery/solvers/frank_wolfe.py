@@ -131,8 +131,8 @@ def simplex_min_norm(gram: ArrayLike, *, tol: float = 1e-12, max_iter: int = 200
 #: The largest T for which ``simplex_min_norm`` tries the full face in Python floats. Its O(T³) loops in the
 #: interpreter, timed alone in a loop: 30, 40, 68 and 102 µs at T = 3, 4, 6 and 8, against 85-87 µs for the
 #: general path; within a training step, where the general path's NumPy and LAPACK calls run with cold
-#: caches, ``mgda`` steps took 112-125 µs less at T = 6 and 8 (medians of paired steps, representation mode
-#: on the speed suite's ``small``), 253-291 µs less at T = 3 and 4.
+#: caches, ``mgda`` steps at T = 6 and 8 still took 0.00-0.07× of a plain step less (representation mode on
+#: the speed suite's ``small``, ``benchmarks/representation_overhead.py --numpy-twins``, six medians).
 FULL_FACE_MAX_TASKS = 8
 
 
@@ -146,9 +146,9 @@ def _full_face(gram: np.ndarray, tol: float) -> np.ndarray | None:
     ``mgda`` at T = 4 in representation mode on the speed suite's ``small`` took 264-301 µs a step through
     them (two runs) and 174 µs with this (``benchmarks/representation_stages.py``; the conversions of G and
     w included). The answer is the general path's to rounding (the same conditions, the factorisation and the
-    sums in another order). None, and the general path runs (and raises
-    on an invalid G), for T outside 3..``FULL_FACE_MAX_TASKS``, a non-finite, asymmetric or indefinite G, a
-    face whose Cholesky pivot falls below ``_PIVOT_MIN`` of its diagonal entry, a weight ≤ 0 or a failed
+    sums in another order). None, and the general path runs (and raises on an invalid G), for T outside
+    3..``FULL_FACE_MAX_TASKS``, a G that ``symmetric_rows`` leaves to ``check_gram``, an indefinite G, a face
+    whose Cholesky pivot falls below ``_PIVOT_MIN`` of its diagonal entry, a weight ≤ 0 or a failed
     certificate.
     """
     t = gram.shape[0]
