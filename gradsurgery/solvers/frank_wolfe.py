@@ -119,11 +119,13 @@ def simplex_min_norm(gram: ArrayLike, *, tol: float = 1e-12, max_iter: int = 200
     (``_full_face``).
     """
     _check_options(tol, max_iter)
-    if max_iter >= 1 and isinstance(gram, np.ndarray) and gram.ndim == 2:
-        found = _full_face(gram, tol)
+    # read once: what check_gram would return, or None where its NumPy path must decide
+    sym = symmetric_rows(gram) if isinstance(gram, np.ndarray) else None
+    if sym is not None and max_iter >= 1:
+        found = _full_face(sym, tol)
         if found is not None:
             return found
-    g = check_gram(gram)
+    g = check_gram(gram) if sym is None else np.array(sym)
     t = g.shape[0]
     return _solve(g, _Blocks(np.arange(t), np.arange(0)), tol, max_iter, "simplex_min_norm")
 
@@ -136,24 +138,23 @@ def simplex_min_norm(gram: ArrayLike, *, tol: float = 1e-12, max_iter: int = 200
 FULL_FACE_MAX_TASKS = 8
 
 
-def _full_face(gram: np.ndarray, tol: float) -> np.ndarray | None:
-    """MGDA's answer when its support is every task, or None: the active set's first face solve and its
-    certificate (``_active_set``; ``_face_solve``'s pivot test, every weight positive, the Frank-Wolfe gap
-    within tol·‖u‖² plus the rounding bound of Gw) in Python floats instead of NumPy and LAPACK calls.
+def _full_face(sym: list[list[float]], tol: float) -> np.ndarray | None:
+    """MGDA's answer on G's checked rows ``sym`` (``symmetric_rows``) when its support is every task, or None:
+    the active set's first face solve and its certificate (``_active_set``; ``_face_solve``'s pivot test,
+    every weight positive, the Frank-Wolfe gap within tol·‖u‖² plus the rounding bound of Gw) in Python
+    floats instead of NumPy and LAPACK calls.
 
     Within a training step those calls cost several times what they cost alone in a loop, because the
     model's kernels evict their code and data from the caches between two steps: the solve stage of
     ``mgda`` at T = 4 in representation mode on the speed suite's ``small`` took 264-301 µs a step through
     them (two runs) and 174 µs with this (``benchmarks/representation_stages.py``; the conversions of G and
     w included). The answer is the general path's to rounding (the same conditions, the factorisation and the
-    sums in another order). None, and the general path runs (and raises on an invalid G), for T outside
-    3..``FULL_FACE_MAX_TASKS``, a G that ``symmetric_rows`` leaves to ``check_gram``, an indefinite G, a face
-    whose Cholesky pivot falls below ``_PIVOT_MIN`` of its diagonal entry, a weight ≤ 0 or a failed
-    certificate.
+    sums in another order). None, and the general path runs, for T outside 3..``FULL_FACE_MAX_TASKS``, an
+    indefinite G, a face whose Cholesky pivot falls below ``_PIVOT_MIN`` of its diagonal entry, a weight ≤ 0
+    or a failed certificate.
     """
-    t = gram.shape[0]
-    sym = symmetric_rows(gram) if 3 <= t <= FULL_FACE_MAX_TASKS else None
-    if sym is None:
+    t = len(sym)
+    if not 3 <= t <= FULL_FACE_MAX_TASKS:
         return None
     # _solve's normalisation G / max G_ii
     scale = max(sym[i][i] for i in range(t))

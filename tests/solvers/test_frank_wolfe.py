@@ -397,6 +397,12 @@ def test_non_finite_iterates_raise_solver_error(monkeypatch):
 # --- the full face in Python floats (simplex_min_norm, 3 ≤ T ≤ FULL_FACE_MAX_TASKS) -----------------------
 
 
+def _full_face(gram, tol=1e-12):
+    """``simplex_min_norm``'s full face on ``gram`` as it reaches it: through ``symmetric_rows``."""
+    sym = fw.symmetric_rows(gram)
+    return None if sym is None else fw._full_face(sym, tol)
+
+
 def _general_path(gram, monkeypatch, **options):
     with monkeypatch.context() as patch:
         patch.setattr(fw, "FULL_FACE_MAX_TASKS", 0)
@@ -409,7 +415,7 @@ FULL_FACE = [(k, j) for k, j in ALL if 3 <= j.shape[0] <= fw.FULL_FACE_MAX_TASKS
 @pytest.mark.parametrize("kind,jac", FULL_FACE, ids=[f"{k}-{j.shape}" for k, j in FULL_FACE])
 def test_the_full_face_gives_the_general_paths_answer(kind, jac, monkeypatch):
     gram = jac @ jac.T
-    taken = fw._full_face(gram, 1e-12)
+    taken = _full_face(gram)
     expected = _general_path(gram, monkeypatch)
     if taken is None:  # not every task in the support, or a face the general path must handle
         np.testing.assert_array_equal(simplex_min_norm(gram), expected)
@@ -427,7 +433,7 @@ def test_the_full_face_answers_nearly_orthogonal_problems(monkeypatch):
         for _ in range(10):
             jac = rng.standard_normal((t, 256)) * rng.uniform(0.5, 2.0, (t, 1))
             gram = jac @ jac.T
-            w = fw._full_face(gram, 1e-12)
+            w = _full_face(gram)
             assert w is not None
             _assert_mgda_kkt(jac, w)
             np.testing.assert_allclose(w, _general_path(gram, monkeypatch), rtol=0, atol=1e-14)
@@ -473,14 +479,14 @@ def test_the_full_face_leaves_other_problems_to_the_general_path(case, monkeypat
     elif case == "zero G":
         jac[:] = 0.0
     gram = jac @ jac.T
-    assert fw._full_face(gram, 1e-12) is None
+    assert _full_face(gram) is None
     np.testing.assert_array_equal(simplex_min_norm(gram), _general_path(gram, monkeypatch))
 
 
 def test_the_full_face_keeps_the_general_paths_errors_and_options(monkeypatch):
     jac = np.random.default_rng(4).standard_normal((4, 256))
     gram = jac @ jac.T
-    assert fw._full_face(gram, 1e-12) is not None
+    assert _full_face(gram) is not None
     bad = gram.copy()
     bad[0, 1] = np.nan
     with pytest.raises(ValueError, match=r"G has a non-finite entry .*nan.* at \(0, 1\)"):
@@ -497,7 +503,7 @@ def test_the_full_face_keeps_the_general_paths_errors_and_options(monkeypatch):
     )
     # a float32 G and one asymmetric within round-off are read as the general path reads them
     for other in (gram.astype(np.float32), gram + 1e-7 * np.tril(np.abs(gram), -1)):
-        assert fw._full_face(other, 1e-12) is not None
+        assert _full_face(other) is not None
         np.testing.assert_allclose(simplex_min_norm(other), _general_path(other, monkeypatch), atol=1e-14)
 
 
@@ -510,7 +516,7 @@ def test_the_full_face_certifies_its_answer(monkeypatch):
     refused = 0
     for _ in range(40):
         jac = rng.standard_normal((5, 64))
-        refused += fw._full_face(jac @ jac.T, 0.0) is None
+        refused += _full_face(jac @ jac.T, 0.0) is None
     assert 0 < refused < 40
 
 
