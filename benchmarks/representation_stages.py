@@ -74,6 +74,8 @@ PACKAGE_STAGES: list[tuple[Any, str, str]] = [
     (engine, "accumulate", "write-back"),
     (GradSurgery, "step", "optimizer step"),
 ]
+#: The package's stages that ``GradSurgery.backward`` does not run.
+OUTSIDE_BACKWARD = {"zero_grad", "optimizer step"}
 #: Stages in the order of a step, the two remainders included.
 STAGES = [
     "zero_grad",
@@ -170,7 +172,7 @@ def measure_stages(
                     totals[name] += time.perf_counter() - start
     count = reps * block
     package = package_watch.seconds
-    inside = sum(package[stage] for _, _, stage in PACKAGE_STAGES[1:-1])
+    inside = sum(package[stage] for _, _, stage in PACKAGE_STAGES if stage not in OUTSIDE_BACKWARD)
     package["backward, rest"] = package["backward"] - inside
     package["forward"] = (
         totals[method] - package["zero_grad"] - package["backward"] - package["optimizer step"]
