@@ -21,7 +21,8 @@ of every step is split into stages:
 Each stage's time is a mean over the steps (µs per step), so the stages add up to the step; the timers'
 own cost (two clock reads and a Python call per stage) is included. A stage costs more here than the same
 call timed on its own in a loop, where its code and data stay in the caches: within a training step the
-model's kernels evict them. Writes ``stages.md`` and ``stages.json``.
+rest of the step (the model's kernels and the engine's other code) evicts them. Writes ``stages.md`` and
+``stages.json``.
 
     python -m benchmarks.representation_stages --sizes small --tasks 2 4 8 --out results/stages
 """
