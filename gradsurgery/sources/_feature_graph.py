@@ -2,10 +2,11 @@
 through the heads once.
 
 ``backward(losses, features=z)`` needs every ∇_z L_i. Head i's gradient with respect to z is what its nodes
-send along their edges into z's node; one backward pass of Σ_i L_i computes all of them and sums them at z.
-When no node between the losses and z serves two losses, those edges belong to one task each, and a hook on
-each node that sends along such an edge reads that task's contribution before the sum: one pass through the
-heads gives every ∇_z L_i, as T separate passes would, and the heads' own gradients at once.
+send along their edges into z's node; one backward pass of Σ_i L_i computes all of them and would sum them
+at z. When no node between the losses and z serves two losses, those edges belong to one task each, and a
+hook on each node that sends along such an edge takes that task's contribution out of the pass (so that no
+sum is formed at z): one pass through the heads gives every ∇_z L_i, as T separate passes would, and the
+heads' own gradients at once.
 
 The pass requests z and the parameters the losses reach without going through z (the heads' parameters).
 It must stay out of the trunk, whose gradient comes from the fused u_z afterwards; it does when none of those
@@ -29,12 +30,12 @@ import torch
 
 
 def _passes_through(hook: Any) -> bool:
-    """Whether a gradient hook on a feature returns the gradient it gets unchanged, so that reading the
-    heads' contributions before it changes nothing: FSDP2's pre-backward hook, which a ``fully_shard``
-    module puts on the tensors it returns (it gathers the module's parameters for the pass and returns the
-    gradient as it came). Any other hook may change the sum of the heads' gradients, which the per-task rows
-    would then miss. Read from FSDP2's module, which is private: where it moved, no hook passes through and
-    the caller takes one pass per task."""
+    """Whether a gradient hook on a feature returns the gradient it gets unchanged, so that taking the
+    heads' contributions out of the pass before it changes nothing: FSDP2's pre-backward hook, which a
+    ``fully_shard`` module puts on the tensors it returns (it gathers the module's parameters for the pass
+    and returns the gradient as it came). Any other hook may change the sum of the heads' gradients, which
+    the per-task rows would then miss. Read from FSDP2's module, which is private: where it moved, no hook
+    passes through and the caller takes one pass per task."""
     owner = getattr(hook, "__self__", None)
     if owner is None or not type(owner).__module__.startswith("torch.distributed.fsdp."):
         return False  # FSDP2's module is loaded already wherever its hook is found

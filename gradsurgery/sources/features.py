@@ -18,7 +18,7 @@ How the heads are traversed:
 
 - **Once**, when no node between the losses and z serves two losses (separate heads, the usual case; read
   on the graph by ``_feature_graph.split_at_features``): one backward pass of Σ_i L_i through the heads, a
-  hook on each node that sends a gradient into z adding it to its task's row of J_z, gives every ∇_z L_i and
+  hook on each node that sends a gradient into z moving it to its task's row of J_z, gives every ∇_z L_i and
   the heads' gradients (seeds 1) at once; after the weights, one backward pass of u_z from z through the
   trunk (``SplitCollection``).
 - **Once**, with **task views** (``task_views(z, T)``): each head reads its own view of z (a leaf sharing z's
@@ -505,14 +505,17 @@ def check_own_views(losses: list[torch.Tensor], views: list[list[torch.Tensor]])
             if node is None or id(node) in seen:
                 continue
             seen[id(node)] = node
-            variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf
+            children = node.next_functions
+            if children:
+                for child, _ in children:
+                    stack.append(child)
+                continue
+            variable = getattr(node, "variable", None)  # an AccumulateGrad node (it has no children): a leaf
             if variable is not None:
                 if id(variable) in owner:
                     reached.add(owner[id(variable)])
                 else:
                     others.add(id(variable))
-                continue
-            stack.extend(next_node for next_node, _ in node.next_functions)
         if reached != {i}:
             what = f"the views of tasks {sorted(reached)}" if reached else "no task view"
             raise ValueError(
@@ -530,10 +533,11 @@ def split_jacobian(
     keep: bool,
 ) -> tuple[torch.Tensor, Sequence[torch.Tensor | None]]:
     """J_z from one backward pass of Σ_i L_i through the heads split at the features (``split_at_features``):
-    a hook on each node that sends a gradient into a feature adds it to its task's row. Also returns the
-    gradients of ``others`` (the heads' parameters) from that pass, None where unreached. ``ValueError``
-    (``check_reach``), before the pass, when a loss sends nothing into the features or a feature feeds no
-    loss."""
+    a hook on each node that sends a gradient into a feature adds it to its task's row and takes it out of
+    the pass, so that autograd does not also sum the T contributions at the feature (T − 1 additions and a
+    buffer of the feature's size, which nothing reads). Also returns the gradients of ``others`` (the heads'
+    parameters) from that pass, None where unreached. ``ValueError`` (``check_reach``), before the pass, when
+    a loss sends nothing into the features or a feature feeds no loss."""
     feeds = {j for edges in split.edges for _, _, j in edges}
     check_reach(
         [i for i, edges in enumerate(split.edges) if not edges],
@@ -544,19 +548,22 @@ def split_jacobian(
     jac = torch.empty(len(split.edges), total, dtype=dtype, device=features[0].device)
     filled: set[tuple[int, int]] = set()
 
-    def capture(task: int, index: int, feature: int) -> Callable[..., None]:
+    def capture(task: int, index: int, feature: int) -> Callable[..., tuple[torch.Tensor | None, ...] | None]:
         start, end = spans[feature]
 
-        def hook(grad_inputs: tuple[torch.Tensor | None, ...], _grad_outputs: Any) -> None:
+        def hook(
+            grad_inputs: tuple[torch.Tensor | None, ...], _grad_outputs: Any
+        ) -> tuple[torch.Tensor | None, ...] | None:
             grad = grad_inputs[index]
             if grad is None:
-                return
+                return None
             block = jac[task, start:end]
             if (task, feature) in filled:
                 block.add_(grad.reshape(-1))
             else:
                 block.copy_(grad.reshape(-1))
                 filled.add((task, feature))
+            return grad_inputs[:index] + (None,) + grad_inputs[index + 1 :]
 
         return hook
 

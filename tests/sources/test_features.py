@@ -6,6 +6,7 @@ import pytest
 import torch
 from method_checks import registered
 from state_checks import same_state
+from torch.utils._python_dispatch import TorchDispatchMode
 from weighting_helpers import CountBackward, TwoHeads, make_data
 
 import gradsurgery
@@ -558,6 +559,51 @@ def test_features_z_split_where_heads_read_z_several_times_or_in_pieces(pieces):
     torch.testing.assert_close(info.gram, gram, rtol=1e-12, atol=1e-15)
     for p, g in zip(model.parameters(), expected, strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
+
+
+class AddsOfShapes(TorchDispatchMode):
+    """Counts the additions whose result has one of ``shapes``."""
+
+    def __init__(self, shapes):
+        super().__init__()
+        self.shapes = {tuple(s) for s in shapes}
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if (
+            func.overloadpacket in (torch.ops.aten.add, torch.ops.aten.add_)
+            and tuple(out.shape) in self.shapes
+        ):
+            self.count += 1
+        return out
+
+
+@pytest.mark.parametrize("pieces", ["one", "two slices", "chunk outputs"])
+def test_features_z_split_pass_forms_no_sum_at_the_features(pieces):
+    """Each head's gradient is taken out of the pass once it is in its row of J_z: autograd adds nothing of a
+    feature's shape (the heads' sum at z, which nothing reads), and the rows are the per-task gradients."""
+    xs, ys = make_data(3, 1)
+    x, y = xs[0].double(), ys[0].double()
+    model = ReadsTwice().double()
+    z = model.trunk(x)
+    features = {"one": [z], "two slices": [z[:, :2], z[:, 2:]], "chunk outputs": list(z.chunk(2, dim=1))}[
+        pieces
+    ]
+    losses = model.losses(x, y, lambda: torch.cat(features, dim=1) if len(features) > 1 else z)
+    split = features_module.split_at_features(losses, features)
+    heads = list(model.heads.parameters())
+    with AddsOfShapes(f.shape for f in features) as adds:
+        jac, head_grads = features_module.split_jacobian(losses, features, split, heads, keep=True)
+    assert adds.count == 0
+    rows = [
+        torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, features, retain_graph=True)])
+        for loss in losses
+    ]
+    torch.testing.assert_close(jac, torch.stack(rows), rtol=1e-13, atol=1e-15)
+    expected = torch.autograd.grad(sum(losses), heads, retain_graph=True)
+    for got, want in zip(head_grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-15)
 
 
 class Entangled(CountedHeads):
