@@ -539,12 +539,12 @@ class ReadsTwice(CountedHeads):
         return [(o.squeeze(-1) - ys[i]).pow(2).mean() for i, o in enumerate(outs)]
 
 
-@pytest.mark.parametrize("pieces", ["one", "two slices", "chunk outputs"])
-def test_features_z_split_where_heads_read_z_several_times_or_in_pieces(pieces):
-    xs, ys = make_data(3, 1)
-    x, y = xs[0].double(), ys[0].double()
-    model = ReadsTwice().double()
-    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method="mgda")
+PIECES = ["one", "two slices", "chunk outputs"]
+
+
+def read_in_pieces(model, x, y, pieces):
+    """``ReadsTwice``'s features passed as z itself, two slices of z, or the two outputs of one ``chunk``
+    node, and its losses, each head reading the features put back together."""
     z = model.trunk(x)
     if pieces == "one":
         features = [z]
@@ -552,7 +552,16 @@ def test_features_z_split_where_heads_read_z_several_times_or_in_pieces(pieces):
         features = [z[:, :2], z[:, 2:]]
     else:
         features = list(z.chunk(2, dim=1))  # one node, outputs 0 and 1
-    losses = model.losses(x, y, lambda: torch.cat(features, dim=1) if len(features) > 1 else z)
+    return features, model.losses(x, y, lambda: torch.cat(features, dim=1) if len(features) > 1 else z)
+
+
+@pytest.mark.parametrize("pieces", PIECES)
+def test_features_z_split_where_heads_read_z_several_times_or_in_pieces(pieces):
+    xs, ys = make_data(3, 1)
+    x, y = xs[0].double(), ys[0].double()
+    model = ReadsTwice().double()
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method="mgda")
+    features, losses = read_in_pieces(model, x, y, pieces)
     assert features_module.split_at_features(losses, features) is not None
     info = opt.backward(losses, features=features, retain_graph=True)
     expected, gram = written_out(losses, features, list(model.parameters()), info.weights, False)
@@ -579,18 +588,14 @@ class AddsOfShapes(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("pieces", ["one", "two slices", "chunk outputs"])
+@pytest.mark.parametrize("pieces", PIECES)
 def test_features_z_split_pass_forms_no_sum_at_the_features(pieces):
     """Each head's gradient is taken out of the pass once it is in its row of J_z: autograd adds nothing of a
     feature's shape (the heads' sum at z, which nothing reads), and the rows are the per-task gradients."""
     xs, ys = make_data(3, 1)
     x, y = xs[0].double(), ys[0].double()
     model = ReadsTwice().double()
-    z = model.trunk(x)
-    features = {"one": [z], "two slices": [z[:, :2], z[:, 2:]], "chunk outputs": list(z.chunk(2, dim=1))}[
-        pieces
-    ]
-    losses = model.losses(x, y, lambda: torch.cat(features, dim=1) if len(features) > 1 else z)
+    features, losses = read_in_pieces(model, x, y, pieces)
     split = features_module.split_at_features(losses, features)
     heads = list(model.heads.parameters())
     with AddsOfShapes(f.shape for f in features) as adds:
