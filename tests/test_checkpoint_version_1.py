@@ -51,13 +51,15 @@ SAME_KERNELS = (
 
 
 # How 0.1.0 computed where today's default differs: another solver (exact, faster), or one backward of the
-# summed loss instead of the sum of the per-task gradients (the same gradient, summed in another order).
+# weighted loss instead of the sum of the per-task gradients (the same gradient, summed in another order).
 OPTIONS_OF_0_1_0 = {
     "cagrad": {"solver": "slsqp"},
     "mixed": {"solver": "cvxpy"},
     "nash_mtl": {"solver": "cvxpy"},
     "pareto": {"solver": "cvxpy"},
     "sum": {"diagnostics": True},
+    "dwa": {"diagnostics": True},
+    "uncertainty": {"diagnostics": True},
 }
 #: 0.1.0's defaults that are part of a method's state and have changed since: such a checkpoint resumes
 #: only with those options spelled out (today's defaults are refused by name, test_changed_defaults_...)

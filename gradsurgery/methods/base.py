@@ -8,7 +8,7 @@ What a method declares (class attributes), and the engine reads nothing else:
 
 - ``needs_gram``: False for loss weightings whose weights come from the loss values alone; the engine then
   takes one backward pass of Σ w_i L_i instead of T per-task ones (``compute_weights`` gets ``gram=None``).
-  An instance may set it from its options (``"sum"`` measures G only with ``diagnostics=True``);
+  An instance may set it from its options (``LossValueWeighting``: G only with ``diagnostics=True``);
 - ``scales_task_specific``: True for loss weightings: a task's own parameters receive w_i g_i, not g_i;
 - ``per_sample_task`` (a property): the index of a loss given per sample (a 1-D tensor) that the engine's
   masking stage reduces before anything else, or None;
@@ -42,7 +42,7 @@ from typing import Any, ClassVar, Protocol, TypeVar
 import numpy as np
 import torch
 
-from .._validation import check_choice
+from .._validation import check_bool, check_choice
 
 _T = TypeVar("_T")
 
@@ -258,6 +258,26 @@ class Method:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.extra_repr()})"
+
+
+class LossValueWeighting(Method):
+    """A loss weighting whose weights come from the loss values alone (``sum``, ``dwa``, ``uncertainty``,
+    ``rlw``, ``famo``). Its gradient is Σ_i w_i g_i for every parameter, task-specific ones included
+    (w_i g_i), which one backward pass of Σ_i w_i L_i gives: the engine takes that pass instead of T per-task
+    ones (``needs_gram = False``; T× fewer backward passes in full mode) and forms no Gram matrix, so the
+    Gram diagnostics of ``StepInfo`` read NaN. ``diagnostics=True`` takes the T per-task passes instead, for
+    the same gradients (up to the rounding of another order of summation) plus G in ``StepInfo`` (norms,
+    cosines, conflicts, shares). Representation mode (``features=``) forms G over the features either way."""
+
+    scales_task_specific = True
+    needs_gram = False
+    #: The same gradients and the same state either way: a checkpoint resumes under the other value.
+    interchangeable_options: ClassVar[tuple[str, ...]] = ("diagnostics",)
+
+    def __init__(self, *, diagnostics: bool = False) -> None:
+        super().__init__()
+        self.diagnostics = check_bool(diagnostics, "diagnostics")
+        self.needs_gram = self.diagnostics
 
 
 def clone_state(state: Any) -> Any:

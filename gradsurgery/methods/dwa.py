@@ -8,9 +8,10 @@ calls. A task whose loss fell less over the last period (larger w_k) gets a larg
 and are constant within a period. ``period=1`` compares the last two steps; ``period`` = the number of
 steps per epoch gives the paper's per-epoch form.
 
-Only the loss values are used (not the Gram matrix); no learnable parameter. The history (current
-period's running sum, the last two period means) is in ``state_dict``. Losses must be ≥ 0 (the ratio of
-negative means has no meaning); when L̄_k(t−2) = 0 the task's rate is taken as 1.
+Only the loss values are used (not the Gram matrix), so ``GradSurgery`` takes one backward pass of
+Σ_k λ_k L_k (``diagnostics=True``: T per-task passes, for the Gram diagnostics); no learnable parameter.
+The history (current period's running sum, the last two period means) is in ``state_dict``. Losses must be
+≥ 0 (the ratio of negative means has no meaning); when L̄_k(t−2) = 0 the task's rate is taken as 1.
 """
 
 from __future__ import annotations
@@ -20,16 +21,15 @@ from typing import Any
 import torch
 
 from .._validation import check_int, check_number
-from .base import Method, bound_state, non_negative_losses
+from .base import LossValueWeighting, bound_state, non_negative_losses
 
 
-class DWA(Method):
+class DWA(LossValueWeighting):
     name = "dwa"
-    scales_task_specific = True
     tracks_loss_decrease = True
 
-    def __init__(self, *, temperature: float = 2.0, period: int = 1) -> None:
-        super().__init__()
+    def __init__(self, *, temperature: float = 2.0, period: int = 1, diagnostics: bool = False) -> None:
+        super().__init__(diagnostics=diagnostics)
         self.temperature = check_number(temperature, "temperature", minimum=0.0, exclusive_minimum=True)
         self.period = check_int(period, "period (backward calls per period)", minimum=1)
         self.calls = 0

@@ -21,8 +21,9 @@ losses of the current batch with those of the previous one (the update to ξ is 
 and carries batch-to-batch noise). The first step leaves ξ = 0 (z uniform).
 
 Cost: the weights depend on the loss values only, so ``GradSurgery`` does a single backward pass of
-Σ_i w_i L_i (``needs_gram = False``): O(1) backward passes and no T×d Jacobian, the paper's claim. As a loss
-weighting, task-specific parameters receive w_i g_i. Losses must be ≥ 0 (they are logged).
+Σ_i w_i L_i (``needs_gram = False``): O(1) backward passes and no T×d Jacobian, the paper's claim
+(``diagnostics=True``: T per-task passes, for the Gram diagnostics). As a loss weighting, task-specific
+parameters receive w_i g_i. Losses must be ≥ 0 (they are logged).
 """
 
 from __future__ import annotations
@@ -33,19 +34,17 @@ import torch
 
 from .._validation import check_number
 from ._learned import LearnedVector
-from .base import Method, bound_state, non_negative_losses
+from .base import LossValueWeighting, bound_state, non_negative_losses
 
 _LOSS_EPS = 1e-8
 
 
-class FAMO(Method):
+class FAMO(LossValueWeighting):
     name = "famo"
-    scales_task_specific = True
     tracks_loss_decrease = True
-    needs_gram = False
 
-    def __init__(self, *, lr: float = 0.025, weight_decay: float = 1e-3) -> None:
-        super().__init__()
+    def __init__(self, *, lr: float = 0.025, weight_decay: float = 1e-3, diagnostics: bool = False) -> None:
+        super().__init__(diagnostics=diagnostics)
         self.lr = check_number(lr, "lr", minimum=0.0, exclusive_minimum=True)
         self.weight_decay = check_number(weight_decay, "weight_decay", minimum=0.0)
         self.learned: LearnedVector | None = None

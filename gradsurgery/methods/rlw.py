@@ -4,7 +4,8 @@ Weighting: A Litmus Test for Multi-Task Learning").
 Every step draws fresh weights λ = softmax(ε), ε ~ N(0, I_T), and minimises Σ_i λ_i L_i. The weights are
 positive and sum to 1 (the paper's normalisation; E[λ_i] = 1/T), so on average the update is the mean
 gradient. It is a loss weighting: task-specific parameters receive λ_i g_i too, and it needs no per-task
-gradient, so ``GradSurgery`` takes a single backward pass of Σ_i λ_i L_i (``needs_gram = False``).
+gradient, so ``GradSurgery`` takes a single backward pass of Σ_i λ_i L_i (``needs_gram = False``;
+``diagnostics=True``: T per-task passes, for the Gram diagnostics).
 
 The normal samples come from the method's own ``torch.Generator`` (``seed``; ``None`` draws the seed from
 torch's global RNG), whose state is saved in ``state_dict`` so a resumed run draws the same weights.
@@ -14,16 +15,14 @@ from __future__ import annotations
 
 import torch
 
-from .base import Method
+from .base import LossValueWeighting
 
 
-class RLW(Method):
+class RLW(LossValueWeighting):
     name = "rlw"
-    scales_task_specific = True
-    needs_gram = False
 
-    def __init__(self, *, seed: int | None = None) -> None:
-        super().__init__()
+    def __init__(self, *, seed: int | None = None, diagnostics: bool = False) -> None:
+        super().__init__(diagnostics=diagnostics)
         self.seed = seed
         self.generator = self.new_generator(seed)
 

@@ -13,26 +13,21 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .._validation import check_bool, check_per_task_numbers, resolve_per_task
-from .base import Method
+from .._validation import check_per_task_numbers, resolve_per_task
+from .base import LossValueWeighting
 
 
-class Sum(Method):
+class Sum(LossValueWeighting):
     """The baseline every other method is compared with: fixed weights (one per task, by index or by task
     name), ``None`` meaning all 1."""
 
     name = "sum"
-    scales_task_specific = True
-    interchangeable_options = ("diagnostics",)  # the same gradients either way, and no state
 
     def __init__(
         self, *, weights: Sequence[float] | Mapping[str, float] | None = None, diagnostics: bool = False
     ) -> None:
-        super().__init__()
+        super().__init__(diagnostics=diagnostics)
         self.weights = None if weights is None else check_per_task_numbers(weights, "weights")
-        self.diagnostics = check_bool(diagnostics, "diagnostics")
-        # The weights need no gradient: one backward of Σ w_i L_i unless the Gram matrix is asked for.
-        self.needs_gram = self.diagnostics
         self._weights: list[float] | None = None
 
     def _check_num_tasks(self, num_tasks: int, task_names: Sequence[str] | None) -> None:

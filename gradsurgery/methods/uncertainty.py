@@ -10,7 +10,8 @@ so the model's parameters receive Σ_i exp(−s_i) ∇L_i (the weights w_i = exp
 
 which vanishes at s_i = log L_i: a task with a large loss is weighted down. The s_i gradient is taken in
 this closed form from the detached loss values (no extra backward), so the method never touches d-sized
-data; it does not use the Gram matrix.
+data; it does not use the Gram matrix, so ``GradSurgery`` takes one backward pass of Σ_i exp(−s_i) L_i
+(``diagnostics=True``: T per-task passes, for the Gram diagnostics).
 
 How s is stepped: by a small optimizer of the method's own (option ``weight_optimizer``, ``"adam"`` by
 default, with learning rate ``lr``), on a float64 CPU vector, not by the wrapped optimizer. This keeps the
@@ -25,6 +26,7 @@ Options:
     init_log_var: initial s_i (one float for all tasks, or one per task); 0 means σ² = 1, weight 1.
     lr: learning rate of the s optimizer.
     weight_optimizer: ``"adam"`` (β = (0.9, 0.999), ε = 1e-8) or ``"sgd"`` (s ← s − lr (1 − exp(−s) L)).
+    diagnostics: take the T per-task backward passes, for the Gram diagnostics in ``StepInfo``.
 
 The losses are read as given: pass them unscaled (loss scaling for mixed precision would shift s by
 log(scale)). Use losses ≥ 0 (MSE, cross-entropy, as in the paper): for L_i ≤ 0, exp(−s_i) L_i + s_i has no
@@ -40,12 +42,11 @@ from typing import Any
 import torch
 
 from ._learned import LearnedVector, check_lr, check_optimizer, check_vector_option, expand
-from .base import Method, bound_state
+from .base import LossValueWeighting, bound_state
 
 
-class Uncertainty(Method):
+class Uncertainty(LossValueWeighting):
     name = "uncertainty"
-    scales_task_specific = True
 
     def __init__(
         self,
@@ -53,8 +54,9 @@ class Uncertainty(Method):
         init_log_var: float | list[float] | Mapping[str, float] = 0.0,
         lr: float = 0.01,
         weight_optimizer: str = "adam",
+        diagnostics: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(diagnostics=diagnostics)
         self.init_log_var = check_vector_option(init_log_var, "init_log_var")
         self.lr = check_lr(lr)
         self.weight_optimizer = check_optimizer(weight_optimizer, self.name)

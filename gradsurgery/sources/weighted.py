@@ -1,5 +1,6 @@
 """One backward pass of Σ_i w_i L_i, for loss weightings whose weights come from the loss values alone
-(``Method.needs_gram = False``: FAMO, RLW).
+(``Method.needs_gram = False``: sum, DWA, uncertainty, RLW and FAMO, ``methods.base.LossValueWeighting``,
+unless ``diagnostics=True``).
 
 The weights do not depend on the gradients, so a single backward pass gives every parameter Σ_i w_i g_i,
 exactly what the per-task path gives a loss weighting, for one backward instead of T and no T×d Jacobian.

@@ -68,7 +68,10 @@ def test_half_precision_task_specific_gradients_are_scaled_with_one_rounding():
     trunk = nn.Linear(8, 16).to(torch.bfloat16)
     heads = [nn.Linear(16, 64).to(torch.bfloat16) for _ in range(2)]
     params = [*trunk.parameters(), *heads[0].parameters(), *heads[1].parameters()]
-    opt = GradSurgery(torch.optim.SGD(params, lr=0.1), "uncertainty", init_log_var=[0.3, -0.7])
+    # diagnostics=True: the per-task passes of this source, not one backward of the weighted loss
+    opt = GradSurgery(
+        torch.optim.SGD(params, lr=0.1), "uncertainty", init_log_var=[0.3, -0.7], diagnostics=True
+    )
     z = trunk(torch.randn(32, 8, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16))
     losses = [head(z).float().pow(2).mean() for head in heads]
     own = [

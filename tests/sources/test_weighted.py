@@ -8,33 +8,53 @@ import torch
 from method_checks import make_linear_problem
 from weighting_helpers import CountBackward, TwoHeads, make_data
 
-from gradsurgery import GradSurgery
-from gradsurgery.methods.rlw import RLW
+from gradsurgery import METHODS, GradSurgery
+from gradsurgery.methods.base import LossValueWeighting
+
+#: Every registered method whose weights come from the loss values alone.
+LOSS_VALUE_WEIGHTINGS = sorted(n for n, cls in METHODS.items() if issubclass(cls, LossValueWeighting))
 
 
-class RLWPerTask(RLW):
-    """The same random weights through the per-task path (T backward passes, G formed): the reference."""
-
-    needs_gram = True
+def test_the_loss_value_weightings_are_registered():
+    assert set(LOSS_VALUE_WEIGHTINGS) == {"sum", "dwa", "uncertainty", "rlw", "famo"}
 
 
-def fused_grads(method, model, losses_of):
-    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method=method)
-    info = opt.backward(losses_of(model))
-    return info, [None if p.grad is None else p.grad.clone() for p in model.parameters()]
-
-
+@pytest.mark.parametrize("name", LOSS_VALUE_WEIGHTINGS)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_single_backward_equals_the_per_task_path(seed):
-    xs, ys = make_data(3, 1, seed=seed)
-    losses_of = lambda m: m.losses(xs[0], ys[0])  # noqa: E731
-    info, weighted = fused_grads(RLW(seed=seed), TwoHeads(3, seed=seed), losses_of)
-    ref_info, per_task = fused_grads(RLWPerTask(seed=seed), TwoHeads(3, seed=seed), losses_of)
-    assert info.source == "weighted" and info.gram is None
-    assert ref_info.source == "jacobian" and ref_info.gram is not None
-    assert torch.equal(info.weights, ref_info.weights)
-    for a, b in zip(weighted, per_task, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+def test_single_backward_equals_the_per_task_path(name, seed):
+    """Five steps of one backward of Σ w_i L_i against five of the per-task path (``diagnostics=True``: T
+    backward passes, J and G formed), each on its own copy of the model: the same weights, gradients and
+    parameters at every step, so the method's state evolves alike; one backward through the trunk instead
+    of T, and no G."""
+    num_tasks = 3
+    xs, ys = make_data(num_tasks, 5, seed=seed)
+    options = {"seed": seed} if name == "rlw" else {}
+    runs = []
+    for diagnostics in (False, True):
+        model = TwoHeads(num_tasks, seed=seed)
+        model.counted = True
+        opt = GradSurgery(
+            torch.optim.SGD(model.parameters(), lr=0.1), name, diagnostics=diagnostics, **options
+        )
+        steps = []
+        for x, y in zip(xs, ys, strict=True):
+            opt.zero_grad()
+            CountBackward.calls = 0
+            info = opt.backward(model.losses(x, y))
+            steps.append((info, CountBackward.calls, [p.grad.clone() for p in model.parameters()]))
+            opt.step()
+        runs.append((steps, [p.detach().clone() for p in model.parameters()]))
+    (weighted, weighted_params), (per_task, per_task_params) = runs
+    for (info, calls, grads), (ref_info, ref_calls, ref_grads) in zip(weighted, per_task, strict=True):
+        assert (info.source, calls, info.gram) == ("weighted", 1, None)
+        assert ref_info.source == "jacobian" and ref_calls == num_tasks and ref_info.gram is not None
+        torch.testing.assert_close(info.weights, ref_info.weights, rtol=1e-6, atol=1e-9)
+        for a, b in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(weighted_params, per_task_params, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    if name != "sum":  # the weights moved off their start, so the state was exercised
+        assert len(set(weighted[-1][0].weights.tolist())) == num_tasks
 
 
 def test_one_backward_pass_through_the_trunk():
