@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from method_checks import make_linear_problem
-from weighting_helpers import CountBackward, TwoHeads, make_data
+from weighting_helpers import CountBackward, TwoHeads, make_data, roundtrip, train
 
 from gradsurgery import METHODS, GradSurgery
 from gradsurgery.methods.base import LossValueWeighting
@@ -74,3 +74,35 @@ def test_losses_that_reach_no_parameter_are_refused():
     with pytest.raises(ValueError, match="reach none"):
         opt.backward([stray.sum(), stray.pow(2).sum()])
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", LOSS_VALUE_WEIGHTINGS)
+def test_a_checkpoint_resumes_under_the_other_diagnostics(name):
+    """``diagnostics`` chooses the passes, not the state: a run checkpointed with the T passes goes on with
+    one, as the uninterrupted run with the T passes goes on (to the rounding of the order of summation)."""
+    num_tasks = 3
+    xs, ys = make_data(num_tasks, 6)
+    options = {"seed": 0} if name == "rlw" else {}
+
+    def fresh(diagnostics):
+        model = TwoHeads(num_tasks)
+        opt = GradSurgery(
+            torch.optim.Adam(model.parameters(), lr=0.05), name, diagnostics=diagnostics, **options
+        )
+        return model, opt
+
+    model_a, opt_a = fresh(True)
+    weights_a = train(model_a, opt_a, xs, ys, 0, 6)
+    model_b, opt_b = fresh(True)
+    train(model_b, opt_b, xs, ys, 0, 3)
+    saved = roundtrip({"model": model_b.state_dict(), "opt": opt_b.state_dict()})
+    model_c, opt_c = fresh(False)
+    model_c.load_state_dict(saved["model"])
+    opt_c.load_state_dict(saved["opt"])
+    weights_c = train(model_c, opt_c, xs, ys, 3, 6)
+    for a, c in zip(weights_a[3:], weights_c, strict=True):
+        torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-9)
+    for a, c in zip(model_a.parameters(), model_c.parameters(), strict=True):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+    if name != "sum":  # the resumed state was in use
+        assert not torch.equal(weights_a[3], weights_a[-1])
