@@ -13,9 +13,11 @@ that is skipped applies nothing, so the vector never moves on a failed step.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
+from torch.optim.adam import adam
+from torch.optim.sgd import sgd
 
 from .._validation import check_choice, check_number, check_per_task_numbers, resolve_per_task
 from .base import clone_state
@@ -81,12 +83,79 @@ class LearnedVector:
         self.param.grad = None
 
     def step(self) -> bool:
-        """Apply the pending gradient; False (and nothing moves) when there is none."""
+        """Apply the pending gradient; False (and nothing moves) when there is none. Adam's first step goes
+        through ``optimizer.step()``, which creates the optimizer's state as its checkpoints hold it; the
+        later ones, and every step of SGD (without momentum it keeps no state), call the same kernel
+        (``torch.optim.adam.adam``, ``torch.optim.sgd.sgd``, torch's functional API) on that state directly,
+        which skips ``Optimizer.step``'s hooks, profiling scope and parameter-group walk: the same numbers,
+        bit for bit, in 57 instead of 118 µs (Adam, T = 4, one CPU thread, the pending gradient's
+        accumulation included)."""
         if self.param.grad is None:
             return False
-        self.optimizer.step()
+        if self.kind == "sgd" or self.param in self.optimizer.state:
+            self._kernel()
+        else:
+            self.optimizer.step()
         self.param.grad = None
         return True
+
+    def _kernel(self) -> None:
+        param, grad = self.param, cast(torch.Tensor, self.param.grad)
+        group = self.optimizer.param_groups[0]
+        with torch.no_grad():
+            if self.kind == "adam":
+                state = self.optimizer.state[param]
+                beta1, beta2 = group["betas"]
+                adam(
+                    [param],
+                    [grad],
+                    [state["exp_avg"]],
+                    [state["exp_avg_sq"]],
+                    [],
+                    [state["step"]],
+                    foreach=False,
+                    amsgrad=False,
+                    beta1=beta1,
+                    beta2=beta2,
+                    lr=group["lr"],
+                    weight_decay=group["weight_decay"],
+                    eps=group["eps"],
+                    maximize=False,
+                )
+            else:
+                sgd(
+                    [param],
+                    [grad],
+                    [None],
+                    foreach=False,
+                    weight_decay=group["weight_decay"],
+                    momentum=0.0,
+                    lr=group["lr"],
+                    dampening=0.0,
+                    nesterov=False,
+                    maximize=False,
+                )
+
+    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any] | None]:
+        """Copies of the vector, its pending gradient and its optimizer's state (None before the first Adam
+        step), for ``restore``: what a failed ``backward`` must leave as it was, without packing the
+        optimizer's ``state_dict`` (its hyperparameters do not change)."""
+        state = self.optimizer.state.get(self.param)
+        return (
+            self.param.detach().clone(),
+            None if self.param.grad is None else self.param.grad.clone(),
+            None if state is None else clone_state(state),
+        )
+
+    def restore(self, snapshot: tuple[torch.Tensor, torch.Tensor | None, dict[str, Any] | None]) -> None:
+        value, pending, state = snapshot
+        with torch.no_grad():
+            self.param.copy_(value)
+        self.param.grad = pending
+        if state is None:
+            self.optimizer.state.pop(self.param, None)
+        else:
+            self.optimizer.state[self.param] = state
 
     def state_dict(self) -> dict[str, Any]:
         # Copies: the optimizer updates its moments in place, a saved state must not follow them.

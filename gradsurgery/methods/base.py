@@ -28,7 +28,8 @@ arguments of ``__init__`` and are kept as attributes of the same names), bound t
 ``backward`` (T-dependent options are checked there), then called once per ``backward``. A method may change
 its state freely inside ``compute_weights``: the engine runs each ``backward`` inside ``transaction()``,
 which restores the state (and the binding, and the generators) unless the whole call succeeds. Everything a
-method changes while computing weights must therefore be in its ``state_dict``.
+method changes while computing weights must therefore be in its ``state_dict`` (which ``snapshot`` copies by
+default; a method may override ``snapshot`` and ``restore`` with a cheaper copy of what it changes).
 """
 
 from __future__ import annotations
@@ -195,22 +196,31 @@ class Method:
         (a first call that fails leaves it unbound) and its generators."""
         generators = {n: g.get_state() for n, g in self._generators.items()}
         unbound: dict[str, Any] | None = None
-        saved: dict[str, Any] | None = None
+        saved: Any = None
         if self.num_tasks is None:
             unbound = dict(self.__dict__)
         else:
-            saved = clone_state(self.state_dict())
+            saved = self.snapshot()
         try:
             yield
         except BaseException:
             if unbound is not None:
                 self.__dict__.clear()
                 self.__dict__.update(unbound)
-            elif saved is not None:
-                self.load_state_dict(saved)
+            else:
+                self.restore(saved)
             for n, state in generators.items():
                 self._generators[n].set_state(state)
             raise
+
+    def snapshot(self) -> Any:
+        """What ``transaction`` gives back to ``restore`` when the call fails: a copy of ``state_dict()``. A
+        method may keep a cheaper copy of what a ``backward`` can change (the learned weights do)."""
+        return clone_state(self.state_dict())
+
+    def restore(self, snapshot: Any) -> None:
+        """The method as it was when ``snapshot`` was taken."""
+        self.load_state_dict(snapshot)
 
     # -- around the optimizer step ----------------------------------------------------------------------
     def after_step(self) -> None:

@@ -75,6 +75,14 @@ class FAMO(LossValueWeighting):
         """The current logits ξ (a copy)."""
         return bound_state(self.learned, self.name).value.clone()
 
+    def snapshot(self) -> Any:
+        # prev_losses is replaced at each call, never changed in place
+        return bound_state(self.learned, self.name).snapshot(), self.prev_losses
+
+    def restore(self, snapshot: Any) -> None:
+        learned, self.prev_losses = snapshot
+        bound_state(self.learned, self.name).restore(learned)
+
     def state_dict(self) -> dict[str, Any]:
         if self.learned is None:
             return {}

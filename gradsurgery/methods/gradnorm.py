@@ -126,6 +126,14 @@ class GradNorm(Method):
         if self.learned is not None:
             self.learned.discard()
 
+    def snapshot(self) -> Any:
+        # initial_sum is replaced at each call, never changed in place
+        return bound_state(self.learned, self.name).snapshot(), self.initial_sum, self.initial_count
+
+    def restore(self, snapshot: Any) -> None:
+        learned, self.initial_sum, self.initial_count = snapshot
+        bound_state(self.learned, self.name).restore(learned)
+
     def state_dict(self) -> dict[str, Any]:
         if self.learned is None:
             return {}

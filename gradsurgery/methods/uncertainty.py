@@ -95,6 +95,12 @@ class Uncertainty(LossValueWeighting):
         if self.learned is not None:
             self.learned.discard()
 
+    def snapshot(self) -> Any:
+        return bound_state(self.learned, self.name).snapshot()
+
+    def restore(self, snapshot: Any) -> None:
+        bound_state(self.learned, self.name).restore(snapshot)
+
     def state_dict(self) -> dict[str, Any]:
         return {} if self.learned is None else {"log_vars": self.learned.state_dict()}
 
