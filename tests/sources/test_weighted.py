@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from method_checks import make_linear_problem
+from method_checks import make_linear_problem, registered
 from weighting_helpers import CountBackward, TwoHeads, make_data, roundtrip, train
 
 from gradsurgery import METHODS, GradSurgery
@@ -28,7 +28,7 @@ def test_single_backward_equals_the_per_task_path(name, seed):
     of T, and no G."""
     num_tasks = 3
     xs, ys = make_data(num_tasks, 5, seed=seed)
-    options = {"seed": seed} if name == "rlw" else {}
+    options = dict(registered(num_tasks, seed))[name]  # a seed for the methods that draw
     runs = []
     for diagnostics in (False, True):
         model = TwoHeads(num_tasks, seed=seed)
@@ -82,7 +82,7 @@ def test_a_checkpoint_resumes_under_the_other_diagnostics(name):
     one, as the uninterrupted run with the T passes goes on (to the rounding of the order of summation)."""
     num_tasks = 3
     xs, ys = make_data(num_tasks, 6)
-    options = {"seed": 0} if name == "rlw" else {}
+    options = dict(registered(num_tasks))[name]
 
     def fresh(diagnostics):
         model = TwoHeads(num_tasks)
