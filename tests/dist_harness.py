@@ -57,3 +57,21 @@ def catch(fn: Callable[[], Any]) -> tuple[str | None, str]:
     except Exception as err:  # noqa: BLE001 - recorded for the assertions in the parent process
         return type(err).__name__, str(err)
     return None, ""
+
+
+def gloo_carries_complex() -> bool:
+    """Whether this torch's gloo process group broadcasts and reduce-scatters complex tensors, asked on every
+    rank of the group (each gets the same answer). torch 2.6 to 2.8 refuse them (``RuntimeError: Invalid
+    scalar type``; their all-reduce takes them), so DistributedDataParallel's first broadcast and FSDP2's
+    reduce-scatter fail on complex parameters: the complex scenarios are then not run, and their tests skip
+    (``torch_support.GLOO_COMPLEX_REASON``)."""
+    try:
+        dist.broadcast(torch.zeros(WORLD, dtype=torch.complex64), 0)
+        dist.reduce_scatter_tensor(
+            torch.zeros(1, dtype=torch.complex64), torch.zeros(dist.get_world_size(), dtype=torch.complex64)
+        )
+    except RuntimeError as err:
+        if "Invalid scalar type" not in str(err):
+            raise
+        return False
+    return True

@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch_support import PER_BACKEND_MATMUL_PRECISION
 
 from gradsurgery import GradSurgery, task_views
 
@@ -111,8 +112,28 @@ class ProductSpy(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in PRODUCTS:
             guarded = any(frame.name in IEEE for frame in traceback.extract_stack())
-            self.seen.append((guarded, torch.backends.mkldnn.matmul.fp32_precision))
+            self.seen.append((guarded, cpu_matmul_precision()))
         return func(*args, **(kwargs or {}))
+
+
+# oneDNN's float32 product setting: the backend's own where torch has it, else the legacy global one.
+# Its readings: lowered (bfloat16 products), IEEE, and torch's default.
+LOWERED, IEEE_READING, DEFAULT = (
+    ("bf16", "ieee", "none") if PER_BACKEND_MATMUL_PRECISION else ("medium", "highest", "highest")
+)
+
+
+def cpu_matmul_precision() -> str:
+    if PER_BACKEND_MATMUL_PRECISION:
+        return torch.backends.mkldnn.matmul.fp32_precision
+    return torch.get_float32_matmul_precision()
+
+
+def set_cpu_matmul_precision(value: str) -> None:
+    if PER_BACKEND_MATMUL_PRECISION:
+        torch.backends.mkldnn.matmul.fp32_precision = value
+    else:
+        torch.set_float32_matmul_precision(value)
 
 
 @pytest.mark.parametrize("kind", ["jacobian", "activations-kernel", "activations-materialize", "features"])
@@ -125,17 +146,17 @@ def test_under_a_lowered_matmul_precision_g_and_the_fusion_are_ieee_and_the_rest
         options = {"gradient_source": "activations", "model": net, "activation_form": kind.split("-")[1]}
     opt = GradSurgery(torch.optim.SGD(net.parameters(), lr=0.1), "mgda", **options)
     x = torch.randn(16, 6, generator=torch.Generator().manual_seed(3))
-    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    set_cpu_matmul_precision(LOWERED)
     try:
         backward_options: dict = {}
         out = forward(kind, net, x, backward_options)
         with ProductSpy() as spy:
             opt.backward([out[0].pow(2).mean(), (out[1] - 1).pow(2).mean()], **backward_options)
-        assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+        assert cpu_matmul_precision() == LOWERED
     finally:
-        torch.backends.mkldnn.matmul.fp32_precision = "none"
+        set_cpu_matmul_precision(DEFAULT)
     guarded = [precision for is_guarded, precision in spy.seen if is_guarded]
     rest = [precision for is_guarded, precision in spy.seen if not is_guarded]
     assert bool(guarded) == (kind != "activations-kernel") and rest
-    assert set(guarded) <= {"ieee"}
-    assert set(rest) == {"bf16"}
+    assert set(guarded) <= {IEEE_READING}
+    assert set(rest) == {LOWERED}

@@ -5,18 +5,21 @@ it: tests/test_backward_context.py.
 
 References: the backends' own getters (the setting inside, and after against before), G and Jᵀw under
 ``"highest"`` (on this machine's CPU oneDNN's ``"medium"`` path changes float32 products) and, on a GPU under
-TF32, float64 products.
+TF32, float64 products. A torch without the per-backend setting (2.6 to 2.8) has the legacy one only: the
+tests of the per-backend setting skip there, the others check what the legacy setting reads.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch_support import PER_BACKEND_MATMUL_PRECISION
 
 from gradsurgery import amp
 from gradsurgery.amp import full_precision_matmul
 from gradsurgery.gram import combine, gram_matrix
 
+PER_BACKEND_SETTINGS = {"cuda tf32", "mkldnn bf16", "generic tf32"}
 SETTINGS = {
     "legacy high": lambda: torch.set_float32_matmul_precision("high"),
     "legacy medium": lambda: torch.set_float32_matmul_precision("medium"),
@@ -25,18 +28,24 @@ SETTINGS = {
     "mkldnn bf16": lambda: setattr(torch.backends.mkldnn.matmul, "fp32_precision", "bf16"),
     "generic tf32": lambda: setattr(torch.backends, "fp32_precision", "tf32"),
 }
+needs_per_backend = pytest.mark.skipif(
+    not PER_BACKEND_MATMUL_PRECISION, reason="this torch has no per-backend fp32_precision setting"
+)
 
 
 def precision_state() -> dict[str, object]:
-    """Every getter of the setting; a getter that raises (torch refuses to read the legacy setting after
-    the new API was used) is recorded by its exception type."""
+    """Every getter of the setting this torch has; a getter that raises (torch refuses to read the legacy
+    setting after the new API was used) is recorded by its exception type."""
     getters = {
         "legacy": torch.get_float32_matmul_precision,
         "allow_tf32": lambda: torch.backends.cuda.matmul.allow_tf32,
-        "generic": lambda: torch.backends.fp32_precision,
-        "cuda": lambda: torch.backends.cuda.matmul.fp32_precision,
-        "mkldnn": lambda: torch.backends.mkldnn.matmul.fp32_precision,
     }
+    if PER_BACKEND_MATMUL_PRECISION:
+        getters |= {
+            "generic": lambda: torch.backends.fp32_precision,
+            "cuda": lambda: torch.backends.cuda.matmul.fp32_precision,
+            "mkldnn": lambda: torch.backends.mkldnn.matmul.fp32_precision,
+        }
     state: dict[str, object] = {}
     for name, get in getters.items():
         try:
@@ -51,19 +60,33 @@ def default_precision():
     """Each test starts from and leaves torch's default setting."""
     yield
     torch.set_float32_matmul_precision("highest")
-    torch.backends.fp32_precision = "none"
-    torch.backends.cuda.matmul.fp32_precision = "none"
-    torch.backends.mkldnn.matmul.fp32_precision = "none"
+    if PER_BACKEND_MATMUL_PRECISION:
+        torch.backends.fp32_precision = "none"
+        torch.backends.cuda.matmul.fp32_precision = "none"
+        torch.backends.mkldnn.matmul.fp32_precision = "none"
 
 
-@pytest.mark.parametrize("setting", sorted(SETTINGS))
-def test_inside_the_products_are_ieee_and_after_the_setting_is_as_before(setting):
-    SETTINGS[setting]()
-    before = precision_state()
-    with full_precision_matmul("cpu"), full_precision_matmul("cuda"):
+def assert_ieee() -> None:
+    if PER_BACKEND_MATMUL_PRECISION:
         # "none": the backend was not lowered, and inherits the default
         assert torch.backends.cuda.matmul.fp32_precision in ("ieee", "none")
         assert torch.backends.mkldnn.matmul.fp32_precision in ("ieee", "none")
+    else:
+        assert torch.get_float32_matmul_precision() == "highest"
+        assert not torch.backends.cuda.matmul.allow_tf32
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [pytest.param(s, marks=needs_per_backend) if s in PER_BACKEND_SETTINGS else s for s in sorted(SETTINGS)],
+)
+def test_inside_the_products_are_ieee_and_after_the_setting_is_as_before(setting):
+    SETTINGS[setting]()
+    before = precision_state()
+    if not PER_BACKEND_MATMUL_PRECISION:
+        assert before["legacy"] != "highest"  # the setting lowered the precision
+    with full_precision_matmul("cpu"), full_precision_matmul("cuda"):
+        assert_ieee()
     assert precision_state() == before
     with pytest.raises(KeyError), full_precision_matmul("cpu"), full_precision_matmul("cuda"):
         raise KeyError("inside")
@@ -75,14 +98,17 @@ def test_the_default_setting_is_left_untouched():
     before = precision_state()
     with full_precision_matmul("cpu"), full_precision_matmul("cuda"):
         assert precision_state() == before
-    assert torch.backends.cuda.matmul.fp32_precision == "none"
+    if PER_BACKEND_MATMUL_PRECISION:
+        assert torch.backends.cuda.matmul.fp32_precision == "none"
 
 
 def test_other_devices_are_left_as_they_are():
     torch.set_float32_matmul_precision("medium")
     with full_precision_matmul("meta"):
-        assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
-        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+        assert torch.get_float32_matmul_precision() == "medium"
+        if PER_BACKEND_MATMUL_PRECISION:
+            assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+            assert torch.backends.cuda.matmul.fp32_precision == "tf32"
 
 
 def test_without_the_per_backend_setting_the_global_one_is_raised_and_restored(monkeypatch):

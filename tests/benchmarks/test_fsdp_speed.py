@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from torch_support import FSDP2_ON_CPU, FSDP2_ON_CPU_REASON
 
 from benchmarks import fsdp_speed
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.skipif(not FSDP2_ON_CPU, reason=FSDP2_ON_CPU_REASON)]
 
 
 def test_writes_rows_and_report(tmp_path):

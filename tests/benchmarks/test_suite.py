@@ -311,7 +311,8 @@ def test_quick_tiny_writes_files_that_parse(tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "| method |" in printed  # a table per problem on stdout
-    rows = list(csv.DictReader(open(out / "runs.csv")))
+    with open(out / "runs.csv") as f:
+        rows = list(csv.DictReader(f))
     expected = 2 * len(toy.START_POINTS) + 2 * (
         2 + 2
     )  # toy: one seed; synthetic: 2 methods + 2 singles, 2 seeds
@@ -339,7 +340,8 @@ def test_speed_tiny(tmp_path):
     rows = "solvers,small,sparse-1e5"
     argv = ["--suite", "speed", "--tiny", "--methods", "mgda", "--speed-rows", rows, "--no-progress"]
     assert suite.main([*argv, "--out", str(out)]) == 0
-    rows = list(csv.DictReader(open(out / "speed.csv")))
+    with open(out / "speed.csv") as f:
+        rows = list(csv.DictReader(f))
     steps = {(r["method"], r["variant"]): r for r in rows if r["kind"] == "step"}
     assert {("plain", "plain"), ("sum", "full"), ("mgda", "full"), ("mgda", "representation")} <= set(steps)
     for key in [("mgda", "full"), ("mgda", "representation")]:

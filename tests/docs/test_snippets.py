@@ -27,6 +27,7 @@ import sys
 
 import pytest
 import torch
+from torch_support import FSDP2_ON_CPU, FSDP2_ON_CPU_REASON
 
 import gradsurgery
 
@@ -167,6 +168,8 @@ def test_block_runs(block, sandbox):
     if block.kind == "ddp":
         if not torch.distributed.is_available():
             pytest.skip("torch.distributed is not available")
+        if "torch.distributed.fsdp" in _imported_modules(block) and not FSDP2_ON_CPU:
+            pytest.skip(FSDP2_ON_CPU_REASON)
         run_ddp(block, sandbox)
         return
     namespace = run_script(block)

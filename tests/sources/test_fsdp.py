@@ -3,7 +3,9 @@ must fuse exactly what one process fuses on the concatenated batch with plain pa
 and refuse what is not supported with a clear error that leaves ``.grad`` and the method state untouched.
 
 One pair of workers runs every scenario and saves what each rank saw (the full gradients, gathered from the
-shards); the tests compare it with the single-process run of the same method on the same data.
+shards); the tests compare it with the single-process run of the same method on the same data. FSDP2 runs
+on CPU tensors from torch 2.7 on, HSDP from torch 2.8 on (``torch_support``); on an older torch these tests
+skip.
 """
 
 from __future__ import annotations
@@ -14,15 +16,22 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from dist_harness import WORLD, catch, run_on_ranks
+from dist_harness import WORLD, catch, gloo_carries_complex, run_on_ranks
 from method_checks import registered
 from torch import nn
+from torch_support import (
+    FSDP2_ON_CPU,
+    FSDP2_ON_CPU_REASON,
+    GLOO_COMPLEX_REASON,
+    HSDP_ON_CPU,
+    HSDP_ON_CPU_REASON,
+)
 
 from gradsurgery import GradSurgery, task_views
 from gradsurgery.distributed import DistributedSync
 from gradsurgery.sources.features import split_at_features
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.skipif(not FSDP2_ON_CPU, reason=FSDP2_ON_CPU_REASON)]
 
 BATCH = 4  # per rank
 STEPS = 3
@@ -514,8 +523,10 @@ def scenarios(rank: int) -> dict:
     results["accumulate"] = run_method(rank, "nash_mtl", {}, micro_batches=2)
     results["accumulate_weighted"] = run_method(rank, "famo", {}, micro_batches=2)
     # Complex parameters, read as real pairs: the Gram matrix of the shards, and the one weighted backward.
-    results["complex"] = run_method(rank, "mgda", {}, dtype=torch.complex128)
-    results["complex_weighted"] = run_method(rank, "uncertainty", {}, dtype=torch.complex128)
+    results["gloo complex"] = gloo_carries_complex()
+    if results["gloo complex"]:
+        results["complex"] = run_method(rank, "mgda", {}, dtype=torch.complex128)
+        results["complex_weighted"] = run_method(rank, "uncertainty", {}, dtype=torch.complex128)
     for key, method, options in L2_RUNS:
         results[key] = run_method(rank, method, options)
     for method, options, at, micro in REPRESENTATION_RUNS:
@@ -577,6 +588,7 @@ def hsdp_ranks(tmp_path_factory):
     return run_on_ranks(hsdp_scenarios, str(tmp_path_factory.mktemp("hsdp")), world=4)
 
 
+@pytest.mark.skipif(not HSDP_ON_CPU, reason=HSDP_ON_CPU_REASON)
 @pytest.mark.parametrize("key", [key for key, _, _ in HSDP_RUNS] + ["representation"])
 def test_hsdp_matches_single_process_on_concatenated_batch(hsdp_ranks, key):
     """Each replica holds every shard: G summed over one replica's shards (not over all four ranks), the
@@ -609,6 +621,8 @@ def assert_grads_close(got, want, rtol=1e-10, atol=1e-12):
     + ["main_aux3", "pcgrad3", "accumulate", "accumulate_weighted", "complex", "complex_weighted"],
 )
 def test_matches_single_process_on_concatenated_batch(ranks, key):
+    if key.startswith("complex") and not ranks[0]["gloo complex"]:
+        pytest.skip(GLOO_COMPLEX_REASON)
     for res in ranks:
         run = res[key]
         assert set(run["sources"]) == {"fsdp"}

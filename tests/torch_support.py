@@ -1,0 +1,37 @@
+"""What the installed torch offers, for the tests of features that torch gained after the package's lower
+bound (``setup.cfg``: torch >= 2.6). The package itself runs on every torch in its range; these flags let a
+test check the behaviour the package promises on an older torch (its fallback), or skip with a reason where
+the feature under test is torch's own and that torch lacks it.
+
+A flag reads torch itself wherever torch offers a probe; the version is read only where the gap lies inside
+torch's code (found by running the suite under torch 2.6.0 and 2.7.0)."""
+
+from __future__ import annotations
+
+import torch
+
+TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+
+#: ``torch.backends.fp32_precision`` and the backends' own ``matmul.fp32_precision``; without them a
+#: float32 product's precision is the legacy ``torch.set_float32_matmul_precision`` alone.
+PER_BACKEND_MATMUL_PRECISION = hasattr(torch.backends, "fp32_precision")
+
+#: ``torch.compiler.is_exporting``, which ``optimizer._run_eagerly`` needs to call a method directly outside
+#: compiled code; without it every call takes ``torch.compiler.disable``'s wrapper.
+COMPILER_IS_EXPORTING = hasattr(torch.compiler, "is_exporting")
+
+#: FSDP2 (``fully_shard``) on CPU tensors over gloo: torch 2.6 records a stream event on the CPU, which its
+#: CPU stream does not have (``AttributeError: 'Stream' object has no attribute 'record_event'``).
+FSDP2_ON_CPU = TORCH_VERSION >= (2, 7)
+FSDP2_ON_CPU_REASON = "torch < 2.7: FSDP2 (fully_shard) does not run on CPU tensors"
+
+#: HSDP (``fully_shard`` over a 2-D mesh) on CPU tensors: torch 2.7 asserts that its all-reduce across the
+#: replicas recorded a stream event, which it does not on the CPU (``assert all_reduce_event is not None``).
+HSDP_ON_CPU = TORCH_VERSION >= (2, 8)
+HSDP_ON_CPU_REASON = "torch < 2.8: HSDP (fully_shard over a 2-D mesh) does not run on CPU tensors"
+
+#: Why the complex scenarios of the data-parallel tests skip where ``dist_harness.gloo_carries_complex``
+#: (which asks a process group) says no.
+GLOO_COMPLEX_REASON = (
+    "this torch's gloo backend cannot broadcast or reduce-scatter complex tensors (Invalid scalar type)"
+)
