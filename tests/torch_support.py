@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import torch
 
-TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
-
 #: ``torch.backends.fp32_precision`` and the backends' own ``matmul.fp32_precision``; without them a
 #: float32 product's precision is the legacy ``torch.set_float32_matmul_precision`` alone.
 PER_BACKEND_MATMUL_PRECISION = hasattr(torch.backends, "fp32_precision")
@@ -22,12 +20,12 @@ COMPILER_IS_EXPORTING = hasattr(torch.compiler, "is_exporting")
 
 #: FSDP2 (``fully_shard``) on CPU tensors over gloo: torch 2.6 records a stream event on the CPU, which its
 #: CPU stream does not have (``AttributeError: 'Stream' object has no attribute 'record_event'``).
-FSDP2_ON_CPU = TORCH_VERSION >= (2, 7)
+FSDP2_ON_CPU = torch.__version__ >= (2, 7)  # a TorchVersion: compares as a release, local label aside
 FSDP2_ON_CPU_REASON = "torch < 2.7: FSDP2 (fully_shard) does not run on CPU tensors"
 
 #: HSDP (``fully_shard`` over a 2-D mesh) on CPU tensors: torch 2.7 asserts that its all-reduce across the
 #: replicas recorded a stream event, which it does not on the CPU (``assert all_reduce_event is not None``).
-HSDP_ON_CPU = TORCH_VERSION >= (2, 8)
+HSDP_ON_CPU = torch.__version__ >= (2, 8)
 HSDP_ON_CPU_REASON = "torch < 2.8: HSDP (fully_shard over a 2-D mesh) does not run on CPU tensors"
 
 #: Why the complex scenarios of the data-parallel tests skip where ``dist_harness.gloo_carries_complex``
