@@ -420,7 +420,7 @@ class GradSurgery(torch.optim.Optimizer):
         for transform in self.transforms:
             transform.check_representation_mode()
         kind = FSDPFeatureSource if isinstance(self.source, FSDPSource) else FeatureSource
-        return kind(features, self.gram_dtype, self.method.scales_task_specific)
+        return kind(features, self.gram_dtype, self.method.scales_task_specific, self.method.needs_gram)
 
     def _info(
         self, step: Any, weights: torch.Tensor | None, fields: dict[str, Any], sample_mask: Any

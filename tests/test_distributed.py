@@ -135,12 +135,16 @@ def representation_losses(model, net, x, y, layout):
 
 def run_representation(rank, method, layout, num_tasks=2, scaled=False):
     """Representation mode on the DDP model's half of the batch against one process on the whole batch (both
-    under a GradScaler with ``scaled``)."""
+    under a GradScaler with ``scaled``). ``"<method> diagnostics"``: the method with ``diagnostics=True``."""
     model, ref = make_net(num_tasks), make_net(num_tasks)
     scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=scaled) for _ in range(2)]
     ddp = nn.parallel.DistributedDataParallel(model)
-    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), method, model=ddp)
-    ref_opt = GradSurgery(torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9), method, distributed=False)
+    method, _, variant = method.partition(" ")
+    options = {"diagnostics": True} if variant else {}
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), method, model=ddp, **options)
+    ref_opt = GradSurgery(
+        torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9), method, distributed=False, **options
+    )
     x, y = make_data(num_tasks)
     mine = slice(rank * BATCH, (rank + 1) * BATCH)
     out = {"grads": [], "ref_grads": [], "weights": [], "ref_weights": [], "gram": [], "ref_gram": []}
@@ -151,6 +155,7 @@ def run_representation(rank, method, layout, num_tasks=2, scaled=False):
         ref_opt.zero_grad()
         losses, features = representation_losses(ref, ref, x, y, layout)
         ref_info = ref_opt.backward(losses, features=features, grad_scaler=scalers[1])
+        assert info.source == ref_info.source == ("features" if opt.method.needs_gram else "weighted")
         out["grads"].append([p.grad.clone() for p in model.parameters()])
         out["ref_grads"].append([p.grad.clone() for p in ref.parameters()])
         for key, got in (("weights", info.weights), ("ref_weights", ref_info.weights)):
@@ -338,7 +343,8 @@ def scenarios(rank: int) -> dict:
     for method, layout in REPRESENTATION:
         results[("features", method, layout)] = run_representation(rank, method, layout)
     results[("features", "mgda", "views3")] = run_representation(rank, "mgda", "views", num_tasks=3)
-    results[("features", "uncertainty", "scaled")] = run_representation(rank, "uncertainty", "z", scaled=True)
+    for method in ("uncertainty", "uncertainty diagnostics"):
+        results[("features", method, "scaled")] = run_representation(rank, method, "z", scaled=True)
     results[("sparse", "sum")] = run_sparse(rank, "sum", features=False)
     results[("sparse", "features")] = run_sparse(rank, "mgda", features=True)
     results["sink"] = sink_scenario(rank)
@@ -347,10 +353,12 @@ def scenarios(rank: int) -> dict:
     return results
 
 
-# Representation mode: a Gram-based method, a loss weighting (its heads scaled by w_i) and a method with a
-# generator, over the three ways through the heads.
+# Representation mode: a Gram-based method, a loss weighting (its heads scaled by w_i) with G_z and without
+# (one backward of Σ w_i L_i) and a method with a generator, over the three ways through the heads.
 REPRESENTATION = [
-    (method, layout) for method in ("mgda", "uncertainty", "pcgrad") for layout in ("z", "views", "shared")
+    (method, layout)
+    for method in ("mgda", "uncertainty", "uncertainty diagnostics", "pcgrad")
+    for layout in ("z", "views", "shared")
 ]
 
 
@@ -451,8 +459,8 @@ def test_rng_methods_use_rank_zero_generator(ranks):
 
 @pytest.mark.parametrize(
     "method,layout",
-    REPRESENTATION + [("mgda", "views3"), ("uncertainty", "scaled")],
-    ids=[f"{m}-{v}" for m, v in REPRESENTATION] + ["views3", "scaled"],
+    REPRESENTATION + [("mgda", "views3"), ("uncertainty", "scaled"), ("uncertainty diagnostics", "scaled")],
+    ids=[f"{m}-{v}" for m, v in REPRESENTATION] + ["views3", "scaled", "scaled diagnostics"],
 )
 def test_representation_mode_matches_the_single_process_on_the_concatenated_batch(ranks, method, layout):
     """G_z is the sum of the ranks' Gram matrices over their own samples' features (÷ n²), the parameter
@@ -462,6 +470,7 @@ def test_representation_mode_matches_the_single_process_on_the_concatenated_batc
         run = res[("features", method, layout)]
         assert_matches_single_process(run)
         for got, want in zip(run["gram"], run["ref_gram"], strict=True):
+            assert (got is None) == (want is None)
             if want is not None:
                 torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
     a, b = ranks[0][("features", method, layout)], ranks[1][("features", method, layout)]

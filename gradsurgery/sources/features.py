@@ -56,6 +56,7 @@ from .._validation import check_int
 from ..gram import combine, gram_matrix
 from . import TaskScale, check_finite, finite_gradients, loss_values, unit_seeds
 from ._feature_graph import HeadSplit, split_at_features
+from .weighted import WeightedCollection
 
 if TYPE_CHECKING:
     from ..amp import LossScaling
@@ -193,11 +194,13 @@ class FeatureSource:
         features: torch.Tensor | Sequence[torch.Tensor],
         gram_dtype: torch.dtype,
         scales_task_specific: bool,
+        needs_gram: bool = True,
     ) -> None:
         self.views = features if isinstance(features, TaskViews) else None
         self.features = self.views.features if self.views is not None else check_features(features)
         self.gram_dtype = gram_dtype
         self.scales_task_specific = scales_task_specific
+        self.needs_gram = needs_gram
 
     def collect(
         self,
@@ -206,12 +209,26 @@ class FeatureSource:
         scaling: LossScaling | None,
         retain_graph: bool,
         no_sync: Callable[[], Any],
-    ) -> FeatureCollection:
+    ) -> FeatureCollection | WeightedCollection:
         values = loss_values(losses, self.gram_dtype)
         passes = self._passes(retain_graph, no_sync, scaling)
+        if not self.needs_gram:
+            return self._weighted(losses, params, values, passes)
         if scaling is not None:
             losses = scaling.scale(losses)
         return self._collection(losses, params, values, passes)
+
+    def _weighted(
+        self, losses: list[torch.Tensor], params: list[torch.Tensor], values: torch.Tensor, passes: Passes
+    ) -> WeightedCollection:
+        """A loss weighting's step (``needs_gram`` False): its weights need no G_z, and the gradient it
+        writes, Σ_i w_i ∇_θ L_i for every parameter, is that of Σ_i w_i L_i: one backward of it, as in full
+        mode (``sources.weighted``); over task views, the heads to the views, then the trunk from z."""
+        if self.views is not None:
+            return WeightedViewCollection(self.views, losses, params, values, passes)
+        return WeightedCollection(
+            losses, params, values, passes.scaling, passes.retain_graph, passes.no_sync, self.mode
+        )
 
     def _passes(self, retain_graph: bool, no_sync: Callable[[], Any], scaling: LossScaling | None) -> Passes:
         return Passes(retain_graph, no_sync, scaling)
@@ -365,6 +382,50 @@ class FeatureCollection:
         return [weights[i].to(device=loss.device, dtype=loss.dtype) for i, loss in enumerate(self.losses)]
 
 
+class WeightedViewCollection(WeightedCollection):
+    """The gradient of Σ_i w_i L_i over task views, for a loss weighting: the views are leaves, so it takes
+    two passes, one through the heads with seeds w_i (to the views and to every parameter the losses reach
+    beyond them), then one from the features through the trunk with u_z, the sum of the views' gradients
+    (Σ_i w_i ∇_z L_i). The views are checked as for the other methods (``check_own_views``), so that the
+    same wiring is accepted and refused whatever the method; no Gram matrix; the step of
+    ``WeightedCollection`` otherwise."""
+
+    def __init__(
+        self,
+        views: TaskViews,
+        losses: list[torch.Tensor],
+        params: list[torch.Tensor],
+        values: torch.Tensor,
+        passes: Passes,
+    ) -> None:
+        check_own_views(losses, views.leaves)
+        super().__init__(
+            losses, params, values, passes.scaling, passes.retain_graph, passes.no_sync, FeatureSource.mode
+        )
+        self.views = views
+
+    def _backward(self, weights: torch.Tensor) -> Sequence[torch.Tensor | None]:
+        losses = self.losses if self.scaling is None else self.scaling.scale(self.losses)
+        seeds = [w.to(device=loss.device, dtype=loss.dtype) for w, loss in zip(weights, losses, strict=True)]
+        leaves = [z for view in self.views.leaves for z in view]
+        grads = torch.autograd.grad(
+            losses, leaves + self.params, seeds, retain_graph=self.retain_graph, allow_unused=True
+        )
+        heads, per_view = grads[len(leaves) :], len(self.views.features)
+        features, targets = [], []
+        for j, z in enumerate(self.views.features):
+            reaching = [g for g in grads[j : len(leaves) : per_view] if g is not None]
+            if reaching:
+                features.append(z)
+                targets.append(reaching[0] if len(reaching) == 1 else torch.stack(reaching).sum(0))
+        if not features:
+            return heads
+        trunk = torch.autograd.grad(
+            features, self.params, targets, retain_graph=self.retain_graph, allow_unused=True
+        )
+        return [b if a is None else a if b is None else a + b for a, b in zip(heads, trunk, strict=True)]
+
+
 class OnePassCollection(FeatureCollection):
     """Representation mode with one pass through the heads: a backward pass of Σ_i L_i gives every ∇_z L_i
     and the heads' own gradients (seeds 1), then one pass of u_z through the trunk. A loss weighting scales
@@ -443,8 +504,6 @@ class ViewCollection(OnePassCollection):
         views = source.views
         if views is None:
             raise TypeError("ViewCollection needs a FeatureSource over task_views(...)")
-        if len(views.leaves) != len(losses):
-            raise ValueError(f"{len(views.leaves)} task views for {len(losses)} losses")
         self.views = views
         reached = check_own_views(losses, views.leaves)
         super().__init__(source, losses, params, values, passes, reached)
@@ -489,8 +548,10 @@ class SplitCollection(OnePassCollection):
 
 
 def check_own_views(losses: list[torch.Tensor], views: list[list[torch.Tensor]]) -> list[set[int]]:
-    """ValueError unless loss i reaches task i's view and no other's (read on the autograd graph); returns,
-    per loss, the ids of the other leaves it reaches (the heads' parameters)."""
+    """ValueError unless there is a view per loss and loss i reaches task i's view and no other's (read on
+    the autograd graph); returns, per loss, the ids of the other leaves it reaches (the heads' parameters)."""
+    if len(views) != len(losses):
+        raise ValueError(f"{len(views)} task views for {len(losses)} losses")
     owner = {id(z): i for i, view in enumerate(views) for z in view}
     leaves: list[set[int]] = []
     for i, loss in enumerate(losses):

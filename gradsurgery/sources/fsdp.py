@@ -300,22 +300,26 @@ class FSDPFeatureSource(FeatureSource):
     (``Reduction.feature_gram``). Task views are refused: their leaves end the losses' graph at the heads,
     and a separate pass from z would run outside FSDP's backward hooks of the root module. Cost: two passes
     through the heads (T + 1 where the graph does not split at z) and one through the trunk, with FSDP's
-    all-gathers in each."""
+    all-gathers in each. A loss weighting (``needs_gram`` False) takes full mode's one ``backward`` of
+    Σ_i w_i L_i instead (``FSDPWeightedCollection``)."""
 
     collectives_in_collect = True
 
     def _passes(self, retain_graph: bool, no_sync: Callable[[], Any], scaling: LossScaling | None) -> Passes:
         return ShardPasses(retain_graph, no_sync, scaling)
 
+    def _weighted(
+        self, losses: list[torch.Tensor], params: list[torch.Tensor], values: torch.Tensor, passes: Passes
+    ) -> WeightedCollection:
+        self._refuse_views()
+        return FSDPWeightedCollection(
+            losses, params, values, passes.scaling, passes.retain_graph, passes.no_sync, self.mode
+        )
+
     def _collection(
         self, losses: list[torch.Tensor], params: list[torch.Tensor], values: torch.Tensor, passes: Passes
     ) -> FeatureCollection:
-        if self.views is not None:
-            raise ValueError(
-                "representation mode over FSDP2 (fully_shard) parameters takes the features themselves "
-                "(backward(losses, features=z)), not task_views: the views end each loss's graph at its "
-                "head, and the trunk's pass must start from the losses to run under FSDP's backward hooks"
-            )
+        self._refuse_views()
         split = split_at_features(losses, self.features)
         if split is not None:
             jac, _ = split_jacobian(losses, self.features, split, [], keep=True)
@@ -325,6 +329,14 @@ class FSDPFeatureSource(FeatureSource):
         return ShardedFeatureCollection(
             self, losses, params, passes.unscaled_jacobian(jac), spans, values, passes
         )
+
+    def _refuse_views(self) -> None:
+        if self.views is not None:
+            raise ValueError(
+                "representation mode over FSDP2 (fully_shard) parameters takes the features themselves "
+                "(backward(losses, features=z)), not task_views: the views end each loss's graph at its "
+                "head, and the trunk's pass must start from the losses to run under FSDP's backward hooks"
+            )
 
 
 class ShardPasses(Passes):

@@ -12,7 +12,7 @@ ranks before the weights are computed, and the gradient after.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -46,7 +46,6 @@ class WeightedSource:
 
 
 class WeightedCollection:
-    mode = "full"
     source = "weighted"
     gram = None
 
@@ -58,7 +57,9 @@ class WeightedCollection:
         scaling: LossScaling | None,
         retain_graph: bool,
         no_sync: Callable[[], Any],
+        mode: str = "full",
     ) -> None:
+        self.mode = mode  # "representation" when the step was called with features (the same gradients)
         self.losses = losses
         self.params = params
         self.loss_values = values
@@ -91,11 +92,10 @@ class WeightedCollection:
         return total if self.scaling is None else self.scaling.scale_one(total)
 
     def gradients(self, weights: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        total = self.weighted_loss(weights)
-        with self.no_sync():
-            grads = torch.autograd.grad(total, self.params, retain_graph=self.retain_graph, allow_unused=True)
         if self.reduction is None:
             raise RuntimeError("the weighted collection's gradients are taken after reduce()")
+        with self.no_sync():
+            grads = self._backward(weights)
         averaged = self.reduction.average_gradients(self.params, grads)
         reached = [(p, g) for p, g in zip(self.params, averaged, strict=True) if g is not None]
         if not reached:
@@ -105,6 +105,12 @@ class WeightedCollection:
             # Back to true units for the post-transforms; the write-back scales again (exact for 2^k).
             reached = [(p, g / self.scaling.scale_factor()) for p, g in reached]
         return reached
+
+    def _backward(self, weights: torch.Tensor) -> Sequence[torch.Tensor | None]:
+        """The gradient of Σ_i w_i L_i (times the loss scale) of every parameter, None where unreached."""
+        return torch.autograd.grad(
+            self.weighted_loss(weights), self.params, retain_graph=self.retain_graph, allow_unused=True
+        )
 
     def reached_params(self) -> list[torch.Tensor]:
         return self.params

@@ -180,12 +180,14 @@ def run_representation(rank, method, options, at, micro_batches=1):
             out["split"] = split_at_features(losses, [z if at == "z" else h]) is not None
             ref_info = ref_opt.backward(losses, features=z if at == "z" else h)
         assert info.mode == ref_info.mode == "representation"
+        assert info.source == "fsdp"  # FSDP's source, with G_z or by one backward of Σ w_i L_i
+        assert ref_info.source == ("features" if opt.method.needs_gram else "weighted")
         out["grads"].append(full_grads(model))
         out["ref_grads"].append([None if p.grad is None else p.grad.clone() for p in ref.parameters()])
         for key, value in (("weights", info.weights), ("ref_weights", ref_info.weights)):
             out[key].append(value.clone())
-        out["gram"].append(info.gram.clone())
-        out["ref_gram"].append(ref_info.gram.clone())
+        out["gram"].append(None if info.gram is None else info.gram.clone())
+        out["ref_gram"].append(None if ref_info.gram is None else ref_info.gram.clone())
         opt.step()
         ref_opt.step()
     out["params"] = full_params(model)
@@ -193,12 +195,15 @@ def run_representation(rank, method, options, at, micro_batches=1):
     return out
 
 
-def representation_scaler(rank):
+def representation_scaler(rank, diagnostics):
     """Representation mode under a GradScaler (scale 2¹⁰, exact in binary) next to the same sharded model
-    without one: every ``.grad`` s times the unscaled one, and the same parameters after ``scaler.step``."""
+    without one: every ``.grad`` s times the unscaled one, and the same parameters after ``scaler.step``
+    (a loss weighting, through G_z with ``diagnostics``, else by one backward of Σ w_i L_i)."""
     plain_model, model = (shard(make_net(2, cls=RepresentationNet)) for _ in range(2))
-    plain = GradSurgery(torch.optim.SGD(plain_model.parameters(), lr=0.1), "uncertainty")
-    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "uncertainty")
+    plain = GradSurgery(
+        torch.optim.SGD(plain_model.parameters(), lr=0.1), "uncertainty", diagnostics=diagnostics
+    )
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "uncertainty", diagnostics=diagnostics)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     x, y = make_data(2)
     mine = slice(rank * BATCH, (rank + 1) * BATCH)
@@ -327,10 +332,17 @@ def representation_failures(rank):
     return res
 
 
+def representation_key(method, options, at, micro):
+    return f"{method}{' diagnostics' if options.get('diagnostics') else ''} {at}" + (
+        " accumulated" if micro > 1 else ""
+    )
+
+
 REPRESENTATION_RUNS = [
     ("mgda", {}, "z", 1),
     ("mgda", {}, "h", 1),
     ("uncertainty", {}, "h", 1),
+    ("uncertainty", {"diagnostics": True}, "h", 1),
     ("pcgrad", {"seed": 0}, "z", 1),
     ("nash_mtl", {}, "h", 2),
 ]
@@ -530,13 +542,14 @@ def scenarios(rank: int) -> dict:
     for key, method, options in L2_RUNS:
         results[key] = run_method(rank, method, options)
     for method, options, at, micro in REPRESENTATION_RUNS:
-        results[f"representation {method} {at} {micro}"] = run_representation(
+        results[representation_key(method, options, at, micro)] = run_representation(
             rank, method, options, at, micro
         )
     results["representation failures"] = representation_failures(rank)
     results["mixed precision"] = mixed_precision(rank)
     results["finiteness"] = finiteness(rank)
-    results["representation scaler"] = representation_scaler(rank)
+    for diagnostics in (False, True):
+        results["representation scaler", diagnostics] = representation_scaler(rank, diagnostics)
     results["shared_override"] = run_method_shared(rank)
     results["scaler"] = scaler_scenario(rank)
     results["retain"] = retain_scenario(rank)
@@ -714,28 +727,31 @@ def test_the_l2_rule_on_the_shards_matches_the_single_process(ranks, key, method
 @pytest.mark.parametrize(
     "method,options,at,micro",
     REPRESENTATION_RUNS,
-    ids=[f"{m} {a}" + (" accumulated" if k > 1 else "") for m, _, a, k in REPRESENTATION_RUNS],
+    ids=[representation_key(*run) for run in REPRESENTATION_RUNS],
 )
 def test_representation_mode_matches_the_single_process(ranks, method, options, at, micro):
     """G_z = Σ_r G_r / n², the weights, every gradient (the trunk's the mean of the ranks' passes of u_z,
     each head's its task's mean gradient times s_i; summed over two ``backward`` calls when accumulated) and
     the parameters after three steps with momentum."""
     for res in ranks:
-        run = res[f"representation {method} {at} {micro}"]
+        run = res[representation_key(method, options, at, micro)]
         # One pass through the heads split at h (FSDP's hook on the features it returns passes the gradient
         # through); at z the gain serves both tasks: one pass per task, sharded and plain alike.
         assert run["split"] == run["sharded_split"] == (at == "h")
         for step in range(STEPS):
-            torch.testing.assert_close(run["gram"][step], run["ref_gram"][step], rtol=1e-10, atol=1e-14)
+            assert (run["gram"][step] is None) == (run["ref_gram"][step] is None)
+            if run["gram"][step] is not None:  # a loss weighting without diagnostics forms no G_z
+                torch.testing.assert_close(run["gram"][step], run["ref_gram"][step], rtol=1e-10, atol=1e-14)
             torch.testing.assert_close(run["weights"][step], run["ref_weights"][step], rtol=1e-9, atol=1e-12)
             assert_grads_close(run["grads"][step], run["ref_grads"][step])
         for p, q in zip(run["params"], run["ref_params"], strict=True):
             torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
 
 
-def test_representation_mode_under_a_grad_scaler(ranks):
+@pytest.mark.parametrize("diagnostics", [False, True], ids=["weighted loss", "G_z"])
+def test_representation_mode_under_a_grad_scaler(ranks, diagnostics):
     for res in ranks:
-        run = res["representation scaler"]
+        run = res["representation scaler", diagnostics]
         assert run["ratios_exact"] == [True] * STEPS and run["same_params"]
 
 
