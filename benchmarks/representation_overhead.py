@@ -24,6 +24,12 @@ same repetition):
   and LAPACK paths only (not ``check_gram``'s reading of G in Python floats, nor ``simplex_min_norm``'s full
   face, for 8 tasks or fewer).
 
+With ``--loss-weightings`` the variants are instead the loss weightings that read only the losses (``sum``,
+``dwa``, ``uncertainty``, ``rlw``, ``famo``; or those named), each five ways: ``<m> full`` (full mode: one
+backward of Σ w_i L_i), ``<m> z`` and ``<m> views`` (``features=z`` and task views, which take that one
+backward too: through the views, the heads and then the trunk), and ``<m> z, G_z`` and ``<m> views, G_z``
+(``diagnostics=True``: G_z over the features, as the Gram-based methods form it).
+
 Rank statistics: the median ratio and its 25th-75th percentiles. Writes ``report.md`` and ``rows.json``.
 
     python -m benchmarks.representation_overhead --out results/representation
@@ -65,6 +71,11 @@ except ImportError:  # run as a script
     from speed_models import seeded_mlp  # type: ignore[no-redef]
 
 BATCH = 128
+
+
+def loss_value_weightings() -> list[str]:
+    """The registered methods whose weights read the losses only (``needs_gram`` False by default)."""
+    return [name for name, cls in sorted(gradsurgery.METHODS.items()) if not cls.needs_gram]
 
 
 def gram_methods(num_tasks: int) -> list[str]:
@@ -219,6 +230,29 @@ def method_step(case: Case, method: str, views: bool, per_task: bool = False) ->
     return step
 
 
+def loss_weighting_step(
+    case: Case, method: str, features: str | None, diagnostics: bool
+) -> Callable[[], None]:
+    """One step of a loss weighting that reads only the losses: full mode (``features`` None), ``"z"`` or
+    ``"views"``; ``diagnostics=True`` forms G_z (G in full mode)."""
+    t = case.num_tasks
+    opt = GradSurgery(
+        case.inner, method, num_tasks=t, diagnostics=diagnostics, **method_options(method, t, 0)
+    )
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        z = case.model.trunk(case.x)
+        if features == "views":
+            views = gradsurgery.task_views(z, t)
+            opt.backward(case.head_losses(list(views)), features=views)
+        else:
+            opt.backward(case.head_losses([z] * t), features=z if features == "z" else None)
+        opt.step()
+
+    return step
+
+
 def numpy_only_step(step: Callable[[], None]) -> Callable[[], None]:
     """``step`` with the solvers' paths in Python floats turned off (``check_gram``'s reading of small G and
     ``simplex_min_norm``'s full face): NumPy and LAPACK only."""
@@ -244,20 +278,26 @@ def measure(
     device: torch.device | None = None,
     batch: int = BATCH,
     numpy_twins: bool = False,
+    loss_weightings: bool = False,
 ) -> list[dict]:
     dims = {**SIZES, **TINY_SIZES}[size]
     case = Case(dims, num_tasks, tower, device, batch)
-    members = {
-        "plain": plain_step(case),
-        "floor": floor_step(case),
-        "floor one pass": floor_one_pass_step(case),
-    }
-    for method in methods:
-        members[method] = method_step(case, method, views=True)
-        if numpy_twins:
-            members[f"{method}, NumPy only"] = numpy_only_step(method_step(case, method, views=True))
-    members["z"] = method_step(case, "mgda", views=False)
-    members["z per task"] = method_step(case, "mgda", views=False, per_task=True)
+    members = {"plain": plain_step(case)}
+    if loss_weightings:
+        for method in methods:
+            members[f"{method} full"] = loss_weighting_step(case, method, None, False)
+            for features in ("z", "views"):
+                members[f"{method} {features}"] = loss_weighting_step(case, method, features, False)
+                members[f"{method} {features}, G_z"] = loss_weighting_step(case, method, features, True)
+    else:
+        members["floor"] = floor_step(case)
+        members["floor one pass"] = floor_one_pass_step(case)
+        for method in methods:
+            members[method] = method_step(case, method, views=True)
+            if numpy_twins:
+                members[f"{method}, NumPy only"] = numpy_only_step(method_step(case, method, views=True))
+        members["z"] = method_step(case, "mgda", views=False)
+        members["z per task"] = method_step(case, "mgda", views=False, per_task=True)
     # On a GPU the clock must wait for the queued kernels of each measurement.
     around = (lambda: torch.cuda.synchronize(case.device)) if case.device.type == "cuda" else None
     times = interleaved_times(members, reps, inner_steps, warmup=5, around=around)
@@ -297,7 +337,11 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
         "autograd function of z solves inside its backward); `z`: `mgda` with `features=z` (the heads once: "
         "their graph splits at z); `z per task`: the same, one pass per task as where the graph does not "
         "split (T + 1 passes through the heads); `<method>, NumPy only` (`--numpy-twins`): that method "
-        "with the solvers' NumPy paths only; every other row: that method with `features=task_views(z, T)`.",
+        "with the solvers' NumPy paths only; every other row: that method with `features=task_views(z, T)`."
+        if not args.loss_weightings_only
+        else "`<m> full`: full mode (one backward of Σ w_i L_i); `<m> z`, `<m> views`: `features=z` and "
+        "`features=task_views(z, T)`, which take that one backward too; `, G_z`: with `diagnostics=True` "
+        "(G_z over the features).",
         "",
         "| variant | " + " | ".join(f"{s} T={t}" for s, t in configs) + " |",
         "|---|" + "---|" * len(configs),
@@ -326,6 +370,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--methods", nargs="+", default=None, help="default: every Gram-based method")
+    parser.add_argument(
+        "--loss-weightings",
+        nargs="*",
+        default=None,
+        metavar="METHOD",
+        help="time the loss weightings that read only the losses instead (default with the flag: all of "
+        "them), in full mode, through z and task views, each with and without G_z",
+    )
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--inner-steps", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
@@ -358,11 +410,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--batch: expected a positive number of examples, got {args.batch}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available")
+    args.loss_weightings_only = args.loss_weightings is not None
+    if args.loss_weightings_only:
+        known = loss_value_weightings()
+        strangers = sorted(set(args.loss_weightings) - set(known))
+        if strangers:
+            parser.error(f"--loss-weightings: {strangers} are not among {known}")
+        if args.methods is not None or args.numpy_twins:
+            parser.error(
+                "--loss-weightings replaces the Gram-based methods: not with --methods or --numpy-twins"
+            )
     torch.set_num_threads(args.threads)
     rows = []
     for size in args.sizes:
         for num_tasks in args.tasks:
-            methods = args.methods or gram_methods(num_tasks)
+            if args.loss_weightings_only:
+                methods = args.loss_weightings or loss_value_weightings()
+            else:
+                methods = args.methods or gram_methods(num_tasks)
             rows += measure(
                 size,
                 num_tasks,
@@ -373,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
                 device,
                 args.batch,
                 args.numpy_twins,
+                args.loss_weightings_only,
             )
             print(f"{size} T={num_tasks} done", file=sys.stderr)
     write_rows_and_report(Path(args.out), rows, report(rows, args))

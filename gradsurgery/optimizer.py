@@ -350,7 +350,9 @@ class GradSurgery(torch.optim.Optimizer):
         ``features``: the shared representation z (a tensor or a sequence of tensors) that the task heads
         read. The weights then come from the task gradients with respect to z, and one backward pass fills
         every ``.grad`` (MGDA-UB, an approximation; see ``gradsurgery.sources.features``); under data
-        parallelism, that of one process on the concatenated batch.
+        parallelism, that of one process on the concatenated batch. A loss weighting that reads only the
+        losses (``needs_gram`` False) takes full mode's one backward of Σ w_i L_i instead: the same gradients,
+        no G_z (``diagnostics=True`` forms it).
 
         With ``method="main_aux", mode="mask"`` the main loss is a 1-D tensor of per-sample losses and the
         samples whose gradient conflicts with the auxiliary's are dropped first (``info.sample_mask``).

@@ -18,8 +18,8 @@ failed their checks cannot leave the others waiting in a collective.
 
 The sources: ``jacobian`` (one ``autograd.grad`` per task over the parameters, the exact full mode),
 ``features`` (gradients with respect to a shared representation: representation mode) and ``weighted``
-(one backward pass of Σ w_i L_i, for loss weightings whose weights need no gradient); ``fsdp`` (FSDP2's
-gradient shards, one backward per task, the Gram matrix summed over the ranks).
+(one backward pass of Σ w_i L_i, for loss weightings whose weights need no gradient, in either mode);
+``fsdp`` (FSDP2's gradient shards, one backward per task, the Gram matrix summed over the ranks).
 """
 
 from __future__ import annotations

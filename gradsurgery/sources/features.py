@@ -36,9 +36,16 @@ and one read of every gradient written, which must be finite as in full mode (``
 
 This is an approximation of the full mode: the weights are exact for the method's objective posed on z
 (for MGDA: the min-norm combination of the ∇_z L_i), which for the parameters is an upper bound (above),
-not the problem itself. Methods that read only the losses (``"uncertainty"``, ``"dwa"``) give the same
-weights in both modes. When the trunk is the identity (z is itself the shared parameter), both modes
+not the problem itself. When the trunk is the identity (z is itself the shared parameter), both modes
 coincide exactly.
+
+The loss weightings that read only the losses (``Method.needs_gram`` False: ``"sum"``, ``"dwa"``,
+``"uncertainty"``, ``"rlw"``, ``"famo"``, unless ``diagnostics=True``) need no G_z, and the gradient they
+write, w_i times each task's for every parameter, is that of Σ_i w_i L_i: ``FeatureSource`` takes it by one
+backward, as full mode does (``sources.weighted``; over task views, one pass through the heads to the views
+and one from z through the trunk: ``WeightedViewCollection``), so both modes write the same gradients. The
+features are then not read for their reach (a loss that does not depend on them changes nothing there);
+task views are still checked.
 
 Assumption: every path from a loss to the shared parameters passes through ``features``. A path that
 bypasses them (e.g. a penalty on trunk weights added to one task's loss) contributes s_i times its

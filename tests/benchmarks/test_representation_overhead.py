@@ -66,6 +66,54 @@ def test_tiny_run_writes_rows_and_report(tmp_path):
     assert f"| upgrad | {upgrad['ratio']:.2f} ({upgrad['ratio_p25']:.2f}-{upgrad['ratio_p75']:.2f}) |" in text
 
 
+@pytest.mark.parametrize("method", ro.loss_value_weightings())
+def test_loss_weighting_variants_give_the_per_task_full_modes_gradients(method):
+    """Every timed way of a loss weighting writes the gradient that full mode's T per-task passes give it
+    (``diagnostics=True`` in full mode: the Jacobian source, another path)."""
+    dims = ro.TINY_SIZES["tiny"]
+    reference = grads_after(lambda case: ro.loss_weighting_step(case, method, None, True), ro.Case(dims, 3))
+    for features in (None, "z", "views"):
+        for diagnostics in (False, True):
+            got = grads_after(
+                lambda case, f=features, d=diagnostics: ro.loss_weighting_step(case, method, f, d),
+                ro.Case(dims, 3),
+            )
+            for a, b in zip(got, reference, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_tiny_loss_weightings_run_writes_its_variants(tmp_path):
+    ro.main(
+        ["--sizes", "tiny", "--tasks", "2", "--loss-weightings", "dwa", "--reps", "2", "--inner-steps", "1"]
+        + ["--out", str(tmp_path)]
+    )
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [r["variant"] for r in rows] == [
+        "plain",
+        "dwa full",
+        "dwa z",
+        "dwa z, G_z",
+        "dwa views",
+        "dwa views, G_z",
+    ]
+    assert "`<m> full`: full mode" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--loss-weightings", "mgda"], "--loss-weightings: ['mgda'] are not among"),
+        (["--loss-weightings", "--methods", "mgda"], "not with --methods or --numpy-twins"),
+        (["--loss-weightings", "dwa", "--numpy-twins"], "not with --methods or --numpy-twins"),
+    ],
+)
+def test_loss_weightings_option_rejects_what_it_does_not_time(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        ro.main(argv + ["--sizes", "tiny", "--tasks", "2"])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("device", "message"),
     [("gpu", "expected cpu or cuda[:N], got 'gpu'"), ("xla", "expected cpu or cuda[:N], got 'xla'")]
