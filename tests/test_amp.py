@@ -290,7 +290,13 @@ def representation(net, x, y, layout, dtype=None, overflow_in_trunk=False):
     return [(a.float() - y).pow(2).mean(), (b.float() + 2 * y).pow(2).mean()], features
 
 
-REPRESENTATION_METHODS = {"mgda": {}, "uncertainty": {}, "pcgrad": {"seed": 5}}
+# A Gram-based method, a loss weighting without G_z (one backward of Σ w_i L_i) and with it, a generator.
+REPRESENTATION_METHODS = {
+    "mgda": ("mgda", {}),
+    "uncertainty": ("uncertainty", {}),
+    "uncertainty G_z": ("uncertainty", {"diagnostics": True}),
+    "pcgrad": ("pcgrad", {"seed": 5}),
+}
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -300,7 +306,7 @@ def test_representation_mode_under_the_scaler_writes_s_times_the_unscaled_step(m
     """With a power-of-two scale the scaled passes are exact: every ``.grad`` is s times that of the run
     without a scaler, bit for bit, and ``scaler.step`` takes the same steps (three, a learned method's
     weights included)."""
-    options = REPRESENTATION_METHODS[method]
+    method, options = REPRESENTATION_METHODS[method]
     plain_net, net = make(device), make(device)
     plain = GradSurgery(torch.optim.SGD(plain_net.parameters(), lr=0.1), method, **options)
     opt = GradSurgery(torch.optim.SGD(net.parameters(), lr=0.1), method, **options)
@@ -321,13 +327,15 @@ def test_representation_mode_under_the_scaler_writes_s_times_the_unscaled_step(m
     assert all(torch.equal(p, q) for p, q in zip(net.parameters(), plain_net.parameters(), strict=True))
 
 
-def against_float32(layout: str, dtype: torch.dtype, init_scale: float, factor: float = 1.0, device="cpu"):
-    """Representation mode (``mgda``) on the losses times ``factor``: the float32 step without a scaler on
-    the CPU and the step on ``device`` under ``dtype`` autocast with a GradScaler, its ``.grad`` unscaled.
-    Returns both nets."""
+def against_float32(
+    layout: str, dtype: torch.dtype, init_scale: float, factor: float = 1.0, device="cpu", method="mgda"
+):
+    """Representation mode (``mgda``, or ``method``) on the losses times ``factor``: the float32 step without
+    a scaler on the CPU and the step on ``device`` under ``dtype`` autocast with a GradScaler, its ``.grad``
+    unscaled. Returns both nets."""
     plain_net, net = make(), make(device)
-    plain = GradSurgery(torch.optim.SGD(plain_net.parameters(), lr=0.1), "mgda")
-    opt = GradSurgery(torch.optim.SGD(net.parameters(), lr=0.1), "mgda")
+    plain = GradSurgery(torch.optim.SGD(plain_net.parameters(), lr=0.1), method)
+    opt = GradSurgery(torch.optim.SGD(net.parameters(), lr=0.1), method)
     scaler = torch.amp.GradScaler(device, init_scale=init_scale)
     x, y = data()
     losses, features = representation(plain_net, x, y, layout)
@@ -342,27 +350,31 @@ def against_float32(layout: str, dtype: torch.dtype, init_scale: float, factor: 
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", ["mgda", "uncertainty"])
 @pytest.mark.parametrize("layout", ["z", "views", "shared"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_representation_mode_under_autocast_and_the_scaler_matches_float32(dtype, layout, device):
-    plain_net, net = against_float32(layout, dtype, 2.0**12, device=device)
+def test_representation_mode_under_autocast_and_the_scaler_matches_float32(dtype, layout, method, device):
+    plain_net, net = against_float32(layout, dtype, 2.0**12, device=device, method=method)
     torch.testing.assert_close(flat_grad(net), flat_grad(plain_net), rtol=TOL[dtype], atol=TOL[dtype] * 0.1)
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", ["pcgrad", "uncertainty"])
 @pytest.mark.parametrize("where", ["features", "trunk"])
 @pytest.mark.parametrize("layout", ["z", "views", "shared"])
-def test_representation_mode_overflow_moves_nothing_and_keeps_method_state(layout, where, device):
+def test_representation_mode_overflow_moves_nothing_and_keeps_method_state(layout, where, method, device):
     """An overflow in the gradients with respect to the features (a 2⁴⁰ scale in float16), or in the
     trunk's pass from a finite u_z: every ``.grad`` inf, ``scaler.step`` skips, the scale backs off, and the
-    method's generator has not advanced."""
+    method's state (``pcgrad``'s generator; ``uncertainty``, by one backward of Σ w_i L_i, its learned
+    log-variances) has not moved."""
     net = make(device)
-    opt = GradSurgery(torch.optim.SGD(net.parameters(), lr=0.1), "pcgrad", seed=5)
+    options = {"seed": 5} if method == "pcgrad" else {}
+    opt = GradSurgery(torch.optim.SGD(net.parameters(), lr=0.1), method, **options)
     scaler = torch.amp.GradScaler(device, init_scale=2.0**40 if where == "features" else 2.0**4)
     x, y = data(device)
     params = [p.detach().clone() for p in net.parameters()]
     opt.method.bind(2)
-    gen_state = opt.method.generator.get_state()
+    state = snapshot(opt.method.state_dict())
     opt.zero_grad()
     losses, features = representation(
         net, x, y, layout, torch.float16 if where == "features" else None, overflow_in_trunk=where == "trunk"
@@ -370,7 +382,7 @@ def test_representation_mode_overflow_moves_nothing_and_keeps_method_state(layou
     info = opt.backward(losses, features=features, grad_scaler=scaler)
     assert info.overflow and torch.isnan(info.weights).all()
     assert all(torch.isinf(p.grad).all() for p in net.parameters())
-    assert torch.equal(opt.method.generator.get_state(), gen_state)
+    assert same_state(opt.method.state_dict(), state)
     scaler.step(opt)
     scaler.update()
     assert all(torch.equal(p, q) for p, q in zip(net.parameters(), params, strict=True))
