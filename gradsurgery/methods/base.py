@@ -277,7 +277,8 @@ class LossValueWeighting(Method):
     ones (``needs_gram = False``; T× fewer backward passes in full mode) and forms no Gram matrix, so the
     Gram diagnostics of ``StepInfo`` read NaN. ``diagnostics=True`` takes the T per-task passes instead, for
     the same gradients (up to the rounding of another order of summation) plus G in ``StepInfo`` (norms,
-    cosines, conflicts, shares). Representation mode (``features=``) forms G over the features either way."""
+    cosines, conflicts, shares). In representation mode (``features=``) the same holds: one backward of
+    Σ_i w_i L_i, or G over the features with ``diagnostics=True``."""
 
     scales_task_specific = True
     needs_gram = False
