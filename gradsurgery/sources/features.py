@@ -29,8 +29,9 @@ How the heads are traversed:
   ``autograd.grad`` per task for J_z, then one backward pass of the losses with seeds s_i in which the
   gradient arriving at z is replaced by u_z (``FeatureCollection``).
 
-In the first two, a loss weighting scales the head gradient of a parameter one task reaches by that task's
-weight, and passes the heads again with seeds w_i only when several tasks reach a head parameter. All three
+In the first two, a loss weighting that forms G_z (GradNorm; the others with ``diagnostics=True``, below)
+scales the head gradient of a parameter one task reaches by that task's weight, and passes the heads again
+with seeds w_i only when several tasks reach a head parameter. All three
 give the same gradients. Cost: the heads' passes above, O(T² D) for G_z, one backward pass through the trunk,
 and one read of every gradient written, which must be finite as in full mode (``sources.finite_gradients``).
 
