@@ -228,6 +228,7 @@ class LocalReduction:
     """One process: nothing to average, nothing to agree on."""
 
     group: Any = None
+    spans_ranks = False  # whether the step is averaged over data-parallel ranks
 
     def __init__(self, no_sync: Callable[[], contextlib.AbstractContextManager[Any]]) -> None:
         self.no_sync = no_sync
@@ -271,6 +272,8 @@ class LocalReduction:
 
 
 class _GroupReduction(LocalReduction):
+    spans_ranks = True
+
     def __init__(self, sync: DistributedSync, group: Any, device: torch.device) -> None:
         super().__init__(sync.no_sync)
         self.sync = sync

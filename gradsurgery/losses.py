@@ -2,7 +2,8 @@
 mapping), and for a method that takes one loss per sample the mask of the samples kept.
 
 ``backward`` accepts a sequence (or 1-D tensor) of scalars, or a mapping ``{"click": l1, "conversion": l2}``
-whose order defines the task order at the first call; later calls are matched to it by name. A method's
+whose order defines the task order at the first call; later calls are matched to it by name. ``None`` in
+place of a loss marks a task absent from the step (``absent_tasks``). A method's
 ``per_sample_task`` adds the masking stage (``MaskedLosses``: gradient-guided loss masking, Wang et al. 2021),
 which reduces the per-sample loss to the mean over the samples whose gradient does not conflict with the
 other task's.
@@ -11,12 +12,14 @@ other task's.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from ._validation import check_differentiable
 from .clean_guard import masked_main_loss
+
+_Loss = TypeVar("_Loss", torch.Tensor, torch.Tensor | None)
 
 
 def split_names(losses: Any) -> tuple[list[Any], list[str] | None]:
@@ -41,26 +44,40 @@ def split_names(losses: Any) -> tuple[list[Any], list[str] | None]:
     return list(losses), None
 
 
-def check_scalars(losses: list[Any]) -> list[torch.Tensor]:
-    """Every loss a scalar tensor that requires grad, as a 0-d tensor."""
+def check_scalars(losses: list[Any]) -> list[torch.Tensor | None]:
+    """Every loss a scalar tensor that requires grad, as a 0-d tensor; ``None`` (a task absent from this
+    step) kept as it is, but not for every loss."""
     if not losses:
         raise ValueError("backward needs at least one loss, got none")
+    if all(loss is None for loss in losses):
+        raise ValueError("every loss is None: backward needs the loss of at least one task")
     for i, loss in enumerate(losses):
+        if loss is None:
+            continue
         if not isinstance(loss, torch.Tensor):
             raise TypeError(f"loss {i} is a {type(loss).__name__}, not a tensor")
         if loss.numel() != 1:
             raise ValueError(f"loss {i} is not a scalar: shape {tuple(loss.shape)}")
         check_differentiable(loss, i)
-    return [loss if loss.dim() == 0 else loss.reshape(()) for loss in losses]
+    return [loss if loss is None or loss.dim() == 0 else loss.reshape(()) for loss in losses]
+
+
+def absent_tasks(losses: Any) -> bool:
+    """Whether ``losses`` (as ``backward`` got them) hold ``None`` for some task."""
+    if isinstance(losses, Mapping):
+        return any(loss is None for loss in losses.values())
+    if isinstance(losses, Sequence) and not isinstance(losses, str):
+        return any(loss is None for loss in losses)
+    return False
 
 
 def align(
-    losses: list[torch.Tensor],
+    losses: list[_Loss],
     names: list[str] | None,
     bound: int | None,
     bound_names: list[str] | None,
     method: str,
-) -> list[torch.Tensor]:
+) -> list[_Loss]:
     """The losses in the task order of the earlier calls: a mapping is matched by name; a sequence is taken
     in order. ValueError when the count or the names differ from those the optimizer was set up with."""
     if bound is not None and len(losses) != bound:
@@ -107,3 +124,32 @@ class MaskedLosses:
             main = names.index(main)
         tensors, mask = masked_main_loss(losses, main, params, self.shared_ids)
         return tensors, names, mask
+
+
+class PresentTasks:
+    """Which of the T tasks passed a loss in a step where some passed ``None``: the method weighs the present
+    ones alone, and ``StepInfo`` spreads what they give back over all T (``spread``)."""
+
+    def __init__(self, indices: list[int], num_tasks: int) -> None:
+        self.indices = indices
+        self.num_tasks = num_tasks
+
+    @classmethod
+    def of(cls, losses: Sequence[torch.Tensor | None]) -> PresentTasks | None:
+        """The tasks whose loss is not None, or None when every task has one."""
+        indices = [i for i, loss in enumerate(losses) if loss is not None]
+        return None if len(indices) == len(losses) else cls(indices, len(losses))
+
+    def spread(self, values: torch.Tensor, fill: float) -> torch.Tensor:
+        """A (T,) tensor: ``values`` (one per present task) in their tasks' places, ``fill`` elsewhere."""
+        out = torch.full((self.num_tasks,), fill, dtype=values.dtype, device=values.device)
+        out[self.indices] = values
+        return out
+
+    def spread_gram(self, gram: torch.Tensor) -> torch.Tensor:
+        """The T×T Gram matrix with the present tasks' block in place and NaN in an absent task's row and
+        column (its gradient was not taken)."""
+        out = torch.full((self.num_tasks, self.num_tasks), float("nan"), dtype=gram.dtype, device=gram.device)
+        index = torch.tensor(self.indices, device=gram.device)
+        out[index.unsqueeze(1), index.unsqueeze(0)] = gram
+        return out

@@ -25,10 +25,10 @@ from .distributed import DistributedSync, fsdp_mesh, is_ddp
 from .evidence import EvidenceRule
 from .info import StepInfo
 from .l2 import L2Rule
-from .losses import MaskedLosses, PlainLosses, align, check_scalars
-from .methods import Method, make_method
+from .losses import MaskedLosses, PlainLosses, PresentTasks, absent_tasks, align, check_scalars
+from .methods import METHODS, Method, make_method
 from .sources import NonFiniteError, holds_reentrant_checkpoint
-from .sources.features import FeatureSource
+from .sources.features import FeatureSource, TaskViews
 from .sources.fsdp import FSDPFeatureSource, FSDPSource
 from .sources.jacobian import JacobianSource
 from .sources.weighted import WeightedSource
@@ -379,8 +379,8 @@ class GradSurgery(torch.optim.Optimizer):
             _check_direction(self.method, self.param_groups)
             for transform in self.transforms:
                 transform.begin_backward(scaling=scaling, reduction=reduction)
-            tasks, names, sample_mask = self._prepare_losses(losses, params)
-            source = self._source_for(features)
+            tasks, names, sample_mask, present = self._prepare_losses(losses, params, reduction)
+            source = self._source_for(features, present)
             if source.collectives_in_collect:
                 reduction.agree(len(tasks), signature=0)
             step = source.collect(tasks, params, scaling, retain_graph, reduction.no_sync)
@@ -391,10 +391,13 @@ class GradSurgery(torch.optim.Optimizer):
         reduction.share_rng(self.method)
         try:
             with self.method.transaction():
-                self.method.bind(step.num_tasks, names)
+                self.method.bind(step.num_tasks if present is None else present.num_tasks, names)
                 step.reduce(reduction)
                 step.check_finite()
-                weights = self.method(step.gram, step.loss_values)
+                if present is None:
+                    weights = self.method(step.gram, step.loss_values)
+                else:
+                    weights = self.method.weights_of(present.indices, step.gram, step.loss_values)
                 pairs = step.gradients(weights)
                 self._check_unreached(pairs, params, tasks)
                 new_grads, fields = self._post_transform(pairs)
@@ -404,38 +407,69 @@ class GradSurgery(torch.optim.Optimizer):
                 raise
             mark_overflow(err.params)
             weights, fields = None, {"overflow": True}
-        return self._info(step, weights, fields, sample_mask)
+        return self._info(step, weights, fields, sample_mask, present)
 
-    def _prepare_losses(self, losses: Any, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any, Any]:
-        """The loss-preparation stage, then the validated scalars in task order, their names and the sample
-        mask (the task count and names checked against the method, which is not bound yet)."""
-        losses, names, sample_mask = self.prepare(losses, params)
+    def _prepare_losses(
+        self, losses: Any, params: list[torch.Tensor], reduction: Any
+    ) -> tuple[list[torch.Tensor], Any, Any, PresentTasks | None]:
+        """The loss-preparation stage, then the validated scalars of the tasks present in task order, their
+        names, the sample mask and which tasks are present (None: all of them); the task count and names
+        are checked against the method, which is not bound yet."""
         method = self.method
-        tasks = align(check_scalars(losses), names, method.num_tasks, method.task_names, method.name)
+        if absent_tasks(losses):
+            if not method.skips_absent_tasks:
+                raise ValueError(
+                    f"a loss is None (a task absent from this step), which method {method.name!r} cannot "
+                    "take: its weights follow every task from step to step, or its options are set for all "
+                    f"of them. Methods that take a step with tasks absent (default options): "
+                    f"{skipping_methods()}"
+                )
+            if reduction.spans_ranks:
+                raise ValueError(
+                    "a loss is None (a task absent from this step): under data parallelism every rank "
+                    "passes every task's loss"
+                )
+        losses, names, sample_mask = self.prepare(losses, params)
+        ordered = align(check_scalars(losses), names, method.num_tasks, method.task_names, method.name)
         if method.num_tasks is None:
-            method.check_num_tasks(len(tasks), names)
-        return tasks, method.task_names or names, sample_mask
+            method.check_num_tasks(len(ordered), names)
+        present = PresentTasks.of(ordered)
+        tasks = [loss for loss in ordered if loss is not None]
+        return tasks, method.task_names or names, sample_mask, present
 
-    def _source_for(self, features: Any) -> Any:
+    def _source_for(self, features: Any, present: PresentTasks | None) -> Any:
         if features is None:
             return self.source
         for transform in self.transforms:
             transform.check_representation_mode()
+        if present is not None and isinstance(features, TaskViews):
+            features = features.of_tasks(present.indices)
         kind = FSDPFeatureSource if isinstance(self.source, FSDPSource) else FeatureSource
         return kind(features, self.gram_dtype, self.method.scales_task_specific, self.method.needs_gram)
 
     def _info(
-        self, step: Any, weights: torch.Tensor | None, fields: dict[str, Any], sample_mask: Any
+        self,
+        step: Any,
+        weights: torch.Tensor | None,
+        fields: dict[str, Any],
+        sample_mask: Any,
+        present: PresentTasks | None,
     ) -> StepInfo:
-        """The step's record; an overflowed step (``weights`` None) reports NaN weights."""
+        """The step's record; an overflowed step (``weights`` None) reports NaN weights. With tasks absent,
+        every task's entry: an absent task's weight 0, its loss and its row and column of G NaN."""
         if weights is None:
             weights, extras = torch.full_like(step.loss_values, float("nan")), {}
         else:
             extras = self.method.info_extras()
+        losses, gram = step.loss_values, step.gram
+        if present is not None:
+            weights = present.spread(weights, 0.0)
+            losses = present.spread(losses, float("nan"))
+            gram = None if gram is None else present.spread_gram(gram)
         return StepInfo(
             weights=weights,
-            losses=step.loss_values,
-            gram=step.gram,
+            losses=losses,
+            gram=gram,
             method=self.method.name,
             task_names=self.method.task_names,
             mode=step.mode,
@@ -500,6 +534,12 @@ class GradSurgery(torch.optim.Optimizer):
 
     def _trainable_params(self) -> list[torch.Tensor]:
         return [p for p in self._all_params() if p.requires_grad]
+
+
+def skipping_methods() -> list[str]:
+    """The registered methods that take a step with some tasks absent with their default options
+    (``Method.skips_absent_tasks``)."""
+    return sorted(name for name, cls in METHODS.items() if cls.skips_absent_tasks)
 
 
 def _ascending(groups: Sequence[dict[str, Any]]) -> set[int]:

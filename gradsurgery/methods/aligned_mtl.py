@@ -46,6 +46,7 @@ class AlignedMTL(Method):
     """Sum of the task gradients aligned to an orthogonal, equal-norm system."""
 
     name = "aligned_mtl"
+    skips_absent_tasks = True
 
     def compute_weights(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
         gram = require_gram(gram, self.name)

@@ -13,6 +13,10 @@ What a method declares (class attributes), and the engine reads nothing else:
 - ``per_sample_task`` (a property): the index of a loss given per sample (a 1-D tensor) that the engine's
   masking stage reduces before anything else, or None;
 - ``transforms()``: post-transforms of the fused gradient the method brings (the λ-free L2 rule);
+- ``skips_absent_tasks``: True when a step with some tasks absent (their loss ``None``) is the method's step
+  on the present tasks alone: weights from their G and losses, nothing per task carried from step to step
+  (``weights_of``; a method whose options or state name tasks overrides ``compute_present``); an instance
+  may set it from its options;
 - ``tracks_loss_decrease``: True when the weights follow how fast each loss falls from step to step (DWA,
   FAMO, GradNorm). The engine refuses such a method under an optimizer that maximizes (``maximize=True``):
   it raises the losses, which inverts that reading. Weights from G alone need no such flag: negating every
@@ -86,6 +90,7 @@ class Method:
     max_tasks: ClassVar[int | None] = None
     no_conflict: ClassVar[bool] = False
     tracks_loss_decrease: ClassVar[bool] = False
+    skips_absent_tasks: bool = False  # a class attribute that an instance may override from its options
     scale_exponent: ClassVar[int] = 0
     task_scale_invariant: ClassVar[bool] = False
     #: Options that are not written into checkpoints (tensors, e.g. the parameters the L2 rule regularizes).
@@ -189,6 +194,25 @@ class Method:
     def compute_weights(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
         """Weights w (shape (T,)) from the Gram matrix (float64 by default) and the detached losses."""
         raise NotImplementedError
+
+    def weights_of(
+        self, present: Sequence[int], gram: torch.Tensor | None, losses: torch.Tensor
+    ) -> torch.Tensor:
+        """The weights of the tasks ``present`` in a step whose other tasks passed no loss, from the present
+        tasks' Gram matrix and losses (one weight each): the method's weights for those tasks alone. The
+        method is bound to all T tasks; only for ``skips_absent_tasks``."""
+        if not self.skips_absent_tasks:
+            raise ValueError(f"method {self.name!r} cannot take a step with tasks absent")
+        like = gram if gram is not None else losses
+        weights = self.compute_present(list(present), gram, losses)
+        return weights.to(device=like.device, dtype=like.dtype)
+
+    def compute_present(
+        self, present: list[int], gram: torch.Tensor | None, losses: torch.Tensor
+    ) -> torch.Tensor:
+        """``compute_weights`` on the present tasks: right as it is for a method whose weights depend on
+        nothing per task but G and the losses."""
+        return self.compute_weights(gram, losses)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:

@@ -149,6 +149,7 @@ class CAGrad(Method):
     name = "cagrad"
 
     interchangeable_options = ("solver",)
+    skips_absent_tasks = True
 
     def __init__(self, *, c: float = 0.5, rescale: bool = True, solver: str = "active_set") -> None:
         super().__init__()

@@ -52,6 +52,7 @@ class IMTL(Method):
     """IMTL-G: the fused gradient projects equally on every task's unit gradient."""
 
     name = "imtl"
+    skips_absent_tasks = True
     task_scale_invariant = True  # equal projections on the unit gradients: only the directions matter
 
     def compute_weights(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ g_i/‖g_i‖, ``"loss"`` g_i/L_i, ``"loss+"`` g_i/(L_i‖g_i‖); the weights r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -42,6 +42,7 @@ class MGDA(Method):
     name = "mgda"
     interchangeable_options = ("solver",)
     no_conflict = True
+    skips_absent_tasks = True
 
     def __init__(self, *, solver: str = "auto", normalization: str = "none") -> None:
         super().__init__()
@@ -61,16 +62,32 @@ class MGDA(Method):
             self._qp = SimplexQP(num_tasks)
 
     def compute_weights(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
+        return self._weights(gram, losses, self._solver, lambda: bound_state(self._qp, self.name))
+
+    def compute_present(
+        self, present: list[int], gram: torch.Tensor | None, losses: torch.Tensor
+    ) -> torch.Tensor:
+        # The solver chosen at binding fits T tasks; the present ones are fewer.
+        t = len(present)
+        solver = self.solver
+        if solver in ("auto", "closed_form"):
+            solver = "closed_form" if t == 2 else "frank_wolfe"
+        return self._weights(gram, losses, solver, lambda: SimplexQP(t))
+
+    def _weights(
+        self, gram: torch.Tensor | None, losses: torch.Tensor, solver: str, qp: Callable[[], SimplexQP]
+    ) -> torch.Tensor:
         gram = require_gram(gram, self.name)
         g = gram_to_numpy(gram)
         if self.normalization == "none":
-            return torch.from_numpy(self._solve(g))
+            return torch.from_numpy(self._solve(g, solver, qp))
         scales = normalization_scales(g, losses.detach().cpu().double().numpy(), self.normalization)
-        return torch.from_numpy(self._solve(g / np.outer(scales, scales)) / scales)
+        return torch.from_numpy(self._solve(g / np.outer(scales, scales), solver, qp) / scales)
 
-    def _solve(self, g: np.ndarray) -> np.ndarray:
-        if self._solver == "closed_form":
+    @staticmethod
+    def _solve(g: np.ndarray, solver: str, qp: Callable[[], SimplexQP]) -> np.ndarray:
+        if solver == "closed_form":
             return min_norm_two_weights(g)
-        if self._solver == "cvxpy":
-            return bound_state(self._qp, self.name).solve(g)
+        if solver == "cvxpy":
+            return qp().solve(g)
         return simplex_min_norm(g)

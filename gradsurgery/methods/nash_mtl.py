@@ -40,6 +40,11 @@ makes the answer depend on the solve history, and a resumed run would not be bit
 ``update_every`` = k solves on every k-th step only and reuses the last weights in between. ``max_iter``
 bounds each solve: Newton steps, or convex problems for ``"cvxpy"``.
 
+A step with tasks absent (``"newton"`` only; ``Method.skips_absent_tasks``): the bargaining weights of the
+present tasks, solved on their Gram block from their entries of the last weights (or those entries reused,
+on a step ``update_every`` skips). The last weights and α̂ stay those of the last step with every task (the
+start of the next one); the step counts towards ``update_every``.
+
 Failures are never silent: when the solver raises, returns a non-optimal status, does not converge, or the
 problem has no solution (above), a ``SolverFallbackWarning`` names the reason and the weights used instead
 (this step's best completed iterate of the ``"cvxpy"`` sequence, else the previous step's weights, else all
@@ -83,12 +88,15 @@ class NashMTL(Method):
     scale_exponent = -1  # G α = 1/α: a common factor c on the gradients divides α by c
     task_scale_invariant = True  # g_i → d_i g_i gives α_i → α_i/d_i: u is unchanged
     interchangeable_options = ("solver",)
+    skips_absent_tasks = True  # with the Newton solver: see __init__
 
     def __init__(self, *, update_every: int = 1, max_iter: int = 20, solver: str = "newton") -> None:
         super().__init__()
         self.update_every = check_int(update_every, "update_every", minimum=1)
         self.max_iter = check_int(max_iter, "max_iter", minimum=1)
         self.solver = check_solver(solver, ("newton", "cvxpy"), self.name)
+        # The cvxpy problem is built for T tasks; the Newton solver takes any number.
+        self.skips_absent_tasks = self.solver == "newton"
         self.steps = 0
         self.solver_failures = 0
         self.last_iterations = 0
@@ -183,42 +191,73 @@ class NashMTL(Method):
             self.last_iterations = 0
             return torch.from_numpy(self.weights.copy())
         g = gram_to_numpy(gram)
-        t = g.shape[0]
         scale = float(np.linalg.norm(g))
         if not scale > 0.0:
             # Every gradient is zero (or no parameter is shared): any weights give u = 0, nothing to bargain.
-            weights = self.weights.copy() if self.weights is not None else np.ones(t)
+            weights = self.weights.copy() if self.weights is not None else np.ones(g.shape[0])
             self.weights, self.last_iterations = weights, 0
             self.steps += 1
             return torch.from_numpy(weights.copy())
-        alpha, failures, iterations = self.alpha, self.solver_failures, 0
-        try:
-            if self.solver == "newton":
-                start = self.weights if self.weights is not None and np.all(self.weights > 0) else None
-                solution = nash_bargaining_weights(g, start, max_iter=self.max_iter)
-                weights, iterations = solution.alpha, solution.iterations
-            else:
-                alpha, iterations = self._solve(g / scale)
+        alpha, fallback = self.alpha, None
+        if self.solver == "newton":
+            weights, fallback = self._bargain(g, self.weights)
+        else:
+            self.last_iterations = 0
+            try:
+                alpha, self.last_iterations = self._solve(g / scale)
                 weights = alpha / math.sqrt(scale)
-        except (_NoSolution, SolverError) as err:
-            failures += 1
-            partial = getattr(err, "iterate", None)
-            if partial is not None:
-                alpha, weights = partial, partial / math.sqrt(scale)
-                fallback = "this step's best completed iterate"
-            elif self.weights is not None:
-                weights, fallback = self.weights.copy(), "the previous step's weights"
-            else:
-                weights, fallback = np.ones(t), "equal weights 1 (the plain sum)"
-            warnings.warn(
-                f"nash_mtl: {err}; using {fallback} (solver failure {failures} of this run)",
-                SolverFallbackWarning,
-                stacklevel=4,
-            )
-        self.alpha, self.weights, self.solver_failures = alpha, weights, failures
-        self.last_iterations = iterations
+            except (_NoSolution, SolverError) as err:
+                partial = getattr(err, "iterate", None)
+                if partial is not None:
+                    alpha = partial
+                    weights, fallback = self._fall_back(
+                        err, partial / math.sqrt(scale), "this step's best completed iterate"
+                    )
+                else:
+                    weights, fallback = self._fall_back_to_last(err, self.weights, g.shape[0])
+        if fallback is not None:
+            warnings.warn(fallback, SolverFallbackWarning, stacklevel=4)
+        self.alpha, self.weights = alpha, weights
         self.steps += 1
         return torch.from_numpy(weights.copy())
+
+    def compute_present(
+        self, present: list[int], gram: torch.Tensor | None, losses: torch.Tensor
+    ) -> torch.Tensor:
+        gram = require_gram(gram, self.name)
+        last = None if self.weights is None else self.weights[present]
+        self.steps += 1
+        self.last_iterations = 0
+        if (self.steps - 1) % self.update_every != 0 and last is not None:
+            return torch.from_numpy(last.copy())
+        g = gram_to_numpy(gram)
+        if not float(np.linalg.norm(g)) > 0.0:
+            return torch.from_numpy(last.copy() if last is not None else np.ones(len(present)))
+        weights, fallback = self._bargain(g, last)
+        if fallback is not None:
+            warnings.warn(fallback, SolverFallbackWarning, stacklevel=4)
+        return torch.from_numpy(weights)
+
+    def _bargain(self, g: np.ndarray, last: np.ndarray | None) -> tuple[np.ndarray, str | None]:
+        """The Newton solver's weights for ``g`` from ``last`` (the last weights of these tasks, or None);
+        on a failure the fallback and the warning that names it."""
+        self.last_iterations = 0
+        start = last if last is not None and np.all(last > 0) else None
+        try:
+            solution = nash_bargaining_weights(g, start, max_iter=self.max_iter)
+        except SolverError as err:
+            return self._fall_back_to_last(err, last, g.shape[0])
+        self.last_iterations = solution.iterations
+        return solution.alpha, None
+
+    def _fall_back_to_last(self, err: Exception, last: np.ndarray | None, t: int) -> tuple[np.ndarray, str]:
+        if last is not None:
+            return self._fall_back(err, last.copy(), "the previous step's weights")
+        return self._fall_back(err, np.ones(t), "equal weights 1 (the plain sum)")
+
+    def _fall_back(self, err: Exception, weights: np.ndarray, what: str) -> tuple[np.ndarray, str]:
+        self.solver_failures += 1
+        return weights, f"nash_mtl: {err}; using {what} (solver failure {self.solver_failures} of this run)"
 
     def info_extras(self) -> dict[str, Any]:
         return {"solver_failures": self.solver_failures, "solver_iterations": self.last_iterations}

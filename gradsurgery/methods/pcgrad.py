@@ -16,6 +16,7 @@ from .base import Method, gram_to_numpy, require_gram
 
 class PCGrad(Method):
     name = "pcgrad"
+    skips_absent_tasks = True
 
     def __init__(self, *, seed: int | None = None) -> None:
         super().__init__()

@@ -20,6 +20,7 @@ from .base import LossValueWeighting
 
 class RLW(LossValueWeighting):
     name = "rlw"
+    skips_absent_tasks = True
 
     def __init__(self, *, seed: int | None = None, diagnostics: bool = False) -> None:
         super().__init__(diagnostics=diagnostics)

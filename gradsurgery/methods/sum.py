@@ -22,6 +22,7 @@ class Sum(LossValueWeighting):
     name), ``None`` meaning all 1."""
 
     name = "sum"
+    skips_absent_tasks = True
 
     def __init__(
         self, *, weights: Sequence[float] | Mapping[str, float] | None = None, diagnostics: bool = False
@@ -43,3 +44,11 @@ class Sum(LossValueWeighting):
         if self._weights is None:
             return torch.ones(like.shape[0], dtype=like.dtype, device=like.device)
         return torch.tensor(self._weights, dtype=like.dtype, device=like.device)
+
+    def compute_present(
+        self, present: list[int], gram: torch.Tensor | None, losses: torch.Tensor
+    ) -> torch.Tensor:
+        like = gram if gram is not None else losses
+        if self._weights is None:
+            return torch.ones(len(present), dtype=like.dtype, device=like.device)
+        return torch.tensor([self._weights[i] for i in present], dtype=like.dtype, device=like.device)

@@ -57,6 +57,7 @@ class UPGrad(Method):
 
     name = "upgrad"
     no_conflict = True
+    skips_absent_tasks = True
 
     def compute_weights(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
         gram = require_gram(gram, self.name)

@@ -87,6 +87,11 @@ class TaskViews(list[torch.Tensor | list[torch.Tensor]]):
         super().__init__(v[0] if single else v for v in views)
         self.features = features
         self.leaves = views
+        self.single = single
+
+    def of_tasks(self, tasks: list[int]) -> TaskViews:
+        """The views of ``tasks`` only, in that order (a step whose other tasks are absent)."""
+        return TaskViews(self.features, [self.leaves[i] for i in tasks], self.single)
 
 
 def task_views(features: torch.Tensor | Sequence[torch.Tensor], num_tasks: int) -> TaskViews:

@@ -248,3 +248,30 @@ def test_state_dict_shape_mismatch_is_refused():
 @pytest.mark.parametrize("options", [{}, {"update_every": 2}])
 def test_resume(options):
     check_resume_is_bit_identical("nash_mtl", **options)
+
+
+def test_a_step_with_a_task_absent_solves_the_present_block_and_keeps_the_last_weights():
+    """The present tasks' bargaining weights (the equation on their Gram block, and the d-space problem on
+    their gradients), warm started from their last weights; the last weights and α stay those of the step
+    with every task, and the step counts towards ``update_every`` (the next one reuses the weights)."""
+    jac = random_jacobian(3, 3, 12)
+    gram = torch.from_numpy(jac @ jac.T)
+    method = NashMTL(update_every=2)
+    method(gram, ONES.expand(3))  # step 0: solved
+    full = method(gram, ONES.expand(3)).numpy()  # step 1: reused
+    present = [0, 2]
+    block = gram[present][:, present]
+    weights = method.weights_of(present, block, ONES.expand(2)).numpy()  # step 2: solved on the block
+    np.testing.assert_allclose(weights * (block.numpy() @ weights), 1.0, rtol=1e-10)
+    np.testing.assert_allclose(weights @ jac[present], bargaining_direction(jac[present]), atol=1e-5)
+    assert method.steps == 3 and np.array_equal(method.weights, full)
+    reused = method.weights_of(present, block, ONES.expand(2)).numpy()  # step 3: reused
+    np.testing.assert_array_equal(reused, full[present])
+    assert method.steps == 4 and method.last_iterations == 0
+
+
+def test_a_step_with_a_task_absent_under_cvxpy_is_refused_before_anything_runs():
+    method = NashMTL(solver="cvxpy")
+    method.bind(3)
+    with pytest.raises(ValueError, match="cannot take a step with tasks absent"):
+        method.weights_of([0, 2], torch.eye(2, dtype=torch.float64), ONES.expand(2))

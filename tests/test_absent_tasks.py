@@ -1,0 +1,215 @@
+"""A step with some tasks absent (their loss ``None``, e.g. no labelled sample in the batch): for a method
+that declares ``skips_absent_tasks``, the method's step on the present tasks alone; the others refuse it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from method_checks import registered
+from state_checks import same_state
+from weighting_helpers import TwoHeads, make_data
+
+import gradsurgery
+from gradsurgery import GradSurgery
+from gradsurgery.distributed import LocalReduction
+
+T = 3
+SKIPPING = [(m, o) for m, o in registered(T) if gradsurgery.make_method(m, **o).skips_absent_tasks]
+REFUSING = [(m, o) for m, o in registered(T) if not gradsurgery.make_method(m, **o).skips_absent_tasks]
+REFUSING.append(("nash_mtl", {"solver": "cvxpy"}))  # its convex problem is built for all T tasks
+PATTERNS = {"task 0 absent": [1, 2], "task 1 absent": [0, 2], "only task 2": [2]}
+
+
+def task_losses(model, x, y, present, mode, absent_as_none=True):
+    """The losses of ``present`` (None for the others when ``absent_as_none``) and the ``features=`` argument
+    of ``mode`` (full mode: None)."""
+    z = model.features(x)
+    features = None
+    inputs = {i: z for i in range(T)}
+    if mode == "task views":  # without the absent tasks: views for the present ones only
+        features = gradsurgery.task_views(z, T if absent_as_none else len(present))
+        keys = range(T) if absent_as_none else present
+        inputs = dict(zip(keys, features, strict=True))
+    elif mode == "z":
+        features = z
+    losses = [
+        (head(inputs[i]).squeeze(-1) - y[i]).pow(2).mean() if i in present else None
+        for i, head in enumerate(model.heads)
+    ]
+    if not absent_as_none:
+        losses = [loss for loss in losses if loss is not None]
+    return losses, features
+
+
+def grads(model):
+    return [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("mode", ["full", "z", "task views"])
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+@pytest.mark.parametrize("method,options", SKIPPING, ids=[m for m, _ in SKIPPING])
+def test_a_step_with_tasks_absent_is_the_methods_step_on_the_present_tasks(method, options, pattern, mode):
+    """The first call (the optimizer binds to T = 3 tasks) against a fresh optimizer given only the present
+    losses: the same weights, every ``.grad`` the same, the absent tasks' heads untouched; ``info`` spreads
+    the present tasks' numbers over all T (weight 0, loss and Gram row NaN for an absent task)."""
+    present = PATTERNS[pattern]
+    absent = [i for i in range(T) if i not in present]
+    xs, ys = make_data(T, 2)
+    model = TwoHeads(T)
+    twin = copy.deepcopy(model)
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method, **options)
+    reference = GradSurgery(torch.optim.SGD(twin.parameters(), lr=0.1), method, **options)
+    if method == "sum" and "weights" in options:
+        pytest.skip("per-task options are read for the present tasks: test_sum_weighs_the_present_tasks")
+    losses, features = task_losses(model, xs[0], ys[0], present, mode)
+    info = opt.backward(losses, features=features)
+    ref_losses, ref_features = task_losses(twin, xs[0], ys[0], present, mode, absent_as_none=False)
+    ref = reference.backward(ref_losses, features=ref_features)
+    assert opt.method.num_tasks == T and reference.method.num_tasks == len(present)
+    torch.testing.assert_close(info.weights[present], ref.weights, rtol=1e-12, atol=1e-15)
+    assert torch.equal(info.weights[absent], torch.zeros(len(absent), dtype=info.weights.dtype))
+    torch.testing.assert_close(info.losses[present], ref.losses, rtol=0, atol=0)
+    assert torch.isnan(info.losses[absent]).all()
+    if ref.gram is None:
+        assert info.gram is None
+    else:
+        block = info.gram[present][:, present]
+        torch.testing.assert_close(block, ref.gram, rtol=0, atol=0)
+        assert torch.isnan(info.gram[absent]).all() and torch.isnan(info.gram[:, absent]).all()
+    for a, b in zip(grads(model), grads(twin), strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+    for i in absent:
+        assert all(p.grad is None for p in model.heads[i].parameters())
+    # The optimizer stays bound to the three tasks: a step with all of them runs next.
+    opt.zero_grad()
+    losses, features = task_losses(model, xs[1], ys[1], list(range(T)), mode)
+    assert torch.isfinite(opt.backward(losses, features=features).weights).all()
+
+
+STATELESS = [(m, o) for m, o in SKIPPING if not gradsurgery.make_method(m, **o)._generators]
+
+
+@pytest.mark.parametrize("method,options", STATELESS, ids=[m for m, _ in STATELESS])
+def test_a_task_absent_after_full_steps_weighs_the_present_ones_as_a_fresh_optimizer(method, options):
+    """Nothing per task carries over: after two steps with every task, a step with task 1 absent takes the
+    weights a fresh optimizer gives the two present tasks (the same model)."""
+    xs, ys = make_data(T, 3)
+    model = TwoHeads(T)
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method, **options)
+    for t in range(2):
+        opt.zero_grad()
+        opt.backward(task_losses(model, xs[t], ys[t], [0, 1, 2], "full")[0])
+        opt.step()
+    fresh = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method, **options)
+    opt.zero_grad()
+    info = opt.backward(task_losses(model, xs[2], ys[2], [0, 2], "full")[0])
+    got = grads(model)
+    fresh.zero_grad()
+    ref = fresh.backward(task_losses(model, xs[2], ys[2], [0, 2], "full", absent_as_none=False)[0])
+    torch.testing.assert_close(info.weights[[0, 2]], ref.weights, rtol=1e-12, atol=1e-15)
+    for a, b in zip(got, grads(model), strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
+def test_mgda_weighs_the_present_tasks_by_the_two_task_closed_form():
+    """Bound to three tasks with the default solver (the active set for T ≥ 3), a step with two present
+    takes their min-norm point: w_0 = clip((G₂₂ − G₀₂)/(G₀₀ + G₂₂ − 2G₀₂), 0, 1) from their Gram block."""
+    xs, ys = make_data(T, 1)
+    model = TwoHeads(T)
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "mgda")
+    info = opt.backward(task_losses(model, xs[0], ys[0], [0, 2], "full")[0])
+    g = info.gram.numpy()
+    w0 = min(max((g[2, 2] - g[0, 2]) / (g[0, 0] + g[2, 2] - 2 * g[0, 2]), 0.0), 1.0)
+    assert 0.0 < w0 < 1.0  # both tasks matter
+    torch.testing.assert_close(info.weights, torch.tensor([w0, 0.0, 1.0 - w0], dtype=torch.float64))
+
+
+def test_sum_weighs_the_present_tasks():
+    xs, ys = make_data(T, 1)
+    model = TwoHeads(T)
+    twin = copy.deepcopy(model)
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "sum", weights=[1.0, 2.0, 3.0])
+    info = opt.backward(task_losses(model, xs[0], ys[0], [0, 2], "full")[0])
+    assert info.weights.tolist() == [1.0, 0.0, 3.0]
+    losses = task_losses(twin, xs[0], ys[0], [0, 2], "full", absent_as_none=False)[0]
+    (1.0 * losses[0] + 3.0 * losses[1]).backward()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None)
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_named_tasks_may_be_absent_by_name():
+    xs, ys = make_data(T, 2)
+    model = TwoHeads(T)
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "mgda")
+    names = ["click", "conversion", "watch"]
+    losses = task_losses(model, xs[0], ys[0], [0, 1, 2], "full")[0]
+    opt.backward(dict(zip(names, losses, strict=True)))
+    opt.zero_grad()
+    losses = task_losses(model, xs[1], ys[1], [0, 2], "full")[0]
+    info = opt.backward({"watch": losses[2], "conversion": None, "click": losses[0]})  # matched by name
+    assert info.task_names == names and info.weights_by_task["conversion"] == 0.0
+    with pytest.raises(ValueError, match="expected 3 losses"):
+        opt.backward({"click": losses[0], "watch": losses[2]})  # leaving a name out is not absence
+
+
+@pytest.mark.parametrize(
+    "method,options", REFUSING, ids=[m for m, _ in REFUSING[:-1]] + ["nash_mtl solver=cvxpy"]
+)
+def test_methods_that_follow_every_task_refuse_a_step_with_one_absent(method, options):
+    xs, ys = make_data(T, 2)
+    model = TwoHeads(T)
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method, **options)
+    opt.backward(task_losses(model, xs[0], ys[0], [0, 1, 2], "full")[0])
+    before, state = grads(model), copy.deepcopy(opt.method.state_dict())
+    with pytest.raises(ValueError, match=rf"method '{method}' cannot take: .*Methods that take a step"):
+        opt.backward(task_losses(model, xs[1], ys[1], [0, 2], "full")[0])
+    assert all(torch.equal(a, b) for a, b in zip(grads(model), before, strict=True))
+    assert same_state(opt.method.state_dict(), state)
+
+
+def test_every_loss_absent_is_refused_and_leaves_the_optimizer_unbound():
+    model = TwoHeads(T)
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "mgda")
+    with pytest.raises(ValueError, match="every loss is None"):
+        opt.backward([None, None, None])
+    assert opt.method.num_tasks is None and all(p.grad is None for p in model.parameters())
+
+
+class SpanningRanks(LocalReduction):
+    spans_ranks = True
+
+
+def test_a_task_absent_under_data_parallelism_is_refused(monkeypatch):
+    """Each rank averages the losses and gradients of every task with the others': a rank without a task's
+    loss would leave the ranks' steps apart."""
+    xs, ys = make_data(T, 1)
+    model = TwoHeads(T)
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "mgda")
+    monkeypatch.setattr(opt.sync, "reduction", lambda device: SpanningRanks(opt.sync.no_sync))
+    with pytest.raises(ValueError, match="under data parallelism every rank passes every task's loss"):
+        opt.backward(task_losses(model, xs[0], ys[0], [0, 2], "full")[0])
+    assert opt.method.num_tasks is None and all(p.grad is None for p in model.parameters())
+
+
+def test_a_task_absent_under_a_grad_scaler_writes_s_times_the_unscaled_step():
+    xs, ys = make_data(T, 1)
+    model = TwoHeads(T)
+    twin = copy.deepcopy(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "mgda")
+    plain = GradSurgery(torch.optim.SGD(twin.parameters(), lr=0.1), "mgda")
+    info = opt.backward(task_losses(model, xs[0], ys[0], [0, 2], "full")[0], grad_scaler=scaler)
+    plain.backward(task_losses(twin, xs[0], ys[0], [0, 2], "full")[0])
+    assert not info.overflow
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None)
+        if p.grad is not None:
+            assert torch.equal(p.grad, q.grad * 2.0**10)
