@@ -14,7 +14,10 @@ import torch
 
 @dataclass
 class StepInfo:
-    """Per-step record. ``weights[i]`` is the weight of task i in the fused shared gradient Σ_i w_i g_i."""
+    """Per-step record. ``weights[i]`` is the weight of task i in the fused shared gradient Σ_i w_i g_i.
+
+    A task absent from the step (its loss ``None``) has weight 0, a NaN loss, NaN in its row and column of
+    ``gram`` (its gradient was not taken) and so NaN for its gradient norm and cosines."""
 
     weights: torch.Tensor  # (T,)
     losses: torch.Tensor  # (T,), detached
@@ -60,23 +63,32 @@ class StepInfo:
 
     @property
     def cosines(self) -> torch.Tensor:
-        """cos(g_i, g_j); 0 where a gradient is zero (no direction to compare)."""
+        """cos(g_i, g_j); 0 where a gradient is zero (no direction to compare), NaN for an absent task."""
         if self.gram is None:
             return self._measured_gram()
         norms = self.grad_norms
         denom = torch.outer(norms, norms)
         cos = torch.where(denom > 0, self.gram / torch.where(denom > 0, denom, 1), 0)
-        return cos.clamp(-1, 1)
+        return torch.where(denom.isnan(), denom, cos.clamp(-1, 1))
 
     @property
     def num_conflicts(self) -> int:
         """Number of unordered task pairs whose gradients conflict (cosine < 0); 0 when G was not measured."""
         return int(torch.triu(self.cosines < 0, diagonal=1).sum())
 
+    def _fusing_gram(self) -> torch.Tensor:
+        """G with the rows and columns of the tasks of weight 0 set to 0: the same wᵀGw and w ⊙ Gw, and
+        finite where an absent task's row is NaN."""
+        gram = self._measured_gram()
+        idle = self.weights == 0
+        if not bool(idle.any()):
+            return gram
+        return gram.masked_fill(idle[:, None] | idle[None, :], 0.0)
+
     @property
     def fused_norm(self) -> torch.Tensor:
         """‖u‖ of the fused shared gradient, from wᵀGw."""
-        gram = self._measured_gram()
+        gram = self._fusing_gram()
         w = self.weights.to(gram.dtype)
         return (w @ gram @ w).clamp_min(0).sqrt()
 
@@ -87,7 +99,7 @@ class StepInfo:
         Comparable across methods, unlike the weights themselves (PCGrad's or Nash-MTL's weights can be in
         the thousands, MGDA's sum to 1): a share near 1 means the step is that task's, a negative share
         means the step works against that task's own contribution. NaN when G was not measured or u = 0."""
-        gram = self._measured_gram()
+        gram = self._fusing_gram()
         w = self.weights.to(gram.dtype)
         parts = w * (gram @ w)
         total = parts.sum()

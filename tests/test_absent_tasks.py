@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from method_checks import registered
@@ -213,3 +214,41 @@ def test_a_task_absent_under_a_grad_scaler_writes_s_times_the_unscaled_step():
         assert (p.grad is None) == (q.grad is None)
         if p.grad is not None:
             assert torch.equal(p.grad, q.grad * 2.0**10)
+
+
+def test_info_reports_the_present_tasks_diagnostics_and_nan_for_the_absent_one():
+    """Shares, the fused norm, gradient norms and cosines of the present tasks are those of the optimizer
+    given only them; the absent task's gradient norm and cosines are NaN, its weight and share 0."""
+    xs, ys = make_data(T, 1)
+    model = TwoHeads(T)
+    twin = copy.deepcopy(model)
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "upgrad")
+    reference = GradSurgery(torch.optim.SGD(twin.parameters(), lr=0.1), "upgrad")
+    losses = task_losses(model, xs[0], ys[0], [0, 2], "full")[0]
+    info = opt.backward(dict(zip("abc", losses, strict=True))).as_dict()
+    losses = task_losses(twin, xs[0], ys[0], [0, 2], "full", absent_as_none=False)[0]
+    ref = reference.backward(dict(zip("ac", losses, strict=True))).as_dict()
+    for key, value in ref.items():
+        assert info[key] == pytest.approx(value, rel=1e-12, abs=1e-15), key
+    assert info["weight/b"] == info["share/b"] == 0.0
+    assert all(np.isnan(info[k]) for k in ("loss/b", "grad_norm/b", "cos/a,b", "cos/b,c"))
+
+
+def test_the_activation_source_takes_a_step_with_a_task_absent():
+    xs, ys = make_data(T, 1)
+    model = TwoHeads(T)
+    twin = copy.deepcopy(model)
+    opt = GradSurgery(
+        torch.optim.SGD(model.parameters(), lr=0.1), "mgda", model=model, gradient_source="activations"
+    )
+    plain = GradSurgery(
+        torch.optim.SGD(twin.parameters(), lr=0.1), "mgda", model=twin, gradient_source="activations"
+    )
+    info = opt.backward(task_losses(model, xs[0], ys[0], [0, 2], "full")[0])
+    ref = plain.backward(task_losses(twin, xs[0], ys[0], [0, 2], "full", absent_as_none=False)[0])
+    assert info.source == ref.source == "activations"
+    torch.testing.assert_close(info.weights[[0, 2]], ref.weights, rtol=1e-12, atol=1e-15)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None)
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
