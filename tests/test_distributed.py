@@ -289,6 +289,15 @@ def bad_input_scenarios(rank):
         opt.backward(losses)
 
     res["layout"] = catch(other_layout)
+
+    # Rank 1 has no loss for task 2 (None): refused there, and rank 0 stops too.
+    def absent():
+        losses = task_losses(model(x), y)
+        if rank == 1:
+            losses[2] = None
+        opt.backward(losses)
+
+    res["absent"] = catch(absent)
     res["untouched"] = all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     res["grads_none"] = all(p.grad is None for p in model.parameters())
 
@@ -526,6 +535,15 @@ def test_local_failure_stops_every_rank(ranks):
     name1, msg1 = ranks[1]["bad"]["local_failure"]
     assert name1 == "ValueError" and "does not require grad" in msg1
     assert name0 == "RuntimeError" and "rank 1" in msg0
+
+
+def test_a_task_absent_on_one_rank_stops_every_rank(ranks):
+    name0, msg0 = ranks[0]["bad"]["absent"]
+    name1, msg1 = ranks[1]["bad"]["absent"]
+    assert name1 == "ValueError" and "under data parallelism every rank passes every task's loss" in msg1
+    assert name0 == "RuntimeError" and "rank 1" in msg0
+    for res in ranks:
+        assert res["bad"]["untouched"] and res["bad"]["grads_none"]
 
 
 def test_different_layouts_fail_on_every_rank(ranks):
