@@ -118,17 +118,32 @@ def test_a_task_absent_after_full_steps_weighs_the_present_ones_as_a_fresh_optim
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
 
 
-def test_mgda_weighs_the_present_tasks_by_the_two_task_closed_form():
-    """Bound to three tasks with the default solver (the active set for T ≥ 3), a step with two present
+@pytest.mark.parametrize("solver", ["auto", "frank_wolfe", "cvxpy"])
+def test_mgda_weighs_the_present_tasks_by_the_two_task_closed_form(solver):
+    """Bound to three tasks (the active set, or a cvxpy problem of three variables), a step with two present
     takes their min-norm point: w_0 = clip((G₂₂ − G₀₂)/(G₀₀ + G₂₂ − 2G₀₂), 0, 1) from their Gram block."""
     xs, ys = make_data(T, 1)
     model = TwoHeads(T)
-    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "mgda")
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "mgda", solver=solver)
     info = opt.backward(task_losses(model, xs[0], ys[0], [0, 2], "full")[0])
     g = info.gram.numpy()
-    w0 = min(max((g[2, 2] - g[0, 2]) / (g[0, 0] + g[2, 2] - 2 * g[0, 2]), 0.0), 1.0)
+    g02 = (g[0, 2] + g[2, 0]) / 2  # G as the solvers read it, symmetrised
+    w0 = min(max((g[2, 2] - g02) / (g[0, 0] + g[2, 2] - 2 * g02), 0.0), 1.0)
     assert 0.0 < w0 < 1.0  # both tasks matter
-    torch.testing.assert_close(info.weights, torch.tensor([w0, 0.0, 1.0 - w0], dtype=torch.float64))
+    tol = 1e-6 if solver == "cvxpy" else 1e-12  # an interior-point solve against the closed form
+    torch.testing.assert_close(
+        info.weights, torch.tensor([w0, 0.0, 1.0 - w0], dtype=torch.float64), rtol=tol, atol=tol
+    )
+
+
+@pytest.mark.parametrize("solver", ["auto", "closed_form", "frank_wolfe", "cvxpy"])
+def test_mgda_bound_to_two_tasks_gives_the_one_present_task_weight_1(solver):
+    xs, ys = make_data(2, 2)
+    model = TwoHeads(2)
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "mgda", solver=solver)
+    opt.backward(model.losses(xs[0], ys[0]))
+    info = opt.backward([None, model.losses(xs[1], ys[1])[1]])
+    assert info.weights.tolist() == [0.0, 1.0]
 
 
 def test_sum_weighs_the_present_tasks():
