@@ -25,6 +25,7 @@ from .base import Method, bound_state, check_solver, gram_to_numpy, require_gram
 class Pareto(Method):
     name = "pareto"
     interchangeable_options = ("solver",)
+    skips_absent_tasks = True  # the present tasks keep their bounds (their sum stays ≤ 1)
 
     def __init__(
         self, *, min_weights: Sequence[float] | Mapping[str, float], solver: str = "frank_wolfe"
@@ -63,3 +64,12 @@ class Pareto(Method):
             else pareto_min_norm(g, self._bounds)
         )
         return torch.from_numpy(alpha)
+
+    def compute_present(
+        self, present: list[int], gram: torch.Tensor | None, losses: torch.Tensor
+    ) -> torch.Tensor:
+        g = gram_to_numpy(require_gram(gram, self.name))
+        bounds = [self._bounds[i] for i in present]
+        if self.solver == "cvxpy":
+            return torch.from_numpy(SimplexQP(len(present), min_weights=bounds).solve(g))
+        return torch.from_numpy(pareto_min_norm(g, bounds))
