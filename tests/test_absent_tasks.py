@@ -278,3 +278,25 @@ def test_the_activation_source_takes_a_step_with_a_task_absent():
         assert (p.grad is None) == (q.grad is None)
         if p.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("solver", ["frank_wolfe", "cvxpy"])
+def test_pareto_keeps_the_bounds_of_the_present_tasks(solver):
+    """min_weights (0.05, 0.3, 0.6) with task 1 absent: the step of bounds (0.05, 0.6) on tasks 0 and 2, the
+    bound of task 2 active (it holds exactly 0.6 or more)."""
+    xs, ys = make_data(T, 1)
+    model = TwoHeads(T)
+    twin, bare = copy.deepcopy(model), copy.deepcopy(model)
+    opt = GradSurgery(
+        torch.optim.SGD(model.parameters(), lr=0.1), "pareto", min_weights=[0.05, 0.3, 0.6], solver=solver
+    )
+    reference = GradSurgery(
+        torch.optim.SGD(twin.parameters(), lr=0.1), "pareto", min_weights=[0.05, 0.6], solver=solver
+    )
+    info = opt.backward(task_losses(model, xs[0], ys[0], [0, 2], "full")[0])
+    ref = reference.backward(task_losses(twin, xs[0], ys[0], [0, 2], "full", absent_as_none=False)[0])
+    torch.testing.assert_close(info.weights[[0, 2]], ref.weights, rtol=1e-12, atol=1e-15)
+    assert info.weights[1] == 0.0 and info.weights[2] >= 0.6 - 1e-9 and info.weights[0] >= 0.05 - 1e-9
+    free = GradSurgery(torch.optim.SGD(bare.parameters(), lr=0.1), "mgda")
+    unbounded = free.backward(task_losses(bare, xs[0], ys[0], [0, 2], "full", absent_as_none=False)[0])
+    assert unbounded.weights[1] < 0.6  # the bound binds: without it task 2 would get less
