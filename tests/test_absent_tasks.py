@@ -48,8 +48,29 @@ def task_losses(model, x, y, present, mode, absent_as_none=True):
 
 
 def present_options(options, present):
-    """The options of an optimizer given only the ``present`` tasks: per-task lists cut to them."""
-    return {k: [v[i] for i in present] if isinstance(v, list) else v for k, v in options.items()}
+    """The options of an optimizer given only the ``present`` tasks: per-task lists cut to them, the main
+    tasks (``main_aux``, ``mixed``) renumbered among them."""
+    out = {}
+    for key, value in options.items():
+        if key == "main":
+            out[key] = (
+                present.index(value)
+                if isinstance(value, int)
+                else [present.index(i) for i in value if i in present]
+            )
+        else:
+            out[key] = [value[i] for i in present] if isinstance(value, list) else value
+    return out
+
+
+def main_absent(method, options, present):
+    """Whether the step leaves ``main_aux`` without its main task, or ``mixed`` without all of its main
+    ones."""
+    if method == "main_aux":
+        return options.get("main", 0) not in present
+    if method == "mixed":
+        return not set(options["main"]) & set(present)
+    return False
 
 
 def grads(model):
@@ -69,10 +90,15 @@ def test_a_step_with_tasks_absent_is_the_methods_step_on_the_present_tasks(metho
     model = TwoHeads(T)
     twin = copy.deepcopy(model)
     opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), method, **options)
+    losses, features = task_losses(model, xs[0], ys[0], present, mode)
+    if main_absent(method, options, present):  # the main task is what these weigh the others against
+        with pytest.raises(ValueError, match=r"main task.* absent from this step"):
+            opt.backward(losses, features=features)
+        assert opt.method.num_tasks is None and all(p.grad is None for p in model.parameters())
+        return
     reference = GradSurgery(
         torch.optim.SGD(twin.parameters(), lr=0.1), method, **present_options(options, present)
     )
-    losses, features = task_losses(model, xs[0], ys[0], present, mode)
     info = opt.backward(losses, features=features)
     ref_losses, ref_features = task_losses(twin, xs[0], ys[0], present, mode, absent_as_none=False)
     ref = reference.backward(ref_losses, features=ref_features)
@@ -300,3 +326,33 @@ def test_pareto_keeps_the_bounds_of_the_present_tasks(solver):
     free = GradSurgery(torch.optim.SGD(bare.parameters(), lr=0.1), "mgda")
     unbounded = free.backward(task_losses(bare, xs[0], ys[0], [0, 2], "full", absent_as_none=False)[0])
     assert unbounded.weights[1] < 0.6  # the bound binds: without it task 2 would get less
+
+
+def test_main_aux_without_one_auxiliary_takes_the_one_auxiliary_closed_form():
+    """Main task 0 and auxiliary 2 present: w_main = 1, λ_2 = max(0, −G₀₂)/G₂₂ from their Gram block (the
+    main/auxiliary closed form); ``mixed`` with main tasks (0, 1) gives the same step (task 1 absent)."""
+    xs, ys = make_data(T, 4)
+    for t in range(4):  # batches until the auxiliary conflicts with the main task (λ > 0)
+        model, twin = TwoHeads(T, seed=t), TwoHeads(T, seed=t)
+        opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "main_aux", main=0)
+        info = opt.backward(task_losses(model, xs[t], ys[t], [0, 2], "full")[0])
+        g = info.gram.numpy()
+        g02 = (g[0, 2] + g[2, 0]) / 2
+        if g02 < 0:
+            break
+    else:
+        pytest.fail("no batch with conflicting main and auxiliary gradients")
+    torch.testing.assert_close(
+        info.weights, torch.tensor([1.0, 0.0, -g02 / g[2, 2]], dtype=torch.float64), rtol=1e-12, atol=1e-15
+    )
+    mixed = GradSurgery(torch.optim.SGD(twin.parameters(), lr=0.1), "mixed", main=[0, 1])
+    other = mixed.backward(task_losses(twin, xs[t], ys[t], [0, 2], "full")[0])
+    torch.testing.assert_close(other.weights, info.weights, rtol=1e-9, atol=1e-12)
+
+
+def test_main_aux_in_the_masking_mode_refuses_an_absent_task():
+    model = TwoHeads(2)
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "main_aux", mode="mask")
+    with pytest.raises(ValueError, match="method 'main_aux' cannot take"):
+        opt.backward([model.losses(*[d[0] for d in make_data(2, 1)])[0], None])
+    assert opt.method.num_tasks is None and all(p.grad is None for p in model.parameters())

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from .._validation import check_choice, check_task_ref, resolve_task
@@ -28,6 +29,7 @@ class MainAux(Method):
     interchangeable_options = ("solver",)
     min_tasks = 2
     no_conflict = True
+    skips_absent_tasks = True  # an auxiliary, in the guard mode: see __init__ and compute_present
 
     def __init__(self, *, main: int | str = 0, solver: str = "auto", mode: str = "guard") -> None:
         super().__init__()
@@ -35,6 +37,8 @@ class MainAux(Method):
         self.main = check_task_ref(main, "main")
         self._main = 0
         self.mode = check_choice(mode, ("guard", "mask"), "main_aux mode")
+        # The masking stage reads the main loss and its one auxiliary per sample.
+        self.skips_absent_tasks = self.mode == "guard"
         self._solver = solver
         self._qp: MainAuxQP | None = None
 
@@ -72,4 +76,24 @@ class MainAux(Method):
             w = bound_state(self._qp, self.name).solve(g)
         else:
             w = main_aux_min_norm(g, self._main)
+        return torch.from_numpy(w)
+
+    def compute_present(
+        self, present: list[int], gram: torch.Tensor | None, losses: torch.Tensor
+    ) -> torch.Tensor:
+        if self._main not in present:
+            name = self.task_names[self._main] if self.task_names else self._main
+            raise ValueError(
+                f"main_aux: the main task {name!r} is absent from this step (only an auxiliary may be)"
+            )
+        g = gram_to_numpy(require_gram(gram, self.name))
+        t, main = len(present), present.index(self._main)
+        if t == 1:
+            w = np.ones(1)
+        elif self.solver == "cvxpy":
+            w = MainAuxQP(t, main).solve(g)
+        elif t == 2 and self.solver in ("auto", "closed_form"):
+            w = main_aux_one_weights(g, main)
+        else:
+            w = main_aux_min_norm(g, main)
         return torch.from_numpy(w)

@@ -25,6 +25,7 @@ class Mixed(Method):
     name = "mixed"
     interchangeable_options = ("solver",)
     no_conflict = True
+    skips_absent_tasks = True  # while a main task is present: see compute_present
 
     def __init__(self, *, main: Sequence[int | str], solver: str = "frank_wolfe") -> None:
         super().__init__()
@@ -63,3 +64,15 @@ class Mixed(Method):
             else mixed_min_norm(g, self._main)
         )
         return torch.from_numpy(w)
+
+    def compute_present(
+        self, present: list[int], gram: torch.Tensor | None, losses: torch.Tensor
+    ) -> torch.Tensor:
+        main = [present.index(i) for i in self._main if i in present]
+        if not main:
+            names = [self.task_names[i] for i in self._main] if self.task_names else self._main
+            raise ValueError(f"mixed: every main task ({names}) is absent from this step; keep one present")
+        g = gram_to_numpy(require_gram(gram, self.name))
+        if self.solver == "cvxpy":
+            return torch.from_numpy(MixedQP(len(present), main).solve(g))
+        return torch.from_numpy(mixed_min_norm(g, main))
