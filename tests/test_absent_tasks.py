@@ -20,7 +20,12 @@ T = 3
 SKIPPING = [(m, o) for m, o in registered(T) if gradsurgery.make_method(m, **o).skips_absent_tasks]
 # The cvxpy backends build their problem for all T tasks: a step with fewer builds its own.
 SKIPPING += [("mgda", {"solver": "cvxpy"}), ("pareto", {**dict(SKIPPING)["pareto"], "solver": "cvxpy"})]
-SKIPPING_IDS = [m + (" cvxpy" if o.get("solver") == "cvxpy" else "") for m, o in SKIPPING]
+# The main task last: renumbered among the present ones.
+SKIPPING += [("main_aux", {"main": 1}), ("main_aux", {"main": 2}), ("mixed", {"main": [2]})]
+SKIPPING_IDS = [
+    m + (" cvxpy" if o.get("solver") == "cvxpy" else "") + (f" main={o['main']}" if "main" in o else "")
+    for m, o in SKIPPING
+]
 REFUSING = [(m, o) for m, o in registered(T) if not gradsurgery.make_method(m, **o).skips_absent_tasks]
 REFUSING.append(("nash_mtl", {"solver": "cvxpy"}))  # its convex problem is built for all T tasks
 PATTERNS = {"task 0 absent": [1, 2], "task 1 absent": [0, 2], "only task 2": [2]}
@@ -96,10 +101,13 @@ def test_a_step_with_tasks_absent_is_the_methods_step_on_the_present_tasks(metho
             opt.backward(losses, features=features)
         assert opt.method.num_tasks is None and all(p.grad is None for p in model.parameters())
         return
+    info = opt.backward(losses, features=features)
+    if len(present) < gradsurgery.METHODS[method].min_tasks:  # main_aux with its main task alone: weight 1
+        assert info.weights.tolist() == [1.0 if i in present else 0.0 for i in range(T)]
+        return
     reference = GradSurgery(
         torch.optim.SGD(twin.parameters(), lr=0.1), method, **present_options(options, present)
     )
-    info = opt.backward(losses, features=features)
     ref_losses, ref_features = task_losses(twin, xs[0], ys[0], present, mode, absent_as_none=False)
     ref = reference.backward(ref_losses, features=ref_features)
     assert opt.method.num_tasks == T and reference.method.num_tasks == len(present)
@@ -125,8 +133,15 @@ def test_a_step_with_tasks_absent_is_the_methods_step_on_the_present_tasks(metho
     assert torch.isfinite(opt.backward(losses, features=features).weights).all()
 
 
-STATELESS = [(m, o) for m, o in SKIPPING if not gradsurgery.make_method(m, **o)._generators]
-STATELESS_IDS = [m + (" cvxpy" if o.get("solver") == "cvxpy" else "") for m, o in STATELESS]
+STATELESS = [
+    (m, o)
+    for m, o in SKIPPING
+    if not gradsurgery.make_method(m, **o)._generators and not main_absent(m, o, [0, 2])
+]
+STATELESS_IDS = [
+    m + (" cvxpy" if o.get("solver") == "cvxpy" else "") + (f" main={o['main']}" if "main" in o else "")
+    for m, o in STATELESS
+]
 
 
 @pytest.mark.parametrize("method,options", STATELESS, ids=STATELESS_IDS)
