@@ -14,7 +14,7 @@ Wang et al. 2021; see ``gradsurgery/losses.py``). ``mode="guard"`` (the default)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -60,22 +60,31 @@ class MainAux(Method):
         if self.solver == "closed_form" and num_tasks != 2:
             raise ValueError(f"main_aux solver='closed_form' needs exactly 1 auxiliary, got {num_tasks - 1}")
 
+    def _solver_for(self, num_tasks: int) -> str:
+        """The solver for ``num_tasks`` tasks: ``"auto"`` (and ``"closed_form"``, bound to one auxiliary only)
+        the one-auxiliary closed form for two and the active set otherwise; the others as chosen."""
+        if self.solver in ("auto", "closed_form"):
+            return "closed_form" if num_tasks == 2 else "frank_wolfe"
+        return self.solver
+
     def _init_state(self, num_tasks: int) -> None:
         self._main = resolve_task(self.main, num_tasks, self.task_names, "main")
-        if self.solver == "auto":
-            self._solver = "closed_form" if num_tasks == 2 else "frank_wolfe"
+        self._solver = self._solver_for(num_tasks)
         if self._solver == "cvxpy":
             self._qp = MainAuxQP(num_tasks, self._main)
 
     def compute_weights(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
-        gram = require_gram(gram, self.name)
-        g = gram_to_numpy(gram)
-        if self._solver == "closed_form":
-            w = main_aux_one_weights(g, self._main)
-        elif self._solver == "cvxpy":
-            w = bound_state(self._qp, self.name).solve(g)
+        g = gram_to_numpy(require_gram(gram, self.name))
+        return self._weights(g, self._solver, self._main, lambda: bound_state(self._qp, self.name))
+
+    @staticmethod
+    def _weights(g: np.ndarray, solver: str, main: int, qp: Callable[[], MainAuxQP]) -> torch.Tensor:
+        if solver == "closed_form":
+            w = main_aux_one_weights(g, main)
+        elif solver == "cvxpy":
+            w = qp().solve(g)
         else:
-            w = main_aux_min_norm(g, self._main)
+            w = main_aux_min_norm(g, main)
         return torch.from_numpy(w)
 
     def compute_present(
@@ -86,14 +95,8 @@ class MainAux(Method):
             raise ValueError(
                 f"main_aux: the main task {name!r} is absent from this step (only an auxiliary may be)"
             )
-        g = gram_to_numpy(require_gram(gram, self.name))
         t, main = len(present), present.index(self._main)
-        if t == 1:
-            w = np.ones(1)
-        elif self.solver == "cvxpy":
-            w = MainAuxQP(t, main).solve(g)
-        elif t == 2 and self.solver in ("auto", "closed_form"):
-            w = main_aux_one_weights(g, main)
-        else:
-            w = main_aux_min_norm(g, main)
-        return torch.from_numpy(w)
+        if t == 1:  # the main task alone
+            return torch.ones(1, dtype=torch.float64)
+        g = gram_to_numpy(require_gram(gram, self.name))
+        return self._weights(g, self._solver_for(t), main, lambda: MainAuxQP(t, main))

@@ -226,9 +226,10 @@ class NashMTL(Method):
     ) -> torch.Tensor:
         gram = require_gram(gram, self.name)
         last = None if self.weights is None else self.weights[present]
+        reuse = self.steps % self.update_every != 0
         self.steps += 1
         self.last_iterations = 0
-        if (self.steps - 1) % self.update_every != 0 and last is not None:
+        if reuse and last is not None:
             return torch.from_numpy(last.copy())
         g = gram_to_numpy(gram)
         if not float(np.linalg.norm(g)) > 0.0:

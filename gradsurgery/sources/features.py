@@ -436,7 +436,7 @@ class WeightedViewCollection(WeightedCollection):
         trunk = torch.autograd.grad(
             features, self.params, targets, retain_graph=self.retain_graph, allow_unused=True
         )
-        return [b if a is None else a if b is None else a + b for a, b in zip(heads, trunk, strict=True)]
+        return summed(heads, trunk)
 
 
 class OnePassCollection(FeatureCollection):
@@ -498,9 +498,7 @@ class OnePassCollection(FeatureCollection):
                 g if g is None else scale(owners[0], g)
                 for g, owners in zip(heads, self.head_owners, strict=True)
             ]
-        return self._averaged(
-            [b if a is None else a if b is None else a + b for a, b in zip(trunk, heads, strict=True)]
-        )
+        return self._averaged(summed(trunk, heads))
 
 
 class ViewCollection(OnePassCollection):
@@ -558,6 +556,14 @@ class SplitCollection(OnePassCollection):
         self, source: FeatureSource, losses: list[torch.Tensor], keep: bool
     ) -> tuple[torch.Tensor, Sequence[torch.Tensor | None]]:
         return split_jacobian(losses, source.features, self.split, self.head_params, keep)
+
+
+def summed(
+    first: Sequence[torch.Tensor | None], second: Sequence[torch.Tensor | None]
+) -> list[torch.Tensor | None]:
+    """Each parameter's gradient from two passes (the heads' and the trunk's): their sum, or the one that
+    reached it (None where neither did)."""
+    return [b if a is None else a if b is None else a + b for a, b in zip(first, second, strict=True)]
 
 
 def check_own_views(losses: list[torch.Tensor], views: list[list[torch.Tensor]]) -> list[set[int]]:
