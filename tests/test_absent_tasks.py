@@ -15,6 +15,7 @@ from weighting_helpers import TwoHeads, make_data
 import gradsurgery
 from gradsurgery import GradSurgery
 from gradsurgery.distributed import LocalReduction
+from gradsurgery.methods._learned import LearnedVector
 
 T = 3
 SKIPPING = [(m, o) for m, o in registered(T) if gradsurgery.make_method(m, **o).skips_absent_tasks]
@@ -133,10 +134,20 @@ def test_a_step_with_tasks_absent_is_the_methods_step_on_the_present_tasks(metho
     assert torch.isfinite(opt.backward(losses, features=features).weights).all()
 
 
+def learns_per_task(method, options):
+    """Whether the method learns a vector with an entry per task from step to step (``uncertainty``'s s):
+    after steps with every task its weights are no longer a fresh optimizer's."""
+    bound = gradsurgery.make_method(method, **options)
+    bound.bind(T)
+    return any(isinstance(value, LearnedVector) for value in vars(bound).values())
+
+
 STATELESS = [
     (m, o)
     for m, o in SKIPPING
-    if not gradsurgery.make_method(m, **o)._generators and not main_absent(m, o, [0, 2])
+    if not gradsurgery.make_method(m, **o)._generators
+    and not main_absent(m, o, [0, 2])
+    and not learns_per_task(m, o)
 ]
 STATELESS_IDS = [
     m + (" cvxpy" if o.get("solver") == "cvxpy" else "") + (f" main={o['main']}" if "main" in o else "")

@@ -28,6 +28,12 @@ Options:
     weight_optimizer: ``"adam"`` (β = (0.9, 0.999), ε = 1e-8) or ``"sgd"`` (s ← s − lr (1 − exp(−s) L)).
     diagnostics: take the T per-task backward passes, for the Gram diagnostics in ``StepInfo``.
 
+A task absent from a step (its loss ``None``) has no term in that step's objective: the present tasks get
+w_i = exp(−s_i) and ∂total/∂s_i = 1 − exp(−s_i) L_i, the absent one weight 0 and ∂total/∂s_i = 0. Its s_i
+then moves only as the s optimizer moves a coordinate whose gradient is 0: not at all with ``"sgd"``, by
+its momentum with ``"adam"`` (what ``torch.optim.Adam`` does to an s held in the model's parameters, with
+the objective written over the present tasks).
+
 The losses are read as given: pass them unscaled (loss scaling for mixed precision would shift s by
 log(scale)). Use losses ≥ 0 (MSE, cross-entropy, as in the paper): for L_i ≤ 0, exp(−s_i) L_i + s_i has no
 minimum in s_i and s_i drifts to −∞. The name ``weight_optimizer`` (not ``optimizer``) keeps the option
@@ -47,6 +53,7 @@ from .base import LossValueWeighting, bound_state
 
 class Uncertainty(LossValueWeighting):
     name = "uncertainty"
+    skips_absent_tasks = True  # an absent task's s_i gets gradient 0: see the module docstring
 
     def __init__(
         self,
@@ -81,11 +88,24 @@ class Uncertainty(LossValueWeighting):
         return None if pending is None else pending.clone()
 
     def compute_weights(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
+        return self._weights(None, losses)
+
+    def compute_present(
+        self, present: list[int], gram: torch.Tensor | None, losses: torch.Tensor
+    ) -> torch.Tensor:
+        return self._weights(present, losses)
+
+    def _weights(self, present: list[int] | None, losses: torch.Tensor) -> torch.Tensor:
+        """w_i = exp(−s_i) for the tasks ``present`` (None: every task), and ∂total/∂s added to the pending
+        gradient: 1 − w_i L_i for those tasks, 0 for the others."""
         learned = bound_state(self.learned, self.name)
-        weights = torch.exp(-learned.value)
+        log_vars = learned.value if present is None else learned.value[present]
+        weights = torch.exp(-log_vars)
         grad = 1.0 - weights * losses.detach().to("cpu", torch.float64)
+        if present is not None:
+            grad = torch.zeros_like(learned.value).index_copy_(0, torch.tensor(present), grad)
         learned.accumulate(grad)
-        return weights.clone()
+        return weights
 
     def after_step(self) -> None:
         if self.learned is not None:

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -93,6 +94,55 @@ def test_adam_trajectory_matches_torch_adam_on_the_paper_objective():
         adam_ref.step()
     torch.testing.assert_close(opt.method.log_vars, s_ref.detach(), rtol=1e-12, atol=1e-14)
     assert not torch.equal(opt.method.log_vars, torch.zeros(2, dtype=torch.float64))
+
+
+# Per step, the tasks of each backward call before the step (several: their gradients add up).
+ABSENCE_STEPS = [[[0, 1, 2]], [[0, 2]], [[1]], [[0, 1], [2]], [[0, 1, 2]], [[1, 2], [0, 2]]]
+
+
+@pytest.mark.parametrize("weight_optimizer", ["adam", "sgd"])
+def test_tasks_absent_match_the_paper_objective_over_the_present_tasks_in_torch(weight_optimizer):
+    """Steps with tasks absent against plain torch: s as one tensor stepped by torch's own optimizer, and
+    per backward call the objective Σ exp(−s_i) L_i + s_i over the present tasks (an absent task has no
+    term: its s_i gets gradient 0). The weights, the model's parameters and s after every step."""
+    model = TwoHeads(3).double()
+    twin = copy.deepcopy(model)
+    xs, ys = make_data(3, len(ABSENCE_STEPS))
+    xs, ys = xs.double(), ys.double()
+    opt = GradSurgery(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        method="uncertainty",
+        init_log_var=S0,
+        lr=0.2,
+        weight_optimizer=weight_optimizer,
+    )
+    s_ref = torch.tensor(S0, dtype=torch.float64, requires_grad=True)
+    kind = torch.optim.Adam if weight_optimizer == "adam" else torch.optim.SGD
+    s_opt, model_opt = kind([s_ref], lr=0.2), torch.optim.SGD(twin.parameters(), lr=0.1)
+    for t, calls in enumerate(ABSENCE_STEPS):
+        opt.zero_grad()
+        s_opt.zero_grad()
+        model_opt.zero_grad()
+        for present in calls:
+            losses = model.losses(xs[t], ys[t])
+            info = opt.backward([loss if i in present else None for i, loss in enumerate(losses)])
+            expected = torch.exp(-s_ref.detach())
+            torch.testing.assert_close(info.weights[present], expected[present], rtol=1e-14, atol=0)
+            assert all(info.weights[i] == 0 for i in range(3) if i not in present)
+            ref_losses = twin.losses(xs[t], ys[t])
+            sum(torch.exp(-s_ref[i]) * ref_losses[i] + s_ref[i] for i in present).backward()
+        before = opt.method.log_vars
+        opt.step()
+        s_opt.step()
+        model_opt.step()
+        torch.testing.assert_close(opt.method.log_vars, s_ref.detach(), rtol=1e-13, atol=1e-15)
+        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-13, atol=1e-15)
+        never = [i for i in range(3) if not any(i in present for present in calls)]
+        if weight_optimizer == "sgd":  # a zero gradient leaves an SGD coordinate where it is
+            assert torch.equal(opt.method.log_vars[never], before[never])
+        elif never and t > 1:  # Adam moves it by its momentum, as torch's Adam does
+            assert not torch.equal(opt.method.log_vars[never], before[never])
 
 
 def test_pending_gradient_accumulates_like_grad_and_zero_grad_drops_it():
