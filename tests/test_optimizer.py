@@ -96,6 +96,34 @@ def test_gradvac_matches_dspace_over_steps_and_equals_pcgrad_first(num_tasks):
     torch.testing.assert_close(opt.method.targets, targets)
 
 
+def test_gradvac_with_tasks_absent_runs_on_the_present_pairs_and_keeps_the_others_targets():
+    """Steps with tasks absent against the d-space algorithm on the present gradients alone (a random
+    order of the present tasks, their pairs' targets): the fused gradient and the targets each step, where
+    a pair with an absent task keeps its value."""
+    num_tasks = 4
+    model, a, _ = make_linear_problem(7, num_tasks=num_tasks)
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.0), method="gradvac", beta=0.3, seed=5)
+    gen = torch.Generator().manual_seed(5)
+    targets = torch.zeros(num_tasks, num_tasks, dtype=torch.float64)
+    for present in ([0, 1, 2, 3], [0, 2, 3], [1, 3], [0, 1, 2, 3], [0, 1, 2], [2, 3]):
+        opt.zero_grad()
+        losses = model()
+        before = opt.method.targets.clone() if opt.method.targets is not None else targets.clone()
+        opt.backward([loss if i in present else None for i, loss in enumerate(losses)])
+        orders = []
+        for i in range(len(present)):
+            others = [j for j in range(len(present)) if j != i]
+            orders.append([others[k] for k in torch.randperm(len(others), generator=gen).tolist()])
+        block = targets[present][:, present]
+        expected, block = gradvac_dspace(a[present], orders, block, beta=0.3)
+        targets[torch.tensor(present)[:, None], torch.tensor(present)] = block
+        torch.testing.assert_close(torch.cat([model.theta.grad.reshape(-1), model.bias.grad]), expected)
+        torch.testing.assert_close(opt.method.targets, targets)
+        absent = [i for i in range(num_tasks) if i not in present]
+        assert torch.equal(opt.method.targets[absent], before[absent])
+        assert torch.equal(opt.method.targets[:, absent], before[:, absent])
+
+
 def test_unreached_and_frozen_parameters_keep_their_grad():
     model, _, _ = make_linear_problem(0)
     stray = torch.nn.Parameter(torch.ones(3))

@@ -12,7 +12,9 @@ g'_i = Σ_k C_ik g_k, the row C_i G of inner products ⟨g'_i, g_k⟩ is kept up
 c·g_j adds c·G_j) and ‖g'_i‖² = C_i G C_iᵀ is formed from it after each adjustment, so a visit costs O(1)
 and an adjustment O(T): O(T³) per step at worst.
 
-A pair with a zero gradient has no cosine: it is neither adjusted nor counted in the moving average.
+A pair with a zero gradient has no cosine: it is neither adjusted nor counted in the moving average. Nor is
+a pair with a task absent from the step (its loss ``None``): the step runs on the present tasks alone, in a
+random order of them, with their pairs' targets, and the pairs with an absent task keep theirs.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from .._validation import check_number
@@ -32,6 +35,7 @@ _MAX_TARGET = 1.0 - 1e-6
 
 class GradVac(Method):
     name = "gradvac"
+    skips_absent_tasks = True  # the present tasks' pairs only: see the module docstring
 
     def __init__(self, *, beta: float = 0.01, seed: int | None = None) -> None:
         super().__init__()
@@ -44,13 +48,29 @@ class GradVac(Method):
         self.targets = torch.zeros(num_tasks, num_tasks, dtype=torch.float64)
 
     def compute_weights(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
+        state = bound_state(self.targets, self.name).numpy()
+        targets = state.tolist()
+        weights = self._vaccinate(gram, targets)
+        state[:] = targets
+        return weights
+
+    def compute_present(
+        self, present: list[int], gram: torch.Tensor | None, losses: torch.Tensor
+    ) -> torch.Tensor:
+        state = bound_state(self.targets, self.name).numpy()
+        every = state.tolist()
+        targets = [[every[i][j] for j in present] for i in present]
+        weights = self._vaccinate(gram, targets)
+        state[np.ix_(present, present)] = targets
+        return weights
+
+    def _vaccinate(self, gram: torch.Tensor | None, targets: list[list[float]]) -> torch.Tensor:
+        """The weights Σ_i C_i for G, with its tasks' pair targets ``targets`` (rows, updated in place)."""
         gram = require_gram(gram, self.name)
         g = gram_to_numpy(gram)
         num_tasks = g.shape[0]
-        state = bound_state(self.targets, self.name).numpy()
         # Python floats throughout: the loop visits T(T − 1) pairs one after the other, each a handful of
         # scalar operations, where a numpy call per operation would cost more than the arithmetic.
-        targets = state.tolist()
         rows = g.tolist()
         orders = draw_orders(num_tasks, self.generator)
         sqrt = math.sqrt
@@ -90,7 +110,6 @@ class GradVac(Method):
                     norm_i = sqrt(max(square, 0.0))
                 row_targets[j] = keep * row_targets[j] + beta * phi
             weights = [w + c for w, c in zip(weights, coef, strict=True)]
-        state[:] = targets
         return torch.tensor(weights, dtype=torch.float64)
 
     def state_dict(self) -> dict[str, Any]:
