@@ -7,7 +7,6 @@ The fused gradient is the sum u = Σ_i g'_i. Carried out on the Gram matrix (see
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ._projection import draw_orders
@@ -25,13 +24,22 @@ class PCGrad(Method):
 
     def compute_weights(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
         gram = require_gram(gram, self.name)
-        g = gram_to_numpy(gram)
-        num_tasks = g.shape[0]
+        rows = gram_to_numpy(gram).tolist()
+        num_tasks = len(rows)
         orders = draw_orders(num_tasks, self.generator)
-        coef = np.eye(num_tasks)
+        # Python floats, as in GradVac: the row (C_i G)_k = ⟨g'_i, g_k⟩ is kept up to date, so a visit reads
+        # its inner product (O(1)) and a projection updates the row (O(T)), where a numpy product per visit
+        # would cost more than the arithmetic of T(T − 1) visits.
+        weights = [0.0] * num_tasks
         for i, order in enumerate(orders):
+            coef = [0.0] * num_tasks
+            coef[i] = 1.0
+            inner = rows[i]
             for j in order:
-                dot = coef[i] @ g[:, j]
-                if dot < 0 and g[j, j] > 0:
-                    coef[i, j] -= dot / g[j, j]
-        return torch.from_numpy(coef.sum(axis=0))
+                dot, square = inner[j], rows[j][j]
+                if dot < 0.0 and square > 0.0:
+                    step = -dot / square
+                    coef[j] += step
+                    inner = [a + step * b for a, b in zip(inner, rows[j], strict=True)]
+            weights = [w + c for w, c in zip(weights, coef, strict=True)]
+        return torch.tensor(weights, dtype=torch.float64)
