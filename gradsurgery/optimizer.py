@@ -384,6 +384,8 @@ class GradSurgery(torch.optim.Optimizer):
             if source.collectives_in_collect:
                 reduction.agree(len(tasks), signature=0)
             step = source.collect(tasks, params, scaling, retain_graph, reduction.no_sync)
+            if present is not None and reduction.spans_ranks:
+                step.absent_on_this_rank(present)
         except (TypeError, ValueError) as err:
             reduction.fail(err)  # the other ranks stop too
             raise
@@ -393,6 +395,14 @@ class GradSurgery(torch.optim.Optimizer):
             with self.method.transaction():
                 self.method.bind(step.num_tasks if present is None else present.num_tasks, names)
                 step.reduce(reduction)
+                if present is not None and reduction.spans_ranks:
+                    present = step.tasks_present  # the tasks some rank has: see sources.weighted
+                    if present is not None and not self.method.skips_absent_tasks:
+                        missing = sorted(set(range(present.num_tasks)) - set(present.indices))
+                        raise ValueError(
+                            f"no rank has a loss for task(s) {missing}, which method {self.method.name!r} "
+                            "cannot take: some rank must pass each task's loss"
+                        )
                 step.check_finite()
                 if present is None:
                     weights = self.method(step.gram, step.loss_values)
@@ -417,17 +427,23 @@ class GradSurgery(torch.optim.Optimizer):
         are checked against the method, which is not bound yet."""
         method = self.method
         if absent_tasks(losses):
-            if not method.skips_absent_tasks:
+            if reduction.spans_ranks and isinstance(self.source, FSDPSource):
+                raise ValueError(
+                    "a loss is None (a task absent on this rank): under FSDP2 (fully_shard) every rank "
+                    "passes every task's loss"
+                )
+            if reduction.spans_ranks and method.needs_gram:
+                raise ValueError(
+                    f"a loss is None (a task absent on this rank): under data parallelism only the loss "
+                    f"weightings that take one backward pass take it ({weighted_methods()}, without "
+                    f"diagnostics=True); with method {method.name!r} every rank passes every task's loss"
+                )
+            if not (reduction.spans_ranks or method.skips_absent_tasks):
                 raise ValueError(
                     f"a loss is None (a task absent from this step), which method {method.name!r} cannot "
                     "take: its weights follow every task from step to step, or its options are set for all "
                     f"of them. Methods that take a step with tasks absent (default options): "
                     f"{skipping_methods()}"
-                )
-            if reduction.spans_ranks:
-                raise ValueError(
-                    "a loss is None (a task absent from this step): under data parallelism every rank "
-                    "passes every task's loss"
                 )
         losses, names, sample_mask = self.prepare(losses, params)
         ordered = align(check_scalars(losses), names, method.num_tasks, method.task_names, method.name)
@@ -534,6 +550,11 @@ class GradSurgery(torch.optim.Optimizer):
 
     def _trainable_params(self) -> list[torch.Tensor]:
         return [p for p in self._all_params() if p.requires_grad]
+
+
+def weighted_methods() -> list[str]:
+    """The registered methods whose weights need no Gram matrix with their default options."""
+    return sorted(name for name, cls in METHODS.items() if not cls.needs_gram)
 
 
 def skipping_methods() -> list[str]:

@@ -266,14 +266,14 @@ class SpanningRanks(LocalReduction):
     spans_ranks = True
 
 
-def test_a_task_absent_under_data_parallelism_is_refused(monkeypatch):
-    """Each rank averages the losses and gradients of every task with the others': a rank without a task's
-    loss would leave the ranks' steps apart."""
+def test_a_task_absent_on_a_rank_is_refused_for_a_method_on_the_gram_matrix(monkeypatch):
+    """Each rank averages every task's gradient with the others' (the Jacobian, G): a rank without a task's
+    loss would leave the ranks' steps apart. The loss weightings take it (``tests/test_distributed.py``)."""
     xs, ys = make_data(T, 1)
     model = TwoHeads(T)
     opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "mgda")
     monkeypatch.setattr(opt.sync, "reduction", lambda device: SpanningRanks(opt.sync.no_sync))
-    with pytest.raises(ValueError, match="under data parallelism every rank passes every task's loss"):
+    with pytest.raises(ValueError, match=r"only the loss weightings .* every rank passes every task's loss"):
         opt.backward(task_losses(model, xs[0], ys[0], [0, 2], "full")[0])
     assert opt.method.num_tasks is None and all(p.grad is None for p in model.parameters())
 

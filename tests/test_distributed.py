@@ -14,6 +14,7 @@ from method_checks import registered
 from torch import nn
 from torch_support import GLOO_COMPLEX_REASON
 
+import gradsurgery
 from gradsurgery import GradSurgery, task_views
 
 pytestmark = pytest.mark.distributed
@@ -327,6 +328,93 @@ def evidence_run(rank: int | None) -> dict:
     return {"params": [p.detach().clone() for p in model.parameters()], "lambdas": lambdas}
 
 
+# The tasks each rank has a loss for, per step: task 1 on rank 1 only, then tasks 0 and 2 on rank 0 only,
+# then task 2 on neither (absent from the step).
+ABSENCE = [([0, 2], [0, 1, 2]), ([0, 1, 2], [1]), ([0, 1], [0, 1])]
+# The loss weightings (one backward pass), which take a task absent on a rank; dwa and famo only while
+# some rank has each task (the third step is left out for them).
+ABSENT_ON_A_RANK = [("uncertainty", {}), ("sum", {"weights": [1.0, 2.0, 0.5]}), ("rlw", {"seed": 3})]
+ABSENT_ON_A_RANK += [("dwa", {}), ("famo", {})]
+
+
+def absent_losses(ddp, rows, x, y, layout, present):
+    """The DDP model's task losses on ``rows`` (None for the tasks not in ``present``) and the ``features=``
+    argument of ``layout``."""
+    if layout == "full":
+        losses, features = task_losses(ddp(x[rows]), y[rows]), None
+    else:
+        losses, features = representation_losses(ddp, ddp.module, x[rows], y[rows], layout)
+    return [loss if i in present else None for i, loss in enumerate(losses)], features
+
+
+def run_absent(rank, method, options, layout):
+    """Tasks absent on one rank (``ABSENCE``): each rank's step against one process whose loss i is the
+    mean of the ranks' losses i where they have one (None where neither has), in full mode."""
+    model, ref = make_net(3), make_net(3)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), method, model=ddp, **options)
+    ref_opt = GradSurgery(
+        torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9), method, distributed=False, **options
+    )
+    x, y = make_data(3)
+    halves = [slice(r * BATCH, (r + 1) * BATCH) for r in range(WORLD)]
+    steps = ABSENCE if gradsurgery.make_method(method, **options).skips_absent_tasks else ABSENCE[:2]
+    out: dict = {
+        "grads": [],
+        "ref_grads": [],
+        "weights": [],
+        "ref_weights": [],
+        "losses": [],
+        "ref_losses": [],
+    }
+    for presence in steps:
+        opt.zero_grad()
+        losses, features = absent_losses(ddp, halves[rank], x, y, layout, presence[rank])
+        info = opt.backward(losses, features=features)
+        ref_opt.zero_grad()
+        per_rank = [task_losses(ref(x[rows]), y[rows]) for rows in halves]
+        means = []
+        for i in range(3):
+            have = [per_rank[r][i] for r in range(WORLD) if i in presence[r]]
+            means.append(sum(have) / len(have) if have else None)
+        ref_info = ref_opt.backward(means)
+        out["grads"].append([None if p.grad is None else p.grad.clone() for p in model.parameters()])
+        out["ref_grads"].append([None if p.grad is None else p.grad.clone() for p in ref.parameters()])
+        for key, got in (("weights", info.weights), ("ref_weights", ref_info.weights)):
+            out[key].append(got.clone())
+        for key, got in (("losses", info.losses), ("ref_losses", ref_info.losses)):
+            out[key].append(got.clone())
+        opt.step()
+        ref_opt.step()
+    out["params"] = [p.detach().clone() for p in model.parameters()]
+    out["ref_params"] = [p.detach().clone() for p in ref.parameters()]
+    return out
+
+
+def absent_on_every_rank(rank):
+    """``dwa`` (state per task) with task 2 on no rank: refused on both ranks, nothing changed; and a
+    Gram-based method with a task absent on one rank: refused there, the other rank stops too."""
+    res = {}
+    model = make_net(3)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "dwa", model=ddp)
+    x, y = make_data(3)
+    rows = slice(rank * BATCH, (rank + 1) * BATCH)
+    opt.backward(task_losses(ddp(x[rows]), y[rows]))
+    before = [p.grad.clone() for p in model.parameters()]
+    state = {k: v for k, v in opt.method.state_dict().items()}
+    res["dwa"] = catch(lambda: opt.backward(absent_losses(ddp, rows, x, y, "full", [0, 1])[0]))
+    res["dwa_grads_kept"] = all(
+        torch.equal(p.grad, b) for p, b in zip(model.parameters(), before, strict=True)
+    )
+    res["dwa_state_kept"] = all(
+        torch.equal(torch.as_tensor(v), torch.as_tensor(state[k]))
+        for k, v in opt.method.state_dict().items()
+        if v is not None
+    )
+    return res
+
+
 def scenarios(rank: int) -> dict:
     results = {}
     for method, options in METHODS:
@@ -358,6 +446,10 @@ def scenarios(rank: int) -> dict:
     results[("sparse", "features")] = run_sparse(rank, "mgda", features=True)
     results["sink"] = sink_scenario(rank)
     results["bad"] = bad_input_scenarios(rank)
+    for method, options in ABSENT_ON_A_RANK:
+        for layout in ("full", "z", "views"):
+            results[("absent", method, layout)] = run_absent(rank, method, options, layout)
+    results["absent everywhere"] = absent_on_every_rank(rank)
     results["evidence"] = evidence_run(rank)
     return results
 
@@ -540,10 +632,46 @@ def test_local_failure_stops_every_rank(ranks):
 def test_a_task_absent_on_one_rank_stops_every_rank(ranks):
     name0, msg0 = ranks[0]["bad"]["absent"]
     name1, msg1 = ranks[1]["bad"]["absent"]
-    assert name1 == "ValueError" and "under data parallelism every rank passes every task's loss" in msg1
+    assert name1 == "ValueError" and "every rank passes every task's loss" in msg1
     assert name0 == "RuntimeError" and "rank 1" in msg0
     for res in ranks:
         assert res["bad"]["untouched"] and res["bad"]["grads_none"]
+
+
+@pytest.mark.parametrize("layout", ["full", "z", "views"])
+@pytest.mark.parametrize("method", [m for m, _ in ABSENT_ON_A_RANK])
+def test_a_loss_weighting_with_a_task_absent_on_a_rank_is_one_process_on_the_ranks_that_have_it(
+    ranks, method, layout
+):
+    """Each task's loss and gradient averaged over the ranks that have it: one process whose loss i is the
+    mean of the ranks' losses i; a task no rank has is absent from the step (weight 0, NaN loss)."""
+    for res in ranks:
+        run = res[("absent", method, layout)]
+        for step in range(len(run["grads"])):
+            for got, want in zip(run["grads"][step], run["ref_grads"][step], strict=True):
+                assert (got is None) == (want is None)  # a head no rank reached keeps None
+                if got is not None:
+                    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(run["weights"][step], run["ref_weights"][step], rtol=1e-12, atol=0)
+            torch.testing.assert_close(
+                run["losses"][step], run["ref_losses"][step], rtol=1e-12, atol=0, equal_nan=True
+            )
+        torch.testing.assert_close(flat(run["params"]), flat(run["ref_params"]), rtol=1e-10, atol=1e-12)
+    if len(ranks[0][("absent", method, layout)]["weights"]) == 3:
+        assert ranks[0][("absent", method, layout)]["weights"][2][2] == 0
+    for a, b in zip(
+        ranks[0][("absent", method, layout)]["params"],
+        ranks[1][("absent", method, layout)]["params"],
+        strict=True,
+    ):
+        assert torch.equal(a, b)
+
+
+def test_a_task_no_rank_has_is_refused_by_a_method_with_state_per_task(ranks):
+    for res in ranks:
+        name, msg = res["absent everywhere"]["dwa"]
+        assert name == "ValueError" and "no rank has a loss for task(s) [2]" in msg
+        assert res["absent everywhere"]["dwa_grads_kept"] and res["absent everywhere"]["dwa_state_kept"]
 
 
 def test_different_layouts_fail_on_every_rank(ranks):

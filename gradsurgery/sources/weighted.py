@@ -8,6 +8,13 @@ No Gram matrix is formed (``StepInfo.gram`` is None), and a loss that reaches no
 when none of them does. With a GradScaler the weighted loss is scaled (the weights do not depend on the
 gradients, so this equals scaling each loss). Under data parallelism the loss values are averaged over the
 ranks before the weights are computed, and the gradient after.
+
+Under data parallelism a rank may pass ``None`` for a task the others have (``absent_on_this_rank``): the
+task's loss is then the mean of the ranks that have it, L_i = (1/n_i) Σ_{r has i} L_i^r, and its gradient
+likewise. One all-reduce carries, with the losses (0 where absent), whether each rank has each task and a 1
+per rank, so every rank learns n_i and the rank count n; a rank seeds its loss i with w_i n/n_i, and the
+average of the ranks' gradients (÷ n) is then Σ_i w_i (1/n_i) Σ_{r has i} ∇L_i^r. A task no rank has is
+absent from the step (``tasks_present``), for the methods that take such a step.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
+from ..losses import PresentTasks
 from . import check_finite, finite_gradients, loss_values
 
 if TYPE_CHECKING:
@@ -48,6 +56,10 @@ class WeightedSource:
 class WeightedCollection:
     source = "weighted"
     gram = None
+    #: Data parallelism: the tasks this rank has a loss for, when it lacks some (``absent_on_this_rank``).
+    local_tasks: PresentTasks | None = None
+    #: After ``reduce``: the tasks some rank has a loss for, when no rank has some; None when every task is.
+    tasks_present: PresentTasks | None = None
 
     def __init__(
         self,
@@ -67,17 +79,50 @@ class WeightedCollection:
         self.retain_graph = retain_graph
         self.no_sync = no_sync
         self.reduction: Reduction | None = None
+        # Per local loss: its task's place among the tasks weighed, and the factor n/n_i of its seed.
+        self._weighed_as = list(range(len(losses)))
+        self._rank_scales = [1.0] * len(losses)
 
     @property
     def num_tasks(self) -> int:
-        return len(self.losses)
+        return len(self.losses) if self.local_tasks is None else self.local_tasks.num_tasks
 
     def signature(self) -> int:
         return 0
 
+    def absent_on_this_rank(self, present: PresentTasks) -> None:
+        """This rank passed losses for the tasks ``present`` only (data parallelism; ``reduce`` learns which
+        tasks the other ranks have)."""
+        self.local_tasks = present
+
     def reduce(self, reduction: Reduction) -> None:
-        self.loss_values = reduction.average(self.loss_values)
         self.reduction = reduction
+        if not reduction.spans_ranks:
+            self.loss_values = reduction.average(self.loss_values)
+            return
+        t = self.num_tasks
+        local = list(range(t)) if self.local_tasks is None else self.local_tasks.indices
+        values = self.loss_values
+        packed = torch.zeros(2 * t + 1, dtype=values.dtype, device=values.device)
+        packed[local] = values
+        packed[[t + i for i in local]] = 1.0
+        packed[2 * t] = 1.0
+        reduction.sum_in_place([packed])
+        sums, counts = packed[:t], packed[t : 2 * t]
+        *held_by, ranks = packed[t:].tolist()
+        held = [i for i, n in enumerate(held_by) if n > 0]
+        self.tasks_present = None if len(held) == t else PresentTasks(held, t)
+        self.loss_values = (sums / counts)[held]
+        place = {task: k for k, task in enumerate(held)}
+        self._weighed_as = [place[i] for i in local]
+        self._rank_scales = [ranks / held_by[i] for i in local]
+
+    def _seeds(self, weights: torch.Tensor) -> list[torch.Tensor]:
+        """Each local loss's seed: its task's weight, times n/n_i (1 unless some rank lacks the task)."""
+        return [
+            (weights[k] if scale == 1.0 else weights[k] * scale).to(loss.dtype)
+            for k, scale, loss in zip(self._weighed_as, self._rank_scales, self.losses, strict=True)
+        ]
 
     def check_finite(self) -> None:
         check_finite(self.loss_values, params=self.params)
@@ -86,8 +131,7 @@ class WeightedCollection:
         """Σ_i w_i L_i, times the loss scale under a GradScaler."""
         # At least one loss, so the sum is a tensor (never its start value 0).
         total = cast(
-            torch.Tensor,
-            sum(w.to(loss.dtype) * loss for w, loss in zip(weights.unbind(), self.losses, strict=True)),
+            torch.Tensor, sum(w * loss for w, loss in zip(self._seeds(weights), self.losses, strict=True))
         )
         return total if self.scaling is None else self.scaling.scale_one(total)
 

@@ -477,6 +477,18 @@ def bad_input_scenarios(rank):
         )
     )
 
+    # A loss weighting takes a task absent on one rank under DDP, not under FSDP2: refused on that rank, and
+    # the other stops with it.
+    weighting = GradSurgery(torch.optim.SGD(sgd.param_groups[0]["params"], lr=0.1), "uncertainty")
+
+    def absent_on_rank_one():
+        losses = task_losses(model(x[mine]), y[mine])
+        if rank == 1:
+            losses[1] = None
+        weighting.backward(losses)
+
+    res["absent"] = catch(absent_on_rank_one)
+
     # A gradient already in .grad (accumulation) must survive a failed call unchanged.
     opt.zero_grad()
     opt.backward(task_losses(model(x[mine]), y[mine]))
@@ -805,6 +817,13 @@ def test_unsupported_combinations_are_refused(ranks):
                 key,
                 msg,
             )
+
+
+def test_a_task_absent_on_a_rank_is_refused_under_fsdp2(ranks):
+    name, msg = ranks[1]["bad"]["absent"]
+    assert name == "ValueError" and "under FSDP2 (fully_shard) every rank passes every task's loss" in msg
+    name, msg = ranks[0]["bad"]["absent"]
+    assert name == "RuntimeError" and "rank 1" in msg
 
 
 def test_failures_stop_every_rank_and_leave_everything_untouched(ranks):
