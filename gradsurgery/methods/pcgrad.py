@@ -2,7 +2,9 @@
 
 For each task i, starting from g'_i = g_i and visiting the other tasks j in a fresh random order:
 if ⟨g'_i, g_j⟩ < 0 then g'_i ← g'_i − ⟨g'_i, g_j⟩/‖g_j‖² · g_j (g_j the original gradient).
-The fused gradient is the sum u = Σ_i g'_i. Carried out on the Gram matrix (see ``_projection``).
+The fused gradient is the sum u = Σ_i g'_i. Carried out on the Gram matrix (see ``_projection``): a visit
+reads ⟨g'_i, g_j⟩ from the row C_i G, kept up to date, in O(1), a projection updates that row in O(T), so
+a step costs O(T²) visits and O(T³) at worst.
 """
 
 from __future__ import annotations
