@@ -335,6 +335,7 @@ ABSENCE = [([0, 2], [0, 1, 2]), ([0, 1, 2], [1]), ([0, 1], [0, 1])]
 # some rank has each task (the third step is left out for them).
 ABSENT_ON_A_RANK = [("uncertainty", {}), ("sum", {"weights": [1.0, 2.0, 0.5]}), ("rlw", {"seed": 3})]
 ABSENT_ON_A_RANK += [("dwa", {}), ("famo", {})]
+ABSENT_SCALED = [("uncertainty", "full"), ("sum", "views")]  # under a GradScaler
 
 
 def absent_losses(ddp, rows, x, y, layout, present):
@@ -347,10 +348,12 @@ def absent_losses(ddp, rows, x, y, layout, present):
     return [loss if i in present else None for i, loss in enumerate(losses)], features
 
 
-def run_absent(rank, method, options, layout):
+def run_absent(rank, method, options, layout, scaled=False):
     """Tasks absent on one rank (``ABSENCE``): each rank's step against one process whose loss i is the
-    mean of the ranks' losses i where they have one (None where neither has), in full mode."""
+    mean of the ranks' losses i where they have one (None where neither has), in full mode; both under a
+    GradScaler with ``scaled``."""
     model, ref = make_net(3), make_net(3)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=scaled) for _ in range(2)]
     ddp = nn.parallel.DistributedDataParallel(model)
     opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), method, model=ddp, **options)
     ref_opt = GradSurgery(
@@ -370,22 +373,23 @@ def run_absent(rank, method, options, layout):
     for presence in steps:
         opt.zero_grad()
         losses, features = absent_losses(ddp, halves[rank], x, y, layout, presence[rank])
-        info = opt.backward(losses, features=features)
+        info = opt.backward(losses, features=features, grad_scaler=scalers[0])
         ref_opt.zero_grad()
         per_rank = [task_losses(ref(x[rows]), y[rows]) for rows in halves]
         means = []
         for i in range(3):
             have = [per_rank[r][i] for r in range(WORLD) if i in presence[r]]
             means.append(sum(have) / len(have) if have else None)
-        ref_info = ref_opt.backward(means)
+        ref_info = ref_opt.backward(means, grad_scaler=scalers[1])
         out["grads"].append([None if p.grad is None else p.grad.clone() for p in model.parameters()])
         out["ref_grads"].append([None if p.grad is None else p.grad.clone() for p in ref.parameters()])
         for key, got in (("weights", info.weights), ("ref_weights", ref_info.weights)):
             out[key].append(got.clone())
         for key, got in (("losses", info.losses), ("ref_losses", ref_info.losses)):
             out[key].append(got.clone())
-        opt.step()
-        ref_opt.step()
+        for scaler, optimizer in zip(scalers, (opt, ref_opt), strict=True):
+            scaler.step(optimizer)
+            scaler.update()
     out["params"] = [p.detach().clone() for p in model.parameters()]
     out["ref_params"] = [p.detach().clone() for p in ref.parameters()]
     return out
@@ -449,6 +453,9 @@ def scenarios(rank: int) -> dict:
     for method, options in ABSENT_ON_A_RANK:
         for layout in ("full", "z", "views"):
             results[("absent", method, layout)] = run_absent(rank, method, options, layout)
+    for method, layout in ABSENT_SCALED:
+        options = dict(ABSENT_ON_A_RANK)[method]
+        results[("absent", method, layout, "scaled")] = run_absent(rank, method, options, layout, scaled=True)
     results["absent everywhere"] = absent_on_every_rank(rank)
     results["evidence"] = evidence_run(rank)
     return results
@@ -638,15 +645,17 @@ def test_a_task_absent_on_one_rank_stops_every_rank(ranks):
         assert res["bad"]["untouched"] and res["bad"]["grads_none"]
 
 
-@pytest.mark.parametrize("layout", ["full", "z", "views"])
-@pytest.mark.parametrize("method", [m for m, _ in ABSENT_ON_A_RANK])
-def test_a_loss_weighting_with_a_task_absent_on_a_rank_is_one_process_on_the_ranks_that_have_it(
-    ranks, method, layout
-):
+ABSENT_RUNS = [(m, layout) for m, _ in ABSENT_ON_A_RANK for layout in ("full", "z", "views")]
+ABSENT_RUNS += [(m, layout, "scaled") for m, layout in ABSENT_SCALED]
+
+
+@pytest.mark.parametrize("key", ABSENT_RUNS, ids=" ".join)
+def test_a_loss_weighting_with_a_task_absent_on_a_rank_is_one_process_on_the_ranks_that_have_it(ranks, key):
     """Each task's loss and gradient averaged over the ranks that have it: one process whose loss i is the
-    mean of the ranks' losses i; a task no rank has is absent from the step (weight 0, NaN loss)."""
+    mean of the ranks' losses i (under a GradScaler too); a task no rank has is absent from the step
+    (weight 0, NaN loss)."""
     for res in ranks:
-        run = res[("absent", method, layout)]
+        run = res[("absent", *key)]
         for step in range(len(run["grads"])):
             for got, want in zip(run["grads"][step], run["ref_grads"][step], strict=True):
                 assert (got is None) == (want is None)  # a head no rank reached keeps None
@@ -657,7 +666,7 @@ def test_a_loss_weighting_with_a_task_absent_on_a_rank_is_one_process_on_the_ran
                 run["losses"][step], run["ref_losses"][step], rtol=1e-12, atol=0, equal_nan=True
             )
         torch.testing.assert_close(flat(run["params"]), flat(run["ref_params"]), rtol=1e-10, atol=1e-12)
-    first, second = (res[("absent", method, layout)] for res in ranks)
+    first, second = (res[("absent", *key)] for res in ranks)
     if len(first["weights"]) == 3:  # the step without task 2: its weight 0
         assert first["weights"][2][2] == 0
     for a, b in zip(first["params"], second["params"], strict=True):
