@@ -331,8 +331,8 @@ def evidence_run(rank: int | None) -> dict:
 # The tasks each rank has a loss for, per step: task 1 on rank 1 only, then tasks 0 and 2 on rank 0 only,
 # then task 2 on neither (absent from the step).
 ABSENCE = [([0, 2], [0, 1, 2]), ([0, 1, 2], [1]), ([0, 1], [0, 1])]
-# The loss weightings (one backward pass), which take a task absent on a rank; dwa and famo only while
-# some rank has each task (the third step is left out for them).
+# The loss weightings (one backward pass), which take a task absent on a rank; dwa only while some rank
+# has each task (the third step is left out for it).
 ABSENT_ON_A_RANK = [("uncertainty", {}), ("sum", {"weights": [1.0, 2.0, 0.5]}), ("rlw", {"seed": 3})]
 ABSENT_ON_A_RANK += [("dwa", {}), ("famo", {})]
 ABSENT_SCALED = [("uncertainty", "full"), ("sum", "views")]  # under a GradScaler

@@ -20,6 +20,12 @@ more forward pass). A ``GradSurgery`` method sees only the losses of each ``back
 losses of the current batch with those of the previous one (the update to ξ is thus delayed by one step
 and carries batch-to-batch noise). The first step leaves ξ = 0 (z uniform).
 
+A task absent from a step (its loss ``None``) has no term in that step: the weights are those of the present
+tasks, w_i = (z_i / L_i) / Σ_{j present} (z_j / L_j), and δ is taken over the tasks present both at this call
+and at the previous one, S: ∇ξ_S = z^S ⊙ (δ_S − ⟨z^S, δ_S⟩) with z^S = softmax(ξ_S), the gradient of
+Σ_{i∈S} z^S_i δ_i, and 0 for the other logits (which Adam still moves by their momentum); with S empty the
+logits are not stepped, as at the first call.
+
 Cost: the weights depend on the loss values only, so ``GradSurgery`` does a single backward pass of
 Σ_i w_i L_i (``needs_gram = False``): O(1) backward passes and no T×d Jacobian, the paper's claim
 (``diagnostics=True``: T per-task passes, for the Gram diagnostics). As a loss weighting, task-specific
@@ -42,6 +48,7 @@ _LOSS_EPS = 1e-8
 class FAMO(LossValueWeighting):
     name = "famo"
     tracks_loss_decrease = True
+    skips_absent_tasks = True  # δ over the tasks present at both calls: see the module docstring
 
     def __init__(self, *, lr: float = 0.025, weight_decay: float = 1e-3, diagnostics: bool = False) -> None:
         super().__init__(diagnostics=diagnostics)
@@ -56,18 +63,37 @@ class FAMO(LossValueWeighting):
         self.prev_losses = None
 
     def compute_weights(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
+        return self._weights(None, losses)
+
+    def compute_present(
+        self, present: list[int], gram: torch.Tensor | None, losses: torch.Tensor
+    ) -> torch.Tensor:
+        return self._weights(present, losses)
+
+    def _weights(self, present: list[int] | None, losses: torch.Tensor) -> torch.Tensor:
+        """The logits' step from the tasks present now (``present``; None: all) and at the last call, then
+        the present tasks' weights; ``prev_losses`` keeps NaN for a task absent now."""
         losses = non_negative_losses(
             losses, self.name, "it takes their logarithm; subtract a lower bound of the loss first"
         )
         learned = bound_state(self.learned, self.name)
+        if present is None:
+            current = losses.clone()
+        else:
+            current = losses.new_full(learned.value.shape, float("nan"))
+            current[present] = losses
         if self.prev_losses is not None:
-            delta = torch.log(self.prev_losses + _LOSS_EPS) - torch.log(losses + _LOSS_EPS)
-            z = torch.softmax(learned.value, dim=0)
-            learned.accumulate(z * (delta - z @ delta))
-            learned.step()
-        z = torch.softmax(learned.value, dim=0)
-        inverse = z / (losses + _LOSS_EPS)
-        self.prev_losses = losses.clone()
+            both = ~(torch.isnan(self.prev_losses) | torch.isnan(current))
+            delta = torch.log(self.prev_losses[both] + _LOSS_EPS) - torch.log(current[both] + _LOSS_EPS)
+            if delta.numel():
+                z = torch.softmax(learned.value[both], dim=0)
+                learned.accumulate(
+                    torch.zeros_like(learned.value).masked_scatter_(both, z * (delta - z @ delta))
+                )
+                learned.step()
+        logits = learned.value if present is None else learned.value[present]
+        inverse = torch.softmax(logits, dim=0) / (losses + _LOSS_EPS)
+        self.prev_losses = current
         return inverse / inverse.sum()
 
     @property

@@ -3,6 +3,8 @@ single-backward path of GradSurgery that FAMO and RLW take (``Method.needs_gram 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from method_checks import make_linear_problem, shared_grad
@@ -51,6 +53,46 @@ def test_matches_reference_update(lr, weight_decay):
         losses = torch.tensor(losses, dtype=torch.float64)
         torch.testing.assert_close(method(None, losses), reference.weights(losses))
     torch.testing.assert_close(method.logits, reference.logits.detach())
+
+
+# (losses, the tasks present): task 1 absent, back, task 0 absent twice, all, two absent.
+ABSENT_SEQUENCE = [
+    ([2.0, 1.0, 0.5], [0, 1, 2]),
+    ([1.5, None, 0.45], [0, 2]),
+    ([1.0, 0.98, 0.30], [0, 1, 2]),
+    ([None, 0.97, 0.29], [1, 2]),
+    ([None, 0.96, 0.20], [1, 2]),
+    ([0.45, 0.95, 0.21], [0, 1, 2]),
+    ([0.40, None, None], [0]),
+    ([0.38, 0.90, 0.19], [0, 1, 2]),
+]
+
+
+def test_tasks_absent_match_the_objective_over_the_tasks_seen_twice_in_torch():
+    """Steps with tasks absent against autograd on Σ_{i∈S} softmax(ξ_S)_i δ_i (S: the tasks present at this
+    call and the last) stepped by torch's Adam, the weights from softmax over the present tasks' logits."""
+    method = FAMO(lr=0.2, weight_decay=0.01)
+    method.bind(3)
+    logits = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    adam = torch.optim.Adam([logits], lr=0.2, weight_decay=0.01)
+    prev: dict[int, float] = {}
+    for values, present in ABSENT_SEQUENCE:
+        losses = torch.tensor([values[i] for i in present], dtype=torch.float64)
+        got = method.weights_of(present, None, losses)
+        seen = [i for i in present if i in prev]
+        if seen:
+            delta = [math.log(prev[i] + 1e-8) - math.log(values[i] + 1e-8) for i in seen]
+            grad_outputs = torch.tensor(delta, dtype=torch.float64)
+            (grad,) = torch.autograd.grad(torch.softmax(logits[seen], 0), logits, grad_outputs=grad_outputs)
+            adam.zero_grad()
+            logits.grad = grad
+            adam.step()
+        prev = {i: values[i] for i in present}
+        z = torch.softmax(logits.detach()[present], 0)
+        expected = (z / (losses + 1e-8)) / (z / (losses + 1e-8)).sum()
+        torch.testing.assert_close(got, expected, rtol=1e-13, atol=0)
+        torch.testing.assert_close(method.logits, logits.detach(), rtol=1e-13, atol=1e-15)
+        assert torch.isnan(method.prev_losses).tolist() == [i not in present for i in range(3)]
 
 
 def test_the_slowest_task_gains_weight():
