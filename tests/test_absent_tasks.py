@@ -134,12 +134,15 @@ def test_a_step_with_tasks_absent_is_the_methods_step_on_the_present_tasks(metho
     assert torch.isfinite(opt.backward(losses, features=features).weights).all()
 
 
-def learns_per_task(method, options):
-    """Whether the method learns a vector with an entry per task from step to step (``uncertainty``'s s):
-    after steps with every task its weights are no longer a fresh optimizer's."""
+def carries_task_history(method, options):
+    """Whether the method's weights follow each task's history: a vector learned per task (``uncertainty``'s
+    s, ``famo``'s logits) or the losses of earlier steps (``dwa``). After steps with every task its weights
+    are then no longer a fresh optimizer's."""
     bound = gradsurgery.make_method(method, **options)
     bound.bind(T)
-    return any(isinstance(value, LearnedVector) for value in vars(bound).values())
+    return bound.tracks_loss_decrease or any(
+        isinstance(value, LearnedVector) for value in vars(bound).values()
+    )
 
 
 STATELESS = [
@@ -147,7 +150,7 @@ STATELESS = [
     for m, o in SKIPPING
     if not gradsurgery.make_method(m, **o)._generators
     and not main_absent(m, o, [0, 2])
-    and not learns_per_task(m, o)
+    and not carries_task_history(m, o)
 ]
 STATELESS_IDS = [
     m + (" cvxpy" if o.get("solver") == "cvxpy" else "") + (f" main={o['main']}" if "main" in o else "")

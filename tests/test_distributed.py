@@ -331,8 +331,7 @@ def evidence_run(rank: int | None) -> dict:
 # The tasks each rank has a loss for, per step: task 1 on rank 1 only, then tasks 0 and 2 on rank 0 only,
 # then task 2 on neither (absent from the step).
 ABSENCE = [([0, 2], [0, 1, 2]), ([0, 1, 2], [1]), ([0, 1], [0, 1])]
-# The loss weightings (one backward pass), which take a task absent on a rank; dwa only while some rank
-# has each task (the third step is left out for it).
+# The loss weightings (one backward pass), which take a task absent on a rank.
 ABSENT_ON_A_RANK = [("uncertainty", {}), ("sum", {"weights": [1.0, 2.0, 0.5]}), ("rlw", {"seed": 3})]
 ABSENT_ON_A_RANK += [("dwa", {}), ("famo", {})]
 ABSENT_SCALED = [("uncertainty", "full"), ("sum", "views")]  # under a GradScaler
@@ -396,12 +395,14 @@ def run_absent(rank, method, options, layout, scaled=False):
 
 
 def absent_on_every_rank(rank):
-    """``dwa`` (state per task) with task 2 on no rank: refused on both ranks, with ``.grad`` and its state
-    as they were."""
+    """A loss weighting that cannot take a step with a task absent (every built-in one can: ``dwa`` told
+    otherwise, as a method whose options name every task would be) with task 2 on no rank: refused on both
+    ranks, with ``.grad`` and its state as they were."""
     res = {}
     model = make_net(3)
     ddp = nn.parallel.DistributedDataParallel(model)
     opt = GradSurgery(torch.optim.SGD(model.parameters(), lr=0.1), "dwa", model=ddp)
+    opt.method.skips_absent_tasks = False
     x, y = make_data(3)
     rows = slice(rank * BATCH, (rank + 1) * BATCH)
     opt.backward(task_losses(ddp(x[rows]), y[rows]))
@@ -673,7 +674,7 @@ def test_a_loss_weighting_with_a_task_absent_on_a_rank_is_one_process_on_the_ran
         assert torch.equal(a, b)
 
 
-def test_a_task_no_rank_has_is_refused_by_a_method_with_state_per_task(ranks):
+def test_a_task_no_rank_has_is_refused_by_a_loss_weighting_that_cannot_skip_it(ranks):
     for res in ranks:
         name, msg = res["absent everywhere"]["dwa"]
         assert name == "ValueError" and "no rank has a loss for task(s) [2]" in msg

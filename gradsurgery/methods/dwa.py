@@ -8,9 +8,16 @@ calls. A task whose loss fell less over the last period (larger w_k) gets a larg
 and are constant within a period. ``period=1`` compares the last two steps; ``period`` = the number of
 steps per epoch gives the paper's per-epoch form.
 
+A task absent from a call (its loss ``None``) is left out of that call: the present tasks get
+λ_k = P · exp(w_k / τ) / Σ_{i present} exp(w_i / τ) (P of them), a period mean L̄_k is the mean over the
+calls of the period that had task k, and a task absent for a whole period has no mean for it; where
+L̄_k(t−1) or L̄_k(t−2) is missing, the task's rate is taken as 1. Periods are counted in calls, absent or
+not.
+
 Only the loss values are used (not the Gram matrix), so ``GradSurgery`` takes one backward pass of
 Σ_k λ_k L_k (``diagnostics=True``: T per-task passes, for the Gram diagnostics); no learnable parameter.
-The history (current period's running sum, the last two period means) is in ``state_dict``. Losses must be
+The history (current period's running sums and counts per task, the last two period means) is in
+``state_dict``. Losses must be
 ≥ 0 (the ratio of negative means has no meaning); when L̄_k(t−2) = 0 the task's rate is taken as 1.
 """
 
@@ -27,6 +34,7 @@ from .base import LossValueWeighting, bound_state, non_negative_losses
 class DWA(LossValueWeighting):
     name = "dwa"
     tracks_loss_decrease = True
+    skips_absent_tasks = True  # period means over the calls that had the task: see the module docstring
 
     def __init__(self, *, temperature: float = 2.0, period: int = 1, diagnostics: bool = False) -> None:
         super().__init__(diagnostics=diagnostics)
@@ -34,29 +42,51 @@ class DWA(LossValueWeighting):
         self.period = check_int(period, "period (backward calls per period)", minimum=1)
         self.calls = 0
         self.block_sum: torch.Tensor | None = None
+        self.block_count: torch.Tensor | None = None  # per task: the calls of this period that had it
         self.last_mean: torch.Tensor | None = None  # L̄(t−1)
         self.before_last_mean: torch.Tensor | None = None  # L̄(t−2)
 
     def _init_state(self, num_tasks: int) -> None:
         self.block_sum = torch.zeros(num_tasks, dtype=torch.float64)
+        self.block_count = torch.zeros(num_tasks, dtype=torch.float64)
 
-    def current_weights(self) -> torch.Tensor:
-        """λ from the last two complete periods (ones before there are two)."""
+    def current_weights(self, present: list[int] | None = None) -> torch.Tensor:
+        """λ of the tasks ``present`` (None: every task) from the last two complete periods (ones before
+        there are two)."""
         num_tasks = bound_state(self.block_sum, self.name).shape[0]
+        count = num_tasks if present is None else len(present)
         prev, prev2 = self.last_mean, self.before_last_mean
         if prev is None or prev2 is None:  # L̄(t−2) is set only after L̄(t−1)
-            return torch.ones(num_tasks, dtype=torch.float64)
-        rate = torch.where(prev2 > 0, prev / torch.where(prev2 > 0, prev2, 1.0), 1.0)
-        return num_tasks * torch.softmax(rate / self.temperature, dim=0)
+            return torch.ones(count, dtype=torch.float64)
+        if present is not None:
+            prev, prev2 = prev[present], prev2[present]
+        # A mean missing (NaN: the task absent for a whole period) or zero two periods ago: rate 1.
+        known = (prev2 > 0) & ~torch.isnan(prev)
+        rate = torch.where(known, prev / torch.where(known, prev2, 1.0), 1.0)
+        return count * torch.softmax(rate / self.temperature, dim=0)
 
     def compute_weights(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
+        return self._weights(None, losses)
+
+    def compute_present(
+        self, present: list[int], gram: torch.Tensor | None, losses: torch.Tensor
+    ) -> torch.Tensor:
+        return self._weights(present, losses)
+
+    def _weights(self, present: list[int] | None, losses: torch.Tensor) -> torch.Tensor:
         values = non_negative_losses(losses, self.name, "it compares loss ratios")
-        weights = self.current_weights()
-        block_sum, calls = bound_state(self.block_sum, self.name) + values, self.calls + 1
+        weights = self.current_weights(present)
+        block_sum = bound_state(self.block_sum, self.name).clone()
+        block_count = bound_state(self.block_count, self.name).clone()
+        index = slice(None) if present is None else present
+        block_sum[index] += values
+        block_count[index] += 1.0
+        calls = self.calls + 1
         if calls % self.period == 0:
-            self.before_last_mean, self.last_mean = self.last_mean, block_sum / self.period
-            block_sum = torch.zeros_like(block_sum)
-        self.block_sum, self.calls = block_sum, calls
+            # 0/0 = NaN for a task absent from the whole period: it has no mean for it.
+            self.before_last_mean, self.last_mean = self.last_mean, block_sum / block_count
+            block_sum, block_count = torch.zeros_like(block_sum), torch.zeros_like(block_count)
+        self.block_sum, self.block_count, self.calls = block_sum, block_count, calls
         return weights
 
     def state_dict(self) -> dict[str, Any]:
@@ -65,6 +95,7 @@ class DWA(LossValueWeighting):
         return {
             "calls": self.calls,
             "block_sum": self.block_sum.clone(),
+            "block_count": None if self.block_count is None else self.block_count.clone(),
             "last_mean": None if self.last_mean is None else self.last_mean.clone(),
             "before_last_mean": None if self.before_last_mean is None else self.before_last_mean.clone(),
         }
@@ -86,6 +117,15 @@ class DWA(LossValueWeighting):
                         f"state has {key} of shape {tuple(value.shape)}, expected {tuple(expected)}"
                     )
             tensors[key] = value
+        count = state.get("block_count")
+        if count is None:  # saved before tasks could be absent: every call of the period had every task
+            count = torch.full(expected, float(calls % self.period), dtype=torch.float64)
+        else:
+            count = count.detach().to("cpu", torch.float64).clone()
+            if count.shape != expected:
+                raise ValueError(
+                    f"state has block_count of shape {tuple(count.shape)}, expected {tuple(expected)}"
+                )
         self.calls = calls
-        self.block_sum = tensors["block_sum"]
+        self.block_sum, self.block_count = tensors["block_sum"], count
         self.last_mean, self.before_last_mean = tensors["last_mean"], tensors["before_last_mean"]

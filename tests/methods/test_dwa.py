@@ -55,6 +55,62 @@ def test_weights_follow_the_formula_on_a_scripted_loss_sequence(period, temperat
     assert any(abs(w - 1.0) > 1e-3 for w in expected[-1])
 
 
+# Per call, the tasks present: task 2 absent for calls 2 and 3 (a whole period of 2), task 0 once, then
+# task 1 twice in a row.
+ABSENT_PATTERN = [[0, 1, 2], [0, 1, 2], [0, 1], [0, 1], [1, 2], [0, 1, 2], [0, 2], [0, 2]]
+
+
+def expected_with_absent(sequence, pattern, period, temperature):
+    """DWA on the present tasks, written out in plain Python: a period mean per task over the calls that
+    had it (none when it had none), rate 1 where a mean is missing, λ = P exp(w/τ)/Σ over the P present."""
+    means: list[list[float | None]] = []
+    out = []
+    for n, present in enumerate(pattern):
+        if len(means) >= 2:
+            rates = []
+            for k in present:
+                prev, prev2 = means[-1][k], means[-2][k]
+                rates.append(prev / prev2 if prev is not None and prev2 is not None and prev2 > 0 else 1.0)
+            exps = [math.exp(r / temperature) for r in rates]
+            out.append([len(present) * e / sum(exps) for e in exps])
+        else:
+            out.append([1.0] * len(present))
+        if (n + 1) % period == 0:
+            calls = range(n + 1 - period, n + 1)
+            mean: list[float | None] = []
+            for k in range(3):
+                seen = [sequence[c][k] for c in calls if k in pattern[c]]
+                mean.append(sum(seen) / len(seen) if seen else None)
+            means.append(mean)
+    return out
+
+
+@pytest.mark.parametrize("period", [1, 2, 3])
+def test_tasks_absent_follow_the_formula_over_the_present_tasks(period):
+    method = DWA(temperature=2.0, period=period)
+    method.bind(3)
+    expected = expected_with_absent(SEQUENCE, ABSENT_PATTERN, period, 2.0)
+    for n, present in enumerate(ABSENT_PATTERN):
+        losses = torch.tensor([SEQUENCE[n][k] for k in present], dtype=torch.float64)
+        got = method.weights_of(present, None, losses)
+        torch.testing.assert_close(got, torch.tensor(expected[n], dtype=torch.float64), rtol=1e-14, atol=0)
+
+
+def test_a_state_saved_before_block_counts_resumes_with_every_task_counted():
+    """A checkpoint without ``block_count`` (every call had every task) resumes as the state it came from."""
+    full, resumed = DWA(period=3), DWA(period=3)
+    full.bind(3)
+    resumed.bind(3)
+    for losses in SEQUENCE[:4]:
+        full(GRAM, torch.tensor(losses, dtype=torch.float64))
+    state = full.state_dict()
+    del state["block_count"]
+    resumed.load_state_dict(state)
+    for losses in SEQUENCE[4:]:
+        values = torch.tensor(losses, dtype=torch.float64)
+        assert torch.equal(resumed(GRAM, values), full(GRAM, values))
+
+
 def test_period_one_by_hand():
     method = DWA(temperature=2.0)
     method.bind(2)
