@@ -17,8 +17,8 @@ not.
 Only the loss values are used (not the Gram matrix), so ``GradSurgery`` takes one backward pass of
 Σ_k λ_k L_k (``diagnostics=True``: T per-task passes, for the Gram diagnostics); no learnable parameter.
 The history (current period's running sums and counts per task, the last two period means) is in
-``state_dict``. Losses must be
-≥ 0 (the ratio of negative means has no meaning); when L̄_k(t−2) = 0 the task's rate is taken as 1.
+``state_dict``. Losses must be ≥ 0 (the ratio of negative means has no meaning); when L̄_k(t−2) = 0 the
+task's rate is taken as 1.
 """
 
 from __future__ import annotations
