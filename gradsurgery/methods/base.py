@@ -303,7 +303,8 @@ class LossValueWeighting(Method):
     Gram diagnostics of ``StepInfo`` read NaN. ``diagnostics=True`` takes the T per-task passes instead, for
     the same gradients (up to the rounding of another order of summation) plus G in ``StepInfo`` (norms,
     cosines, conflicts, shares). In representation mode (``features=``) the same holds: one backward of
-    Σ_i w_i L_i, or G over the features with ``diagnostics=True``."""
+    Σ_i w_i L_i, or G over the features with ``diagnostics=True``. A loss weighting implements
+    ``loss_weights``, which serves a step with every task and one with some absent alike."""
 
     scales_task_specific = True
     needs_gram = False
@@ -314,6 +315,20 @@ class LossValueWeighting(Method):
         super().__init__()
         self.diagnostics = check_bool(diagnostics, "diagnostics")
         self.needs_gram = self.diagnostics
+
+    def compute_weights(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
+        return self.loss_weights(None, losses)
+
+    def compute_present(
+        self, present: list[int], gram: torch.Tensor | None, losses: torch.Tensor
+    ) -> torch.Tensor:
+        return self.loss_weights(present, losses)
+
+    def loss_weights(self, present: list[int] | None, losses: torch.Tensor) -> torch.Tensor:
+        """The weights of the tasks ``present`` (None: every task), one per value in ``losses``, with the
+        method's state updated as its rule says for those tasks. What a loss weighting implements: G is not
+        read (with ``diagnostics=True`` it is formed for ``StepInfo`` alone)."""
+        raise NotImplementedError
 
 
 def clone_state(state: Any) -> Any:

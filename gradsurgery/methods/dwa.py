@@ -65,15 +65,7 @@ class DWA(LossValueWeighting):
         rate = torch.where(known, prev / torch.where(known, prev2, 1.0), 1.0)
         return count * torch.softmax(rate / self.temperature, dim=0)
 
-    def compute_weights(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
-        return self._weights(None, losses)
-
-    def compute_present(
-        self, present: list[int], gram: torch.Tensor | None, losses: torch.Tensor
-    ) -> torch.Tensor:
-        return self._weights(present, losses)
-
-    def _weights(self, present: list[int] | None, losses: torch.Tensor) -> torch.Tensor:
+    def loss_weights(self, present: list[int] | None, losses: torch.Tensor) -> torch.Tensor:
         values = non_negative_losses(losses, self.name, "it compares loss ratios")
         weights = self.current_weights(present)
         block_sum = bound_state(self.block_sum, self.name).clone()

@@ -62,15 +62,7 @@ class FAMO(LossValueWeighting):
         self.learned = LearnedVector(zeros, "adam", self.lr, weight_decay=self.weight_decay)
         self.prev_losses = None
 
-    def compute_weights(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
-        return self._weights(None, losses)
-
-    def compute_present(
-        self, present: list[int], gram: torch.Tensor | None, losses: torch.Tensor
-    ) -> torch.Tensor:
-        return self._weights(present, losses)
-
-    def _weights(self, present: list[int] | None, losses: torch.Tensor) -> torch.Tensor:
+    def loss_weights(self, present: list[int] | None, losses: torch.Tensor) -> torch.Tensor:
         """The logits' step from the tasks present now (``present``; None: all) and at the last call, then
         the present tasks' weights; ``prev_losses`` keeps NaN for a task absent now."""
         losses = non_negative_losses(

@@ -27,6 +27,6 @@ class RLW(LossValueWeighting):
         self.seed = seed
         self.generator = self.new_generator(seed)
 
-    def compute_weights(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
+    def loss_weights(self, present: list[int] | None, losses: torch.Tensor) -> torch.Tensor:
         samples = torch.randn(losses.shape[0], generator=self.generator, dtype=torch.float64)
         return torch.softmax(samples, dim=0)

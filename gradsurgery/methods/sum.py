@@ -39,16 +39,8 @@ class Sum(LossValueWeighting):
         if self.weights is not None:
             self._weights = resolve_per_task(self.weights, num_tasks, self.task_names, "weights")
 
-    def compute_weights(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
-        like = gram if gram is not None else losses
+    def loss_weights(self, present: list[int] | None, losses: torch.Tensor) -> torch.Tensor:
         if self._weights is None:
-            return torch.ones(like.shape[0], dtype=like.dtype, device=like.device)
-        return torch.tensor(self._weights, dtype=like.dtype, device=like.device)
-
-    def compute_present(
-        self, present: list[int], gram: torch.Tensor | None, losses: torch.Tensor
-    ) -> torch.Tensor:
-        like = gram if gram is not None else losses
-        if self._weights is None:
-            return torch.ones(len(present), dtype=like.dtype, device=like.device)
-        return torch.tensor([self._weights[i] for i in present], dtype=like.dtype, device=like.device)
+            return torch.ones(losses.shape[0], dtype=losses.dtype, device=losses.device)
+        weights = self._weights if present is None else [self._weights[i] for i in present]
+        return torch.tensor(weights, dtype=losses.dtype, device=losses.device)

@@ -87,15 +87,7 @@ class Uncertainty(LossValueWeighting):
         pending = bound_state(self.learned, self.name).pending
         return None if pending is None else pending.clone()
 
-    def compute_weights(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
-        return self._weights(None, losses)
-
-    def compute_present(
-        self, present: list[int], gram: torch.Tensor | None, losses: torch.Tensor
-    ) -> torch.Tensor:
-        return self._weights(present, losses)
-
-    def _weights(self, present: list[int] | None, losses: torch.Tensor) -> torch.Tensor:
+    def loss_weights(self, present: list[int] | None, losses: torch.Tensor) -> torch.Tensor:
         """w_i = exp(−s_i) for the tasks ``present`` (None: every task), and ∂total/∂s added to the pending
         gradient: 1 − w_i L_i for those tasks, 0 for the others."""
         learned = bound_state(self.learned, self.name)
