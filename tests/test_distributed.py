@@ -134,6 +134,20 @@ def representation_losses(model, net, x, y, layout):
     return task_losses(outs, y), features
 
 
+def step_both(scalers, optimizers):
+    """Each optimizer's step through its GradScaler (a disabled scaler steps it as it is)."""
+    for scaler, optimizer in zip(scalers, optimizers, strict=True):
+        scaler.step(optimizer)
+        scaler.update()
+
+
+def with_params(out, model, ref):
+    """``out`` with the parameters of the data-parallel model and of the reference after the run."""
+    out["params"] = [p.detach().clone() for p in model.parameters()]
+    out["ref_params"] = [p.detach().clone() for p in ref.parameters()]
+    return out
+
+
 def run_representation(rank, method, layout, num_tasks=2, scaled=False):
     """Representation mode on the DDP model's half of the batch against one process on the whole batch (both
     under a GradScaler with ``scaled``). ``"<method> diagnostics"``: the method with ``diagnostics=True``."""
@@ -163,12 +177,8 @@ def run_representation(rank, method, layout, num_tasks=2, scaled=False):
             out[key].append(got.clone())
         for key, got in (("gram", info.gram), ("ref_gram", ref_info.gram)):
             out[key].append(None if got is None else got.clone())
-        for scaler, optimizer in zip(scalers, (opt, ref_opt), strict=True):
-            scaler.step(optimizer)
-            scaler.update()
-    out["params"] = [p.detach().clone() for p in model.parameters()]
-    out["ref_params"] = [p.detach().clone() for p in ref.parameters()]
-    return out
+        step_both(scalers, (opt, ref_opt))
+    return with_params(out, model, ref)
 
 
 class SparseNet(nn.Module):
@@ -386,12 +396,8 @@ def run_absent(rank, method, options, layout, scaled=False):
             out[key].append(got.clone())
         for key, got in (("losses", info.losses), ("ref_losses", ref_info.losses)):
             out[key].append(got.clone())
-        for scaler, optimizer in zip(scalers, (opt, ref_opt), strict=True):
-            scaler.step(optimizer)
-            scaler.update()
-    out["params"] = [p.detach().clone() for p in model.parameters()]
-    out["ref_params"] = [p.detach().clone() for p in ref.parameters()]
-    return out
+        step_both(scalers, (opt, ref_opt))
+    return with_params(out, model, ref)
 
 
 def absent_on_every_rank(rank):
