@@ -16,8 +16,8 @@ What a method declares (class attributes), and the engine reads nothing else:
 - ``skips_absent_tasks``: True when a step with some tasks absent (their loss ``None``) is the method's step
   on the present tasks alone: weights from their G and losses, and any state per task updated as the
   method's objective over the present tasks says (``uncertainty``: gradient 0 for an absent task's s_i)
-  (``weights_of``; a method whose options or state name tasks overrides ``compute_present``); an instance
-  may set it from its options;
+  (``weights_of``; a method whose options or state name tasks overrides ``compute_present``, a loss
+  weighting implements ``loss_weights``); an instance may set it from its options;
 - ``tracks_loss_decrease``: True when the weights follow how fast each loss falls from step to step (DWA,
   FAMO, GradNorm). The engine refuses such a method under an optimizer that maximizes (``maximize=True``):
   it raises the losses, which inverts that reading. Weights from G alone need no such flag: negating every
