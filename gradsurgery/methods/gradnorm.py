@@ -20,6 +20,11 @@ update w is floored at ``min_weight`` (it must stay positive) and renormalised t
 L_i(0) is the loss of the first step, or the mean over the first ``initial_steps`` steps (the paper's
 initial loss is noisy for small batches); until that window is over, L_i(0) is the mean seen so far.
 The loss ratios need L_i(0) > 0 and L_i(t) ≥ 0: other losses raise ``ValueError``.
+
+A task absent from a step (its loss ``None``) has no term in that step's L_grad: Ḡ and the mean of the
+loss ratios are taken over the present tasks, an absent task's w_i gets gradient 0 (its Adam still moves it
+by momentum) and the renormalisation to Σ_i w_i = T is over every task, as always. Each task's L_i(0) is
+the mean over the first ``initial_steps`` steps that had it.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class GradNorm(Method):
     name = "gradnorm"
     scales_task_specific = True
     tracks_loss_decrease = True
+    skips_absent_tasks = True  # L_grad over the present tasks: see the module docstring
 
     def __init__(
         self,
@@ -58,14 +64,14 @@ class GradNorm(Method):
         )
         self.learned: LearnedVector | None = None
         self.initial_sum: torch.Tensor | None = None
-        self.initial_count = 0
+        self.initial_count: torch.Tensor | None = None  # per task: its steps in the L_i(0) window so far
 
     def _init_state(self, num_tasks: int) -> None:
         self.learned = LearnedVector(
             torch.ones(num_tasks, dtype=torch.float64), self.weight_optimizer, self.lr
         )
         self.initial_sum = torch.zeros(num_tasks, dtype=torch.float64)
-        self.initial_count = 0
+        self.initial_count = torch.zeros(num_tasks, dtype=torch.float64)
 
     @property
     def weights(self) -> torch.Tensor:
@@ -74,10 +80,11 @@ class GradNorm(Method):
 
     @property
     def initial_losses(self) -> torch.Tensor | None:
-        """L_i(0) as far as it is known (None before the first step)."""
-        if self.initial_count == 0:
+        """L_i(0) as far as it is known (None before the first step; NaN for a task not seen yet)."""
+        count = self.initial_count
+        if count is None or not bool((count > 0).any()):
             return None
-        return bound_state(self.initial_sum, self.name) / self.initial_count
+        return bound_state(self.initial_sum, self.name) / count
 
     @property
     def pending_grad(self) -> torch.Tensor | None:
@@ -86,18 +93,34 @@ class GradNorm(Method):
         return None if pending is None else pending.clone()
 
     def compute_weights(self, gram: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
+        return self._weights(None, gram, losses)
+
+    def compute_present(
+        self, present: list[int], gram: torch.Tensor | None, losses: torch.Tensor
+    ) -> torch.Tensor:
+        return self._weights(present, gram, losses)
+
+    def _weights(
+        self, present: list[int] | None, gram: torch.Tensor | None, losses: torch.Tensor
+    ) -> torch.Tensor:
+        """The present tasks' weights (``present``; None: every task) and ∂L_grad/∂w added to the pending
+        gradient, 0 for the absent ones; the L_i(0) window of each present task advanced."""
         gram = require_gram(gram, self.name)
         values = non_negative_losses(losses, self.name, "it compares L_i(t)/L_i(0)")
         learned = bound_state(self.learned, self.name)
-        initial_sum, initial_count = bound_state(self.initial_sum, self.name), self.initial_count
-        if initial_count < self.initial_steps:
-            initial_sum, initial_count = initial_sum + values, initial_count + 1
-        initial = initial_sum / initial_count
+        index = slice(None) if present is None else present
+        initial_sum = bound_state(self.initial_sum, self.name).clone()
+        initial_count = bound_state(self.initial_count, self.name).clone()
+        opening = initial_count[index] < self.initial_steps
+        initial_sum[index] += torch.where(opening, values, 0.0)
+        initial_count[index] += opening.to(initial_count.dtype)
+        initial = initial_sum[index] / initial_count[index]
         zero = [i for i, v in enumerate(initial.tolist()) if v <= 0]
         if zero:
+            names = zero if present is None else [present[i] for i in zero]
             raise ValueError(
                 f"gradnorm needs L_i(0) > 0 to form loss ratios; "
-                f"task(s) {zero} have L(0) = {initial.tolist()}"
+                f"task(s) {names} have L(0) = {initial.tolist()}"
             )
 
         ratio = values / initial
@@ -105,10 +128,11 @@ class GradNorm(Method):
         # All losses at 0: every task is done, none is slower than the others.
         rate = ratio / mean_ratio if mean_ratio > 0 else torch.ones_like(ratio)
         norms = gram.detach().diagonal().to("cpu", torch.float64).clamp_min(0).sqrt()
-        weights = learned.value
+        weights = learned.value[index]
         grad_norms = weights * norms
         target = grad_norms.mean() * rate.pow(self.alpha)
-        grad = torch.sign(grad_norms - target) * norms
+        grad = torch.zeros_like(learned.value)
+        grad[index] = torch.sign(grad_norms - target) * norms
 
         self.initial_sum, self.initial_count = initial_sum, initial_count
         learned.accumulate(grad)
@@ -127,7 +151,7 @@ class GradNorm(Method):
             self.learned.discard()
 
     def snapshot(self) -> Any:
-        # initial_sum is replaced at each call, never changed in place
+        # initial_sum and initial_count are replaced at each call, never changed in place
         return bound_state(self.learned, self.name).snapshot(), self.initial_sum, self.initial_count
 
     def restore(self, snapshot: Any) -> None:
@@ -140,7 +164,7 @@ class GradNorm(Method):
         return {
             "weights": self.learned.state_dict(),
             "initial_sum": bound_state(self.initial_sum, self.name).clone(),
-            "initial_count": self.initial_count,
+            "initial_count": bound_state(self.initial_count, self.name).clone(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -153,7 +177,17 @@ class GradNorm(Method):
                 f"state has initial losses of shape {tuple(initial_sum.shape)}, expected {tuple(expected)}"
             )
         count = state["initial_count"]
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
+            # saved before tasks could be absent: every step of the window had every task
+            count = torch.full(expected, float(count), dtype=torch.float64)
+        elif not (
+            isinstance(count, torch.Tensor)
+            and count.shape == expected
+            and bool((count >= 0).all())
+            and bool((count == count.round()).all())
+        ):
             raise ValueError(f"state has an invalid initial_count {count!r}")
+        else:
+            count = count.detach().to("cpu", torch.float64).clone()
         bound_state(self.learned, self.name).load_state_dict(state["weights"])
         self.initial_sum, self.initial_count = initial_sum, count

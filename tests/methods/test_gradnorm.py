@@ -97,6 +97,85 @@ def test_trajectory_matches_the_paper_formula_with_autograd(weight_optimizer, in
     assert not torch.allclose(ref_final, torch.ones(3, dtype=torch.float64))
 
 
+def absent_reference(model, schedule, alpha, lr, adam, initial_steps):
+    """The paper's GradNorm with autograd, L_grad summed over the present tasks (None: absent), each task's
+    L_i(0) from the first ``initial_steps`` steps that had it, w renormalised over every task."""
+    w = torch.ones(len(schedule[0]), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([w], lr=lr) if adam else torch.optim.SGD([w], lr=lr)
+    seen: dict[int, list[torch.Tensor]] = {}
+    applied = []
+    for multipliers in schedule:
+        present = [i for i, m in enumerate(multipliers) if m is not None]
+        losses = model.losses([m if m is not None else 1.0 for m in multipliers])
+        for i in present:
+            if len(seen.setdefault(i, [])) < initial_steps:
+                seen[i].append(losses[i].detach().double())
+        values = torch.stack([losses[i].detach().double() for i in present])
+        initial = torch.stack([torch.stack(seen[i]).mean() for i in present])
+        grads = [torch.autograd.grad(losses[i], model.theta)[0].double() for i in present]
+        norms = torch.stack([(w[i] * g).norm() for i, g in zip(present, grads, strict=True)])
+        ratio = values / initial
+        target = (norms.mean() * (ratio / ratio.mean()) ** alpha).detach()
+        applied.append(w.detach()[present].clone())
+        opt.zero_grad()
+        (norms - target).abs().sum().backward()
+        opt.step()
+        with torch.no_grad():
+            w.mul_(len(w) / w.sum())
+    return applied, w.detach()
+
+
+@pytest.mark.parametrize("weight_optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("initial_steps", [1, 2])
+def test_tasks_absent_follow_the_paper_formula_over_the_present_tasks(weight_optimizer, initial_steps):
+    """Task 2 absent from the first step (its L(0) comes later), task 0 from the third, task 1 from the
+    fourth: against autograd on L_grad over the present tasks."""
+    directions = [[1.0, 0.2, 0.0], [0.6, 0.8, 0.3], [-0.5, 0.1, 1.5]]
+    schedule = [[1.0, 1.0, None], [0.9, 0.7, 1.1], [None, 0.7, 0.9], [0.5, None, 0.9], [0.4, 0.35, 0.8]]
+    model = Quadratic(directions)
+    opt = GradSurgery(
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        method="gradnorm",
+        alpha=1.2,
+        lr=0.05,
+        weight_optimizer=weight_optimizer,
+        initial_steps=initial_steps,
+    )
+    applied = []
+    for multipliers in schedule:
+        opt.zero_grad()
+        losses = model.losses([m if m is not None else 1.0 for m in multipliers])
+        info = opt.backward(
+            [loss if m is not None else None for loss, m in zip(losses, multipliers, strict=True)]
+        )
+        opt.step()
+        applied.append(info.weights[[i for i, m in enumerate(multipliers) if m is not None]])
+    ref_applied, ref_final = absent_reference(
+        Quadratic(directions), schedule, 1.2, 0.05, weight_optimizer == "adam", initial_steps
+    )
+    for got, want in zip(applied, ref_applied, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(opt.method.weights, ref_final, rtol=1e-6, atol=1e-9)
+    assert float(opt.method.weights.sum()) == pytest.approx(3.0)
+
+
+def test_a_state_saved_with_one_initial_count_resumes_as_before():
+    """A checkpoint whose ``initial_count`` is one number (every step of the window had every task)."""
+    directions = [[1.0, 0.2, 0.0], [0.6, 0.8, 0.3], [-0.5, 0.1, 1.5]]
+    schedule = [[1.0, 1.0, 1.0], [0.9, 0.7, 1.1], [0.6, 0.7, 0.9], [0.5, 0.4, 0.9]]
+    full, _ = run(Quadratic(directions), schedule[:2], initial_steps=3)
+    state = full.method.state_dict()
+    assert torch.equal(state["initial_count"], torch.full((3,), 2.0, dtype=torch.float64))
+    state["initial_count"] = 2
+    resumed = make_method("gradnorm", initial_steps=3)
+    resumed.bind(3)
+    resumed.load_state_dict(state)
+    torch.testing.assert_close(resumed.initial_losses, full.method.initial_losses, rtol=0, atol=0)
+    gram, losses = torch.eye(3, dtype=torch.float64), torch.tensor([0.5, 0.4, 0.9], dtype=torch.float64)
+    assert torch.equal(resumed(gram, losses), full.method(gram, losses))
+    assert torch.equal(resumed.initial_losses, full.method.initial_losses)
+
+
 def test_initial_losses_average_the_first_k_steps():
     model = Quadratic(ORTHOGONAL)
     schedule = [[1.0, 2.0, 3.0], [3.0, 2.0, 1.0], [9.0, 9.0, 9.0]]
