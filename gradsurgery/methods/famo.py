@@ -69,22 +69,19 @@ class FAMO(LossValueWeighting):
             losses, self.name, "it takes their logarithm; subtract a lower bound of the loss first"
         )
         learned = bound_state(self.learned, self.name)
-        if present is None:
-            current = losses.clone()
-        else:
-            current = losses.new_full(learned.value.shape, float("nan"))
-            current[present] = losses
+        index = slice(None) if present is None else present
+        current = losses.new_full(learned.value.shape, float("nan"))
+        current[index] = losses
         if self.prev_losses is not None:
             both = ~(torch.isnan(self.prev_losses) | torch.isnan(current))
             delta = torch.log(self.prev_losses[both] + _LOSS_EPS) - torch.log(current[both] + _LOSS_EPS)
             if delta.numel():
                 z = torch.softmax(learned.value[both], dim=0)
-                learned.accumulate(
-                    torch.zeros_like(learned.value).masked_scatter_(both, z * (delta - z @ delta))
-                )
+                grad = torch.zeros_like(learned.value)
+                grad[both] = z * (delta - z @ delta)
+                learned.accumulate(grad)
                 learned.step()
-        logits = learned.value if present is None else learned.value[present]
-        inverse = torch.softmax(logits, dim=0) / (losses + _LOSS_EPS)
+        inverse = torch.softmax(learned.value[index], dim=0) / (losses + _LOSS_EPS)
         self.prev_losses = current
         return inverse / inverse.sum()
 

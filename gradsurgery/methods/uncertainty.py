@@ -91,11 +91,10 @@ class Uncertainty(LossValueWeighting):
         """w_i = exp(−s_i) for the tasks ``present`` (None: every task), and ∂total/∂s added to the pending
         gradient: 1 − w_i L_i for those tasks, 0 for the others."""
         learned = bound_state(self.learned, self.name)
-        log_vars = learned.value if present is None else learned.value[present]
-        weights = torch.exp(-log_vars)
-        grad = 1.0 - weights * losses.detach().to("cpu", torch.float64)
-        if present is not None:
-            grad = torch.zeros_like(learned.value).index_copy_(0, torch.tensor(present), grad)
+        index = slice(None) if present is None else present
+        weights = torch.exp(-learned.value[index])
+        grad = torch.zeros_like(learned.value)
+        grad[index] = 1.0 - weights * losses.detach().to("cpu", torch.float64)
         learned.accumulate(grad)
         return weights
 

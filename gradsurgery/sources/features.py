@@ -419,10 +419,13 @@ class WeightedViewCollection(WeightedCollection):
 
     def _backward(self, weights: torch.Tensor) -> Sequence[torch.Tensor | None]:
         losses = self.losses if self.scaling is None else self.scaling.scale(self.losses)
-        seeds = [w.to(device=loss.device) for w, loss in zip(self._seeds(weights), losses, strict=True)]
         leaves = [z for view in self.views.leaves for z in view]
         grads = torch.autograd.grad(
-            losses, leaves + self.params, seeds, retain_graph=self.retain_graph, allow_unused=True
+            losses,
+            leaves + self.params,
+            self._seeds(weights),
+            retain_graph=self.retain_graph,
+            allow_unused=True,
         )
         heads, per_view = grads[len(leaves) :], len(self.views.features)
         features, targets = [], []

@@ -118,9 +118,10 @@ class WeightedCollection:
         self._rank_scales = [ranks / held_by[i] for i in local]
 
     def _seeds(self, weights: torch.Tensor) -> list[torch.Tensor]:
-        """Each local loss's seed: its task's weight, times n/n_i (1 unless some rank lacks the task)."""
+        """Each local loss's seed, on its device and in its dtype: its task's weight, times n/n_i (1 unless
+        some rank lacks the task)."""
         return [
-            (weights[k] if scale == 1.0 else weights[k] * scale).to(loss.dtype)
+            (weights[k] if scale == 1.0 else weights[k] * scale).to(device=loss.device, dtype=loss.dtype)
             for k, scale, loss in zip(self._weighed_as, self._rank_scales, self.losses, strict=True)
         ]
 
