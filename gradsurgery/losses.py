@@ -18,6 +18,7 @@ import torch
 
 from ._validation import check_differentiable
 from .clean_guard import masked_main_loss
+from .methods.base import on_every_task
 
 _Loss = TypeVar("_Loss", torch.Tensor, torch.Tensor | None)
 
@@ -142,9 +143,7 @@ class PresentTasks:
 
     def spread(self, values: torch.Tensor, fill: float) -> torch.Tensor:
         """A (T,) tensor: ``values`` (one per present task) in their tasks' places, ``fill`` elsewhere."""
-        out = torch.full((self.num_tasks,), fill, dtype=values.dtype, device=values.device)
-        out[self.indices] = values
-        return out
+        return on_every_task(values, self.indices, fill, self.num_tasks)
 
     def spread_gram(self, gram: torch.Tensor) -> torch.Tensor:
         """The T×T Gram matrix with the present tasks' block in place and NaN in an absent task's row and

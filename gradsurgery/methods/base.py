@@ -370,6 +370,34 @@ def bound_state(state: _T | None, method: str) -> _T:
     return state
 
 
+def of_present(vector: torch.Tensor, present: list[int] | None) -> torch.Tensor:
+    """The entries of a per-task vector for the tasks ``present``; the vector itself when every task is
+    (None): a step with every task, the common one, takes no indexing."""
+    return vector if present is None else vector[present]
+
+
+def on_every_task(
+    values: torch.Tensor, present: list[int] | None, fill: float, num_tasks: int
+) -> torch.Tensor:
+    """A per-task vector with ``values`` at the tasks ``present`` and ``fill`` at the others; ``values``
+    itself when every task is present (None)."""
+    if present is None:
+        return values
+    spread = values.new_full((num_tasks,), fill)
+    spread[present] = values
+    return spread
+
+
+def added_at(total: torch.Tensor, present: list[int] | None, values: torch.Tensor | float) -> torch.Tensor:
+    """A new per-task vector: ``total`` with ``values`` (one per task of ``present``, or one number) added at
+    the tasks ``present`` (None: every task)."""
+    if present is None:
+        return total + values
+    out = total.clone()
+    out[present] += values
+    return out
+
+
 def gram_to_numpy(gram: torch.Tensor) -> np.ndarray:
     """The T×T matrix is all that crosses to the host: T² numbers, one synchronisation."""
     return gram.detach().to("cpu", torch.float64).numpy()

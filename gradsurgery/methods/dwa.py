@@ -23,12 +23,13 @@ task's rate is taken as 1.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from .._validation import check_int, check_number
-from .base import LossValueWeighting, bound_state, non_negative_losses
+from .base import LossValueWeighting, added_at, bound_state, non_negative_losses, of_present
 
 
 class DWA(LossValueWeighting):
@@ -58,21 +59,17 @@ class DWA(LossValueWeighting):
         prev, prev2 = self.last_mean, self.before_last_mean
         if prev is None or prev2 is None:  # L̄(t−2) is set only after L̄(t−1)
             return torch.ones(count, dtype=torch.float64)
-        if present is not None:
-            prev, prev2 = prev[present], prev2[present]
-        # A mean missing (NaN: the task absent for a whole period) or zero two periods ago: rate 1.
-        known = (prev2 > 0) & ~torch.isnan(prev)
-        rate = torch.where(known, prev / torch.where(known, prev2, 1.0), 1.0)
-        return count * torch.softmax(rate / self.temperature, dim=0)
+        # A mean missing (NaN: the task absent for a whole period) or zero two periods ago: rate 1. On
+        # Python floats, whose division rounds as the tensor's does: a handful of operator calls cost more.
+        means = zip(of_present(prev, present).tolist(), of_present(prev2, present).tolist(), strict=True)
+        rate = [last / before if before > 0 and not math.isnan(last) else 1.0 for last, before in means]
+        return count * torch.softmax(torch.tensor(rate, dtype=torch.float64) / self.temperature, dim=0)
 
     def loss_weights(self, present: list[int] | None, losses: torch.Tensor) -> torch.Tensor:
         values = non_negative_losses(losses, self.name, "it compares loss ratios")
         weights = self.current_weights(present)
-        block_sum = bound_state(self.block_sum, self.name).clone()
-        block_count = bound_state(self.block_count, self.name).clone()
-        index = slice(None) if present is None else present
-        block_sum[index] += values
-        block_count[index] += 1.0
+        block_sum = added_at(bound_state(self.block_sum, self.name), present, values)
+        block_count = added_at(bound_state(self.block_count, self.name), present, 1.0)
         calls = self.calls + 1
         if calls % self.period == 0:
             # 0/0 = NaN for a task absent from the whole period: it has no mean for it.

@@ -34,13 +34,14 @@ parameters receive w_i g_i. Losses must be ≥ 0 (they are logged).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from .._validation import check_number
 from ._learned import LearnedVector
-from .base import LossValueWeighting, bound_state, non_negative_losses
+from .base import LossValueWeighting, bound_state, non_negative_losses, of_present, on_every_task
 
 _LOSS_EPS = 1e-8
 
@@ -69,21 +70,29 @@ class FAMO(LossValueWeighting):
             losses, self.name, "it takes their logarithm; subtract a lower bound of the loss first"
         )
         learned = bound_state(self.learned, self.name)
-        index = slice(None) if present is None else present
-        current = losses.new_full(learned.value.shape, float("nan"))
-        current[index] = losses
+        num_tasks = learned.value.shape[0]
+        current = on_every_task(losses, present, math.nan, num_tasks)
         if self.prev_losses is not None:
-            both = ~(torch.isnan(self.prev_losses) | torch.isnan(current))
-            delta = torch.log(self.prev_losses[both] + _LOSS_EPS) - torch.log(current[both] + _LOSS_EPS)
-            if delta.numel():
-                z = torch.softmax(learned.value[both], dim=0)
-                grad = torch.zeros_like(learned.value)
-                grad[both] = z * (delta - z @ delta)
-                learned.accumulate(grad)
+            both = self._present_before(present, self.prev_losses)
+            if both is None or both:
+                delta = torch.log(of_present(self.prev_losses, both) + _LOSS_EPS) - torch.log(
+                    of_present(current, both) + _LOSS_EPS
+                )
+                z = torch.softmax(of_present(learned.value, both), dim=0)
+                learned.accumulate(on_every_task(z * (delta - z @ delta), both, 0.0, num_tasks))
                 learned.step()
-        inverse = torch.softmax(learned.value[index], dim=0) / (losses + _LOSS_EPS)
-        self.prev_losses = current
+        inverse = torch.softmax(of_present(learned.value, present), dim=0) / (losses + _LOSS_EPS)
+        self.prev_losses = losses.clone() if current is losses else current
         return inverse / inverse.sum()
+
+    @staticmethod
+    def _present_before(present: list[int] | None, previous: torch.Tensor) -> list[int] | None:
+        """The tasks of ``present`` (None: every task) that have a loss in ``previous`` too (None: every
+        task)."""
+        absent = {i for i, v in enumerate(previous.tolist()) if math.isnan(v)}
+        if not absent:
+            return present
+        return [i for i in (range(len(previous)) if present is None else present) if i not in absent]
 
     @property
     def logits(self) -> torch.Tensor:

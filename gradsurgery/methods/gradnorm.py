@@ -35,7 +35,7 @@ import torch
 
 from .._validation import check_int, check_number
 from ._learned import LearnedVector, check_lr, check_optimizer
-from .base import Method, bound_state, non_negative_losses, require_gram
+from .base import Method, added_at, bound_state, non_negative_losses, of_present, on_every_task, require_gram
 
 
 class GradNorm(Method):
@@ -108,13 +108,18 @@ class GradNorm(Method):
         gram = require_gram(gram, self.name)
         values = non_negative_losses(losses, self.name, "it compares L_i(t)/L_i(0)")
         learned = bound_state(self.learned, self.name)
-        index = slice(None) if present is None else present
-        initial_sum = bound_state(self.initial_sum, self.name).clone()
-        initial_count = bound_state(self.initial_count, self.name).clone()
-        opening = initial_count[index] < self.initial_steps
-        initial_sum[index] += torch.where(opening, values, 0.0)
-        initial_count[index] += opening.to(initial_count.dtype)
-        initial = initial_sum[index] / initial_count[index]
+        initial_sum = bound_state(self.initial_sum, self.name)
+        initial_count = bound_state(self.initial_count, self.name)
+        tasks = range(len(initial_count)) if present is None else present
+        counts = initial_count.tolist()
+        # Positions in ``present`` of the tasks still in their L_i(0) window: usually all or none.
+        opening = [k for k, i in enumerate(tasks) if counts[i] < self.initial_steps]
+        if opening:
+            opened = present if len(opening) == len(tasks) else [tasks[k] for k in opening]
+            added = values if len(opening) == len(tasks) else values[opening]
+            initial_sum = added_at(initial_sum, opened, added)
+            initial_count = added_at(initial_count, opened, 1.0)
+        initial = of_present(initial_sum, present) / of_present(initial_count, present)
         zero = [i for i, v in enumerate(initial.tolist()) if v <= 0]
         if zero:
             names = zero if present is None else [present[i] for i in zero]
@@ -128,11 +133,10 @@ class GradNorm(Method):
         # All losses at 0: every task is done, none is slower than the others.
         rate = ratio / mean_ratio if mean_ratio > 0 else torch.ones_like(ratio)
         norms = gram.detach().diagonal().to("cpu", torch.float64).clamp_min(0).sqrt()
-        weights = learned.value[index]
+        weights = of_present(learned.value, present)
         grad_norms = weights * norms
         target = grad_norms.mean() * rate.pow(self.alpha)
-        grad = torch.zeros_like(learned.value)
-        grad[index] = torch.sign(grad_norms - target) * norms
+        grad = on_every_task(torch.sign(grad_norms - target) * norms, present, 0.0, len(learned.value))
 
         self.initial_sum, self.initial_count = initial_sum, initial_count
         learned.accumulate(grad)

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 from ._learned import LearnedVector, check_lr, check_optimizer, check_vector_option, expand
-from .base import LossValueWeighting, bound_state
+from .base import LossValueWeighting, bound_state, of_present, on_every_task
 
 
 class Uncertainty(LossValueWeighting):
@@ -91,11 +91,9 @@ class Uncertainty(LossValueWeighting):
         """w_i = exp(−s_i) for the tasks ``present`` (None: every task), and ∂total/∂s added to the pending
         gradient: 1 − w_i L_i for those tasks, 0 for the others."""
         learned = bound_state(self.learned, self.name)
-        index = slice(None) if present is None else present
-        weights = torch.exp(-learned.value[index])
-        grad = torch.zeros_like(learned.value)
-        grad[index] = 1.0 - weights * losses.detach().to("cpu", torch.float64)
-        learned.accumulate(grad)
+        weights = torch.exp(-of_present(learned.value, present))
+        grad = 1.0 - weights * losses.detach().to("cpu", torch.float64)
+        learned.accumulate(on_every_task(grad, present, 0.0, learned.value.shape[0]))
         return weights
 
     def after_step(self) -> None:
