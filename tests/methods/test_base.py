@@ -13,7 +13,7 @@ from state_checks import same_state
 
 from gradsurgery import METHODS, GradSurgery, Method, make_method, register
 from gradsurgery.methods import option_names
-from gradsurgery.methods.base import clone_state
+from gradsurgery.methods.base import added_at, clone_state, of_present, on_every_task
 
 
 def primitive(value) -> bool:
@@ -149,3 +149,33 @@ def test_clone_state_rebuilds_containers_and_deep_copies_unknown_leaves():
     weight = torch.ones(2, requires_grad=True)  # a tensor that requires grad keeps that, as under deepcopy
     copied = clone_state({"w": weight})["w"]
     assert copied is not weight and copied.requires_grad and torch.equal(copied, weight)
+
+
+@pytest.mark.parametrize("present", [None, [1], [0, 2], [0, 1, 3]])
+def test_per_task_vector_helpers_against_a_loop(present):
+    """The per-task helpers the loss weightings share, against the same vectors written entry by entry; with
+    every task present (None) they index nothing and hand the tensors back as they are."""
+    num_tasks = 4
+    tasks = list(range(num_tasks)) if present is None else present
+    vector = torch.tensor([0.5, -1.25, 2.0, 3.5], dtype=torch.float64)
+    values = torch.tensor([10.0 * (k + 1) for k in range(len(tasks))], dtype=torch.float64)
+
+    picked = of_present(vector, present)
+    assert picked.tolist() == [vector[i].item() for i in tasks]
+
+    spread = on_every_task(values, present, float("nan"), num_tasks)
+    for i in range(num_tasks):
+        if i in tasks:
+            assert spread[i].item() == values[tasks.index(i)].item()
+        else:
+            assert torch.isnan(spread[i])
+
+    total = added_at(vector, present, values)
+    ones = added_at(vector, present, 1.0)
+    for i in range(num_tasks):
+        here = i in tasks
+        assert total[i].item() == vector[i].item() + (values[tasks.index(i)].item() if here else 0.0)
+        assert ones[i].item() == vector[i].item() + (1.0 if here else 0.0)
+    assert vector.tolist() == [0.5, -1.25, 2.0, 3.5]  # a new vector each time, the given one untouched
+    if present is None:
+        assert picked is vector and spread is values
