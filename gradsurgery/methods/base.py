@@ -354,6 +354,15 @@ def check_solver(solver: Any, allowed: tuple[str, ...], method: str) -> str:
     return check_choice(solver, allowed, "solver", f" for method {method!r}")
 
 
+def solver_for(solver: str, num_tasks: int) -> str:
+    """The solver a method with a two-task closed form runs for ``num_tasks`` tasks: ``"auto"`` (and
+    ``"closed_form"``, which binding allows for two tasks only, while a step with tasks absent may have
+    fewer) the closed form for two and the active set otherwise; any other choice as it is."""
+    if solver in ("auto", "closed_form"):
+        return "closed_form" if num_tasks == 2 else "frank_wolfe"
+    return solver
+
+
 def require_gram(gram: torch.Tensor | None, method: str) -> torch.Tensor:
     """The Gram matrix of a method that needs it (``needs_gram``): the engine always passes it to those."""
     if gram is None:

@@ -21,7 +21,7 @@ import torch
 
 from .._validation import check_choice, check_task_ref, resolve_task
 from ..solvers import MainAuxQP, main_aux_min_norm, main_aux_one_weights
-from .base import Method, bound_state, check_solver, gram_to_numpy, require_gram
+from .base import Method, bound_state, check_solver, gram_to_numpy, require_gram, solver_for
 
 
 class MainAux(Method):
@@ -60,16 +60,9 @@ class MainAux(Method):
         if self.solver == "closed_form" and num_tasks != 2:
             raise ValueError(f"main_aux solver='closed_form' needs exactly 1 auxiliary, got {num_tasks - 1}")
 
-    def _solver_for(self, num_tasks: int) -> str:
-        """The solver for ``num_tasks`` tasks: ``"auto"`` (and ``"closed_form"``, bound to one auxiliary only)
-        the one-auxiliary closed form for two and the active set otherwise; the others as chosen."""
-        if self.solver in ("auto", "closed_form"):
-            return "closed_form" if num_tasks == 2 else "frank_wolfe"
-        return self.solver
-
     def _init_state(self, num_tasks: int) -> None:
         self._main = resolve_task(self.main, num_tasks, self.task_names, "main")
-        self._solver = self._solver_for(num_tasks)
+        self._solver = solver_for(self.solver, num_tasks)
         if self._solver == "cvxpy":
             self._qp = MainAuxQP(num_tasks, self._main)
 
@@ -99,4 +92,4 @@ class MainAux(Method):
         if t == 1:  # the main task alone
             return torch.ones(1, dtype=torch.float64)
         g = gram_to_numpy(require_gram(gram, self.name))
-        return self._weights(g, self._solver_for(t), main, lambda: MainAuxQP(t, main))
+        return self._weights(g, solver_for(self.solver, t), main, lambda: MainAuxQP(t, main))

@@ -20,7 +20,7 @@ import torch
 
 from .._validation import check_choice
 from ..solvers import SimplexQP, min_norm_two_weights, simplex_min_norm
-from .base import Method, bound_state, check_solver, gram_to_numpy, require_gram
+from .base import Method, bound_state, check_solver, gram_to_numpy, require_gram, solver_for
 
 _NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
@@ -55,15 +55,8 @@ class MGDA(Method):
         if self.solver == "closed_form" and num_tasks != 2:
             raise ValueError(f"mgda solver='closed_form' needs exactly 2 tasks, got {num_tasks}")
 
-    def _solver_for(self, num_tasks: int) -> str:
-        """The solver for ``num_tasks`` tasks: ``"auto"`` (and ``"closed_form"``, bound to two tasks only) the
-        two-task closed form for two and the active set otherwise; the others as chosen."""
-        if self.solver in ("auto", "closed_form"):
-            return "closed_form" if num_tasks == 2 else "frank_wolfe"
-        return self.solver
-
     def _init_state(self, num_tasks: int) -> None:
-        self._solver = self._solver_for(num_tasks)
+        self._solver = solver_for(self.solver, num_tasks)
         if self.solver == "cvxpy":
             self._qp = SimplexQP(num_tasks)
 
@@ -75,7 +68,7 @@ class MGDA(Method):
     ) -> torch.Tensor:
         # The solver chosen at binding fits T tasks; the present ones are fewer.
         t = len(present)
-        return self._weights(gram, losses, self._solver_for(t), lambda: SimplexQP(t))
+        return self._weights(gram, losses, solver_for(self.solver, t), lambda: SimplexQP(t))
 
     def _weights(
         self, gram: torch.Tensor | None, losses: torch.Tensor, solver: str, qp: Callable[[], SimplexQP]
